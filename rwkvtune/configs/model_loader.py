@@ -1,0 +1,364 @@
+"""Model config registry: one dataclass, many ways in.
+
+A :class:`ModelConfig` describes an RWKV-7 ("x070") architecture: the dimensions that decide
+every tensor shape in a checkpoint, plus the release file it belongs to and recommended
+fine-tuning hyper-parameters. It can come from
+
+* a registry name: ``load_model_config("1.5b")`` (also ``"1.5B"``, ``"rwkv7-1.5b"``),
+* a JSON file in the registry format (``rwkvtune/configs/models/*.json``),
+* a ``.pth`` checkpoint, whose dimensions are read from tensor shapes (no data is loaded).
+
+Registry directories: the JSON files shipped in this package, plus every directory named in
+``RWKVTUNE_CONFIG_PATH`` (``os.pathsep``-separated), so users add models without editing
+site-packages. A user directory wins over the package on equal names.
+
+Model files: a relative ``model_file`` resolves against the models directory,
+``RWKVTUNE_MODEL_DIR`` if set, else ``~/.rwkvtune/models`` (see :func:`models_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rwkvtune.errors import ConfigError
+
+PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
+CONFIG_PATH_ENV = "RWKVTUNE_CONFIG_PATH"
+MODEL_DIR_ENV = "RWKVTUNE_MODEL_DIR"
+DEFAULT_MODEL_DIR = "~/.rwkvtune/models"
+ARCHITECTURE_VERSION = "x070"
+
+# JSON layout: section -> {field: (type, required)}. Types are checked strictly (a bool is not
+# an int, an int is accepted where a float is expected).
+_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
+    "": {
+        "model_name": (str, True),
+        "model_file": (str, False),
+        "description": (str, False),
+        "architecture_version": (str, False),
+        "architecture": (dict, True),
+        "lora_dims": (dict, True),
+        "training": (dict, False),
+    },
+    "architecture": {
+        "n_layer": (int, True),
+        "n_embd": (int, True),
+        "vocab_size": (int, True),
+        "head_size_a": (int, True),
+        "ctx_len": (int, True),
+        "dim_ffn": (int, False),
+    },
+    "lora_dims": {
+        "dim_att_lora": (int, True),
+        "dim_aaa_lora": (int, False),  # a1/a2 rank; defaults to dim_att_lora (true of all releases)
+        "dim_gate_lora": (int, True),
+        "dim_mv_lora": (int, True),
+    },
+    "training": {
+        "recommended_ctx_len": (int, False),
+        "recommended_batch_size": (int, False),
+        "recommended_lr": (float, False),
+    },
+}
+
+# Sane ranges: catch typos (an extra zero, a width in the wrong field) before a 40 GB allocation.
+_RANGES: dict[str, tuple[float, float]] = {
+    "n_layer": (1, 512),
+    "n_embd": (4, 65536),
+    "vocab_size": (2, 1 << 22),
+    "head_size_a": (1, 1024),
+    "ctx_len": (1, 1 << 24),
+    "dim_ffn": (1, 1 << 20),
+    "dim_att_lora": (1, 8192),
+    "dim_aaa_lora": (1, 8192),
+    "dim_gate_lora": (1, 8192),
+    "dim_mv_lora": (1, 8192),
+    "recommended_ctx_len": (1, 1 << 24),
+    "recommended_batch_size": (1, 1 << 16),
+    "recommended_lr": (1e-12, 1.0),
+}
+
+
+def models_dir() -> Path:
+    """Directory where release ``.pth`` files live (``$RWKVTUNE_MODEL_DIR`` or ``~/.rwkvtune/models``)."""
+    return Path(os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR).expanduser()
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """An RWKV-7 architecture plus its release file and recommended fine-tuning settings.
+
+    Field names follow the checkpoint vocabulary. ``dim_*_lora`` are the model's own low-rank
+    projections (w1/w2 decay, a1/a2 in-context rate, v1/v2 value residual, g1/g2 gate): they
+    are architecture, unrelated to PEFT LoRA adapters.
+    """
+
+    model_name: str
+    n_layer: int
+    n_embd: int
+    dim_att_lora: int  # D_DECAY: w1 [C, D], w2 [D, C]
+    dim_gate_lora: int  # D_GATE: g1/g2
+    dim_mv_lora: int  # D_MV: v1/v2 (layers >= 1)
+    dim_aaa_lora: int | None = None  # D_AAA: a1/a2; None -> dim_att_lora
+    vocab_size: int = 65536
+    head_size_a: int = 64
+    ctx_len: int = 4096
+    dim_ffn: int | None = None  # None -> 4 * n_embd
+    model_file: str = ""
+    description: str = ""
+    architecture_version: str = ARCHITECTURE_VERSION
+    recommended_ctx_len: int = 1024
+    recommended_batch_size: int = 1
+    recommended_lr: float = 1e-5
+    config_path: str | None = None  # where this config was read from (JSON or .pth)
+
+    def __post_init__(self) -> None:
+        if self.dim_aaa_lora is None:
+            self.dim_aaa_lora = self.dim_att_lora
+        if self.dim_ffn is None:
+            self.dim_ffn = 4 * self.n_embd
+        problems = _check_values(dataclasses.asdict(self))
+        if problems:
+            where = self.config_path or f"config {self.model_name!r}"
+            raise ConfigError(f"{where}: " + "; ".join(problems))
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size_a
+
+    @property
+    def model_path(self) -> str:
+        """Absolute path of the model file: absolute ``model_file`` as is, else under models_dir()."""
+        if not self.model_file:
+            return ""
+        p = Path(self.model_file).expanduser()
+        if not p.is_absolute():
+            p = models_dir() / p
+        return str(p)
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count of the official layout, counting layer-0 v0/v1/v2 (as released files do)."""
+        return sum(math.prod(s) for s in self.param_shapes(layer0_v=True).values())
+
+    def param_shapes(self, layer0_v: bool = True) -> dict[str, tuple[int, ...]]:
+        """Every key of an official checkpoint with its shape (order: training-code order)."""
+        C, V, F = self.n_embd, self.vocab_size, self.dim_ffn
+        H, N = self.n_head, self.head_size_a
+        shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
+        lowrank = {"w": self.dim_att_lora, "a": self.dim_aaa_lora, "v": self.dim_mv_lora, "g": self.dim_gate_lora}
+        for i in range(self.n_layer):
+            p = f"blocks.{i}."
+            if i == 0:
+                shapes[p + "ln0.weight"] = shapes[p + "ln0.bias"] = (C,)
+            for ln in ("ln1", "ln2"):
+                shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (C,)
+            for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+                shapes[p + "att." + name] = (1, 1, C)
+            for letter, d in lowrank.items():
+                shapes[f"{p}att.{letter}1"] = (C, d)
+                shapes[f"{p}att.{letter}2"] = (d, C)
+            if i == 0 and not layer0_v:
+                for name in ("v0", "v1", "v2"):
+                    del shapes[p + "att." + name]
+            shapes[p + "att.r_k"] = (H, N)
+            for name in ("receptance", "key", "value", "output"):
+                shapes[f"{p}att.{name}.weight"] = (C, C)
+            shapes[p + "att.ln_x.weight"] = shapes[p + "att.ln_x.bias"] = (C,)
+            shapes[p + "ffn.x_k"] = (1, 1, C)
+            shapes[p + "ffn.key.weight"] = (F, C)
+            shapes[p + "ffn.value.weight"] = (C, F)
+        shapes["ln_out.weight"] = shapes["ln_out.bias"] = (C,)
+        shapes["head.weight"] = (V, C)
+        return shapes
+
+    # ---- constructors ----------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        """A registry entry: ``"1.5b"``, ``"1.5B"`` or ``"rwkv7-1.5b"``."""
+        available = list_available_models()
+        key = _registry_key(name)
+        if key not in available:
+            close = difflib.get_close_matches(key, list(available), n=1, cutoff=0.3)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown model {name!r}.{hint} Available: {', '.join(available)}. "
+                f"Pass a registry name, a .json config or a .pth checkpoint path "
+                f"(add your own configs with {CONFIG_PATH_ENV})."
+            )
+        return cls.from_file(available[key])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        """A JSON config in the registry format; every problem in the file is reported at once."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; check the path or run `rwkvtune models` to list configs")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); fix the file or regenerate it with `rwkvtune models new`") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<dict>") -> "ModelConfig":
+        problems = validate_config_dict(raw)
+        if problems:
+            raise ConfigError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems))
+        arch, dims, train = raw["architecture"], raw["lora_dims"], raw.get("training", {})
+        return cls(
+            model_name=raw["model_name"],
+            model_file=raw.get("model_file", ""),
+            description=raw.get("description", ""),
+            architecture_version=raw.get("architecture_version", ARCHITECTURE_VERSION),
+            config_path=source,
+            **arch,
+            **dims,
+            **train,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, name: str | None = None) -> "ModelConfig":
+        """Dimensions detected from a ``.pth`` (shapes only, no tensor data is read)."""
+        from rwkvtune.configs.checkpoint import inspect_checkpoint
+
+        return inspect_checkpoint(path).to_config(name=name)
+
+    # ---- output ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The registry JSON layout (the seed's format plus architecture_version and dim_aaa_lora)."""
+        arch = {
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "vocab_size": self.vocab_size,
+            "head_size_a": self.head_size_a,
+            "ctx_len": self.ctx_len,
+        }
+        if self.dim_ffn != 4 * self.n_embd:
+            arch["dim_ffn"] = self.dim_ffn
+        return {
+            "model_name": self.model_name,
+            "model_file": self.model_file,
+            "description": self.description,
+            "architecture_version": self.architecture_version,
+            "architecture": arch,
+            "lora_dims": {
+                "dim_att_lora": self.dim_att_lora,
+                "dim_aaa_lora": self.dim_aaa_lora,
+                "dim_gate_lora": self.dim_gate_lora,
+                "dim_mv_lora": self.dim_mv_lora,
+            },
+            "training": {
+                "recommended_ctx_len": self.recommended_ctx_len,
+                "recommended_batch_size": self.recommended_batch_size,
+                "recommended_lr": self.recommended_lr,
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON config atomically."""
+        from rwkvtune.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _registry_key(name: str) -> str:
+    key = name.strip().lower()
+    if key.endswith(".json"):
+        key = key[:-5]
+    return key[len("rwkv7-"):] if key.startswith("rwkv7-") else key
+
+
+def _is_type(value: Any, typ: type) -> bool:
+    if isinstance(value, bool):
+        return typ is bool
+    if typ is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, typ)
+
+
+def validate_config_dict(raw: Any) -> list[str]:
+    """All problems of a registry-format dict, each as 'field: found X, expected Y'."""
+    if not isinstance(raw, dict):
+        return [f"top level: found {type(raw).__name__}, expected a JSON object"]
+    problems: list[str] = []
+    for section, fields in _SCHEMA.items():
+        data = raw if section == "" else raw.get(section)
+        if section and not isinstance(data, dict):
+            continue  # missing/wrong-typed section is reported by the top-level pass
+        prefix = f"{section}." if section else ""
+        for key in data:
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{prefix}{key}: unknown field{hint}; allowed: {', '.join(fields)}")
+        for key, (typ, required) in fields.items():
+            if key not in data:
+                if required:
+                    problems.append(f"{prefix}{key}: missing, expected {typ.__name__}")
+                continue
+            if not _is_type(data[key], typ):
+                problems.append(f"{prefix}{key}: found {data[key]!r} ({type(data[key]).__name__}), expected {typ.__name__}")
+    if problems:
+        return problems
+    flat = {**raw["architecture"], **raw["lora_dims"], **raw.get("training", {})}
+    flat["architecture_version"] = raw.get("architecture_version", ARCHITECTURE_VERSION)
+    return _check_values(flat)
+
+
+def _check_values(flat: dict[str, Any]) -> list[str]:
+    problems = []
+    for key, (lo, hi) in _RANGES.items():
+        value = flat.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not lo <= value <= hi:
+            problems.append(f"{key}: found {value}, expected {lo:g} <= {key} <= {hi:g}")
+    C, N = flat.get("n_embd"), flat.get("head_size_a")
+    if isinstance(C, int) and isinstance(N, int) and N > 0 and C % N:
+        problems.append(f"n_embd: found {C}, expected a multiple of head_size_a={N}")
+    version = flat.get("architecture_version", ARCHITECTURE_VERSION)
+    if version != ARCHITECTURE_VERSION:
+        problems.append(f"architecture_version: found {version!r}, expected {ARCHITECTURE_VERSION!r} (only RWKV-7 is supported)")
+    return problems
+
+
+def config_dirs() -> list[Path]:
+    """Directories searched for configs: ``$RWKVTUNE_CONFIG_PATH`` entries first, then the package's."""
+    extra = [Path(p).expanduser() for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
+    return extra + [PACKAGE_MODELS_DIR]
+
+
+def list_available_models() -> dict[str, str]:
+    """Registry names mapped to their config file paths, sorted by model size."""
+    found: dict[str, str] = {}
+    for directory in reversed(config_dirs()):  # package first, so user dirs override equal names
+        if not directory.is_dir():
+            continue
+        for f in sorted(directory.glob("*.json")):
+            found[_registry_key(f.name)] = str(f)
+
+    def size_key(item: tuple[str, str]) -> tuple[float, str]:
+        try:
+            return float(item[0].rstrip("b")), item[0]
+        except ValueError:
+            return math.inf, item[0]
+
+    return dict(sorted(found.items(), key=size_key))
+
+
+def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """A registry name, a ``.json`` config path or a ``.pth`` checkpoint path -> ModelConfig."""
+    s = str(name_or_path)
+    if s.endswith(".pth") or s.endswith(".pt"):
+        return ModelConfig.from_checkpoint(s)
+    if s.endswith(".json") and (os.sep in s or Path(s).exists()):
+        return ModelConfig.from_file(s)
+    return ModelConfig.from_name(s)
