@@ -1,0 +1,224 @@
+"""Training configuration: one documented dataclass, filled from defaults, the model config's
+recommended values, a YAML recipe, CLI flags and ``key=value`` overrides (in that order).
+
+Fields left ``None`` are resolved by :meth:`TrainConfig.resolve` from the model config
+(``recommended_ctx_len``, ``recommended_batch_size``, ``recommended_lr``) and the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+from rwkvtune.errors import ConfigError
+
+MODES = ("full", "lora", "state")
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # ---- what to train -----------------------------------------------------------------------
+    model: str = ""  # registry name ("0.1b"), a .pth checkpoint or a .json config
+    init: str = "pretrained"  # "pretrained": load the model file; "scratch": official init (reference §4)
+    mode: str = "full"  # "full" fine-tune, "lora" adapters, "state" initial-WKV-state tuning
+    # ---- data --------------------------------------------------------------------------------
+    data: str = ""  # .jsonl ({"text"} / {"messages"} / {"prompt","response"}) or a binidx prefix
+    eval_data: str | None = None  # same formats; evaluated every eval_every steps and at the end
+    data_format: str = "auto"  # "auto", "text", "chat", "prompt_response"
+    on_data_error: str = "raise"  # "raise": stop at the first bad line; "skip": skip, count, report
+    # ---- shapes and schedule -----------------------------------------------------------------
+    ctx_len: int | None = None  # tokens per window; None -> model's recommended_ctx_len
+    batch_size: int | None = None  # micro-batch per process; None -> recommended_batch_size
+    grad_accum: int = 1  # micro-batches per optimizer step (same result as a batch that large)
+    lr: float | None = None  # peak learning rate; None -> recommended_lr (state mode: 1e-2)
+    lr_final: float | None = None  # end of the cosine; None -> lr / 10
+    warmup_steps: int = 10  # linear warmup from 0.01*lr (reference trainer's multiplier)
+    max_steps: int | None = None  # optimizer steps; None -> epochs over the data
+    epochs: int = 1
+    weight_decay: float = 0.0  # only on 2-D .weight matrices (reference §5)
+    betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-18
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    l2wrap: bool = True  # the reference trainer's max-logit penalty (keeps logits from drifting)
+    seed: int = 42
+    # ---- long samples (infinite context) -----------------------------------------------------
+    long_context: bool = False  # keep samples whole; train them in ctx_len chunks carrying state
+    bptt: str = "truncated"  # "truncated": backprop within a chunk; "full": through all chunks
+    # ---- PEFT --------------------------------------------------------------------------------
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes to wrap
+    train_parts: tuple[str, ...] = ()  # also train: "ln", "emb", "head" (lora mode)
+    # ---- runtime -----------------------------------------------------------------------------
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    precision: str | None = None  # None -> fp32 on CPU, bf16 (autocast) on GPU
+    grad_checkpoint: bool = False  # recompute blocks in backward: less memory, ~30% slower
+    wkv_backend: str = "auto"
+    # ---- outputs -----------------------------------------------------------------------------
+    out: str = "out"
+    save_every: int = 50  # optimizer steps between resumable checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+    eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
+    log_every: int = 1
+    save_dtype: str = "bf16"  # dtype of final.pth ("bf16" like released files, or "fp32")
+    tensorboard: bool = True  # write TensorBoard logs when tensorboard is installed
+    wandb: str | None = None  # wandb project name to log to (needs wandb installed)
+    resume: str | None = None  # an --out directory to continue from its last checkpoint
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def update(self, values: dict[str, Any], source: str) -> "TrainConfig":
+        """Set fields from a mapping (YAML or overrides); unknown keys and bad types are errors."""
+        hints = typing.get_type_hints(type(self))
+        problems = []
+        for key, raw in values.items():
+            key = key.replace("-", "_")
+            if key not in hints:
+                close = difflib.get_close_matches(key, self.field_names(), n=1)
+                problems.append(f"{key}: unknown option" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                continue
+            try:
+                setattr(self, key, _coerce(raw, hints[key]))
+            except (TypeError, ValueError) as e:
+                problems.append(f"{key}: {e}")
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems) + "; run `rwkvtune train --help` for the options")
+        return self
+
+    def validate(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode: found {self.mode!r}, expected one of {', '.join(MODES)}")
+        if self.init not in ("pretrained", "scratch"):
+            problems.append(f"init: found {self.init!r}, expected 'pretrained' or 'scratch'")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            problems.append(f"precision: found {self.precision!r}, expected one of {', '.join(PRECISIONS)}")
+        if self.bptt not in ("truncated", "full"):
+            problems.append(f"bptt: found {self.bptt!r}, expected 'truncated' or 'full'")
+        if self.on_data_error not in ("raise", "skip"):
+            problems.append(f"on_data_error: found {self.on_data_error!r}, expected 'raise' or 'skip'")
+        if self.save_dtype not in ("bf16", "fp32"):
+            problems.append(f"save_dtype: found {self.save_dtype!r}, expected 'bf16' or 'fp32'")
+        for name in ("ctx_len", "batch_size", "grad_accum", "max_steps", "epochs", "lora_r"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name}: found {value}, expected >= 1")
+        for name in ("lr", "lr_final"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 10:
+                problems.append(f"{name}: found {value}, expected 0 <= {name} < 10")
+        if not self.model:
+            problems.append("model: missing; pass --model NAME|PATH (see `rwkvtune models`)")
+        if not self.data:
+            problems.append("data: missing; pass --data FILE.jsonl or a binidx prefix")
+        if self.init == "scratch" and self.mode != "full":
+            problems.append(f"mode: {self.mode!r} needs a trained base model, not --init scratch")
+        bad_parts = set(self.train_parts) - {"ln", "emb", "head"}
+        if bad_parts:
+            problems.append(f"train_parts: found {sorted(bad_parts)}, expected a subset of ln, emb, head")
+        if problems:
+            raise ConfigError("training config: " + "; ".join(problems))
+
+    def resolve(self, model_config) -> "TrainConfig":
+        """Fill ``None`` fields from the model config's recommendations and the device."""
+        import torch
+
+        c = dataclasses.replace(self)
+        c.ctx_len = c.ctx_len or model_config.recommended_ctx_len
+        c.batch_size = c.batch_size or model_config.recommended_batch_size
+        if c.lr is None:
+            c.lr = 1e-2 if c.mode == "state" else (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
+        if c.lr_final is None:
+            c.lr_final = c.lr / 10
+        if c.device == "auto":
+            c.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if c.precision is None:
+            c.precision = "bf16" if c.device.startswith("cuda") else "fp32"
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        from rwkvtune.utils import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: recipe not found; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: found a {type(data).__name__}, expected a mapping of option: value")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "lora_targets=[att.key,ffn.key]"]`` -> dict; values parsed as YAML scalars."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. lr=1e-4)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value else None
+    return out
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type, or raise with what was found."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"found {value!r}, expected a list")
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise TypeError(f"found {len(value)} values, expected {len(args)}")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TypeError(f"found {value!r}, expected true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"found {value!r}, expected an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"found {value!r}, expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TypeError(f"found {value!r}, expected a string")
+        return str(value)
+    return value

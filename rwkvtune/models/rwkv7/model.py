@@ -1,0 +1,403 @@
+"""The RWKV-7 ("x070") language model in one file.
+
+Parameter names and shapes are exactly the official checkpoint layout (reference §2), so
+released ``.pth`` files load with strict key checking and saved files load in the ``rwkv``
+package and in RWKV-LM. The model takes a :class:`ModelConfig` and nothing else; no
+environment variables, no compilation at import.
+
+Shapes: B batch, T time, C = n_embd, H heads of N = head_size_a channels, V vocab.
+
+Two ways to run the same maths:
+* parallel over T (training, prefill): the WKV recurrence runs through :func:`wkv7`
+  (chunked PyTorch on CPU, fla on CUDA);
+* RNN mode (decoding): pass ``state=`` and ``return_state=True``; the state carries per layer
+  the TimeMix previous input, the WKV matrix [H, N, N] (fp32) and the ChannelMix previous input.
+A sequence fed whole, token by token, or in chunks gives the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rwkvtune.configs.model_loader import ModelConfig
+from rwkvtune.errors import CheckpointError, RwkvtuneError
+from rwkvtune.models.rwkv7.wkv import wkv7
+
+# decay = exp(-DECAY_SCALE * sigmoid(d)) lies in (exp(-0.6065), 1); 0.606531 = exp(-0.5).
+DECAY_SCALE = 0.606531
+# GroupNorm eps of ln_x: 1e-5 * head_size_divisor**2 with divisor 8, as the reference trainer
+# and the `rwkv` package use for every head size (equals 1e-5 * N for the released N = 64).
+LN_X_EPS = 64e-5
+LAYER0_V_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+class ModelInputError(RwkvtuneError, ValueError):
+    """Bad input to the model: token ids, state shapes, dtypes or devices."""
+
+
+@dataclasses.dataclass
+class RWKV7State:
+    """Recurrent state of the whole model, stacked over layers.
+
+    att_x_prev: [L, B, C] previous token's TimeMix input (model dtype)
+    wkv:        [L, B, H, N, N] WKV matrices, fp32 (row = value index, column = key index)
+    ffn_x_prev: [L, B, C] previous token's ChannelMix input (model dtype)
+    """
+
+    att_x_prev: torch.Tensor
+    wkv: torch.Tensor
+    ffn_x_prev: torch.Tensor
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32) -> "RWKV7State":
+        L, C, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size_a
+        return cls(
+            att_x_prev=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+            wkv=torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32),
+            ffn_x_prev=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+        )
+
+    def detach(self) -> "RWKV7State":
+        return RWKV7State(self.att_x_prev.detach(), self.wkv.detach(), self.ffn_x_prev.detach())
+
+    def clone(self) -> "RWKV7State":
+        return RWKV7State(self.att_x_prev.clone(), self.wkv.clone(), self.ffn_x_prev.clone())
+
+    def select(self, index) -> "RWKV7State":
+        """Rows of the batch (e.g. ``state.select([0])``) for per-sequence decoding."""
+        return RWKV7State(self.att_x_prev[:, index], self.wkv[:, index], self.ffn_x_prev[:, index])
+
+
+def _orthogonal_(w: torch.Tensor, gain: float) -> None:
+    rows, cols = w.shape
+    if rows > cols:  # keep the per-output scale of a square orthogonal map (reference trainer rule)
+        gain *= math.sqrt(rows / cols)
+    nn.init.orthogonal_(w, gain=gain)
+
+
+class TimeMix(nn.Module):
+    """Attention replacement: token shift, low-rank decay/ICLR/value-residual/gate, WKV-7."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, has_v: bool = True):
+        super().__init__()
+        C, H, N = config.n_embd, config.n_head, config.head_size_a
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.w1 = nn.Parameter(torch.zeros(C, config.dim_att_lora))
+        self.w2 = nn.Parameter(torch.zeros(config.dim_att_lora, C))
+        self.a1 = nn.Parameter(torch.zeros(C, config.dim_aaa_lora))
+        self.a2 = nn.Parameter(torch.zeros(config.dim_aaa_lora, C))
+        # Layer 0 never uses its value-residual params (it defines v_first); some released files
+        # still carry them, so they exist when the file has them and stay frozen.
+        self.has_v = has_v
+        if has_v:
+            self.v0 = nn.Parameter(torch.zeros(1, 1, C))
+            self.v1 = nn.Parameter(torch.zeros(C, config.dim_mv_lora))
+            self.v2 = nn.Parameter(torch.zeros(config.dim_mv_lora, C))
+            if layer_id == 0:
+                for p in (self.v0, self.v1, self.v2):
+                    p.requires_grad_(False)
+        self.g1 = nn.Parameter(torch.zeros(C, config.dim_gate_lora))
+        self.g2 = nn.Parameter(torch.zeros(config.dim_gate_lora, C))
+        self.k_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.k_a = nn.Parameter(torch.zeros(1, 1, C))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
+        self.wkv_backend = "auto"
+
+    def forward(self, x, v_first, x_prev=None, wkv_state=None):
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        # Token shift: previous token's input (zeros, or the carried state, at t = 0).
+        prev = torch.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].to(x.dtype)
+        xx = torch.cat([prev, x[:, :-1]], dim=1) - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = self.receptance(xr)
+        d = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # decay logit
+        k = self.key(xk)
+        v = self.value(xv)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        log_decay = -DECAY_SCALE * torch.sigmoid(d.float())  # fp32: decay close to 1 needs precision
+
+        a4 = a.view(B, T, H, N)
+        y, new_state = wkv7(r.view(B, T, H, N), log_decay.view(B, T, H, N), k.view(B, T, H, N),
+                            v.view(B, T, H, N), -kk, kk * a4, wkv_state, backend=self.wkv_backend)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
+        y = y + bonus.view(B, T, C)
+        return self.output(y * g), v_first, x[:, -1], new_state
+
+
+class ChannelMix(nn.Module):
+    """FFN: token shift, then value(relu(key(x))^2)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C = config.n_embd
+        self.x_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, config.dim_ffn, bias=False)
+        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+
+    def forward(self, x, x_prev=None):
+        prev = torch.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].to(x.dtype)
+        xx = torch.cat([prev, x[:, :-1]], dim=1) - x
+        h = x + xx * self.x_k
+        return self.value(torch.relu(self.key(h)) ** 2), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, has_v: bool = True):
+        super().__init__()
+        C = config.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C, eps=1e-5)
+        self.ln1 = nn.LayerNorm(C, eps=1e-5)
+        self.ln2 = nn.LayerNorm(C, eps=1e-5)
+        self.att = TimeMix(config, layer_id, has_v)
+        self.ffn = ChannelMix(config)
+
+    def forward(self, x, v_first, att_x_prev=None, wkv_state=None, ffn_x_prev=None):
+        dx, v_first, att_last, wkv_state = self.att(self.ln1(x), v_first, att_x_prev, wkv_state)
+        x = x + dx
+        dx, ffn_last = self.ffn(self.ln2(x), ffn_x_prev)
+        return x + dx, v_first, att_last, wkv_state, ffn_last
+
+
+class RWKV7(nn.Module):
+    """RWKV-7 language model. ``model(idx)`` -> logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig, layer0_v: bool = True):
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(
+            Block(config, i, has_v=(i > 0 or layer0_v)) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.grad_checkpoint = False
+
+    @property
+    def layer0_v(self) -> bool:
+        return self.blocks[0].att.has_v
+
+    def set_wkv_backend(self, backend: str) -> None:
+        """"auto" (default), "chunked", "reference" or "fla"."""
+        for block in self.blocks:
+            block.att.wkv_backend = backend
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _check_inputs(self, idx: torch.Tensor, state: RWKV7State | None) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int64):
+            found = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ModelInputError(f"idx: expected a LongTensor of token ids [B, T], found {found}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ModelInputError(f"idx: expected shape [B, T] with T >= 1, found {list(idx.shape)}; "
+                                  f"use idx[None] for a single sequence")
+        dev = self.emb.weight.device
+        if idx.device != dev:
+            raise ModelInputError(f"idx is on {idx.device} but the model is on {dev}; move it with idx.to('{dev}')")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ModelInputError(f"token id {bad} is outside the model's vocab [0, {self.config.vocab_size}); "
+                                  f"check the tokenizer matches the model")
+        if state is not None:
+            c = self.config
+            expect = (c.n_layer, idx.shape[0], c.n_head, c.head_size_a, c.head_size_a)
+            if not isinstance(state, RWKV7State):
+                raise ModelInputError(f"state: expected RWKV7State, found {type(state).__name__}")
+            if tuple(state.wkv.shape) != expect or tuple(state.att_x_prev.shape) != expect[:2] + (c.n_embd,):
+                raise ModelInputError(f"state: wkv shape {list(state.wkv.shape)} / x_prev {list(state.att_x_prev.shape)} "
+                                      f"does not fit this model and batch (expected wkv {list(expect)}); "
+                                      f"the state comes from another model or batch size")
+            if state.wkv.device != dev:
+                raise ModelInputError(f"state is on {state.wkv.device} but the model is on {dev}")
+
+    def forward(self, idx: torch.Tensor, state: RWKV7State | None = None, return_state: bool = False,
+                wkv_init: torch.Tensor | None = None):
+        """Logits [B, T, V]; with ``return_state=True`` also the state after the last token.
+
+        ``wkv_init`` [L, H, N, N] or [L, B, H, N, N]: a (trainable) initial WKV state used when
+        ``state`` is None (state tuning).
+        """
+        self._check_inputs(idx, state)
+        x = self.emb(idx)
+        B = idx.shape[0]
+        v_first = None
+        att_last, wkv_last, ffn_last = [], [], []
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            if state is not None:
+                s = (state.att_x_prev[i], state.wkv[i], state.ffn_x_prev[i])
+            else:
+                w0 = None
+                if wkv_init is not None:
+                    w0 = wkv_init[i] if wkv_init.dim() == 5 else wkv_init[i].expand(B, -1, -1, -1)
+                s = (None, w0, None)
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                x, v_first, a_l, w_l, f_l = checkpoint(block, x, v_first, *s, use_reentrant=False)
+            else:
+                x, v_first, a_l, w_l, f_l = block(x, v_first, *s)
+            if return_state:
+                att_last.append(a_l)
+                wkv_last.append(w_l)
+                ffn_last.append(f_l)
+        logits = self.head(self.ln_out(x))
+        if not return_state:
+            return logits
+        return logits, RWKV7State(torch.stack(att_last), torch.stack(wkv_last), torch.stack(ffn_last))
+
+    def zero_state(self, batch_size: int = 1) -> RWKV7State:
+        w = self.emb.weight
+        return RWKV7State.zeros(self.config, batch_size, device=w.device, dtype=w.dtype)
+
+    # ---- initialisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights_(self, seed: int | None = None) -> "RWKV7":
+        """Official from-scratch initialisation of the reference trainer (reference §4)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        c = self.config
+        L, C, N, V = c.n_layer, c.n_embd, c.head_size_a, c.vocab_size
+        n = torch.arange(C, dtype=torch.float64)
+        ddd = n / C
+        linear = n / (C - 1) - 0.5
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = z * z.abs()
+        for l, block in enumerate(self.blocks):
+            att, ffn = block.att, block.ffn
+            r01 = l / (L - 1) if L > 1 else 0.0
+            r10 = 1.0 - l / L
+            www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
+
+            def put(p, values):
+                p.copy_(torch.as_tensor(values, dtype=torch.float64).expand(p.shape).to(p.dtype))
+
+            put(att.x_r, 1 - ddd ** (0.2 * r10))
+            put(att.x_g, 1 - ddd ** (0.2 * r10))
+            put(att.x_w, 1 - ddd ** (0.9 * r10))
+            put(att.x_a, 1 - ddd ** (0.9 * r10))
+            put(att.x_k, 1 - ddd ** (0.7 * r10))
+            put(att.x_v, 1 - ddd ** (0.7 * r10))
+            put(ffn.x_k, 1 - ddd ** (r10 ** 4))
+            put(att.w0, www + 0.5 + 2.5 * zigzag)
+            put(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
+            put(att.k_k, 0.71 - 0.1 * linear)
+            put(att.k_a, torch.tensor(1.02))
+            put(att.r_k, torch.tensor(-0.04))
+            lowrank = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
+            if att.has_v:
+                put(att.v0, 0.73 - 0.4 * linear)
+                lowrank.append((att.v1, att.v2))
+            for first, second in lowrank:
+                first.zero_()
+                _orthogonal_(second, 0.1)
+            put(att.ln_x.weight, torch.tensor(((1 + l) / L) ** 0.7))
+            att.ln_x.bias.zero_()
+            for ln in (block.ln1, block.ln2) + ((block.ln0,) if l == 0 else ()):
+                ln.weight.fill_(1.0)
+                ln.bias.zero_()
+            _orthogonal_(att.receptance.weight, 1.0)
+            _orthogonal_(att.key.weight, 0.1)
+            _orthogonal_(att.value.weight, 1.0)
+            att.output.weight.zero_()
+            _orthogonal_(ffn.key.weight, 1.0)
+            ffn.value.weight.zero_()
+        self.emb.weight.uniform_(-1e-4, 1e-4)
+        self.ln_out.weight.fill_(1.0)
+        self.ln_out.bias.zero_()
+        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+        return self
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int | None = None, device=None,
+                    dtype: torch.dtype = torch.float32) -> "RWKV7":
+        """A new model with the official initialisation (training from scratch)."""
+        return cls(config).init_weights_(seed).to(device=device, dtype=dtype)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def official_state_dict(self, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+        """The state dict in the official layout (contiguous, CPU, ``dtype`` or as stored)."""
+        return {k: (v.detach().to("cpu", dtype=dtype) if dtype else v.detach().cpu()).contiguous()
+                for k, v in self.state_dict().items()}
+
+    def save_checkpoint(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """Write an official-layout ``.pth`` (bf16 by default, like released files), atomically."""
+        from rwkvtune.utils import atomic_torch_save
+
+        atomic_torch_save(self.official_state_dict(dtype), path)
+
+    def load_official_state_dict(self, sd: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
+        """Strict load with an error listing every mismatching key (and the registry entry that fits)."""
+        from rwkvtune.configs.checkpoint import mismatch_error, strip_prefix
+
+        sd, _ = strip_prefix(sd)
+        has_v = all(k in sd for k in LAYER0_V_KEYS)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        expected = self.config.param_shapes(layer0_v=self.layer0_v)
+        if any(shapes.get(k) != tuple(s) for k, s in expected.items() if k not in LAYER0_V_KEYS) or \
+                set(shapes) - set(expected) - set(LAYER0_V_KEYS):
+            raise mismatch_error(self.config, source, shapes)
+        if has_v != self.layer0_v:
+            sd = {k: v for k, v in sd.items() if k not in LAYER0_V_KEYS}
+            if self.layer0_v:  # file lacks the unused layer-0 value-residual params: keep ours
+                own = self.state_dict()
+                sd.update({k: own[k] for k in LAYER0_V_KEYS})
+        self.load_state_dict(sd, strict=True)
+
+    @classmethod
+    def from_checkpoint(cls, path_or_name: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+                        wkv_backend: str = "auto") -> "RWKV7":
+        """Load a ``.pth`` (dims detected from the file) or a registry name (its model_path).
+
+        Returns the model in eval mode, on ``device`` in ``dtype`` (fp32 on CPU by default).
+        """
+        from rwkvtune.configs.checkpoint import detect, load_state_dict
+        from rwkvtune.configs.model_loader import load_model_config
+
+        path = str(path_or_name)
+        if not (path.endswith(".pth") or path.endswith(".pt") or os.path.exists(path)):
+            cfg = load_model_config(path)
+            if cfg.model_path.endswith((".pth", ".pt")) and not os.path.exists(cfg.model_path):
+                raise CheckpointError(
+                    f"model {path!r}: file {cfg.model_path} not found; download {cfg.model_file} into "
+                    f"$RWKVTUNE_MODEL_DIR (now {os.path.dirname(cfg.model_path)}) or pass the .pth path")
+            path = cfg.model_path
+        sd, prefix = load_state_dict(path, mmap=True)
+        info = detect({k: tuple(v.shape) for k, v in sd.items()}, source=path, key_prefix=prefix)
+        if info.extra_keys:
+            raise CheckpointError(f"{path}: unexpected keys {', '.join(info.extra_keys[:5])} (not part of RWKV-7 "
+                                  f"x070); this file is from a variant rwkvtune does not support")
+        config = info.to_config()
+        with torch.device("meta"):
+            model = cls(config, layer0_v=info.has_layer0_v)
+        model.load_state_dict({k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()},
+                              strict=True, assign=True)
+        # assign=True keeps requires_grad of the loaded tensors: restore the module's choices.
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in LAYER0_V_KEYS)
+        model.set_wkv_backend(wkv_backend)
+        return model.eval()

@@ -1,0 +1,1 @@
+"""Parameter-efficient training: LoRA adapters and initial-state tuning."""

@@ -1,0 +1,180 @@
+"""LoRA adapters for RWKV-7 Linear layers (PEFT; unrelated to the model's own w1/w2 "lora dims").
+
+``apply_lora`` wraps each ``nn.Linear`` whose qualified name ends with one of the target
+suffixes (default: att receptance/key/value/output and ffn key/value) in a :class:`LoRALinear`:
+``y = base(x) + (alpha / r) * B(A(dropout(x)))`` with B zero-initialised, so training starts
+from the base model exactly. A target that matches nothing is an error, never a silent no-op.
+
+The adapter file is self-describing: r, alpha, dropout, targets, trained parts, the adapter and
+part tensors, and a fingerprint of the base weights; applying it to another base is refused.
+Merging (``W + (alpha / r) B A``) is done in fp32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rwkvtune.errors import CheckpointError, ConfigError
+
+ADAPTER_FORMAT = "rwkvtune-lora-v1"
+PART_PATTERNS = {
+    "ln": lambda n: ".ln" in n or n.startswith("ln_out"),
+    "emb": lambda n: n.startswith("emb."),
+    "head": lambda n: n.startswith("head."),
+}
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same init as nn.Linear, as in peft
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base.weight.requires_grad_(False)
+
+    def forward(self, x):
+        delta = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + delta * self.scaling
+
+    def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
+        w = self.base.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        return w.to(dtype)
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0) -> list[str]:
+    """Wrap every Linear whose name ends with a target suffix; returns the wrapped names."""
+    if r < 1:
+        raise ConfigError(f"lora_r: found {r}, expected >= 1")
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    wrapped, unmatched = [], []
+    for target in targets:
+        hits = [n for n in linear_names if n == target or n.endswith("." + target)]
+        if not hits:
+            unmatched.append(target)
+        wrapped += hits
+    if unmatched:
+        examples = sorted({n.split(".", 2)[-1] for n in linear_names})
+        raise ConfigError(f"lora_targets: {unmatched} match no Linear layer; available: {', '.join(examples)}")
+    model.lora_base_fingerprint = base_fingerprint(model)
+    for name in sorted(set(wrapped)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+    return sorted(set(wrapped))
+
+
+def unfreeze_parts(model: nn.Module, parts) -> None:
+    """Also train whole parts of the base: "ln" (all LayerNorms), "emb", "head"."""
+    for part in parts:
+        hits = [p for n, p in model.named_parameters() if PART_PATTERNS[part](n)]
+        if not hits:
+            raise ConfigError(f"train_parts: {part!r} matched no parameter")
+        for p in hits:
+            p.requires_grad_(True)
+    model.lora_train_parts = list(parts)
+
+
+def _official_name(name: str) -> str:
+    return name.replace(".base.", ".")
+
+
+def merged_state_dict(model: nn.Module, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The official-layout state dict with every adapter merged (in fp32, then cast)."""
+    lora = _lora_modules(model)
+    out = {}
+    for name, t in model.state_dict().items():
+        if ".lora_A" in name or ".lora_B" in name:
+            continue
+        owner = name.rsplit(".base.", 1)[0] if ".base." in name else None
+        if owner in lora and name.endswith(".base.weight"):
+            t = lora[owner].merged_weight(torch.float32)
+        out[_official_name(name)] = t.detach().to("cpu", dtype=dtype).contiguous()
+    return out
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge adapters into the base Linears in place (fp32 maths) and unwrap them."""
+    for name, m in _lora_modules(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with torch.no_grad():
+            m.base.weight.copy_(m.merged_weight(m.base.weight.dtype))
+        setattr(parent, child, m.base)
+    return model
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hash of the base weights' shapes and a strided sample of their values (bf16-rounded,
+    so fp32 and bf16 loads of the same file agree); adapters and trained parts excluded."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if ".lora_" in name:
+            continue
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        sample = flat[::step][:64].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(_official_name(name).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def adapter_state(model: nn.Module) -> dict:
+    """Everything needed to rebuild the fine-tune on the same base."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ConfigError("model has no LoRA adapters; call apply_lora first")
+    parts = list(getattr(model, "lora_train_parts", []))
+    tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+               if p.requires_grad and ".lora_" in n}
+    part_tensors = {_official_name(n): p.detach().cpu().clone() for n, p in model.named_parameters()
+                    if p.requires_grad and ".lora_" not in n}
+    return {"format": ADAPTER_FORMAT, **cfg, "train_parts": parts, "lora": tensors, "parts": part_tensors,
+            "base_fingerprint": model.lora_base_fingerprint}
+
+
+def save_adapter(path, model: nn.Module) -> None:
+    from rwkvtune.utils import atomic_torch_save
+
+    atomic_torch_save(adapter_state(model), path)
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Apply a saved adapter to a freshly loaded base model; refuses another base."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: adapter file not found") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read adapter ({type(e).__name__}); the file is corrupt") from None
+    if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: not an rwkvtune LoRA adapter (expected format {ADAPTER_FORMAT!r})")
+    found = base_fingerprint(model)
+    if state["base_fingerprint"] != found:
+        raise CheckpointError(f"{path}: adapter was trained on another base model (fingerprint "
+                              f"{state['base_fingerprint']}, this base has {found}); load the base it was "
+                              f"trained on")
+    apply_lora(model, state["targets"], r=state["r"], alpha=state["alpha"], dropout=state["dropout"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state["lora"].items():
+            params[n].copy_(t)
+        official = {_official_name(n): p for n, p in params.items()}
+        for n, t in state["parts"].items():
+            official[n].copy_(t)
+    return model

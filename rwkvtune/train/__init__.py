@@ -1,0 +1,1 @@
+"""Training: the recipe (``train``), optimizer/schedule/loss, checkpoints and metrics."""

@@ -1,0 +1,123 @@
+"""Resumable checkpoints and final outputs.
+
+Layout of an output directory::
+
+    config.yaml                 resolved training config
+    metrics.jsonl               one JSON object per optimizer step (and eval rows)
+    checkpoints/step-0000050.pt trainable weights, optimizer, data position, RNG states
+    checkpoints/latest          name of the newest complete checkpoint
+    final.pth                   official-layout model (full and LoRA modes, merged)
+    adapter.pth / state.pth     LoRA adapter / tuned initial state
+
+Every file is written to a temporary name and renamed, so a process killed at any moment
+leaves either the previous or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rwkvtune.errors import CheckpointError
+from rwkvtune.utils import atomic_torch_save, atomic_write_text
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(out: Path, step: int, tokens: int, module, optimizer, sampler, cfg) -> Path:
+    ckdir = Path(out) / "checkpoints"
+    path = ckdir / f"step-{step:07d}.pt"
+    trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+    atomic_torch_save({
+        "step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
+        "sampler": sampler.state_dict(), "rng": _rng_state(), "config": cfg.to_dict(),
+    }, path)
+    atomic_write_text(ckdir / "latest", path.name + "\n")
+    old = sorted(ckdir.glob("step-*.pt"))[:-max(1, cfg.keep_checkpoints)]
+    for f in old:
+        f.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(out: str | Path) -> Path:
+    ckdir = Path(out) / "checkpoints"
+    pointer = ckdir / "latest"
+    if pointer.is_file():
+        candidate = ckdir / pointer.read_text().strip()
+        if candidate.is_file():
+            return candidate
+    found = sorted(ckdir.glob("step-*.pt"))
+    if not found:
+        raise CheckpointError(f"{ckdir}: no resumable checkpoint found; the run saved none yet "
+                              f"(lower --save-every) or --resume points at the wrong directory")
+    return found[-1]
+
+
+def resumed_config(out: str | Path, cfg):
+    """The saved run's config (so `--resume DIR` alone continues it); a given max_steps extends it."""
+    from rwkvtune.models.rwkv7.config import TrainConfig
+
+    ck = torch.load(latest_checkpoint(out), map_location="cpu", weights_only=False)
+    saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
+    saved.resume = str(out)
+    saved.out = str(out)
+    if cfg.max_steps is not None:
+        saved.max_steps = cfg.max_steps
+    return saved
+
+
+def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int]:
+    path = latest_checkpoint(out)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(module.named_parameters())
+    missing = [n for n in ck["trainable"] if n not in params]
+    if missing:
+        raise CheckpointError(f"{path}: parameters {missing[:3]} do not exist in this model; resume with the "
+                              f"same model and mode")
+    with torch.no_grad():
+        for n, t in ck["trainable"].items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(ck["optimizer"])
+    sampler.load_state_dict(ck["sampler"])
+    _set_rng_state(ck["rng"])
+    return int(ck["step"]), int(ck["tokens"])
+
+
+def write_final(out: Path, module, cfg) -> dict:
+    """final.pth (official layout) and the mode's own artifact; returns their paths."""
+    out = Path(out)
+    dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
+    model = module.model
+    files = {}
+    if cfg.mode == "state":
+        from rwkvtune.peft.state import save_state_file
+
+        save_state_file(out / "state.pth", module.wkv_init.detach(), model)
+        files["state"] = str(out / "state.pth")
+        return files
+    if cfg.mode == "lora":
+        from rwkvtune.peft.lora import merged_state_dict, save_adapter
+
+        save_adapter(out / "adapter.pth", model)
+        atomic_torch_save(merged_state_dict(model, dtype), out / "final.pth")
+        files["adapter"] = str(out / "adapter.pth")
+    else:
+        model.save_checkpoint(out / "final.pth", dtype=dtype)
+    files["final"] = str(out / "final.pth")
+    return files

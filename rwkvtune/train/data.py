@@ -1,0 +1,55 @@
+"""Datasets as the trainer sees them: packed ctx_len windows, or whole samples (long context)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rwkvtune.data.dataset import IGNORE, load_dataset
+from rwkvtune.data.formats import read_samples
+from rwkvtune.errors import DataError
+
+
+class WholeSamples:
+    """Each item is one whole document, however long (``long_context`` training).
+
+    Like a packed window, the input starts with the end-of-text token 0 (beginning of text)
+    and labels[t] is the next token where the sample's mask makes it a target.
+    """
+
+    def __init__(self, samples):
+        if not samples:
+            raise DataError("long-context data: no samples; add data")
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        w = np.concatenate([[0], s.tokens]).astype(np.int64)
+        labels = np.where(s.mask, w[1:], IGNORE)
+        return {"input_ids": torch.from_numpy(w[:-1].copy()), "labels": torch.from_numpy(labels)}
+
+
+def build_dataset(path: str, tokenizer, cfg, vocab_size: int):
+    if cfg.long_context:
+        if not path.endswith((".jsonl", ".json")):
+            raise DataError(f"{path}: long_context needs jsonl data (binidx has no sample boundaries)")
+        samples, _ = read_samples(path, tokenizer, fmt=cfg.data_format, on_error=cfg.on_data_error,
+                                  vocab_size=vocab_size)
+        return WholeSamples(samples)
+    return load_dataset(path, tokenizer, cfg.ctx_len, fmt=cfg.data_format, on_error=cfg.on_data_error,
+                        vocab_size=vocab_size)
+
+
+def collate(items: list[dict], device) -> dict:
+    """Stack items, padding to the longest (input 0, label -100)."""
+    T = max(len(it["input_ids"]) for it in items)
+    idx = torch.zeros(len(items), T, dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    for r, it in enumerate(items):
+        n = len(it["input_ids"])
+        idx[r, :n] = it["input_ids"]
+        labels[r, :n] = it["labels"]
+    return {"input_ids": idx.to(device), "labels": labels.to(device)}

@@ -1,0 +1,319 @@
+"""The training recipe: setup, then a visible loop.
+
+``train(cfg)`` runs full fine-tuning, LoRA or state tuning, from a pretrained file or from
+scratch, on one process or under ``torchrun`` (DDP: gloo on CPU, NCCL on GPU).
+
+Exactness rules the loop follows:
+* the loss of an optimizer step is the token-weighted mean over the whole global batch
+  (all micro-batches, all ranks), so gradient accumulation and DDP equal one big batch;
+* resumable checkpoints hold weights, optimizer, step, data position and every RNG, so a run
+  killed at any moment and resumed reproduces the uninterrupted run's losses;
+* samples longer than ctx_len (``long_context``) run in ctx_len chunks carrying the RNN state,
+  with backward per chunk (truncated BPTT, memory bounded by ctx_len) or through all chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rwkvtune.configs.model_loader import load_model_config
+from rwkvtune.errors import RwkvtuneError
+from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.models.rwkv7.model import RWKV7, RWKV7State
+from rwkvtune.train import checkpointing
+from rwkvtune.train.data import build_dataset, collate
+from rwkvtune.train.metrics import MetricsLogger
+from rwkvtune.train.optim import loss_sum, lr_at, param_groups, set_lr
+
+
+class TrainingDiverged(RwkvtuneError):
+    """The loss became NaN or inf."""
+
+
+class TrainModule(nn.Module):
+    """What the optimizer sees: the model plus, in state mode, the trainable initial WKV state."""
+
+    def __init__(self, model: RWKV7, wkv_init: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.wkv_init = nn.Parameter(wkv_init) if wkv_init is not None else None
+
+    def forward(self, idx, state: RWKV7State | None = None):
+        init = self.wkv_init if state is None else None
+        return self.model(idx, state=state, return_state=True, wkv_init=init)
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def build_model(cfg: TrainConfig, model_config, device: str) -> RWKV7:
+    if cfg.init == "scratch":
+        model = RWKV7.from_config(model_config, seed=cfg.seed)
+    else:
+        path = model_config.model_path
+        if not path or not os.path.exists(path):
+            raise RwkvtuneError(
+                f"model file not found: {path or '(config has no model_file)'}; put "
+                f"{model_config.model_file or 'the .pth'} in $RWKVTUNE_MODEL_DIR (now {os.path.dirname(path) or 'unset'}), "
+                f"pass --model PATH.pth, or train from scratch with --init scratch")
+        model = RWKV7.from_checkpoint(path)
+    model.set_wkv_backend(cfg.wkv_backend)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    return model.to(device).train()
+
+
+def prepare_mode(cfg: TrainConfig, model: RWKV7) -> TrainModule:
+    """Freeze/wrap parameters for the mode; returns the module whose trainable params are optimized."""
+    if cfg.mode == "full":
+        return TrainModule(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.mode == "state":
+        c = model.config
+        init = torch.zeros(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, device=model.emb.weight.device)
+        return TrainModule(model, init)
+    from rwkvtune.peft.lora import apply_lora, unfreeze_parts
+
+    apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    unfreeze_parts(model, cfg.train_parts)
+    return TrainModule(model)
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+def run_micro_batch(module, batch, cfg: TrainConfig, scale: float, l2_factor: float, sync_last: bool,
+                    autocast, ddp_module=None) -> float:
+    """Forward + backward of one micro-batch; returns its summed loss (float).
+
+    Sequences longer than ctx_len run in chunks carrying the RNN state. Truncated BPTT
+    detaches the state and runs backward per chunk; full BPTT keeps one graph.
+    """
+    idx, labels = batch["input_ids"], batch["labels"]
+    T = idx.shape[1]
+    chunks = [(s, min(T, s + cfg.ctx_len)) for s in range(0, T, cfg.ctx_len)]
+    runner = ddp_module or module
+    state, total, graph_loss = None, 0.0, None
+    for ci, (s, e) in enumerate(chunks):
+        last = ci == len(chunks) - 1
+        sync = sync_last and (last or cfg.bptt == "full")
+        ctx = contextlib.nullcontext() if (ddp_module is None or sync) else ddp_module.no_sync()
+        with ctx:
+            with autocast():
+                logits, state = runner(idx[:, s:e], state)
+                loss = loss_sum(logits, labels[:, s:e], l2_factor)
+            total += float(loss.detach())
+            if cfg.bptt == "full":
+                graph_loss = loss if graph_loss is None else graph_loss + loss
+            else:
+                (loss * scale).backward()
+                state = state.detach()
+    if graph_loss is not None:
+        with (contextlib.nullcontext() if (ddp_module is None or sync_last) else ddp_module.no_sync()):
+            (graph_loss * scale).backward()
+    return total
+
+
+@torch.no_grad()
+def evaluate(module: TrainModule, dataset, cfg: TrainConfig, device: str, autocast) -> dict:
+    """Token-weighted loss and perplexity over every window of ``dataset`` (in order)."""
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0
+    bs = cfg.batch_size
+    for start in range(0, len(dataset), bs):
+        batch = collate([dataset[i] for i in range(start, min(len(dataset), start + bs))], device)
+        idx, labels = batch["input_ids"], batch["labels"]
+        state = None
+        for s in range(0, idx.shape[1], cfg.ctx_len):
+            with autocast():
+                logits, state = module(idx[:, s:s + cfg.ctx_len], state)
+            total += float(loss_sum(logits, labels[:, s:s + cfg.ctx_len]))
+        count += int((labels != -100).sum())
+    module.train(was_training)
+    loss = total / max(1, count)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def _all_sum(values: list[float], d: Dist, device: str) -> list[float]:
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
+    """Run a training job described by ``cfg``; returns a summary dict."""
+    # ---------------------------------------------------------------- setup
+    cfg.validate()
+    resume_dir = cfg.resume
+    if resume_dir:
+        cfg = checkpointing.resumed_config(resume_dir, cfg)
+    model_config = load_model_config(cfg.model)
+    cfg = cfg.resolve(model_config)
+    d = setup_distributed(cfg.device)
+    device = f"cuda:{d.local_rank}" if cfg.device == "cuda" and d.world_size > 1 else cfg.device
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    from rwkvtune.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    train_set = build_dataset(cfg.data, tokenizer, cfg, model_config.vocab_size)
+    eval_set = build_dataset(cfg.eval_data, tokenizer, cfg, model_config.vocab_size) if cfg.eval_data else None
+    from rwkvtune.data.dataset import WindowSampler
+
+    sampler = WindowSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=d.rank,
+                            world_size=d.world_size, batch_size=cfg.batch_size)
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.ctx_len
+
+    model = build_model(cfg, model_config, device)
+    module = prepare_mode(cfg, model).to(device)
+    trainable, frozen = count_params(module)
+    if dry_run:
+        return dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_steps, len(train_set))
+
+    groups = param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
+    step, tokens_seen = 0, 0
+    if resume_dir:
+        step, tokens_seen = checkpointing.load_latest(resume_dir, module, optimizer, sampler)
+    ddp = None
+    if d.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(module, device_ids=[d.local_rank] if device.startswith("cuda") else None)
+    use_bf16 = cfg.precision == "bf16"
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def autocast():
+        return torch.autocast(dev_type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    logger = MetricsLogger(out, cfg, enabled=d.main, resume_step=step if resume_dir else None)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save_yaml(out / "config.yaml")
+        logger.info(f"model {model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params, "
+                    f"{len(train_set)} windows, {total_steps} steps of {tokens_per_step} tokens")
+    progress = logger.progress(total_steps, initial=step)
+
+    # ---------------------------------------------------------------- loop
+    last_eval = None
+    while step < total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.lr, cfg.lr_final, cfg.warmup_steps, total_steps)
+        set_lr(optimizer, lr)
+        micro = []
+        for _ in range(cfg.grad_accum):
+            ids = list(iter(sampler))[: cfg.batch_size]
+            micro.append(collate([train_set[i] for i in ids], device))
+            sampler.advance(1)
+        n_tok, = _all_sum([float(sum(int((b["labels"] != -100).sum()) for b in micro))], d, device)
+        n_tok = max(1.0, n_tok)
+        scale = d.world_size / n_tok  # DDP averages over ranks: undo it, then divide by global tokens
+        l2 = 1e-4 * scale if cfg.l2wrap else 0.0
+        loss_total = 0.0
+        for i, b in enumerate(micro):
+            loss_total += run_micro_batch(module, b, cfg, scale, l2, sync_last=(i == len(micro) - 1),
+                                          autocast=autocast, ddp_module=ddp)
+        loss_total, = _all_sum([loss_total], d, device)
+        loss = loss_total / n_tok
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at step {step + 1}; stopped without saving. The last good checkpoint "
+                f"is in {out / 'checkpoints'} (resume with --resume {out} and a lower --lr)")
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in module.parameters() if p.requires_grad], cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += int(n_tok)
+        dt = time.perf_counter() - t0
+        row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen,
+               "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm}
+        logger.log_step(row, progress)
+        if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            last_eval = evaluate(module, eval_set, cfg, device, autocast)
+            logger.log_eval(step, last_eval)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and d.main:
+            checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
+    progress.close()
+
+    # ---------------------------------------------------------------- finish
+    if eval_set is not None:
+        last_eval = evaluate(module, eval_set, cfg, device, autocast)
+        logger.log_eval(step, last_eval)
+    summary = {"steps": step, "tokens": tokens_seen, "out": str(out)}
+    if d.main:
+        checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
+        summary.update(checkpointing.write_final(out, module, cfg))
+        logger.finish()
+        summary["loss"] = logger.last_loss
+        if last_eval:
+            summary.update(last_eval)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if d.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+def dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_steps, n_windows) -> dict:
+    """Resolved config, dims, parameter counts, tokens per step and a memory estimate."""
+    c = model_config
+    # fp32 weights + fp32 grads and two AdamW moments for trainable params.
+    weights = (trainable + frozen) * 4 + trainable * 12
+    # About 34 C-sized vectors per token per layer are kept for backward; with checkpointing
+    # only each block's input is kept, plus one block's worth during recomputation.
+    act_bytes = 2 if cfg.precision == "bf16" else 4
+    per_layer = cfg.batch_size * cfg.ctx_len * c.n_embd * act_bytes
+    acts = per_layer * (c.n_layer + 34 if cfg.grad_checkpoint else 34 * c.n_layer)
+    logits = cfg.batch_size * cfg.ctx_len * c.vocab_size * 4 * 2  # logits and their gradient, fp32
+    mem = weights + acts + logits
+    return {
+        "config": cfg.to_dict(),
+        "model": {"name": c.model_name, "n_layer": c.n_layer, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
+                  "head_size_a": c.head_size_a, "dim_att_lora": c.dim_att_lora, "dim_aaa_lora": c.dim_aaa_lora,
+                  "dim_mv_lora": c.dim_mv_lora, "dim_gate_lora": c.dim_gate_lora, "dim_ffn": c.dim_ffn},
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "tokens_per_step": tokens_per_step,
+        "total_steps": total_steps,
+        "train_windows": n_windows,
+        "memory_estimate_gib": round(mem / 2 ** 30, 2),
+    }
