@@ -177,10 +177,10 @@ def _all_sum(values: list[float], d: Dist, device: str) -> list[float]:
 def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     """Run a training job described by ``cfg``; returns a summary dict."""
     # ---------------------------------------------------------------- setup
-    cfg.validate()
     resume_dir = cfg.resume
     if resume_dir:
         cfg = checkpointing.resumed_config(resume_dir, cfg)
+    cfg.validate()
     model_config = load_model_config(cfg.model)
     cfg = cfg.resolve(model_config)
     d = setup_distributed(cfg.device)

@@ -1,0 +1,237 @@
+"""End-to-end training on CPU with tiny models: formats, outputs, accumulation, resume, eval, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import write_checkpoint
+from rwkvtune.errors import RwkvtuneError
+from rwkvtune.models.rwkv7 import RWKV7
+from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8, d_mv=8, d_gate=8)
+
+
+def _texts(n=24):
+    words = ["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "eats"]
+    return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + "." for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    text = d / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
+    chat = d / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {t}"},
+                                                     {"role": "assistant", "content": t}]}) + "\n"
+                            for t in _texts(12)))
+    pr = d / "pr.jsonl"
+    pr.write_text("".join(json.dumps({"prompt": f"repeat {t}", "response": t}) + "\n" for t in _texts(12)))
+    ckpt = write_checkpoint(d / "base.pth", **SMALL)
+    return {"text": str(text), "chat": str(chat), "pr": str(pr), "ckpt": ckpt, "dir": d}
+
+
+def _cfg(fixture, out, **kw):
+    base = dict(model=fixture["ckpt"], data=fixture["text"], out=str(out), ctx_len=16, batch_size=2, max_steps=4,
+                lr=1e-3, warmup_steps=0, save_every=0, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out):
+    return [r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_full_finetune_outputs_and_rwkv_package(data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(data, out, max_steps=6, save_dtype="fp32"))
+    assert summary["steps"] == 6
+    losses = _losses(out)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(rows[0])
+    for name in ("final.pth", "config.yaml", "loss.png", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    # final.pth is the official layout: same keys and shapes as the base, loads in the rwkv package.
+    base = torch.load(data["ckpt"])
+    final = torch.load(out / "final.pth")
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in base.items()}
+    assert any(not torch.equal(final[k], base[k]) for k in base)
+    from rwkv.model import RWKV
+
+    ref = RWKV(str(out / "final"), "cpu fp32")
+    ours = RWKV7.from_checkpoint(out / "final.pth")
+    ids = [5, 300, 2000, 17, 42, 0, 11]
+    ref_logits, _ = ref.forward(ids, None, full_output=True)
+    with torch.no_grad():
+        our_logits = ours(torch.tensor([ids]))[0]
+    assert (ref_logits - our_logits).abs().max() < 1e-4
+
+
+def test_final_is_bf16_by_default_and_config_saved(data, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=1))
+    final = torch.load(out / "final.pth")
+    assert all(v.dtype == torch.bfloat16 for v in final.values())
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["ctx_len"] == 16 and saved["lr"] == 1e-3 and saved["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("fmt", ["chat", "pr"])
+def test_chat_and_prompt_response_formats_train(data, tmp_path, fmt):
+    out = tmp_path / fmt
+    summary = train(_cfg(data, out, data=data[fmt], max_steps=2))
+    assert summary["steps"] == 2 and all(l == l for l in _losses(out))
+
+
+def test_binidx_data_trains(data, tmp_path):
+    from rwkvtune.data.prepare import prepare_binidx
+    from rwkvtune.tokenizer import get_tokenizer
+
+    prefix = str(tmp_path / "corpus")
+    prepare_binidx(data["text"], prefix, get_tokenizer(), workers=1)
+    out = tmp_path / "run"
+    assert train(_cfg(data, out, data=prefix, max_steps=2))["steps"] == 2
+
+
+def test_gradient_accumulation_equals_larger_batch(data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # adam_eps 1e-8 instead of the reference 1e-18: with 1e-18, gradients that are pure rounding
+    # noise (~1e-12) get normalised into full +-lr updates whose sign depends on summation order.
+    train(_cfg(data, a, batch_size=4, grad_accum=1, save_dtype="fp32", adam_eps=1e-8))
+    train(_cfg(data, b, batch_size=2, grad_accum=2, save_dtype="fp32", adam_eps=1e-8))
+    la, lb = _losses(a), _losses(b)
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+    wa, wb = torch.load(a / "final.pth"), torch.load(b / "final.pth")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_scratch_init_from_json_config(data, tmp_path):
+    out = tmp_path / "scratch"
+    cfg = _cfg(data, out, model=str(REPO / "examples/configs/rwkv7-tiny.json"), init="scratch", max_steps=3,
+               lr=3e-3)
+    summary = train(cfg)
+    losses = _losses(out)
+    assert abs(losses[0] - torch.log(torch.tensor(65536.0)).item()) < 0.5  # official init: near-uniform
+    assert losses[-1] < losses[0] and summary["steps"] == 3
+
+
+def test_eval_rows_and_eval_cli(data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(data, out, eval_data=data["text"], eval_every=2, max_steps=4))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]), rel=1e-9)
+    assert summary["eval_loss"] == evals[-1]["eval_loss"]
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "eval", "--model", str(out / "final.pth"), "--data",
+                          data["text"], "--ctx-len", "16"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(got) >= {"eval_loss", "eval_ppl"} and got["eval_loss"] > 0
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
+    import rwkvtune.train.trainer as trainer_mod
+
+    real = trainer_mod.loss_sum
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, l2):
+        calls["n"] += 1
+        loss = real(logits, labels, l2)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "loss_sum", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(trainer_mod.TrainingDiverged, match="step 3"):
+        train(_cfg(data, out, save_every=1, max_steps=5))
+    assert (out / "checkpoints" / "step-0000002.pt").exists()
+    assert not (out / "final.pth").exists()
+
+
+def test_dry_run_reports_setup(data, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data",
+                          data["text"], "--out", str(tmp_path / "dry"), "--ctx-len", "16", "--batch-size", "2",
+                          "--grad-accum", "3", "--dry-run", "lr=2e-4"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["tokens_per_step"] == 16 * 2 * 3
+    assert report["config"]["lr"] == 2e-4
+    assert report["model"]["dim_att_lora"] == 8 and report["trainable_params"] > 0
+    assert report["memory_estimate_gib"] > 0
+    assert not (tmp_path / "dry" / "final.pth").exists()
+
+
+def test_bad_option_and_missing_model_file_are_one_line_errors(data, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data",
+                          data["text"], "nonsense_option=3"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "nonsense_option" in res.stderr and "Traceback" not in res.stderr
+    env = dict(os.environ, RWKVTUNE_MODEL_DIR=str(tmp_path / "empty"))
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--model", "0.1b", "--data", data["text"],
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(tmp_path / "empty") in res.stderr and "--init scratch" in res.stderr
+
+
+def _train_cmd(data, out, steps):
+    return [sys.executable, "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data", data["text"], "--out",
+            str(out), "--ctx-len", "16", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "2",
+            "--max-steps", str(steps), "--save-every", "1", "--save-dtype", "fp32", "tensorboard=false"]
+
+
+def test_resume_after_kill_reproduces_uninterrupted_run(data, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # Both runs as subprocesses, so thread pools and library state are alike.
+    subprocess.run(_train_cmd(data, full, 8), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_train_cmd(data, killed, 8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "checkpoints" / "step-0000003.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.pth").exists(), "process finished before it could be killed"
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--resume", str(killed)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    la, lb = _losses(full), _losses(killed)
+    assert len(lb) == 8
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-6
+    wa, wb = torch.load(full / "final.pth"), torch.load(killed / "final.pth")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_without_checkpoint_is_clear_error(tmp_path):
+    with pytest.raises(RwkvtuneError, match="no resumable checkpoint"):
+        train(TrainConfig(resume=str(tmp_path)))
+
+
+def test_ddp_two_processes_match_one_process(data, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(_cfg(data, single, batch_size=4, max_steps=3, save_dtype="fp32", adam_eps=1e-8))  # see accumulation test
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data", data["text"], "--out", str(ddp),
+           "--ctx-len", "16", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "0", "--max-steps", "3",
+           "--save-every", "0", "--save-dtype", "fp32", "tensorboard=false", "adam_eps=1e-8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    la, lb = _losses(single), _losses(ddp)
+    assert len(lb) == 3 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+    wa, wb = torch.load(single / "final.pth"), torch.load(ddp / "final.pth")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
