@@ -36,6 +36,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        # Adapters are fp32 even over a bf16 base: their updates are small relative to W.
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same init as nn.Linear, as in peft
@@ -44,7 +45,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         delta = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base(x) + delta * self.scaling
+        w = self.base.weight
+        base = self.base(x) if x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type) else F.linear(x.to(w.dtype), w).to(x.dtype)
+        return base + delta * self.scaling
 
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
         w = self.base.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())

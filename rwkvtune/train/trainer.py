@@ -96,6 +96,9 @@ def prepare_mode(cfg: TrainConfig, model: RWKV7) -> TrainModule:
         return TrainModule(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.precision == "bf16":
+        # Frozen base stored in bf16 (half the memory); trainable tensors below stay fp32.
+        model.to(torch.bfloat16)
     if cfg.mode == "state":
         c = model.config
         init = torch.zeros(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, device=model.emb.weight.device)
@@ -104,6 +107,9 @@ def prepare_mode(cfg: TrainConfig, model: RWKV7) -> TrainModule:
 
     apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     unfreeze_parts(model, cfg.train_parts)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     return TrainModule(model)
 
 
@@ -133,6 +139,10 @@ def run_micro_batch(module, batch, cfg: TrainConfig, scale: float, l2_factor: fl
             with autocast():
                 logits, state = runner(idx[:, s:e], state)
                 loss = loss_sum(logits, labels[:, s:e], l2_factor)
+            if not loss.requires_grad:
+                # State tuning under truncated BPTT: only the first chunk reaches the initial
+                # state. A zero term keeps backward (and DDP's gradient sync) well defined.
+                loss = loss + sum(0.0 * p.sum() for p in module.parameters() if p.requires_grad)
             total += float(loss.detach())
             if cfg.bptt == "full":
                 graph_loss = loss if graph_loss is None else graph_loss + loss
@@ -239,7 +249,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         set_lr(optimizer, lr)
         micro = []
         for _ in range(cfg.grad_accum):
-            ids = list(iter(sampler))[: cfg.batch_size]
+            ids = sampler.current_batch()
             micro.append(collate([train_set[i] for i in ids], device))
             sampler.advance(1)
         n_tok, = _all_sum([float(sum(int((b["labels"] != -100).sum()) for b in micro))], d, device)

@@ -142,8 +142,10 @@ class TimeMix(nn.Module):
         log_decay = -DECAY_SCALE * torch.sigmoid(d.float())  # fp32: decay close to 1 needs precision
 
         a4 = a.view(B, T, H, N)
-        y, new_state = wkv7(r.view(B, T, H, N), log_decay.view(B, T, H, N), k.view(B, T, H, N),
-                            v.view(B, T, H, N), -kk, kk * a4, wkv_state, backend=self.wkv_backend)
+        # The recurrence runs in fp32 whatever autocast says (bf16 state updates drift).
+        with torch.autocast(x.device.type, enabled=False):
+            y, new_state = wkv7(r.view(B, T, H, N), log_decay.view(B, T, H, N), k.view(B, T, H, N),
+                                v.view(B, T, H, N), -kk, kk * a4, wkv_state, backend=self.wkv_backend)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
         y = y + bonus.view(B, T, C)
