@@ -235,3 +235,42 @@ def test_ddp_two_processes_match_one_process(data, tmp_path):
     assert len(lb) == 3 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
     wa, wb = torch.load(single / "final.pth"), torch.load(ddp / "final.pth")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+RECIPES = sorted((REPO / "examples" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_load_and_dry_run(recipe, data, tmp_path):
+    from rwkvtune.models.rwkv7.config import load_recipe
+
+    cfg = TrainConfig().update(load_recipe(recipe), source=str(recipe))
+    cfg.validate()
+    # Dry-run each on the tiny checkpoint (the release files are not on this machine).
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--config", str(recipe), "--model", data["ckpt"],
+                          "--init", "pretrained", "--out", str(tmp_path / "o"), "--dry-run"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["config"]["mode"] == cfg.mode and report["trainable_params"] > 0
+
+
+def test_train_with_config_script_reports_missing_model_file(tmp_path):
+    env = dict(os.environ, RWKVTUNE_MODEL_DIR=str(tmp_path / "models"), OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", str(REPO / "examples" / "train_with_config.sh"), "0.1b"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "rwkv7-g1-0.1b-20250307-ctx4096.pth" in res.stderr and str(tmp_path / "models") in res.stderr
+    assert "RWKVTUNE_MODEL_DIR" in res.stderr and "--init scratch" in res.stderr
+    res = subprocess.run(["bash", str(REPO / "examples" / "train_with_config.sh")], capture_output=True, text=True)
+    assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_train_with_config_script_passes_args_through(data, tmp_path):
+    # --model given after SIZE overrides the registry file: a real (tiny) run through the script.
+    env = dict(os.environ, OUT=str(tmp_path / "out"), DATA=data["text"])
+    res = subprocess.run(["bash", str(REPO / "examples" / "train_with_config.sh"), "0.1b", "--model", data["ckpt"],
+                          "--max-steps", "1", "--ctx-len", "16", "--batch-size", "2", "tensorboard=false"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "final.pth").exists()

@@ -74,17 +74,21 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def check_model_file(cfg: TrainConfig, model_config) -> None:
+    """Fail before any data work when a pretrained run has no model file."""
+    path = model_config.model_path
+    if cfg.init == "pretrained" and (not path or not os.path.exists(path)):
+        raise RwkvtuneError(
+            f"model file not found: {path or '(config has no model_file)'}; put "
+            f"{model_config.model_file or 'the .pth'} in $RWKVTUNE_MODEL_DIR (now {os.path.dirname(path) or 'unset'}), "
+            f"pass --model PATH.pth, or train from scratch with --init scratch")
+
+
 def build_model(cfg: TrainConfig, model_config, device: str) -> RWKV7:
     if cfg.init == "scratch":
         model = RWKV7.from_config(model_config, seed=cfg.seed)
     else:
-        path = model_config.model_path
-        if not path or not os.path.exists(path):
-            raise RwkvtuneError(
-                f"model file not found: {path or '(config has no model_file)'}; put "
-                f"{model_config.model_file or 'the .pth'} in $RWKVTUNE_MODEL_DIR (now {os.path.dirname(path) or 'unset'}), "
-                f"pass --model PATH.pth, or train from scratch with --init scratch")
-        model = RWKV7.from_checkpoint(path)
+        model = RWKV7.from_checkpoint(model_config.model_path)
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
     return model.to(device).train()
@@ -193,6 +197,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     cfg.validate()
     model_config = load_model_config(cfg.model)
     cfg = cfg.resolve(model_config)
+    check_model_file(cfg, model_config)
     d = setup_distributed(cfg.device)
     device = f"cuda:{d.local_rank}" if cfg.device == "cuda" and d.world_size > 1 else cfg.device
     if device.startswith("cuda"):
