@@ -29,7 +29,7 @@ def check_model_file(config: ModelConfig) -> str:
     """'' if the model file fits the config (or is absent), else the problem."""
     from rwkvtune.configs.checkpoint import check_config_against, mismatch_error, read_shapes
 
-    shapes, dtypes, _ = read_shapes(config.model_path)  # memory-mapped: shapes only
+    shapes, _, _ = read_shapes(config.model_path)  # the file index only, no weights
     if check_config_against(config, shapes):
         return str(mismatch_error(config, config.model_path, shapes))
     return ""

@@ -1,35 +1,49 @@
 """The ``rwkvtune`` command line (also ``python -m rwkvtune``, which works under torchrun).
 
-This module is a thin dispatcher. Each command is declared by a small ``_add_<command>``
-function that defines its arguments and names its handler as a ``"module:function"`` string;
-the handler's module is imported only when that command runs. So ``rwkvtune models`` starts
-fast and never imports torch or the training stack, and a broken optional dependency of one
-command cannot break the others.
+This module is a thin dispatcher over the table ``COMMANDS``. Each :class:`Command` names
 
-Adding a command (the lead's recipe):
+* ``handler``: ``"package.module:function"``, called with the parsed ``argparse.Namespace`` and
+  returning the exit status; its module is imported only when that command runs;
+* ``arguments``: what defines the command's options: a function here, or a
+  ``"package.module:function(parser)"`` string that is imported only when that command is the
+  one on the command line (so a command module that imports torch at the top never slows
+  down ``rwkvtune models`` or ``rwkvtune --help``).
 
-1. write the handler ``def run(args: argparse.Namespace) -> int`` in the command's own module
-   (e.g. ``rwkvtune/train/cli.py``); import heavy modules (torch, ...) inside it;
-2. write ``_add_<command>(sub)`` below: ``sub.add_parser(...)``, its arguments, and
-   ``_handler(parser, "rwkvtune.train.cli:run")``;
-3. append it to ``COMMANDS``.
-
-A command with actions (``models list/show/new/check``, later ``data prepare``) gets a nested
-sub-parser, as ``_add_models`` shows. Handlers raise :class:`rwkvtune.errors.RwkvtuneError` for
-anything the user can fix; :func:`main` prints it as one ``error: ...`` line and returns 2.
+Adding a command is one entry in ``COMMANDS``. A command with actions (``models
+list/show/new/check``, ``data prepare``) defines a nested sub-parser whose actions set their own
+handlers, as ``_models_arguments`` shows.
+Handlers raise :class:`rwkvtune.errors.RwkvtuneError` for anything the user can fix;
+:func:`main` prints it as one ``error: ...`` line on stderr and returns 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from rwkvtune import __version__
 
 PROG = "rwkvtune"
+
+ArgumentsSpec = Union[str, Callable[[argparse.ArgumentParser], None], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    handler: str | None  # "module:function"; None when every action sets its own
+    arguments: ArgumentsSpec = None
+    description: str | None = None
+
+
+def _resolve(target: str) -> Callable:
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def _handler(parser: argparse.ArgumentParser, target: str) -> None:
@@ -37,26 +51,22 @@ def _handler(parser: argparse.ArgumentParser, target: str) -> None:
     parser.set_defaults(_handler=target)
 
 
-# ---- commands ------------------------------------------------------------------------------
+# ---- arguments of the commands that live in this package's config registry -----------------
+
+_MODELS = "rwkvtune.configs.cli_models"
 
 
-def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "models",
-        help="list, show, create and check model configs",
-        description="Model config registry. Without an action: the registry table (same as `models list`).",
-    )
-    _handler(p, "rwkvtune.configs.cli_models:cmd_list")
+def _models_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION")
 
-    ls = actions.add_parser("list", help="registry table (default action)")
-    _handler(ls, "rwkvtune.configs.cli_models:cmd_list")
+    ls = actions.add_parser("list", help="registry table (the default action)")
+    _handler(ls, f"{_MODELS}:cmd_list")
 
     show = actions.add_parser("show", help="every field of one config",
                               description="Every field of a config: a registry name, a .json path or a .pth path.")
     show.add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b"), .json config or .pth file')
     show.add_argument("--json", action="store_true", help="print one JSON object")
-    _handler(show, "rwkvtune.configs.cli_models:cmd_show")
+    _handler(show, f"{_MODELS}:cmd_show")
 
     new = actions.add_parser(
         "new", help="write a config JSON for a checkpoint",
@@ -67,63 +77,21 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     new.add_argument("--name", required=True, help="registry name for it, e.g. my-1.5b (file rwkv7-NAME.json)")
     new.add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
     new.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    _handler(new, "rwkvtune.configs.cli_models:cmd_new")
+    _handler(new, f"{_MODELS}:cmd_new")
 
     check = actions.add_parser(
         "check", help="validate every config; compare with model files that are present",
         description="Validate every config in reach (package and $RWKVTUNE_CONFIG_PATH) and compare each with "
                     "its model file where that file is present. Exit status 1 if any problem.")
-    _handler(check, "rwkvtune.configs.cli_models:cmd_check")
+    _handler(check, f"{_MODELS}:cmd_check")
 
 
-def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="detect a checkpoint's dims (reads shapes only)",
-                       description="Detect every dimension of an RWKV-7 .pth from its tensor shapes, without "
-                                   "loading tensor data, and name the registry entry it matches.")
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _handler(p, "rwkvtune.configs.cli_models:cmd_inspect")
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from rwkvtune.train.cli import add_train_arguments
-
-    p = sub.add_parser("train", help="fine-tune or pretrain (full, LoRA or state tuning)",
-                       description="Train an RWKV-7 model. Defaults come from the model config's recommended "
-                                   "values; precedence: defaults < --config recipe < flags < key=value overrides. "
-                                   "Runs under torchrun for DDP: torchrun --nproc-per-node N -m rwkvtune train ...")
-    add_train_arguments(p)
-    _handler(p, "rwkvtune.train.cli:run_train")
-
-
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from rwkvtune.train.cli import add_eval_arguments
-
-    p = sub.add_parser("eval", help="loss and perplexity of a model on data (prints JSON)")
-    add_eval_arguments(p)
-    _handler(p, "rwkvtune.train.cli:run_eval")
-
-
-def _add_merge_lora(sub: argparse._SubParsersAction) -> None:
-    from rwkvtune.train.cli import add_merge_arguments
-
-    p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model (official layout)",
-                       description="Merge ADAPTER into BASE in fp32 and write OUT in the official layout.")
-    add_merge_arguments(p)
-    _handler(p, "rwkvtune.train.cli:run_merge")
-
-
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    from rwkvtune.generate_cli import add_arguments
-
-    p = sub.add_parser("generate", help="generate text (streams; chat mode with --chat)",
-                       description="Prefill the prompt in parallel, then decode token by token with the RNN state.")
-    add_arguments(p)
-    _handler(p, "rwkvtune.generate_cli:run")
-
-
-def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="prepare training data")
+def _data_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     prep = actions.add_parser("prepare", help="tokenize jsonl into binidx (RWKV-LM's format)",
                               description="Tokenize IN.jsonl (text, chat or prompt/response) into PREFIX.bin/.idx "
@@ -137,21 +105,43 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     _handler(prep, "rwkvtune.data.prepare:cli_prepare")
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models,
-    _add_inspect,
-    # _add_generate,  (enabled once rwkvtune.generate_cli lands)
-    _add_train,
-    _add_eval,
-    _add_merge_lora,
-    _add_data,
+_TRAIN = "rwkvtune.train.cli"
+
+COMMANDS: list[Command] = [
+    Command("models", "list, show, create and check model configs", f"{_MODELS}:cmd_list", _models_arguments,
+            "Model config registry. Without an action: the registry table (same as `models list`)."),
+    Command("inspect", "detect a checkpoint's dims (reads shapes only)", f"{_MODELS}:cmd_inspect",
+            _inspect_arguments,
+            "Detect every dimension of an RWKV-7 .pth from its tensor shapes, without loading tensor data, "
+            "and name the registry entry it matches."),
+    # Command("generate", "generate text (streams; chat mode with --chat)", "rwkvtune.generate_cli:run",
+    #         "rwkvtune.generate_cli:add_arguments",
+    #         "Prefill the prompt in parallel, then decode token by token with the RNN state."),
+    #         (enabled once rwkvtune.generate_cli lands)
+    Command("train", "fine-tune or pretrain (full, LoRA or state tuning)", f"{_TRAIN}:run_train",
+            f"{_TRAIN}:add_train_arguments",
+            "Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "
+            "defaults < --config recipe < flags < key=value overrides. Runs under torchrun for DDP: "
+            "torchrun --nproc-per-node N -m rwkvtune train ..."),
+    Command("eval", "loss and perplexity of a model on data (prints JSON)", f"{_TRAIN}:run_eval",
+            f"{_TRAIN}:add_eval_arguments"),
+    Command("merge-lora", "merge a LoRA adapter into its base model (official layout)", f"{_TRAIN}:run_merge",
+            f"{_TRAIN}:add_merge_arguments",
+            "Merge ADAPTER into BASE in fp32 and write OUT in the official layout."),
+    Command("data", "prepare training data", None, _data_arguments),
 ]
 
 
 # ---- entry point ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected(argv: Sequence[str]) -> str | None:
+    """The command named on the command line (the top level has no options taking values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; options of string-specified commands are loaded only for the command in argv."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Training toolkit for RWKV-7 (x070) language models.",
@@ -159,8 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
+    selected = _selected(argv)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        p.set_defaults(_command_parser=p)
+        if cmd.handler:
+            _handler(p, cmd.handler)
+        if callable(cmd.arguments):
+            cmd.arguments(p)
+        elif isinstance(cmd.arguments, str) and cmd.name == selected:
+            _resolve(cmd.arguments)(p)
     return parser
 
 
@@ -170,22 +168,20 @@ def _one_line(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 a check failed, 2 usage or user error)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from rwkvtune.errors import RwkvtuneError
+
     try:
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help/--version (0) and usage errors (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     target = getattr(args, "_handler", None)
-    if target is None:
-        parser.print_help(sys.stderr)
+    if target is None:  # no command, or a command without its action
+        getattr(args, "_command_parser", parser).print_help(sys.stderr)
         return 2
-
-    from rwkvtune.errors import RwkvtuneError
-
-    module_name, func_name = target.split(":")
     try:
-        handler = getattr(importlib.import_module(module_name), func_name)
-        return int(handler(args) or 0)
+        return int(_resolve(target)(args) or 0)
     except RwkvtuneError as e:
         sys.stdout.flush()
         print(f"error: {_one_line(str(e))}", file=sys.stderr)

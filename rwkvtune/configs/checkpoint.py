@@ -4,23 +4,35 @@ Released checkpoints store no metadata, so the shapes are the truth (reference Â
 V, C from ``emb.weight``; (H, N) from ``r_k``; L from the largest block index; the low-rank
 dims from w1/a1/v1/g1 (v1 of a layer >= 1, since layer 0 may lack v0/v1/v2).
 
-The file is opened with ``torch.load(mmap=True)``: tensors stay on disk and only the pickle
-(shapes, dtypes, key names) is parsed, so inspecting a 13.3B bf16 file takes about a second and
-little memory.
+Tensor data is never read. :func:`read_shapes` parses only the pickle inside the
+``torch.save`` zip archive (``*/data.pkl``: key names, shapes, dtypes) with a restricted
+unpickler that knows the few torch rebuild functions, so it needs neither torch nor the
+weights: inspecting a 13.3B bf16 file (26 GB) takes milliseconds and little memory. Files it
+cannot parse that way (legacy pre-zip format, exotic tensor types) go through
+``torch.load(mmap=True, weights_only=True)``, which maps the file instead of reading it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import io
 import math
 import os
+import pickle
 import re
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
-from rwkvtune.configs.model_loader import ModelConfig, list_available_models
-from rwkvtune.errors import CheckpointError
+from rwkvtune.configs.model_loader import (
+    DEFAULT_MODEL_DIR,
+    MODEL_DIR_ENV,
+    ModelConfig,
+    list_available_models,
+)
+from rwkvtune.errors import CheckpointError, ConfigError
 
 # Prefixes that training wrappers put on every key (Lightning, DDP).
 KEY_PREFIXES = ("_forward_module.", "module.")
@@ -95,39 +107,201 @@ def strip_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     return dict(state_dict), ""
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if len(text) > limit and ". " in text:
+        text = text[: text.index(". ") + 1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _torch_load(p: Path, mmap: bool) -> Any:
+    """torch.load with every failure turned into a CheckpointError that says what to do."""
+    import torch
+
+    try:
+        try:
+            return torch.load(p, map_location="cpu", mmap=mmap, weights_only=True)
+        except RuntimeError as e:
+            # Legacy (pre-zip, torch < 1.6) files cannot be memory-mapped: read them whole.
+            if mmap and "mmap can only be used" in str(e):
+                with open(p, "rb") as f:
+                    if f.read(4) != _ZIP_MAGIC:
+                        return torch.load(p, map_location="cpu", weights_only=True)
+            raise
+    except Exception as e:  # RuntimeError (zip reader), pickle errors, EOF, weights_only refusals
+        with open(p, "rb") as f:
+            is_zip = f.read(4) == _ZIP_MAGIC
+        if is_zip:
+            why = ("it is a torch zip archive but cannot be read, so it is probably truncated or corrupt "
+                   "(an incomplete download or an interrupted save): download or save it again")
+        elif "weights only" in str(e).lower() or "weights_only" in str(e):
+            why = ("it contains Python objects besides tensors; save a plain state dict with "
+                   "torch.save(model.state_dict(), path)")
+        else:
+            why = "it is not a file written by torch.save, or it is truncated or corrupt"
+        raise CheckpointError(f"{p}: cannot read as a torch checkpoint ({type(e).__name__}: {_first_line(e)}); "
+                              f"{why}") from None
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint not found; check the path (a relative model_file in a config "
+                              f"resolves against ${MODEL_DIR_ENV}, default {DEFAULT_MODEL_DIR})")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory, expected a .pth file (a state dict saved with torch.save)")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: file is empty (0 bytes); download or save it again")
+    return p
+
+
+def _check_state_dict(p: Path, obj: Any, is_tensor) -> dict[str, Any]:
+    """``obj`` must be a flat {str: tensor} mapping; returns it as a dict."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{p}: found a {type(obj).__name__}, expected a state dict (key -> tensor) "
+                              f"saved with torch.save(model.state_dict(), path)")
+    bad_key = next((k for k in obj if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise CheckpointError(f"{p}: key {bad_key!r} is of type {type(bad_key).__name__}, expected str keys "
+                              f"(parameter names) in a state dict")
+    bad = next((k for k, v in obj.items() if not is_tensor(v)), None)
+    if bad is not None:
+        raise CheckpointError(f"{p}: key {bad!r} holds a {type(obj[bad]).__name__}, not a tensor; expected a "
+                              f"plain state dict (is this a training-state file? save its model weights with "
+                              f"torch.save(ckpt[{bad!r}], 'model.pth') if that entry is the state dict)")
+    return dict(obj)
+
+
 def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, Any], str]:
     """Open a ``.pth`` as a state dict (memory-mapped by default), prefix stripped.
 
-    Raises CheckpointError for a missing path, a truncated/corrupt file, or a non-dict payload.
+    Raises CheckpointError for a missing path, a directory, an empty, truncated or corrupt
+    file, or a payload that is not a flat ``{str: Tensor}`` dict.
     """
+    p = _check_path(path)
     import torch
 
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint not found; check the path (relative model files resolve "
-                              f"against $RWKVTUNE_MODEL_DIR)")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory, expected a .pth file")
+    obj = _torch_load(p, mmap)
+    return strip_prefix(_check_state_dict(p, obj, lambda v: isinstance(v, torch.Tensor)))
+
+
+# ---- shapes without torch ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of a tensor in a checkpoint, read without its data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class _Unsupported(Exception):
+    """The fast reader does not know this pickle content; use torch.load instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    name: str  # e.g. "BFloat16Storage"
+
+    @property
+    def dtype(self) -> str:
+        special = {"Float": "float32", "Double": "float64", "Half": "float16", "Long": "int64", "Int": "int32",
+                   "Short": "int16", "Char": "int8", "Byte": "uint8", "ComplexFloat": "complex64",
+                   "ComplexDouble": "complex128"}
+        base = self.name[: -len("Storage")]
+        return special.get(base, base.lower())
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *rest) -> TensorMeta:
+    return TensorMeta(tuple(int(d) for d in size), storage)
+
+
+def _rebuild_parameter(data, *rest):
+    return data
+
+
+class _ShapeUnpickler(pickle.Unpickler):
+    """Unpickles a torch.save ``data.pkl`` into {key: TensorMeta}, touching no tensor data and
+    allowing no globals but the handful a state dict uses (so it is safe on untrusted files)."""
+
+    def __init__(self, data: bytes, records: set[str], prefix: str):
+        super().__init__(io.BytesIO(data))
+        self._records, self._prefix = records, prefix
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
+        if module == "torch" and name.endswith("Storage") and name != "UntypedStorage":
+            return _StorageType(name)
+        raise _Unsupported(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ("storage", storage_type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise _Unsupported(f"persistent id {pid!r:.60}")
+        if f"{self._prefix}data/{pid[2]}" not in self._records:
+            raise CheckpointError(f"tensor data record {pid[2]!r} is missing from the archive")
+        return pid[1].dtype
+
+
+def _read_metas(p: Path) -> Any:
+    """The unpickled payload with TensorMeta for tensors, or None where torch.load must decide."""
+    with open(p, "rb") as f:
+        if f.read(4) != _ZIP_MAGIC:
+            return None  # legacy format or not a torch file: torch.load gives the verdict
     try:
-        obj = torch.load(p, map_location="cpu", mmap=mmap, weights_only=True)
-    except RuntimeError as e:
-        if mmap and "mmap" in str(e):  # legacy (pre-zip) torch.save format cannot be mapped
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        else:
-            raise CheckpointError(f"{p}: cannot read as a torch checkpoint ({str(e).splitlines()[0]}); "
-                                  f"the file may be truncated or corrupt: download or save it again") from None
-    except Exception as e:  # pickle errors, EOF, weights_only refusals
-        raise CheckpointError(f"{p}: cannot read as a torch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); the file may be truncated or not a "
-                              f"state dict") from None
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{p}: found a {type(obj).__name__}, expected a state dict (key -> tensor) "
-                              f"saved with torch.save(model.state_dict())")
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
-        raise CheckpointError(f"{p}: key {bad!r} is not a tensor; expected a plain state dict "
-                              f"(is this a training-state file? use its 'model' entry)")
-    return strip_prefix(obj)
+        with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+            pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkls) != 1:
+                return None
+            data = zf.read(pkls[0])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: cannot read as a torch checkpoint ({type(e).__name__}: {_first_line(e)}); "
+                              f"it is a torch zip archive but cannot be read, so it is probably truncated or "
+                              f"corrupt (an incomplete download or an interrupted save): download or save it "
+                              f"again") from None
+    prefix = pkls[0][: -len("data.pkl")]
+    try:
+        return _ShapeUnpickler(data, set(names), prefix).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{p}: corrupt torch archive: {e}; download or save it again") from None
+    except _Unsupported:
+        return None
+    except Exception:  # malformed pickle: let torch.load produce its verdict
+        return None
+
+
+def read_shapes(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str], str]:
+    """({key: shape}, {key: dtype name}, stripped prefix) of a checkpoint, without reading tensor data.
+
+    Needs no torch for files written by ``torch.save`` (zip format); falls back to a
+    memory-mapped ``torch.load`` for anything else.
+    """
+    p = _check_path(path)
+    obj = _read_metas(p)
+    if obj is None:
+        sd, prefix = load_state_dict(p, mmap=True)
+        return ({k: tuple(v.shape) for k, v in sd.items()},
+                {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}, prefix)
+    sd, prefix = strip_prefix(_check_state_dict(p, obj, lambda v: isinstance(v, TensorMeta)))
+    return {k: v.shape for k, v in sd.items()}, {k: v.dtype for k, v in sd.items()}, prefix
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int, source: str) -> tuple[int, ...]:
+    shape = tuple(shapes[key])
+    if len(shape) != ndim or any(d <= 0 for d in shape):
+        raise CheckpointError(f"{source}: inconsistent RWKV-7 state dict: {key} has shape {list(shape)}, "
+                              f"expected {ndim} positive dims; the file is damaged or not an RWKV-7 model")
+    return shape
 
 
 def detect(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | None = None,
@@ -143,18 +317,28 @@ def detect(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | No
     if missing:
         raise CheckpointError(f"{source}: not an RWKV-7 state dict: missing {', '.join(missing)} "
                               f"(found {len(shapes)} keys, e.g. {', '.join(list(shapes)[:3]) or 'none'})")
-    V, C = shapes["emb.weight"]
-    H, N = shapes["blocks.0.att.r_k"]
+    V, C = _shape(shapes, "emb.weight", 2, source)
+    H, N = _shape(shapes, "blocks.0.att.r_k", 2, source)
+    if H * N != C:
+        raise CheckpointError(f"{source}: inconsistent RWKV-7 state dict: blocks.0.att.r_k is [{H}, {N}] but "
+                              f"emb.weight has n_embd={C}; expected n_head * head_size == n_embd")
     layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     L = max(layers) + 1
     if layers != set(range(L)):
         gaps = sorted(set(range(L)) - layers)
         raise CheckpointError(f"{source}: blocks {gaps} missing (largest block index {L - 1}); the file is incomplete")
     has_v0 = "blocks.0.att.v1" in shapes
-    v_layer = 1 if L > 1 else 0
-    mv_key = f"blocks.{v_layer}.att.v1"
-    if mv_key not in shapes:
-        raise CheckpointError(f"{source}: missing {mv_key} (value-residual low-rank), expected in RWKV-7 layers >= 1")
+    mv_key = "blocks.1.att.v1" if L > 1 else "blocks.0.att.v1"
+    if mv_key not in shapes and L > 1:
+        raise CheckpointError(f"{source}: not a complete RWKV-7 state dict: missing {mv_key} (value-residual "
+                              f"low-rank projection, present in every layer >= 1)")
+    dims = {name: _shape(shapes, key, 2, source)[1] for name, key in (
+        ("dim_att_lora", "blocks.0.att.w1"), ("dim_aaa_lora", "blocks.0.att.a1"),
+        ("dim_mv_lora", mv_key), ("dim_gate_lora", "blocks.0.att.g1")) if key in shapes}
+    if "dim_mv_lora" not in dims:
+        # One layer and no layer-0 v1: no tensor has this dim. Use the reference trainer's formula
+        # (1.3 sqrt(C), rounded to a multiple of 32, minimum 32); any value fits this file.
+        dims["dim_mv_lora"] = max(32, round(1.3 * math.sqrt(C) / 32) * 32)
     info = CheckpointInfo(
         path=source,
         n_layer=L,
@@ -162,20 +346,19 @@ def detect(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | No
         vocab_size=V,
         head_size_a=N,
         n_head=H,
-        dim_att_lora=shapes["blocks.0.att.w1"][1],
-        dim_aaa_lora=shapes["blocks.0.att.a1"][1],
-        dim_mv_lora=shapes[mv_key][1],
-        dim_gate_lora=shapes["blocks.0.att.g1"][1],
-        dim_ffn=shapes["blocks.0.ffn.key.weight"][0],
+        dim_ffn=_shape(shapes, "blocks.0.ffn.key.weight", 2, source)[0],
         n_params=sum(math.prod(s) for s in shapes.values()),
         dtype=_main_dtype(dtypes or {}),
         has_layer0_v=has_v0,
         key_prefix=key_prefix,
+        **dims,
     )
-    if H * N != C:
-        raise CheckpointError(f"{source}: r_k is [{H}, {N}] but emb.weight has n_embd={C}; expected H*N == n_embd")
     # Every other key must have exactly the shape these dims imply.
-    cfg = _bare_config(info)
+    try:
+        cfg = _bare_config(info)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: implausible RWKV-7 dims ({str(e).split(': ', 1)[-1]}); "
+                              f"the file is damaged or not an RWKV-7 model") from None
     problems = compare_shapes(cfg.param_shapes(layer0_v=has_v0), shapes)
     extra = [p for p in problems if p[1] is None]
     real = [p for p in problems if p[1] is not None]
@@ -187,9 +370,7 @@ def detect(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | No
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """Detect every dimension of the checkpoint at ``path`` without reading tensor data."""
-    sd, prefix = load_state_dict(path, mmap=True)
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}
+    shapes, dtypes, prefix = read_shapes(path)
     return detect(shapes, dtypes, source=str(Path(path).resolve()), key_prefix=prefix)
 
 
@@ -225,20 +406,66 @@ def compare_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, 
     return out
 
 
-def format_mismatches(problems: list[tuple[str, tuple | None, tuple | None]], limit: int = 12) -> str:
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, run = [], [layers[0]]
+    for i in layers[1:]:
+        if i == run[-1] + 1:
+            run.append(i)
+        else:
+            out.append(run)
+            run = [i]
+    out.append(run)
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in out)
+
+
+def format_mismatches(problems: list[tuple[str, tuple | None, tuple | None]], limit: int = 24) -> str:
+    """One line for a list of (key, expected, found): equal problems across layers are merged
+    (``blocks.0-23.att.w1: expected [2048, 96], found [2048, 64]``), whole missing or unexpected
+    layers become one entry, and at most ``limit`` entries are shown (the rest counted)."""
+    per_layer: dict[int, list] = {}
+    for key, exp, got in problems:
+        m = re.match(r"blocks\.(\d+)\.", key)
+        if m:
+            per_layer.setdefault(int(m.group(1)), []).append((exp, got))
+    # Layers whose every problem is "missing" (or every one "unexpected") are reported whole.
+    whole: dict[str, list[int]] = {"missing": [], "unexpected": []}
+    for layer, items in per_layer.items():
+        if len(items) >= 8 and all(g is None for _, g in items):
+            whole["missing"].append(layer)
+        elif len(items) >= 8 and all(e is None for e, _ in items):
+            whole["unexpected"].append(layer)
+    skip = set(whole["missing"]) | set(whole["unexpected"])
+
+    groups: dict[tuple, list[int | None]] = {}
+    for key, exp, got in problems:
+        m = re.match(r"blocks\.(\d+)\.(.*)", key)
+        if m and int(m.group(1)) in skip:
+            continue
+        pattern, layer = (("blocks.{}." + m.group(2)), int(m.group(1))) if m else (key, None)
+        groups.setdefault((pattern, exp, got), []).append(layer)
     parts = []
-    for key, exp, got in problems[:limit]:
+    for kind, layers in whole.items():
+        if layers:
+            parts.append(f"blocks.{_layer_ranges(sorted(layers))}: {kind} (whole layer"
+                         f"{'s' if len(layers) > 1 else ''})")
+    for (pattern, exp, got), layers in groups.items():
+        key = pattern.format(_layer_ranges(sorted(layers))) if layers[0] is not None else pattern
         if got is None:
             parts.append(f"{key}: missing (expected {list(exp)})")
         elif exp is None:
             parts.append(f"{key}: unexpected key (shape {list(got)})")
         else:
             parts.append(f"{key}: expected {list(exp)}, found {list(got)}")
-    more = f"; ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return "; ".join(parts) + more
+    more = f"; ... and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
 
 
 LAYER0_V = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+# Config fields that decide tensor shapes (what a checkpoint can confirm or contradict).
+SHAPE_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size_a", "dim_att_lora", "dim_aaa_lora", "dim_mv_lora",
+                "dim_gate_lora", "dim_ffn")
 
 
 def check_config_against(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> list:
@@ -246,32 +473,47 @@ def check_config_against(config: ModelConfig, shapes: Mapping[str, tuple[int, ..
     return compare_shapes(config.param_shapes(layer0_v=True), shapes, optional=LAYER0_V)
 
 
+def compare_config(config: ModelConfig, info: CheckpointInfo) -> list[tuple[str, int, int]]:
+    """Every (field, config value, detected value) that differs between a config and a checkpoint."""
+    return [(f, getattr(config, f), getattr(info, f)) for f in SHAPE_FIELDS if getattr(config, f) != getattr(info, f)]
+
+
 def matching_registry_entry(info: CheckpointInfo) -> str | None:
     """Name of the registry entry whose dims equal the checkpoint's, or None."""
-    dims = ("n_layer", "n_embd", "vocab_size", "head_size_a", "dim_att_lora", "dim_aaa_lora", "dim_mv_lora",
-            "dim_gate_lora", "dim_ffn")
     for name in list_available_models():
         try:
             cfg = ModelConfig.from_name(name)
         except Exception:  # a broken user config must not break detection; `models check` reports it
             continue
-        if all(getattr(cfg, d) == getattr(info, d) for d in dims):
+        if all(getattr(cfg, d) == getattr(info, d) for d in SHAPE_FIELDS):
             return name
     return None
 
 
 def mismatch_error(config: ModelConfig, path: str, shapes: Mapping[str, tuple[int, ...]],
                    info: CheckpointInfo | None = None) -> CheckpointError:
-    """The error for 'this file does not fit this config': every key, and the entry that does fit."""
+    """The error for 'this file does not fit this config': every differing dim and tensor key
+    (expected = config, found = file), and the registry entry that does fit, if any."""
     problems = check_config_against(config, shapes)
     if info is None:
         try:
             info = detect(shapes, source=path)
         except CheckpointError:
             info = None
+    source = f" (from {config.config_path})" if config.config_path else ""
+    fields = ""
+    if info is not None:
+        diffs = compare_config(config, info)
+        if diffs:
+            fields = "dims: " + "; ".join(f"{f}: expected {e}, found {g}" for f, e, g in diffs) + ". "
     match = matching_registry_entry(info) if info else None
-    hint = (f" The file matches registry entry {match!r}: use --model {match} or load it by path."
-            if match else " Load the file by path (dims are detected from it) or create a config with "
-                          "`rwkvtune models new`.")
-    return CheckpointError(f"{path} does not fit config {config.model_name!r} ({len(problems)} mismatch(es)): "
-                           f"{format_mismatches(problems)}.{hint}")
+    if match:
+        hint = (f" The file matches registry entry {match!r}: use that config "
+                f"(load_model_config({match!r}), `rwkvtune models show {match}`) or load the file by path.")
+    else:
+        hint = (" No registry entry matches the file: load it by path (dims are detected from it) or create a "
+                "config with `rwkvtune models new CHECKPOINT --name NAME`.")
+    # When the dims already explain the difference, a few tensor keys illustrate it; else list them all.
+    shown = format_mismatches(problems, limit=6 if fields else 24)
+    return CheckpointError(f"{path} does not fit config {config.model_name!r}{source}: {fields}"
+                           f"{len(problems)} tensor mismatch(es): {shown}.{hint}")

@@ -87,7 +87,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 
 def models_dir() -> Path:
     """Directory where release ``.pth`` files live (``$RWKVTUNE_MODEL_DIR`` or ``~/.rwkvtune/models``)."""
-    return Path(os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR).expanduser()
+    return Path(os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR).expanduser().absolute()
 
 
 @dataclasses.dataclass
@@ -187,11 +187,11 @@ class ModelConfig:
         key = _registry_key(name)
         if key not in available:
             close = difflib.get_close_matches(key, list(available), n=1, cutoff=0.3)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = f" Closest: {close[0]!r}." if close else ""
             raise ConfigError(
-                f"unknown model {name!r}.{hint} Available: {', '.join(available)}. "
+                f"unknown model {name!r}.{hint} Available: {', '.join(available) or 'none'}. "
                 f"Pass a registry name, a .json config or a .pth checkpoint path "
-                f"(add your own configs with {CONFIG_PATH_ENV})."
+                f"(add your own configs to a directory listed in {CONFIG_PATH_ENV})."
             )
         return cls.from_file(available[key])
 
@@ -270,6 +270,7 @@ class ModelConfig:
 
 
 def _registry_key(name: str) -> str:
+    """Registry key of a name or config file name: lower case, without ``.json`` and ``rwkv7-``."""
     key = name.strip().lower()
     if key.endswith(".json"):
         key = key[:-5]
@@ -285,10 +286,16 @@ def _is_type(value: Any, typ: type) -> bool:
 
 
 def validate_config_dict(raw: Any) -> list[str]:
-    """All problems of a registry-format dict, each as 'field: found X, expected Y'."""
+    """All problems of a registry-format dict, each as 'field: found X, expected Y'.
+
+    Type, missing-field, unknown-field and value problems are all collected (a wrongly typed
+    field is only left out of the value checks), so one run shows everything to fix.
+    """
     if not isinstance(raw, dict):
         return [f"top level: found {type(raw).__name__}, expected a JSON object"]
     problems: list[str] = []
+    flat: dict[str, Any] = {}  # well-typed values, for the value checks
+    names: dict[str, str] = {}  # field -> qualified name used in messages
     for section, fields in _SCHEMA.items():
         data = raw if section == "" else raw.get(section)
         if section and not isinstance(data, dict):
@@ -305,60 +312,106 @@ def validate_config_dict(raw: Any) -> list[str]:
                     problems.append(f"{prefix}{key}: missing, expected {typ.__name__}")
                 continue
             if not _is_type(data[key], typ):
-                problems.append(f"{prefix}{key}: found {data[key]!r} ({type(data[key]).__name__}), expected {typ.__name__}")
-    if problems:
-        return problems
-    flat = {**raw["architecture"], **raw["lora_dims"], **raw.get("training", {})}
-    flat["architecture_version"] = raw.get("architecture_version", ARCHITECTURE_VERSION)
-    return _check_values(flat)
+                problems.append(f"{prefix}{key}: found {data[key]!r} ({type(data[key]).__name__}), "
+                                f"expected {typ.__name__}")
+            elif typ is not dict:
+                flat[key] = data[key]
+                names[key] = prefix + key
+    return problems + _check_values(flat, names)
 
 
-def _check_values(flat: dict[str, Any]) -> list[str]:
+def _fmt_bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _check_values(flat: dict[str, Any], names: dict[str, str] | None = None) -> list[str]:
+    """Range and consistency problems of well-typed values; ``names`` gives qualified field names."""
+    names = names or {}
     problems = []
     for key, (lo, hi) in _RANGES.items():
         value = flat.get(key)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not lo <= value <= hi:
-            problems.append(f"{key}: found {value}, expected {lo:g} <= {key} <= {hi:g}")
+            kind = "a positive number" if key == "recommended_lr" else "a positive integer"
+            problems.append(f"{names.get(key, key)}: found {value!r}, expected {kind} in "
+                            f"{_fmt_bound(lo)}..{_fmt_bound(hi)}")
     C, N = flat.get("n_embd"), flat.get("head_size_a")
-    if isinstance(C, int) and isinstance(N, int) and N > 0 and C % N:
-        problems.append(f"n_embd: found {C}, expected a multiple of head_size_a={N}")
+    if (isinstance(C, int) and isinstance(N, int) and not isinstance(C, bool) and not isinstance(N, bool)
+            and C > 0 and N > 0 and C % N):
+        problems.append(f"{names.get('n_embd', 'n_embd')}: found {C}, expected a multiple of head_size_a={N} "
+                        f"(n_head = n_embd / head_size_a must be a whole number)")
     version = flat.get("architecture_version", ARCHITECTURE_VERSION)
     if version != ARCHITECTURE_VERSION:
-        problems.append(f"architecture_version: found {version!r}, expected {ARCHITECTURE_VERSION!r} (only RWKV-7 is supported)")
+        problems.append(f"architecture_version: found {version!r}, expected {ARCHITECTURE_VERSION!r} "
+                        f"(only RWKV-7 is supported)")
     return problems
 
 
 def config_dirs() -> list[Path]:
     """Directories searched for configs: ``$RWKVTUNE_CONFIG_PATH`` entries first, then the package's."""
-    extra = [Path(p).expanduser() for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
+    extra = [Path(p).expanduser() for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p.strip()]
     return extra + [PACKAGE_MODELS_DIR]
 
 
+def all_config_files() -> list[tuple[str, str, str | None]]:
+    """Every config JSON in reach as (registry key, path, path of the file that shadows it or None).
+
+    Unlike :func:`list_available_models` this keeps configs hidden by an equal name in an
+    earlier directory, so ``rwkvtune models check`` can validate them too.
+    """
+    winners = list_available_models()
+    out = []
+    for directory in config_dirs():
+        if not directory.is_dir():
+            continue
+        for f in sorted(directory.glob("*.json"), key=lambda f: _size_key(_registry_key(f.name))):
+            key = _registry_key(f.name)
+            winner = winners.get(key)
+            out.append((key, str(f), None if winner == str(f) else winner))
+    return out
+
+
+def _size_key(key: str) -> tuple[float, str]:
+    """Sort registry keys by the size in their name ("0.1b" < "13.3b"), other names last."""
+    try:
+        size = float(key[:-1]) if key.endswith("b") else math.inf
+    except ValueError:
+        size = math.inf
+    return (size if math.isfinite(size) else math.inf), key
+
+
 def list_available_models() -> dict[str, str]:
-    """Registry names mapped to their config file paths, sorted by model size."""
+    """Registry names mapped to their config file paths, sorted by model size.
+
+    The package's configs plus every ``*.json`` in the ``$RWKVTUNE_CONFIG_PATH`` directories;
+    on equal names the first directory of ``$RWKVTUNE_CONFIG_PATH`` wins, and any user directory
+    wins over the package.
+    """
     found: dict[str, str] = {}
     for directory in reversed(config_dirs()):  # package first, so user dirs override equal names
         if not directory.is_dir():
             continue
         for f in sorted(directory.glob("*.json")):
             found[_registry_key(f.name)] = str(f)
+    return dict(sorted(found.items(), key=lambda item: _size_key(item[0])))
 
-    def size_key(item: tuple[str, str]) -> tuple[float, str]:
-        try:
-            return float(item[0].rstrip("b")), item[0]
-        except ValueError:
-            return math.inf, item[0]
 
-    return dict(sorted(found.items(), key=size_key))
+_CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 
 def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
-    """A registry name, a ``.json`` config path or a ``.pth`` checkpoint path -> ModelConfig."""
-    s = str(name_or_path)
-    if s.endswith(".pth") or s.endswith(".pt"):
+    """A registry name, a ``.json`` config path or a ``.pth`` checkpoint path -> ModelConfig.
+
+    Names are case-insensitive, with or without the ``rwkv7-`` prefix ("1.5b", "1.5B",
+    "rwkv7-1.5b"). A checkpoint's dimensions are detected from its tensor shapes.
+    """
+    s = os.fspath(name_or_path)
+    if not isinstance(s, str):
+        raise ConfigError(f"expected a model name or path as str, found {type(s).__name__}")
+    low = s.strip().lower()
+    if low.endswith(_CHECKPOINT_SUFFIXES):
         return ModelConfig.from_checkpoint(s)
-    if s.endswith(".json") and (os.sep in s or Path(s).exists()):
+    if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):
         return ModelConfig.from_file(s)
     return ModelConfig.from_name(s)

@@ -1,0 +1,294 @@
+"""Handlers of ``rwkvtune models [list|show|new|check]`` and ``rwkvtune inspect``.
+
+Imported lazily by :mod:`rwkvtune.cli`. Listing and showing configs needs only the standard
+library; torch is imported (by :mod:`rwkvtune.configs.checkpoint`) only when a checkpoint is read.
+Handlers return an exit status and raise :class:`rwkvtune.errors.RwkvtuneError` for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from rwkvtune.configs.model_loader import (
+    CONFIG_PATH_ENV,
+    MODEL_DIR_ENV,
+    PACKAGE_MODELS_DIR,
+    ModelConfig,
+    _registry_key,
+    all_config_files,
+    config_dirs,
+    list_available_models,
+    load_model_config,
+    models_dir,
+)
+from rwkvtune.errors import ConfigError, RwkvtuneError
+
+# What each low-rank dim is (they are RWKV-7's own projections, not PEFT LoRA adapters).
+DIM_NOTES = {
+    "dim_att_lora": "w1/w2: decay",
+    "dim_aaa_lora": "a1/a2: in-context learning rate",
+    "dim_mv_lora": "v1/v2: value residual, layers >= 1",
+    "dim_gate_lora": "g1/g2: output gate",
+}
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _present(cfg: ModelConfig) -> bool:
+    return bool(cfg.model_path) and Path(cfg.model_path).is_file()
+
+
+# ---- models list ---------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = [["NAME", "MODEL", "LAYERS", "WIDTH", "PARAMS", "MODEL FILE", "PRESENT"]]
+    broken = []
+    for key, path in list_available_models().items():
+        try:
+            cfg = ModelConfig.from_file(path)
+        except RwkvtuneError:
+            broken.append(key)
+            rows.append([key, "(invalid config)", "-", "-", "-", path, "-"])
+            continue
+        rows.append([key, cfg.model_name, str(cfg.n_layer), str(cfg.n_embd), f"{cfg.n_params:,}",
+                     cfg.model_file or "-", "yes" if _present(cfg) else "no"])
+    print(_table(rows))
+    print()
+    env = "set" if os.environ.get(MODEL_DIR_ENV) else "not set, default"
+    print(f"models directory: {models_dir()} (${MODEL_DIR_ENV} {env})")
+    user_dirs = [str(d) for d in config_dirs() if d != PACKAGE_MODELS_DIR]
+    print(f"config directories: {', '.join(user_dirs + [str(PACKAGE_MODELS_DIR)])}"
+          + ("" if user_dirs else f" (add yours with ${CONFIG_PATH_ENV})"))
+    if broken:
+        print(f"{len(broken)} invalid config(s): {', '.join(broken)}; run `rwkvtune models check` for details")
+    return 0
+
+
+# ---- models show ---------------------------------------------------------------------------
+
+
+def _config_record(cfg: ModelConfig, key: str | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": key}
+    rec.update(dataclasses.asdict(cfg))
+    rec["n_head"] = cfg.n_head
+    rec["n_params"] = cfg.n_params
+    rec["model_path"] = cfg.model_path
+    rec["model_present"] = _present(cfg)
+    return rec
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cfg = load_model_config(args.name)
+    low = args.name.strip().lower()
+    key = None if low.endswith((".json", ".pth", ".pt")) and Path(args.name).exists() else _registry_key(args.name)
+    rec = _config_record(cfg, key)
+    if args.json:
+        print(json.dumps(rec, indent=2))
+        return 0
+    order = ["name", "model_name", "description", "architecture_version", "n_layer", "n_embd", "n_head",
+             "head_size_a", "vocab_size", "ctx_len", "dim_ffn", "dim_att_lora", "dim_aaa_lora", "dim_mv_lora",
+             "dim_gate_lora", "n_params", "recommended_ctx_len", "recommended_batch_size", "recommended_lr",
+             "model_file", "model_path", "config_path"]
+    width = max(map(len, order)) + 1
+    for field in order:
+        value = rec[field]
+        if field == "name" and value is None:
+            continue
+        text = "" if value is None else str(value)
+        if field == "n_params":
+            text = f"{value:,} ({_human(value)})"
+        elif field in DIM_NOTES:
+            text = f"{value}  ({DIM_NOTES[field]})"
+        elif field == "model_path" and value:
+            text = f"{value}  ({'present' if rec['model_present'] else 'not present'})"
+        print(f"{field + ':':<{width}} {text}")
+    return 0
+
+
+# ---- inspect -------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rwkvtune.configs.checkpoint import inspect_checkpoint, matching_registry_entry
+
+    info = inspect_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(info.summary(), indent=2))
+        return 0
+    summary = info.summary()
+    width = max(map(len, summary)) + 1
+    print(f"{'checkpoint:':<{width}} {info.path}")
+    for field, value in summary.items():
+        text = str(value)
+        if field == "n_params":
+            text = f"{value:,} ({_human(value)})"
+        elif field in DIM_NOTES:
+            text = f"{value}  ({DIM_NOTES[field]})"
+        elif field == "has_layer0_v":
+            text = "yes (blocks.0.att.v0/v1/v2 present)" if value else "no (blocks.0.att.v0/v1/v2 absent; fine)"
+        print(f"{field + ':':<{width}} {text}")
+    if info.key_prefix:
+        print(f"{'key prefix:':<{width}} {info.key_prefix!r} on every key (stripped)")
+    if info.extra_keys:
+        more = f" ... (+{len(info.extra_keys) - 5})" if len(info.extra_keys) > 5 else ""
+        print(f"{'extra keys:':<{width}} {', '.join(info.extra_keys[:5])}{more} (not RWKV-7 weights; ignored)")
+    match = matching_registry_entry(info)
+    if match:
+        print(f"registry entry: {match} ({list_available_models()[match]})")
+    else:
+        print(f"registry entry: none matches; write one with: rwkvtune models new {args.checkpoint} --name NAME")
+    return 0
+
+
+# ---- models new ----------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from rwkvtune.configs.checkpoint import SHAPE_FIELDS, inspect_checkpoint, matching_registry_entry
+
+    name = args.name.strip()
+    if name.lower().startswith("rwkv7-"):
+        name = name[len("rwkv7-"):]
+    if not _NAME_RE.match(name) or name.lower().endswith(".json"):
+        raise ConfigError(f"--name {args.name!r}: expected letters, digits and . _ + - (it becomes the file name "
+                          f"rwkv7-NAME.json), e.g. --name my-1.5b")
+    if args.output:
+        out = Path(args.output).expanduser()
+        if out.suffix.lower() != ".json":
+            raise ConfigError(f"-o {args.output}: expected a file name ending in .json")
+    else:
+        user_dirs = [d for d in config_dirs() if d != PACKAGE_MODELS_DIR]
+        out = (user_dirs[0] if user_dirs else Path.cwd()) / f"rwkv7-{name}.json"
+    out = out.absolute()
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} already exists; pass --force to overwrite it or -o FILE to write elsewhere")
+
+    info = inspect_checkpoint(args.checkpoint)
+    given = Path(args.checkpoint).expanduser()
+    in_models_dir = _same_dir(given.parent, models_dir())
+    cfg = info.to_config(name=f"RWKV7-{name}")
+    cfg.model_file = given.name if in_models_dir else str(given.absolute())
+    match = matching_registry_entry(info)
+    cfg.description = f"RWKV-7 model detected from {given.name} by `rwkvtune models new`" + (
+        f" (same dims as registry entry {match!r})" if match else "")
+    try:
+        cfg.save(out)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot write the config ({e.strerror or e}); choose another place with -o FILE") from None
+
+    # Round trip: the file must load and describe the same model.
+    back = ModelConfig.from_file(out)
+    diffs = [f for f in SHAPE_FIELDS if getattr(back, f) != getattr(info, f)]
+    if diffs:  # would be a bug in to_dict/from_dict
+        raise ConfigError(f"{out}: written config does not round-trip ({', '.join(diffs)}); please report this")
+
+    key = _registry_key(out.name)
+    print(f"wrote {out}")
+    print(f"  {back.model_name}: {back.n_layer} layers, n_embd {back.n_embd}, {back.n_params:,} params "
+          f"({_human(back.n_params)}), dims w/a/v/g = {back.dim_att_lora}/{back.dim_aaa_lora}/"
+          f"{back.dim_mv_lora}/{back.dim_gate_lora}")
+    if in_models_dir:
+        print(f"  model_file: {cfg.model_file} (in the models directory {models_dir()})")
+    else:
+        print(f"  model_file: {cfg.model_file} (absolute: the file is outside the models directory "
+              f"{models_dir()})")
+    on_path = any(_same_dir(out.parent, d) for d in config_dirs() if d != PACKAGE_MODELS_DIR)
+    if on_path:
+        print(f"  its directory is on ${CONFIG_PATH_ENV}: load it by name with load_model_config({key!r}) "
+              f"or `rwkvtune models show {key}`")
+    else:
+        print(f"  load it by path: load_model_config({str(out)!r})")
+        print(f"  to load it by name ({key!r}), add its directory to ${CONFIG_PATH_ENV} "
+              f"({os.pathsep!r}-separated), e.g.: export {CONFIG_PATH_ENV}={out.parent}")
+    if (PACKAGE_MODELS_DIR / f"rwkv7-{key}.json").exists():
+        print(f"  note: while its directory is on ${CONFIG_PATH_ENV} it overrides the package's entry {key!r}")
+    return 0
+
+
+# ---- models check --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CheckResult:
+    key: str
+    path: str
+    ok: bool
+    detail: str
+    compared: bool = False  # a model file was present and compared
+
+
+def check_one(path: str) -> tuple[ModelConfig | None, bool, str, bool]:
+    """(config or None, ok, detail, model file compared) for one config file."""
+    from rwkvtune.errors import CheckpointError
+
+    try:
+        cfg = ModelConfig.from_file(path)
+    except RwkvtuneError as e:
+        return None, False, str(e), False
+    dims = f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, {_human(cfg.n_params)} params"
+    if not cfg.model_file:
+        return cfg, True, f"{dims}; no model_file", False
+    if not _present(cfg):
+        return cfg, True, f"{dims}; model file not present ({cfg.model_path}), shape check skipped", False
+    from rwkvtune.configs.checkpoint import check_config_against, mismatch_error, read_shapes
+
+    try:
+        shapes, _, _ = read_shapes(cfg.model_path)
+    except CheckpointError as e:
+        return cfg, False, f"{path}: model file unreadable: {e}", True
+    if check_config_against(cfg, shapes):
+        return cfg, False, str(mismatch_error(cfg, cfg.model_path, shapes)), True
+    return cfg, True, f"{dims}; matches model file {cfg.model_path}", True
+
+
+def check_all() -> tuple[list[CheckResult], list[str]]:
+    """Check every config in reach; returns (results, warnings)."""
+    warnings = [f"${CONFIG_PATH_ENV} entry {d} is not a directory (ignored)"
+                for d in config_dirs() if d != PACKAGE_MODELS_DIR and not d.is_dir()]
+    results = []
+    for key, path, shadowed_by in all_config_files():
+        _, ok, detail, compared = check_one(path)
+        if shadowed_by:
+            detail += f" [shadowed by {shadowed_by}]"
+        results.append(CheckResult(key, path, ok, detail, compared))
+    return results, warnings
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    results, warnings = check_all()
+    for w in warnings:
+        print(f"WARN  {w}")
+    width = max([len(r.key) for r in results] + [4])
+    for r in results:
+        status = "OK" if r.ok else "FAIL"
+        detail = " ".join(r.detail.split())
+        where = f"{r.path}: " if r.ok else ""
+        print(f"{status:<4}  {r.key:<{width}}  {where}{detail}")
+    bad = sum(not r.ok for r in results)
+    compared = sum(r.compared for r in results)
+    print(f"{len(results)} config(s) checked: {len(results) - bad} OK, {bad} with problems; "
+          f"{compared} compared with a model file (models directory: {models_dir()})")
+    return 1 if bad else 0
