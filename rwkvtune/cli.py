@@ -114,10 +114,9 @@ COMMANDS: list[Command] = [
             _inspect_arguments,
             "Detect every dimension of an RWKV-7 .pth from its tensor shapes, without loading tensor data, "
             "and name the registry entry it matches."),
-    # Command("generate", "generate text (streams; chat mode with --chat)", "rwkvtune.generate_cli:run",
-    #         "rwkvtune.generate_cli:add_arguments",
-    #         "Prefill the prompt in parallel, then decode token by token with the RNN state."),
-    #         (enabled once rwkvtune.generate_cli lands)
+    Command("generate", "generate text (streams; chat mode with --chat)", "rwkvtune.generate_cli:run",
+            "rwkvtune.generate_cli:add_arguments",
+            "Prefill the prompt in parallel, then decode token by token with the RNN state."),
     Command("train", "fine-tune or pretrain (full, LoRA or state tuning)", f"{_TRAIN}:run_train",
             f"{_TRAIN}:add_train_arguments",
             "Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "

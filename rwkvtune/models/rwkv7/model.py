@@ -238,11 +238,12 @@ class RWKV7(nn.Module):
                 raise ModelInputError(f"state is on {state.wkv.device} but the model is on {dev}")
 
     def forward(self, idx: torch.Tensor, state: RWKV7State | None = None, return_state: bool = False,
-                wkv_init: torch.Tensor | None = None):
+                wkv_init: torch.Tensor | None = None, last_only: bool = False):
         """Logits [B, T, V]; with ``return_state=True`` also the state after the last token.
 
         ``wkv_init`` [L, H, N, N] or [L, B, H, N, N]: a (trainable) initial WKV state used when
-        ``state`` is None (state tuning).
+        ``state`` is None (state tuning). ``last_only=True``: logits of the last position only,
+        [B, 1, V] (prefill for generation: skips the head over the prompt, a V x C matmul per token).
         """
         self._check_inputs(idx, state)
         x = self.emb(idx)
@@ -267,6 +268,8 @@ class RWKV7(nn.Module):
                 att_last.append(a_l)
                 wkv_last.append(w_l)
                 ffn_last.append(f_l)
+        if last_only:
+            x = x[:, -1:]
         logits = self.head(self.ln_out(x))
         if not return_state:
             return logits

@@ -1,0 +1,339 @@
+"""CPU benchmark of rwkvtune's RWKV-7 against the machine's matmul speed and the `rwkv` package.
+
+Usage: python bench/bench_cpu.py [--quick] [--threads N] [--runs R] [--profile]
+
+Model: the 0.1B shape (L12, C768, head 64, D_DECAY/D_AAA/D_MV/D_GATE 64/64/32/128, V 65536),
+random weights scaled like a trained model (tests/helpers.py), written once to a temporary
+bf16 ``.pth`` so rwkvtune and the `rwkv` package (0.8.x, "cpu fp32") run the same file. Both
+compute in fp32.
+
+Every measurement runs in its own subprocess (so its peak RSS is its own), warms up first and
+reports the median of ``--runs`` timed runs (at most 2 for the `rwkv` package's slow prefill):
+  1. fp32 matmul GFLOP/s for several shapes (best sustained = max over shapes of the median);
+  2. training forward + backward (cross-entropy, no optimizer) at B=1, T=512, vs the bound
+     matmul_GFLOP/s / (6 * non-embedding params) tokens/s;
+  3. no-grad prefill of T=512 tokens, each returning the state and the last position's logits;
+  4. decode: one token at a time with the state, after a 16-token prompt.
+rwkvtune runs as `rwkvtune generate` does: RWKV7.from_checkpoint, then
+rwkvtune.generate.prepare_for_decoding (same values, decode-friendly layout), prefill with
+last_only=True; the `rwkv` package runs forward(ids, state).
+This is a script that prints figures, not a test. It is sensitive to other processes sharing the
+cores; the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab=65536, d_decay=64, d_aaa=64, d_mv=32, d_gate=128)
+PROMPT_DECODE = 16
+
+
+def rss_mb() -> float:
+    """Peak RSS of this process so far, MB. /proc VmHWM belongs to this process's own address space;
+    ru_maxrss is the fallback (on Linux it can carry the parent's peak over fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ------------------------------------------------------------------------------------- workers
+def _timed(fn, runs: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def worker_matmul(a) -> dict:
+    import torch
+
+    shapes = [(512, 768, 768), (512, 768, 3072), (512, 3072, 768), (512, 768, 65536), (1024, 1024, 1024),
+              (2048, 2048, 2048)]
+    if a.quick:
+        shapes = [(512, 768, 768), (512, 768, 3072), (1024, 1024, 1024)]
+    res = {}
+    for m, k, n in shapes:
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        flop = 2.0 * m * k * n
+        torch.mm(x, w, out=out)
+        reps = max(2, int(0.3e9 * (1 if a.quick else 3) / flop) + 1)  # ~0.3-1 s per timing at 100 GFLOP/s
+
+        def fn():
+            for _ in range(reps):
+                torch.mm(x, w, out=out)
+        times = _timed(fn, max(3, a.runs))
+        res[f"{m}x{k} @ {k}x{n}"] = flop * reps / statistics.median(times) / 1e9
+    return {"gflops": res, "best": max(res.values())}
+
+
+def _load_rwkvtune(ckpt, inference=False):
+    """As `rwkvtune train` (inference=False) or `rwkvtune generate` (True) loads the model."""
+    import torch
+    from rwkvtune.models.rwkv7.model import RWKV7
+
+    model = RWKV7.from_checkpoint(ckpt, dtype=torch.float32)
+    if inference:
+        from rwkvtune.generate import prepare_for_decoding
+
+        prepare_for_decoding(model)
+    return model
+
+
+def _load_rwkv(ckpt):
+    os.environ["RWKV_V7_ON"] = "1"
+    from rwkv.model import RWKV
+
+    return RWKV(ckpt[:-4], "cpu fp32")
+
+
+def worker_train(a) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    model = _load_rwkvtune(a.ckpt).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_emb = model.emb.weight.numel()
+    V = model.config.vocab_size
+    idx = torch.randint(0, V, (1, a.T + 1), generator=torch.Generator().manual_seed(0))
+
+    def step(ids=idx):
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(idx[:, :65])  # warm-up on a short sequence, then one full step (median absorbs it)
+    times = _timed(step, a.runs)
+    prof = _profile(step) if a.profile else None
+    return {"seconds": times, "tok_s": a.T / statistics.median(times), "best_tok_s": a.T / min(times),
+            "params": n_params,
+            "non_emb_params": n_params - n_emb, "profile": prof}
+
+
+def worker_prefill(a) -> dict:
+    import torch
+
+    ids = torch.randint(0, 65536, (a.T,), generator=torch.Generator().manual_seed(1)).tolist()
+    runs = a.runs
+    if a.impl == "rwkv":
+        model = _load_rwkv(a.ckpt)
+
+        def fn(ids=ids):
+            model.forward(ids, None)  # last logits + state
+        runs = min(runs, 2)  # its per-token loop makes one T=512 prefill take ~30-60 s on 2 cores
+    else:
+        model = _load_rwkvtune(a.ckpt, inference=True)
+
+        def fn(ids=ids):
+            with torch.no_grad():
+                model(torch.tensor([ids]), return_state=True, last_only=True)
+    for _ in range(2):  # warm-up (TorchScript profiling runs, allocator) on a short prompt, same code path
+        fn(ids[:32])
+    times = _timed(fn, runs, warmup=0)
+    prof = _profile(fn) if a.profile else None
+    return {"seconds": times, "tok_s": a.T / statistics.median(times), "best_tok_s": a.T / min(times),
+            "profile": prof}
+
+
+def worker_decode(a) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 65536, (PROMPT_DECODE,), generator=g).tolist()
+    toks = torch.randint(0, 65536, (a.decode_tokens,), generator=g).tolist()
+    if a.impl == "rwkv":
+        model = _load_rwkv(a.ckpt)
+
+        def fn():
+            _, state = model.forward(prompt, None)
+            t = time.perf_counter()
+            for tok in toks:
+                _, state = model.forward([tok], state)
+            return time.perf_counter() - t
+    else:
+        model = _load_rwkvtune(a.ckpt, inference=True)
+
+        def fn():
+            with torch.no_grad():
+                _, state = model(torch.tensor([prompt]), return_state=True, last_only=True)
+                t = time.perf_counter()
+                for tok in toks:
+                    _, state = model(torch.tensor([[tok]]), state=state, return_state=True)
+                return time.perf_counter() - t
+    fn()  # warm-up
+    times = [fn() for _ in range(a.runs)]
+    prof = None
+    if a.profile:
+        prof = _profile(fn)
+    return {"seconds": times, "tok_s": a.decode_tokens / statistics.median(times),
+            "best_tok_s": a.decode_tokens / min(times), "profile": prof}
+
+
+def _profile(fn) -> str:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+
+
+WORKERS = {"matmul": worker_matmul, "train": worker_train, "prefill": worker_prefill, "decode": worker_decode}
+
+
+def run_worker(a) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    base = rss_mb()
+    out = WORKERS[a.worker](a)
+    out.update(rss_base_mb=base, rss_peak_mb=rss_mb(), threads=torch.get_num_threads())
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------------------------------- main
+def spawn(args, worker, impl="rwkvtune", ckpt="") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--impl", impl, "--ckpt", ckpt,
+           "--threads", str(args.threads), "--runs", str(args.runs), "--T", str(args.T),
+           "--decode-tokens", str(args.decode_tokens)] + (["--quick"] if args.quick else []) + \
+          (["--profile"] if args.profile else [])
+    env = dict(os.environ, RWKV_V7_ON="1", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"worker {worker}/{impl} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["wall"] = time.perf_counter() - t
+    return res
+
+
+def make_checkpoint(path: str) -> None:
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from helpers import make_state_dict
+
+    torch.save(make_state_dict(**SHAPE, dtype=torch.bfloat16, seed=0), path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller and shorter: T=128, 16 decode tokens, 2 runs")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per measurement (median reported)")
+    p.add_argument("--T", type=int, default=None, help="sequence length for training and prefill (default 512)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded one at a time (default 64)")
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler table per measurement")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="rwkvtune", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.runs = args.runs or (2 if args.quick else 3)
+    args.T = args.T or (128 if args.quick else 512)
+    args.decode_tokens = args.decode_tokens or (16 if args.quick else 64)
+    if args.worker:
+        return run_worker(args)
+
+    t_start = time.perf_counter()
+    import torch
+
+    print(f"rwkvtune CPU benchmark | torch {torch.__version__} | threads {args.threads} of {os.cpu_count()} cores | "
+          f"load average before {os.getloadavg()[0]:.2f} | runs {args.runs} (median) | fp32 compute")
+    print(f"model: 0.1B shape L{SHAPE['n_layer']} C{SHAPE['n_embd']} head {SHAPE['head_size']} dims "
+          f"{SHAPE['d_decay']}/{SHAPE['d_aaa']}/{SHAPE['d_mv']}/{SHAPE['d_gate']} V{SHAPE['vocab']}, random weights "
+          f"(bf16 file, loaded as fp32)")
+    with tempfile.TemporaryDirectory(prefix="rwkvtune-bench-") as tmp:
+        ckpt = os.path.join(tmp, "rwkv7-bench-0.1b.pth")
+        make_checkpoint(ckpt)
+        rows = []
+
+        mm = spawn(args, "matmul")
+        print("\n1. fp32 matmul (torch.mm, median of runs):")
+        for k, v in mm["gflops"].items():
+            print(f"   {k:>22}: {v:7.1f} GFLOP/s")
+        rate = mm["best"] * 1e9
+        print(f"   best sustained: {mm['best']:.1f} GFLOP/s")
+
+        tr = spawn(args, "train", ckpt=ckpt)
+        flop_tok = 6 * tr["non_emb_params"]
+        bound = rate / flop_tok
+        print(f"\n2. training forward+backward, B=1 T={args.T}, cross-entropy, no optimizer:")
+        print(f"   params {tr['params']:,}; non-embedding params = total - emb.weight = {tr['non_emb_params']:,} "
+              f"(head counted: it is a matmul)")
+        print(f"   bound = matmul rate / (6 x non-embedding params) = {mm['best']:.1f}e9 / {flop_tok / 1e9:.3f}e9 "
+              f"= {bound:.1f} tok/s")
+        print(f"   rwkvtune: {tr['tok_s']:.1f} tok/s = {tr['tok_s'] / bound:.2f} x bound (target >= 0.5); "
+              f"runs {_fmt(tr['seconds'])} s; best run {tr['best_tok_s']:.1f} tok/s = "
+              f"{tr['best_tok_s'] / bound:.2f} x bound")
+        rows.append(("train fwd+bwd T=%d" % args.T, tr, None))
+
+        pre = {impl: spawn(args, "prefill", impl, ckpt) for impl in ("rwkvtune", "rwkv")}
+        print(f"\n3. no-grad prefill, T={args.T} (state + last logits):")
+        for impl, r in pre.items():
+            print(f"   {impl:>8}: {r['tok_s']:8.1f} tok/s  runs {_fmt(r['seconds'])} s (best {r['best_tok_s']:.1f})")
+        pr = pre["rwkvtune"]["tok_s"] / pre["rwkv"]["tok_s"]
+        print(f"   ratio rwkvtune / rwkv = {pr:.2f}x (target >= 1.5x)")
+        rows.append((f"prefill T={args.T}", pre["rwkvtune"], pre["rwkv"]))
+
+        dec = {impl: spawn(args, "decode", impl, ckpt) for impl in ("rwkvtune", "rwkv")}
+        print(f"\n4. decode, {args.decode_tokens} tokens one at a time after a {PROMPT_DECODE}-token prompt:")
+        for impl, r in dec.items():
+            print(f"   {impl:>8}: {r['tok_s']:8.1f} tok/s  ({1000 / r['tok_s']:.1f} ms/token; runs {_fmt(r['seconds'])} s, "
+                  f"best {r['best_tok_s']:.1f} tok/s)")
+        dr = dec["rwkvtune"]["tok_s"] / dec["rwkv"]["tok_s"]
+        print(f"   ratio rwkvtune / rwkv = {dr:.2f}x (target >= 1.0x)")
+        rows.append((f"decode {args.decode_tokens} tok", dec["rwkvtune"], dec["rwkv"]))
+
+        print("\n5. peak memory: peak RSS (VmHWM) of each measurement's own subprocess, after imports -> end, MB")
+        for name, a, b in rows:
+            line = f"   {name:<18} rwkvtune {a['rss_base_mb']:6.0f} -> {a['rss_peak_mb']:6.0f}"
+            if b:
+                line += f" | rwkv {b['rss_base_mb']:6.0f} -> {b['rss_peak_mb']:6.0f}"
+            print(line)
+
+        if args.profile:
+            for name, r in (("train", tr), ("prefill rwkvtune", pre["rwkvtune"]), ("prefill rwkv", pre["rwkv"]),
+                            ("decode rwkvtune", dec["rwkvtune"]), ("decode rwkv", dec["rwkv"])):
+                print(f"\n--- profile: {name}\n{r['profile']}")
+
+        print("\nSUMMARY (tokens/s; fp32; %d threads)" % args.threads)
+        print(f"{'measurement':<22}{'rwkvtune':>10}{'rwkv pkg':>10}{'ratio':>8}{'target':>10}"
+              f"{'peak RSS MB (ours/pkg)':>26}")
+        print(f"{'matmul GFLOP/s':<22}{mm['best']:>10.1f}{'':>10}{'':>8}{'':>10}{mm['rss_peak_mb']:>26.0f}")
+        print(f"{'train fwd+bwd':<22}{tr['tok_s']:>10.1f}{'':>10}{tr['tok_s'] / bound:>7.2f}b{'>= 0.5b':>10}"
+              f"{tr['rss_peak_mb']:>26.0f}")
+        print(f"{'prefill':<22}{pre['rwkvtune']['tok_s']:>10.1f}{pre['rwkv']['tok_s']:>10.1f}{pr:>7.2f}x"
+              f"{'>= 1.5x':>10}{pre['rwkvtune']['rss_peak_mb']:>19.0f} / {pre['rwkv']['rss_peak_mb']:.0f}")
+        print(f"{'decode':<22}{dec['rwkvtune']['tok_s']:>10.1f}{dec['rwkv']['tok_s']:>10.1f}{dr:>7.2f}x"
+              f"{'>= 1.0x':>10}{dec['rwkvtune']['rss_peak_mb']:>19.0f} / {dec['rwkv']['rss_peak_mb']:.0f}")
+        print(f"(b = fraction of the bound {bound:.1f} tok/s; load average after {os.getloadavg()[0]:.2f}; "
+              f"total {time.perf_counter() - t_start:.0f} s)")
+
+
+def _fmt(xs) -> str:
+    return "[" + ", ".join(f"{x:.2f}" for x in xs) + "]"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Generation: sampling maths, greedy exactness, stop strings, streaming, state tuning, chat, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import write_checkpoint
+from rwkvtune.generate import (GenerationError, GenerationStats, apply_penalties, chat, format_chat, generate,
+                               prepare_for_decoding, sample_logits, sampling_probs, stream_generate, update_counts)
+from rwkvtune.models.rwkv7.model import RWKV7, RWKV7State
+from rwkvtune.tokenizer import get_tokenizer
+
+V = 65536  # the World tokenizer's padded vocab, so real prompts fit the tiny model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; also avoids OpenMP spin-waits on a shared machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("gen") / "tiny.pth", n_layer=2, n_embd=32, head_size=16,
+                            vocab=V, d_decay=8, d_aaa=8, d_mv=4, d_gate=8, seed=11)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return RWKV7.from_checkpoint(ckpt)
+
+
+class Scripted(torch.nn.Module):
+    """A fake model whose next token is scripted: the prompt's logits pick script[0], and so on.
+    Its "state" counts the tokens generated so far; after the script it emits token 0."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = list(script)
+        self.calls = []
+
+    def forward(self, idx, state=None, return_state=False, wkv_init=None, last_only=False):
+        self.calls.append(idx.shape[1])
+        n = 0 if state is None else state + 1
+        logits = torch.zeros(1, idx.shape[1], V)
+        logits[0, -1, self.script[n] if n < len(self.script) else 0] = 50.0
+        return logits, n
+
+
+# ------------------------------------------------------------------------------ sampling maths
+def test_sampling_probs_top_p_top_k_temperature():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = p.log()
+    torch.testing.assert_close(sampling_probs(logits, 1.0, top_p=1.0), p)
+    torch.testing.assert_close(sampling_probs(logits, 1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]))
+    # cumulative 0.5, 0.8, 0.95: the first to reach 0.85 is the third token, which is kept
+    torch.testing.assert_close(sampling_probs(logits, 1.0, top_p=0.85), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    torch.testing.assert_close(sampling_probs(logits, 1.0, top_p=0.0), torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(sampling_probs(logits, 1.0, top_p=1.0, top_k=2), torch.tensor([0.625, 0.375, 0, 0]))
+    sq = p ** 2 / (p ** 2).sum()  # temperature 0.5: p ** 2, renormalised
+    torch.testing.assert_close(sampling_probs(logits, 0.5, top_p=1.0), sq)
+    # top-p is applied to the untempered probabilities (RWKV order), then the temperature
+    kept = torch.tensor([0.5, 0.3, 0, 0]) ** 2
+    torch.testing.assert_close(sampling_probs(logits, 0.5, top_p=0.7), kept / kept.sum())
+
+
+def test_sample_logits_greedy_and_distribution():
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    assert sample_logits(logits, temperature=0) == 1
+    assert sample_logits(logits, temperature=1.0, top_k=1) == 1
+    assert sample_logits(logits, temperature=5.0, top_p=0.0) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_logits(logits, 1.0, top_p=1.0, generator=g) for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, torch.softmax(logits, -1), atol=0.03, rtol=0)
+    a = [sample_logits(logits, 1.0, generator=torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(a)) == 1
+    for bad in (dict(temperature=-1), dict(top_p=1.5), dict(top_k=-2), dict(top_k=1.5)):
+        with pytest.raises(GenerationError):
+            sample_logits(logits, **{"temperature": 1.0, **bad})
+
+
+def test_penalty_math():
+    logits = torch.zeros(6)
+    counts = torch.zeros(6)
+    for t in (2, 2, 4):
+        update_counts(counts, t, penalty_decay=0.5)
+    torch.testing.assert_close(counts, torch.tensor([0, 0, 0.75, 0, 1.0, 0]))  # (1*.5+1)*.5, 1
+    out = apply_penalties(logits, counts, presence_penalty=0.4, frequency_penalty=0.2)
+    torch.testing.assert_close(out, torch.tensor([0, 0, -(0.4 + 0.2 * 0.75), 0, -(0.4 + 0.2), 0]))
+    assert apply_penalties(logits, counts) is logits
+    update_counts(counts, 1, penalty_decay=1.0, count_token=False)
+    assert counts[1] == 0
+
+
+# --------------------------------------------------------------------------- real tiny model
+def test_greedy_equals_full_sequence_argmax(model, tok):
+    prompt = "The quick brown fox"
+    stats = GenerationStats()
+    text = generate(model, tok, prompt, max_tokens=12, temperature=0, stats=stats)
+    ids = tok.encode(prompt)
+    manual = []
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = int(model(torch.tensor([ids + manual]))[0, -1].argmax())  # whole sequence every step
+            if nxt == 0:
+                break
+            manual.append(nxt)
+    assert stats.tokens == manual and len(manual) > 0
+    assert text == tok.decode(manual)
+    assert stats.prompt_tokens == len(ids) and stats.generated_tokens == len(manual)
+
+
+def test_prepare_for_decoding_keeps_values(ckpt, tok, tmp_path):
+    m = RWKV7.from_checkpoint(ckpt)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    idx = torch.tensor([tok.encode("Some text to run")])
+    with torch.no_grad():
+        ref, ref_state = m(idx, return_state=True)
+        ref_step = m(idx[:, :1], state=ref_state)
+    prepare_for_decoding(m)
+    assert not m.head.weight.is_contiguous() and m.head.weight.shape == (V, 32)
+    assert m.blocks[0].ffn.value.weight.is_contiguous()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        out, state = m(idx, return_state=True)
+        step = m(idx[:, :1], state=state)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, ref_step, atol=1e-5, rtol=0)
+    m.save_checkpoint(tmp_path / "p.pth", dtype=torch.float32)
+    saved = torch.load(tmp_path / "p.pth", weights_only=True)
+    assert all(v.is_contiguous() and torch.equal(v, before[k]) for k, v in saved.items())
+
+
+def test_decoding_is_one_token_per_forward(tok):
+    m = Scripted(tok.encode("abc def ghi"))
+    generate(m, tok, "hello there", max_tokens=10, temperature=0)
+    assert m.calls[0] == len(tok.encode("hello there")) and set(m.calls[1:]) == {1}
+
+
+def test_seed_reproducible_and_top_k_1_is_greedy(model, tok):
+    kw = dict(max_tokens=10, temperature=1.0, top_p=1.0)
+    a = GenerationStats(), GenerationStats(), GenerationStats()
+    generate(model, tok, "Hi", seed=1, stats=a[0], **kw)
+    generate(model, tok, "Hi", seed=1, stats=a[1], **kw)
+    generate(model, tok, "Hi", seed=2, stats=a[2], **kw)
+    assert a[0].tokens == a[1].tokens and a[0].tokens != a[2].tokens
+    greedy, topk = GenerationStats(), GenerationStats()
+    generate(model, tok, "Hi", max_tokens=8, temperature=0, stats=greedy)
+    generate(model, tok, "Hi", max_tokens=8, temperature=1.0, top_k=1, seed=3, stats=topk)
+    assert greedy.tokens == topk.tokens
+
+
+def test_presence_penalty_prevents_repeats(model, tok):
+    stats = GenerationStats()
+    generate(model, tok, "a", max_tokens=40, temperature=0, presence_penalty=1e4, stats=stats)
+    counted = [t for t in stats.tokens if tok.id_to_bytes(t).strip()]
+    assert len(counted) == len(set(counted))
+
+
+def test_wkv_init_changes_output_and_equals_state(model, tok):
+    c = model.config
+    w = torch.randn(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, generator=torch.Generator().manual_seed(0))
+    kw = dict(max_tokens=10, temperature=0)
+    plain, tuned, via_state = GenerationStats(), GenerationStats(), GenerationStats()
+    generate(model, tok, "Hello", stats=plain, **kw)
+    generate(model, tok, "Hello", wkv_init=w, stats=tuned, **kw)
+    state = model.zero_state(1)
+    state.wkv[:] = w[:, None]
+    generate(model, tok, "Hello", state=state, stats=via_state, **kw)
+    assert tuned.tokens == via_state.tokens and tuned.tokens != plain.tokens
+    with pytest.raises(GenerationError, match="another model"):
+        generate(model, tok, "Hello", wkv_init=w[:, :1], **kw)
+
+
+def test_continue_from_state(model, tok):
+    """Generating after "ab" given the state of "a" equals generating after "ab" from scratch."""
+    ids = tok.encode("Once upon a time")
+    with torch.no_grad():
+        _, state = model(torch.tensor([ids[:2]]), return_state=True)
+    s1, s2 = GenerationStats(), GenerationStats()
+    generate(model, tok, ids[2:], state=state, max_tokens=6, temperature=0, stats=s1)
+    generate(model, tok, ids, max_tokens=6, temperature=0, stats=s2)
+    assert s1.tokens == s2.tokens
+
+
+# -------------------------------------------------------------------------- scripted tokens
+def test_stop_strings_never_emitted(tok):
+    text = "Hello STAR world STOP here"
+    pieces = list(stream_generate(Scripted(tok.encode(text)), tok, "x", temperature=0, stop=["STOP"]))
+    assert "".join(pieces) == "Hello STAR world "
+    assert not any("STOP" in p for p in pieces)
+    # a stop string spanning several tokens; the earliest of several stops wins
+    st = GenerationStats()
+    out = generate(Scripted(tok.encode(text)), tok, "x", temperature=0, stop=["here", "d ST"], stats=st)
+    assert out == "Hello STAR worl" and st.finish_reason == "stop"
+    # no stop: everything, ending at token 0 (the script's end)
+    st = GenerationStats()
+    assert generate(Scripted(tok.encode(text)), tok, "x", temperature=0, stop="zzz", stats=st) == text
+    assert st.finish_reason == "eot"
+    # a held-back prefix of a stop string is released at the end
+    assert generate(Scripted(tok.encode("abc ST")), tok, "x", temperature=0, stop=["STOP"]) == "abc ST"
+
+
+def test_max_tokens(tok):
+    ids = tok.encode("one two three four five six")
+    st = GenerationStats()
+    out = generate(Scripted(ids), tok, "x", max_tokens=3, temperature=0, stats=st)
+    assert out == tok.decode(ids[:3]) and st.generated_tokens == 3 and st.finish_reason == "length"
+    m = Scripted(ids)
+    assert generate(m, tok, "x", max_tokens=0) == "" and m.calls == [1]
+    with pytest.raises(GenerationError):
+        generate(m, tok, "x", max_tokens=-1)
+
+
+def test_multibyte_characters_stream_whole(tok):
+    text = "héllo 😀 wörld 你好 🇫🇷!"
+    ids = tok.encode(text)
+    # emit the text byte-token by byte-token so every multibyte character is split
+    byte_ids = [next(i for i in range(1, 257) if tok.id_to_bytes(i) == bytes([b])) for b in text.encode()]
+    for script in (ids, byte_ids):
+        pieces = list(stream_generate(Scripted(script), tok, "x", temperature=0))
+        assert "".join(pieces) == text
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_empty_prompt_starts_from_end_of_text(tok):
+    m = Scripted(tok.encode("hi"))
+    assert generate(m, tok, "", temperature=0) == "hi" and m.calls[0] == 1
+
+
+def test_stream_callback(tok):
+    got = []
+    out = generate(Scripted(tok.encode("a b c")), tok, "x", temperature=0, stream=got.append)
+    assert "".join(got) == out == "a b c" and len(got) >= 3
+
+
+# ---------------------------------------------------------------------------------- chat
+def test_format_chat():
+    assert format_chat("hi") == "User: hi\n\nAssistant:"
+    assert format_chat("a\n\nb\n\n\nc\r\n\r\nd ") == "User: a\nb\nc\nd\n\nAssistant:"
+    assert format_chat("q2", history=[("q1", "a1\n\nmore")], system="Be brief.") == (
+        "System: Be brief.\n\nUser: q1\n\nAssistant: a1\nmore\n\nUser: q2\n\nAssistant:")
+    hist = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    assert format_chat("q2", history=hist) == "User: q1\n\nAssistant: a1\n\nUser: q2\n\nAssistant:"
+    with pytest.raises(GenerationError, match="role"):
+        format_chat("q", history=[{"role": "bot", "content": "x"}])
+
+
+def test_chat_stops_at_turn_end(tok):
+    m = Scripted(tok.encode(" Hello there!\n\nUser: more"))
+    assert chat(m, tok, "Hi", temperature=0) == "Hello there!"
+
+
+# ----------------------------------------------------------------------------------- CLI
+def _args(ckpt, **over):
+    from rwkvtune.generate_cli import add_arguments
+
+    parser = add_arguments(argparse.ArgumentParser())
+    argv = ["--model", ckpt, "--prompt", "Hello", "--max-tokens", "8", "--seed", "4"]
+    for k, v in over.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif isinstance(v, list):
+            for item in v:
+                argv += [flag, item]
+        else:
+            argv += [flag, str(v)]
+    return parser.parse_args(argv)
+
+
+def test_cli_defaults(ckpt):
+    a = _args(ckpt)
+    assert (a.max_tokens, a.temperature, a.top_p, a.top_k, a.presence_penalty, a.frequency_penalty) == \
+        (8, 1.0, 0.85, 0, 0.0, 0.0)
+    assert a.precision == "fp32" and a.device == "cpu" and a.stop is None and not a.chat
+    assert _args(ckpt, stop=["a", "b"]).stop == ["a", "b"]
+
+
+def test_cli_run_streams_text_and_stats(ckpt, model, tok, capsys):
+    from rwkvtune.generate_cli import run
+
+    assert run(_args(ckpt)) == 0
+    out, err = capsys.readouterr()
+    expected = generate(model, tok, "Hello", max_tokens=8, seed=4)
+    assert out == expected + "\n"
+    assert "8 tokens" in err and "prefill" in err and "decode" in err and "tok/s" in err
+    assert run(_args(ckpt, temperature=0, precision="bf16")) == 0
+
+
+def test_cli_state_file(ckpt, model, tok, tmp_path, capsys):
+    from rwkvtune.generate_cli import run
+
+    c = model.config
+    w = torch.randn(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, generator=torch.Generator().manual_seed(1))
+    torch.save({"wkv_init": w}, tmp_path / "s.pth")
+    torch.save(w, tmp_path / "raw.pth")
+    expected = generate(model, tok, "Hello", max_tokens=8, temperature=0, wkv_init=w)
+    for name in ("s.pth", "raw.pth"):
+        assert run(_args(ckpt, temperature=0, state=tmp_path / name)) == 0
+        assert capsys.readouterr().out == expected + "\n"
+    torch.save({"wkv_init": w[:, :, :8]}, tmp_path / "bad.pth")
+    assert run(_args(ckpt, state=tmp_path / "bad.pth")) == 2
+    err = capsys.readouterr().err
+    assert "bad.pth" in err and f"[{c.n_layer}, {c.n_head}, 8, 16]" in err and "[2, 2, 16, 16]" in err
+    torch.save({"other": w}, tmp_path / "nokey.pth")
+    assert run(_args(ckpt, state=tmp_path / "nokey.pth")) == 2
+    assert "wkv_init" in capsys.readouterr().err
+    assert run(_args(ckpt, state=tmp_path / "missing.pth")) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_subprocess_chat(ckpt):
+    """The real entry path in a fresh interpreter: chat mode, text on stdout, stats on stderr."""
+    code = ("import sys, argparse; from rwkvtune.generate_cli import add_arguments, run; "
+            "p = add_arguments(argparse.ArgumentParser()); sys.exit(run(p.parse_args(sys.argv[1:])))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, "--model", ckpt, "--prompt", "Hi", "--chat",
+                           "--max-tokens", "5", "--temperature", "0"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n") and "tok/s" in proc.stderr
+
+
+def test_cli_missing_model(ckpt, capsys):
+    from rwkvtune.generate_cli import run
+
+    assert run(_args(ckpt[:-4] + "-nope.pth")) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "-nope.pth" in err
+
+
+def test_log_vocab_sanity(model, tok):
+    """A random tiny model still gives a proper distribution over the full vocab."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("x")]))[0, -1]
+    p = torch.softmax(logits, -1)
+    assert math.isclose(p.sum().item(), 1.0, rel_tol=1e-4) and logits.shape == (V,)
