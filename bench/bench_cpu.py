@@ -14,9 +14,10 @@ reports the median of ``--runs`` timed runs (at most 2 for the `rwkv` package's 
      matmul_GFLOP/s / (6 * non-embedding params) tokens/s;
   3. no-grad prefill of T=512 tokens, each returning the state and the last position's logits;
   4. decode: one token at a time with the state, after a 16-token prompt.
-rwkvtune runs as `rwkvtune generate` does: RWKV7.from_checkpoint, then
-rwkvtune.generate.prepare_for_decoding (same values, decode-friendly layout), prefill with
-last_only=True; the `rwkv` package runs forward(ids, state).
+rwkvtune runs prefill and decode as `rwkvtune generate` does: RWKV7.from_checkpoint, then
+rwkvtune.generate.prepare_for_decoding (same values; decode-friendly layout and threaded one-row
+products), torch.inference_mode, prefill with last_only=True; the `rwkv` package runs
+forward(ids, state). Training uses the model exactly as loaded (no preparation).
 This is a script that prints figures, not a test. It is sensitive to other processes sharing the
 cores; the load average is printed with the results.
 """
@@ -146,7 +147,7 @@ def worker_prefill(a) -> dict:
         model = _load_rwkvtune(a.ckpt, inference=True)
 
         def fn(ids=ids):
-            with torch.no_grad():
+            with torch.inference_mode():
                 model(torch.tensor([ids]), return_state=True, last_only=True)
     for _ in range(2):  # warm-up (TorchScript profiling runs, allocator) on a short prompt, same code path
         fn(ids[:32])
@@ -175,7 +176,7 @@ def worker_decode(a) -> dict:
         model = _load_rwkvtune(a.ckpt, inference=True)
 
         def fn():
-            with torch.no_grad():
+            with torch.inference_mode():
                 _, state = model(torch.tensor([prompt]), return_state=True, last_only=True)
                 t = time.perf_counter()
                 for tok in toks:

@@ -146,6 +146,38 @@ def test_prepare_for_decoding_keeps_values(ckpt, tok, tmp_path):
     assert all(v.is_contiguous() and torch.equal(v, before[k]) for k, v in saved.items())
 
 
+def test_decode_linear_threaded_product(ckpt, tok):
+    """The threaded one-row product (2+ threads) equals F.linear up to fp32 rounding; with
+    autograd on, or more than one row, it is F.linear itself."""
+    from rwkvtune.generate import _DecodeLinear
+
+    m = RWKV7.from_checkpoint(ckpt)
+    idx = torch.tensor([tok.encode("Some text to run")])
+    with torch.no_grad():
+        ref = m(idx)
+        _, st = m(idx[:, :-1], return_state=True)
+        ref_step = m(idx[:, -1:], state=st)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prepare_for_decoding(m)
+        assert isinstance(m.head, _DecodeLinear) and not m.blocks[0].ffn.value.weight.is_contiguous()
+        lin = m.blocks[1].att.key
+        x = torch.randn(1, 1, lin.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
+        y = lin(x)  # grad enabled: plain F.linear
+        assert torch.equal(y, torch.nn.functional.linear(x, lin.weight))
+        with torch.no_grad():
+            out = m(idx)
+            _, st = m(idx[:, :-1], return_state=True)
+            step = m(idx[:, -1:], state=st)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step, ref_step, atol=1e-4, rtol=1e-4)
+
+
 def test_decoding_is_one_token_per_forward(tok):
     m = Scripted(tok.encode("abc def ghi"))
     generate(m, tok, "hello there", max_tokens=10, temperature=0)
@@ -310,8 +342,11 @@ def test_cli_state_file(ckpt, model, tok, tmp_path, capsys):
     w = torch.randn(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, generator=torch.Generator().manual_seed(1))
     torch.save({"wkv_init": w}, tmp_path / "s.pth")
     torch.save(w, tmp_path / "raw.pth")
+    from rwkvtune.peft.state import save_state_file  # what state tuning writes
+
+    save_state_file(tmp_path / "tuned.pth", w, model)
     expected = generate(model, tok, "Hello", max_tokens=8, temperature=0, wkv_init=w)
-    for name in ("s.pth", "raw.pth"):
+    for name in ("s.pth", "raw.pth", "tuned.pth"):
         assert run(_args(ckpt, temperature=0, state=tmp_path / name)) == 0
         assert capsys.readouterr().out == expected + "\n"
     torch.save({"wkv_init": w[:, :, :8]}, tmp_path / "bad.pth")

@@ -368,9 +368,15 @@ def test_bad_inputs_raise_model_input_error(tiny, ckpts):
     assert issubclass(ModelInputError, ValueError)
 
 
-@pytest.mark.skip(reason="needs a second device; on a CPU-only machine idx and model share the device")
-def test_idx_on_other_device():
-    pass
+def test_idx_and_state_on_another_device(tiny):
+    """A second real device is not needed: the 'meta' device is another device to the check."""
+    idx = torch.tensor([[1, 2]], device="meta")
+    with pytest.raises(ModelInputError, match="idx is on meta but the model is on cpu"):
+        tiny(idx)
+    s = tiny.zero_state(1)
+    meta_state = RWKV7State(s.att_x_prev.to("meta"), s.wkv.to("meta"), s.ffn_x_prev.to("meta"))
+    with pytest.raises(ModelInputError, match="state is on meta"):
+        tiny(torch.tensor([[1, 2]]), state=meta_state)
 
 
 # ------------------------------------------------------------------------------- precision
