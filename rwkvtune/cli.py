@@ -102,7 +102,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     prep.add_argument("--fmt", default="auto", help="auto, text, chat or prompt_response")
     prep.add_argument("--on-error", dest="on_error", default="raise", choices=["raise", "skip"],
                       help="stop at a bad line, or skip and count bad lines")
-    _handler(prep, "rwkvtune.data.prepare:cli_prepare")
+    _handler(prep, "rwkvtune.data.prepare:main")
 
 
 _TRAIN = "rwkvtune.train.cli"
@@ -185,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        sys.stdout.flush()
+        print(f"\nerror: interrupted{'; ' + _one_line(str(e)) if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         devnull = os.open(os.devnull, os.O_WRONLY)

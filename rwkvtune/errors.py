@@ -21,3 +21,8 @@ class CheckpointError(RwkvtuneError, ValueError):
 
 class DataError(RwkvtuneError, ValueError):
     """Training/eval data is missing or malformed."""
+
+
+class OutputError(RwkvtuneError, OSError):
+    """An output file or directory cannot be written (a file where a directory is needed,
+    no permission, disk full)."""

@@ -55,12 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def load_state_file(path: str, model) -> torch.Tensor:
     """The wkv_init tensor [L, H, N, N] of a state-tuning file, checked against ``model``."""
     if not os.path.isfile(path):
-        raise GenerationError(f"--state {path}: file not found")
+        raise GenerationError(f"--state {path}: {'is a directory' if os.path.isdir(path) else 'file not found'}; "
+                              f"expected the state.pth written by `rwkvtune train --mode state`")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GenerationError(f"--state {path}: cannot read as a torch file ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise GenerationError(f"--state {path}: cannot read as a torch file ({type(e).__name__}); expected the "
+                              f"state.pth written by `rwkvtune train --mode state`") from None
     if isinstance(obj, dict):
         if "wkv_init" not in obj or not isinstance(obj["wkv_init"], torch.Tensor):
             raise GenerationError(f"--state {path}: a dict without a 'wkv_init' tensor (keys: "
@@ -95,10 +96,19 @@ def run(args: argparse.Namespace) -> int:
         if prompt is None:
             if sys.stdin is None or sys.stdin.isatty():
                 raise GenerationError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
-            prompt = sys.stdin.read()
-        device = get("device") or "cpu"
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise GenerationError(f"--device {device}: CUDA is not available here; use --device cpu")
+            raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+            try:
+                prompt = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GenerationError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 "
+                                      f"text") from None
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as surrogates
+            raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from None
+        from rwkvtune.utils import check_device
+
+        device = check_device(get("device") or "cpu")
         precision = get("precision") or "fp32"
         if precision not in PRECISIONS:
             raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")

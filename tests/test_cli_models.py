@@ -433,3 +433,35 @@ def test_dispatcher_loads_a_commands_module_only_when_it_runs(tmp_path, monkeypa
     assert main(["fake", "--n", "0"]) == 1
     assert main(["fake"]) == 2  # its own required option, enforced by argparse
     assert "--n" in capsys.readouterr().err
+
+
+def test_inspect_says_what_a_non_checkpoint_file_is(world, tmp_path):
+    import numpy as np
+    import torch
+
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    resumable = tmp_path / "step-0000002.pt"  # like a resumable training checkpoint: numpy objects inside
+    torch.save({"step": 2, "rng": np.random.get_state(), "trainable": {}}, resumable)
+    adapter = tmp_path / "adapter.pth"
+    torch.save({"format": "rwkvtune-lora-v1", "r": 4, "lora": {}}, adapter)
+    procs = {p: _start(world, ["inspect", str(p)]) for p in (text, resumable, adapter)}
+    res = {}
+    for p, pr in procs.items():
+        out, err = pr.communicate(timeout=120)
+        res[p] = subprocess.CompletedProcess(pr.args, pr.returncode, out, err)
+    line = _assert_error_line(res[text], str(text), "not a file written by torch.save")
+    assert "Python objects" not in line
+    line = _assert_error_line(res[resumable], "Python objects besides tensors", "--resume", "final.pth")
+    assert "\x1b[" not in line and "corrupt" not in line
+    _assert_error_line(res[adapter], "this is a LoRA adapter", "merge-lora", "not a model checkpoint")
+
+
+def test_a_path_that_is_a_directory_or_unknown_file_is_named(tmp_path):
+    from rwkvtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a directory; expected a registry name"):
+        load_model_config(str(tmp_path))
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="model.bin: is a file that is neither .pth/.pt nor .json"):
+        load_model_config(str(tmp_path / "model.bin"))

@@ -420,3 +420,34 @@ def test_sample_assets_valid_and_reproducible(tok, tmp_path):
     for name in ("sample.jsonl", "sample_chat.jsonl"):
         with open(os.path.join(ASSETS, name), "rb") as f:
             assert (tmp_path / name).read_bytes() == f.read()
+
+
+def test_cli_data_prepare_exit_status_and_bad_outputs(corpus, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "file").write_text("x")
+    cases = {
+        "ok": [str(tmp_path / "ok" / "corpus"), "--workers", "1"],
+        "in_file": [str(tmp_path / "file" / "corpus")],
+        "workers": [str(tmp_path / "w"), "--workers", "0"],
+        "dir": [str(tmp_path) + "/"],
+    }
+    procs = {k: subprocess.Popen([sys.executable, "-m", "rwkvtune", "data", "prepare", corpus, "--out", *v],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for k, v in cases.items()}
+    res = {k: (p.communicate(timeout=120), p.returncode) for k, p in procs.items()}
+    (out, err), rc = res["ok"]
+    assert rc == 0 and "Traceback" not in err and "documents" in out, err
+    assert os.path.isfile(tmp_path / "ok" / "corpus.bin")
+    for key, words in (("in_file", f"{tmp_path / 'file'} is a file, not a directory"),
+                       ("workers", "--workers: found 0, expected an integer >= 1"),
+                       ("dir", "expected a file prefix")):
+        (_, err), rc = res[key]
+        assert rc == 2 and "Traceback" not in err and words in err, (key, err)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_bad_record_error_names_the_cli_flags(tok, tmp_path):
+    with pytest.raises(DataError) as e:
+        read_samples(write_lines(tmp_path / "b.jsonl", ['{"text": 1}']), tok)
+    assert "b.jsonl:1:" in str(e.value) and "--on-data-error skip" in str(e.value)
+    assert "--on-error skip" in str(e.value)

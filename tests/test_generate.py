@@ -386,3 +386,18 @@ def test_log_vocab_sanity(model, tok):
         logits = model(torch.tensor([tok.encode("x")]))[0, -1]
     p = torch.softmax(logits, -1)
     assert math.isclose(p.sum().item(), 1.0, rel_tol=1e-4) and logits.shape == (V,)
+
+
+def test_cli_bad_device_state_dir_and_non_utf8_prompt(ckpt, tmp_path, capsys):
+    from rwkvtune.generate_cli import run
+
+    assert run(_args(ckpt, device="tpu")) == 2
+    assert "--device 'tpu': unknown device; expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert run(_args(ckpt, state=tmp_path)) == 2
+    assert f"--state {tmp_path}: is a directory" in capsys.readouterr().err
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra, stdin in (([], b"caf\xe9 au lait"), (["--prompt", os.fsdecode(b"a\xffb")], b"")):
+        proc = subprocess.run([sys.executable, "-m", "rwkvtune", "generate", "--model", ckpt, "--max-tokens", "2",
+                               *extra], input=stdin, capture_output=True, timeout=120, env=env)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and "Traceback" not in err and "not valid UTF-8" in err, err

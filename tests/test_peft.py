@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,48 @@ def test_full_bptt_first_step_loss_equals_truncated(data, tmp_path):
     train(_cfg(data, b, data=data["long"], long_context=True, max_steps=2, bptt="full"))
     la, lb = _losses(a), _losses(b)
     assert abs(la[0] - lb[0]) < 1e-6 and la[1] != lb[1]
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_merge_lora_never_overwrites_its_inputs(data, tmp_path):
+    from rwkvtune.peft.lora import save_adapter
+
+    model = RWKV7.from_checkpoint(data["ckpt"])
+    apply_lora(model, ["att.key"], r=2, alpha=4)
+    save_adapter(tmp_path / "adapter.pth", model)
+    before = Path(data["ckpt"]).read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "outdir").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-m", "rwkvtune", "merge-lora", data["ckpt"],
+                               str(tmp_path / "adapter.pth"), out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for out in (data["ckpt"], str(tmp_path / "outdir"))]
+    (_, same_err), (_, dir_err) = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2] and "Traceback" not in same_err + dir_err
+    assert "is the BASE file" in same_err and "another OUT path" in same_err
+    assert Path(data["ckpt"]).read_bytes() == before
+    assert f"OUT {tmp_path / 'outdir'}: is a directory; give a file path" in dir_err
+
+
+def test_adapter_and_state_paths_that_are_not_files(data, tmp_path):
+    from rwkvtune.configs.checkpoint import load_state_dict
+    from rwkvtune.peft.lora import save_adapter
+    from rwkvtune.peft.state import load_state_file, save_state_file
+
+    model = RWKV7.from_checkpoint(data["ckpt"])
+    with pytest.raises(CheckpointError, match="is a directory, expected the adapter.pth"):
+        load_adapter(model, tmp_path)
+    with pytest.raises(CheckpointError, match="is a directory, expected the state.pth"):
+        load_state_file(tmp_path, model)
+    (tmp_path / "junk.pth").write_text("not a torch file")
+    with pytest.raises(CheckpointError, match="junk.pth: cannot read state file.*expected state.pth from --mode state"):
+        load_state_file(tmp_path / "junk.pth", model)
+    # An adapter or state file given where a model is expected says what it is.
+    save_state_file(tmp_path / "state.pth", torch.zeros(2, 2, 16, 16), model)
+    with pytest.raises(CheckpointError, match="this is a state-tuning file .*--state.*not a model checkpoint"):
+        load_state_dict(tmp_path / "state.pth")
+    apply_lora(model, ["att.key"], r=2, alpha=4)
+    save_adapter(tmp_path / "adapter.pth", model)
+    with pytest.raises(CheckpointError, match="this is a LoRA adapter .*merge-lora.*not a model checkpoint"):
+        RWKV7.from_checkpoint(tmp_path / "adapter.pth")

@@ -274,3 +274,168 @@ def test_train_with_config_script_passes_args_through(data, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out" / "final.pth").exists()
+
+
+# ---- bad input: one-line errors, nothing lost ------------------------------------------------
+
+
+def _cli(*args, timeout=120, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "rwkvtune", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def _one_line_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr
+    line = [l for l in res.stderr.splitlines() if l.startswith("error: ")]
+    assert len(line) == 1, res.stderr
+    for n in needles:
+        assert n in line[0], (n, line[0])
+    return line[0]
+
+
+@pytest.mark.parametrize("override, words", [
+    (dict(warmup_steps=-5), "warmup_steps: found -5, expected >= 0"),
+    (dict(save_every=-1), "save_every: found -1"),
+    (dict(grad_clip=-1.0), "grad_clip: found -1.0"),
+    (dict(lora_dropout=2.0), "lora_dropout: found 2.0"),
+    (dict(lora_alpha=0.0), "lora_alpha: found 0.0"),
+    (dict(wkv_backend="foo"), "wkv_backend: found 'foo'"),
+    (dict(log_every=0), "log_every: found 0"),
+    (dict(keep_checkpoints=0), "keep_checkpoints: found 0"),
+    (dict(betas=(1.0, 0.9)), "betas: found [1.0, 0.9]"),
+    (dict(seed=-1), "seed: found -1"),
+    (dict(mode="lora", lora_targets=()), "lora_targets: empty"),
+])
+def test_out_of_range_options_are_refused(override, words):
+    from rwkvtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        TrainConfig(model="x", data="y", **override).validate()
+
+
+def test_unparsable_numbers_and_non_utf8_recipe(tmp_path):
+    from rwkvtune.errors import ConfigError
+    from rwkvtune.models.rwkv7.config import load_recipe
+
+    with pytest.raises(ConfigError, match=r"lr: found 'abc', expected a number"):
+        TrainConfig().update({"lr": "abc"}, source="r.yaml")
+    with pytest.raises(ConfigError, match=r"max_steps: found '1e3', expected an integer"):
+        TrainConfig().update({"max_steps": "1e3"}, source="r.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="bin.yaml: not valid UTF-8"):
+        load_recipe(tmp_path / "bin.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_recipe(tmp_path)
+
+
+def test_bad_device_and_option_on_cli_are_one_line_errors(data, tmp_path):
+    base = ["train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "o"), "--dry-run"]
+    if not torch.cuda.is_available():
+        _one_line_error(_cli(*base, "--device", "cuda"), "--device cuda", "CUDA is not available", "--device cpu")
+    _one_line_error(_cli(*base, "lora_dropout=2", "device=tpu"), "lora_dropout: found 2.0")
+
+
+def test_bare_cuda_device_is_not_passed_to_set_device(monkeypatch):
+    # torch.cuda.set_device(torch.device("cuda")) raises "Expected a torch.device with a specified index".
+    from rwkvtune.train import trainer as trainer_mod
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(torch._utils._get_device_index(dev)))
+    assert trainer_mod.select_device("cuda", trainer_mod.Dist()) == "cuda" and calls == []
+    assert trainer_mod.select_device("cuda", trainer_mod.Dist(1, 2, 1)) == "cuda:1" and calls == [1]
+    assert trainer_mod.select_device("cpu", trainer_mod.Dist()) == "cpu" and calls == [1]
+
+
+def test_out_file_and_existing_run_are_refused(data, tmp_path):
+    from rwkvtune.errors import ConfigError
+
+    (tmp_path / "file").write_text("keep me")
+    res = _cli("train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "file" / "run"))
+    _one_line_error(res, str(tmp_path / "file"), "is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "keep me"
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=1))
+    before = (out / "final.pth").read_bytes()
+    with pytest.raises(ConfigError, match=f"already holds a run.*--resume {out}"):
+        train(_cfg(data, out, max_steps=1, lr=5e-3))
+    assert (out / "final.pth").read_bytes() == before
+
+
+def test_resume_bad_dirs_corrupt_checkpoint_and_changed_options(data, tmp_path):
+    from rwkvtune.errors import ConfigError
+
+    with pytest.raises(RwkvtuneError, match="no such directory"):
+        train(TrainConfig(resume=str(tmp_path / "nope")))
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=2, save_every=1))
+    with pytest.raises(ConfigError, match=r"saved with lr=0\.001 but this command sets lr=0\.5"):
+        train(TrainConfig(resume=str(out), lr=0.5, max_steps=3))
+    latest = out / "checkpoints" / "step-0000002.pt"
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.raises(RwkvtuneError, match="step-0000002.pt: cannot read this resumable checkpoint"):
+        train(TrainConfig(resume=str(out), max_steps=3))
+
+
+def test_output_files_follow_umask(data, tmp_path):
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train(_cfg(data, out, max_steps=1))
+    finally:
+        os.umask(old)
+    for name in ("final.pth", "config.yaml", "summary.json", "checkpoints/step-0000001.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_ctx_len_beyond_data_trims_padding_and_warns(data, tmp_path, capsys):
+    from rwkvtune.train.data import collate
+
+    item = {"input_ids": torch.arange(1, 9), "labels": torch.tensor([2, 3, 4, -100, -100, -100, -100, -100])}
+    batch = collate([item, {**item, "labels": torch.full((8,), -100)}], "cpu")
+    assert batch["input_ids"].shape == (2, 3) and batch["labels"][1].tolist() == [-100] * 3
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "red blue green cat dog bird."}) + "\n")
+    a = train(_cfg(data, tmp_path / "a", data=str(one), ctx_len=64, batch_size=1, max_steps=1))
+    b = train(_cfg(data, tmp_path / "b", data=str(one), ctx_len=1 << 20, batch_size=4, max_steps=1))
+    assert abs(a["loss"] - b["loss"]) < 1e-5  # the same window, repeated; a 1M ctx_len costs nothing
+    assert "fewer than one batch of 4" in capsys.readouterr().err
+
+
+def test_sigint_exits_130_and_keeps_checkpoints(data, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(data, out, 10000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "checkpoints" / "step-0000002.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"error: interrupted; the checkpoints in {out / 'checkpoints'} are kept" in err
+    assert f"--resume {out}" in err and any((out / "checkpoints").glob("step-*.pt"))
+
+
+def test_eval_bad_batch_size_and_wandb_missing(data, tmp_path):
+    import importlib.util
+
+    from rwkvtune.errors import ConfigError
+
+    _one_line_error(_cli("eval", "--model", data["ckpt"], "--data", data["text"], "--batch-size", "0"),
+                    "--batch-size: found 0")
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            train(_cfg(data, tmp_path / "w", wandb="proj"))
+        assert not (tmp_path / "w").exists()
+
+
+def test_unwritable_out_is_refused_before_work(data, tmp_path, monkeypatch):
+    from rwkvtune.errors import ConfigError
+    from rwkvtune.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod.os, "access", lambda path, mode: False)  # as on a read-only mount
+    with pytest.raises(ConfigError, match=f"--out {tmp_path / 'ro' / 'run'}: {tmp_path} is not writable"):
+        train(_cfg(data, tmp_path / "ro" / "run"))
+    assert not (tmp_path / "ro").exists()

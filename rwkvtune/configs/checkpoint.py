@@ -111,8 +111,9 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if len(text) > limit and ". " in text:
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch puts ANSI bold into some messages
+    text = plain.splitlines()[0] if plain else type(e).__name__
+    if ". " in text:  # the first sentence says it; torch's next ones are advice for its own API
         text = text[: text.index(". ") + 1]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -133,13 +134,16 @@ def _torch_load(p: Path, mmap: bool) -> Any:
             raise
     except Exception as e:  # RuntimeError (zip reader), pickle errors, EOF, weights_only refusals
         with open(p, "rb") as f:
-            is_zip = f.read(4) == _ZIP_MAGIC
-        if is_zip:
+            head = f.read(4)
+        is_zip, is_pickle = head == _ZIP_MAGIC, head[:1] == b"\x80"  # zip archive / legacy pickle
+        refused = ("weights only" in str(e).lower() or "weights_only" in str(e)) and "Unsupported operand" not in str(e)
+        if refused and (is_zip or is_pickle):
+            why = ("it contains Python objects besides tensors (a resumable training checkpoint? use the run's "
+                   "final.pth, or continue the run with --resume DIR); save a plain state dict with "
+                   "torch.save(model.state_dict(), path)")
+        elif is_zip:
             why = ("it is a torch zip archive but cannot be read, so it is probably truncated or corrupt "
                    "(an incomplete download or an interrupted save): download or save it again")
-        elif "weights only" in str(e).lower() or "weights_only" in str(e):
-            why = ("it contains Python objects besides tensors; save a plain state dict with "
-                   "torch.save(model.state_dict(), path)")
         else:
             why = "it is not a file written by torch.save, or it is truncated or corrupt"
         raise CheckpointError(f"{p}: cannot read as a torch checkpoint ({type(e).__name__}: {_first_line(e)}); "
@@ -167,6 +171,11 @@ def _check_state_dict(p: Path, obj: Any, is_tensor) -> dict[str, Any]:
     if bad_key is not None:
         raise CheckpointError(f"{p}: key {bad_key!r} is of type {type(bad_key).__name__}, expected str keys "
                               f"(parameter names) in a state dict")
+    kind = {"rwkvtune-lora-v1": "a LoRA adapter (use it with --adapter, or merge it: rwkvtune merge-lora BASE "
+                                "ADAPTER OUT)",
+            "rwkvtune-state-v1": "a state-tuning file (use it with --state)"}.get(obj.get("format"))
+    if kind:
+        raise CheckpointError(f"{p}: this is {kind}, not a model checkpoint; pass the model's .pth")
     bad = next((k for k, v in obj.items() if not is_tensor(v)), None)
     if bad is not None:
         raise CheckpointError(f"{p}: key {bad!r} holds a {type(obj[bad]).__name__}, not a tensor; expected a "

@@ -196,6 +196,8 @@ def cmd_new(args: argparse.Namespace) -> int:
         f" (same dims as registry entry {match!r})" if match else "")
     try:
         cfg.save(out)
+    except RwkvtuneError:
+        raise
     except OSError as e:
         raise ConfigError(f"{out}: cannot write the config ({e.strerror or e}); choose another place with -o FILE") from None
 

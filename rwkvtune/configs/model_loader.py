@@ -414,4 +414,8 @@ def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_checkpoint(s)
     if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):
         return ModelConfig.from_file(s)
+    if os.sep in s and Path(s).exists() and _registry_key(s) not in list_available_models():
+        what = "a directory" if Path(s).is_dir() else "a file that is neither .pth/.pt nor .json"
+        raise ConfigError(f"{s}: is {what}; expected a registry name (see `rwkvtune models`), a .pth checkpoint "
+                          f"or a .json config")
     return ModelConfig.from_name(s)

@@ -253,11 +253,16 @@ class BinIdxWriter:
             )
         self._info = np.iinfo(self.dtype)
         parent = os.path.dirname(self.prefix)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
         self._tmp_bin = bin_path(self.prefix) + f".tmp{os.getpid()}"
         self._tmp_idx = idx_path(self.prefix) + f".tmp{os.getpid()}"
-        self._bin = open(self._tmp_bin, "wb")
+        try:
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            self._bin = open(self._tmp_bin, "wb")
+        except OSError as e:
+            from rwkvtune.utils import output_error
+
+            raise output_error(bin_path(self.prefix), e) from None
         self._sizes: list[int] = []
         self.num_tokens = 0
         self._done = False

@@ -275,7 +275,8 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None)
         return encode_record(obj, tokenizer, fmt, vocab_size)
     except RecordError as e:
         raise DataError(
-            f"{where}: {e}; fix the record or pass on_error='skip' to skip bad records"
+            f"{where}: {e}; fix the record or pass on_error='skip' to skip bad records (train: --on-data-error "
+            f"skip; data prepare: --on-error skip)"
         ) from None
 
 

@@ -184,6 +184,14 @@ def prepare_binidx(
 
 def cli_prepare(args) -> PrepareStats:
     """Back end of ``rwkvtune data prepare``: args has input, out, workers, fmt, on_error."""
+    from rwkvtune.errors import ConfigError
+
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: found {workers}, expected an integer >= 1")
+    if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out!r}: expected a file prefix such as data/corpus (writes data/corpus.bin "
+                          f"and data/corpus.idx), not a directory")
     stats = prepare_binidx(
         args.input,
         args.out,
@@ -200,3 +208,9 @@ def cli_prepare(args) -> PrepareStats:
         line += f"; skipped {stats.skipped} bad records (first: {stats.skipped_examples[0]})"
     print(line)
     return stats
+
+
+def main(args) -> int:
+    """The ``rwkvtune data prepare`` command: exit status 0 on success."""
+    cli_prepare(args)
+    return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rwkvtune.errors import CheckpointError
+from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.utils import atomic_torch_save, atomic_write_text
 
 
@@ -56,6 +56,9 @@ def save(out: Path, step: int, tokens: int, module, optimizer, sampler, cfg) -> 
 
 
 def latest_checkpoint(out: str | Path) -> Path:
+    if not Path(out).is_dir():
+        what = "not a directory" if Path(out).exists() else "no such directory"
+        raise CheckpointError(f"--resume {out}: {what}; pass the --out directory of the run to continue")
     ckdir = Path(out) / "checkpoints"
     pointer = ckdir / "latest"
     if pointer.is_file():
@@ -69,12 +72,46 @@ def latest_checkpoint(out: str | Path) -> Path:
     return found[-1]
 
 
+def _load(path: Path) -> dict:
+    """A resumable checkpoint, or a CheckpointError saying which file is unreadable."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); it is corrupt: "
+                              f"move it away to resume from the one before it") from None
+    if not isinstance(ck, dict) or not {"step", "trainable", "optimizer", "config"} <= set(ck):
+        raise CheckpointError(f"{path}: not a resumable checkpoint written by rwkvtune train; move it away")
+    return ck
+
+
+# Options that --resume may change: they do not alter the run being continued.
+RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "save_every", "keep_checkpoints", "eval_every", "log_every",
+                     "tensorboard", "wandb", "device", "eval_data")
+
+
 def resumed_config(out: str | Path, cfg):
-    """The saved run's config (so `--resume DIR` alone continues it); a given max_steps extends it."""
+    """The saved run's config (so `--resume DIR` alone continues it); a given max_steps extends it.
+
+    Other options given with --resume must equal the saved ones (they would silently change or be
+    ignored), except the bookkeeping ones in RESUME_MAY_CHANGE.
+    """
     from rwkvtune.models.rwkv7.config import TrainConfig
 
-    ck = torch.load(latest_checkpoint(out), map_location="cpu", weights_only=False)
+    path = latest_checkpoint(out)
+    ck = _load(path)
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
+    default, given = TrainConfig().to_dict(), cfg.to_dict()
+    saved_d = saved.to_dict()
+    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != default[k] and v != saved_d[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved_d[k]!r}" for k in changed)
+        now = ", ".join(f"{k}={given[k]!r}" for k in changed)
+        raise ConfigError(f"--resume {out}: the run was saved with {was} but this command sets {now}; a resumed run "
+                          f"keeps its config (only max_steps and logging/saving options may change): drop those "
+                          f"options, or start a new run with another --out")
+    for k in RESUME_MAY_CHANGE:
+        if k not in ("max_steps", "resume", "out") and given[k] != default[k]:
+            setattr(saved, k, getattr(cfg, k))
     saved.resume = str(out)
     saved.out = str(out)
     if cfg.max_steps is not None:
@@ -84,7 +121,7 @@ def resumed_config(out: str | Path, cfg):
 
 def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int]:
     path = latest_checkpoint(out)
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = _load(path)
     params = dict(module.named_parameters())
     missing = [n for n in ck["trainable"] if n not in params]
     if missing:

@@ -71,7 +71,16 @@ def run_train(args: argparse.Namespace) -> int:
     from rwkvtune.train.trainer import train
 
     cfg = config_from_args(args)
-    result = train(cfg, dry_run=args.dry_run)
+    try:
+        result = train(cfg, dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        from pathlib import Path
+
+        out = Path(cfg.resume or cfg.out)
+        if any((out / "checkpoints").glob("step-*.pt")):
+            raise KeyboardInterrupt(f"the checkpoints in {out / 'checkpoints'} are kept; continue with: "
+                                    f"rwkvtune train --resume {out}") from None
+        raise
     print(json.dumps(result, indent=2))
     return 0
 
@@ -87,7 +96,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from rwkvtune.train.data import build_dataset
     from rwkvtune.train.trainer import TrainModule, evaluate
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from rwkvtune.errors import ConfigError
+    from rwkvtune.utils import check_device
+
+    for flag, value in (("--ctx-len", args.ctx_len), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag}: found {value}, expected an integer >= 1")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = RWKV7.from_checkpoint(args.model, device=device)
     if args.adapter:
         from rwkvtune.peft.lora import load_adapter
@@ -136,10 +151,19 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 def run_merge(args: argparse.Namespace) -> int:
     import torch
 
+    import os
+
+    from rwkvtune.errors import ConfigError
     from rwkvtune.models.rwkv7 import RWKV7
     from rwkvtune.peft.lora import load_adapter, merged_state_dict
     from rwkvtune.utils import atomic_torch_save
 
+    for name, path in (("BASE", args.base), ("ADAPTER", args.adapter)):
+        if os.path.exists(args.out) and os.path.exists(path) and os.path.samefile(args.out, path):
+            raise ConfigError(f"OUT {args.out} is the {name} file; merging must not overwrite its input: give "
+                              f"another OUT path")
+    if os.path.isdir(args.out):
+        raise ConfigError(f"OUT {args.out}: is a directory; give a file path, e.g. {os.path.join(args.out, 'merged.pth')}")
     model = RWKV7.from_checkpoint(args.base)
     load_adapter(model, args.adapter)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

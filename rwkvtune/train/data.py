@@ -43,13 +43,21 @@ def build_dataset(path: str, tokenizer, cfg, vocab_size: int):
                         vocab_size=vocab_size)
 
 
+def _used_len(item: dict) -> int:
+    """Length up to the item's last target: later positions (padding, or input that nothing is
+    predicted from) cannot change any loss, since the model is causal."""
+    hits = (item["labels"] != IGNORE).nonzero()
+    return int(hits[-1]) + 1 if len(hits) else 1
+
+
 def collate(items: list[dict], device) -> dict:
-    """Stack items, padding to the longest (input 0, label -100)."""
-    T = max(len(it["input_ids"]) for it in items)
+    """Stack items, padding to the longest (input 0, label -100). Columns after the batch's last
+    target are dropped, so a ctx_len much longer than the data costs nothing."""
+    T = max(_used_len(it) for it in items)
     idx = torch.zeros(len(items), T, dtype=torch.long)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
     for r, it in enumerate(items):
-        n = len(it["input_ids"])
-        idx[r, :n] = it["input_ids"]
-        labels[r, :n] = it["labels"]
+        n = min(T, len(it["input_ids"]))
+        idx[r, :n] = it["input_ids"][:n]
+        labels[r, :n] = it["labels"][:n]
     return {"input_ids": idx.to(device), "labels": labels.to(device)}

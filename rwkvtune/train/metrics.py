@@ -46,7 +46,9 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from None
+                from rwkvtune.errors import ConfigError
+
+                raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
             self.wandb = wandb.init(project=cfg.wandb, config=cfg.to_dict(), dir=str(self.out))
 
     def info(self, message: str) -> None:

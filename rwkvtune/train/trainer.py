@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -27,13 +28,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rwkvtune.configs.model_loader import load_model_config
-from rwkvtune.errors import RwkvtuneError
+from rwkvtune.errors import ConfigError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, RWKV7State
 from rwkvtune.train import checkpointing
 from rwkvtune.train.data import build_dataset, collate
 from rwkvtune.train.metrics import MetricsLogger
 from rwkvtune.train.optim import loss_sum, lr_at, param_groups, set_lr
+from rwkvtune.utils import atomic_write_text
 
 
 class TrainingDiverged(RwkvtuneError):
@@ -82,6 +84,31 @@ def check_model_file(cfg: TrainConfig, model_config) -> None:
             f"model file not found: {path or '(config has no model_file)'}; put "
             f"{model_config.model_file or 'the .pth'} in $RWKVTUNE_MODEL_DIR (now {os.path.dirname(path) or 'unset'}), "
             f"pass --model PATH.pth, or train from scratch with --init scratch")
+
+
+def check_out_dir(out: Path, resuming: bool) -> None:
+    """Fail before any work when --out cannot hold a run, or holds another run (never overwrite it)."""
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a directory; choose another --out")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable (read-only or no permission); choose another "
+                          f"--out")
+    if not resuming and (any((out / "checkpoints").glob("step-*.pt")) or (out / "final.pth").exists()
+                         or (out / "state.pth").exists()):
+        raise ConfigError(f"--out {out}: already holds a run (checkpoints or final outputs); continue it with "
+                          f"--resume {out}, or choose another --out (or delete that directory)")
+
+
+def select_device(device: str, d: Dist) -> str:
+    """The device of this process: cuda:LOCAL_RANK under DDP; a CUDA device is made current only
+    when it has an index (torch.cuda.set_device refuses a bare "cuda")."""
+    if device == "cuda" and d.world_size > 1:
+        device = f"cuda:{d.local_rank}"
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
+    return device
 
 
 def build_model(cfg: TrainConfig, model_config, device: str) -> RWKV7:
@@ -198,12 +225,13 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     model_config = load_model_config(cfg.model)
     cfg = cfg.resolve(model_config)
     check_model_file(cfg, model_config)
-    d = setup_distributed(cfg.device)
-    device = f"cuda:{d.local_rank}" if cfg.device == "cuda" and d.world_size > 1 else cfg.device
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    check_out_dir(out, resuming=bool(resume_dir))
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
+    d = setup_distributed(cfg.device)
+    device = select_device(cfg.device, d)
+    torch.manual_seed(cfg.seed)
 
     from rwkvtune.tokenizer import get_tokenizer
 
@@ -244,6 +272,10 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         cfg.save_yaml(out / "config.yaml")
         logger.info(f"model {model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params, "
                     f"{len(train_set)} windows, {total_steps} steps of {tokens_per_step} tokens")
+        if len(train_set) < sampler.global_batch:
+            logger.info(f"warning: {cfg.data} gives {len(train_set)} window(s) of ctx_len {cfg.ctx_len}, fewer than "
+                        f"one batch of {sampler.global_batch}: every batch repeats windows; add data or lower "
+                        f"--batch-size")
     progress = logger.progress(total_steps, initial=step)
 
     # ---------------------------------------------------------------- loop
@@ -302,7 +334,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         summary["loss"] = logger.last_loss
         if last_eval:
             summary.update(last_eval)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if d.world_size > 1:
         dist.barrier()
     return summary

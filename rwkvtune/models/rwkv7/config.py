@@ -17,6 +17,7 @@ from rwkvtune.errors import ConfigError
 
 MODES = ("full", "lora", "state")
 PRECISIONS = ("fp32", "bf16")
+WKV_BACKENDS = ("auto", "chunked", "reference", "fla")
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
@@ -115,6 +116,28 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 10:
                 problems.append(f"{name}: found {value}, expected 0 <= {name} < 10")
+        for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not value >= 0:  # also catches nan
+                problems.append(f"{name}: found {value}, expected >= 0")
+        for name in ("keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: found {getattr(self, name)}, expected >= 1")
+        if self.seed < 0:
+            problems.append(f"seed: found {self.seed}, expected an integer >= 0")
+        if self.mode == "lora" and not self.lora_targets and not self.train_parts:
+            problems.append("lora_targets: empty, so LoRA mode would train nothing; name layers to adapt (e.g. "
+                            "lora_targets=[att.key,ffn.value]) or use the default")
+        if not self.lora_alpha > 0:
+            problems.append(f"lora_alpha: found {self.lora_alpha}, expected > 0")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout: found {self.lora_dropout}, expected 0 <= lora_dropout < 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas: found {list(self.betas)}, expected two numbers in [0, 1)")
+        if not self.adam_eps > 0:
+            problems.append(f"adam_eps: found {self.adam_eps}, expected > 0")
+        if self.wkv_backend not in WKV_BACKENDS:
+            problems.append(f"wkv_backend: found {self.wkv_backend!r}, expected one of {', '.join(WKV_BACKENDS)}")
         if not self.model:
             problems.append("model: missing; pass --model NAME|PATH (see `rwkvtune models`)")
         if not self.data:
@@ -140,6 +163,12 @@ class TrainConfig:
             c.lr_final = c.lr / 10
         if c.device == "auto":
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
+        from rwkvtune.utils import check_device
+
+        check_device(c.device)
+        if c.wkv_backend == "fla" and not c.device.startswith("cuda"):
+            raise ConfigError(f"wkv_backend: 'fla' runs on CUDA only, but the device is {c.device}; use "
+                              f"wkv_backend=auto")
         if c.precision is None:
             c.precision = "bf16" if c.device.startswith("cuda") else "fp32"
         return c
@@ -162,9 +191,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: recipe not found; pass an existing YAML file to --config")
+        what = "is a directory" if p.is_dir() else "recipe not found"
+        raise ConfigError(f"{p}: {what}; pass an existing YAML file to --config")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the recipe as UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict):
@@ -212,11 +244,17 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError(f"found {value!r}, expected an integer")
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:
+            raise TypeError(f"found {value!r}, expected an integer") from None
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError(f"found {value!r}, expected a number")
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError(f"found {value!r}, expected a number") from None
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise TypeError(f"found {value!r}, expected a string")
