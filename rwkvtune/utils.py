@@ -86,3 +86,24 @@ def check_device(device: str, flag: str = "--device") -> str:
             raise ConfigError(f"{flag} {device}: only {torch.cuda.device_count()} GPU(s) here "
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def load_artifact(path, what: str, made_by: str):
+    """torch.load a small rwkvtune file (adapter, state) with one-line errors.
+
+    ``what`` names the file kind ("adapter", "state file") and ``made_by`` where it comes from
+    ("adapter.pth from --mode lora"), so the message says what was expected.
+    """
+    import torch
+
+    from rwkvtune.errors import CheckpointError
+
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected the {made_by}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({type(e).__name__}); expected "
+                              f"{made_by} (another kind of file, or corrupt)") from None

@@ -7,6 +7,9 @@ independent fixture.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 TINY = dict(n_layer=2, n_embd=64, head_size=16, vocab=256, d_decay=8, d_aaa=12, d_mv=4, d_gate=16)
@@ -61,3 +64,9 @@ def write_checkpoint(path, prefix: str = "", **kw) -> str:
     sd = make_state_dict(**kw)
     torch.save({prefix + k: v for k, v in sd.items()}, str(path))
     return str(path)
+
+
+def train_losses(out) -> list[float]:
+    """The per-step training losses of a run directory's metrics.jsonl."""
+    rows = map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in rows if "loss" in r]

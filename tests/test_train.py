@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_checkpoint
+from helpers import train_losses as _losses, write_checkpoint
 from rwkvtune.errors import RwkvtuneError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.models.rwkv7.config import TrainConfig
@@ -49,10 +49,6 @@ def _cfg(fixture, out, **kw):
                 lr=1e-3, warmup_steps=0, save_every=0, tensorboard=False)
     base.update(kw)
     return TrainConfig(**base)
-
-
-def _losses(out):
-    return [r["loss"] for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_full_finetune_outputs_and_rwkv_package(data, tmp_path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -160,15 +159,9 @@ def save_adapter(path, model: nn.Module) -> None:
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Apply a saved adapter to a freshly loaded base model; refuses another base."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, expected the adapter.pth file written by --mode lora")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: adapter file not found") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read adapter ({type(e).__name__}); expected "
-                              f"adapter.pth from --mode lora (another kind of file, or corrupt)") from None
+    from rwkvtune.utils import load_artifact
+
+    state = load_artifact(path, "adapter", "adapter.pth from --mode lora")
     if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path}: not an rwkvtune LoRA adapter (expected format {ADAPTER_FORMAT!r})")
     found = base_fingerprint(model)

@@ -6,7 +6,6 @@ The file holds ``wkv_init`` (fp32) plus the shape it fits, so `generate --state`
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -29,15 +28,9 @@ def save_state_file(path, wkv_init: torch.Tensor, model) -> None:
 
 def load_state_file(path, model) -> torch.Tensor:
     """The tuned initial state for ``model`` ([L, H, N, N] fp32 on the model's device)."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, expected the state.pth file written by --mode state")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: state file not found") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read state file ({type(e).__name__}); expected "
-                              f"state.pth from --mode state (another kind of file, or corrupt)") from None
+    from rwkvtune.utils import load_artifact
+
+    obj = load_artifact(path, "state file", "state.pth from --mode state")
     t = obj.get("wkv_init") if isinstance(obj, dict) else obj
     if not isinstance(t, torch.Tensor):
         raise CheckpointError(f"{path}: expected a state-tuning file with key 'wkv_init' (a tensor [L, H, N, N])")
