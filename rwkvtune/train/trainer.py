@@ -115,7 +115,11 @@ def build_model(cfg: TrainConfig, model_config, device: str) -> RWKV7:
     if cfg.init == "scratch":
         model = RWKV7.from_config(model_config, seed=cfg.seed)
     else:
-        model = RWKV7.from_checkpoint(model_config.model_path)
+        # A frozen base in bf16 (LoRA/state with precision bf16) is loaded as bf16 directly, so
+        # no fp32 copy of the whole model ever exists.
+        frozen_bf16 = cfg.mode != "full" and cfg.precision == "bf16"
+        model = RWKV7.from_checkpoint(model_config.model_path,
+                                      dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
     return model.to(device).train()
@@ -272,6 +276,9 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         cfg.save_yaml(out / "config.yaml")
         logger.info(f"model {model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params, "
                     f"{len(train_set)} windows, {total_steps} steps of {tokens_per_step} tokens")
+        if cfg.precision == "bf16" and dev_type == "cpu":
+            logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can "
+                        "be far slower than fp32; measured 74x slower here (bench/bench_lora.py)")
         if len(train_set) < sampler.global_batch:
             logger.info(f"warning: {cfg.data} gives {len(train_set)} window(s) of ctx_len {cfg.ctx_len}, fewer than "
                         f"one batch of {sampler.global_batch}: every batch repeats windows; add data or lower "
@@ -345,12 +352,14 @@ def dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_
     c = model_config
     # fp32 weights + fp32 grads and two AdamW moments for trainable params.
     weights = (trainable + frozen) * 4 + trainable * 12
-    # About 34 C-sized vectors per token per layer are kept for backward; with checkpointing
+    # About 67 C-sized vectors per token per layer are kept for backward (measured with saved-
+    # tensor hooks on the 0.1B shape at T=512); with checkpointing
     # only each block's input is kept, plus one block's worth during recomputation.
     act_bytes = 2 if cfg.precision == "bf16" else 4
     per_layer = cfg.batch_size * cfg.ctx_len * c.n_embd * act_bytes
-    acts = per_layer * (c.n_layer + 34 if cfg.grad_checkpoint else 34 * c.n_layer)
-    logits = cfg.batch_size * cfg.ctx_len * c.vocab_size * 4 * 2  # logits and their gradient, fp32
+    acts = per_layer * (c.n_layer + 67 if cfg.grad_checkpoint else 67 * c.n_layer)
+    # logits, log-softmax, their gradient and the L2Wrap buffer: ~4 fp32 tensors of B x T x V
+    logits = cfg.batch_size * cfg.ctx_len * c.vocab_size * 4 * 4
     mem = weights + acts + logits
     return {
         "config": cfg.to_dict(),
