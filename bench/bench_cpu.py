@@ -213,20 +213,25 @@ def run_worker(a) -> None:
 
 
 # ---------------------------------------------------------------------------------------- main
-def spawn(args, worker, impl="rwkvtune", ckpt="") -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--impl", impl, "--ckpt", ckpt,
-           "--threads", str(args.threads), "--runs", str(args.runs), "--T", str(args.T),
-           "--decode-tokens", str(args.decode_tokens)] + (["--quick"] if args.quick else []) + \
-          (["--profile"] if args.profile else [])
-    env = dict(os.environ, RWKV_V7_ON="1", OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+def run_script_worker(script: str, argv: list[str], threads: int, label: str) -> dict:
+    """Run ``script --worker ...`` in a fresh interpreter and return its ``RESULT {json}`` line."""
+    env = dict(os.environ, RWKV_V7_ON="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, os.path.abspath(script)] + argv, capture_output=True, text=True,
+                          env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"worker {worker}/{impl} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        sys.exit(f"worker {label} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     res = json.loads(lines[-1][len("RESULT "):])
     res["wall"] = time.perf_counter() - t
     return res
+
+
+def spawn(args, worker, impl="rwkvtune", ckpt="") -> dict:
+    argv = ["--worker", worker, "--impl", impl, "--ckpt", ckpt, "--threads", str(args.threads), "--runs",
+            str(args.runs), "--T", str(args.T), "--decode-tokens", str(args.decode_tokens)] + \
+           (["--quick"] if args.quick else []) + (["--profile"] if args.profile else [])
+    return run_script_worker(__file__, argv, args.threads, f"{worker}/{impl}")
 
 
 def make_checkpoint(path: str) -> None:

@@ -29,10 +29,8 @@ the cores, so the load average is printed before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -152,18 +150,10 @@ def worker_step(a) -> dict:
 
 # ------------------------------------------------------------------------------------ driver
 def spawn(args, mode: str, ckpt: str) -> dict:
-    """Run one mode in a fresh interpreter; bench_cpu.spawn is tied to bench_cpu.py's own workers."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--ckpt", ckpt, "--threads",
-           str(args.threads), "--runs", str(args.runs), "--T", str(args.T), "--bf16-budget", str(args.bf16_budget)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"worker {mode} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["wall"] = time.perf_counter() - t
-    return res
+    """Run one mode in a fresh interpreter (bench_cpu's runner, this script's workers)."""
+    argv = ["--worker", mode, "--ckpt", ckpt, "--threads", str(args.threads), "--runs", str(args.runs),
+            "--T", str(args.T), "--bf16-budget", str(args.bf16_budget)]
+    return bench_cpu.run_script_worker(__file__, argv, args.threads, mode)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import torch
 from helpers import write_checkpoint
 from rwkvtune.generate import (GenerationError, GenerationStats, apply_penalties, chat, format_chat, generate,
                                prepare_for_decoding, sample_logits, sampling_probs, stream_generate, update_counts)
-from rwkvtune.models.rwkv7.model import RWKV7, RWKV7State
+from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.tokenizer import get_tokenizer
 
 V = 65536  # the World tokenizer's padded vocab, so real prompts fit the tiny model

@@ -15,7 +15,7 @@ from helpers import train_losses as _losses, write_checkpoint
 from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.models.rwkv7.config import TrainConfig
-from rwkvtune.peft.lora import apply_lora, load_adapter, merged_state_dict
+from rwkvtune.peft.lora import apply_lora, load_adapter
 from rwkvtune.train.trainer import train
 
 SMALL = dict(n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8, d_mv=8, d_gate=8)
