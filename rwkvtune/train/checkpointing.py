@@ -72,10 +72,14 @@ def latest_checkpoint(out: str | Path) -> Path:
     return found[-1]
 
 
-def _load(path: Path) -> dict:
-    """A resumable checkpoint, or a CheckpointError saying which file is unreadable."""
+def _load(path: Path, mmap: bool = False) -> dict:
+    """A resumable checkpoint, or a CheckpointError saying which file is unreadable.
+
+    ``mmap=True`` leaves tensor data on disk: for reading only the saved config, which would
+    otherwise read the whole file (weights and optimizer state) a second time on resume.
+    """
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); it is corrupt: "
                               f"move it away to resume from the one before it") from None
@@ -98,7 +102,7 @@ def resumed_config(out: str | Path, cfg):
     from rwkvtune.models.rwkv7.config import TrainConfig
 
     path = latest_checkpoint(out)
-    ck = _load(path)
+    ck = _load(path, mmap=True)
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
     default, given = TrainConfig().to_dict(), cfg.to_dict()
     saved_d = saved.to_dict()

@@ -241,20 +241,15 @@ def _coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise TypeError(f"found {value!r}, expected true or false")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TypeError(f"found {value!r}, expected an integer")
+    if hint in (int, float):
+        # An int field takes ints and numeric strings (not 1e3 or 2.5); a float field also floats.
+        accepted, what = ((int, str), "an integer") if hint is int else ((int, float, str), "a number")
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise TypeError(f"found {value!r}, expected {what}")
         try:
-            return int(value)
+            return hint(value)
         except ValueError:
-            raise TypeError(f"found {value!r}, expected an integer") from None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(f"found {value!r}, expected a number")
-        try:
-            return float(value)
-        except ValueError:
-            raise TypeError(f"found {value!r}, expected a number") from None
+            raise TypeError(f"found {value!r}, expected {what}") from None
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise TypeError(f"found {value!r}, expected a string")
