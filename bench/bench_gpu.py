@@ -29,7 +29,9 @@ from rwkvtune.models.rwkv7.wkv import wkv7
 from rwkvtune.train.optim import loss_sum, param_groups
 
 
-def kernel_check(device: str, fast: str, slow: str, dtype: torch.dtype, B=2, T=300, H=4, N=64) -> dict:
+def kernel_check(device: str, fast, slow, dtype: torch.dtype, B=2, T=300, H=4, N=64) -> dict:
+    """Max abs and relative error of `fast` against `slow` (each a wkv7 backend name or a function
+    with wkv7's positional signature) for outputs, final state and every gradient."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*s, scale=1.0):
@@ -43,15 +45,16 @@ def kernel_check(device: str, fast: str, slow: str, dtype: torch.dtype, B=2, T=3
     inputs = [x.to(dtype) for x in (r, w, k, v, a, b)]
     dy, ds = rnd(B, T, H, N), rnd(B, H, N, N)
     results = {}
-    for name in (fast, slow):
+    for name, impl in (("fast", fast), ("slow", slow)):
+        fn = impl if callable(impl) else (lambda *a, backend=impl: wkv7(*a, backend=backend))
         xs = [x.detach().clone().requires_grad_(True) for x in inputs]
         st = s0.detach().clone().requires_grad_(True)
-        y, sf = wkv7(*xs, st, backend=name)
+        y, sf = fn(*xs, st)
         ((y.float() * dy).sum() + (sf * ds).sum()).backward()
         results[name] = [y.float(), sf] + [x.grad.float() for x in xs] + [st.grad]
     labels = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate"]
     out = {}
-    for label, p, q in zip(labels, results[fast], results[slow]):
+    for label, p, q in zip(labels, results["fast"], results["slow"]):
         err = float((p - q).detach().abs().max())
         out[label] = (err, err / max(1e-12, float(q.detach().abs().max())))
     return out

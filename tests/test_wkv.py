@@ -1,4 +1,6 @@
 """WKV-7 operator: the chunked backend against the per-token reference (values and gradients)."""
+import importlib.util
+import os
 import subprocess
 import sys
 
@@ -189,3 +191,15 @@ def test_import_does_not_pull_fla_or_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("fla", "triton", "einops")),
+                    reason="fla-core and triton not installed (see bench/check_fla_interpret.py)")
+def test_fla_adapter_matches_reference_under_triton_interpreter():
+    # fla's real Triton kernels, interpreted on CPU: checks our adapter's conventions (log-decay,
+    # state layout, scale, gradients) without a GPU. A subprocess, because TRITON_INTERPRET must be
+    # set before triton is first imported.
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "check_fla_interpret.py")
+    proc = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "float32 inputs" in proc.stdout and "OK" in proc.stdout
