@@ -3,13 +3,51 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+# The wandb run id of a run directory, kept so that `--resume` continues the same wandb run.
+WANDB_ID_FILE = "wandb-run-id"
+
+
+def _json_safe(row: dict) -> dict:
+    """``row`` with non-finite floats as None: JSON has no NaN/Infinity (json.dumps would write
+    the bare tokens, which strict parsers such as jq or JavaScript reject)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _import_summary_writer():
+    """torch's SummaryWriter, or the ImportError saying why not (torch.utils.tensorboard itself
+    imports the tensorboard package and fails without it or with one older than 1.15)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        return None, e
+    return SummaryWriter, None
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        from rwkvtune.errors import ConfigError
+
+        raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+    return wandb
+
 
 class MetricsLogger:
+    """Logs of the main process. ``resume_step`` (the checkpoint's step on --resume) continues the
+    run's logs: metrics.jsonl keeps its rows up to that step, TensorBoard hides the later events of
+    the interrupted run, and wandb continues the same run.
+
+    ``finish()`` at the end closes TensorBoard/wandb and draws loss.png; ``close()`` (or using the
+    logger as a context manager) closes them on any exit, marking the wandb run failed on an error.
+    """
+
     def __init__(self, out: Path, cfg, enabled: bool = True, resume_step: int | None = None):
         self.out, self.enabled = Path(out), enabled
         self.path = self.out / "metrics.jsonl"
@@ -18,6 +56,10 @@ class MetricsLogger:
         self.last_loss = None
         if not enabled:
             return
+        # Import the optional packages first: a missing wandb stops the run at setup, before any
+        # file of the run directory is touched.
+        SummaryWriter, tb_error = _import_summary_writer() if cfg.tensorboard else (None, None)
+        wandb = _import_wandb() if cfg.wandb else None
         self.out.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Keep the history up to the resumed step; a kill may have left later or torn lines.
@@ -27,29 +69,48 @@ class MetricsLogger:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if row.get("step", 0) <= resume_step:
+                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
                     kept.append(row)
             from rwkvtune.utils import atomic_write_text
 
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json.dumps(_json_safe(r)) + "\n" for r in kept))
             self.rows = [r for r in kept if "loss" in r]
         elif self.path.exists():
             self.path.unlink()
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if SummaryWriter is not None:
+            # tensorboard is on by default and used when installed. purge_step writes a restart
+            # marker: TensorBoard then hides the events of earlier files in tb/ at steps >= it, i.e.
+            # those an interrupted run logged after the checkpoint we resume from (steps from
+            # resume_step + 1 are logged again), and on a fresh run all of an earlier run's.
+            purge_step = 0 if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
+        elif cfg.tensorboard:
+            self.info(f"note: no TensorBoard logs ({tb_error}); pip install tensorboard, or set tensorboard=false "
+                      f"to hide this note")
+        if wandb is not None:
+            self.wandb = self._init_wandb(wandb, cfg, resume_step)
 
-                self.tb = SummaryWriter(str(self.out / "tb"))
-            except ImportError:
-                self.tb = None
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                from rwkvtune.errors import ConfigError
+    def _init_wandb(self, wandb, cfg, resume_step: int | None):
+        from rwkvtune.errors import ConfigError
+        from rwkvtune.utils import atomic_write_text
 
-                raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
-            self.wandb = wandb.init(project=cfg.wandb, config=cfg.to_dict(), dir=str(self.out))
+        id_path = self.out / WANDB_ID_FILE
+        kwargs = {}
+        if resume_step is not None and id_path.exists():
+            # Continue the interrupted run's wandb run rather than starting a second one. ("allow"
+            # also starts it afresh under that id if it never reached the server.)
+            kwargs = {"id": id_path.read_text().strip(), "resume": "allow"}
+        # No mode= here: wandb reads WANDB_MODE (offline/disabled) and its other settings from the
+        # environment itself, and passing a mode would override them.
+        try:
+            run = wandb.init(project=cfg.wandb, config=cfg.to_dict(), dir=str(self.out), **kwargs)
+        except Exception as e:  # no API key, no network, bad project name: one line at setup
+            raise ConfigError(f"--wandb {cfg.wandb}: wandb.init failed ({type(e).__name__}: {e}); run `wandb "
+                              f"login`, or set WANDB_MODE=offline to log locally and `wandb sync` later") from None
+        run_id = getattr(run, "id", None)
+        if isinstance(run_id, str) and run_id:
+            atomic_write_text(id_path, run_id + "\n")
+        return run
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -60,8 +121,9 @@ class MetricsLogger:
                     file=sys.stderr)
 
     def _write(self, row: dict) -> None:
+        # One line per call, opened in append mode and closed (so flushed) at once.
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
 
     def log_step(self, row: dict, progress) -> None:
         self.last_loss = row["loss"]
@@ -71,10 +133,14 @@ class MetricsLogger:
         self._write(row)
         progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         progress.update(1)
-        if self.tb:
+        if self.tb is not None:
             for k in ("loss", "lr", "tokens_per_s"):
                 self.tb.add_scalar(f"train/{k}", row[k], row["step"])
-        if self.wandb:
+            # Drain SummaryWriter's queue now, as metrics.jsonl is written per line: its writer thread is
+            # a daemon, so queued events (and, with TensorFlow's gfile, events buffered for up to
+            # flush_secs=120) are lost if the run dies.
+            self.tb.flush()
+        if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
 
     def log_eval(self, step: int, result: dict) -> None:
@@ -83,18 +149,37 @@ class MetricsLogger:
         row = {"step": step, **result}
         self._write(row)
         self.info(f"step {step}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}")
-        if self.tb:
+        if self.tb is not None:
             self.tb.add_scalar("eval/loss", result["eval_loss"], step)
-        if self.wandb:
+            self.tb.flush()
+        if self.wandb is not None:
             self.wandb.log(result, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        """Flush and close TensorBoard and finish the wandb run (marked failed with ``failed``).
+        Safe to call more than once."""
+        tb, run = self.tb, self.wandb
+        self.tb = self.wandb = None
+        try:
+            if tb is not None:
+                tb.close()
+        finally:
+            if run is not None:
+                if failed:
+                    run.finish(exit_code=1)
+                else:
+                    run.finish()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
 
     def finish(self) -> None:
         if not self.enabled:
             return
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
+        self.close()
         self.plot()
 
     def plot(self) -> Path | None:
