@@ -13,7 +13,8 @@ Adding a command is one entry in ``COMMANDS``. A command with actions (``models
 list/show/new/check``, ``data prepare``) defines a nested sub-parser whose actions set their own
 handlers, as ``_models_arguments`` shows.
 Handlers raise :class:`rwkvtune.errors.RwkvtuneError` for anything the user can fix;
-:func:`main` prints it as one ``error: ...`` line on stderr and returns 2, without a traceback.
+:func:`main` prints it as one ``error: ...`` line on stderr and returns 2 (or the error's
+``exit_status``), without a traceback.
 """
 
 from __future__ import annotations
@@ -47,8 +48,24 @@ def _resolve(target: str) -> Callable:
 
 
 def _handler(parser: argparse.ArgumentParser, target: str) -> None:
-    """Attach the lazily imported handler ``"package.module:function"`` to a (sub)parser."""
-    parser.set_defaults(_handler=target)
+    """Attach the lazily imported handler ``"package.module:function"`` to a (sub)parser; that
+    parser also reports the usage errors of its command line (see :class:`_Parser`)."""
+    parser.set_defaults(_handler=target, _command_parser=parser)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports unknown options with the usage of the (sub)command they were given to.
+
+    argparse collects a sub-parser's unknown arguments and lets the top-level parser reject them,
+    which shows ``rwkvtune``'s usage for ``rwkvtune train --bogus``; the innermost parser that
+    was used is in the namespace as ``_command_parser``.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(parsed, "_command_parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 # ---- arguments of the commands that live in this package's config registry -----------------
@@ -141,7 +158,7 @@ def _selected(argv: Sequence[str]) -> str | None:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; options of string-specified commands are loaded only for the command in argv."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Training toolkit for RWKV-7 (x070) language models.",
         epilog="Run `rwkvtune COMMAND --help` for a command's options.",
@@ -184,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RwkvtuneError as e:
         sys.stdout.flush()
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
     except KeyboardInterrupt as e:
         sys.stdout.flush()
         print(f"\nerror: interrupted{'; ' + _one_line(str(e)) if str(e) else ''}", file=sys.stderr)

@@ -353,6 +353,18 @@ def test_usage_errors_exit_2(runs):
         assert "usage: rwkvtune" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_unknown_option_shows_the_subcommands_usage(capsys):
+    for argv, prog in ((["train", "--bogus"], "rwkvtune train"),
+                       (["models", "show", "0.1b", "--bogus"], "rwkvtune models show"),
+                       (["data", "prepare", "in.jsonl", "--out", "x", "--bogus"], "rwkvtune data prepare")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: {prog} ") and "Traceback" not in err, err
+        assert err.splitlines()[-1] == f"{prog}: error: unrecognized arguments: --bogus"
+    assert main(["--bogus"]) == 2
+    assert capsys.readouterr().err.startswith("usage: rwkvtune [-h]")
+
+
 def test_help_and_version_in_process(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

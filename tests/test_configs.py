@@ -311,6 +311,22 @@ def test_config_path_adds_and_overrides(monkeypatch, tmp_path):
     assert shadowed[("mine", str(a / "rwkv7-mine.json"))] is None
 
 
+def test_config_path_entry_that_does_not_exist_warns_once(monkeypatch, tmp_path):
+    import warnings
+
+    a, missing = tmp_path / "a", tmp_path / "missing"
+    a.mkdir()
+    _write(a / "rwkv7-mine.json", _valid_dict(model_name="Mine-A"))
+    monkeypatch.setenv("RWKVTUNE_CONFIG_PATH", f"{missing}{model_loader.os.pathsep}{a}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "mine" in list_available_models()  # not fatal: the other entries still count
+        assert load_model_config("mine").model_name == "Mine-A"
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "$RWKVTUNE_CONFIG_PATH" in messages[0] and f"{missing} does not exist" in messages[0]
+
+
 def test_model_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("RWKVTUNE_MODEL_DIR", str(tmp_path / "m"))
     cfg = load_model_config("0.4b")

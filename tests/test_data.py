@@ -379,6 +379,23 @@ def test_prepare_errors_and_skip(tok, tmp_path, workers):
     assert BinIdxDataset(str(tmp_path / "o"))[300].tolist() == tok.encode("b") + [0]
 
 
+def test_prepare_progress_bar_stays_within_its_total(tok, corpus, tmp_path, monkeypatch):
+    import tqdm
+
+    counted = []
+
+    class Recorder(tqdm.tqdm):
+        def update(self, n=1):
+            counted.append(n)
+            assert self.n + n <= self.total, (self.n, n, self.total)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    prepare_binidx(corpus, str(tmp_path / "o"), tok, workers=1, progress=True)
+    # A file without blank lines is counted exactly by the per-chunk updates; the last one is 0.
+    assert sum(counted) == os.path.getsize(corpus) and counted[-1] == 0
+
+
 def test_prepare_empty_file(tok, tmp_path):
     path = write_lines(tmp_path / "e.jsonl", [])
     with pytest.raises(DataError) as e:

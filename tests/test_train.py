@@ -326,6 +326,41 @@ def test_unparsable_numbers_and_non_utf8_recipe(tmp_path):
         load_recipe(tmp_path)
 
 
+def test_duplicate_recipe_key_is_an_error_naming_file_key_and_lines(tmp_path):
+    from rwkvtune.errors import ConfigError
+    from rwkvtune.models.rwkv7.config import load_recipe
+
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("mode: lora\nlr: 1e-4\nlora_r: 8\nlr: 2e-4\n")
+    with pytest.raises(ConfigError, match=f"^{recipe}: duplicate key 'lr' on lines 2 and 4; keep only one"):
+        load_recipe(recipe)
+    # A key overriding one merged in from an anchor is no duplicate.
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("base: &b {lora_r: 4, mode: lora}\nrun:\n  <<: *b\n  lora_r: 8\n")
+    assert load_recipe(merged)["run"] == {"lora_r": 8, "mode": "lora"}
+
+
+def test_out_of_range_values_name_the_recipe_or_the_command_line(data, tmp_path, capsys):
+    from rwkvtune.cli import main
+    from rwkvtune.errors import ConfigError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("mode: lora\nlr: -1\n")
+    base = ["train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main([*base, "--config", str(recipe)]) == 2
+    assert f"error: recipe {recipe}: lr: found -1.0, expected 0 <= lr < 10" in capsys.readouterr().err
+    assert main([*base, "--config", str(recipe), "--lr", "1e-4", "--seed", "-1"]) == 2
+    assert "error: command line: seed: found -1, expected an integer >= 0" in capsys.readouterr().err
+    assert main([*base, "lora_r=0"]) == 2
+    assert "error: command line (key=value): lora_r: found 0, expected >= 1" in capsys.readouterr().err
+    # A bookkeeping option given with --resume is the command's, not the checkpoint's.
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=1, save_every=1))
+    resume = TrainConfig().update({"resume": str(out), "save_every": -1}, source="command line")
+    with pytest.raises(ConfigError, match="^command line: save_every: found -1, expected >= 0"):
+        train(resume)
+
+
 def test_bad_device_and_option_on_cli_are_one_line_errors(data, tmp_path):
     base = ["train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "o"), "--dry-run"]
     if not torch.cuda.is_available():
@@ -412,6 +447,58 @@ def test_sigint_exits_130_and_keeps_checkpoints(data, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err
     assert f"error: interrupted; the checkpoints in {out / 'checkpoints'} are kept" in err
     assert f"--resume {out}" in err and any((out / "checkpoints").glob("step-*.pt"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(data, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = _train_cmd(data, out, 10000)
+    cmd[cmd.index("--save-every") + 1] = "0"  # the checkpoint must come from the SIGTERM
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: terminated by SIGTERM after step "), err[-2000:]
+    saved = sorted((out / "checkpoints").glob("step-*.pt"))
+    assert len(saved) == 1 and f"saved the resumable checkpoint {saved[0]}" in lines[0]
+    assert lines[0].endswith(f"continue with: rwkvtune train --resume {out}")
+    assert not (out / "final.pth").exists()
+
+
+def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_path, monkeypatch):
+    import rwkvtune.train.trainer as trainer_mod
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(data, full, max_steps=4))
+    real, calls = trainer_mod.loss_sum, {"n": 0}
+
+    def sigterm_in_step_2(logits, labels, l2):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2's forward
+        return real(logits, labels, l2)
+
+    monkeypatch.setattr(trainer_mod, "loss_sum", sigterm_in_step_2)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(trainer_mod.Terminated, match=f"after step 2 of 4; saved the resumable checkpoint "
+                                                     f"{part / 'checkpoints' / 'step-0000002.pt'}"):
+        train(_cfg(data, part, max_steps=4))
+    assert signal.getsignal(signal.SIGTERM) is before  # handler only for the duration of train()
+    assert trainer_mod.Terminated.exit_status == 143
+    monkeypatch.setattr(trainer_mod, "loss_sum", real)
+    train(TrainConfig(resume=str(part)))
+    la, lb = _losses(full), _losses(part)
+    assert len(lb) == 4 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-6
+    # Outside the loop (setup, final saving) there is no step to finish: it stops at once.
+    stop = trainer_mod._SigtermStop()
+    stop.out = part
+    with pytest.raises(trainer_mod.Terminated, match=f"the checkpoints in {part / 'checkpoints'} are kept"):
+        stop(signal.SIGTERM, None)
 
 
 def test_eval_bad_batch_size_and_wandb_missing(data, tmp_path):

@@ -23,6 +23,7 @@ import difflib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -348,9 +349,22 @@ def _check_values(flat: dict[str, Any], names: dict[str, str] | None = None) -> 
     return problems
 
 
+_warned_missing: set[Path] = set()  # config_dirs() runs many times per command: warn once per entry
+
+
 def config_dirs() -> list[Path]:
-    """Directories searched for configs: ``$RWKVTUNE_CONFIG_PATH`` entries first, then the package's."""
+    """Directories searched for configs: ``$RWKVTUNE_CONFIG_PATH`` entries first, then the package's.
+
+    An entry that is not a directory is kept (callers skip it) but warned about once: a typo there
+    would otherwise just make the user's configs silently absent.
+    """
     extra = [Path(p).expanduser() for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p.strip()]
+    for d in extra:
+        if not d.is_dir() and d not in _warned_missing:
+            _warned_missing.add(d)
+            what = "does not exist" if not d.exists() else "is not a directory"
+            warnings.warn(f"${CONFIG_PATH_ENV} entry {d} {what}, so no configs are read from it; fix or remove "
+                          f"that entry")
     return extra + [PACKAGE_MODELS_DIR]
 
 

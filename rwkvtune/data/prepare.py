@@ -66,7 +66,8 @@ def _encode_chunk(chunk):
     w = _worker
     for rec in chunk:
         if rec[2] == "json":
-            nbytes += len(rec[1].encode("utf-8")) + 1  # for the progress bar only
+            # For the progress bar, whose total is the file size: the line as read, "\n" included
+            nbytes += len(rec[1].encode("utf-8"))
         try:
             docs.append(encode_raw(rec, w["tokenizer"], w["fmt"], w["vocab_size"]).tokens)
         except DataError as e:

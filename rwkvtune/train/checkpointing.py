@@ -114,12 +114,15 @@ def resumed_config(out: str | Path, cfg):
                           f"keeps its config (only max_steps and logging/saving options may change): drop those "
                           f"options, or start a new run with another --out")
     for k in RESUME_MAY_CHANGE:
-        if k not in ("max_steps", "resume", "out") and given[k] != default[k]:
+        if k not in ("resume", "out") and given[k] != default[k]:  # max_steps too: it extends the run
             setattr(saved, k, getattr(cfg, k))
+            # validate() names where a value came from: this command's source, not the checkpoint
+            if k in cfg.sources:
+                saved.sources[k] = cfg.sources[k]
+            else:
+                saved.sources.pop(k, None)
     saved.resume = str(out)
     saved.out = str(out)
-    if cfg.max_steps is not None:
-        saved.max_steps = cfg.max_steps
     return saved
 
 

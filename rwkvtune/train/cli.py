@@ -59,11 +59,11 @@ def config_from_args(args: argparse.Namespace):
 
     cfg = TrainConfig()
     if args.config:
-        cfg.update(load_recipe(args.config), source=args.config)
+        cfg.update(load_recipe(args.config), source=f"recipe {args.config}")
     given = {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | {"resume", "grad_checkpoint",
                                                                                "long_context"}
     cfg.update({k: getattr(args, k) for k in given if getattr(args, k) is not None}, source="command line")
-    cfg.update(parse_overrides(args.overrides), source="key=value overrides")
+    cfg.update(parse_overrides(args.overrides), source="command line (key=value)")
     return cfg
 
 

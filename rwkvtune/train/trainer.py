@@ -20,6 +20,8 @@ import importlib.util
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +42,37 @@ from rwkvtune.utils import atomic_write_text
 
 class TrainingDiverged(RwkvtuneError):
     """The loss became NaN or inf."""
+
+
+class Terminated(RwkvtuneError):
+    """SIGTERM stopped training; the CLI exits 143 (128 + SIGTERM, what a shell reports for it)."""
+
+    exit_status = 128 + signal.SIGTERM
+
+
+class _SigtermStop:
+    """The SIGTERM handler while train() runs (job schedulers and `kill` send SIGTERM).
+
+    In the loop it only records the request: the loop finishes the optimizer step, saves a
+    resumable checkpoint and raises Terminated (stopping mid-step would save weights, optimizer,
+    data position and RNGs out of step with each other). Outside the loop (setup, final eval and
+    saving) there is no step to finish: it raises at once, like Ctrl-C.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.in_loop = False
+        self.out: Path | None = None
+
+    def __call__(self, signum, frame):
+        self.requested = True
+        if self.in_loop:
+            return
+        message = "terminated by SIGTERM"
+        if self.out is not None and any((self.out / "checkpoints").glob("step-*.pt")):
+            message += (f"; the checkpoints in {self.out / 'checkpoints'} are kept; continue with: "
+                        f"rwkvtune train --resume {self.out}")
+        raise Terminated(message)
 
 
 class TrainModule(nn.Module):
@@ -220,7 +253,23 @@ def _all_sum(values: list[float], d: Dist, device: str) -> list[float]:
 
 
 def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
-    """Run a training job described by ``cfg``; returns a summary dict."""
+    """Run a training job described by ``cfg``; returns a summary dict.
+
+    SIGTERM while it runs saves a resumable checkpoint after the current step and raises
+    :class:`Terminated` (see :class:`_SigtermStop`); the previous handler is restored on return.
+    """
+    stop = _SigtermStop()
+    if threading.current_thread() is not threading.main_thread():
+        return _train(cfg, dry_run, stop)  # Python sets signal handlers in the main thread only
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _train(cfg, dry_run, stop)
+    finally:
+        # None: the previous handler was not set from Python; the default is the nearest we can do
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _train(cfg: TrainConfig, dry_run: bool, stop: _SigtermStop) -> dict:
     # ---------------------------------------------------------------- setup
     resume_dir = cfg.resume
     if resume_dir:
@@ -231,6 +280,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     check_model_file(cfg, model_config)
     out = Path(cfg.out)
     check_out_dir(out, resuming=bool(resume_dir))
+    stop.out = out
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
     d = setup_distributed(cfg.device)
@@ -287,6 +337,7 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
 
     # ---------------------------------------------------------------- loop
     last_eval = None
+    stop.in_loop = True
     while step < total_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.lr_final, cfg.warmup_steps, total_steps)
@@ -327,6 +378,17 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
             logger.log_eval(step, last_eval)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and d.main:
             checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
+        stop_now, = _all_sum([float(stop.requested)], d, device)  # every rank stops after the same step
+        if stop_now:
+            progress.close()
+            path = out / "checkpoints" / f"step-{step:07d}.pt"
+            if d.main and not path.exists():  # else save_every just wrote it
+                path = checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
+            if d.world_size > 1:
+                dist.barrier()  # no rank exits before rank 0 has saved
+            raise Terminated(f"terminated by SIGTERM after step {step} of {total_steps}; saved the resumable "
+                             f"checkpoint {path}; continue with: rwkvtune train --resume {out}")
+    stop.in_loop = False
     progress.close()
 
     # ---------------------------------------------------------------- finish

@@ -72,6 +72,11 @@ class TrainConfig:
     wandb: str | None = None  # wandb project name to log to (needs wandb installed)
     resume: str | None = None  # an --out directory to continue from its last checkpoint
 
+    def __post_init__(self) -> None:
+        # Where each field set by ``update`` came from ("recipe r.yaml", "command line"), so that
+        # ``validate`` can name it; not a dataclass field, so never saved with the config.
+        self.sources: dict[str, str] = {}
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -88,6 +93,7 @@ class TrainConfig:
                 continue
             try:
                 setattr(self, key, _coerce(raw, hints[key]))
+                self.sources[key] = source
             except (TypeError, ValueError) as e:
                 problems.append(f"{key}: {e}")
         if problems:
@@ -148,7 +154,9 @@ class TrainConfig:
         if bad_parts:
             problems.append(f"train_parts: found {sorted(bad_parts)}, expected a subset of ln, emb, head")
         if problems:
-            raise ConfigError("training config: " + "; ".join(problems))
+            # Each problem starts with "field:"; name where that field's value was set.
+            raise ConfigError("; ".join(f"{self.sources.get(p.split(':', 1)[0], 'training config')}: {p}"
+                                        for p in problems))
 
     def resolve(self, model_config) -> "TrainConfig":
         """Fill ``None`` fields from the model config's recommendations and the device."""
@@ -185,6 +193,30 @@ class TrainConfig:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _recipe_loader():
+    """A SafeLoader that refuses duplicate keys: PyYAML keeps the last one, so a recipe with ``lr``
+    twice would silently train with whichever comes later."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base" keys may be overridden by the mapping's own
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it below
+                if first is not None:
+                    raise ConfigError(f"duplicate key {key!r} on lines {first} and {line}; keep only one of them")
+                lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    return RecipeLoader
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``)."""
     import yaml
@@ -194,11 +226,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         what = "is a directory" if p.is_dir() else "recipe not found"
         raise ConfigError(f"{p}: {what}; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_recipe_loader()) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the recipe as UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    except ConfigError as e:  # from the loader, which does not know the file name
+        raise ConfigError(f"{p}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: found a {type(data).__name__}, expected a mapping of option: value")
     return data
