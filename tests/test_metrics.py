@@ -215,18 +215,20 @@ def test_missing_wandb_is_one_line_error_at_setup_before_touching_files(tmp_path
     assert _strict_rows(out / "metrics.jsonl") == [_row(1)]
 
 
-def test_missing_tensorboard_notes_and_logs_the_rest(tmp_path, monkeypatch, capsys):
-    # tensorboard defaults to on and is used when installed: its absence is a one-line note that
-    # names the option and the pip command, not an error.
+def test_missing_tensorboard_is_silent_by_default_and_an_error_when_asked_for(tmp_path, monkeypatch, capsys):
+    # The default (None) uses tensorboard when installed and says nothing otherwise; tensorboard=true
+    # is a request, so its absence is a one-line error at setup naming the pip command.
     monkeypatch.setitem(sys.modules, TB_MODULE, None)
     out = tmp_path / "run"
-    logger = MetricsLogger(out, _cfg(tensorboard=True))
-    err = capsys.readouterr().err
-    assert logger.tb is None and len(err.strip().splitlines()) == 1
-    assert "pip install tensorboard" in err and "tensorboard=false" in err
+    logger = MetricsLogger(out, _cfg(tensorboard=None))
+    assert logger.tb is None and capsys.readouterr().err == ""
     logger.log_step(_row(1), _Progress())
     logger.close()
     assert _strict_rows(out / "metrics.jsonl") == [_row(1)] and not (out / "tb").exists()
+    with pytest.raises(ConfigError) as e:
+        MetricsLogger(tmp_path / "run2", _cfg(tensorboard=True))
+    assert "pip install tensorboard" in str(e.value) and "tensorboard=false" in str(e.value)
+    assert not (tmp_path / "run2").exists()
 
 
 def test_tensorboard_off_needs_nothing_and_says_nothing(tmp_path, monkeypatch, capsys):

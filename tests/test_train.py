@@ -434,7 +434,29 @@ def test_ctx_len_beyond_data_trims_padding_and_warns(data, tmp_path, capsys):
     assert "fewer than one batch of 4" in capsys.readouterr().err
 
 
-def test_sigint_exits_130_and_keeps_checkpoints(data, tmp_path):
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(data, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = _train_cmd(data, out, 10000)
+    cmd[cmd.index("--save-every") + 1] = "0"  # the checkpoint must come from the Ctrl-C
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "Ctrl-C: stopping after this step to save a resumable checkpoint" in err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    saved = sorted((out / "checkpoints").glob("step-*.pt"))
+    assert len(saved) == 1 and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("error: interrupted (Ctrl-C) after step ")
+    assert f"saved the resumable checkpoint {saved[0]}" in lines[0]
+    assert lines[0].endswith(f"continue with: rwkvtune train --resume {out}")
+
+
+def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(data, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(_train_cmd(data, out, 10000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -443,9 +465,13 @@ def test_sigint_exits_130_and_keeps_checkpoints(data, tmp_path):
     while time.time() < deadline and not (out / "checkpoints" / "step-0000002.pt").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err
-    assert f"error: interrupted; the checkpoints in {out / 'checkpoints'} are kept" in err
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    # Either the second Ctrl-C cut the step short (the checkpoints on disk are named), or the
+    # step had already ended and its checkpoint was saved: both leave a resumable run.
+    assert (f"error: interrupted; the checkpoints in {out / 'checkpoints'} are kept" in err
+            or "error: interrupted (Ctrl-C) after step " in err), err[-2000:]
     assert f"--resume {out}" in err and any((out / "checkpoints").glob("step-*.pt"))
 
 
@@ -484,21 +510,41 @@ def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_
         return real(logits, labels, l2)
 
     monkeypatch.setattr(trainer_mod, "loss_sum", sigterm_in_step_2)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(trainer_mod.Terminated, match=f"after step 2 of 4; saved the resumable checkpoint "
-                                                     f"{part / 'checkpoints' / 'step-0000002.pt'}"):
+                                                     f"{part / 'checkpoints' / 'step-0000002.pt'}") as e:
         train(_cfg(data, part, max_steps=4))
-    assert signal.getsignal(signal.SIGTERM) is before  # handler only for the duration of train()
-    assert trainer_mod.Terminated.exit_status == 143
+    # handlers only for the duration of train()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert e.value.exit_status == 143
     monkeypatch.setattr(trainer_mod, "loss_sum", real)
     train(TrainConfig(resume=str(part)))
     la, lb = _losses(full), _losses(part)
     assert len(lb) == 4 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-6
     # Outside the loop (setup, final saving) there is no step to finish: it stops at once.
-    stop = trainer_mod._SigtermStop()
+    stop = trainer_mod._GracefulStop()
     stop.out = part
     with pytest.raises(trainer_mod.Terminated, match=f"the checkpoints in {part / 'checkpoints'} are kept"):
         stop(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_mod._GracefulStop()(signal.SIGINT, None)
+
+
+def test_log_every_writes_token_weighted_means(data, tmp_path):
+    every = tmp_path / "every"
+    train(_cfg(data, every, max_steps=5, log_every=1))
+    rows1 = [json.loads(l) for l in (every / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path / "by2"
+    summary = train(_cfg(data, out, max_steps=5, log_every=2))
+    rows2 = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows2] == [2, 4, 5]  # and the last step, always
+    tok = {r["step"]: r["tokens"] - prev for r, prev in zip(rows1, [0] + [r["tokens"] for r in rows1])}
+    loss = {r["step"]: r["loss"] for r in rows1}
+    for row, steps in zip(rows2, ([1, 2], [3, 4], [5])):
+        mean = sum(loss[i] * tok[i] for i in steps) / sum(tok[i] for i in steps)
+        assert abs(row["loss"] - mean) < 1e-5 and row["tokens"] == rows1[steps[-1] - 1]["tokens"]
+        assert row["grad_norm"] == pytest.approx(max(rows1[i - 1]["grad_norm"] for i in steps), rel=1e-5)
+    assert summary["loss"] == rows2[-1]["loss"]
 
 
 def test_eval_bad_batch_size_and_wandb_missing(data, tmp_path):
@@ -512,6 +558,10 @@ def test_eval_bad_batch_size_and_wandb_missing(data, tmp_path):
         with pytest.raises(ConfigError, match="pip install wandb"):
             train(_cfg(data, tmp_path / "w", wandb="proj"))
         assert not (tmp_path / "w").exists()
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
+            train(_cfg(data, tmp_path / "t", tensorboard=True))
+        assert not (tmp_path / "t").exists()
 
 
 def test_unwritable_out_is_refused_before_work(data, tmp_path, monkeypatch):

@@ -58,8 +58,13 @@ class MetricsLogger:
             return
         # Import the optional packages first: a missing wandb stops the run at setup, before any
         # file of the run directory is touched.
-        SummaryWriter, tb_error = _import_summary_writer() if cfg.tensorboard else (None, None)
+        SummaryWriter, tb_error = _import_summary_writer() if cfg.tensorboard is not False else (None, None)
         wandb = _import_wandb() if cfg.wandb else None
+        if SummaryWriter is None and cfg.tensorboard:  # asked for (true), not the default (None: if installed)
+            from rwkvtune.errors import ConfigError
+
+            raise ConfigError(f"tensorboard=true needs the tensorboard package ({tb_error}): pip install "
+                              f"tensorboard, or set tensorboard=false")
         self.out.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Keep the history up to the resumed step; a kill may have left later or torn lines.
@@ -84,9 +89,6 @@ class MetricsLogger:
             # resume_step + 1 are logged again), and on a fresh run all of an earlier run's.
             purge_step = 0 if resume_step is None else resume_step + 1
             self.tb = SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
-        elif cfg.tensorboard:
-            self.info(f"note: no TensorBoard logs ({tb_error}); pip install tensorboard, or set tensorboard=false "
-                      f"to hide this note")
         if wandb is not None:
             self.wandb = self._init_wandb(wandb, cfg, resume_step)
 
@@ -125,14 +127,15 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
 
-    def log_step(self, row: dict, progress) -> None:
+    def log_step(self, row: dict, progress, advance: int = 1) -> None:
+        """Write one row of training metrics; the progress bar shows it and moves ``advance`` steps."""
         self.last_loss = row["loss"]
         if not self.enabled:
             return
         self.rows.append(row)
         self._write(row)
         progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        progress.update(1)
+        progress.update(advance)
         if self.tb is not None:
             for k in ("loss", "lr", "tokens_per_s"):
                 self.tb.add_scalar(f"train/{k}", row[k], row["step"])

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 from rwkvtune.configs.model_loader import load_model_config
 from rwkvtune.errors import ConfigError, RwkvtuneError
@@ -45,34 +47,48 @@ class TrainingDiverged(RwkvtuneError):
 
 
 class Terminated(RwkvtuneError):
-    """SIGTERM stopped training; the CLI exits 143 (128 + SIGTERM, what a shell reports for it)."""
+    """A signal stopped training after a step (and its checkpoint). The CLI exits 128 + the signal
+    number, what a shell reports for it: 143 for SIGTERM, 130 for Ctrl-C."""
 
-    exit_status = 128 + signal.SIGTERM
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_status = 128 + int(signum)
 
 
-class _SigtermStop:
-    """The SIGTERM handler while train() runs (job schedulers and `kill` send SIGTERM).
+class _GracefulStop:
+    """The SIGTERM and SIGINT (Ctrl-C) handler while train() runs.
 
-    In the loop it only records the request: the loop finishes the optimizer step, saves a
-    resumable checkpoint and raises Terminated (stopping mid-step would save weights, optimizer,
-    data position and RNGs out of step with each other). Outside the loop (setup, final eval and
-    saving) there is no step to finish: it raises at once, like Ctrl-C.
+    In the loop the first signal only records the request: the loop finishes the optimizer step,
+    saves a resumable checkpoint and raises Terminated (stopping mid-step would save weights,
+    optimizer, data position and RNGs out of step with each other). A second Ctrl-C, or any signal
+    outside the loop (setup, final eval and saving: no step to finish), stops at once.
     """
 
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
     def __init__(self):
-        self.requested = False
+        self.requested: int | None = None   # the signal number that asked to stop
         self.in_loop = False
         self.out: Path | None = None
 
+    def describe(self) -> str:
+        return "terminated by SIGTERM" if self.requested == signal.SIGTERM else "interrupted (Ctrl-C)"
+
     def __call__(self, signum, frame):
-        self.requested = True
-        if self.in_loop:
+        again = self.requested is not None
+        self.requested = signum
+        if self.in_loop and not again:
+            if signum == signal.SIGINT:
+                tqdm.write("Ctrl-C: stopping after this step to save a resumable checkpoint "
+                           "(Ctrl-C again to quit at once)", file=sys.stderr)
             return
-        message = "terminated by SIGTERM"
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the CLI names the checkpoints already on disk
+        message = self.describe()
         if self.out is not None and any((self.out / "checkpoints").glob("step-*.pt")):
             message += (f"; the checkpoints in {self.out / 'checkpoints'} are kept; continue with: "
                         f"rwkvtune train --resume {self.out}")
-        raise Terminated(message)
+        raise Terminated(message, signum)
 
 
 class TrainModule(nn.Module):
@@ -255,21 +271,22 @@ def _all_sum(values: list[float], d: Dist, device: str) -> list[float]:
 def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     """Run a training job described by ``cfg``; returns a summary dict.
 
-    SIGTERM while it runs saves a resumable checkpoint after the current step and raises
-    :class:`Terminated` (see :class:`_SigtermStop`); the previous handler is restored on return.
+    SIGTERM or Ctrl-C while it runs saves a resumable checkpoint after the current step and raises
+    :class:`Terminated` (see :class:`_GracefulStop`); the previous handlers are restored on return.
     """
-    stop = _SigtermStop()
+    stop = _GracefulStop()
     if threading.current_thread() is not threading.main_thread():
         return _train(cfg, dry_run, stop)  # Python sets signal handlers in the main thread only
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _train(cfg, dry_run, stop)
     finally:
-        # None: the previous handler was not set from Python; the default is the nearest we can do
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            # None: the previous handler was not set from Python; the default is the nearest we can do
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
-def _train(cfg: TrainConfig, dry_run: bool, stop: _SigtermStop) -> dict:
+def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
     # ---------------------------------------------------------------- setup
     resume_dir = cfg.resume
     if resume_dir:
@@ -283,6 +300,9 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _SigtermStop) -> dict:
     stop.out = out
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard, or set "
+                          "tensorboard=false")
     d = setup_distributed(cfg.device)
     device = select_device(cfg.device, d)
     torch.manual_seed(cfg.seed)
@@ -336,74 +356,86 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _SigtermStop) -> dict:
     progress = logger.progress(total_steps, initial=step)
 
     # ---------------------------------------------------------------- loop
-    last_eval = None
-    stop.in_loop = True
-    while step < total_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg.lr, cfg.lr_final, cfg.warmup_steps, total_steps)
-        set_lr(optimizer, lr)
-        micro = []
-        for _ in range(cfg.grad_accum):
-            ids = sampler.current_batch()
-            micro.append(collate([train_set[i] for i in ids], device))
-            sampler.advance(1)
-        n_tok, = _all_sum([float(sum(int((b["labels"] != -100).sum()) for b in micro))], d, device)
-        n_tok = max(1.0, n_tok)
-        scale = d.world_size / n_tok  # DDP averages over ranks: undo it, then divide by global tokens
-        l2 = 1e-4 * scale if cfg.l2wrap else 0.0
-        loss_total = 0.0
-        for i, b in enumerate(micro):
-            loss_total += run_micro_batch(module, b, cfg, scale, l2, sync_last=(i == len(micro) - 1),
-                                          autocast=autocast, ddp_module=ddp)
-        loss_total, = _all_sum([loss_total], d, device)
-        loss = loss_total / n_tok
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step + 1}; stopped without saving. The last good checkpoint "
-                f"is in {out / 'checkpoints'} (resume with --resume {out} and a lower --lr)")
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in module.parameters() if p.requires_grad], cfg.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += int(n_tok)
-        dt = time.perf_counter() - t0
-        row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen,
-               "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm}
-        logger.log_step(row, progress)
-        if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+    with logger:  # on any error: flush TensorBoard, mark the wandb run failed
+        last_eval = None
+        window = {"steps": 0, "loss": 0.0, "tokens": 0.0, "seconds": 0.0, "grad_norm": None}  # since the last row
+        stop.in_loop = True
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.lr_final, cfg.warmup_steps, total_steps)
+            set_lr(optimizer, lr)
+            micro = []
+            for _ in range(cfg.grad_accum):
+                ids = sampler.current_batch()
+                micro.append(collate([train_set[i] for i in ids], device))
+                sampler.advance(1)
+            n_tok, = _all_sum([float(sum(int((b["labels"] != -100).sum()) for b in micro))], d, device)
+            n_tok = max(1.0, n_tok)
+            scale = d.world_size / n_tok  # DDP averages over ranks: undo it, then divide by global tokens
+            l2 = 1e-4 * scale if cfg.l2wrap else 0.0
+            loss_total = 0.0
+            for i, b in enumerate(micro):
+                loss_total += run_micro_batch(module, b, cfg, scale, l2, sync_last=(i == len(micro) - 1),
+                                              autocast=autocast, ddp_module=ddp)
+            loss_total, = _all_sum([loss_total], d, device)
+            loss = loss_total / n_tok
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step + 1}; stopped without saving. The last good checkpoint "
+                    f"is in {out / 'checkpoints'} (resume with --resume {out} and a lower --lr)")
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in module.parameters() if p.requires_grad], cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += int(n_tok)
+            window["steps"] += 1
+            window["loss"] += loss_total
+            window["tokens"] += n_tok
+            window["seconds"] += time.perf_counter() - t0
+            if grad_norm is not None:
+                window["grad_norm"] = max(grad_norm, window["grad_norm"] or 0.0)
+            if step % cfg.log_every == 0 or step == total_steps or stop.requested:
+                # One row per log_every steps: token-weighted mean loss, the largest grad norm (the
+                # one that shows a spike), throughput over the window, the lr of this step.
+                row = {"step": step, "loss": window["loss"] / window["tokens"], "lr": lr, "tokens": tokens_seen,
+                       "tokens_per_s": tokens_per_step * window["steps"] / window["seconds"],
+                       "grad_norm": window["grad_norm"]}
+                logger.log_step(row, progress, advance=window["steps"])
+                window.update(steps=0, loss=0.0, tokens=0.0, seconds=0.0, grad_norm=None)
+            if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                last_eval = evaluate(module, eval_set, cfg, device, autocast)
+                logger.log_eval(step, last_eval)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and d.main:
+                checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
+            stop_now, = _all_sum([float(stop.requested is not None)], d, device)  # all ranks stop after one step
+            if stop_now:
+                progress.close()
+                path = out / "checkpoints" / f"step-{step:07d}.pt"
+                if d.main and not path.exists():  # else save_every just wrote it
+                    path = checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
+                if d.world_size > 1:
+                    dist.barrier()  # no rank exits before rank 0 has saved
+                raise Terminated(f"{stop.describe()} after step {step} of {total_steps}; saved the resumable "
+                                 f"checkpoint {path}; continue with: rwkvtune train --resume {out}", stop.requested)
+        stop.in_loop = False
+        progress.close()
+
+        # ---------------------------------------------------------------- finish
+        if eval_set is not None:
             last_eval = evaluate(module, eval_set, cfg, device, autocast)
             logger.log_eval(step, last_eval)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and d.main:
+        summary = {"steps": step, "tokens": tokens_seen, "out": str(out)}
+        if d.main:
             checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
-        stop_now, = _all_sum([float(stop.requested)], d, device)  # every rank stops after the same step
-        if stop_now:
-            progress.close()
-            path = out / "checkpoints" / f"step-{step:07d}.pt"
-            if d.main and not path.exists():  # else save_every just wrote it
-                path = checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
-            if d.world_size > 1:
-                dist.barrier()  # no rank exits before rank 0 has saved
-            raise Terminated(f"terminated by SIGTERM after step {step} of {total_steps}; saved the resumable "
-                             f"checkpoint {path}; continue with: rwkvtune train --resume {out}")
-    stop.in_loop = False
-    progress.close()
-
-    # ---------------------------------------------------------------- finish
-    if eval_set is not None:
-        last_eval = evaluate(module, eval_set, cfg, device, autocast)
-        logger.log_eval(step, last_eval)
-    summary = {"steps": step, "tokens": tokens_seen, "out": str(out)}
-    if d.main:
-        checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
-        summary.update(checkpointing.write_final(out, module, cfg))
-        logger.finish()
-        summary["loss"] = logger.last_loss
-        if last_eval:
-            summary.update(last_eval)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            summary.update(checkpointing.write_final(out, module, cfg))
+            logger.finish()
+            summary["loss"] = logger.last_loss
+            if last_eval:
+                summary.update(last_eval)
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if d.world_size > 1:
         dist.barrier()
     return summary

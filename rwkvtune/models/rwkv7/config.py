@@ -66,9 +66,9 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
-    log_every: int = 1
+    log_every: int = 1  # steps per metrics row (loss averaged over them, token-weighted)
     save_dtype: str = "bf16"  # dtype of final.pth ("bf16" like released files, or "fp32")
-    tensorboard: bool = True  # write TensorBoard logs when tensorboard is installed
+    tensorboard: bool | None = None  # TensorBoard logs in <out>/tb: None when installed, true requires it
     wandb: str | None = None  # wandb project name to log to (needs wandb installed)
     resume: str | None = None  # an --out directory to continue from its last checkpoint
 
