@@ -214,6 +214,22 @@ def test_from_checkpoint_by_registry_name(tmp_path, monkeypatch):
     idx = _ids(1, 5, 256)
     with torch.no_grad():
         assert torch.equal(model(idx), by_path(idx))
+    # A file of another shape under the registry's file name is refused, not loaded with its own
+    # dims: every differing dim is named, and the registry entry the file does fit.
+    (configs / "tinybig.json").write_text(json.dumps(_tiny_config_json("TinyBig", "tiny-big.pth",
+                                                                       dict(kw, n_embd=128, head_size=32))))
+    write_checkpoint(models / "tiny-big.pth", **kw)  # c64 dims, named as the c128 model
+    with pytest.raises(CheckpointError) as e:
+        RWKV7.from_checkpoint("tinybig")
+    msg = str(e.value)
+    assert str(models / "tiny-big.pth") in msg and "TinyBig" in msg
+    assert "n_embd: expected 128, found 64" in msg and "'tinytest'" in msg
+    # The same check when the caller states the dims it expects (the trainer does).
+    from rwkvtune.configs.model_loader import load_model_config
+
+    with pytest.raises(CheckpointError, match="n_embd: expected 128, found 64"):
+        RWKV7.from_checkpoint(models / "tiny-big.pth", expect=load_model_config("tinybig"))
+    assert RWKV7.from_checkpoint(models / "tiny-test.pth", expect=load_model_config("tinytest")).config.n_embd == 64
 
 
 @pytest.mark.parametrize("name", ["c64h4", "c128h4-bf16-nov0", "c96h3-prefix"])

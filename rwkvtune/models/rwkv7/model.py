@@ -375,24 +375,29 @@ class RWKV7(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_name: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
-                        wkv_backend: str = "auto") -> "RWKV7":
+                        wkv_backend: str = "auto", expect: ModelConfig | None = None) -> "RWKV7":
         """Load a ``.pth`` (dims detected from the file) or a registry name (its model_path).
 
+        A registry name (or ``expect``) also states the dims the file must have: a file of another
+        shape is refused with every difference listed, instead of silently loading other dims.
         Returns the model in eval mode, on ``device`` in ``dtype`` (fp32 on CPU by default).
         """
-        from rwkvtune.configs.checkpoint import detect, load_state_dict
+        from rwkvtune.configs.checkpoint import compare_config, detect, load_state_dict, mismatch_error
         from rwkvtune.configs.model_loader import load_model_config
 
         path = str(path_or_name)
         if not (path.endswith(".pth") or path.endswith(".pt") or os.path.exists(path)):
-            cfg = load_model_config(path)
-            if cfg.model_path.endswith((".pth", ".pt")) and not os.path.exists(cfg.model_path):
+            expect = expect or load_model_config(path)
+            if expect.model_path.endswith((".pth", ".pt")) and not os.path.exists(expect.model_path):
                 raise CheckpointError(
-                    f"model {path!r}: file {cfg.model_path} not found; download {cfg.model_file} into "
-                    f"$RWKVTUNE_MODEL_DIR (now {os.path.dirname(cfg.model_path)}) or pass the .pth path")
-            path = cfg.model_path
+                    f"model {path!r}: file {expect.model_path} not found; download {expect.model_file} into "
+                    f"$RWKVTUNE_MODEL_DIR (now {os.path.dirname(expect.model_path)}) or pass the .pth path")
+            path = expect.model_path
         sd, prefix = load_state_dict(path, mmap=True)
-        info = detect({k: tuple(v.shape) for k, v in sd.items()}, source=path, key_prefix=prefix)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        info = detect(shapes, source=path, key_prefix=prefix)
+        if expect is not None and compare_config(expect, info):
+            raise mismatch_error(expect, path, shapes, info)
         if info.extra_keys:
             raise CheckpointError(f"{path}: unexpected keys {', '.join(info.extra_keys[:5])} (not part of RWKV-7 "
                                   f"x070); this file is from a variant rwkvtune does not support")
