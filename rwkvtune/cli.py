@@ -14,7 +14,8 @@ list/show/new/check``, ``data prepare``) defines a nested sub-parser whose actio
 handlers, as ``_models_arguments`` shows.
 Handlers raise :class:`rwkvtune.errors.RwkvtuneError` for anything the user can fix;
 :func:`main` prints it as one ``error: ...`` line on stderr and returns 2 (or the error's
-``exit_status``), without a traceback.
+``exit_status``), without a traceback. Usage errors are one ``rwkvtune CMD: error: ...`` line
+(see :class:`_Parser`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class Command:
     handler: str | None  # "module:function"; None when every action sets its own
     arguments: ArgumentsSpec = None
     description: str | None = None
+    # The end of a bad data record's error: how this command's user skips bad records (the data
+    # layer's own advice names the Python argument on_error='skip'); see _fit_advice.
+    bad_record_advice: str | None = None
 
 
 def _resolve(target: str) -> Callable:
@@ -54,11 +58,12 @@ def _handler(parser: argparse.ArgumentParser, target: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Reports unknown options with the usage of the (sub)command they were given to.
+    """Reports usage errors in one line, through the (sub)command they were given to.
 
     argparse collects a sub-parser's unknown arguments and lets the top-level parser reject them,
-    which shows ``rwkvtune``'s usage for ``rwkvtune train --bogus``; the innermost parser that
-    was used is in the namespace as ``_command_parser``.
+    which would name ``rwkvtune`` for ``rwkvtune train --bogus``; the innermost parser that was
+    used is in the namespace as ``_command_parser``. Sub-parsers are of this class too
+    (``add_subparsers`` makes its parsers with the type of the parser it is called on).
     """
 
     def parse_args(self, args=None, namespace=None):
@@ -66,6 +71,11 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             getattr(parsed, "_command_parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
+
+    def error(self, message):
+        # argparse prints the whole usage first (20 lines for train), which buries the one line
+        # that matters; the usage is one --help away.
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 # ---- arguments of the commands that live in this package's config registry -----------------
@@ -120,6 +130,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     prep.add_argument("--on-error", dest="on_error", default="raise", choices=["raise", "skip"],
                       help="stop at a bad line, or skip and count bad lines")
     _handler(prep, "rwkvtune.data.prepare:main")
+    prep.set_defaults(_bad_record_advice="fix the record, or pass --on-error skip to skip bad records")
 
 
 _TRAIN = "rwkvtune.train.cli"
@@ -138,9 +149,12 @@ COMMANDS: list[Command] = [
             f"{_TRAIN}:add_train_arguments",
             "Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "
             "defaults < --config recipe < flags < key=value overrides. Runs under torchrun for DDP: "
-            "torchrun --nproc-per-node N -m rwkvtune train ..."),
+            "torchrun --nproc-per-node N -m rwkvtune train ...",
+            "fix the record, or pass --on-data-error skip (recipe: on_data_error: skip) to skip bad records"),
     Command("eval", "loss and perplexity of a model on data (prints JSON)", f"{_TRAIN}:run_eval",
-            f"{_TRAIN}:add_eval_arguments"),
+            f"{_TRAIN}:add_eval_arguments",
+            bad_record_advice="fix or remove the record (eval scores every record; it has no option to skip "
+                              "bad ones)"),
     Command("merge-lora", "merge a LoRA adapter into its base model (official layout)", f"{_TRAIN}:run_merge",
             f"{_TRAIN}:add_merge_arguments",
             "Merge ADAPTER into BASE in fp32 and write OUT in the official layout."),
@@ -168,7 +182,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     selected = _selected(argv)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
-        p.set_defaults(_command_parser=p)
+        p.set_defaults(_command_parser=p, _bad_record_advice=cmd.bad_record_advice)
         if cmd.handler:
             _handler(p, cmd.handler)
         if callable(cmd.arguments):
@@ -180,6 +194,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
+    """A bad data record's error, advising what this command offers instead of the Python
+    argument on_error='skip'."""
+    advice = getattr(args, "_bad_record_advice", None)
+    if advice:
+        from rwkvtune.data.formats import BadRecordError
+
+        if isinstance(error, BadRecordError):
+            return error.with_advice(advice)
+    return error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_resolve(target)(args) or 0)
     except RwkvtuneError as e:
         sys.stdout.flush()
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"error: {_one_line(str(_fit_advice(e, args)))}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
     except KeyboardInterrupt as e:
         sys.stdout.flush()

@@ -15,7 +15,6 @@ import sys
 
 import torch
 
-from rwkvtune.errors import RwkvtuneError
 from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, format_chat, prepare_for_decoding,
                                stream_generate)
 
@@ -27,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="registry name (e.g. 0.1b; see `rwkvtune models`) or path to a .pth checkpoint")
     p.add_argument("--prompt", default=None,
-                   help="prompt text (default: read from stdin); with --chat, the user message")
+                   help="prompt text (default: read from stdin, less one trailing newline, so that "
+                        "`echo TEXT |` equals --prompt TEXT); with --chat, the user message")
     p.add_argument("--max-tokens", type=int, default=200, help="most tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling threshold (default 0.85)")
@@ -86,60 +86,64 @@ def load_state_file(path: str, model) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, stream the generated text to stdout; returns the exit code."""
+    """Load the model, stream the generated text to stdout; returns the exit code.
+
+    Bad input raises :class:`RwkvtuneError`, which ``rwkvtune``'s main prints as one
+    ``error: ...`` line (exit status 2), as for every other command.
+    """
     from rwkvtune.models.rwkv7.model import RWKV7
     from rwkvtune.tokenizer import get_tokenizer
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    try:
-        prompt = get("prompt")
-        if prompt is None:
-            if sys.stdin is None or sys.stdin.isatty():
-                raise GenerationError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
-            raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-            try:
-                prompt = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise GenerationError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 "
-                                      f"text") from None
+    prompt = get("prompt")
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise GenerationError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
         try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as surrogates
-            raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from None
-        from rwkvtune.utils import check_device
+            prompt = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 "
+                                  f"text") from None
+        # `echo hi | rwkvtune generate` must equal --prompt hi: drop the line end that echo (or an
+        # editor saving the file) adds; only one, so a prompt that ends in a blank line keeps it.
+        if prompt.endswith("\n"):
+            prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1]
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as surrogates
+        raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from None
+    from rwkvtune.utils import check_device
 
-        device = check_device(get("device") or "cpu")
-        precision = get("precision") or "fp32"
-        if precision not in PRECISIONS:
-            raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-        model = prepare_for_decoding(RWKV7.from_checkpoint(get("model"), device=device, dtype=PRECISIONS[precision]))
-        wkv_init = load_state_file(get("state"), model) if get("state") else None
-        stops = list(get("stop") or [])
-        chat = bool(get("chat"))
-        if chat:
-            prompt = format_chat(prompt, system=get("system"))
-            if CHAT_TURN_END not in stops:
-                stops.append(CHAT_TURN_END)
-        stats = GenerationStats()
-        out = sys.stdout
-        first = True
-        for piece in stream_generate(
-                model, get_tokenizer(), prompt, max_tokens=get("max_tokens", 200),
-                temperature=get("temperature", 1.0), top_p=get("top_p", 0.85), top_k=get("top_k", 0),
-                presence_penalty=get("presence_penalty", 0.0), frequency_penalty=get("frequency_penalty", 0.0),
-                penalty_decay=get("penalty_decay", 0.996), stop=stops, seed=get("seed"), wkv_init=wkv_init,
-                stats=stats):
-            if chat and first:  # the reply starts after "Assistant:" with a space
-                piece = piece.lstrip()
-                if not piece:
-                    continue
-            first = False
-            out.write(piece)
-            out.flush()
-        out.write("\n")
+    device = check_device(get("device") or "cpu")
+    precision = get("precision") or "fp32"
+    if precision not in PRECISIONS:
+        raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    model = prepare_for_decoding(RWKV7.from_checkpoint(get("model"), device=device, dtype=PRECISIONS[precision]))
+    wkv_init = load_state_file(get("state"), model) if get("state") else None
+    stops = list(get("stop") or [])
+    chat = bool(get("chat"))
+    if chat:
+        prompt = format_chat(prompt, system=get("system"))
+        if CHAT_TURN_END not in stops:
+            stops.append(CHAT_TURN_END)
+    stats = GenerationStats()
+    out = sys.stdout
+    first = True
+    for piece in stream_generate(
+            model, get_tokenizer(), prompt, max_tokens=get("max_tokens", 200),
+            temperature=get("temperature", 1.0), top_p=get("top_p", 0.85), top_k=get("top_k", 0),
+            presence_penalty=get("presence_penalty", 0.0), frequency_penalty=get("frequency_penalty", 0.0),
+            penalty_decay=get("penalty_decay", 0.996), stop=stops, seed=get("seed"), wkv_init=wkv_init,
+            stats=stats):
+        if chat and first:  # the reply starts after "Assistant:" with a space
+            piece = piece.lstrip()
+            if not piece:
+                continue
+        first = False
+        out.write(piece)
         out.flush()
-        print(stats.summary(), file=sys.stderr, flush=True)
-        return 0
-    except RwkvtuneError as e:
-        print(f"rwkvtune generate: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    out.write("\n")
+    out.flush()
+    print(stats.summary(), file=sys.stderr, flush=True)
+    return 0

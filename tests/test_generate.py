@@ -299,10 +299,7 @@ def test_chat_stops_at_turn_end(tok):
 
 
 # ----------------------------------------------------------------------------------- CLI
-def _args(ckpt, **over):
-    from rwkvtune.generate_cli import add_arguments
-
-    parser = add_arguments(argparse.ArgumentParser())
+def _argv(ckpt, **over):
     argv = ["--model", ckpt, "--prompt", "Hello", "--max-tokens", "8", "--seed", "4"]
     for k, v in over.items():
         flag = "--" + k.replace("_", "-")
@@ -313,7 +310,20 @@ def _args(ckpt, **over):
                 argv += [flag, item]
         else:
             argv += [flag, str(v)]
-    return parser.parse_args(argv)
+    return argv
+
+
+def _args(ckpt, **over):
+    from rwkvtune.generate_cli import add_arguments
+
+    return add_arguments(argparse.ArgumentParser()).parse_args(_argv(ckpt, **over))
+
+
+def _main(ckpt, **over) -> int:
+    """`rwkvtune generate ...` in process: user errors are printed by rwkvtune's main."""
+    from rwkvtune.cli import main
+
+    return main(["generate", *_argv(ckpt, **over)])
 
 
 def test_cli_defaults(ckpt):
@@ -350,14 +360,14 @@ def test_cli_state_file(ckpt, model, tok, tmp_path, capsys):
         assert run(_args(ckpt, temperature=0, state=tmp_path / name)) == 0
         assert capsys.readouterr().out == expected + "\n"
     torch.save({"wkv_init": w[:, :, :8]}, tmp_path / "bad.pth")
-    assert run(_args(ckpt, state=tmp_path / "bad.pth")) == 2
+    assert _main(ckpt, state=tmp_path / "bad.pth") == 2
     err = capsys.readouterr().err
     assert "bad.pth" in err and f"[{c.n_layer}, {c.n_head}, 8, 16]" in err and "[2, 2, 16, 16]" in err
     torch.save({"other": w}, tmp_path / "nokey.pth")
-    assert run(_args(ckpt, state=tmp_path / "nokey.pth")) == 2
+    assert _main(ckpt, state=tmp_path / "nokey.pth") == 2
     assert "wkv_init" in capsys.readouterr().err
-    assert run(_args(ckpt, state=tmp_path / "missing.pth")) == 2
-    assert "not found" in capsys.readouterr().err
+    assert _main(ckpt, state=tmp_path / "missing.pth") == 2
+    assert capsys.readouterr().err.startswith(f"error: --state {tmp_path / 'missing.pth'}: file not found")
 
 
 def test_cli_subprocess_chat(ckpt):
@@ -373,11 +383,35 @@ def test_cli_subprocess_chat(ckpt):
 
 
 def test_cli_missing_model(ckpt, capsys):
-    from rwkvtune.generate_cli import run
-
-    assert run(_args(ckpt[:-4] + "-nope.pth")) == 2
+    assert _main(ckpt[:-4] + "-nope.pth") == 2
     err = capsys.readouterr().err
-    assert "not found" in err and "-nope.pth" in err
+    assert err.startswith("error: ") and "not found" in err and "-nope.pth" in err
+
+
+@pytest.mark.parametrize("stdin, prompt", [
+    (b"Hello\n", "Hello"),  # what `echo Hello |` sends: the same as --prompt Hello
+    (b"Hello\r\n", "Hello"),
+    (b"Hello", "Hello"),
+    (b"Hello\n\n", "Hello\n"),  # only one line end: a prompt may end in a blank line
+    (b"\n", ""),
+])
+def test_cli_prompt_from_stdin_loses_one_trailing_newline(ckpt, monkeypatch, capsys, stdin, prompt):
+    import io
+
+    import rwkvtune.generate_cli as gen_cli
+
+    seen = []
+
+    def fake_stream(model, tokenizer, prompt, **kw):
+        seen.append(prompt)
+        return iter(())
+
+    monkeypatch.setattr(gen_cli, "stream_generate", fake_stream)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    args = _args(ckpt)
+    args.prompt = None  # no --prompt: read stdin
+    assert gen_cli.run(args) == 0
+    assert seen == [prompt]
 
 
 def test_log_vocab_sanity(model, tok):
@@ -389,12 +423,10 @@ def test_log_vocab_sanity(model, tok):
 
 
 def test_cli_bad_device_state_dir_and_non_utf8_prompt(ckpt, tmp_path, capsys):
-    from rwkvtune.generate_cli import run
-
-    assert run(_args(ckpt, device="tpu")) == 2
-    assert "--device 'tpu': unknown device; expected cpu, cuda or cuda:N" in capsys.readouterr().err
-    assert run(_args(ckpt, state=tmp_path)) == 2
-    assert f"--state {tmp_path}: is a directory" in capsys.readouterr().err
+    assert _main(ckpt, device="tpu") == 2
+    assert "error: --device 'tpu': unknown device; expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert _main(ckpt, state=tmp_path) == 2
+    assert f"error: --state {tmp_path}: is a directory" in capsys.readouterr().err
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra, stdin in (([], b"caf\xe9 au lait"), (["--prompt", os.fsdecode(b"a\xffb")], b"")):
         proc = subprocess.run([sys.executable, "-m", "rwkvtune", "generate", "--model", ckpt, "--max-tokens", "2",

@@ -100,6 +100,32 @@ class RecordError(ValueError):
     """A problem with one record; the caller prefixes FILE:LINE and turns it into DataError."""
 
 
+SKIP_ADVICE = "fix the record or pass on_error='skip' to skip bad records"
+
+
+class BadRecordError(DataError):
+    """A bad record met with ``on_error="raise"``: "FILE:LINE: problem; advice".
+
+    The advice names this module's argument ``on_error='skip'``; a front end whose option has
+    another name (or that has none, like ``rwkvtune eval``) words it for its user with
+    :meth:`with_advice`. Skip reports use :attr:`located`, since there the advice is moot.
+    """
+
+    def __init__(self, where: str, problem: str, advice: str = SKIP_ADVICE):
+        self.where, self.problem, self.advice = where, problem, advice
+        super().__init__(f"{where}: {problem}; {advice}")
+
+    def __reduce__(self):  # pickles with its three fields, not the formatted message
+        return type(self), (self.where, self.problem, self.advice)
+
+    @property
+    def located(self) -> str:
+        return f"{self.where}: {self.problem}"
+
+    def with_advice(self, advice: str) -> "BadRecordError":
+        return BadRecordError(self.where, self.problem, advice)
+
+
 def normalize_fmt(fmt: str) -> str:
     key = str(fmt).lower()
     if key not in _FMT_ALIASES:
@@ -260,7 +286,7 @@ def iter_raw_records(path: str) -> Iterator[RawRecord]:
 
 
 def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None) -> Sample:
-    """Parse and render one raw record; raises DataError "FILE:LINE: ..." on bad input."""
+    """Parse and render one raw record; raises BadRecordError "FILE:LINE: ..." on bad input."""
     where, payload, kind = record
     try:
         if kind == "bytes":
@@ -269,15 +295,14 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None)
             try:
                 obj = json.loads(payload)
             except json.JSONDecodeError as e:
-                raise RecordError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+                # Some of json's messages end with "at" ("Invalid control character at").
+                msg = e.msg.removesuffix(" at")
+                raise RecordError(f"malformed JSON ({msg} at column {e.colno})") from None
         else:
             obj = payload
         return encode_record(obj, tokenizer, fmt, vocab_size)
     except RecordError as e:
-        raise DataError(
-            f"{where}: {e}; fix the record or pass on_error='skip' to skip bad records (train: --on-data-error "
-            f"skip; data prepare: --on-error skip)"
-        ) from None
+        raise BadRecordError(where, str(e)) from None
 
 
 def check_on_error(on_error: str) -> str:
@@ -311,7 +336,7 @@ def read_samples(
 ) -> tuple[list[Sample], ReadStats]:
     """Read every record of ``path`` into Samples.
 
-    ``on_error="raise"`` stops at the first bad record with a DataError naming FILE:LINE;
+    ``on_error="raise"`` stops at the first bad record with a BadRecordError naming FILE:LINE;
     ``"skip"`` drops bad records, counts them in the returned ReadStats and logs a one-line
     summary (warning level) naming the first one.
     """
@@ -323,10 +348,10 @@ def read_samples(
         stats.records += 1
         try:
             s = encode_raw(rec, tokenizer, fmt, vocab_size)
-        except DataError as e:
+        except BadRecordError as e:
             if on_error == "raise":
                 raise
-            stats.note_skip(str(e))
+            stats.note_skip(e.located)
             continue
         samples.append(s)
         stats.samples += 1

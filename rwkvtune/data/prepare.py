@@ -24,6 +24,7 @@ import numpy as np
 
 from rwkvtune.data.binidx import BinIdxWriter
 from rwkvtune.data.formats import (
+    BadRecordError,
     ReadStats,
     check_on_error,
     encode_raw,
@@ -58,7 +59,7 @@ def _init_worker(tokenizer, fmt, vocab_size, on_error):
 
 
 def _encode_chunk(chunk):
-    """Returns (list of int32 token arrays, list of error messages, bytes of input consumed).
+    """Returns (list of int32 token arrays, list of bad records, bytes of input consumed).
 
     Errors are returned, not raised, so the parent decides (raise vs. skip) in input order.
     """
@@ -70,8 +71,8 @@ def _encode_chunk(chunk):
             nbytes += len(rec[1].encode("utf-8"))
         try:
             docs.append(encode_raw(rec, w["tokenizer"], w["fmt"], w["vocab_size"]).tokens)
-        except DataError as e:
-            errors.append(str(e))
+        except BadRecordError as e:
+            errors.append(e)
             if w["on_error"] == "raise":
                 break
     return docs, errors, nbytes
@@ -157,13 +158,13 @@ def prepare_binidx(
         with writer:
             for docs, errors, nbytes in results:
                 if errors and on_error == "raise":
-                    raise DataError(errors[0])
+                    raise errors[0]
                 for doc in docs:
                     writer.add_document(doc)
                 rstats.records += len(docs) + len(errors)
                 rstats.samples += len(docs)
                 for e in errors:
-                    rstats.note_skip(e)
+                    rstats.note_skip(e.located)
                 bar.update(nbytes)
             bar.update(size - bar.n)  # blank lines are not counted per chunk
             rstats.tokens = writer.num_tokens

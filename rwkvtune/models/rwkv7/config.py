@@ -74,7 +74,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Where each field set by ``update`` came from ("recipe r.yaml", "command line"), so that
-        # ``validate`` can name it; not a dataclass field, so never saved with the config.
+        # ``validate`` can name it; not a dataclass field, so never saved with the config. Kept in
+        # the order the fields were last set, so a problem of several fields can blame the one
+        # set last (the command line over a recipe).
         self.sources: dict[str, str] = {}
 
     @classmethod
@@ -88,11 +90,12 @@ class TrainConfig:
         for key, raw in values.items():
             key = key.replace("-", "_")
             if key not in hints:
-                close = difflib.get_close_matches(key, self.field_names(), n=1)
-                problems.append(f"{key}: unknown option" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                close = _suggest(key, self.field_names())
+                problems.append(f"{key}: unknown option" + (f" (did you mean {close!r}?)" if close else ""))
                 continue
             try:
                 setattr(self, key, _coerce(raw, hints[key]))
+                self.sources.pop(key, None)  # re-inserted last: the most recently set
                 self.sources[key] = source
             except (TypeError, ValueError) as e:
                 problems.append(f"{key}: {e}")
@@ -131,9 +134,12 @@ class TrainConfig:
                 problems.append(f"{name}: found {getattr(self, name)}, expected >= 1")
         if self.seed < 0:
             problems.append(f"seed: found {self.seed}, expected an integer >= 0")
+        conflicts = []  # problems of several fields, already naming their sources
         if self.mode == "lora" and not self.lora_targets and not self.train_parts:
-            problems.append("lora_targets: empty, so LoRA mode would train nothing; name layers to adapt (e.g. "
-                            "lora_targets=[att.key,ffn.value]) or use the default")
+            conflicts.append(self._conflict(
+                {"lora_targets": "empty", "mode": repr(self.mode)},
+                "LoRA mode would train nothing (no train_parts either); name layers to adapt (e.g. "
+                "lora_targets=[att.key,ffn.value]) or use the default"))
         if not self.lora_alpha > 0:
             problems.append(f"lora_alpha: found {self.lora_alpha}, expected > 0")
         if not 0 <= self.lora_dropout < 1:
@@ -148,15 +154,32 @@ class TrainConfig:
             problems.append("model: missing; pass --model NAME|PATH (see `rwkvtune models`)")
         if not self.data:
             problems.append("data: missing; pass --data FILE.jsonl or a binidx prefix")
-        if self.init == "scratch" and self.mode != "full":
-            problems.append(f"mode: {self.mode!r} needs a trained base model, not --init scratch")
+        if self.init == "scratch" and self.mode in ("lora", "state"):
+            conflicts.append(self._conflict(
+                {"init": repr(self.init), "mode": repr(self.mode)},
+                f"{self.mode} mode trains on top of a trained base model; use init 'pretrained' (the default) or "
+                f"mode 'full'"))
         bad_parts = set(self.train_parts) - {"ln", "emb", "head"}
         if bad_parts:
             problems.append(f"train_parts: found {sorted(bad_parts)}, expected a subset of ln, emb, head")
-        if problems:
+        if problems or conflicts:
             # Each problem starts with "field:"; name where that field's value was set.
-            raise ConfigError("; ".join(f"{self.sources.get(p.split(':', 1)[0], 'training config')}: {p}"
-                                        for p in problems))
+            raise ConfigError("; ".join([f"{self.sources.get(p.split(':', 1)[0], 'training config')}: {p}"
+                                         for p in problems] + conflicts))
+
+    def _conflict(self, shown: dict[str, str], why: str) -> str:
+        """A problem of several fields (``shown`` maps each to how its value reads), blamed on the
+        field set last, since a flag given over a recipe is what the user just changed, and naming
+        where each other field was set when that is somewhere else."""
+        order = list(self.sources)
+        lead = max(shown, key=lambda f: order.index(f) if f in order else -1)  # ties: the first listed
+        source = self.sources.get(lead, "training config")
+        others = []
+        for name, value in shown.items():
+            if name != lead:
+                other = self.sources.get(name)
+                others.append(f"{name} {value}" + (f" from {other}" if other and other != source else ""))
+        return f"{source}: {lead}: {shown[lead]} with {' and '.join(others)}: {why}"
 
     def resolve(self, model_config) -> "TrainConfig":
         """Fill ``None`` fields from the model config's recommendations and the device."""
@@ -175,8 +198,8 @@ class TrainConfig:
 
         check_device(c.device)
         if c.wkv_backend == "fla" and not c.device.startswith("cuda"):
-            raise ConfigError(f"wkv_backend: 'fla' runs on CUDA only, but the device is {c.device}; use "
-                              f"wkv_backend=auto")
+            raise ConfigError(self._conflict({"wkv_backend": "'fla'", "device": repr(c.device)},
+                                             "fla runs on CUDA only; use wkv_backend=auto"))
         if c.precision is None:
             c.precision = "bf16" if c.device.startswith("cuda") else "fp32"
         return c
@@ -230,12 +253,45 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the recipe as UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        raise ConfigError(f"{p}: invalid YAML{_yaml_problem(e)}; fix the file") from None
     except ConfigError as e:  # from the loader, which does not know the file name
         raise ConfigError(f"{p}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: found a {type(data).__name__}, expected a mapping of option: value")
     return data
+
+
+def _yaml_problem(e) -> str:
+    """" at line L, column C: problem (context)" from PyYAML's marks (0-based; shown 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None or not getattr(e, "problem", None):
+        return f" ({str(e).splitlines()[0]})"
+    text = f" at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    if e.context:
+        start = e.context_mark
+        where = f" that starts at line {start.line + 1}, column {start.column + 1}" if start else ""
+        text += f" ({e.context}{where})"
+    return text
+
+
+# Names that other trainers give these options (RWKV-LM, Hugging Face); difflib cannot guess
+# them (learning_rate is nothing like lr).
+_ALIASES = {
+    "learning_rate": "lr", "lr_init": "lr", "micro_bsz": "batch_size", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "accumulate_grad_batches": "grad_accum",
+    "num_train_epochs": "epochs", "epoch_count": "epochs", "max_seq_length": "ctx_len", "context_length": "ctx_len",
+    "gradient_checkpointing": "grad_checkpoint", "grad_cp": "grad_checkpoint", "max_grad_norm": "grad_clip",
+    "gradient_clip_val": "grad_clip", "output_dir": "out", "proj_dir": "out", "lora_rank": "lora_r",
+}
+
+
+def _suggest(key: str, names: list[str]) -> str | None:
+    """The option an unknown key probably meant: a known alias, or the closest name (typos)."""
+    key = key.lower()
+    close = difflib.get_close_matches(key, names + list(_ALIASES), n=1)
+    if not close:
+        return None
+    return _ALIASES.get(close[0], close[0])
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
