@@ -295,3 +295,20 @@ def test_adapter_and_state_paths_that_are_not_files(data, tmp_path):
     save_adapter(tmp_path / "adapter.pth", model)
     with pytest.raises(CheckpointError, match="this is a LoRA adapter .*merge-lora.*not a model checkpoint"):
         RWKV7.from_checkpoint(tmp_path / "adapter.pth")
+
+
+def test_merge_lora_refuses_an_existing_out_without_force(data, tmp_path, capsys):
+    from rwkvtune.cli import main
+    from rwkvtune.peft.lora import save_adapter
+
+    model = RWKV7.from_checkpoint(data["ckpt"])
+    apply_lora(model, ["att.key"], r=2, alpha=4)
+    save_adapter(tmp_path / "adapter.pth", model)
+    out = tmp_path / "merged.pth"
+    out.write_bytes(b"keep me")
+    args = ["merge-lora", data["ckpt"], str(tmp_path / "adapter.pth"), str(out)]
+    assert main(args) == 2
+    assert f"error: OUT {out}: already exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert main([*args, "--force"]) == 0
+    assert set(torch.load(out)) == set(torch.load(data["ckpt"]))

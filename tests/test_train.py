@@ -220,13 +220,19 @@ def test_resume_without_checkpoint_is_clear_error(tmp_path):
 def test_ddp_two_processes_match_one_process(data, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train(_cfg(data, single, batch_size=4, max_steps=3, save_dtype="fp32", adam_eps=1e-8))  # see accumulation test
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    import socket
+
+    with socket.socket() as sock:  # a free port: a fixed one clashes with another suite running at once
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
            "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data", data["text"], "--out", str(ddp),
            "--ctx-len", "16", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "0", "--max-steps", "3",
            "--save-every", "0", "--save-dtype", "fp32", "tensorboard=false", "adam_eps=1e-8"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count('"steps"') == 1, res.stdout  # the summary, from the main rank only
     la, lb = _losses(single), _losses(ddp)
     assert len(lb) == 3 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
     wa, wb = torch.load(single / "final.pth"), torch.load(ddp / "final.pth")
@@ -276,7 +282,7 @@ def test_train_with_config_script_passes_args_through(data, tmp_path):
 
 
 def _cli(*args, timeout=120, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(kw.pop("env", os.environ), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "rwkvtune", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
 
@@ -572,3 +578,146 @@ def test_unwritable_out_is_refused_before_work(data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=f"--out {tmp_path / 'ro' / 'run'}: {tmp_path} is not writable"):
         train(_cfg(data, tmp_path / "ro" / "run"))
     assert not (tmp_path / "ro").exists()
+
+
+# ---- resume, reporting and CLI details ---------------------------------------------------------
+
+
+def _snapshot(out):
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(out).rglob("*") if p.is_file()}
+
+
+def test_resume_of_a_complete_run_touches_nothing_and_a_larger_max_steps_continues(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(_cfg(data, out, max_steps=2, save_every=1, eval_data=data["text"]))
+    before = _snapshot(out)
+    capsys.readouterr()
+    again = train(TrainConfig(resume=str(out)))
+    assert again == summary == json.loads((out / "summary.json").read_text()) and again["loss"] is not None
+    assert f"run {out} is complete (2/2 steps); nothing to do (raise --max-steps" in capsys.readouterr().err
+    assert _snapshot(out) == before  # no file rewritten, no metrics row appended
+    more = train(TrainConfig(resume=str(out), max_steps=3))
+    err = capsys.readouterr().err
+    assert f"resuming {out} from step 2 of 3 (checkpoint {out / 'checkpoints' / 'step-0000002.pt'})" in err
+    assert more["steps"] == 3 and len(_losses(out)) == 3 and more["loss"] == _losses(out)[-1]
+
+
+def test_run_finished_but_killed_before_summary_finishes_on_resume(data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(data, out, max_steps=2))
+    (out / "summary.json").unlink()  # as if killed after the final checkpoint, before summary.json
+    again = train(TrainConfig(resume=str(out)))
+    assert again["steps"] == 2 and again["loss"] == summary["loss"]
+    assert json.loads((out / "summary.json").read_text()) == again
+
+
+def test_saved_paths_are_absolute_so_resume_works_from_any_directory(data, tmp_path, monkeypatch):
+    import yaml
+
+    from rwkvtune.data.prepare import prepare_binidx
+    from rwkvtune.errors import ConfigError
+    from rwkvtune.tokenizer import get_tokenizer
+
+    work = tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    prepare_binidx(data["text"], str(work / "d" / "corpus"), get_tokenizer(), workers=1)
+    (work / "d" / "base.pth").write_bytes(Path(data["ckpt"]).read_bytes())
+    monkeypatch.chdir(work)
+    out = tmp_path / "run"
+    train(_cfg(data, out, model="d/base.pth", data="d/corpus", eval_data=os.path.relpath(data["text"]),
+               max_steps=2, save_every=1))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"] == str(work / "d" / "base.pth") and saved["data"] == str(work / "d" / "corpus")
+    assert saved["eval_data"] == data["text"]
+    # a relative path given with --resume equals the saved absolute one; another file does not
+    assert train(TrainConfig(resume=str(out), data="d/corpus", max_steps=3))["steps"] == 3
+    with pytest.raises(ConfigError, match="saved with data="):
+        train(TrainConfig(resume=str(out), data=data["text"], max_steps=4))
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved absolute paths still resolve
+    assert train(TrainConfig(resume=str(out), max_steps=4))["steps"] == 4
+    # registry names stay names
+    from rwkvtune.train.checkpointing import absolute_paths
+
+    assert absolute_paths(TrainConfig(model="0.1b", data="nope.jsonl")).to_dict()["model"] == "0.1b"
+
+
+def test_old_run_with_relative_paths_resumes_from_its_directory(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(data["dir"])
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=2, save_every=1))
+    ck_path = out / "checkpoints" / "step-0000002.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    ck["config"].update(model="base.pth", data="text.jsonl")  # as saved before paths were made absolute
+    torch.save(ck, ck_path)
+    assert train(TrainConfig(resume=str(out), data="text.jsonl", max_steps=3))["steps"] == 3
+
+
+def test_dry_run_of_a_registry_model_without_its_file_counts_from_the_config(data, tmp_path):
+    from rwkvtune.configs.model_loader import load_model_config
+
+    env = dict(os.environ, RWKVTUNE_MODEL_DIR=str(tmp_path / "empty"))
+    expected = str(tmp_path / "empty" / load_model_config("0.1b").model_file)
+    n_params = load_model_config("0.1b").n_params
+    for mode in ("full", "lora"):
+        res = _cli("train", "--model", "0.1b", "--data", data["text"], "--out", str(tmp_path / "o"), "--mode", mode,
+                   "--dry-run", env=env)
+        assert res.returncode == 0, res.stderr
+        report = json.loads(res.stdout)
+        assert report["model_file_missing"] == expected and f"model file {expected} is not present yet" in res.stderr
+        assert report["model"]["n_layer"] == 12 and report["memory_estimate_gib"] > 0
+        if mode == "full":
+            assert report["trainable_params"] + report["unused_params"] == n_params and report["frozen_params"] == 0
+        else:
+            assert 0 < report["trainable_params"] < report["frozen_params"] < n_params
+    # a real run still needs the file
+    _one_line_error(_cli("train", "--model", "0.1b", "--data", data["text"], "--out", str(tmp_path / "o"), env=env),
+                    "model file not found")
+
+
+def test_header_says_up_to_and_counts_layer0_v_as_unused(data, tmp_path, capsys):
+    train(_cfg(data, tmp_path / "run", max_steps=1))
+    err = capsys.readouterr().err
+    trainable = sum(p.numel() for p in RWKV7.from_checkpoint(data["ckpt"]).parameters()) - 544
+    assert (f"{trainable:,} trainable / 0 frozen params (+544 unused layer-0 v-residual params)" in err
+            and "1 steps of up to 32 tokens" in err), err
+    res = _cli("train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "d"), "--ctx-len",
+               "16", "--batch-size", "2", "--dry-run")
+    report = json.loads(res.stdout)
+    # v0 [1,1,32] + v1 [32,8] + v2 [8,32] of layer 0
+    assert report["unused_params"] == 544 and report["frozen_params"] == 0
+
+
+def test_grad_accum_beyond_the_data_warns(data, tmp_path, capsys):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "red blue green cat dog bird."}) + "\n")
+    train(_cfg(data, tmp_path / "a", data=str(one), ctx_len=64, batch_size=1, grad_accum=3, max_steps=1))
+    assert "fewer than the 3 one optimizer step uses (1 per batch x grad_accum 3)" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_any_checkpoint_says_nothing_to_resume(data, tmp_path, monkeypatch, capsys):
+    from rwkvtune.cli import main
+    from rwkvtune.train import trainer as trainer_mod
+
+    def interrupted(cfg, dry_run=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "train", interrupted)
+    assert main(["train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "error: interrupted; no checkpoint was saved yet, so there is nothing to resume; rerun" in err
+
+
+def test_eval_ctx_len_comes_from_the_run_or_the_model(data, tmp_path, capsys):
+    from rwkvtune.cli import main
+
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=1))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "final.pth"), "--data", data["text"]]) == 0
+    cap = capsys.readouterr()
+    assert f"ctx_len 16 (from the run's {out / 'config.yaml'})" in cap.err
+    assert main(["eval", "--model", str(out / "final.pth"), "--data", data["text"], "--ctx-len", "16"]) == 0
+    explicit = capsys.readouterr()
+    assert json.loads(explicit.out) == json.loads(cap.out) and "ctx_len 16 (from --ctx-len)" in explicit.err
+    assert main(["eval", "--model", data["ckpt"], "--data", data["text"]]) == 0
+    assert "ctx_len 1024 (from recommended_ctx_len of " in capsys.readouterr().err

@@ -123,9 +123,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def base_fingerprint(model: nn.Module) -> str:
     """Hash of the base weights' shapes and a strided sample of their values (bf16-rounded,
-    so fp32 and bf16 loads of the same file agree); adapters and trained parts excluded."""
+    so fp32 and bf16 loads of the same file agree); adapters and trained parts excluded.
+    A model on the meta device (shapes only, e.g. a dry run) has no values: its fingerprint is ""."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        return ""
+    for name, t in sorted(state.items()):
         if ".lora_" in name:
             continue
         flat = t.detach().reshape(-1)

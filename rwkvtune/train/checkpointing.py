@@ -15,6 +15,8 @@ leaves either the previous or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
@@ -72,6 +74,25 @@ def latest_checkpoint(out: str | Path) -> Path:
     return found[-1]
 
 
+def completed_summary(out: str | Path, step: int, total_steps: int) -> dict | None:
+    """summary.json of a run that already finished at checkpoint ``step`` (>= total_steps), else None.
+
+    summary.json is written last, after final.pth: a run killed while finishing has none (or an
+    older one) and must finish again rather than count as complete.
+    """
+    if step < total_steps:
+        return None
+    try:
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_load(path, mmap=True)["step"])
+
+
 def _load(path: Path, mmap: bool = False) -> dict:
     """A resumable checkpoint, or a CheckpointError saying which file is unreadable.
 
@@ -92,6 +113,39 @@ def _load(path: Path, mmap: bool = False) -> dict:
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "save_every", "keep_checkpoints", "eval_every", "log_every",
                      "tensorboard", "wandb", "device", "eval_data")
 
+# Options that name files. A run saves them absolute, so `--resume` works from any directory, and
+# compares them as paths, so a relative path on the command line equals the saved absolute one.
+PATH_FIELDS = ("model", "data", "eval_data")
+
+
+def _names_file(field: str, value: str) -> bool:
+    """Whether ``value`` of a PATH_FIELDS option is an existing path (not a registry model name)."""
+    if field == "model":
+        # load_model_config reads a name with these suffixes as a path (when it exists), others as names
+        return value.lower().endswith((".pth", ".pt", ".json")) and os.path.exists(value)
+    from rwkvtune.data.binidx import bin_path, idx_path, strip_suffix
+
+    prefix = strip_suffix(value)  # a binidx prefix names PREFIX.idx + PREFIX.bin, not itself
+    return os.path.exists(value) or os.path.isfile(idx_path(prefix)) or os.path.isfile(bin_path(prefix))
+
+
+def absolute_paths(cfg):
+    """``cfg`` (changed in place) with its existing file paths made absolute; returns it."""
+    for k in PATH_FIELDS:
+        value = getattr(cfg, k)
+        if value and _names_file(k, value):
+            setattr(cfg, k, os.path.abspath(value))
+    return cfg
+
+
+def _same(field: str, given, saved) -> bool:
+    if given == saved:
+        return True
+    # Relative paths are taken from the current directory, as data loading does (so an old run that
+    # saved relative paths still resumes from the directory it ran in).
+    return (field in PATH_FIELDS and isinstance(given, str) and isinstance(saved, str)
+            and os.path.abspath(given) == os.path.abspath(saved))
+
 
 def resumed_config(out: str | Path, cfg):
     """The saved run's config (so `--resume DIR` alone continues it); a given max_steps extends it.
@@ -106,7 +160,8 @@ def resumed_config(out: str | Path, cfg):
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
     default, given = TrainConfig().to_dict(), cfg.to_dict()
     saved_d = saved.to_dict()
-    changed = [k for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != default[k] and v != saved_d[k]]
+    changed = [k for k, v in given.items()
+               if k not in RESUME_MAY_CHANGE and v != default[k] and not _same(k, v, saved_d[k])]
     if changed:
         was = ", ".join(f"{k}={saved_d[k]!r}" for k in changed)
         now = ", ".join(f"{k}={given[k]!r}" for k in changed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 # Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
@@ -80,9 +81,42 @@ def run_train(args: argparse.Namespace) -> int:
         if any((out / "checkpoints").glob("step-*.pt")):
             raise KeyboardInterrupt(f"the checkpoints in {out / 'checkpoints'} are kept; continue with: "
                                     f"rwkvtune train --resume {out}") from None
-        raise
-    print(json.dumps(result, indent=2))
+        raise KeyboardInterrupt("no checkpoint was saved yet, so there is nothing to resume; rerun the command "
+                                "to start again") from None
+    if _main_rank():
+        print(json.dumps(result, indent=2))
     return 0
+
+
+def _main_rank() -> bool:
+    """Whether this process is rank 0 under torchrun (every rank returns the summary; one prints it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
+    """--ctx-len, else that of the run which wrote --model (or --adapter/--state): the config.yaml
+    beside it, else the model's recommended_ctx_len; with where it came from."""
+    if args.ctx_len is not None:
+        return args.ctx_len, "--ctx-len"
+    import yaml
+    from pathlib import Path
+
+    for path in (args.model, args.adapter, args.state):
+        run_config = Path(path).parent / "config.yaml" if path and os.path.isfile(path) else None
+        if run_config is None or not run_config.is_file():
+            continue
+        try:
+            saved = yaml.safe_load(run_config.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # not a run's config after all: fall back to the model's
+        ctx_len = saved.get("ctx_len") if isinstance(saved, dict) else None
+        if isinstance(ctx_len, int) and not isinstance(ctx_len, bool) and ctx_len >= 1:
+            return ctx_len, f"the run's {run_config}"
+    return model.config.recommended_ctx_len, f"recommended_ctx_len of {model.config.model_name}"
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -100,7 +134,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rwkvtune.utils import check_device
 
     for flag, value in (("--ctx-len", args.ctx_len), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{flag}: found {value}, expected an integer >= 1")
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = RWKV7.from_checkpoint(args.model, device=device)
@@ -113,7 +147,9 @@ def run_eval(args: argparse.Namespace) -> int:
         from rwkvtune.peft.state import load_state_file
 
         wkv_init = load_state_file(args.state, model)
-    cfg = TrainConfig(model=args.model, data=args.data, ctx_len=args.ctx_len, batch_size=args.batch_size,
+    ctx_len, origin = _eval_ctx_len(args, model)
+    print(f"ctx_len {ctx_len} (from {origin})", file=sys.stderr)
+    cfg = TrainConfig(model=args.model, data=args.data, ctx_len=ctx_len, batch_size=args.batch_size,
                       long_context=args.long_context, data_format=args.data_format)
     dataset = build_dataset(args.data, get_tokenizer(), cfg, model.config.vocab_size)
     module = TrainModule(model, wkv_init)
@@ -133,7 +169,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help=".jsonl or binidx prefix")
     p.add_argument("--state", help="state-tuning file to start from (rwkvtune train --mode state)")
     p.add_argument("--adapter", help="LoRA adapter file to apply (rwkvtune train --mode lora)")
-    p.add_argument("--ctx-len", type=int, default=1024, help="window length (default 1024)")
+    p.add_argument("--ctx-len", type=int, default=None,
+                   help="window length (default: the training run's, from config.yaml beside --model, "
+                        "--adapter or --state; else the model's recommended)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--long-context", action="store_true", help="score whole samples in ctx-len chunks with state")
     p.add_argument("--data-format", default="auto")
@@ -146,12 +184,11 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", metavar="ADAPTER", help="adapter.pth written by --mode lora")
     p.add_argument("out", metavar="OUT", help="merged official-layout .pth to write")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="storage dtype of OUT")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
 
 def run_merge(args: argparse.Namespace) -> int:
     import torch
-
-    import os
 
     from rwkvtune.errors import ConfigError
     from rwkvtune.models.rwkv7 import RWKV7
@@ -164,6 +201,8 @@ def run_merge(args: argparse.Namespace) -> int:
                               f"another OUT path")
     if os.path.isdir(args.out):
         raise ConfigError(f"OUT {args.out}: is a directory; give a file path, e.g. {os.path.join(args.out, 'merged.pth')}")
+    if os.path.exists(args.out) and not args.force:
+        raise ConfigError(f"OUT {args.out}: already exists; pass --force to overwrite it, or give another OUT path")
     model = RWKV7.from_checkpoint(args.base)
     load_adapter(model, args.adapter)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -125,14 +125,21 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def check_model_file(cfg: TrainConfig, model_config) -> None:
-    """Fail before any data work when a pretrained run has no model file."""
+def check_model_file(cfg: TrainConfig, model_config, dry_run: bool = False) -> bool:
+    """Fail before any data work when a pretrained run has no model file.
+
+    A dry run only needs the dimensions, which a config (registry name or .json) has without its
+    weights file: then it returns False (the file is missing) instead of failing.
+    """
     path = model_config.model_path
     if cfg.init == "pretrained" and (not path or not os.path.exists(path)):
+        if dry_run and path:
+            return False
         raise RwkvtuneError(
             f"model file not found: {path or '(config has no model_file)'}; put "
             f"{model_config.model_file or 'the .pth'} in $RWKVTUNE_MODEL_DIR (now {os.path.dirname(path) or 'unset'}), "
             f"pass --model PATH.pth, or train from scratch with --init scratch")
+    return True
 
 
 def check_out_dir(out: Path, resuming: bool) -> None:
@@ -167,11 +174,19 @@ def build_model(cfg: TrainConfig, model_config, device: str) -> RWKV7:
         # A frozen base in bf16 (LoRA/state with precision bf16) is loaded as bf16 directly, so
         # no fp32 copy of the whole model ever exists.
         frozen_bf16 = cfg.mode != "full" and cfg.precision == "bf16"
-        model = RWKV7.from_checkpoint(model_config.model_path,
+        # expect=: a file of other dims than the config (e.g. under a registry name) is refused.
+        model = RWKV7.from_checkpoint(model_config.model_path, expect=model_config,
                                       dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
     return model.to(device).train()
+
+
+def build_meta_module(cfg: TrainConfig, model_config) -> TrainModule:
+    """The run's module on the meta device (shapes, no storage), for a dry run to count parameters
+    without the weights file."""
+    with torch.device("meta"):
+        return prepare_mode(cfg, RWKV7(model_config))
 
 
 def prepare_mode(cfg: TrainConfig, model: RWKV7) -> TrainModule:
@@ -198,9 +213,17 @@ def prepare_mode(cfg: TrainConfig, model: RWKV7) -> TrainModule:
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts; frozen leaves out those of :func:`count_unused`."""
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad) - count_unused(module)
     return trainable, frozen
+
+
+def count_unused(module: nn.Module) -> int:
+    """Parameters the forward never uses: layer 0's value-residual v0/v1/v2, which released files
+    carry (and final.pth keeps) although layer 0 defines v_first instead of mixing it in."""
+    att = module.model.blocks[0].att
+    return sum(getattr(att, n).numel() for n in ("v0", "v1", "v2")) if att.has_v else 0
 
 
 def run_micro_batch(module, batch, cfg: TrainConfig, scale: float, l2_factor: float, sync_last: bool,
@@ -293,8 +316,9 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
         cfg = checkpointing.resumed_config(resume_dir, cfg)
     cfg.validate()
     model_config = load_model_config(cfg.model)
-    cfg = cfg.resolve(model_config)
-    check_model_file(cfg, model_config)
+    # resolve() copies cfg, so the caller's config keeps the paths it gave
+    cfg = checkpointing.absolute_paths(cfg.resolve(model_config))
+    has_weights = check_model_file(cfg, model_config, dry_run)
     out = Path(cfg.out)
     check_out_dir(out, resuming=bool(resume_dir))
     stop.out = out
@@ -318,13 +342,35 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
                             world_size=d.world_size, batch_size=cfg.batch_size)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    # An upper bound: collate trims the columns after a batch's last target.
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.ctx_len
+    resume_path = resume_step = None
+    if resume_dir and not dry_run:
+        resume_path = checkpointing.latest_checkpoint(resume_dir)
+        resume_step = checkpointing.checkpoint_step(resume_path)
+        done = checkpointing.completed_summary(out, resume_step, total_steps)
+        if done is not None:
+            # Finishing again would rewrite final.pth and the logs for no training at all.
+            if d.main:
+                print(f"run {resume_dir} is complete ({resume_step}/{total_steps} steps); nothing to do (raise "
+                      f"--max-steps to train further)", file=sys.stderr)
+            return done
 
-    model = build_model(cfg, model_config, device)
-    module = prepare_mode(cfg, model).to(device)
+    if not has_weights:
+        module = build_meta_module(cfg, model_config)
+    else:
+        model = build_model(cfg, model_config, device)
+        module = prepare_mode(cfg, model).to(device)
     trainable, frozen = count_params(module)
+    unused = count_unused(module)
     if dry_run:
-        return dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_steps, len(train_set))
+        report = dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_steps, len(train_set),
+                                unused)
+        if not has_weights:
+            report["model_file_missing"] = model_config.model_path
+            print(f"note: model file {model_config.model_path} is not present yet; parameters are counted from "
+                  f"the config (put {model_config.model_file} there before training)", file=sys.stderr)
+        return report
 
     groups = param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
@@ -344,8 +390,12 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(out / "config.yaml")
-        logger.info(f"model {model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params, "
-                    f"{len(train_set)} windows, {total_steps} steps of {tokens_per_step} tokens")
+        unused_note = f" (+{unused:,} unused layer-0 v-residual params)" if unused else ""
+        logger.info(f"model {model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen "
+                    f"params{unused_note}, {len(train_set)} windows, {total_steps} steps of up to "
+                    f"{tokens_per_step} tokens")
+        if resume_dir:
+            logger.info(f"resuming {resume_dir} from step {step} of {total_steps} (checkpoint {resume_path})")
         if cfg.precision == "bf16" and dev_type == "cpu":
             logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can "
                         "be far slower than fp32; measured 74x slower here (bench/bench_lora.py)")
@@ -353,12 +403,18 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
             logger.info(f"warning: {cfg.data} gives {len(train_set)} window(s) of ctx_len {cfg.ctx_len}, fewer than "
                         f"one batch of {sampler.global_batch}: every batch repeats windows; add data or lower "
                         f"--batch-size")
+        elif len(train_set) < sampler.global_batch * cfg.grad_accum:
+            logger.info(f"warning: {cfg.data} gives {len(train_set)} window(s) of ctx_len {cfg.ctx_len}, fewer than "
+                        f"the {sampler.global_batch * cfg.grad_accum} one optimizer step uses ({sampler.global_batch} "
+                        f"per batch x grad_accum {cfg.grad_accum}): every step repeats windows; add data or lower "
+                        f"--grad-accum")
     progress = logger.progress(total_steps, initial=step)
 
     # ---------------------------------------------------------------- loop
     with logger:  # on any error: flush TensorBoard, mark the wandb run failed
         last_eval = None
-        window = {"steps": 0, "loss": 0.0, "tokens": 0.0, "seconds": 0.0, "grad_norm": None}  # since the last row
+        # Sums since the last metrics row (log_every steps).
+        window = {"steps": 0, "loss": 0.0, "tokens": 0.0, "tokens_in": 0.0, "seconds": 0.0, "grad_norm": None}
         stop.in_loop = True
         while step < total_steps:
             t0 = time.perf_counter()
@@ -369,7 +425,10 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
                 ids = sampler.current_batch()
                 micro.append(collate([train_set[i] for i in ids], device))
                 sampler.advance(1)
-            n_tok, = _all_sum([float(sum(int((b["labels"] != -100).sum()) for b in micro))], d, device)
+            # n_tok: targets (the loss's denominator); n_in: tokens run through the model (throughput;
+            # collate has trimmed the columns after each batch's last target).
+            n_tok, n_in = _all_sum([float(sum(int((b["labels"] != -100).sum()) for b in micro)),
+                                    float(sum(b["input_ids"].numel() for b in micro))], d, device)
             n_tok = max(1.0, n_tok)
             scale = d.world_size / n_tok  # DDP averages over ranks: undo it, then divide by global tokens
             l2 = 1e-4 * scale if cfg.l2wrap else 0.0
@@ -394,6 +453,7 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
             window["steps"] += 1
             window["loss"] += loss_total
             window["tokens"] += n_tok
+            window["tokens_in"] += n_in
             window["seconds"] += time.perf_counter() - t0
             if grad_norm is not None:
                 window["grad_norm"] = max(grad_norm, window["grad_norm"] or 0.0)
@@ -401,10 +461,10 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
                 # One row per log_every steps: token-weighted mean loss, the largest grad norm (the
                 # one that shows a spike), throughput over the window, the lr of this step.
                 row = {"step": step, "loss": window["loss"] / window["tokens"], "lr": lr, "tokens": tokens_seen,
-                       "tokens_per_s": tokens_per_step * window["steps"] / window["seconds"],
+                       "tokens_per_s": window["tokens_in"] / window["seconds"],
                        "grad_norm": window["grad_norm"]}
                 logger.log_step(row, progress, advance=window["steps"])
-                window.update(steps=0, loss=0.0, tokens=0.0, seconds=0.0, grad_norm=None)
+                window.update(steps=0, loss=0.0, tokens=0.0, tokens_in=0.0, seconds=0.0, grad_norm=None)
             if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 last_eval = evaluate(module, eval_set, cfg, device, autocast)
                 logger.log_eval(step, last_eval)
@@ -432,7 +492,9 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
             checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
             summary.update(checkpointing.write_final(out, module, cfg))
             logger.finish()
-            summary["loss"] = logger.last_loss
+            # A resume that only finishes (killed while writing the final files) logs no step itself.
+            summary["loss"] = logger.last_loss if logger.last_loss is not None else (
+                logger.rows[-1]["loss"] if logger.rows else None)
             if last_eval:
                 summary.update(last_eval)
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -441,11 +503,12 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
     return summary
 
 
-def dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_steps, n_windows) -> dict:
+def dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_steps, n_windows,
+                   unused: int = 0) -> dict:
     """Resolved config, dims, parameter counts, tokens per step and a memory estimate."""
     c = model_config
     # fp32 weights + fp32 grads and two AdamW moments for trainable params.
-    weights = (trainable + frozen) * 4 + trainable * 12
+    weights = (trainable + frozen + unused) * 4 + trainable * 12
     # About 67 C-sized vectors per token per layer are kept for backward (measured with saved-
     # tensor hooks on the 0.1B shape at T=512); with checkpointing
     # only each block's input is kept, plus one block's worth during recomputation.
@@ -462,6 +525,7 @@ def dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_
                   "dim_mv_lora": c.dim_mv_lora, "dim_gate_lora": c.dim_gate_lora, "dim_ffn": c.dim_ffn},
         "trainable_params": trainable,
         "frozen_params": frozen,
+        "unused_params": unused,  # layer 0's v0/v1/v2: stored, never used by the forward
         "tokens_per_step": tokens_per_step,
         "total_steps": total_steps,
         "train_windows": n_windows,
