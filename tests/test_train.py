@@ -170,8 +170,22 @@ def test_dry_run_reports_setup(data, tmp_path):
     assert report["tokens_per_step"] == 16 * 2 * 3
     assert report["config"]["lr"] == 2e-4
     assert report["model"]["dim_att_lora"] == 8 and report["trainable_params"] > 0
-    assert report["memory_estimate_gib"] > 0
+    assert report["memory_estimate_gib"] > 0 and report["device"] == "cpu"
+    assert 0 < report["memory_available_gib"] < 1e5
+    summary = [l for l in res.stderr.splitlines() if l.startswith("dry run: ")]
+    assert len(summary) == 1 and "mode full" in summary[0] and "too much" not in summary[0]
+    assert f"{report['trainable_params']:,} trainable" in summary[0]
     assert not (tmp_path / "dry" / "final.pth").exists()
+
+
+def test_dry_run_warns_when_the_estimate_exceeds_the_device(data, tmp_path):
+    # ctx_len 1M x batch 64 of a 65536 vocab: terabytes of logits, more than any test machine.
+    report = train(_cfg(data, tmp_path / "dry", ctx_len=1 << 20, batch_size=64), dry_run=True)
+    from rwkvtune.train.trainer import dry_run_summary
+
+    line = dry_run_summary(report)
+    assert report["memory_estimate_gib"] > report["memory_available_gib"]
+    assert "too much for this device" in line and "grad_checkpoint=true" in line
 
 
 def test_bad_option_and_missing_model_file_are_one_line_errors(data, tmp_path):

@@ -370,6 +370,8 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
             report["model_file_missing"] = model_config.model_path
             print(f"note: model file {model_config.model_path} is not present yet; parameters are counted from "
                   f"the config (put {model_config.model_file} there before training)", file=sys.stderr)
+        report["device"], report["memory_available_gib"] = device, memory_available_gib(device)
+        print(dry_run_summary(report), file=sys.stderr)
         return report
 
     groups = param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay)
@@ -501,6 +503,31 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
     if d.world_size > 1:
         dist.barrier()
     return summary
+
+
+def memory_available_gib(device: str) -> float | None:
+    """Total memory of the device the run would use: the GPU's, or the machine's RAM on CPU."""
+    try:
+        if device.startswith("cuda"):
+            return round(torch.cuda.mem_get_info(torch.device(device))[1] / 2 ** 30, 2)
+        return round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30, 2)
+    except (ValueError, OSError, AttributeError, RuntimeError):  # e.g. no sysconf on this platform
+        return None
+
+
+def dry_run_summary(report: dict) -> str:
+    """One line for people (the JSON on stdout is for tools), with a warning when the estimate
+    exceeds 90% of the device's memory and what to change."""
+    mem, avail = report["memory_estimate_gib"], report["memory_available_gib"]
+    line = (f"dry run: {report['model']['name']}, mode {report['config']['mode']}: "
+            f"{report['trainable_params']:,} trainable / {report['frozen_params']:,} frozen params, "
+            f"{report['total_steps']} step{'s' if report['total_steps'] != 1 else ''} of up to "
+            f"{report['tokens_per_step']:,} tokens; memory estimate "
+            f"{mem:.1f} GiB" + (f" of {avail:.1f} GiB on {report['device']}" if avail else ""))
+    if avail and mem > 0.9 * avail:
+        line += ("; too much for this device: lower batch_size (raise grad_accum to keep the effective batch), "
+                 "set grad_checkpoint=true, or use mode lora or state")
+    return line
 
 
 def dry_run_report(cfg, model_config, trainable, frozen, tokens_per_step, total_steps, n_windows,
