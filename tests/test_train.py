@@ -618,11 +618,14 @@ def test_resume_of_a_complete_run_touches_nothing_and_a_larger_max_steps_continu
 
 def test_run_finished_but_killed_before_summary_finishes_on_resume(data, tmp_path):
     out = tmp_path / "run"
-    summary = train(_cfg(data, out, max_steps=2))
+    summary = train(_cfg(data, out, max_steps=2, eval_data=data["pr"]))
     (out / "summary.json").unlink()  # as if killed after the final checkpoint, before summary.json
     again = train(TrainConfig(resume=str(out)))
     assert again["steps"] == 2 and again["loss"] == summary["loss"]
+    assert again["eval_loss"] == summary["eval_loss"]
     assert json.loads((out / "summary.json").read_text()) == again
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2]  # the final eval is not logged twice
 
 
 def test_saved_paths_are_absolute_so_resume_works_from_any_directory(data, tmp_path, monkeypatch):

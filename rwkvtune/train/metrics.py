@@ -52,6 +52,7 @@ class MetricsLogger:
         self.out, self.enabled = Path(out), enabled
         self.path = self.out / "metrics.jsonl"
         self.rows: list[dict] = []
+        self.evals: dict[int, dict] = {}  # step -> eval result, those of the resumed run included
         self.tb = self.wandb = None
         self.last_loss = None
         if not enabled:
@@ -80,6 +81,7 @@ class MetricsLogger:
 
             atomic_write_text(self.path, "".join(json.dumps(_json_safe(r)) + "\n" for r in kept))
             self.rows = [r for r in kept if "loss" in r]
+            self.evals = {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in kept if "eval_loss" in r}
         elif self.path.exists():
             self.path.unlink()
         if SummaryWriter is not None:
@@ -150,6 +152,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **result}
+        self.evals[step] = dict(result)
         self._write(row)
         self.info(f"step {step}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}")
         if self.tb is not None:

@@ -487,8 +487,11 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
 
         # ---------------------------------------------------------------- finish
         if eval_set is not None:
-            last_eval = evaluate(module, eval_set, cfg, device, autocast)
-            logger.log_eval(step, last_eval)
+            # A resume that only finishes (killed after the final eval) already has its result.
+            last_eval = logger.evals.get(step) if d.main else None
+            if last_eval is None:
+                last_eval = evaluate(module, eval_set, cfg, device, autocast)
+                logger.log_eval(step, last_eval)
         summary = {"steps": step, "tokens": tokens_seen, "out": str(out)}
         if d.main:
             checkpointing.save(out, step, tokens_seen, module, optimizer, sampler, cfg)
