@@ -203,3 +203,15 @@ def test_fla_adapter_matches_reference_under_triton_interpreter():
     proc = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "float32 inputs" in proc.stdout and "OK" in proc.stdout
+
+
+def test_prepared_gpu_script_runs_its_self_check_on_cpu():
+    # bench/bench_gpu.py is run on a lent GPU machine in one short call, with no chance to fix it
+    # there: its shared code path (kernel check, reporting) must keep working. On CPU it checks
+    # chunked against reference, fp32 and bf16.
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_gpu.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--skip-train"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verdicts = [l for l in proc.stdout.splitlines() if "chunked vs reference" in l]
+    assert len(verdicts) == 2 and all(": OK (" in l for l in verdicts), proc.stdout
