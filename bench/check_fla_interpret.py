@@ -9,7 +9,7 @@ GPU speed; ``bench/bench_gpu.py`` does that on a GPU.
 Set up once, in a separate virtualenv (fla-core is the pinned ``rwkvtune[gpu]`` extra)::
 
     pip install torch==2.13.0
-    pip install triton einops packaging "fla-core==0.6.0" --no-deps   # fla-core would pull CUDA torch
+    pip install triton einops packaging "fla-core==0.6.0" --no-deps   # the CPU torch stays
     pip install -e . --no-deps
     python bench/check_fla_interpret.py          # 2.5 minutes on 2 cores; exit 1 on FAIL
     python bench/check_fla_interpret.py --quick  # the fp32 kernel check only (25 s)
