@@ -454,26 +454,32 @@ def test_ctx_len_beyond_data_trims_padding_and_warns(data, tmp_path, capsys):
     assert "fewer than one batch of 4" in capsys.readouterr().err
 
 
-def test_ctrl_c_finishes_the_step_saves_and_exits_130(data, tmp_path):
+@pytest.mark.parametrize("signum,status,stopped", [
+    (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+    (signal.SIGTERM, 143, "terminated by SIGTERM"),
+])
+def test_signal_finishes_the_step_saves_and_exits(data, tmp_path, signum, status, stopped):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = _train_cmd(data, out, 10000)
-    cmd[cmd.index("--save-every") + 1] = "0"  # the checkpoint must come from the Ctrl-C
+    cmd[cmd.index("--save-every") + 1] = "0"  # the checkpoint must come from the signal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "Ctrl-C: stopping after this step to save a resumable checkpoint" in err
+    assert proc.returncode == status and "Traceback" not in err, err[-2000:]
+    if signum == signal.SIGINT:
+        assert "Ctrl-C: stopping after this step to save a resumable checkpoint" in err
     lines = [l for l in err.splitlines() if l.startswith("error: ")]
     saved = sorted((out / "checkpoints").glob("step-*.pt"))
     assert len(saved) == 1 and len(lines) == 1, err[-2000:]
-    assert lines[0].startswith("error: interrupted (Ctrl-C) after step ")
+    assert lines[0].startswith(f"error: {stopped} after step ")
     assert f"saved the resumable checkpoint {saved[0]}" in lines[0]
     assert lines[0].endswith(f"continue with: rwkvtune train --resume {out}")
+    assert not (out / "final.pth").exists()
 
 
 def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(data, tmp_path):
@@ -493,27 +499,6 @@ def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(data, tmp_path):
     assert (f"error: interrupted; the checkpoints in {out / 'checkpoints'} are kept" in err
             or "error: interrupted (Ctrl-C) after step " in err), err[-2000:]
     assert f"--resume {out}" in err and any((out / "checkpoints").glob("step-*.pt"))
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_143(data, tmp_path):
-    out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = _train_cmd(data, out, 10000)
-    cmd[cmd.index("--save-every") + 1] = "0"  # the checkpoint must come from the SIGTERM
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: terminated by SIGTERM after step "), err[-2000:]
-    saved = sorted((out / "checkpoints").glob("step-*.pt"))
-    assert len(saved) == 1 and f"saved the resumable checkpoint {saved[0]}" in lines[0]
-    assert lines[0].endswith(f"continue with: rwkvtune train --resume {out}")
-    assert not (out / "final.pth").exists()
 
 
 def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_path, monkeypatch):

@@ -29,13 +29,29 @@ def _import_summary_writer():
     return SummaryWriter, None
 
 
+WANDB_MISSING = "--wandb needs the wandb package: pip install wandb (or drop --wandb)"
+TB_MISSING = "tensorboard=true needs the tensorboard package{why}: pip install tensorboard, or set tensorboard=false"
+
+
+def check_packages(cfg) -> None:
+    """Fail at setup, before any data or model work, when a logger asked for is not installed."""
+    import importlib.util
+
+    from rwkvtune.errors import ConfigError
+
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(WANDB_MISSING)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(TB_MISSING.format(why=""))
+
+
 def _import_wandb():
     try:
         import wandb
     except ImportError:
         from rwkvtune.errors import ConfigError
 
-        raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+        raise ConfigError(WANDB_MISSING) from None
     return wandb
 
 
@@ -64,8 +80,7 @@ class MetricsLogger:
         if SummaryWriter is None and cfg.tensorboard:  # asked for (true), not the default (None: if installed)
             from rwkvtune.errors import ConfigError
 
-            raise ConfigError(f"tensorboard=true needs the tensorboard package ({tb_error}): pip install "
-                              f"tensorboard, or set tensorboard=false")
+            raise ConfigError(TB_MISSING.format(why=f" ({tb_error})"))
         self.out.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Keep the history up to the resumed step; a kill may have left later or torn lines.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, RWKV7State
 from rwkvtune.train import checkpointing
 from rwkvtune.train.data import build_dataset, collate
+from rwkvtune.train import metrics
 from rwkvtune.train.metrics import MetricsLogger
 from rwkvtune.train.optim import loss_sum, lr_at, param_groups, set_lr
 from rwkvtune.utils import atomic_write_text
@@ -322,11 +322,7 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
     out = Path(cfg.out)
     check_out_dir(out, resuming=bool(resume_dir))
     stop.out = out
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard, or set "
-                          "tensorboard=false")
+    metrics.check_packages(cfg)
     d = setup_distributed(cfg.device)
     device = select_device(cfg.device, d)
     torch.manual_seed(cfg.seed)
