@@ -454,19 +454,22 @@ def test_inspect_says_what_a_non_checkpoint_file_is(world, tmp_path):
 
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint\n")
-    resumable = tmp_path / "step-0000002.pt"  # like a resumable training checkpoint: numpy objects inside
-    torch.save({"step": 2, "rng": np.random.get_state(), "trainable": {}}, resumable)
+    pickled = tmp_path / "step-0000002.pt"  # Python objects besides tensors: numpy arrays inside
+    torch.save({"step": 2, "rng": np.random.get_state(), "trainable": {}}, pickled)
+    resumable = tmp_path / "step-0000003.pt"  # what rwkvtune train writes: tensors and plain values
+    torch.save({"step": 3, "trainable": {}, "optimizer": {"state": {}}, "config": {}}, resumable)
     adapter = tmp_path / "adapter.pth"
     torch.save({"format": "rwkvtune-lora-v1", "r": 4, "lora": {}}, adapter)
-    procs = {p: _start(world, ["inspect", str(p)]) for p in (text, resumable, adapter)}
+    procs = {p: _start(world, ["inspect", str(p)]) for p in (text, pickled, resumable, adapter)}
     res = {}
     for p, pr in procs.items():
         out, err = pr.communicate(timeout=120)
         res[p] = subprocess.CompletedProcess(pr.args, pr.returncode, out, err)
     line = _assert_error_line(res[text], str(text), "not a file written by torch.save")
     assert "Python objects" not in line
-    line = _assert_error_line(res[resumable], "Python objects besides tensors", "--resume", "final.pth")
-    assert "\x1b[" not in line and "corrupt" not in line
+    line = _assert_error_line(res[pickled], "Python objects besides tensors", "never unpickles")
+    assert "\x1b[" not in line and "corrupt" not in line and "--resume" not in line
+    _assert_error_line(res[resumable], "resumable checkpoint", "final.pth", "not a model checkpoint")
     _assert_error_line(res[adapter], "this is a LoRA adapter", "merge-lora", "not a model checkpoint")
 
 

@@ -429,6 +429,49 @@ def test_resume_bad_dirs_corrupt_checkpoint_and_changed_options(data, tmp_path):
         train(TrainConfig(resume=str(out), max_steps=3))
 
 
+class _Planted:
+    """A pickle that runs code when unpickled: it creates the directory ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_resume_never_runs_code_from_a_planted_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=2, save_every=1))
+    marker = tmp_path / "pwned"
+    planted = out / "checkpoints" / "step-0000002.pt"
+    ck = torch.load(planted, weights_only=True)  # what train writes loads without unpickling objects
+    ck["payload"] = _Planted(marker)
+    torch.save(ck, planted)
+    with pytest.raises(RwkvtuneError) as e:
+        train(TrainConfig(resume=str(out), max_steps=3))
+    assert not marker.exists()
+    msg = str(e.value)
+    assert "step-0000002.pt" in msg and "never unpickles" in msg and "--resume" not in msg
+
+
+def test_latest_pointer_cannot_lead_out_of_the_run(data, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=2, save_every=1))
+    outside = tmp_path / "elsewhere.pt"
+    outside.write_bytes(b"not read")
+    for target in ("../../elsewhere.pt", str(outside), "step-0000009.pt"):
+        (out / "checkpoints" / "latest").write_text(target + "\n")
+        from rwkvtune.train.checkpointing import latest_checkpoint
+
+        assert latest_checkpoint(out) == out / "checkpoints" / "step-0000002.pt"
+    link = out / "checkpoints" / "step-0000007.pt"
+    link.symlink_to(outside)
+    (out / "checkpoints" / "latest").write_text(link.name + "\n")
+    assert latest_checkpoint(out) == out / "checkpoints" / "step-0000002.pt"
+    link.unlink()
+    assert train(TrainConfig(resume=str(out), max_steps=3))["steps"] == 3
+
+
 def test_output_files_follow_umask(data, tmp_path):
     out = tmp_path / "run"
     old = os.umask(0o022)
@@ -648,8 +691,11 @@ def test_old_run_with_relative_paths_resumes_from_its_directory(data, tmp_path, 
     out = tmp_path / "run"
     train(_cfg(data, out, max_steps=2, save_every=1))
     ck_path = out / "checkpoints" / "step-0000002.pt"
-    ck = torch.load(ck_path, weights_only=False)
+    ck = torch.load(ck_path, weights_only=True)
     ck["config"].update(model="base.pth", data="text.jsonl")  # as saved before paths were made absolute
+    import numpy as np
+
+    ck["rng"]["numpy"] = np.random.get_state()  # and with numpy's own RNG tuple, as 0.1.0 saved it
     torch.save(ck, ck_path)
     assert train(TrainConfig(resume=str(out), data="text.jsonl", max_steps=3))["steps"] == 3
 

@@ -138,8 +138,8 @@ def _torch_load(p: Path, mmap: bool) -> Any:
         is_zip, is_pickle = head == _ZIP_MAGIC, head[:1] == b"\x80"  # zip archive / legacy pickle
         refused = ("weights only" in str(e).lower() or "weights_only" in str(e)) and "Unsupported operand" not in str(e)
         if refused and (is_zip or is_pickle):
-            why = ("it contains Python objects besides tensors (a resumable training checkpoint? use the run's "
-                   "final.pth, or continue the run with --resume DIR); save a plain state dict with "
+            why = ("it holds Python objects besides tensors, which rwkvtune never unpickles (loading them could "
+                   "run code); a model file is a plain state dict: from code you trust, save one with "
                    "torch.save(model.state_dict(), path)")
         elif is_zip:
             why = ("it is a torch zip archive but cannot be read, so it is probably truncated or corrupt "
@@ -174,6 +174,8 @@ def _check_state_dict(p: Path, obj: Any, is_tensor) -> dict[str, Any]:
     kind = {"rwkvtune-lora-v1": "a LoRA adapter (use it with --adapter, or merge it: rwkvtune merge-lora BASE "
                                 "ADAPTER OUT)",
             "rwkvtune-state-v1": "a state-tuning file (use it with --state)"}.get(obj.get("format"))
+    if kind is None and {"step", "trainable", "optimizer"} <= set(obj):
+        kind = "a resumable checkpoint of `rwkvtune train` (the run's model is its final.pth)"
     if kind:
         raise CheckpointError(f"{p}: this is {kind}, not a model checkpoint; pass the model's .pth")
     bad = next((k for k, v in obj.items() if not is_tensor(v)), None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,12 @@ from rwkvtune.utils import atomic_torch_save, atomic_write_text
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain Python values, so the checkpoint loads with
+    ``torch.load(weights_only=True)`` (no pickled numpy objects)."""
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,7 +43,12 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["cached_gaussian"]))
+    else:  # checkpoints of rwkvtune <= 0.1.0 kept numpy's own tuple
+        np.random.set_state(np_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -57,21 +68,41 @@ def save(out: Path, step: int, tokens: int, module, optimizer, sampler, cfg) -> 
     return path
 
 
+CHECKPOINT_NAME = re.compile(r"step-\d{7}\.pt")
+
+
 def latest_checkpoint(out: str | Path) -> Path:
+    """The newest resumable checkpoint of the run in ``out``.
+
+    ``checkpoints/latest`` names it; the name is only trusted when it is a checkpoint file name of
+    this run's own directory (``step-NNNNNNN.pt``, a regular file, no link leading elsewhere), so a
+    planted pointer cannot make a resume read any other file on disk.
+    """
     if not Path(out).is_dir():
         what = "not a directory" if Path(out).exists() else "no such directory"
         raise CheckpointError(f"--resume {out}: {what}; pass the --out directory of the run to continue")
     ckdir = Path(out) / "checkpoints"
+    found = sorted(p for p in ckdir.glob("step-*.pt") if _own_checkpoint(ckdir, p.name))
     pointer = ckdir / "latest"
-    if pointer.is_file():
-        candidate = ckdir / pointer.read_text().strip()
-        if candidate.is_file():
-            return candidate
-    found = sorted(ckdir.glob("step-*.pt"))
+    if pointer.is_file() and not pointer.is_symlink():
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if _own_checkpoint(ckdir, name):
+            return ckdir / name
     if not found:
         raise CheckpointError(f"{ckdir}: no resumable checkpoint found; the run saved none yet "
                               f"(lower --save-every) or --resume points at the wrong directory")
     return found[-1]
+
+
+def _own_checkpoint(ckdir: Path, name: str) -> bool:
+    """Whether ``name`` is a checkpoint file directly inside ``ckdir`` (not a link out of it)."""
+    if not CHECKPOINT_NAME.fullmatch(name):
+        return False
+    path = ckdir / name
+    return path.is_file() and not path.is_symlink()
 
 
 def completed_summary(out: str | Path, step: int, total_steps: int) -> dict | None:
@@ -93,17 +124,30 @@ def checkpoint_step(path: Path) -> int:
     return int(_load(path, mmap=True)["step"])
 
 
+def _numpy_globals() -> list:
+    """What checkpoints of rwkvtune <= 0.1.0 need besides tensors: numpy's RNG key array (a plain
+    uint32 ndarray). Allowed by name, so nothing else in a file can be unpickled."""
+    core = getattr(np, "_core", None) or np.core
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
 def _load(path: Path, mmap: bool = False) -> dict:
     """A resumable checkpoint, or a CheckpointError saying which file is unreadable.
 
-    ``mmap=True`` leaves tensor data on disk: for reading only the saved config, which would
-    otherwise read the whole file (weights and optimizer state) a second time on resume.
+    Loaded with ``weights_only=True``: tensors, containers and plain values only, so a file planted
+    in ``checkpoints/`` cannot run code. ``mmap=True`` leaves tensor data on disk: for reading only
+    the saved config, which would otherwise read the whole file (weights and optimizer state) a
+    second time on resume.
     """
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); it is corrupt: "
-                              f"move it away to resume from the one before it") from None
+        refused = "weights only" in str(e).lower() or "weights_only" in str(e)
+        why = ("it holds Python objects other than tensors and plain values, which rwkvtune never unpickles "
+               "(loading them could run code); it was not written by rwkvtune train: delete it or move it away"
+               if refused else "it is corrupt: move it away to resume from the one before it")
+        raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); {why}") from None
     if not isinstance(ck, dict) or not {"step", "trainable", "optimizer", "config"} <= set(ck):
         raise CheckpointError(f"{path}: not a resumable checkpoint written by rwkvtune train; move it away")
     return ck
