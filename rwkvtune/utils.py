@@ -22,6 +22,11 @@ def output_error(path: str | os.PathLike, e: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write: {why}; choose another location")
 
 
+def human_count(n: int) -> str:
+    """1_527_668_736 -> '1.53B', 2_650_000 -> '2.6M' (parameter counts for people)."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write via ``write(tmp_path)`` into a temp file in the same directory, fsync, then rename.
 

@@ -13,17 +13,20 @@ import torch
 from helpers import make_state_dict, write_checkpoint
 
 from rwkvtune.configs import checkpoint as ck
+from rwkvtune.configs.check import check_config_against, mismatch_error
 from rwkvtune.configs.checkpoint import (
     CheckpointInfo,
-    check_config_against,
     compare_shapes,
     detect,
     inspect_checkpoint,
     load_state_dict,
-    matching_registry_entry,
-    mismatch_error,
 )
-from rwkvtune.configs.model_loader import ModelConfig, list_available_models, load_model_config
+from rwkvtune.configs.model_loader import (
+    ModelConfig,
+    list_available_models,
+    load_model_config,
+    matching_registry_entry,
+)
 from rwkvtune.errors import CheckpointError
 
 SUMMARY_KEYS = ["n_layer", "n_embd", "vocab_size", "head_size_a", "n_head", "dim_att_lora", "dim_aaa_lora",
@@ -87,7 +90,7 @@ def test_detect_dims(tmp_path, dims, layer0_v):
     assert info.path == str(Path(path).resolve())
     assert list(info.summary()) == SUMMARY_KEYS
     # The config built from it describes the same file (n_params counts layer-0 v always).
-    cfg = info.to_config()
+    cfg = ModelConfig.from_checkpoint(info)
     assert check_config_against(cfg, {k: tuple(v.shape) for k, v in sd.items()}) == []
     extra_v = 0 if layer0_v else (2 * C * d_mv + C)
     assert cfg.n_params == info.n_params + extra_v
@@ -357,7 +360,7 @@ def test_checkpoint_info_is_a_dataclass_with_summary():
     info = detect(load_model_config("1.5b").param_shapes(layer0_v=False))
     assert isinstance(info, CheckpointInfo)
     assert list(info.summary()) == SUMMARY_KEYS and info.dtype == "unknown"
-    assert "1.5b" in list_available_models() and isinstance(info.to_config(), ModelConfig)
+    assert "1.5b" in list_available_models() and isinstance(ModelConfig.from_checkpoint(info), ModelConfig)
 
 
 # ---- the torch-free shape reader agrees with torch.load ------------------------------------

@@ -63,9 +63,9 @@ def test_bad_record_advice_data_prepare(capsys, tmp_path, bad_jsonl):
     out = str(tmp_path / "o")
     line = _error(capsys, ["data", "prepare", bad_jsonl, "--out", out, "--workers", "1"])
     assert line == (f"error: {bad_jsonl}:2: malformed JSON (Invalid control character at column 12); fix the "
-                    f"record, or pass --on-error skip to skip bad records")
-    # With --on-error skip given, the report names the bad record without advising to skip.
-    assert main(["data", "prepare", bad_jsonl, "--out", out, "--workers", "1", "--on-error", "skip"]) == 0
+                    f"record, or pass --on-data-error skip to skip bad records")
+    # With --on-data-error skip given, the report names the bad record without advising to skip.
+    assert main(["data", "prepare", bad_jsonl, "--out", out, "--workers", "1", "--on-data-error", "skip"]) == 0
     printed = capsys.readouterr().out
     assert printed.endswith(f"skipped 1 bad records (first: {bad_jsonl}:2: malformed JSON (Invalid control "
                             f"character at column 12))\n"), printed
@@ -79,11 +79,14 @@ def test_bad_record_advice_train(capsys, tmp_path, bad_jsonl):
                          "bad records")
 
 
-def test_bad_record_advice_eval_names_no_option_it_lacks(capsys, tmp_path, bad_jsonl):
+def test_bad_record_advice_eval_names_its_own_option(capsys, tmp_path, bad_jsonl):
     ckpt = write_checkpoint(tmp_path / "tiny.pth")
     line = _error(capsys, ["eval", "--model", ckpt, "--data", bad_jsonl])
     assert line.startswith(f"error: {bad_jsonl}:2: malformed JSON")
-    assert "fix or remove the record" in line and "--on" not in line and "on_error" not in line
+    assert "pass --on-data-error skip" in line and "on_error=" not in line
+    # and the option does what it says: the good record alone is scored
+    assert main(["eval", "--model", ckpt, "--data", bad_jsonl, "--on-data-error", "skip", "--ctx-len", "8"]) == 0
+    assert '"eval_tokens": 2' in capsys.readouterr().out
 
 
 # ---- recipes and key=value overrides -------------------------------------------------------

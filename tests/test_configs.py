@@ -223,10 +223,10 @@ def test_readme_is_true_about_this_implementation():
     for path in re.findall(r"(?<![\w.~])/(?:[\w.-]+/)+[\w.-]*", text):
         assert path.startswith("/path/to/"), path
     # Every file path mentioned that this component owns exists.
-    for name in ("model_loader.py", "checkpoint.py", "cli_models.py", "__init__.py", "README.md"):
+    for name in ("model_loader.py", "checkpoint.py", "check.py", "__init__.py", "README.md"):
         assert f"├── {name}" in text or f"└── {name}" in text, name
         assert (README.parent / name).is_file(), name
-    for rel in ("examples/test_model_configs.py", "rwkvtune/cli.py"):
+    for rel in ("examples/test_model_configs.py", "rwkvtune/cli/models.py"):
         assert rel in text and (REPO / rel).is_file()
     for name in REFERENCE:
         assert (README.parent / "models" / f"rwkv7-{name}.json").is_file()

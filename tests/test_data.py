@@ -14,7 +14,8 @@ import torch
 from rwkvtune.data.binidx import BinIdxDataset, BinIdxWriter
 from rwkvtune.data.dataset import BinIdxWindows, PackedDataset, WindowSampler, load_dataset
 from rwkvtune.data.formats import Sample, encode_record, read_samples
-from rwkvtune.data.prepare import cli_prepare, prepare_binidx
+from rwkvtune.cli.data import run_prepare
+from rwkvtune.data.prepare import prepare_binidx
 from rwkvtune.errors import DataError
 from rwkvtune.tokenizer import get_tokenizer
 
@@ -411,11 +412,14 @@ def test_prepare_empty_file(tok, tmp_path):
 
 def test_cli_prepare_prints_summary(corpus, tmp_path, capsys):
     out = str(tmp_path / "cli")
-    args = SimpleNamespace(input=corpus, out=out, workers=1, fmt="auto", on_error="raise")
-    stats = cli_prepare(args)
+    args = SimpleNamespace(input=corpus, out=out, workers=1, data_format="auto", on_data_error="raise")
+    assert run_prepare(args) == 0
     printed = capsys.readouterr().out
-    assert f"{out}.bin" in printed and f"{stats.docs} documents" in printed
-    assert f"{stats.tokens} tokens" in printed
+    from rwkvtune.data.binidx import BinIdxDataset
+
+    written = BinIdxDataset(out)
+    assert f"{out}.bin" in printed and f"{len(written)} documents" in printed
+    assert f"{written.num_tokens} tokens" in printed
 
 
 def test_load_dataset_dispatch(tok, corpus, tmp_path):

@@ -15,7 +15,8 @@ import pytest
 
 from rwkvtune.errors import ConfigError
 from rwkvtune.models.rwkv7.config import TrainConfig
-from rwkvtune.train.metrics import WANDB_ID_FILE, MetricsLogger
+from rwkvtune.train.metrics import MetricsLogger
+from rwkvtune.train.run_dir import RunDir
 
 # metrics.py does `from torch.utils.tensorboard import SummaryWriter`; that package's __init__
 # imports tensorboard, so the fake goes in at this level.
@@ -287,7 +288,7 @@ def test_wandb_init_log_and_finish(tmp_path, fake_wandb, monkeypatch, no_plot):
     # Offline mode comes from the environment: no mode/settings passed that would override it.
     assert run.init_kwargs == {"project": "my-proj", "config": cfg.to_dict(), "dir": str(out)}
     assert run.init_kwargs["config"]["lr"] == 3e-4 and fake_wandb.init_env == ["offline"]
-    assert (out / WANDB_ID_FILE).read_text().strip() == run.id
+    assert RunDir(out).wandb_id.read_text().strip() == run.id
     progress = _Progress()
     logger.log_step(_row(1), progress)
     logger.log_step(_row(2, grad_norm=None), progress)
@@ -318,7 +319,7 @@ def test_wandb_resume_continues_the_same_run(tmp_path, fake_wandb):
     MetricsLogger(out, _cfg(wandb="proj")).close()
     fresh = fake_wandb.runs[2]
     assert "id" not in fresh.init_kwargs and "resume" not in fresh.init_kwargs
-    assert fresh.id != first_id and (out / WANDB_ID_FILE).read_text().strip() == fresh.id
+    assert fresh.id != first_id and RunDir(out).wandb_id.read_text().strip() == fresh.id
 
 
 def test_wandb_resume_without_saved_id_starts_a_run(tmp_path, fake_wandb):
@@ -326,7 +327,7 @@ def test_wandb_resume_without_saved_id_starts_a_run(tmp_path, fake_wandb):
     out = tmp_path / "run"
     MetricsLogger(out, _cfg(wandb="proj"), resume_step=5).close()
     (run,) = fake_wandb.runs
-    assert "id" not in run.init_kwargs and (out / WANDB_ID_FILE).read_text().strip() == run.id
+    assert "id" not in run.init_kwargs and RunDir(out).wandb_id.read_text().strip() == run.id
 
 
 def test_wandb_init_failure_is_one_line_config_error(tmp_path, fake_wandb):

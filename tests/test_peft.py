@@ -76,7 +76,7 @@ def test_merged_logits_equal_adapter_model_and_merge_cli(data, tmp_path):
     with torch.no_grad():
         assert (model(idx) - merged(idx)).abs().max() < 1e-5
     res = subprocess.run([sys.executable, "-m", "rwkvtune", "merge-lora", data["ckpt"], str(out / "adapter.pth"),
-                          str(tmp_path / "merged.pth"), "--dtype", "fp32"], capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "merged.pth"), "--save-dtype", "fp32"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     a, b = torch.load(out / "final.pth"), torch.load(tmp_path / "merged.pth")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -103,32 +103,36 @@ def test_lora_target_matching_nothing_is_an_error(data):
 
 
 def test_lora_only_adapters_train_and_custom_targets(data, tmp_path):
-    from rwkvtune.train.trainer import count_params, prepare_mode
+    from rwkvtune.peft import get_mode
+    from rwkvtune.train.trainer import count_params
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="lora", lora_r=2, lora_targets=("att.key",), train_parts=("head",))
-    module = prepare_mode(cfg.resolve(model.config), model)
+    module = get_mode("lora").prepare(model, cfg.resolve(model.config))
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     assert all(".lora_" in n or n == "model.head.weight" for n in names)
     assert sum(".lora_A" in n for n in names) == 2  # one att.key per layer
-    trainable, frozen = count_params(module)
+    trainable, frozen, _ = count_params(module)
     assert trainable == 2 * 2 * (32 * 2) + 65536 * 32 and frozen > 0
 
 
 def test_lora_bf16_base_stays_frozen_and_identical(data, tmp_path):
-    from rwkvtune.train.trainer import prepare_mode, run_micro_batch
+    from rwkvtune.peft import get_mode
     from rwkvtune.train.data import collate
+    from rwkvtune.train.methods.base import StepContext
+    from rwkvtune.train.methods.sft import SFT
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="lora", precision="bf16").resolve(model.config)
-    module = prepare_mode(cfg, model)
+    module = get_mode("lora").prepare(model, cfg)
     before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     assert all(t.dtype == torch.bfloat16 for t in before.values())
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
     batch = collate([{"input_ids": torch.arange(1, 17), "labels": torch.arange(2, 18)}], "cpu")
     for _ in range(2):
-        run_micro_batch(module, batch, cfg, 1 / 16, 0.0, True,
-                        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        ctx = StepContext(cfg=cfg, device="cpu", autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                          scale=1 / 16)
+        SFT(cfg).forward_backward(module, batch, ctx)
         opt.step()
         opt.zero_grad()
     after = dict(module.named_parameters())
@@ -176,11 +180,11 @@ def test_state_tuning_trains_only_the_state(data, tmp_path):
 
 
 def test_state_tuning_base_bit_identical(data, tmp_path):
-    from rwkvtune.train.trainer import prepare_mode
+    from rwkvtune.peft import get_mode
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="state").resolve(model.config)
-    module = prepare_mode(cfg, model)
+    module = get_mode("state").prepare(model, cfg)
     assert [n for n, p in module.named_parameters() if p.requires_grad] == ["wkv_init"]
 
 
@@ -221,7 +225,9 @@ def test_chunked_long_sample_loss_equals_whole_sequence(data):
     from rwkvtune.data.formats import read_samples
     from rwkvtune.tokenizer import get_tokenizer
     from rwkvtune.train.optim import loss_sum
-    from rwkvtune.train.trainer import TrainModule, evaluate
+    from rwkvtune.peft.base import TrainModule
+    from rwkvtune.train.methods.base import StepContext
+    from rwkvtune.train.methods.sft import SFT
     import contextlib
 
     samples, _ = read_samples(data["long"], get_tokenizer())
@@ -232,7 +238,8 @@ def test_chunked_long_sample_loss_equals_whole_sequence(data):
     with torch.no_grad():
         whole = float(loss_sum(model(batch["input_ids"]), batch["labels"])) / int((batch["labels"] != -100).sum())
     cfg = TrainConfig(ctx_len=16, batch_size=3, long_context=True)
-    chunked = evaluate(TrainModule(model), ds, cfg, "cpu", contextlib.nullcontext)["eval_loss"]
+    ctx = StepContext(cfg=cfg, device="cpu", autocast=contextlib.nullcontext)
+    chunked = SFT(cfg).evaluate(TrainModule(model), ds, ctx)["eval_loss"]
     assert abs(whole - chunked) < 1e-5
 
 

@@ -143,9 +143,10 @@ def test_eval_rows_and_eval_cli(data, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
+    import rwkvtune.train.methods.sft as sft_mod
     import rwkvtune.train.trainer as trainer_mod
 
-    real = trainer_mod.loss_sum
+    real = sft_mod.loss_sum
     calls = {"n": 0}
 
     def poisoned(logits, labels, l2):
@@ -153,7 +154,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypat
         loss = real(logits, labels, l2)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(trainer_mod, "loss_sum", poisoned)
+    monkeypatch.setattr(sft_mod, "loss_sum", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(trainer_mod.TrainingDiverged, match="step 3"):
         train(_cfg(data, out, save_every=1, max_steps=5))
@@ -181,7 +182,7 @@ def test_dry_run_reports_setup(data, tmp_path):
 def test_dry_run_warns_when_the_estimate_exceeds_the_device(data, tmp_path):
     # ctx_len 1M x batch 64 of a 65536 vocab: terabytes of logits, more than any test machine.
     report = train(_cfg(data, tmp_path / "dry", ctx_len=1 << 20, batch_size=64), dry_run=True)
-    from rwkvtune.train.trainer import dry_run_summary
+    from rwkvtune.train.memory import dry_run_summary
 
     line = dry_run_summary(report)
     assert report["memory_estimate_gib"] > report["memory_available_gib"]
@@ -390,13 +391,13 @@ def test_bad_device_and_option_on_cli_are_one_line_errors(data, tmp_path):
 
 def test_bare_cuda_device_is_not_passed_to_set_device(monkeypatch):
     # torch.cuda.set_device(torch.device("cuda")) raises "Expected a torch.device with a specified index".
-    from rwkvtune.train import trainer as trainer_mod
+    from rwkvtune.train.runtime import Dist, select_device
 
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(torch._utils._get_device_index(dev)))
-    assert trainer_mod.select_device("cuda", trainer_mod.Dist()) == "cuda" and calls == []
-    assert trainer_mod.select_device("cuda", trainer_mod.Dist(1, 2, 1)) == "cuda:1" and calls == [1]
-    assert trainer_mod.select_device("cpu", trainer_mod.Dist()) == "cpu" and calls == [1]
+    assert select_device("cuda", Dist()) == "cuda" and calls == []
+    assert select_device("cuda", Dist(1, 2, 1)) == "cuda:1" and calls == [1]
+    assert select_device("cpu", Dist()) == "cpu" and calls == [1]
 
 
 def test_out_file_and_existing_run_are_refused(data, tmp_path):
@@ -545,11 +546,12 @@ def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(data, tmp_path):
 
 
 def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_path, monkeypatch):
+    import rwkvtune.train.methods.sft as sft_mod
     import rwkvtune.train.trainer as trainer_mod
 
     full, part = tmp_path / "full", tmp_path / "part"
     train(_cfg(data, full, max_steps=4))
-    real, calls = trainer_mod.loss_sum, {"n": 0}
+    real, calls = sft_mod.loss_sum, {"n": 0}
 
     def sigterm_in_step_2(logits, labels, l2):
         calls["n"] += 1
@@ -557,7 +559,7 @@ def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2's forward
         return real(logits, labels, l2)
 
-    monkeypatch.setattr(trainer_mod, "loss_sum", sigterm_in_step_2)
+    monkeypatch.setattr(sft_mod, "loss_sum", sigterm_in_step_2)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(trainer_mod.Terminated, match=f"after step 2 of 4; saved the resumable checkpoint "
                                                      f"{part / 'checkpoints' / 'step-0000002.pt'}") as e:
@@ -565,17 +567,20 @@ def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_
     # handlers only for the duration of train()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert e.value.exit_status == 143
-    monkeypatch.setattr(trainer_mod, "loss_sum", real)
+    monkeypatch.setattr(sft_mod, "loss_sum", real)
     train(TrainConfig(resume=str(part)))
     la, lb = _losses(full), _losses(part)
     assert len(lb) == 4 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-6
     # Outside the loop (setup, final saving) there is no step to finish: it stops at once.
-    stop = trainer_mod._GracefulStop()
-    stop.out = part
+    from rwkvtune.train.run_dir import RunDir
+    from rwkvtune.train.signals import GracefulStop
+
+    stop = GracefulStop()
+    stop.run_dir = RunDir(part)
     with pytest.raises(trainer_mod.Terminated, match=f"the checkpoints in {part / 'checkpoints'} are kept"):
         stop(signal.SIGTERM, None)
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod._GracefulStop()(signal.SIGINT, None)
+        GracefulStop()(signal.SIGINT, None)
 
 
 def test_log_every_writes_token_weighted_means(data, tmp_path):
@@ -614,9 +619,9 @@ def test_eval_bad_batch_size_and_wandb_missing(data, tmp_path):
 
 def test_unwritable_out_is_refused_before_work(data, tmp_path, monkeypatch):
     from rwkvtune.errors import ConfigError
-    from rwkvtune.train import trainer as trainer_mod
+    from rwkvtune.train import setup_checks
 
-    monkeypatch.setattr(trainer_mod.os, "access", lambda path, mode: False)  # as on a read-only mount
+    monkeypatch.setattr(setup_checks.os, "access", lambda path, mode: False)  # as on a read-only mount
     with pytest.raises(ConfigError, match=f"--out {tmp_path / 'ro' / 'run'}: {tmp_path} is not writable"):
         train(_cfg(data, tmp_path / "ro" / "run"))
     assert not (tmp_path / "ro").exists()

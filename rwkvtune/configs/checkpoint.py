@@ -26,13 +26,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
-from rwkvtune.configs.model_loader import (
-    DEFAULT_MODEL_DIR,
-    MODEL_DIR_ENV,
-    ModelConfig,
-    list_available_models,
-)
-from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.errors import CheckpointError
+
+# Where relative model files live; model_loader.models_dir() reads the same variable.
+MODEL_DIR_ENV = "RWKVTUNE_MODEL_DIR"
+DEFAULT_MODEL_DIR = "~/.rwkvtune/models"
+
+# Layer 0 never uses its value-residual parameters (it defines v_first); some released files carry
+# them, older ones do not, and every loader accepts both.
+LAYER0_V_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+# Dims that decide tensor shapes: what a checkpoint can confirm or contradict.
+SHAPE_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size_a", "dim_att_lora", "dim_aaa_lora", "dim_mv_lora",
+                "dim_gate_lora", "dim_ffn")
 
 # Prefixes that training wrappers put on every key (Lightning, DDP).
 KEY_PREFIXES = ("_forward_module.", "module.")
@@ -73,30 +79,9 @@ class CheckpointInfo:
                 "dim_mv_lora", "dim_gate_lora", "dim_ffn", "n_params", "dtype", "has_layer0_v")
         return {k: getattr(self, k) for k in keys}
 
-    def to_config(self, name: str | None = None) -> ModelConfig:
-        """A ModelConfig for this file; recommended settings from the matching registry entry if any."""
-        match = matching_registry_entry(self)
-        base = ModelConfig.from_name(match) if match else None
-        ctx = re.search(r"ctx(\d+)", Path(self.path).name)
-        return ModelConfig(
-            model_name=name or (base.model_name if base else Path(self.path).stem),
-            model_file=self.path,
-            description=f"detected from {Path(self.path).name}" + (f" (matches registry {match})" if match else ""),
-            n_layer=self.n_layer,
-            n_embd=self.n_embd,
-            vocab_size=self.vocab_size,
-            head_size_a=self.head_size_a,
-            ctx_len=int(ctx.group(1)) if ctx else (base.ctx_len if base else 4096),
-            dim_att_lora=self.dim_att_lora,
-            dim_aaa_lora=self.dim_aaa_lora,
-            dim_gate_lora=self.dim_gate_lora,
-            dim_mv_lora=self.dim_mv_lora,
-            dim_ffn=self.dim_ffn,
-            recommended_ctx_len=base.recommended_ctx_len if base else 1024,
-            recommended_batch_size=base.recommended_batch_size if base else 1,
-            recommended_lr=base.recommended_lr if base else 1e-5,
-            config_path=self.path,
-        )
+    def dims(self) -> dict[str, int]:
+        """The shape-deciding dims (SHAPE_FIELDS) as a dict."""
+        return {f: getattr(self, f) for f in SHAPE_FIELDS}
 
 
 def strip_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -197,6 +182,14 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[st
 
     obj = _torch_load(p, mmap)
     return strip_prefix(_check_state_dict(p, obj, lambda v: isinstance(v, torch.Tensor)))
+
+
+def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a flat {key: tensor} state dict atomically (torch.save's zip format, which every
+    RWKV tool reads); a crash leaves the previous file or none, never a torn one."""
+    from rwkvtune.utils import atomic_torch_save
+
+    atomic_torch_save(dict(state_dict), path)
 
 
 # ---- shapes without torch ------------------------------------------------------------------
@@ -365,12 +358,7 @@ def detect(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | No
         **dims,
     )
     # Every other key must have exactly the shape these dims imply.
-    try:
-        cfg = _bare_config(info)
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: implausible RWKV-7 dims ({str(e).split(': ', 1)[-1]}); "
-                              f"the file is damaged or not an RWKV-7 model") from None
-    problems = compare_shapes(cfg.param_shapes(layer0_v=has_v0), shapes)
+    problems = compare_shapes(official_shapes(**info.dims(), layer0_v=has_v0), shapes)
     extra = [p for p in problems if p[1] is None]
     real = [p for p in problems if p[1] is not None]
     if real:
@@ -392,11 +380,41 @@ def _main_dtype(dtypes: Mapping[str, str]) -> str:
     return counts.most_common(1)[0][0] if len(counts) == 1 else "mixed(" + ",".join(sorted(counts)) + ")"
 
 
-def _bare_config(info: CheckpointInfo) -> ModelConfig:
-    return ModelConfig(model_name="detected", n_layer=info.n_layer, n_embd=info.n_embd,
-                       vocab_size=info.vocab_size, head_size_a=info.head_size_a,
-                       dim_att_lora=info.dim_att_lora, dim_aaa_lora=info.dim_aaa_lora,
-                       dim_mv_lora=info.dim_mv_lora, dim_gate_lora=info.dim_gate_lora, dim_ffn=info.dim_ffn)
+def official_shapes(n_layer: int, n_embd: int, vocab_size: int, head_size_a: int, dim_att_lora: int,
+                    dim_aaa_lora: int, dim_mv_lora: int, dim_gate_lora: int, dim_ffn: int,
+                    layer0_v: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every key of an official checkpoint with its shape (reference §2), in training-code order.
+
+    ``layer0_v=False`` leaves out layer 0's unused value-residual keys (LAYER0_V_KEYS).
+    """
+    C, V, F = n_embd, vocab_size, dim_ffn
+    H, N = n_embd // head_size_a, head_size_a
+    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
+    lowrank = {"w": dim_att_lora, "a": dim_aaa_lora, "v": dim_mv_lora, "g": dim_gate_lora}
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        if i == 0:
+            shapes[p + "ln0.weight"] = shapes[p + "ln0.bias"] = (C,)
+        for ln in ("ln1", "ln2"):
+            shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (C,)
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            shapes[p + "att." + name] = (1, 1, C)
+        for letter, d in lowrank.items():
+            shapes[f"{p}att.{letter}1"] = (C, d)
+            shapes[f"{p}att.{letter}2"] = (d, C)
+        shapes[p + "att.r_k"] = (H, N)
+        for name in ("receptance", "key", "value", "output"):
+            shapes[f"{p}att.{name}.weight"] = (C, C)
+        shapes[p + "att.ln_x.weight"] = shapes[p + "att.ln_x.bias"] = (C,)
+        shapes[p + "ffn.x_k"] = (1, 1, C)
+        shapes[p + "ffn.key.weight"] = (F, C)
+        shapes[p + "ffn.value.weight"] = (C, F)
+    if not layer0_v:
+        for key in LAYER0_V_KEYS:
+            shapes.pop(key, None)
+    shapes["ln_out.weight"] = shapes["ln_out.bias"] = (C,)
+    shapes["head.weight"] = (V, C)
+    return shapes
 
 
 def compare_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
@@ -470,61 +488,3 @@ def format_mismatches(problems: list[tuple[str, tuple | None, tuple | None]], li
             parts.append(f"{key}: expected {list(exp)}, found {list(got)}")
     more = f"; ... and {len(parts) - limit} more" if len(parts) > limit else ""
     return "; ".join(parts[:limit]) + more
-
-
-LAYER0_V = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
-
-# Config fields that decide tensor shapes (what a checkpoint can confirm or contradict).
-SHAPE_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size_a", "dim_att_lora", "dim_aaa_lora", "dim_mv_lora",
-                "dim_gate_lora", "dim_ffn")
-
-
-def check_config_against(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> list:
-    """Every (key, expected, found) difference between a config and a checkpoint's shapes."""
-    return compare_shapes(config.param_shapes(layer0_v=True), shapes, optional=LAYER0_V)
-
-
-def compare_config(config: ModelConfig, info: CheckpointInfo) -> list[tuple[str, int, int]]:
-    """Every (field, config value, detected value) that differs between a config and a checkpoint."""
-    return [(f, getattr(config, f), getattr(info, f)) for f in SHAPE_FIELDS if getattr(config, f) != getattr(info, f)]
-
-
-def matching_registry_entry(info: CheckpointInfo) -> str | None:
-    """Name of the registry entry whose dims equal the checkpoint's, or None."""
-    for name in list_available_models():
-        try:
-            cfg = ModelConfig.from_name(name)
-        except Exception:  # a broken user config must not break detection; `models check` reports it
-            continue
-        if all(getattr(cfg, d) == getattr(info, d) for d in SHAPE_FIELDS):
-            return name
-    return None
-
-
-def mismatch_error(config: ModelConfig, path: str, shapes: Mapping[str, tuple[int, ...]],
-                   info: CheckpointInfo | None = None) -> CheckpointError:
-    """The error for 'this file does not fit this config': every differing dim and tensor key
-    (expected = config, found = file), and the registry entry that does fit, if any."""
-    problems = check_config_against(config, shapes)
-    if info is None:
-        try:
-            info = detect(shapes, source=path)
-        except CheckpointError:
-            info = None
-    source = f" (from {config.config_path})" if config.config_path else ""
-    fields = ""
-    if info is not None:
-        diffs = compare_config(config, info)
-        if diffs:
-            fields = "dims: " + "; ".join(f"{f}: expected {e}, found {g}" for f, e, g in diffs) + ". "
-    match = matching_registry_entry(info) if info else None
-    if match:
-        hint = (f" The file matches registry entry {match!r}: use that config "
-                f"(load_model_config({match!r}), `rwkvtune models show {match}`) or load the file by path.")
-    else:
-        hint = (" No registry entry matches the file: load it by path (dims are detected from it) or create a "
-                "config with `rwkvtune models new CHECKPOINT --name NAME`.")
-    # When the dims already explain the difference, a few tensor keys illustrate it; else list them all.
-    shown = format_mismatches(problems, limit=6 if fields else 24)
-    return CheckpointError(f"{path} does not fit config {config.model_name!r}{source}: {fields}"
-                           f"{len(problems)} tensor mismatch(es): {shown}.{hint}")

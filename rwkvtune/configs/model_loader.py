@@ -23,16 +23,23 @@ import difflib
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+from rwkvtune.configs.checkpoint import (
+    DEFAULT_MODEL_DIR,
+    MODEL_DIR_ENV,
+    SHAPE_FIELDS,
+    CheckpointInfo,
+    inspect_checkpoint,
+    official_shapes,
+)
 from rwkvtune.errors import ConfigError
 
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONFIG_PATH_ENV = "RWKVTUNE_CONFIG_PATH"
-MODEL_DIR_ENV = "RWKVTUNE_MODEL_DIR"
-DEFAULT_MODEL_DIR = "~/.rwkvtune/models"
 ARCHITECTURE_VERSION = "x070"
 
 # JSON layout: section -> {field: (type, required)}. Types are checked strictly (a bool is not
@@ -151,34 +158,11 @@ class ModelConfig:
 
     def param_shapes(self, layer0_v: bool = True) -> dict[str, tuple[int, ...]]:
         """Every key of an official checkpoint with its shape (order: training-code order)."""
-        C, V, F = self.n_embd, self.vocab_size, self.dim_ffn
-        H, N = self.n_head, self.head_size_a
-        shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
-        lowrank = {"w": self.dim_att_lora, "a": self.dim_aaa_lora, "v": self.dim_mv_lora, "g": self.dim_gate_lora}
-        for i in range(self.n_layer):
-            p = f"blocks.{i}."
-            if i == 0:
-                shapes[p + "ln0.weight"] = shapes[p + "ln0.bias"] = (C,)
-            for ln in ("ln1", "ln2"):
-                shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (C,)
-            for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
-                shapes[p + "att." + name] = (1, 1, C)
-            for letter, d in lowrank.items():
-                shapes[f"{p}att.{letter}1"] = (C, d)
-                shapes[f"{p}att.{letter}2"] = (d, C)
-            if i == 0 and not layer0_v:
-                for name in ("v0", "v1", "v2"):
-                    del shapes[p + "att." + name]
-            shapes[p + "att.r_k"] = (H, N)
-            for name in ("receptance", "key", "value", "output"):
-                shapes[f"{p}att.{name}.weight"] = (C, C)
-            shapes[p + "att.ln_x.weight"] = shapes[p + "att.ln_x.bias"] = (C,)
-            shapes[p + "ffn.x_k"] = (1, 1, C)
-            shapes[p + "ffn.key.weight"] = (F, C)
-            shapes[p + "ffn.value.weight"] = (C, F)
-        shapes["ln_out.weight"] = shapes["ln_out.bias"] = (C,)
-        shapes["head.weight"] = (V, C)
-        return shapes
+        return official_shapes(**self.dims(), layer0_v=layer0_v)
+
+    def dims(self) -> dict[str, int]:
+        """The shape-deciding dims (what a checkpoint can confirm or contradict)."""
+        return {f: getattr(self, f) for f in SHAPE_FIELDS}
 
     # ---- constructors ----------------------------------------------------------------------
     @classmethod
@@ -226,11 +210,27 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, name: str | None = None) -> "ModelConfig":
-        """Dimensions detected from a ``.pth`` (shapes only, no tensor data is read)."""
-        from rwkvtune.configs.checkpoint import inspect_checkpoint
+    def from_checkpoint(cls, path: str | os.PathLike | CheckpointInfo, name: str | None = None) -> "ModelConfig":
+        """Dimensions detected from a checkpoint (shapes only, no tensor data is read).
 
-        return inspect_checkpoint(path).to_config(name=name)
+        Recommended settings come from the registry entry with the same dims, when one exists; the
+        context length from a ``ctx4096``-style part of the file name, else that entry's.
+        """
+        info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
+        match = matching_registry_entry(info)
+        base = cls.from_name(match) if match else None
+        ctx = re.search(r"ctx(\d+)", Path(info.path).name)
+        recommended = {f: getattr(base, f) for f in ("recommended_ctx_len", "recommended_batch_size",
+                                                      "recommended_lr")} if base else {}
+        return cls(
+            model_name=name or (base.model_name if base else Path(info.path).stem),
+            model_file=info.path,
+            description=f"detected from {Path(info.path).name}" + (f" (matches registry {match})" if match else ""),
+            ctx_len=int(ctx.group(1)) if ctx else (base.ctx_len if base else 4096),
+            config_path=info.path,
+            **info.dims(),
+            **recommended,
+        )
 
     # ---- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -409,6 +409,18 @@ def list_available_models() -> dict[str, str]:
         for f in sorted(directory.glob("*.json")):
             found[_registry_key(f.name)] = str(f)
     return dict(sorted(found.items(), key=lambda item: _size_key(item[0])))
+
+
+def matching_registry_entry(info: CheckpointInfo) -> str | None:
+    """Name of the registry entry whose dims equal the checkpoint's, or None."""
+    for name in list_available_models():
+        try:
+            cfg = ModelConfig.from_name(name)
+        except Exception:  # a broken user config must not break detection; `models check` reports it
+            continue
+        if cfg.dims() == info.dims():
+            return name
+    return None
 
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pt")

@@ -18,7 +18,6 @@ _EXPORTS = {
     "WindowSampler": "dataset",
     "load_dataset": "dataset",
     "prepare_binidx": "prepare",
-    "cli_prepare": "prepare",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -182,37 +182,3 @@ def prepare_binidx(
         seconds=time.perf_counter() - t0,
         skipped_examples=list(rstats.skipped_examples),
     )
-
-
-def cli_prepare(args) -> PrepareStats:
-    """Back end of ``rwkvtune data prepare``: args has input, out, workers, fmt, on_error."""
-    from rwkvtune.errors import ConfigError
-
-    workers = getattr(args, "workers", None)
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers: found {workers}, expected an integer >= 1")
-    if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
-        raise ConfigError(f"--out {args.out!r}: expected a file prefix such as data/corpus (writes data/corpus.bin "
-                          f"and data/corpus.idx), not a directory")
-    stats = prepare_binidx(
-        args.input,
-        args.out,
-        workers=getattr(args, "workers", None),
-        fmt=getattr(args, "fmt", "auto") or "auto",
-        on_error=getattr(args, "on_error", "raise") or "raise",
-    )
-    rate = stats.tokens / max(stats.seconds, 1e-9)
-    line = (
-        f"wrote {args.out}.bin and {args.out}.idx: {stats.docs} documents, {stats.tokens} tokens "
-        f"in {stats.seconds:.1f} s ({rate:,.0f} tokens/s)"
-    )
-    if stats.skipped:
-        line += f"; skipped {stats.skipped} bad records (first: {stats.skipped_examples[0]})"
-    print(line)
-    return stats
-
-
-def main(args) -> int:
-    """The ``rwkvtune data prepare`` command: exit status 0 on success."""
-    cli_prepare(args)
-    return 0

@@ -12,14 +12,17 @@ Merging (``W + (alpha / r) B A``) is done in fp32 whatever the storage dtype.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.peft.base import Mode, TrainModule
 
 ADAPTER_FORMAT = "rwkvtune-lora-v1"
 PART_PATTERNS = {
@@ -41,9 +44,12 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same init as nn.Linear, as in peft
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # False: exactly the base layer (the reference model of preference training)
         base.weight.requires_grad_(False)
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         delta = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         w = self.base.weight
         base = self.base(x) if x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type) else F.linear(x.to(w.dtype), w).to(x.dtype)
@@ -82,14 +88,42 @@ def apply_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float =
 
 
 def unfreeze_parts(model: nn.Module, parts) -> None:
-    """Also train whole parts of the base: "ln" (all LayerNorms), "emb", "head"."""
+    """Also train whole parts of the base: "ln" (all LayerNorms), "emb", "head".
+
+    Their values before training are kept (``model.lora_part_originals``, same dtype and device),
+    so that :func:`lora_disabled` gives back the exact base model.
+    """
+    originals = {}
     for part in parts:
-        hits = [p for n, p in model.named_parameters() if PART_PATTERNS[part](n)]
+        hits = [(n, p) for n, p in model.named_parameters() if PART_PATTERNS[part](n)]
         if not hits:
             raise ConfigError(f"train_parts: {part!r} matched no parameter")
-        for p in hits:
+        for n, p in hits:
+            originals[n] = p.detach().clone()
             p.requires_grad_(True)
     model.lora_train_parts = list(parts)
+    model.lora_part_originals = originals
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside: ``model`` computes exactly its base (adapters off, trained parts at their values
+    before training); everything is restored on exit."""
+    lora = list(_lora_modules(model).values())
+    params = dict(model.named_parameters())
+    originals = getattr(model, "lora_part_originals", {})
+    trained = {n: params[n].data for n in originals}
+    try:
+        for m in lora:
+            m.enabled = False
+        for n, value in originals.items():
+            params[n].data = value.to(trained[n].dtype)
+        yield
+    finally:
+        for m in lora:
+            m.enabled = True
+        for n, value in trained.items():
+            params[n].data = value
 
 
 def _official_name(name: str) -> str:
@@ -153,6 +187,40 @@ def adapter_state(model: nn.Module) -> dict:
                     if p.requires_grad and ".lora_" not in n}
     return {"format": ADAPTER_FORMAT, **cfg, "train_parts": parts, "lora": tensors, "parts": part_tensors,
             "base_fingerprint": model.lora_base_fingerprint}
+
+
+class LoraMode(Mode):
+    """LoRA adapters on the targeted Linear layers (and optionally whole ln/emb/head parts)."""
+
+    name = "lora"
+
+    def conflicts(self, cfg) -> list[tuple[dict[str, str], str]]:
+        out = super().conflicts(cfg)
+        if not cfg.lora_targets and not cfg.train_parts:
+            out.append(({"lora_targets": "empty", "mode": repr(cfg.mode)},
+                        "LoRA mode would train nothing (no train_parts either); name layers to adapt (e.g. "
+                        "lora_targets=[att.key,ffn.value]) or use the default"))
+        return out
+
+    def prepare(self, model, cfg) -> TrainModule:
+        self.freeze(model, cfg.precision == "bf16")
+        apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        unfreeze_parts(model, cfg.train_parts)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trained tensors are fp32 even over a bf16 base
+        return TrainModule(model)
+
+    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+        from rwkvtune.configs.checkpoint import save_state_dict
+
+        dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
+        save_adapter(run.adapter, module.model)
+        save_state_dict(merged_state_dict(module.model, dtype), run.final)
+        return {"adapter": str(run.adapter), "final": str(run.final)}
+
+    def reference(self, module: TrainModule):
+        return lora_disabled(module.model)
 
 
 def save_adapter(path, model: nn.Module) -> None:

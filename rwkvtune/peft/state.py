@@ -1,22 +1,29 @@
 """State tuning: a trained initial WKV state [L, H, N, N] per model, saved as a small file.
 
-The file holds ``wkv_init`` (fp32) plus the shape it fits, so `generate --state` and
-`eval --state` refuse a state made for another model with a clear message.
+The file holds ``wkv_init`` (fp32, S[value, key] like the model's state) plus the model width it
+was tuned for. :func:`load_state_file` is the one reader, with one rule set, for every command
+that takes ``--state`` (train's outputs, eval, generate).
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
 
 import torch
 
 from rwkvtune.errors import CheckpointError
+from rwkvtune.peft.base import Mode, TrainModule
 
 STATE_FORMAT = "rwkvtune-state-v1"
+MADE_BY = "state.pth from --mode state"
+# A tuned state is a sum of decayed outer products of values and keys; magnitudes beyond this
+# cannot come from training and would overflow the model's GroupNorm (ln_x) into inf/NaN.
+MAX_STATE_ABS = 1e6
 
 
-def expected_shape(model) -> tuple[int, int, int, int]:
-    c = model.config
-    return (c.n_layer, c.n_head, c.head_size_a, c.head_size_a)
+def expected_shape(config) -> tuple[int, int, int, int]:
+    return (config.n_layer, config.n_head, config.head_size_a, config.head_size_a)
 
 
 def save_state_file(path, wkv_init: torch.Tensor, model) -> None:
@@ -27,16 +34,67 @@ def save_state_file(path, wkv_init: torch.Tensor, model) -> None:
 
 
 def load_state_file(path, model) -> torch.Tensor:
-    """The tuned initial state for ``model`` ([L, H, N, N] fp32 on the model's device)."""
+    """The tuned initial state for ``model``: [L, H, N, N] fp32 on the model's device.
+
+    Accepts a state file written by ``rwkvtune train --mode state`` (a dict with ``wkv_init``) or
+    a bare tensor, of shape [L, H, N, N] or [L, 1, H, N, N] (a batch-1 state). Refuses, in one line
+    naming the file: a file that is not a state, another model's shape, non-float or non-finite
+    values, and magnitudes no training produces.
+    """
     from rwkvtune.utils import load_artifact
 
-    obj = load_artifact(path, "state file", "state.pth from --mode state")
+    obj = load_artifact(path, "state file", MADE_BY)
     t = obj.get("wkv_init") if isinstance(obj, dict) else obj
     if not isinstance(t, torch.Tensor):
-        raise CheckpointError(f"{path}: expected a state-tuning file with key 'wkv_init' (a tensor [L, H, N, N])")
-    want = expected_shape(model)
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a state-tuning file with key 'wkv_init' (a tensor [L, H, N, N]), "
+                              f"found {keys or 'an empty dict'}; pass the {MADE_BY}")
+    want = expected_shape(model.config)
+    if t.dim() == 5 and t.shape[1] == 1:  # [L, 1, H, N, N]: a batch-1 state
+        t = t[:, 0]
     if tuple(t.shape) != want:
         raise CheckpointError(f"{path}: state shape {list(t.shape)} does not fit this model (expected "
-                              f"{list(want)} = [n_layer, n_head, head_size, head_size]); use the state "
-                              f"trained for this model")
-    return t.float().to(model.emb.weight.device)
+                              f"{list(want)} = [n_layer, n_head, head_size, head_size]); use the state trained for "
+                              f"this model")
+    if not t.is_floating_point() or t.is_sparse:
+        raise CheckpointError(f"{path}: wkv_init holds {t.dtype}{' (sparse)' if t.is_sparse else ''}, expected "
+                              f"dense floating-point values; the file is not a tuned state")
+    t = t.float()
+    finite = torch.isfinite(t)
+    if not finite.all():
+        raise CheckpointError(f"{path}: wkv_init holds {int((~finite).sum())} non-finite value(s) (NaN or inf); the "
+                              f"run that wrote it diverged: use an earlier state")
+    largest = float(t.abs().max()) if t.numel() else 0.0
+    if largest > MAX_STATE_ABS:
+        raise CheckpointError(f"{path}: wkv_init holds values up to {largest:.3g} in magnitude, expected at most "
+                              f"{MAX_STATE_ABS:g} (no state tuning produces more, and the model would overflow); the "
+                              f"file is damaged or not a tuned state")
+    return t.to(model.emb.weight.device)
+
+
+class StateMode(Mode):
+    """Train only the initial WKV state; the model stays frozen (and bf16 with precision bf16)."""
+
+    name = "state"
+
+    def default_lr(self) -> float | None:
+        return 1e-2  # the state is a few numbers per head that must move far from zero
+
+    def prepare(self, model, cfg) -> TrainModule:
+        self.freeze(model, cfg.precision == "bf16")
+        c = model.config
+        init = torch.zeros(expected_shape(c), device=model.emb.weight.device)
+        return TrainModule(model, init)
+
+    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+        save_state_file(run.state, module.wkv_init.detach(), module.model)
+        return {"state": str(run.state)}
+
+    @contextlib.contextmanager
+    def reference(self, module: TrainModule) -> Iterator[None]:
+        module.reference_active = True  # start from zeros: exactly the base model
+        try:
+            yield
+        finally:
+            module.reference_active = False
+

@@ -1,16 +1,11 @@
-"""Resumable checkpoints and final outputs.
+"""Resumable checkpoints: save, find, check and load them; the config a resumed run continues with.
 
-Layout of an output directory::
-
-    config.yaml                 resolved training config
-    metrics.jsonl               one JSON object per optimizer step (and eval rows)
-    checkpoints/step-0000050.pt trainable weights, optimizer, data position, RNG states
-    checkpoints/latest          name of the newest complete checkpoint
-    final.pth                   official-layout model (full and LoRA modes, merged)
-    adapter.pth / state.pth     LoRA adapter / tuned initial state
-
-Every file is written to a temporary name and renamed, so a process killed at any moment
-leaves either the previous or the new checkpoint, never a torn one.
+A checkpoint (``checkpoints/step-NNNNNNN.pt`` in the run directory, see
+:mod:`rwkvtune.train.run_dir`) holds the trainable tensors, the optimizer, the data position, the
+training method's state and every RNG, as tensors and plain values only: it loads with
+``torch.load(weights_only=True)``, so a file planted there cannot run code. Every file is written
+to a temporary name and renamed, so a process killed at any moment leaves either the previous or
+the new checkpoint, never a torn one.
 """
 
 from __future__ import annotations
@@ -18,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.train.run_dir import RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text
 
 
@@ -53,22 +48,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(out: Path, step: int, tokens: int, module, optimizer, sampler, cfg) -> Path:
-    ckdir = Path(out) / "checkpoints"
-    path = ckdir / f"step-{step:07d}.pt"
+def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, method_state=None) -> Path:
+    """Write the checkpoint of ``step``, point ``latest`` at it, keep the newest keep_checkpoints."""
+    path = run.checkpoint(step)
     trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
     atomic_torch_save({
         "step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
         "sampler": sampler.state_dict(), "rng": _rng_state(), "config": cfg.to_dict(),
+        "method": method_state or {},
     }, path)
-    atomic_write_text(ckdir / "latest", path.name + "\n")
-    old = sorted(ckdir.glob("step-*.pt"))[:-max(1, cfg.keep_checkpoints)]
-    for f in old:
-        f.unlink(missing_ok=True)
+    atomic_write_text(run.latest, path.name + "\n")
+    for old in run.checkpoint_files()[:-max(1, cfg.keep_checkpoints)]:
+        old.unlink(missing_ok=True)
     return path
-
-
-CHECKPOINT_NAME = re.compile(r"step-\d{7}\.pt")
 
 
 def latest_checkpoint(out: str | Path) -> Path:
@@ -81,28 +73,20 @@ def latest_checkpoint(out: str | Path) -> Path:
     if not Path(out).is_dir():
         what = "not a directory" if Path(out).exists() else "no such directory"
         raise CheckpointError(f"--resume {out}: {what}; pass the --out directory of the run to continue")
-    ckdir = Path(out) / "checkpoints"
-    found = sorted(p for p in ckdir.glob("step-*.pt") if _own_checkpoint(ckdir, p.name))
-    pointer = ckdir / "latest"
+    run = RunDir(out)
+    pointer = run.latest
     if pointer.is_file() and not pointer.is_symlink():
         try:
             name = pointer.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             name = ""
-        if _own_checkpoint(ckdir, name):
-            return ckdir / name
+        if run.is_own_checkpoint(name):
+            return run.checkpoints / name
+    found = run.checkpoint_files()
     if not found:
-        raise CheckpointError(f"{ckdir}: no resumable checkpoint found; the run saved none yet "
+        raise CheckpointError(f"{run.checkpoints}: no resumable checkpoint found; the run saved none yet "
                               f"(lower --save-every) or --resume points at the wrong directory")
     return found[-1]
-
-
-def _own_checkpoint(ckdir: Path, name: str) -> bool:
-    """Whether ``name`` is a checkpoint file directly inside ``ckdir`` (not a link out of it)."""
-    if not CHECKPOINT_NAME.fullmatch(name):
-        return False
-    path = ckdir / name
-    return path.is_file() and not path.is_symlink()
 
 
 def completed_summary(out: str | Path, step: int, total_steps: int) -> dict | None:
@@ -114,7 +98,7 @@ def completed_summary(out: str | Path, step: int, total_steps: int) -> dict | No
     if step < total_steps:
         return None
     try:
-        summary = json.loads((Path(out) / "summary.json").read_text())
+        summary = json.loads(RunDir(out).summary.read_text())
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and summary.get("steps") == step else None
@@ -225,7 +209,8 @@ def resumed_config(out: str | Path, cfg):
     return saved
 
 
-def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int]:
+def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, dict]:
+    """Restore the newest checkpoint of ``out`` into the run; returns (step, tokens, method state)."""
     path = latest_checkpoint(out)
     ck = _load(path)
     params = dict(module.named_parameters())
@@ -239,28 +224,4 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int]:
     optimizer.load_state_dict(ck["optimizer"])
     sampler.load_state_dict(ck["sampler"])
     _set_rng_state(ck["rng"])
-    return int(ck["step"]), int(ck["tokens"])
-
-
-def write_final(out: Path, module, cfg) -> dict:
-    """final.pth (official layout) and the mode's own artifact; returns their paths."""
-    out = Path(out)
-    dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
-    model = module.model
-    files = {}
-    if cfg.mode == "state":
-        from rwkvtune.peft.state import save_state_file
-
-        save_state_file(out / "state.pth", module.wkv_init.detach(), model)
-        files["state"] = str(out / "state.pth")
-        return files
-    if cfg.mode == "lora":
-        from rwkvtune.peft.lora import merged_state_dict, save_adapter
-
-        save_adapter(out / "adapter.pth", model)
-        atomic_torch_save(merged_state_dict(model, dtype), out / "final.pth")
-        files["adapter"] = str(out / "adapter.pth")
-    else:
-        model.save_checkpoint(out / "final.pth", dtype=dtype)
-    files["final"] = str(out / "final.pth")
-    return files
+    return int(ck["step"]), int(ck["tokens"]), ck.get("method", {})

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-# The wandb run id of a run directory, kept so that `--resume` continues the same wandb run.
-WANDB_ID_FILE = "wandb-run-id"
 
 
 def _json_safe(row: dict) -> dict:
@@ -64,9 +62,12 @@ class MetricsLogger:
     logger as a context manager) closes them on any exit, marking the wandb run failed on an error.
     """
 
-    def __init__(self, out: Path, cfg, enabled: bool = True, resume_step: int | None = None):
-        self.out, self.enabled = Path(out), enabled
-        self.path = self.out / "metrics.jsonl"
+    def __init__(self, run, cfg, enabled: bool = True, resume_step: int | None = None):
+        from rwkvtune.train.run_dir import RunDir
+
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        self.out, self.enabled = self.run.path, enabled
+        self.path = self.run.metrics
         self.rows: list[dict] = []
         self.evals: dict[int, dict] = {}  # step -> eval result, those of the resumed run included
         self.tb = self.wandb = None
@@ -105,7 +106,7 @@ class MetricsLogger:
             # those an interrupted run logged after the checkpoint we resume from (steps from
             # resume_step + 1 are logged again), and on a fresh run all of an earlier run's.
             purge_step = 0 if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
+            self.tb = SummaryWriter(str(self.run.tensorboard), purge_step=purge_step)
         if wandb is not None:
             self.wandb = self._init_wandb(wandb, cfg, resume_step)
 
@@ -113,7 +114,7 @@ class MetricsLogger:
         from rwkvtune.errors import ConfigError
         from rwkvtune.utils import atomic_write_text
 
-        id_path = self.out / WANDB_ID_FILE
+        id_path = self.run.wandb_id
         kwargs = {}
         if resume_step is not None and id_path.exists():
             # Continue the interrupted run's wandb run rather than starting a second one. ("allow"
@@ -222,7 +223,7 @@ class MetricsLogger:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = self.out / "loss.png"
+        path = self.run.loss_plot
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path

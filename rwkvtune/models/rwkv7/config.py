@@ -15,7 +15,6 @@ from typing import Any
 
 from rwkvtune.errors import ConfigError
 
-MODES = ("full", "lora", "state")
 PRECISIONS = ("fp32", "bf16")
 WKV_BACKENDS = ("auto", "chunked", "reference", "fla")
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
@@ -104,6 +103,8 @@ class TrainConfig:
         return self
 
     def validate(self) -> None:
+        from rwkvtune.peft import MODES, get_mode
+
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode: found {self.mode!r}, expected one of {', '.join(MODES)}")
@@ -134,12 +135,9 @@ class TrainConfig:
                 problems.append(f"{name}: found {getattr(self, name)}, expected >= 1")
         if self.seed < 0:
             problems.append(f"seed: found {self.seed}, expected an integer >= 0")
-        conflicts = []  # problems of several fields, already naming their sources
-        if self.mode == "lora" and not self.lora_targets and not self.train_parts:
-            conflicts.append(self._conflict(
-                {"lora_targets": "empty", "mode": repr(self.mode)},
-                "LoRA mode would train nothing (no train_parts either); name layers to adapt (e.g. "
-                "lora_targets=[att.key,ffn.value]) or use the default"))
+        # Problems of several fields, already naming their sources; the mode knows its own rules.
+        conflicts = [self._conflict(shown, why) for shown, why in
+                     (get_mode(self.mode).conflicts(self) if self.mode in MODES else [])]
         if not self.lora_alpha > 0:
             problems.append(f"lora_alpha: found {self.lora_alpha}, expected > 0")
         if not 0 <= self.lora_dropout < 1:
@@ -154,11 +152,6 @@ class TrainConfig:
             problems.append("model: missing; pass --model NAME|PATH (see `rwkvtune models`)")
         if not self.data:
             problems.append("data: missing; pass --data FILE.jsonl or a binidx prefix")
-        if self.init == "scratch" and self.mode in ("lora", "state"):
-            conflicts.append(self._conflict(
-                {"init": repr(self.init), "mode": repr(self.mode)},
-                f"{self.mode} mode trains on top of a trained base model; use init 'pretrained' (the default) or "
-                f"mode 'full'"))
         bad_parts = set(self.train_parts) - {"ln", "emb", "head"}
         if bad_parts:
             problems.append(f"train_parts: found {sorted(bad_parts)}, expected a subset of ln, emb, head")
@@ -189,7 +182,9 @@ class TrainConfig:
         c.ctx_len = c.ctx_len or model_config.recommended_ctx_len
         c.batch_size = c.batch_size or model_config.recommended_batch_size
         if c.lr is None:
-            c.lr = 1e-2 if c.mode == "state" else (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
+            from rwkvtune.peft import get_mode
+
+            c.lr = get_mode(c.mode).default_lr() or (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
         if c.lr_final is None:
             c.lr_final = c.lr / 10
         if c.device == "auto":

@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rwkvtune.configs.checkpoint import LAYER0_V_KEYS
 from rwkvtune.configs.model_loader import ModelConfig
 from rwkvtune.errors import CheckpointError, RwkvtuneError
 from rwkvtune.models.rwkv7.wkv import wkv7
@@ -35,7 +37,6 @@ DECAY_SCALE = 0.606531
 # GroupNorm eps of ln_x: 1e-5 * head_size_divisor**2 with divisor 8, as the reference trainer
 # and the `rwkv` package use for every head size (equals 1e-5 * N for the released N = 64).
 LN_X_EPS = 64e-5
-LAYER0_V_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
 class ModelInputError(RwkvtuneError, ValueError):
@@ -73,6 +74,19 @@ class RWKV7State:
     def select(self, index) -> "RWKV7State":
         """Rows of the batch (e.g. ``state.select([0])``) for per-sequence decoding."""
         return RWKV7State(self.att_x_prev[:, index], self.wkv[:, index], self.ffn_x_prev[:, index])
+
+
+class LayerState(NamedTuple):
+    """One layer's recurrent state (batch B): each field None means zeros (start of a sequence).
+
+    att_x_prev: [B, C] previous token's TimeMix input
+    wkv:        [B, H, N, N] fp32 WKV matrix (row = value index, column = key index)
+    ffn_x_prev: [B, C] previous token's ChannelMix input
+    """
+
+    att_x_prev: torch.Tensor | None = None
+    wkv: torch.Tensor | None = None
+    ffn_x_prev: torch.Tensor | None = None
 
 
 def _orthogonal_(w: torch.Tensor, gain: float) -> None:
@@ -142,10 +156,12 @@ class TimeMix(nn.Module):
         log_decay = -DECAY_SCALE * torch.sigmoid(d.float())  # fp32: decay close to 1 needs precision
 
         a4 = a.view(B, T, H, N)
-        # The recurrence runs in fp32 whatever autocast says (bf16 state updates drift).
+        # The recurrence runs in fp32 whatever autocast says (bf16 state updates drift). w_bound:
+        # |log_decay| <= DECAY_SCALE by construction, so the kernel need not measure it (no host sync).
         with torch.autocast(x.device.type, enabled=False):
             y, new_state = wkv7(r.view(B, T, H, N), log_decay.view(B, T, H, N), k.view(B, T, H, N),
-                                v.view(B, T, H, N), -kk, kk * a4, wkv_state, backend=self.wkv_backend)
+                                v.view(B, T, H, N), -kk, kk * a4, wkv_state, backend=self.wkv_backend,
+                                w_bound=DECAY_SCALE)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
         y = y + bonus.view(B, T, C)
@@ -180,11 +196,11 @@ class Block(nn.Module):
         self.att = TimeMix(config, layer_id, has_v)
         self.ffn = ChannelMix(config)
 
-    def forward(self, x, v_first, att_x_prev=None, wkv_state=None, ffn_x_prev=None):
-        dx, v_first, att_last, wkv_state = self.att(self.ln1(x), v_first, att_x_prev, wkv_state)
+    def forward(self, x, v_first, state: LayerState):
+        dx, v_first, att_last, wkv_state = self.att(self.ln1(x), v_first, state.att_x_prev, state.wkv)
         x = x + dx
-        dx, ffn_last = self.ffn(self.ln2(x), ffn_x_prev)
-        return x + dx, v_first, att_last, wkv_state, ffn_last
+        dx, ffn_last = self.ffn(self.ln2(x), state.ffn_x_prev)
+        return x + dx, v_first, LayerState(att_last, wkv_state, ffn_last)
 
 
 class RWKV7(nn.Module):
@@ -220,11 +236,14 @@ class RWKV7(nn.Module):
         dev = self.emb.weight.device
         if idx.device != dev:
             raise ModelInputError(f"idx is on {idx.device} but the model is on {dev}; move it with idx.to('{dev}')")
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ModelInputError(f"token id {bad} is outside the model's vocab [0, {self.config.vocab_size}); "
-                                  f"check the tokenizer matches the model")
+        if idx.device.type == "cpu":
+            # On an accelerator this check would copy to the host every call; there the ids come from
+            # data loading and generation, which check them where they are produced.
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ModelInputError(f"token id {bad} is outside the model's vocab [0, {self.config.vocab_size}); "
+                                      f"check the tokenizer matches the model")
         if state is not None:
             c = self.config
             expect = (c.n_layer, idx.shape[0], c.n_head, c.head_size_a, c.head_size_a)
@@ -238,42 +257,41 @@ class RWKV7(nn.Module):
                 raise ModelInputError(f"state is on {state.wkv.device} but the model is on {dev}")
 
     def forward(self, idx: torch.Tensor, state: RWKV7State | None = None, return_state: bool = False,
-                wkv_init: torch.Tensor | None = None, last_only: bool = False):
+                wkv_init: torch.Tensor | None = None, last_only: bool = False, hidden: bool = False):
         """Logits [B, T, V]; with ``return_state=True`` also the state after the last token.
 
         ``wkv_init`` [L, H, N, N] or [L, B, H, N, N]: a (trainable) initial WKV state used when
         ``state`` is None (state tuning). ``last_only=True``: logits of the last position only,
         [B, 1, V] (prefill for generation: skips the head over the prompt, a V x C matmul per token).
+        ``hidden=True``: the final hidden states ``ln_out(x)`` [B, T, C] instead of logits, for a
+        loss that applies ``self.head`` in slices of the sequence (never all [B, T, V] logits at once).
         """
         self._check_inputs(idx, state)
         x = self.emb(idx)
         B = idx.shape[0]
         v_first = None
-        att_last, wkv_last, ffn_last = [], [], []
+        finals: list[LayerState] = []
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
             if state is not None:
-                s = (state.att_x_prev[i], state.wkv[i], state.ffn_x_prev[i])
+                layer_state = LayerState(state.att_x_prev[i], state.wkv[i], state.ffn_x_prev[i])
+            elif wkv_init is not None:  # state tuning: a trained initial WKV state, zeros elsewhere
+                layer_state = LayerState(wkv=wkv_init[i] if wkv_init.dim() == 5 else wkv_init[i].expand(B, -1, -1, -1))
             else:
-                w0 = None
-                if wkv_init is not None:
-                    w0 = wkv_init[i] if wkv_init.dim() == 5 else wkv_init[i].expand(B, -1, -1, -1)
-                s = (None, w0, None)
+                layer_state = LayerState()
             if self.grad_checkpoint and torch.is_grad_enabled():
-                x, v_first, a_l, w_l, f_l = checkpoint(block, x, v_first, *s, use_reentrant=False)
+                x, v_first, final = checkpoint(block, x, v_first, layer_state, use_reentrant=False)
             else:
-                x, v_first, a_l, w_l, f_l = block(x, v_first, *s)
+                x, v_first, final = block(x, v_first, layer_state)
             if return_state:
-                att_last.append(a_l)
-                wkv_last.append(w_l)
-                ffn_last.append(f_l)
+                finals.append(final)
         if last_only:
             x = x[:, -1:]
-        logits = self.head(self.ln_out(x))
+        logits = self.ln_out(x) if hidden else self.head(self.ln_out(x))
         if not return_state:
             return logits
-        return logits, RWKV7State(torch.stack(att_last), torch.stack(wkv_last), torch.stack(ffn_last))
+        return logits, RWKV7State(*(torch.stack(parts) for parts in zip(*finals)))
 
     def zero_state(self, batch_size: int = 1) -> RWKV7State:
         w = self.emb.weight
@@ -351,13 +369,14 @@ class RWKV7(nn.Module):
 
     def save_checkpoint(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16) -> None:
         """Write an official-layout ``.pth`` (bf16 by default, like released files), atomically."""
-        from rwkvtune.utils import atomic_torch_save
+        from rwkvtune.configs.checkpoint import save_state_dict
 
-        atomic_torch_save(self.official_state_dict(dtype), path)
+        save_state_dict(self.official_state_dict(dtype), path)
 
     def load_official_state_dict(self, sd: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
         """Strict load with an error listing every mismatching key (and the registry entry that fits)."""
-        from rwkvtune.configs.checkpoint import mismatch_error, strip_prefix
+        from rwkvtune.configs.check import mismatch_error
+        from rwkvtune.configs.checkpoint import strip_prefix
 
         sd, _ = strip_prefix(sd)
         has_v = all(k in sd for k in LAYER0_V_KEYS)
@@ -382,7 +401,8 @@ class RWKV7(nn.Module):
         shape is refused with every difference listed, instead of silently loading other dims.
         Returns the model in eval mode, on ``device`` in ``dtype`` (fp32 on CPU by default).
         """
-        from rwkvtune.configs.checkpoint import compare_config, detect, load_state_dict, mismatch_error
+        from rwkvtune.configs.check import compare_config, mismatch_error
+        from rwkvtune.configs.checkpoint import detect, load_state_dict
         from rwkvtune.configs.model_loader import load_model_config
 
         path = str(path_or_name)
@@ -401,7 +421,7 @@ class RWKV7(nn.Module):
         if info.extra_keys:
             raise CheckpointError(f"{path}: unexpected keys {', '.join(info.extra_keys[:5])} (not part of RWKV-7 "
                                   f"x070); this file is from a variant rwkvtune does not support")
-        config = info.to_config()
+        config = ModelConfig.from_checkpoint(info)
         with torch.device("meta"):
             model = cls(config, layer0_v=info.has_layer0_v)
         model.load_state_dict({k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()},

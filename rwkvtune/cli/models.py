@@ -1,8 +1,8 @@
-"""Handlers of ``rwkvtune models [list|show|new|check]`` and ``rwkvtune inspect``.
+"""``rwkvtune models [list|show|new|check]`` and ``rwkvtune inspect``: the config registry.
 
-Imported lazily by :mod:`rwkvtune.cli`. Listing and showing configs needs only the standard
-library; torch is imported (by :mod:`rwkvtune.configs.checkpoint`) only when a checkpoint is read.
-Handlers return an exit status and raise :class:`rwkvtune.errors.RwkvtuneError` for user errors.
+Listing and showing configs needs only the standard library; torch is imported (by
+:mod:`rwkvtune.configs.checkpoint`) only when a checkpoint is read. Handlers return an exit status
+and raise :class:`rwkvtune.errors.RwkvtuneError` for user errors.
 """
 
 from __future__ import annotations
@@ -15,19 +15,59 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rwkvtune.cli import set_handler
 from rwkvtune.configs.model_loader import (
     CONFIG_PATH_ENV,
     MODEL_DIR_ENV,
     PACKAGE_MODELS_DIR,
     ModelConfig,
     _registry_key,
-    all_config_files,
     config_dirs,
     list_available_models,
     load_model_config,
+    matching_registry_entry,
     models_dir,
 )
 from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.utils import human_count
+
+_HERE = "rwkvtune.cli.models"
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+
+    ls = actions.add_parser("list", help="registry table (the default action)")
+    set_handler(ls, f"{_HERE}:cmd_list")
+
+    show = actions.add_parser("show", help="every field of one config",
+                              description="Every field of a config: a registry name, a .json path or a .pth path.")
+    show.add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b"), .json config or .pth file')
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    set_handler(show, f"{_HERE}:cmd_show")
+
+    new = actions.add_parser(
+        "new", help="write a config JSON for a checkpoint",
+        description="Detect a checkpoint's dims and write a registry config for it. Default output: "
+                    "rwkv7-NAME.json in the first $RWKVTUNE_CONFIG_PATH directory if set, else the current "
+                    "directory.")
+    new.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
+    new.add_argument("--name", required=True, help="registry name for it, e.g. my-1.5b (file rwkv7-NAME.json)")
+    new.add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
+    new.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    set_handler(new, f"{_HERE}:cmd_new")
+
+    check = actions.add_parser(
+        "check", help="validate every config; compare with model files that are present",
+        description="Validate every config in reach (package and $RWKVTUNE_CONFIG_PATH) and compare each with "
+                    "its model file where that file is present. Exit status 1 if any problem.")
+    set_handler(check, f"{_HERE}:cmd_check")
+
+
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
 
 # What each low-rank dim is (they are RWKV-7's own projections, not PEFT LoRA adapters).
 DIM_NOTES = {
@@ -37,9 +77,6 @@ DIM_NOTES = {
     "dim_gate_lora": "g1/g2: output gate",
 }
 
-
-def _human(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -110,7 +147,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             continue
         text = "" if value is None else str(value)
         if field == "n_params":
-            text = f"{value:,} ({_human(value)})"
+            text = f"{value:,} ({human_count(value)})"
         elif field in DIM_NOTES:
             text = f"{value}  ({DIM_NOTES[field]})"
         elif field == "model_path" and value:
@@ -123,7 +160,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.checkpoint import inspect_checkpoint, matching_registry_entry
+    from rwkvtune.configs.checkpoint import inspect_checkpoint
 
     info = inspect_checkpoint(args.checkpoint)
     if args.json:
@@ -135,7 +172,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for field, value in summary.items():
         text = str(value)
         if field == "n_params":
-            text = f"{value:,} ({_human(value)})"
+            text = f"{value:,} ({human_count(value)})"
         elif field in DIM_NOTES:
             text = f"{value}  ({DIM_NOTES[field]})"
         elif field == "has_layer0_v":
@@ -167,7 +204,7 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.checkpoint import SHAPE_FIELDS, inspect_checkpoint, matching_registry_entry
+    from rwkvtune.configs.checkpoint import SHAPE_FIELDS, inspect_checkpoint
 
     name = args.name.strip()
     if name.lower().startswith("rwkv7-"):
@@ -189,7 +226,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     info = inspect_checkpoint(args.checkpoint)
     given = Path(args.checkpoint).expanduser()
     in_models_dir = _same_dir(given.parent, models_dir())
-    cfg = info.to_config(name=f"RWKV7-{name}")
+    cfg = ModelConfig.from_checkpoint(info, name=f"RWKV7-{name}")
     cfg.model_file = given.name if in_models_dir else str(given.absolute())
     match = matching_registry_entry(info)
     cfg.description = f"RWKV-7 model detected from {given.name} by `rwkvtune models new`" + (
@@ -210,7 +247,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     key = _registry_key(out.name)
     print(f"wrote {out}")
     print(f"  {back.model_name}: {back.n_layer} layers, n_embd {back.n_embd}, {back.n_params:,} params "
-          f"({_human(back.n_params)}), dims w/a/v/g = {back.dim_att_lora}/{back.dim_aaa_lora}/"
+          f"({human_count(back.n_params)}), dims w/a/v/g = {back.dim_att_lora}/{back.dim_aaa_lora}/"
           f"{back.dim_mv_lora}/{back.dim_gate_lora}")
     if in_models_dir:
         print(f"  model_file: {cfg.model_file} (in the models directory {models_dir()})")
@@ -233,60 +270,16 @@ def cmd_new(args: argparse.Namespace) -> int:
 # ---- models check --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class CheckResult:
-    key: str
-    path: str
-    ok: bool
-    detail: str
-    compared: bool = False  # a model file was present and compared
-
-
-def check_one(path: str) -> tuple[ModelConfig | None, bool, str, bool]:
-    """(config or None, ok, detail, model file compared) for one config file."""
-    from rwkvtune.errors import CheckpointError
-
-    try:
-        cfg = ModelConfig.from_file(path)
-    except RwkvtuneError as e:
-        return None, False, str(e), False
-    dims = f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, {_human(cfg.n_params)} params"
-    if not cfg.model_file:
-        return cfg, True, f"{dims}; no model_file", False
-    if not _present(cfg):
-        return cfg, True, f"{dims}; model file not present ({cfg.model_path}), shape check skipped", False
-    from rwkvtune.configs.checkpoint import check_config_against, mismatch_error, read_shapes
-
-    try:
-        shapes, _, _ = read_shapes(cfg.model_path)
-    except CheckpointError as e:
-        return cfg, False, f"{path}: model file unreadable: {e}", True
-    if check_config_against(cfg, shapes):
-        return cfg, False, str(mismatch_error(cfg, cfg.model_path, shapes)), True
-    return cfg, True, f"{dims}; matches model file {cfg.model_path}", True
-
-
-def check_all() -> tuple[list[CheckResult], list[str]]:
-    """Check every config in reach; returns (results, warnings)."""
-    warnings = [f"${CONFIG_PATH_ENV} entry {d} is not a directory (ignored)"
-                for d in config_dirs() if d != PACKAGE_MODELS_DIR and not d.is_dir()]
-    results = []
-    for key, path, shadowed_by in all_config_files():
-        _, ok, detail, compared = check_one(path)
-        if shadowed_by:
-            detail += f" [shadowed by {shadowed_by}]"
-        results.append(CheckResult(key, path, ok, detail, compared))
-    return results, warnings
-
-
 def cmd_check(args: argparse.Namespace) -> int:
+    from rwkvtune.configs.check import check_all
+
     results, warnings = check_all()
     for w in warnings:
         print(f"WARN  {w}")
     width = max([len(r.key) for r in results] + [4])
     for r in results:
         status = "OK" if r.ok else "FAIL"
-        detail = " ".join(r.detail.split())
+        detail = " ".join(r.detail.split()) + (f" [shadowed by {r.shadowed_by}]" if r.shadowed_by else "")
         where = f"{r.path}: " if r.ok else ""
         print(f"{status:<4}  {r.key:<{width}}  {where}{detail}")
     bad = sum(not r.ok for r in results)

@@ -1,17 +1,20 @@
 """The ``rwkvtune`` command line (also ``python -m rwkvtune``, which works under torchrun).
 
-This module is a thin dispatcher over the table ``COMMANDS``. Each :class:`Command` names
+Every command lives in one module of this package (``models.py``: models and inspect,
+``train.py``, ``eval.py``, ``merge.py``, ``data.py``, ...) with its arguments and handler; the
+library functions they call stay where they are. This module is a thin dispatcher over the table
+``COMMANDS``. Each :class:`Command` names
 
 * ``handler``: ``"package.module:function"``, called with the parsed ``argparse.Namespace`` and
   returning the exit status; its module is imported only when that command runs;
-* ``arguments``: what defines the command's options: a function here, or a
-  ``"package.module:function(parser)"`` string that is imported only when that command is the
-  one on the command line (so a command module that imports torch at the top never slows
-  down ``rwkvtune models`` or ``rwkvtune --help``).
+* ``arguments``: what defines the command's options: a ``"package.module:function(parser)"``
+  string that is imported only when that command is the one on the command line (so a command
+  module that imports torch at the top never slows down ``rwkvtune models`` or ``rwkvtune --help``).
 
 Adding a command is one entry in ``COMMANDS``. A command with actions (``models
-list/show/new/check``, ``data prepare``) defines a nested sub-parser whose actions set their own
-handlers, as ``_models_arguments`` shows.
+list/show/new/check/download``, ``data prepare``) defines a nested sub-parser whose actions set
+their own handlers with :func:`set_handler`. Options shared by several commands (device, data
+format, bad-record policy, output dtype) are defined once in :mod:`rwkvtune.cli.common`.
 Handlers raise :class:`rwkvtune.errors.RwkvtuneError` for anything the user can fix;
 :func:`main` prints it as one ``error: ...`` line on stderr and returns 2 (or the error's
 ``exit_status``), without a traceback. Usage errors are one ``rwkvtune CMD: error: ...`` line
@@ -51,7 +54,7 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module_name), func_name)
 
 
-def _handler(parser: argparse.ArgumentParser, target: str) -> None:
+def set_handler(parser: argparse.ArgumentParser, target: str) -> None:
     """Attach the lazily imported handler ``"package.module:function"`` to a (sub)parser; that
     parser also reports the usage errors of its command line (see :class:`_Parser`)."""
     parser.set_defaults(_handler=target, _command_parser=parser)
@@ -78,87 +81,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
-# ---- arguments of the commands that live in this package's config registry -----------------
-
-_MODELS = "rwkvtune.configs.cli_models"
-
-
-def _models_arguments(p: argparse.ArgumentParser) -> None:
-    actions = p.add_subparsers(dest="action", metavar="ACTION")
-
-    ls = actions.add_parser("list", help="registry table (the default action)")
-    _handler(ls, f"{_MODELS}:cmd_list")
-
-    show = actions.add_parser("show", help="every field of one config",
-                              description="Every field of a config: a registry name, a .json path or a .pth path.")
-    show.add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b"), .json config or .pth file')
-    show.add_argument("--json", action="store_true", help="print one JSON object")
-    _handler(show, f"{_MODELS}:cmd_show")
-
-    new = actions.add_parser(
-        "new", help="write a config JSON for a checkpoint",
-        description="Detect a checkpoint's dims and write a registry config for it. Default output: "
-                    "rwkv7-NAME.json in the first $RWKVTUNE_CONFIG_PATH directory if set, else the current "
-                    "directory.")
-    new.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
-    new.add_argument("--name", required=True, help="registry name for it, e.g. my-1.5b (file rwkv7-NAME.json)")
-    new.add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
-    new.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    _handler(new, f"{_MODELS}:cmd_new")
-
-    check = actions.add_parser(
-        "check", help="validate every config; compare with model files that are present",
-        description="Validate every config in reach (package and $RWKVTUNE_CONFIG_PATH) and compare each with "
-                    "its model file where that file is present. Exit status 1 if any problem.")
-    _handler(check, f"{_MODELS}:cmd_check")
-
-
-def _inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _data_arguments(p: argparse.ArgumentParser) -> None:
-    actions = p.add_subparsers(dest="action", metavar="ACTION")
-    prep = actions.add_parser("prepare", help="tokenize jsonl into binidx (RWKV-LM's format)",
-                              description="Tokenize IN.jsonl (text, chat or prompt/response) into PREFIX.bin/.idx "
-                                          "(uint16 tokens, documents ending with 0), in parallel.")
-    prep.add_argument("input", metavar="IN.jsonl")
-    prep.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.bin, PREFIX.idx)")
-    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="tokenizer processes")
-    prep.add_argument("--fmt", default="auto", help="auto, text, chat or prompt_response")
-    prep.add_argument("--on-error", dest="on_error", default="raise", choices=["raise", "skip"],
-                      help="stop at a bad line, or skip and count bad lines")
-    _handler(prep, "rwkvtune.data.prepare:main")
-    prep.set_defaults(_bad_record_advice="fix the record, or pass --on-error skip to skip bad records")
-
-
-_TRAIN = "rwkvtune.train.cli"
+# Handlers and argument definitions live in one module per command group under rwkvtune/cli/;
+# the strings are imported only for the command on the command line.
+_CLI = "rwkvtune.cli"
 
 COMMANDS: list[Command] = [
-    Command("models", "list, show, create and check model configs", f"{_MODELS}:cmd_list", _models_arguments,
+    Command("models", "list, show, create, check and download model configs", f"{_CLI}.models:cmd_list",
+            f"{_CLI}.models:add_models_arguments",
             "Model config registry. Without an action: the registry table (same as `models list`)."),
-    Command("inspect", "detect a checkpoint's dims (reads shapes only)", f"{_MODELS}:cmd_inspect",
-            _inspect_arguments,
+    Command("inspect", "detect a checkpoint's dims (reads shapes only)", f"{_CLI}.models:cmd_inspect",
+            f"{_CLI}.models:add_inspect_arguments",
             "Detect every dimension of an RWKV-7 .pth from its tensor shapes, without loading tensor data, "
             "and name the registry entry it matches."),
     Command("generate", "generate text (streams; chat mode with --chat)", "rwkvtune.generate_cli:run",
             "rwkvtune.generate_cli:add_arguments",
             "Prefill the prompt in parallel, then decode token by token with the RNN state."),
-    Command("train", "fine-tune or pretrain (full, LoRA or state tuning)", f"{_TRAIN}:run_train",
-            f"{_TRAIN}:add_train_arguments",
+    Command("train", "fine-tune or pretrain (full, LoRA or state tuning)", f"{_CLI}.train:run_train",
+            f"{_CLI}.train:add_train_arguments",
             "Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "
             "defaults < --config recipe < flags < key=value overrides. Runs under torchrun for DDP: "
             "torchrun --nproc-per-node N -m rwkvtune train ...",
             "fix the record, or pass --on-data-error skip (recipe: on_data_error: skip) to skip bad records"),
-    Command("eval", "loss and perplexity of a model on data (prints JSON)", f"{_TRAIN}:run_eval",
-            f"{_TRAIN}:add_eval_arguments",
-            bad_record_advice="fix or remove the record (eval scores every record; it has no option to skip "
-                              "bad ones)"),
-    Command("merge-lora", "merge a LoRA adapter into its base model (official layout)", f"{_TRAIN}:run_merge",
-            f"{_TRAIN}:add_merge_arguments",
+    Command("eval", "loss and perplexity of a model on data (prints JSON)", f"{_CLI}.eval:run_eval",
+            f"{_CLI}.eval:add_eval_arguments",
+            bad_record_advice="fix the record, or pass --on-data-error skip to skip bad records"),
+    Command("merge-lora", "merge a LoRA adapter into its base model (official layout)", f"{_CLI}.merge:run_merge",
+            f"{_CLI}.merge:add_merge_arguments",
             "Merge ADAPTER into BASE in fp32 and write OUT in the official layout."),
-    Command("data", "prepare training data", None, _data_arguments),
+    Command("data", "prepare training data", None, f"{_CLI}.data:add_data_arguments",
+            bad_record_advice="fix the record, or pass --on-data-error skip to skip bad records"),
 ]
 
 
@@ -184,7 +135,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
         p.set_defaults(_command_parser=p, _bad_record_advice=cmd.bad_record_advice)
         if cmd.handler:
-            _handler(p, cmd.handler)
+            set_handler(p, cmd.handler)
         if callable(cmd.arguments):
             cmd.arguments(p)
         elif isinstance(cmd.arguments, str) and cmd.name == selected:

@@ -1,0 +1,43 @@
+"""``rwkvtune data prepare IN.jsonl --out PREFIX``: tokenize jsonl into binidx (RWKV-LM's format)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from rwkvtune.cli import set_handler
+from rwkvtune.cli.common import add_data_options
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    prep = actions.add_parser("prepare", help="tokenize jsonl into binidx (RWKV-LM's format)",
+                              description="Tokenize IN.jsonl (text, chat or prompt/response) into PREFIX.bin/.idx "
+                                          "(uint16 tokens, documents ending with 0), in parallel.")
+    prep.add_argument("input", metavar="IN.jsonl")
+    prep.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.bin, PREFIX.idx)")
+    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                      help="tokenizer processes (default: the number of CPUs)")
+    add_data_options(p=prep)
+    set_handler(prep, "rwkvtune.cli.data:run_prepare")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Tokenize, then print one summary line; exit status 0 on success."""
+    from rwkvtune.data.prepare import prepare_binidx
+    from rwkvtune.errors import ConfigError
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: found {args.workers}, expected an integer >= 1")
+    if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out!r}: expected a file prefix such as data/corpus (writes data/corpus.bin "
+                          f"and data/corpus.idx), not a directory")
+    stats = prepare_binidx(args.input, args.out, workers=args.workers, fmt=args.data_format,
+                           on_error=args.on_data_error)
+    rate = stats.tokens / max(stats.seconds, 1e-9)
+    line = (f"wrote {args.out}.bin and {args.out}.idx: {stats.docs} documents, {stats.tokens} tokens "
+            f"in {stats.seconds:.1f} s ({rate:,.0f} tokens/s)")
+    if stats.skipped:
+        line += f"; skipped {stats.skipped} bad records (first: {stats.skipped_examples[0]})"
+    print(line)
+    return 0

@@ -1,0 +1,81 @@
+"""What a fine-tuning mode is: the one place that knows what the mode trains and writes.
+
+A mode (full, lora, state; see :func:`rwkvtune.peft.get_mode`) decides
+
+* which of the model's tensors the optimizer sees (:meth:`Mode.prepare` returns a
+  :class:`TrainModule`),
+* which files a finished run holds besides its logs (:meth:`Mode.save_outputs`),
+* how the trained parts are switched off to get the untouched base back
+  (:meth:`Mode.reference`, which preference training uses as its reference model),
+* its own configuration rules and defaults.
+
+The trainer, the CLI and the run directory call these; nothing else branches on the mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+
+class TrainModule(nn.Module):
+    """What the optimizer sees: the model plus, in state mode, the trainable initial WKV state.
+
+    ``forward(idx, state)`` runs the model in RNN-state form (logits and the state after the last
+    token); without a carried ``state`` a sequence starts from ``wkv_init`` (zeros when None).
+    """
+
+    def __init__(self, model: nn.Module, wkv_init: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.wkv_init = nn.Parameter(wkv_init) if wkv_init is not None else None
+        self.reference_active = False  # True inside Mode.reference(): the initial state is zeros
+
+    def forward(self, idx, state=None, hidden: bool = False):
+        init = self.wkv_init if state is None and not self.reference_active else None
+        return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden)
+
+
+class Mode:
+    """Base class of the fine-tuning modes; subclasses override what differs."""
+
+    name = ""
+    trains_base = False  # whether the base model's own weights are updated (so must be fp32)
+
+    def conflicts(self, cfg) -> list[tuple[dict[str, str], str]]:
+        """Problems of this mode with other options: (fields as they read, why) pairs."""
+        if cfg.init == "scratch" and not self.trains_base:
+            return [({"init": repr(cfg.init), "mode": repr(cfg.mode)},
+                     f"{self.name} mode trains on top of a trained base model; use init 'pretrained' (the default) "
+                     f"or mode 'full'")]
+        return []
+
+    def default_lr(self) -> float | None:
+        """A learning rate this mode needs whatever the model recommends, or None."""
+        return None
+
+    def prepare(self, model: nn.Module, cfg) -> TrainModule:
+        raise NotImplementedError
+
+    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+        """Write final.pth and/or the mode's artifact into the run directory ``run``
+        (:class:`rwkvtune.train.run_dir.RunDir`); returns {kind: path}."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def reference(self, module: TrainModule) -> Iterator[None]:
+        """Inside: ``module`` computes what the untouched base model computes."""
+        raise NotImplementedError(f"{self.name} mode has no built-in reference model (keep a frozen copy)")
+        yield  # pragma: no cover
+
+    @staticmethod
+    def freeze(model: nn.Module, bf16_base: bool) -> None:
+        """Freeze every base weight, stored in bf16 when ``bf16_base`` (half the memory; the
+        trainable tensors the mode adds stay fp32)."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if bf16_base:
+            model.to(torch.bfloat16)

@@ -1,0 +1,20 @@
+"""Full fine-tuning (and pretraining): every weight of the model is trained."""
+
+from __future__ import annotations
+
+import torch
+
+from rwkvtune.peft.base import Mode, TrainModule
+
+
+class FullMode(Mode):
+    name = "full"
+    trains_base = True
+
+    def prepare(self, model, cfg) -> TrainModule:
+        return TrainModule(model)
+
+    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+        dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
+        module.model.save_checkpoint(run.final, dtype=dtype)
+        return {"final": str(run.final)}

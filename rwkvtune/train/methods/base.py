@@ -1,0 +1,82 @@
+"""What a training method is: the batch, the loss and the metrics; the trainer does the rest.
+
+A method (``--method``; the language-model objective ``sft`` is the default) plugs into the one
+training loop of :mod:`rwkvtune.train.trainer`, which owns the optimizer, schedule, gradient
+accumulation, DDP, resume, logging and outputs. A method says
+
+* what its data is (:meth:`TrainingMethod.build_datasets`) and what a batch is (:meth:`collate`),
+* how many loss units a batch holds (:meth:`count`): the denominator of the step's loss over
+  every micro-batch of every process, so accumulation and DDP equal one big batch,
+* how one micro-batch's loss is computed and back-propagated (:meth:`forward_backward`), returning
+  sums that the trainer adds up over micro-batches and processes,
+* what to log from those sums (:meth:`step_metrics`) and how to evaluate (:meth:`evaluate`),
+* what it must keep in a resumable checkpoint (:meth:`state_dict`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, ContextManager
+
+import torch.nn as nn
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a method needs to run one micro-batch."""
+
+    cfg: Any                                   # the resolved TrainConfig
+    device: str
+    autocast: Callable[[], ContextManager]     # the run's mixed-precision context
+    scale: float = 1.0                         # multiply a summed loss by this before backward
+    runner: nn.Module | None = None            # the module to call: DDP-wrapped under torchrun
+    sync: bool = True                          # whether this micro-batch's backward syncs gradients
+    mode: Any = None                           # the run's Mode (for reference passes)
+
+    def sync_context(self, sync_now: bool) -> ContextManager:
+        """Under DDP, skip the gradient all-reduce of a backward that is not the step's last."""
+        no_sync = getattr(self.runner, "no_sync", None)
+        return contextlib.nullcontext() if (no_sync is None or sync_now) else no_sync()
+
+
+class TrainingMethod:
+    """Base class; see the module docstring. Subclasses set ``name`` and override the hooks."""
+
+    name = ""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build_datasets(self, tokenizer, vocab_size: int):
+        """(training set, evaluation set or None): indexable datasets of items for :meth:`collate`."""
+        raise NotImplementedError
+
+    def collate(self, items: list, device) -> dict:
+        raise NotImplementedError
+
+    def count(self, batch: dict) -> tuple[float, float]:
+        """(loss units in the batch, tokens the model processes for it: throughput)."""
+        raise NotImplementedError
+
+    def begin_step(self, module, micro_batches: list[dict], ctx: StepContext) -> list[dict]:
+        """Called once per optimizer step before its micro-batches run (e.g. to sample rollouts)."""
+        return micro_batches
+
+    def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
+        """Forward and backward of one micro-batch; returns sums, ``"loss"`` among them (the summed
+        loss whose gradient was taken, scaled by ``ctx.scale``)."""
+        raise NotImplementedError
+
+    def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
+        """Logged values from sums over a step (or several): by default every sum per loss unit."""
+        return {k: v / units for k, v in sums.items()}
+
+    def evaluate(self, module, dataset, ctx: StepContext) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,87 @@
+"""``sft``: the language-model objective (pretraining, supervised fine-tuning, long context).
+
+Loss: next-token cross-entropy summed over target tokens (labels != -100), plus the reference
+trainer's L2Wrap; the trainer divides by the target count of the whole global batch.
+
+Samples longer than ctx_len (``long_context``) run in ctx_len chunks carrying the RNN state:
+truncated BPTT runs backward per chunk (memory bounded by ctx_len); ``bptt=full`` keeps one graph
+through every chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rwkvtune.train.data import build_dataset, collate
+from rwkvtune.train.methods.base import StepContext, TrainingMethod
+from rwkvtune.train.optim import loss_sum
+
+L2WRAP = 1e-4  # the reference trainer's L2Wrap coefficient
+
+
+class SFT(TrainingMethod):
+    name = "sft"
+
+    def build_datasets(self, tokenizer, vocab_size: int):
+        cfg = self.cfg
+        train_set = build_dataset(cfg.data, tokenizer, cfg, vocab_size)
+        eval_set = build_dataset(cfg.eval_data, tokenizer, cfg, vocab_size) if cfg.eval_data else None
+        return train_set, eval_set
+
+    def collate(self, items: list, device) -> dict:
+        return collate(items, device)
+
+    def count(self, batch: dict) -> tuple[float, float]:
+        return float(int((batch["labels"] != -100).sum())), float(batch["input_ids"].numel())
+
+    def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
+        cfg = ctx.cfg
+        idx, labels = batch["input_ids"], batch["labels"]
+        T = idx.shape[1]
+        chunks = [(s, min(T, s + cfg.ctx_len)) for s in range(0, T, cfg.ctx_len)]
+        runner = ctx.runner or module
+        l2 = L2WRAP * ctx.scale if cfg.l2wrap else 0.0
+        state, total, graph_loss = None, 0.0, None
+        for ci, (s, e) in enumerate(chunks):
+            last = ci == len(chunks) - 1
+            with ctx.sync_context(ctx.sync and (last or cfg.bptt == "full")):
+                with ctx.autocast():
+                    logits, state = runner(idx[:, s:e], state)
+                    loss = loss_sum(logits, labels[:, s:e], l2)
+                if not loss.requires_grad:
+                    # State tuning under truncated BPTT: only the first chunk reaches the initial
+                    # state. A zero term keeps backward (and DDP's gradient sync) well defined.
+                    loss = loss + sum(0.0 * p.sum() for p in module.parameters() if p.requires_grad)
+                total += float(loss.detach())
+                if cfg.bptt == "full":
+                    graph_loss = loss if graph_loss is None else graph_loss + loss
+                else:
+                    (loss * ctx.scale).backward()
+                    state = state.detach()
+        if graph_loss is not None:
+            with ctx.sync_context(ctx.sync):
+                (graph_loss * ctx.scale).backward()
+        return {"loss": total}
+
+    @torch.no_grad()
+    def evaluate(self, module, dataset, ctx: StepContext) -> dict:
+        """Token-weighted loss and perplexity over every window of ``dataset`` (in order)."""
+        cfg = ctx.cfg
+        was_training = module.training
+        module.eval()
+        total, count = 0.0, 0
+        bs = cfg.batch_size
+        for start in range(0, len(dataset), bs):
+            batch = collate([dataset[i] for i in range(start, min(len(dataset), start + bs))], ctx.device)
+            idx, labels = batch["input_ids"], batch["labels"]
+            state = None
+            for s in range(0, idx.shape[1], cfg.ctx_len):
+                with ctx.autocast():
+                    logits, state = module(idx[:, s:s + cfg.ctx_len], state)
+                total += float(loss_sum(logits, labels[:, s:s + cfg.ctx_len]))
+            count += int((labels != -100).sum())
+        module.train(was_training)
+        loss = total / max(1, count)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}

@@ -1,0 +1,66 @@
+"""The layout of a training run's directory: every file name a run writes, in one place.
+
+::
+
+    config.yaml                  the resolved training config
+    metrics.jsonl                one JSON object per logged step (and eval rows)
+    loss.png                     train (and eval) loss curves
+    summary.json                 written last: the run is complete
+    tb/                          TensorBoard event files
+    wandb-run-id                 the wandb run a resume continues
+    checkpoints/step-0000050.pt  resumable: trainable weights, optimizer, data position, RNGs
+    checkpoints/latest           name of the newest checkpoint
+    final.pth                    official-layout model (full and LoRA modes, merged)
+    adapter.pth / state.pth      LoRA adapter / tuned initial state
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CHECKPOINT_NAME = re.compile(r"step-\d{7}\.pt")
+
+
+class RunDir:
+    """Paths of one run directory (nothing is created until something is written)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    loss_plot = property(lambda self: self.path / "loss.png")
+    summary = property(lambda self: self.path / "summary.json")
+    tensorboard = property(lambda self: self.path / "tb")
+    wandb_id = property(lambda self: self.path / "wandb-run-id")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    latest = property(lambda self: self.path / "checkpoints" / "latest")
+    final = property(lambda self: self.path / "final.pth")
+    adapter = property(lambda self: self.path / "adapter.pth")
+    state = property(lambda self: self.path / "state.pth")
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}.pt"
+
+    def is_own_checkpoint(self, name: str) -> bool:
+        """Whether ``name`` is a checkpoint file directly in checkpoints/ (not a link out of it)."""
+        if not CHECKPOINT_NAME.fullmatch(name):
+            return False
+        path = self.checkpoints / name
+        return path.is_file() and not path.is_symlink()
+
+    def checkpoint_files(self) -> list[Path]:
+        """This run's resumable checkpoints, oldest first."""
+        return sorted(p for p in self.checkpoints.glob("step-*.pt") if self.is_own_checkpoint(p.name))
+
+    def outputs(self) -> list[Path]:
+        """The files a finished run may hold besides its logs."""
+        return [self.final, self.adapter, self.state]
+
+    def holds_run(self) -> bool:
+        """Whether a run was (at least partly) trained here: a checkpoint or a final output."""
+        return bool(self.checkpoint_files()) or any(p.exists() for p in self.outputs())

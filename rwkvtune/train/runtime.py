@@ -1,0 +1,71 @@
+"""Where and how a run computes: processes (torchrun), devices, mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class Dist:
+    """This process's place among the torchrun processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def select_device(device: str, d: Dist) -> str:
+    """The device of this process: cuda:LOCAL_RANK under DDP; a CUDA device is made current only
+    when it has an index (torch.cuda.set_device refuses a bare "cuda")."""
+    if device == "cuda" and d.world_size > 1:
+        device = f"cuda:{d.local_rank}"
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def all_sum(values: list[float], d: Dist, device: str) -> list[float]:
+    """Element-wise sum over all processes (fp64, so token counts stay exact)."""
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def autocast_factory(device: str, precision: str) -> Callable[[], ContextManager]:
+    """A function returning the mixed-precision context of the run: bf16 autocast, or nothing."""
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    if precision == "bf16":
+        return lambda: torch.autocast(dev_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def memory_available_gib(device: str) -> float | None:
+    """Total memory of the device the run would use: the GPU's, or the machine's RAM on CPU."""
+    try:
+        if device.startswith("cuda"):
+            return round(torch.cuda.mem_get_info(torch.device(device))[1] / 2 ** 30, 2)
+        return round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30, 2)
+    except (ValueError, OSError, AttributeError, RuntimeError):  # e.g. no sysconf on this platform
+        return None

@@ -1,0 +1,52 @@
+"""Checks that run before any data or model work, so a run fails in seconds, not after loading."""
+
+from __future__ import annotations
+
+import os
+
+from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.train.run_dir import RunDir
+
+
+def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
+    """Fail before any data work when a pretrained run has no model file.
+
+    A dry run only needs the dimensions, which a config (registry name or .json) has without its
+    weights file: then it returns False (the file is missing) instead of failing.
+    """
+    path = model_config.model_path
+    if cfg.init == "pretrained" and (not path or not os.path.exists(path)):
+        if dry_run and path:
+            return False
+        raise RwkvtuneError(
+            f"model file not found: {path or '(config has no model_file)'}; put "
+            f"{model_config.model_file or 'the .pth'} in $RWKVTUNE_MODEL_DIR (now {os.path.dirname(path) or 'unset'}), "
+            f"pass --model PATH.pth, or train from scratch with --init scratch")
+    return True
+
+
+def check_out_dir(run: RunDir, resuming: bool) -> None:
+    """Fail before any work when --out cannot hold a run, or holds another run (never overwrite it)."""
+    out = run.path
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a directory; choose another --out")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable (read-only or no permission); choose another "
+                          f"--out")
+    if not resuming and run.holds_run():
+        raise ConfigError(f"--out {out}: already holds a run (checkpoints or final outputs); continue it with "
+                          f"--resume {out}, or choose another --out (or delete that directory)")
+
+
+def data_warnings(cfg, n_windows: int, global_batch: int) -> list[str]:
+    """Warnings when the data is too small for the batch: every batch or step repeats windows."""
+    if n_windows < global_batch:
+        return [f"warning: {cfg.data} gives {n_windows} window(s) of ctx_len {cfg.ctx_len}, fewer than one batch of "
+                f"{global_batch}: every batch repeats windows; add data or lower --batch-size"]
+    if n_windows < global_batch * cfg.grad_accum:
+        return [f"warning: {cfg.data} gives {n_windows} window(s) of ctx_len {cfg.ctx_len}, fewer than the "
+                f"{global_batch * cfg.grad_accum} one optimizer step uses ({global_batch} per batch x grad_accum "
+                f"{cfg.grad_accum}): every step repeats windows; add data or lower --grad-accum"]
+    return []

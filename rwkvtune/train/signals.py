@@ -1,0 +1,75 @@
+"""SIGTERM and Ctrl-C during training: finish the step, save, exit with the shell's status."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from typing import Iterator
+
+from tqdm import tqdm
+
+from rwkvtune.errors import RwkvtuneError
+
+
+class Terminated(RwkvtuneError):
+    """A signal stopped training after a step (and its checkpoint). The CLI exits 128 + the signal
+    number, what a shell reports for it: 143 for SIGTERM, 130 for Ctrl-C."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_status = 128 + int(signum)
+
+
+class GracefulStop:
+    """The SIGTERM and SIGINT (Ctrl-C) handler while train() runs.
+
+    In the loop the first signal only records the request: the loop finishes the optimizer step,
+    saves a resumable checkpoint and raises Terminated (stopping mid-step would save weights,
+    optimizer, data position and RNGs out of step with each other). A second Ctrl-C, or any signal
+    outside the loop (setup, final eval and saving: no step to finish), stops at once.
+    """
+
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
+    def __init__(self):
+        self.requested: int | None = None   # the signal number that asked to stop
+        self.in_loop = False
+        self.run_dir = None  # RunDir of the run, once known: its checkpoints are named on exit
+
+    def describe(self) -> str:
+        return "terminated by SIGTERM" if self.requested == signal.SIGTERM else "interrupted (Ctrl-C)"
+
+    def __call__(self, signum, frame):
+        again = self.requested is not None
+        self.requested = signum
+        if self.in_loop and not again:
+            if signum == signal.SIGINT:
+                tqdm.write("Ctrl-C: stopping after this step to save a resumable checkpoint "
+                           "(Ctrl-C again to quit at once)", file=sys.stderr)
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the CLI names the checkpoints already on disk
+        message = self.describe()
+        if self.run_dir is not None and self.run_dir.checkpoint_files():
+            message += (f"; the checkpoints in {self.run_dir.checkpoints} are kept; continue with: "
+                        f"rwkvtune train --resume {self.run_dir.path}")
+        raise Terminated(message, signum)
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[GracefulStop]:
+    """Install a :class:`GracefulStop` for SIGTERM and SIGINT while the block runs (main thread
+    only: Python sets handlers nowhere else); the previous handlers are restored on exit."""
+    stop = GracefulStop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            # None: the previous handler was not set from Python; the default is the nearest we can do
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
