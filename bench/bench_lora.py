@@ -5,12 +5,12 @@ Usage: python bench/bench_lora.py [--quick] [--threads N] [--runs R] [--T T]
 Model: the 0.1B shape of bench_cpu.py (L12, C768, head 64, dims 64/64/32/128, V 65536), random
 weights scaled like a trained model, written once to a temporary bf16 ``.pth`` and loaded the way
 ``rwkvtune train`` loads it (``load_model_config`` on the file, ``TrainConfig.resolve``,
-``build_model``). B=1, T=512 (--T), CPU.
+``build_module``). B=1, T=512 (--T), CPU.
 
 Each mode runs in its own subprocess (so its peak RSS, /proc VmHWM, is its own) and builds its step
-from the trainer's own pieces: ``prepare_mode`` (mode full / lora r=16 alpha=32 default targets /
+from the trainer's own pieces: ``build_module`` (mode full / lora r=16 alpha=32 default targets /
 lora with precision bf16 / state), ``param_groups``, ``torch.optim.AdamW(betas=(0.9, 0.99),
-eps=1e-18)``, ``run_micro_batch`` (autocast: a nullcontext in fp32, CPU bf16 autocast in bf16),
+eps=1e-18)``, the ``sft`` method's ``forward_backward`` (autocast: none in fp32, CPU bf16 autocast in bf16),
 then, as the training loop does, gradient clipping at 1.0, ``optimizer.step()`` and
 ``zero_grad(set_to_none=True)``. One step = forward + backward + clip + AdamW step on T tokens.
 A warm-up step at full T comes first (it also allocates the AdamW moments, so the peak RSS
@@ -76,28 +76,29 @@ def _mm_gflops() -> dict:
 
 def worker_step(a) -> dict:
     """One mode's optimizer steps, built as rwkvtune.train.trainer.train builds them."""
-    import contextlib
 
     import torch
 
     from rwkvtune.configs.model_loader import load_model_config
     from rwkvtune.models.rwkv7.config import TrainConfig
+    from rwkvtune.peft import get_mode
+    from rwkvtune.train.methods.base import StepContext
+    from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.optim import param_groups
-    from rwkvtune.train.trainer import build_model, count_params, prepare_mode, run_micro_batch
+    from rwkvtune.train.runtime import autocast_factory
+    from rwkvtune.train.trainer import build_module, count_params
 
     mc = load_model_config(a.ckpt)
     cfg = TrainConfig(model=a.ckpt, data="(unused)", device="cpu", ctx_len=a.T, batch_size=1,
                       **MODES[a.mode]).resolve(mc)
-    model = build_model(cfg, mc, "cpu")
-    module = prepare_mode(cfg, model)
+    module = build_module(cfg, get_mode(cfg.mode), mc, "cpu")
     rss_loaded, rss_prepared = rss_mb(), rss_now_mb()
-    trainable, frozen = count_params(module)
+    trainable, frozen, _ = count_params(module)
     groups = param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-18)
     use_bf16 = cfg.precision == "bf16"
-
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    method = SFT(cfg)
+    autocast = autocast_factory("cpu", cfg.precision)
 
     ids = torch.randint(0, mc.vocab_size, (1, a.T + 1), generator=torch.Generator().manual_seed(0))
     trainable_params = [p for p in module.parameters() if p.requires_grad]
@@ -105,10 +106,10 @@ def worker_step(a) -> dict:
 
     def step(T=a.T):
         batch = {"input_ids": ids[:, :T], "labels": ids[:, 1:T + 1]}
-        scale = 1.0 / T  # the loss is the mean over the step's tokens, as in the trainer
-        l2 = 1e-4 * scale if cfg.l2wrap else 0.0
+        # the loss is the mean over the step's tokens, as in the trainer
+        ctx = StepContext(cfg=cfg, device="cpu", autocast=autocast, scale=1.0 / T)
         t0 = time.perf_counter()
-        run_micro_batch(module, batch, cfg, scale, l2, sync_last=True, autocast=autocast)
+        method.forward_backward(module, batch, ctx)
         t1 = time.perf_counter()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable_params, cfg.grad_clip)

@@ -439,3 +439,21 @@ def test_to_dict_save_round_trip(tmp_path, key):
     back = load_model_config(out)
     assert back.to_dict() == cfg.to_dict()
     assert json.loads(out.read_text()) == json.loads((model_loader.PACKAGE_MODELS_DIR / out.name).read_text())
+
+
+def test_public_api_is_lazy_and_complete():
+    """``import rwkvtune`` and its config names do not import torch; the model does, on demand."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rwkvtune\n"
+            "from rwkvtune import ModelConfig, TrainConfig, load_model_config, list_available_models\n"
+            "assert 'torch' not in sys.modules, 'configs imported torch'\n"
+            "assert load_model_config('0.1b').n_layer == 12 and '0.1b' in list_available_models()\n"
+            "assert TrainConfig(model='0.1b').mode == 'full' and ModelConfig.__name__ == 'ModelConfig'\n"
+            "from rwkvtune import RWKV7\n"
+            "assert 'torch' in sys.modules and RWKV7.__module__ == 'rwkvtune.models.rwkv7.model'\n"
+            "assert set(rwkvtune.__all__) >= {'RWKV7', 'ModelConfig', 'TrainConfig', 'load_model_config',\n"
+            "                                 'list_available_models'}\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

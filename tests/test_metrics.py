@@ -250,15 +250,16 @@ def test_tensorboard_scalars_flushed_each_step_and_closed(tmp_path, fake_tb, no_
     assert writer.purge_step == 0
     progress = _Progress()
     logger.log_step(_row(1, lr=1e-3, tokens_per_s=500.0), progress)
-    assert writer.flushed_scalars == 3  # on disk before the next step, as metrics.jsonl is
-    logger.log_step(_row(2, lr=2e-3, tokens_per_s=600.0), progress)
+    assert writer.flushed_scalars == 4  # on disk before the next step, as metrics.jsonl is
+    logger.log_step(_row(2, lr=2e-3, tokens_per_s=600.0, **{"rewards/margins": 0.25}), progress)
     logger.log_eval(2, {"eval_loss": 0.75, "eval_ppl": 2.1, "eval_tokens": 16})
     assert writer.scalars == [
-        ("train/loss", 2.0, 1), ("train/lr", 1e-3, 1), ("train/tokens_per_s", 500.0, 1),
-        ("train/loss", 1.0, 2), ("train/lr", 2e-3, 2), ("train/tokens_per_s", 600.0, 2),
-        ("eval/loss", 0.75, 2),
+        ("train/loss", 2.0, 1), ("train/lr", 1e-3, 1), ("train/tokens_per_s", 500.0, 1), ("train/grad_norm", 0.5, 1),
+        ("train/loss", 1.0, 2), ("train/lr", 2e-3, 2), ("train/tokens_per_s", 600.0, 2), ("train/grad_norm", 0.5, 2),
+        ("train/rewards/margins", 0.25, 2),
+        ("eval/loss", 0.75, 2), ("eval/ppl", 2.1, 2),
     ]
-    assert writer.flushed_scalars == 7 and writer.closes == 0
+    assert writer.flushed_scalars == 11 and writer.closes == 0
     logger.finish()
     assert writer.closes == 1 and logger.tb is None and no_plot == [logger]
     logger.close()  # idempotent

@@ -243,11 +243,19 @@ def test_chunked_long_sample_loss_equals_whole_sequence(data):
     assert abs(whole - chunked) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "state"])
-def test_long_context_training_all_modes(data, tmp_path, mode):
-    out = tmp_path / mode
-    summary = train(_cfg(data, out, mode=mode, data=data["long"], long_context=True, batch_size=2, max_steps=2))
-    assert summary["steps"] == 2 and all(l == l for l in _losses(out))
+def test_long_context_training_all_modes(data, tmp_path):
+    losses = {}
+    for mode in ("full", "lora", "state"):
+        out = tmp_path / mode
+        train(_cfg(data, out, mode=mode, data=data["long"], long_context=True, batch_size=2, max_steps=4,
+                   lr=3e-2 if mode == "state" else 1e-2))
+        losses[mode] = _losses(out)
+    # Every mode starts from the base model exactly (LoRA's B and the state are zero), so the first
+    # step's loss, on the same windows in the same order, is the same number.
+    assert losses["lora"][0] == pytest.approx(losses["full"][0], abs=1e-6)
+    assert losses["state"][0] == pytest.approx(losses["full"][0], abs=1e-6)
+    for mode, seq in losses.items():
+        assert seq[-1] < seq[0] - 0.05, (mode, seq)  # and each learns
 
 
 def test_full_bptt_first_step_loss_equals_truncated(data, tmp_path):

@@ -89,20 +89,33 @@ def test_final_is_bf16_by_default_and_config_saved(data, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["chat", "pr"])
-def test_chat_and_prompt_response_formats_train(data, tmp_path, fmt):
+def test_chat_and_prompt_response_formats_train_on_replies_only(data, tmp_path, fmt):
+    from rwkvtune.tokenizer import get_tokenizer
+
     out = tmp_path / fmt
-    summary = train(_cfg(data, out, data=data[fmt], max_steps=2))
-    assert summary["steps"] == 2 and all(l == l for l in _losses(out))
+    summary = train(_cfg(data, out, data=data[fmt], eval_data=data[fmt], max_steps=6, lr=3e-2))
+    records = [json.loads(line) for line in Path(data[fmt]).read_text().splitlines()]
+    replies = [r["messages"][1]["content"] if "messages" in r else r["response"] for r in records]
+    # The loss counts the assistant's tokens only: " {reply}" and the turn end "\n\n" (one token).
+    tok = get_tokenizer()
+    assert summary["eval_tokens"] == sum(len(tok.encode(" " + reply)) + 1 for reply in replies)
+    # and it learns them: the eval loss after 6 steps is more than 1 nat below the first step's loss
+    first = next(loss for loss in _losses(out) if loss is not None)
+    assert summary["eval_loss"] < first - 1.0
 
 
 def test_binidx_data_trains(data, tmp_path):
+    from rwkvtune.data.binidx import BinIdxDataset
     from rwkvtune.data.prepare import prepare_binidx
     from rwkvtune.tokenizer import get_tokenizer
 
     prefix = str(tmp_path / "corpus")
     prepare_binidx(data["text"], prefix, get_tokenizer(), workers=1)
     out = tmp_path / "run"
-    assert train(_cfg(data, out, data=prefix, max_steps=2))["steps"] == 2
+    summary = train(_cfg(data, out, data=prefix, eval_data=prefix, max_steps=6, lr=3e-2))
+    # every token of the stream but the first is a target exactly once, as in RWKV-LM
+    assert summary["eval_tokens"] == BinIdxDataset(prefix).num_tokens - 1
+    assert summary["eval_loss"] < _losses(out)[0] - 1.0
 
 
 def test_gradient_accumulation_equals_larger_batch(data, tmp_path):
@@ -129,7 +142,7 @@ def test_scratch_init_from_json_config(data, tmp_path):
 
 def test_eval_rows_and_eval_cli(data, tmp_path):
     out = tmp_path / "run"
-    summary = train(_cfg(data, out, eval_data=data["text"], eval_every=2, max_steps=4))
+    summary = train(_cfg(data, out, eval_data=data["text"], eval_every=2, max_steps=4, save_dtype="fp32"))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
@@ -139,7 +152,9 @@ def test_eval_rows_and_eval_cli(data, tmp_path):
                           data["text"], "--ctx-len", "16"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(got) >= {"eval_loss", "eval_ppl"} and got["eval_loss"] > 0
+    # final.pth (fp32) scored by the CLI gives the trainer's final eval: same model, same windows
+    assert got["eval_loss"] == pytest.approx(summary["eval_loss"], abs=1e-5)
+    assert got["eval_tokens"] == summary["eval_tokens"] and got["eval_ppl"] == pytest.approx(math.exp(got["eval_loss"]))
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):

@@ -94,6 +94,11 @@ class BinIdxDataset:
                 f"{ip}: truncated index: expected a {HEADER.size}-byte header, found "
                 f"{idx_size} bytes; regenerate the .idx/.bin pair"
             )
+        self._read_index(ip, head, idx_size)
+        self._check_items(ip, bp)
+
+    def _read_index(self, ip: str, head: bytes, idx_size: int) -> None:
+        """Header fields, then sizes/pointers/doc_idx as views of a memory map of the .idx."""
         _, version, code, n, d = HEADER.unpack(head)
         if version != VERSION:
             raise DataError(
@@ -125,6 +130,9 @@ class BinIdxDataset:
         self.doc_idx = np.frombuffer(idx, dtype="<i8", count=d, offset=off + 12 * n)
         self._idx_mmap = idx
 
+    def _check_items(self, ip: str, bp: str) -> None:
+        """Items back to back, the .bin exactly their size, doc_idx rising: then map the tokens."""
+        n, d = len(self.sizes), len(self.doc_idx)
         item = self.dtype.itemsize
         if n and int(self.sizes.min()) < 0:
             bad = int(np.argmax(self.sizes < 0))

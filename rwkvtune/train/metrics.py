@@ -152,11 +152,14 @@ class MetricsLogger:
             return
         self.rows.append(row)
         self._write(row)
-        progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"  # None: a step without loss units
+        progress.set_postfix(loss=loss, lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         progress.update(advance)
         if self.tb is not None:
-            for k in ("loss", "lr", "tokens_per_s"):
-                self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+            # Every logged quantity (the method's metrics too), but not the cumulative token count.
+            for k, v in row.items():
+                if k not in ("step", "tokens") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
             # Drain SummaryWriter's queue now, as metrics.jsonl is written per line: its writer thread is
             # a daemon, so queued events (and, with TensorFlow's gfile, events buffered for up to
             # flush_secs=120) are lost if the run dies.
@@ -172,7 +175,9 @@ class MetricsLogger:
         self._write(row)
         self.info(f"step {step}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}")
         if self.tb is not None:
-            self.tb.add_scalar("eval/loss", result["eval_loss"], step)
+            for k, v in result.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(result, step=step)
@@ -214,10 +219,14 @@ class MetricsLogger:
         except ImportError:
             self.info("note: install matplotlib for loss.png (pip install matplotlib)")
             return None
-        if not self.rows:
+        points = [(r["step"], r["loss"]) for r in self.rows if r.get("loss") is not None]
+        if not points:
             return None
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in self.rows], [r["loss"] for r in self.rows], label="train loss")
+        ax.plot(*zip(*points), label="train loss")
+        evals = sorted((step, e["eval_loss"]) for step, e in self.evals.items() if e.get("eval_loss") is not None)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)

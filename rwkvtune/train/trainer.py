@@ -252,7 +252,7 @@ def loop(r: Run, stop: GracefulStop) -> None:
         set_lr(r.optimizer, lr)
         sums, units, tokens_in = train_step(r)
         if not math.isfinite(sums["loss"]):
-            raise TrainingDiverged(f"loss is {sums['loss'] / units} at step {r.step + 1}; stopped without saving. The "
+            raise TrainingDiverged(f"loss is {sums['loss']} at step {r.step + 1}; stopped without saving. The "
                                    f"last good checkpoint is in {r.run.checkpoints} (resume with --resume "
                                    f"{r.run.path} and a lower --lr)")
         grad_norm = None
@@ -265,7 +265,9 @@ def loop(r: Run, stop: GracefulStop) -> None:
         r.tokens += int(units)
         window.add(sums, units, tokens_in, time.perf_counter() - t0, grad_norm)
         if r.step % cfg.log_every == 0 or r.step == r.total_steps or stop.requested:
-            row = {"step": r.step, **r.method.step_metrics(window.sums, window.units), "lr": lr, "tokens": r.tokens,
+            # Means over the window's loss units; none (null) when the window had no loss units.
+            metrics = r.method.step_metrics(window.sums, window.units) if window.units else dict.fromkeys(window.sums)
+            row = {"step": r.step, **metrics, "lr": lr, "tokens": r.tokens,
                    "tokens_per_s": window.tokens_in / window.seconds, "grad_norm": window.grad_norm}
             r.logger.log_step(row, progress, advance=window.steps)
             window = _Window()
@@ -292,9 +294,9 @@ def train_step(r: Run) -> tuple[dict, float, float]:
     micro = r.method.begin_step(r.module, micro, r.context())
     counts = [r.method.count(b) for b in micro]
     units, tokens_in = all_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], r.dist, r.device)
-    units = max(1.0, units)
-    # DDP averages gradients over ranks: undo that, then divide by the global loss units.
-    scale = r.dist.world_size / units
+    # DDP averages gradients over ranks: undo that, then divide by the global loss units. (A step
+    # without any, e.g. chat windows holding only prompt tokens, has a zero loss and zero gradients.)
+    scale = r.dist.world_size / max(1.0, units)
     totals: dict[str, float] = {}
     for i, batch in enumerate(micro):
         sums = r.method.forward_backward(r.module, batch, r.context(scale=scale, sync=i == len(micro) - 1))
