@@ -353,7 +353,7 @@ def test_prepare_equals_direct_tokenization(tok, corpus, tmp_path, workers):
     prefix = str(tmp_path / "out" / "c")
     stats = prepare_binidx(corpus, prefix, tok, workers=workers, progress=False)
     samples, _ = read_samples(corpus, tok)
-    assert stats.docs == 600 and stats.skipped == 0
+    assert stats.samples == 600 and stats.skipped == 0
     assert stats.tokens == sum(len(s.tokens) for s in samples)
     ds = BinIdxDataset(prefix)
     assert len(ds) == 600 and ds.dtype == np.uint16
@@ -380,7 +380,7 @@ def test_prepare_errors_and_skip(tok, tmp_path, workers):
     assert "on_error='skip'" in str(e.value)
     stats = prepare_binidx(path, str(tmp_path / "o"), tok, workers=workers, on_error="skip",
                            progress=False)
-    assert (stats.docs, stats.skipped, stats.records) == (600, 1, 601)
+    assert (stats.samples, stats.skipped, stats.records) == (600, 1, 601)
     assert stats.skipped_examples == [f"{path}:301: malformed JSON (Expecting property name enclosed in double "
                                       f"quotes at column 2)"]
     assert BinIdxDataset(str(tmp_path / "o"))[300].tolist() == tok.encode("b") + [0]

@@ -326,7 +326,7 @@ def test_init_weights_official_values():
     torch.testing.assert_close(h.T @ h, 0.25 * V / C * eye, atol=1e-3, rtol=0)
     for ln in (model.ln_out, model.blocks[0].ln0, model.blocks[1].ln1, model.blocks[2].ln2):
         assert torch.all(ln.weight == 1) and torch.all(ln.bias == 0)
-    # The per-channel vectors against fixed numbers: reference §4's formulas evaluated by hand (plain
+    # The per-channel vectors against fixed numbers: docs/rwkv7.md §4's formulas evaluated by hand (plain
     # floats, rounded to 6 decimals) for L=4, C=128, N=32 at layers 1 and 3, channels 0/37/64/127.
     expected = {
         (1, 37): dict(x_r=0.169865, x_w=0.567317, x_k=0.47878, ffn_x_k=0.324766, w0=-5.927243, a0=-0.411134,

@@ -1,4 +1,4 @@
-"""The reference trainer's optimizer recipe against fixed numbers (reference §5)."""
+"""The reference trainer's optimizer recipe against fixed numbers (docs/rwkv7.md §5)."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     stats = prepare_binidx(args.input, args.out, workers=args.workers, fmt=args.data_format,
                            on_error=args.on_data_error)
     rate = stats.tokens / max(stats.seconds, 1e-9)
-    line = (f"wrote {args.out}.bin and {args.out}.idx: {stats.docs} documents, {stats.tokens} tokens "
+    line = (f"wrote {args.out}.bin and {args.out}.idx: {stats.samples} documents, {stats.tokens} tokens "
             f"in {stats.seconds:.1f} s ({rate:,.0f} tokens/s)")
     if stats.skipped:
         line += f"; skipped {stats.skipped} bad records (first: {stats.skipped_examples[0]})"

@@ -1,6 +1,6 @@
 """Checkpoint detection: every dimension of an RWKV-7 ``.pth`` read from its tensor shapes.
 
-Released checkpoints store no metadata, so the shapes are the truth (reference §2):
+Released checkpoints store no metadata, so the shapes are the truth (docs/rwkv7.md §2):
 V, C from ``emb.weight``; (H, N) from ``r_k``; L from the largest block index; the low-rank
 dims from w1/a1/v1/g1 (v1 of a layer >= 1, since layer 0 may lack v0/v1/v2).
 
@@ -383,7 +383,7 @@ def _main_dtype(dtypes: Mapping[str, str]) -> str:
 def official_shapes(n_layer: int, n_embd: int, vocab_size: int, head_size_a: int, dim_att_lora: int,
                     dim_aaa_lora: int, dim_mv_lora: int, dim_gate_lora: int, dim_ffn: int,
                     layer0_v: bool = True) -> dict[str, tuple[int, ...]]:
-    """Every key of an official checkpoint with its shape (reference §2), in training-code order.
+    """Every key of an official checkpoint with its shape (docs/rwkv7.md §2), in training-code order.
 
     ``layer0_v=False`` leaves out layer 0's unused value-residual keys (LAYER0_V_KEYS).
     """

@@ -83,6 +83,7 @@ class ReadStats:
     tokens: int = 0
     target_tokens: int = 0
     skipped_examples: list = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the read (data prepare reports it)
 
     def note_skip(self, message: str) -> None:
         self.skipped += 1

@@ -18,7 +18,6 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,16 +37,6 @@ log = logging.getLogger("rwkvtune.data")
 
 CHUNK_RECORDS = 256  # records per task: large enough to amortise pickling, small for a smooth bar
 SMALL_FILE = 4 << 20  # bytes; below this, workers=None means 1 (process start-up ~1 s costs more)
-
-
-@dataclass
-class PrepareStats:
-    docs: int = 0
-    tokens: int = 0
-    skipped: int = 0
-    records: int = 0
-    seconds: float = 0.0
-    skipped_examples: list = field(default_factory=list)
 
 
 # --- worker side --------------------------------------------------------------------------------
@@ -120,10 +109,11 @@ def prepare_binidx(
     on_error: str = "raise",
     vocab_size: int | None = None,
     progress: bool = True,
-) -> PrepareStats:
+) -> ReadStats:
     """Tokenize ``in_jsonl`` into ``out_prefix.bin`` / ``out_prefix.idx`` (uint16 tokens).
 
-    ``workers=None`` uses up to 8 processes (1 for files under 4 MiB). Returns PrepareStats;
+    ``workers=None`` uses up to 8 processes (1 for files under 4 MiB). Returns the ReadStats
+    (samples = documents written, tokens, skipped records, seconds);
     with ``on_error="skip"`` bad records are counted there and logged in a one-line summary.
     """
     from tqdm import tqdm
@@ -174,11 +164,5 @@ def prepare_binidx(
         if pool is not None:
             pool.terminate()
             pool.join()
-    return PrepareStats(
-        docs=rstats.samples,
-        tokens=rstats.tokens,
-        skipped=rstats.skipped,
-        records=rstats.records,
-        seconds=time.perf_counter() - t0,
-        skipped_examples=list(rstats.skipped_examples),
-    )
+    rstats.seconds = time.perf_counter() - t0
+    return rstats

@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and loss of the reference trainer (reference §5)."""
+"""Optimizer, learning-rate schedule and loss of the reference trainer (docs/rwkv7.md §5)."""
 
 from __future__ import annotations
 

@@ -219,22 +219,18 @@ def _announce(r: Run, resume_dir: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------- loop
-@dataclasses.dataclass
 class _Window:
-    """Sums since the last metrics row (log_every steps)."""
+    """Sums since the last metrics row (log_every steps): the method's sums, loss units, tokens
+    run through the model, seconds, and the largest grad norm (the one that shows a spike)."""
 
-    steps: int = 0
-    units: float = 0.0
-    tokens_in: float = 0.0
-    seconds: float = 0.0
-    grad_norm: float | None = None
-    sums: dict = dataclasses.field(default_factory=dict)
+    def __init__(self):
+        self.steps, self.grad_norm = 0, None
+        self.units = self.tokens_in = self.seconds = 0.0
+        self.sums: dict[str, float] = {}
 
     def add(self, sums: dict, units: float, tokens_in: float, seconds: float, grad_norm: float | None) -> None:
         self.steps += 1
-        self.units += units
-        self.tokens_in += tokens_in
-        self.seconds += seconds
+        self.units, self.tokens_in, self.seconds = self.units + units, self.tokens_in + tokens_in, self.seconds + seconds
         for k, v in sums.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         if grad_norm is not None:

@@ -24,7 +24,7 @@ DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", 
 class TrainConfig:
     # ---- what to train -----------------------------------------------------------------------
     model: str = ""  # registry name ("0.1b"), a .pth checkpoint or a .json config
-    init: str = "pretrained"  # "pretrained": load the model file; "scratch": official init (reference §4)
+    init: str = "pretrained"  # "pretrained": load the model file; "scratch": official init (docs/rwkv7.md §4)
     mode: str = "full"  # "full" fine-tune, "lora" adapters, "state" initial-WKV-state tuning
     # ---- data --------------------------------------------------------------------------------
     data: str = ""  # .jsonl ({"text"} / {"messages"} / {"prompt","response"}) or a binidx prefix
@@ -40,7 +40,7 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warmup from 0.01*lr (reference trainer's multiplier)
     max_steps: int | None = None  # optimizer steps; None -> epochs over the data
     epochs: int = 1
-    weight_decay: float = 0.0  # only on 2-D .weight matrices (reference §5)
+    weight_decay: float = 0.0  # only on 2-D .weight matrices (docs/rwkv7.md §5)
     betas: tuple[float, float] = (0.9, 0.99)
     adam_eps: float = 1e-18
     grad_clip: float = 1.0  # max global grad norm; 0 disables

@@ -1,6 +1,6 @@
 """The RWKV-7 ("x070") language model in one file.
 
-Parameter names and shapes are exactly the official checkpoint layout (reference §2), so
+Parameter names and shapes are exactly the official checkpoint layout (docs/rwkv7.md §2), so
 released ``.pth`` files load with strict key checking and saved files load in the ``rwkv``
 package and in RWKV-LM. The model takes a :class:`ModelConfig` and nothing else; no
 environment variables, no compilation at import.
@@ -300,7 +300,7 @@ class RWKV7(nn.Module):
     # ---- initialisation --------------------------------------------------------------------
     @torch.no_grad()
     def init_weights_(self, seed: int | None = None) -> "RWKV7":
-        """Official from-scratch initialisation of the reference trainer (reference §4)."""
+        """Official from-scratch initialisation of the reference trainer (docs/rwkv7.md §4)."""
         if seed is not None:
             torch.manual_seed(seed)
         c = self.config
