@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from rwkvtune.train.run_dir import RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     """Every RNG's state as tensors and plain Python values, so the checkpoint loads with
     ``torch.load(weights_only=True)`` (no pickled numpy objects)."""
     _, key, pos, has_gauss, cached = np.random.get_state()
@@ -35,7 +36,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np_state = state["numpy"]
@@ -54,12 +55,12 @@ def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, m
     trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
     atomic_torch_save({
         "step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
-        "sampler": sampler.state_dict(), "rng": _rng_state(), "config": cfg.to_dict(),
+        "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
         "method": method_state or {},
     }, path)
     atomic_write_text(run.latest, path.name + "\n")
     for old in run.checkpoint_files()[:-max(1, cfg.keep_checkpoints)]:
-        old.unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return path
 
 
@@ -105,7 +106,26 @@ def completed_summary(out: str | Path, step: int, total_steps: int) -> dict | No
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(_load(path, mmap=True)["step"])
+    return int(read_checkpoint_info(path)["step"])
+
+
+def read_checkpoint_info(path: Path) -> dict:
+    """A checkpoint's step, config and other small entries, without reading its tensor data: of a
+    ``.pt`` file (memory-mapped) or of a sharded folder's ``trainer.pt``."""
+    if not Path(path).is_dir():
+        return _load(path, mmap=True)
+    meta = Path(path) / "trainer.pt"
+    try:
+        info = torch.load(meta, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: sharded checkpoint without trainer.pt; it is incomplete: move it away to "
+                              f"resume from the one before it") from None
+    except Exception as e:
+        raise CheckpointError(f"{meta}: cannot read ({type(e).__name__}); it holds Python objects rwkvtune never "
+                              f"unpickles, or is corrupt: move this checkpoint away") from None
+    if not isinstance(info, dict) or not {"step", "config", "sampler", "rng"} <= set(info):
+        raise CheckpointError(f"{meta}: not written by rwkvtune train; move this checkpoint away")
+    return info
 
 
 def _numpy_globals() -> list:
@@ -139,7 +159,7 @@ def _load(path: Path, mmap: bool = False) -> dict:
 
 # Options that --resume may change: they do not alter the run being continued.
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "save_every", "keep_checkpoints", "eval_every", "log_every",
-                     "tensorboard", "wandb", "device", "eval_data")
+                     "tensorboard", "wandb", "device", "eval_data", "cpu_offload")
 
 # Options that name files. A run saves them absolute, so `--resume` works from any directory, and
 # compares them as paths, so a relative path on the command line equals the saved absolute one.
@@ -184,7 +204,7 @@ def resumed_config(out: str | Path, cfg):
     from rwkvtune.models.rwkv7.config import TrainConfig
 
     path = latest_checkpoint(out)
-    ck = _load(path, mmap=True)
+    ck = read_checkpoint_info(path)
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
     default, given = TrainConfig().to_dict(), cfg.to_dict()
     saved_d = saved.to_dict()
@@ -212,6 +232,8 @@ def resumed_config(out: str | Path, cfg):
 def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, dict]:
     """Restore the newest checkpoint of ``out`` into the run; returns (step, tokens, method state)."""
     path = latest_checkpoint(out)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a sharded checkpoint (strategy fsdp); resume it with strategy fsdp")
     ck = _load(path)
     params = dict(module.named_parameters())
     missing = [n for n in ck["trainable"] if n not in params]
@@ -223,5 +245,5 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, 
             params[n].copy_(t)
     optimizer.load_state_dict(ck["optimizer"])
     sampler.load_state_dict(ck["sampler"])
-    _set_rng_state(ck["rng"])
+    set_rng_state(ck["rng"])
     return int(ck["step"]), int(ck["tokens"]), ck.get("method", {})

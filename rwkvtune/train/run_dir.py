@@ -9,6 +9,7 @@
     tb/                          TensorBoard event files
     wandb-run-id                 the wandb run a resume continues
     checkpoints/step-0000050.pt  resumable: trainable weights, optimizer, data position, RNGs
+    checkpoints/step-0000050/    the same, sharded over processes (strategy fsdp)
     checkpoints/latest           name of the newest checkpoint
     final.pth                    official-layout model (full and LoRA modes, merged)
     adapter.pth / state.pth      LoRA adapter / tuned initial state
@@ -19,7 +20,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-CHECKPOINT_NAME = re.compile(r"step-\d{7}\.pt")
+# step-NNNNNNN.pt: one file (one process, DDP); step-NNNNNNN/: a sharded folder (FSDP)
+CHECKPOINT_NAME = re.compile(r"step-\d{7}(\.pt)?")
 
 
 class RunDir:
@@ -46,16 +48,25 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.pt"
 
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}"
+
     def is_own_checkpoint(self, name: str) -> bool:
-        """Whether ``name`` is a checkpoint file directly in checkpoints/ (not a link out of it)."""
+        """Whether ``name`` is a checkpoint directly in checkpoints/ (not a link out of it): a
+        ``.pt`` file, or a sharded folder."""
         if not CHECKPOINT_NAME.fullmatch(name):
             return False
         path = self.checkpoints / name
-        return path.is_file() and not path.is_symlink()
+        if path.is_symlink():
+            return False
+        return path.is_file() if name.endswith(".pt") else path.is_dir()
 
     def checkpoint_files(self) -> list[Path]:
-        """This run's resumable checkpoints, oldest first."""
-        return sorted(p for p in self.checkpoints.glob("step-*.pt") if self.is_own_checkpoint(p.name))
+        """This run's resumable checkpoints (files or sharded folders), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted((p for p in self.checkpoints.glob("step-*") if self.is_own_checkpoint(p.name)),
+                      key=lambda p: p.name.removesuffix(".pt"))
 
     def outputs(self) -> list[Path]:
         """The files a finished run may hold besides its logs."""

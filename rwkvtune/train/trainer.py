@@ -14,6 +14,7 @@ Exactness rules the loop follows:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,6 +42,7 @@ from rwkvtune.train.runtime import (Dist, all_sum, autocast_factory, memory_avai
                                     setup_distributed)
 from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
+from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
 from rwkvtune.utils import atomic_write_text
 
 
@@ -63,7 +65,8 @@ class Run:
     eval_set: Any
     sampler: Any
     module: TrainModule
-    runner: nn.Module  # the module wrapped for distribution (DDP) or the module itself
+    runner: nn.Module  # the module wrapped for distribution (DDP), or the (FSDP-sharded) module itself
+    strategy: Strategy
     optimizer: torch.optim.Optimizer
     logger: MetricsLogger
     autocast: Callable
@@ -72,6 +75,7 @@ class Run:
     step: int = 0
     tokens: int = 0
     last_eval: dict | None = None
+    saved_step: int | None = None  # step of the newest resumable checkpoint this process saved
 
     def context(self, **kw) -> StepContext:
         return StepContext(cfg=self.cfg, device=self.device, autocast=self.autocast, runner=self.runner,
@@ -84,8 +88,8 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     SIGTERM or Ctrl-C while it runs saves a resumable checkpoint after the current step and raises
     :class:`Terminated` (see :class:`rwkvtune.train.signals.GracefulStop`).
     """
-    with graceful_stop() as stop:
-        run = setup(cfg, dry_run, stop)
+    with graceful_stop() as stop, contextlib.ExitStack() as cleanup:
+        run = setup(cfg, dry_run, stop, cleanup)
         if isinstance(run, dict):  # a dry run's report, or a finished run's summary
             return run
         with run.logger:  # on any error: flush TensorBoard, mark the wandb run failed
@@ -94,8 +98,9 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- setup
-def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop) -> Run | dict:
-    """Resolve the config, check every input, build data, model, optimizer and logger."""
+def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextlib.ExitStack) -> Run | dict:
+    """Resolve the config, check every input, build data, model, optimizer and logger
+    (``cleanup`` takes what must be undone when train() returns)."""
     resume_dir = cfg.resume
     cfg, model_config = _resolve(cfg)
     has_weights = check_model_file(cfg, model_config, dry_run)
@@ -105,6 +110,9 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop) -> Run | dict:
     check_packages(cfg)
     d = setup_distributed(cfg.device)
     device = select_device(cfg.device, d)
+    check_strategy(cfg, device)
+    if cfg.strategy == "fsdp" and not dry_run and join_single_process_group(device):
+        cleanup.callback(torch.distributed.destroy_process_group)  # FSDP needs a group, also of one process
     torch.manual_seed(cfg.seed)
     mode, method = get_mode(cfg.mode), get_method(cfg)
 
@@ -137,18 +145,16 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop) -> Run | dict:
         print(dry_run_summary(report), file=sys.stderr)
         return report
 
+    strategy = get_strategy(cfg, d, device)
+    runner = strategy.wrap(module)  # FSDP shards the module's parameters in place: optimizer after this
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
     step, tokens, method_state = 0, 0, {}
     if resume_dir:
-        step, tokens, method_state = checkpointing.load_latest(resume_dir, module, optimizer, sampler)
+        step, tokens, method_state = strategy.load_checkpoint(resume_dir, module, optimizer, sampler)
         method.load_state_dict(method_state)
-    runner = module
-    if d.world_size > 1:
-        runner = nn.parallel.DistributedDataParallel(module, device_ids=[d.local_rank] if device.startswith("cuda")
-                                                     else None)
     logger = MetricsLogger(run, cfg, enabled=d.main, resume_step=step if resume_dir else None)
-    r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner,
+    r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
     return r
@@ -251,10 +257,7 @@ def loop(r: Run, stop: GracefulStop) -> None:
             raise TrainingDiverged(f"loss is {sums['loss']} at step {r.step + 1}; stopped without saving. The "
                                    f"last good checkpoint is in {r.run.checkpoints} (resume with --resume "
                                    f"{r.run.path} and a lower --lr)")
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in r.module.parameters() if p.requires_grad], cfg.grad_clip))
+        grad_norm = r.strategy.clip_grad_norm(r.module, cfg.grad_clip) if cfg.grad_clip > 0 else None
         r.optimizer.step()
         r.optimizer.zero_grad(set_to_none=True)
         r.step += 1
@@ -270,7 +273,7 @@ def loop(r: Run, stop: GracefulStop) -> None:
         if r.eval_set is not None and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
             r.last_eval = r.method.evaluate(r.module, r.eval_set, r.context())
             r.logger.log_eval(r.step, r.last_eval)
-        if cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps and r.dist.main:
+        if cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps:
             save_checkpoint(r)
         stop_now, = all_sum([float(stop.requested is not None)], r.dist, r.device)  # all ranks stop together
         if stop_now:
@@ -303,16 +306,18 @@ def train_step(r: Run) -> tuple[dict, float, float]:
 
 
 def save_checkpoint(r: Run):
-    return checkpointing.save(r.run, r.step, r.tokens, r.module, r.optimizer, r.sampler, r.cfg,
-                              r.method.state_dict())
+    """A resumable checkpoint of this step (every process calls it; the strategy decides who writes)."""
+    r.saved_step = r.step
+    return r.strategy.save_checkpoint(r.run, r.step, r.tokens, r.module, r.optimizer, r.sampler,
+                                      r.method.state_dict())
 
 
 def _stop_after_step(r: Run, stop: GracefulStop) -> None:
-    path = r.run.checkpoint(r.step)
-    if r.dist.main and not path.exists():  # else save_every just wrote it
-        path = save_checkpoint(r)
+    if r.saved_step != r.step:  # else save_every just wrote it
+        save_checkpoint(r)
     if r.dist.world_size > 1:
         torch.distributed.barrier()  # no rank exits before rank 0 has saved
+    path = checkpointing.latest_checkpoint(r.run.path)
     raise Terminated(f"{stop.describe()} after step {r.step} of {r.total_steps}; saved the resumable checkpoint "
                      f"{path}; continue with: rwkvtune train --resume {r.run.path}", stop.requested)
 
@@ -328,11 +333,11 @@ def finish(r: Run) -> dict:
             r.last_eval = r.method.evaluate(r.module, r.eval_set, r.context())
             r.logger.log_eval(r.step, r.last_eval)
     summary = {"steps": r.step, "tokens": r.tokens, "out": str(r.run.path)}
+    # The model first: the resumable checkpoint is several times larger, and a full disk must not
+    # cost the trained model. (Every process takes part: FSDP gathers the shards.)
+    summary.update(r.strategy.save_outputs(r.run, r.mode, r.module, r.model_config))
+    save_checkpoint(r)
     if r.dist.main:
-        # The model first: the resumable checkpoint is several times larger, and a full disk must
-        # not cost the trained model.
-        summary.update(r.mode.save_outputs(r.run, r.module, r.cfg))
-        save_checkpoint(r)
         r.logger.finish()
         # A resume that only finishes (killed while writing the final files) logs no step itself.
         summary["loss"] = r.logger.last_loss if r.logger.last_loss is not None else (

@@ -17,6 +17,7 @@ from rwkvtune.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 WKV_BACKENDS = ("auto", "chunked", "reference", "fla")
+STRATEGIES = ("ddp", "fsdp")
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
@@ -26,6 +27,7 @@ class TrainConfig:
     model: str = ""  # registry name ("0.1b"), a .pth checkpoint or a .json config
     init: str = "pretrained"  # "pretrained": load the model file; "scratch": official init (docs/rwkv7.md §4)
     mode: str = "full"  # "full" fine-tune, "lora" adapters, "state" initial-WKV-state tuning
+    method: str = "sft"  # training objective: "sft" (next-token loss on the targets)
     # ---- data --------------------------------------------------------------------------------
     data: str = ""  # .jsonl ({"text"} / {"messages"} / {"prompt","response"}) or a binidx prefix
     eval_data: str | None = None  # same formats; evaluated every eval_every steps and at the end
@@ -57,6 +59,8 @@ class TrainConfig:
     train_parts: tuple[str, ...] = ()  # also train: "ln", "emb", "head" (lora mode)
     # ---- runtime -----------------------------------------------------------------------------
     device: str = "auto"  # "auto" -> cuda if available else cpu
+    strategy: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (sharded, FSDP2)
+    cpu_offload: bool = False  # fsdp on GPU: keep sharded params, grads and optimizer state in host memory
     precision: str | None = None  # None -> fp32 on CPU, bf16 (autocast) on GPU
     grad_checkpoint: bool = False  # recompute blocks in backward: less memory, ~30% slower
     wkv_backend: str = "auto"
@@ -146,6 +150,15 @@ class TrainConfig:
             problems.append(f"betas: found {list(self.betas)}, expected two numbers in [0, 1)")
         if not self.adam_eps > 0:
             problems.append(f"adam_eps: found {self.adam_eps}, expected > 0")
+        from rwkvtune.train.methods import METHODS
+
+        if self.method not in METHODS:
+            problems.append(f"method: found {self.method!r}, expected one of {', '.join(METHODS)}")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
+        elif self.cpu_offload and self.strategy != "fsdp":
+            conflicts.append(self._conflict({"cpu_offload": "true", "strategy": repr(self.strategy)},
+                                            "offloading applies to sharded state; set strategy=fsdp"))
         if self.wkv_backend not in WKV_BACKENDS:
             problems.append(f"wkv_backend: found {self.wkv_backend!r}, expected one of {', '.join(WKV_BACKENDS)}")
         if not self.model:

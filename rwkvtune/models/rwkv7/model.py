@@ -189,6 +189,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, has_v: bool = True):
         super().__init__()
         C = config.n_embd
+        self.layer_id = layer_id
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C, eps=1e-5)
         self.ln1 = nn.LayerNorm(C, eps=1e-5)
@@ -197,10 +198,15 @@ class Block(nn.Module):
         self.ffn = ChannelMix(config)
 
     def forward(self, x, v_first, state: LayerState):
+        if self.layer_id == 0:  # inside the block's forward, so a sharded block 0 has its ln0 gathered
+            x = self.ln0(x)
         dx, v_first, att_last, wkv_state = self.att(self.ln1(x), v_first, state.att_x_prev, state.wkv)
         x = x + dx
         dx, ffn_last = self.ffn(self.ln2(x), state.ffn_x_prev)
-        return x + dx, v_first, LayerState(att_last, wkv_state, ffn_last)
+        # What leaves the block is tensors of its own, not views into activations: a sharded
+        # (FSDP2) block hooks its outputs, and a view's hooks are lost to in-place ops.
+        own = lambda t: t.clone() if t._is_view() else t  # noqa: E731
+        return x + dx, own(v_first), LayerState(own(att_last), own(wkv_state), own(ffn_last))
 
 
 class RWKV7(nn.Module):
@@ -272,8 +278,6 @@ class RWKV7(nn.Module):
         v_first = None
         finals: list[LayerState] = []
         for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
             if state is not None:
                 layer_state = LayerState(state.att_x_prev[i], state.wkv[i], state.ffn_x_prev[i])
             elif wkv_init is not None:  # state tuning: a trained initial WKV state, zeros elsewhere

@@ -35,9 +35,12 @@ class StepContext:
     mode: Any = None                           # the run's Mode (for reference passes)
 
     def sync_context(self, sync_now: bool) -> ContextManager:
-        """Under DDP, skip the gradient all-reduce of a backward that is not the step's last."""
-        no_sync = getattr(self.runner, "no_sync", None)
-        return contextlib.nullcontext() if (no_sync is None or sync_now) else no_sync()
+        """Under DDP or FSDP, skip the gradient reduction of a backward that is not the step's last."""
+        if self.runner is None:
+            return contextlib.nullcontext()
+        from rwkvtune.train.strategy import gradient_sync
+
+        return gradient_sync(self.runner, sync_now)
 
 
 class TrainingMethod:

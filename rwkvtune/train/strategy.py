@@ -1,0 +1,170 @@
+"""How a run spreads over processes: ``ddp`` (every process holds the whole model) or ``fsdp``
+(PyTorch's FSDP2: parameters, gradients and optimizer state sharded over the processes).
+
+The trainer asks its :class:`Strategy` to wrap the module, clip gradients, save and load resumable
+checkpoints and write the final outputs; nothing else in the loop depends on the strategy.
+
+FSDP (``strategy: fsdp``): ``fully_shard`` on every block, then on the root (embeddings, ln_out,
+head, a tuned state), so one block's full parameters exist at a time. On GPU with precision bf16,
+``MixedPrecisionPolicy`` computes with bf16 parameters and reduces gradients in fp32; on CPU
+everything stays fp32. ``cpu_offload`` keeps the sharded parameters, gradients and optimizer state
+in host memory (CPUOffloadPolicy; GPU runs only). Frozen base weights (lora, state) are sharded too.
+Resumable checkpoints are ``torch.distributed.checkpoint`` folders (each process writes its shard;
+a run resumes on any number of processes) read back without unpickling anything but the
+checkpoint's own index classes (:mod:`rwkvtune.train.dcp_safe`). ``final.pth`` is gathered tensor
+by tensor onto the main process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rwkvtune.errors import ConfigError
+from rwkvtune.train import checkpointing
+
+
+
+class Strategy:
+    """``ddp``: the whole model on every process; one process needs no wrapper at all."""
+
+    name = "ddp"
+    collective_save = False  # whether every process takes part in saving (else the main one alone)
+
+    def __init__(self, cfg, d, device: str):
+        self.cfg, self.dist, self.device = cfg, d, device
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.dist.world_size == 1:
+            return module
+        ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm))
+
+    def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path | None:
+        if not self.dist.main:
+            return None
+        return checkpointing.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state)
+
+    def load_checkpoint(self, out, module, optimizer, sampler):
+        return checkpointing.load_latest(out, module, optimizer, sampler)
+
+    def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
+        return mode.save_outputs(run, module, self.cfg) if self.dist.main else {}
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+    collective_save = True
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        cuda = self.device.startswith("cuda")
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cuda and self.cfg.precision == "bf16" else MixedPrecisionPolicy())
+        offload = CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy()
+        for block in module.model.blocks:
+            fully_shard(block, mp_policy=mp, offload_policy=offload)
+        fully_shard(module, mp_policy=mp, offload_policy=offload)
+        return module
+
+    def clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path:
+        from rwkvtune.train import dcp_safe
+
+        return dcp_safe.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, self.dist)
+
+    def load_checkpoint(self, out, module, optimizer, sampler):
+        from rwkvtune.train import dcp_safe
+
+        return dcp_safe.load_latest(out, module, optimizer, sampler)
+
+    def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
+        """Gather every tensor onto the main process into a plain copy of the module, then let the
+        mode write its files from it (so final.pth is the official layout, written atomically)."""
+        shadow = _gathered_copy(module, mode, model_config, self.cfg, self.dist.main)
+        return mode.save_outputs(run, shadow, self.cfg) if self.dist.main else {}
+
+
+def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn.Module | None:
+    """A plain (unsharded) module equal to the sharded ``module``, on the CPU of the process with
+    ``keep`` (None elsewhere). Tensors are gathered one at a time, and frozen base weights are kept
+    in bf16 when saving bf16, so host memory stays near one copy of the model in its saved dtype."""
+    from rwkvtune.models.rwkv7.model import RWKV7
+
+    with torch.device("meta"):
+        shadow = mode.prepare(RWKV7(model_config), cfg) if keep else None
+    save_bf16 = cfg.save_dtype == "bf16"
+    full = {}
+    for name, tensor in module.state_dict().items():
+        value = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # collective: every rank
+        if keep:
+            # trained small tensors (adapters, a state) stay fp32 for merging; base weights may be bf16
+            small = "lora_" in name or name == "wkv_init"
+            full[name] = value.detach().to("cpu", torch.bfloat16 if save_bf16 and not small else value.dtype,
+                                           copy=True)
+    if not keep:
+        return None
+    shadow.load_state_dict(full, strict=True, assign=True)
+    for attr in ("lora_base_fingerprint", "lora_config", "lora_train_parts"):
+        if hasattr(module.model, attr):
+            setattr(shadow.model, attr, getattr(module.model, attr))
+    return shadow
+
+
+def get_strategy(cfg, d, device: str) -> Strategy:
+    if cfg.strategy == "fsdp":
+        return FSDPStrategy(cfg, d, device)
+    return Strategy(cfg, d, device)
+
+
+def check_strategy(cfg, device: str) -> None:
+    """Options the strategy cannot honour here, refused before any work."""
+    if cfg.cpu_offload and not device.startswith("cuda"):
+        raise ConfigError(f"cpu_offload: true on {device}: offloading moves sharded state from the GPU to host "
+                          f"memory; on CPU the run already lives there: drop cpu_offload")
+
+
+def join_single_process_group(device: str) -> bool:
+    """FSDP needs a process group even on one process: a group of one, met through a temporary
+    file (no network port). Returns whether it made one (the caller then destroys it)."""
+    if dist.is_initialized():
+        return False
+    store_dir = tempfile.mkdtemp(prefix="rwkvtune-pg-")
+    atexit.register(shutil.rmtree, store_dir, ignore_errors=True)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            store=dist.FileStore(os.path.join(store_dir, "store"), 1), rank=0, world_size=1)
+    return True
+
+
+@contextlib.contextmanager
+def gradient_sync(runner: nn.Module, sync: bool):
+    """Skip the gradient reduction of a backward that is not the step's last (DDP's no_sync, FSDP2's
+    set_requires_gradient_sync); the gradients accumulate locally until the last one."""
+    if sync:
+        yield
+    elif hasattr(runner, "no_sync"):
+        with runner.no_sync():
+            yield
+    elif hasattr(runner, "set_requires_gradient_sync"):
+        runner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            runner.set_requires_gradient_sync(True)
+    else:
+        yield

@@ -1,0 +1,141 @@
+"""Sharded training (strategy fsdp, FSDP2) on CPU with gloo: equal to one process, exact resume after
+kill -9, resharding onto another number of processes, final.pth in the official layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import train_losses as _losses, write_checkpoint
+from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.train.trainer import train
+
+SMALL = dict(n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8, d_mv=8, d_gate=8)
+# adam_eps 1e-6 instead of the reference 1e-18: AdamW turns gradients that are pure rounding noise
+# into full +-lr steps, and the sum over two processes rounds differently from one process's.
+COMMON = dict(ctx_len=16, lr=1e-3, warmup_steps=0, save_dtype="fp32", adam_eps=1e-6, tensorboard=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp")
+    words = ["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "eats"]
+    text = d / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j * 3) % 9] for j in range(8 + i % 5))})
+                            + "\n" for i in range(24)))
+    return {"text": str(text), "ckpt": write_checkpoint(d / "base.pth", **SMALL)}
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:  # a fixed port clashes with another suite running at once
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _torchrun(data, out, nproc=2, resume=False, **kw) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           _free_port(), "-m", "rwkvtune", "train"]
+    if resume:
+        return cmd + ["--resume", str(out)]
+    opts = {**COMMON, "batch_size": 2, "strategy": "fsdp", **kw}
+    return cmd + ["--model", data["ckpt"], "--data", data["text"], "--out", str(out)] + [
+        f"{k}={v}" for k, v in opts.items()]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _run(cmd):
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _relative(a: dict, b: dict) -> float:
+    """The largest per-tensor relative difference ||a - b|| / ||a||."""
+    return max(float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-30)) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp_equals_one_process_on_the_same_global_batch(data, tmp_path, mode):
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    extra = {"mode": mode, "lora_r": 4} if mode == "lora" else {}
+    train(TrainConfig(model=data["ckpt"], data=data["text"], out=str(single), batch_size=4, max_steps=4,
+                      save_every=0, **COMMON, **extra))
+    res = _run(_torchrun(data, sharded, max_steps=4, save_every=0, **extra))
+    assert res.stdout.count('"steps"') == 1  # the summary, from the main process only
+    la, lb = _losses(single), _losses(sharded)
+    assert len(lb) == 4 and max(abs(x - y) / abs(x) for x, y in zip(la, lb)) < 1e-6
+    wa, wb = torch.load(single / "final.pth"), torch.load(sharded / "final.pth")
+    assert set(wa) == set(wb) and _relative(wa, wb) < 1e-6
+    if mode == "full":  # the gathered final.pth is the official layout: the rwkv package runs it
+        os.environ.setdefault("RWKV_V7_ON", "1")
+        from rwkv.model import RWKV
+
+        from rwkvtune.models.rwkv7 import RWKV7
+
+        ids = [5, 300, 2000, 17, 42, 0, 11]
+        ref, _ = RWKV(str(sharded / "final"), "cpu fp32").forward(ids, None, full_output=True)
+        with torch.no_grad():
+            ours = RWKV7.from_checkpoint(sharded / "final.pth")(torch.tensor([ids]))[0]
+        assert (ref - ours).abs().max() < 1e-4
+    else:
+        assert torch.load(sharded / "adapter.pth", weights_only=True)["r"] == 4
+
+
+def test_fsdp_kill_resume_is_exact_and_reshards_onto_one_process(data, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(_torchrun(data, full, max_steps=6, save_every=2))
+    proc = subprocess.Popen(_torchrun(data, killed, max_steps=6, save_every=2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "step-0000004").is_dir():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    proc.wait()
+    assert not (killed / "final.pth").exists(), "the run finished before it could be killed"
+    one = tmp_path / "one"
+    shutil.copytree(killed, one)
+    _run(_torchrun(data, killed, resume=True))
+    la, lb = _losses(full), _losses(killed)
+    assert len(lb) == 6 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-6
+    assert _relative(torch.load(full / "final.pth"), torch.load(killed / "final.pth")) < 1e-6
+    # The same checkpoint resumed by one process: the shards are read back into one.
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--resume", str(one)], capture_output=True,
+                         text=True, timeout=400, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lo = _losses(one)
+    assert len(lo) == 6 and lo[:4] == la[:4]  # history kept up to the checkpoint
+    assert set(torch.load(one / "final.pth")) == set(torch.load(full / "final.pth"))
+
+
+def test_sharded_checkpoint_index_runs_no_code(data, tmp_path):
+    """A planted ``.metadata`` (the index torch's reader unpickles) is refused without running it."""
+    out = tmp_path / "run"
+    train(TrainConfig(model=data["ckpt"], data=data["text"], out=str(out), batch_size=2, max_steps=2, save_every=1,
+                      strategy="fsdp", **COMMON))
+    marker = tmp_path / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    import pickle
+
+    index = out / "checkpoints" / "step-0000002" / ".metadata"
+    index.write_bytes(pickle.dumps(Planted()))
+    from rwkvtune.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        train(TrainConfig(resume=str(out), max_steps=3))
+    assert not marker.exists()
