@@ -10,7 +10,7 @@ This module is a thin dispatcher over the table ``COMMANDS``. Each :class:`Comma
   down ``rwkvtune models`` or ``rwkvtune --help``).
 
 Adding a command is one entry in ``COMMANDS``. A command with actions (``models
-list/show/new/check``, ``data prepare``) defines a nested sub-parser whose actions set their own
+list/show/new/download/check``, ``data prepare``) defines a nested sub-parser whose actions set their own
 handlers, as ``_models_arguments`` shows.
 Handlers raise :class:`rwkvtune.errors.RwkvtuneError` for anything the user can fix;
 :func:`main` prints it as one ``error: ...`` line on stderr and returns 2 (or the error's
@@ -106,6 +106,18 @@ def _models_arguments(p: argparse.ArgumentParser) -> None:
     new.add_argument("--force", action="store_true", help="overwrite an existing output file")
     _handler(new, f"{_MODELS}:cmd_new")
 
+    download = actions.add_parser(
+        "download", help="download a model file from its source (Hugging Face) into the models directory",
+        description="Download the model file of a config from the Hugging Face repository its \"source\" names, "
+                    "into the models directory ($RWKVTUNE_MODEL_DIR, default ~/.rwkvtune/models). Resumes an "
+                    "interrupted download, verifies the sha256, and does nothing if the file is already there. "
+                    "Honours HF_ENDPOINT and HF_TOKEN. Needs huggingface_hub: pip install \"rwkvtune[hub]\".")
+    download.add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b") or .json config')
+    download.add_argument("--force", action="store_true", help="download again even if the file is present")
+    download.add_argument("--models-dir", dest="models_dir", metavar="DIR",
+                          help="download into DIR instead of the models directory")
+    _handler(download, f"{_MODELS}:cmd_download")
+
     check = actions.add_parser(
         "check", help="validate every config; compare with model files that are present",
         description="Validate every config in reach (package and $RWKVTUNE_CONFIG_PATH) and compare each with "
@@ -136,7 +148,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 _TRAIN = "rwkvtune.train.cli"
 
 COMMANDS: list[Command] = [
-    Command("models", "list, show, create and check model configs", f"{_MODELS}:cmd_list", _models_arguments,
+    Command("models", "list, show, create, download and check model configs", f"{_MODELS}:cmd_list", _models_arguments,
             "Model config registry. Without an action: the registry table (same as `models list`)."),
     Command("inspect", "detect a checkpoint's dims (reads shapes only)", f"{_MODELS}:cmd_inspect",
             _inspect_arguments,
