@@ -146,9 +146,9 @@ def download_model(name_or_config: str | os.PathLike | ModelConfig, models_dir: 
     target = target_path(config, models_dir) if config.model_file else None
     if not config.hf_repo or target is None:
         where = config.config_path or f"config {config.model_name!r}"
-        put = f"put {target.name} into {target.parent} yourself" if target else "pass a .pth path instead"
+        put = f", or put {target.name} into {target.parent} yourself" if target else ""
         raise ConfigError(f"{where}: no download source (the config has no \"source\" section with hf_repo and "
-                          f"hf_filename); add one, or {put}")
+                          f"hf_filename); add one{put}")
     if target.is_file() and not force:
         return target  # trusted without a network round trip; `rwkvtune models check` compares its shapes
     if target.exists() and not target.is_file():
@@ -277,7 +277,7 @@ def _drop_stale_partials(job: _Job, force: bool) -> None:
 
 def _kept(job: _Job) -> str:
     """What an interrupted download leaves for the next call."""
-    done = job.partial.stat().st_size if job.partial.is_file() else 0
+    done = job.partial.stat().st_size if job.sha256 and job.partial.is_file() else 0
     if not done:
         return ""
     total = f" of {job.size:,}" if job.size is not None else ""
