@@ -26,3 +26,8 @@ class DataError(RwkvtuneError, ValueError):
 class OutputError(RwkvtuneError, OSError):
     """An output file or directory cannot be written (a file where a directory is needed,
     no permission, disk full)."""
+
+
+class DownloadError(RwkvtuneError, OSError):
+    """A model file cannot be downloaded (no network, not found on the hub, checksum mismatch,
+    huggingface_hub missing)."""

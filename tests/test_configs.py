@@ -415,7 +415,7 @@ def test_validation_not_json_and_not_an_object(tmp_path):
 
 def test_optional_fields_default_and_valid_dict_passes():
     raw = _valid_dict(lora_dims__dim_aaa_lora=_DELETE, training=_DELETE, architecture_version=_DELETE,
-                      model_file=_DELETE, description=_DELETE)
+                      model_file=_DELETE, description=_DELETE, source=_DELETE)
     assert validate_config_dict(raw) == []
     cfg = ModelConfig.from_dict(raw)
     assert cfg.dim_aaa_lora == cfg.dim_att_lora == 96

@@ -1,8 +1,9 @@
-"""``rwkvtune models [list|show|new|check]`` and ``rwkvtune inspect``: the config registry.
+"""Handlers of ``rwkvtune models [list|show|new|download|check]`` and ``rwkvtune inspect``.
 
-Listing and showing configs needs only the standard library; torch is imported (by
-:mod:`rwkvtune.configs.checkpoint`) only when a checkpoint is read. Handlers return an exit status
-and raise :class:`rwkvtune.errors.RwkvtuneError` for user errors.
+Imported lazily by :mod:`rwkvtune.cli`. Listing and showing configs needs only the standard
+library; torch is imported (by :mod:`rwkvtune.configs.checkpoint`) only when a checkpoint is read,
+and huggingface_hub (by :mod:`rwkvtune.hub`) only when a file is downloaded.
+Handlers return an exit status and raise :class:`rwkvtune.errors.RwkvtuneError` for user errors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from rwkvtune.configs.model_loader import (
     models_dir,
 )
 from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.hub import download_command
 from rwkvtune.utils import human_count
 
 _HERE = "rwkvtune.cli.models"
@@ -56,6 +59,18 @@ def add_models_arguments(p: argparse.ArgumentParser) -> None:
     new.add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
     new.add_argument("--force", action="store_true", help="overwrite an existing output file")
     set_handler(new, f"{_HERE}:cmd_new")
+
+    download = actions.add_parser(
+        "download", help="download a model file from its source (Hugging Face) into the models directory",
+        description="Download the model file of a config from the Hugging Face repository its \"source\" names, "
+                    "into the models directory ($RWKVTUNE_MODEL_DIR, default ~/.rwkvtune/models). Resumes an "
+                    "interrupted download, verifies the sha256, and does nothing if the file is already there. "
+                    "Honours HF_ENDPOINT and HF_TOKEN. Needs huggingface_hub: pip install \"rwkvtune[hub]\".")
+    download.add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b") or .json config')
+    download.add_argument("--force", action="store_true", help="download again even if the file is present")
+    download.add_argument("--models-dir", dest="models_dir", metavar="DIR",
+                          help="download into DIR instead of the models directory")
+    set_handler(download, f"{_HERE}:cmd_download")
 
     check = actions.add_parser(
         "check", help="validate every config; compare with model files that are present",
@@ -93,7 +108,7 @@ def _present(cfg: ModelConfig) -> bool:
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = [["NAME", "MODEL", "LAYERS", "WIDTH", "PARAMS", "MODEL FILE", "PRESENT"]]
-    broken = []
+    broken, downloadable = [], []
     for key, path in list_available_models().items():
         try:
             cfg = ModelConfig.from_file(path)
@@ -103,8 +118,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             continue
         rows.append([key, cfg.model_name, str(cfg.n_layer), str(cfg.n_embd), f"{cfg.n_params:,}",
                      cfg.model_file or "-", "yes" if _present(cfg) else "no"])
+        if cfg.hf_repo and not _present(cfg):
+            downloadable.append(key)
     print(_table(rows))
     print()
+    if downloadable:
+        print(f"get a missing model file with: rwkvtune models download NAME (e.g. {downloadable[0]})")
     env = "set" if os.environ.get(MODEL_DIR_ENV) else "not set, default"
     print(f"models directory: {models_dir()} (${MODEL_DIR_ENV} {env})")
     user_dirs = [str(d) for d in config_dirs() if d != PACKAGE_MODELS_DIR]
@@ -125,7 +144,23 @@ def _config_record(cfg: ModelConfig, key: str | None) -> dict[str, Any]:
     rec["n_params"] = cfg.n_params
     rec["model_path"] = cfg.model_path
     rec["model_present"] = _present(cfg)
+    rec["download_url"] = cfg.download_url
+    rec["download_command"] = download_command(cfg)
     return rec
+
+
+def _print_source(rec: dict[str, Any], width: int) -> None:
+    """Where the model file comes from, and the command that fetches it while it is absent."""
+    if not rec["hf_repo"]:
+        print(f"{'source:':<{width}} none (this config names no download source)")
+        return
+    print(f"{'source:':<{width}} Hugging Face {rec['hf_repo']}, file {rec['hf_filename']}, "
+          f"revision {rec['hf_revision']}")
+    if rec["sha256"]:
+        print(f"{'sha256:':<{width}} {rec['sha256']}")
+    print(f"{'download_url:':<{width}} {rec['download_url']}")
+    if not rec["model_present"] and rec["download_command"]:
+        print(f"{'download:':<{width}} {rec['download_command']}")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -153,6 +188,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         elif field == "model_path" and value:
             text = f"{value}  ({'present' if rec['model_present'] else 'not present'})"
         print(f"{field + ':':<{width}} {text}")
+        if field == "model_path":
+            _print_source(rec, width)
     return 0
 
 
@@ -264,6 +301,25 @@ def cmd_new(args: argparse.Namespace) -> int:
               f"({os.pathsep!r}-separated), e.g.: export {CONFIG_PATH_ENV}={out.parent}")
     if (PACKAGE_MODELS_DIR / f"rwkv7-{key}.json").exists():
         print(f"  note: while its directory is on ${CONFIG_PATH_ENV} it overrides the package's entry {key!r}")
+    return 0
+
+
+# ---- models download -----------------------------------------------------------------------
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from rwkvtune.hub import download_model, target_path
+
+    cfg = load_model_config(args.name)
+    target = target_path(cfg, args.models_dir) if cfg.model_file else None
+    if target is not None and target.is_file() and not args.force and cfg.hf_repo:
+        print(f"already present: {target} (nothing downloaded; --force downloads it again)")
+        return 0
+    path = download_model(cfg, models_dir=args.models_dir, force=args.force, progress=sys.stderr.isatty())
+    print(f"saved {path} ({path.stat().st_size:,} bytes, sha256 verified)")
+    if path != Path(cfg.model_path):  # --models-dir elsewhere: say how the registry finds it there
+        print(f"  the registry looks in {Path(cfg.model_path).parent}; to use this file set "
+              f"{MODEL_DIR_ENV}={path.parent}")
     return 0
 
 

@@ -13,7 +13,9 @@ Registry directories: the JSON files shipped in this package, plus every directo
 site-packages. A user directory wins over the package on equal names.
 
 Model files: a relative ``model_file`` resolves against the models directory,
-``RWKVTUNE_MODEL_DIR`` if set, else ``~/.rwkvtune/models`` (see :func:`models_dir`).
+``RWKVTUNE_MODEL_DIR`` if set, else ``~/.rwkvtune/models`` (see :func:`models_dir`). An optional
+``source`` section names where the file is published (a Hugging Face repository and file);
+``rwkvtune models download NAME`` (:mod:`rwkvtune.hub`) fetches it from there.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import math
 import os
 import re
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 from rwkvtune.configs.checkpoint import (
     DEFAULT_MODEL_DIR,
@@ -41,6 +44,9 @@ from rwkvtune.errors import ConfigError
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONFIG_PATH_ENV = "RWKVTUNE_CONFIG_PATH"
 ARCHITECTURE_VERSION = "x070"
+HF_ENDPOINT_ENV = "HF_ENDPOINT"  # huggingface_hub's own variable: a mirror serves the same URLs
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_HF_REVISION = "main"
 
 # JSON layout: section -> {field: (type, required)}. Types are checked strictly (a bool is not
 # an int, an int is accepted where a float is expected).
@@ -48,6 +54,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "": {
         "model_name": (str, True),
         "model_file": (str, False),
+        "source": (dict, False),
         "description": (str, False),
         "architecture_version": (str, False),
         "architecture": (dict, True),
@@ -72,6 +79,13 @@ _SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
         "recommended_ctx_len": (int, False),
         "recommended_batch_size": (int, False),
         "recommended_lr": (float, False),
+    },
+    # Where the model file is published. Field names are those of ModelConfig.
+    "source": {
+        "hf_repo": (str, True),  # "owner/name" of a Hugging Face model repository
+        "hf_filename": (str, True),  # path of the file inside that repository
+        "hf_revision": (str, False),  # branch, tag or commit; default "main"
+        "sha256": (str, False),  # the file's checksum, when known: checked besides the hub's own
     },
 }
 
@@ -119,6 +133,11 @@ class ModelConfig:
     ctx_len: int = 4096
     dim_ffn: int | None = None  # None -> 4 * n_embd
     model_file: str = ""
+    # Where model_file is published (the JSON "source" section); all "" when unknown.
+    hf_repo: str = ""  # Hugging Face repository "owner/name"
+    hf_filename: str = ""  # the file's path in that repository
+    hf_revision: str = ""  # branch, tag or commit; "main" when a source is given without one
+    sha256: str = ""  # the file's known checksum, if any
     description: str = ""
     architecture_version: str = ARCHITECTURE_VERSION
     recommended_ctx_len: int = 1024
@@ -132,6 +151,15 @@ class ModelConfig:
         if self.dim_ffn is None:
             self.dim_ffn = 4 * self.n_embd
         problems = _check_values(dataclasses.asdict(self))
+        # The JSON schema requires both in "source"; built directly, a half source is caught here.
+        if (bool(self.hf_repo) != bool(self.hf_filename)
+                or (not self.hf_repo and (self.hf_revision or self.sha256))):
+            problems.append("source: found only some of hf_repo/hf_filename/hf_revision/sha256, expected "
+                            "hf_repo and hf_filename together (the others only with them) or none")
+        if self.hf_repo and not self.hf_revision:
+            self.hf_revision = DEFAULT_HF_REVISION
+        if self.hf_filename and not self.model_file:  # the download keeps the published name
+            self.model_file = PurePosixPath(self.hf_filename).name
         if problems:
             where = self.config_path or f"config {self.model_name!r}"
             raise ConfigError(f"{where}: " + "; ".join(problems))
@@ -150,6 +178,15 @@ class ModelConfig:
         if not p.is_absolute():
             p = models_dir() / p
         return str(p)
+
+    @property
+    def download_url(self) -> str:
+        """URL of the published model file (under ``$HF_ENDPOINT`` when set); "" without a source."""
+        if not self.hf_repo:
+            return ""
+        endpoint = (os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT).rstrip("/")
+        # The hub's resolve URL; quoted as huggingface_hub quotes it, so both name the same file.
+        return f"{endpoint}/{self.hf_repo}/resolve/{quote(self.hf_revision, safe='')}/{quote(self.hf_filename)}"
 
     @property
     def n_params(self) -> int:
@@ -207,6 +244,7 @@ class ModelConfig:
             **arch,
             **dims,
             **train,
+            **raw.get("source", {}),
         )
 
     @classmethod
@@ -234,7 +272,8 @@ class ModelConfig:
 
     # ---- output ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The registry JSON layout (the seed's format plus architecture_version and dim_aaa_lora)."""
+        """The registry JSON layout (the seed's format plus architecture_version, dim_aaa_lora and,
+        when known, source)."""
         arch = {
             "n_layer": self.n_layer,
             "n_embd": self.n_embd,
@@ -244,9 +283,12 @@ class ModelConfig:
         }
         if self.dim_ffn != 4 * self.n_embd:
             arch["dim_ffn"] = self.dim_ffn
-        return {
-            "model_name": self.model_name,
-            "model_file": self.model_file,
+        out: dict[str, Any] = {"model_name": self.model_name, "model_file": self.model_file}
+        if self.hf_repo:
+            out["source"] = {"hf_repo": self.hf_repo, "hf_filename": self.hf_filename, "hf_revision": self.hf_revision}
+            if self.sha256:
+                out["source"]["sha256"] = self.sha256
+        return out | {
             "description": self.description,
             "architecture_version": self.architecture_version,
             "architecture": arch,
@@ -342,10 +384,46 @@ def _check_values(flat: dict[str, Any], names: dict[str, str] | None = None) -> 
             and C > 0 and N > 0 and C % N):
         problems.append(f"{names.get('n_embd', 'n_embd')}: found {C}, expected a multiple of head_size_a={N} "
                         f"(n_head = n_embd / head_size_a must be a whole number)")
+    problems += _check_source(flat, names)
     version = flat.get("architecture_version", ARCHITECTURE_VERSION)
     if version != ARCHITECTURE_VERSION:
         problems.append(f"architecture_version: found {version!r}, expected {ARCHITECTURE_VERSION!r} "
                         f"(only RWKV-7 is supported)")
+    return problems
+
+
+# Hub repository ids: "owner/name", letters, digits, "-", "_", "."; no "--" or ".." (the hub's rules).
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _source_problem(key: str, value: str) -> str | None:
+    """What is wrong with one source field's value (None if fine)."""
+    if key == "hf_repo" and (not _REPO_RE.match(value) or ".." in value or "--" in value or len(value) > 200):
+        return 'a Hugging Face repository id "owner/name", e.g. "BlinkDL/rwkv7-g1"'
+    if key == "hf_filename":
+        parts = value.split("/")
+        if not value or "\\" in value or any(p in ("", ".", "..") for p in parts) or not value.isprintable():
+            return "the file's path inside the repository, e.g. \"rwkv7-g1-1.5b-20250429-ctx4096.pth\""
+    if key == "hf_revision" and (not value or not value.isprintable() or any(c.isspace() for c in value)
+                                 or ".." in value):
+        return 'a branch, tag or commit of the repository, e.g. "main"'
+    if key == "sha256" and not _SHA256_RE.match(value):
+        return "64 lowercase hex digits (the file's sha256)"
+    return None
+
+
+def _check_source(flat: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """Source fields' problems. From JSON (``names`` given) every field present is checked, even "";
+    from the dataclass, "" means "no source" and only set fields are checked."""
+    problems = []
+    for key in _SCHEMA["source"]:
+        value = flat.get(key)
+        if not isinstance(value, str) or (value == "" and key not in names):
+            continue
+        expected = _source_problem(key, value)
+        if expected:
+            problems.append(f"{names.get(key, key)}: found {value!r}, expected {expected}")
     return problems
 
 

@@ -18,10 +18,10 @@ def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
     if cfg.init == "pretrained" and (not path or not os.path.exists(path)):
         if dry_run and path:
             return False
-        raise RwkvtuneError(
-            f"model file not found: {path or '(config has no model_file)'}; put "
-            f"{model_config.model_file or 'the .pth'} in $RWKVTUNE_MODEL_DIR (now {os.path.dirname(path) or 'unset'}), "
-            f"pass --model PATH.pth, or train from scratch with --init scratch")
+        from rwkvtune.hub import missing_model_hint
+
+        raise RwkvtuneError(f"model file not found: {missing_model_hint(model_config)}; or pass --model PATH.pth, "
+                            f"or train from scratch with --init scratch")
     return True
 
 

@@ -140,8 +140,10 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         report.update(device=device, memory_available_gib=memory_available_gib(device))
         if not has_weights:
             report["model_file_missing"] = model_config.model_path
-            print(f"note: model file {model_config.model_path} is not present yet; parameters are counted from "
-                  f"the config (put {model_config.model_file} there before training)", file=sys.stderr)
+            from rwkvtune.hub import missing_model_hint
+
+            print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
+                  file=sys.stderr)
         print(dry_run_summary(report), file=sys.stderr)
         return report
 

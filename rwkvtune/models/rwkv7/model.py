@@ -413,9 +413,10 @@ class RWKV7(nn.Module):
         if not (path.endswith(".pth") or path.endswith(".pt") or os.path.exists(path)):
             expect = expect or load_model_config(path)
             if expect.model_path.endswith((".pth", ".pt")) and not os.path.exists(expect.model_path):
-                raise CheckpointError(
-                    f"model {path!r}: file {expect.model_path} not found; download {expect.model_file} into "
-                    f"$RWKVTUNE_MODEL_DIR (now {os.path.dirname(expect.model_path)}) or pass the .pth path")
+                from rwkvtune.hub import missing_model_hint
+
+                raise CheckpointError(f"model {path!r}: model file not found: {missing_model_hint(expect)}; or pass "
+                                      f"the .pth path")
             path = expect.model_path
         sd, prefix = load_state_dict(path, mmap=True)
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
