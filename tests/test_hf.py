@@ -310,22 +310,40 @@ def test_export_refuses_nonempty_target_and_leaves_nothing_on_failure(pth, tmp_p
     _one_line_error(e, "not empty")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
-    from rwkvtune.convert import sources
-
     calls = {"n": 0}
-    real = sources.PthSource.read
+    real = st._write_tensor
 
-    def failing(self, key):
+    def disk_full_at_20th_tensor(f, t):
         calls["n"] += 1
         if calls["n"] == 20:
             raise OSError(28, "No space left on device")
-        return real(self, key)
+        return real(f, t)
 
-    monkeypatch.setattr(sources.PthSource, "read", failing)
+    monkeypatch.setattr(st, "_write_tensor", disk_full_at_20th_tensor)
     with pytest.raises(OutputError) as e:
         hf.export_hf(pth, tmp_path / "out")
     _one_line_error(e, "No space left")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no out/, no temp folder
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()  # an existing empty folder is a fine target
+    assert hf.export_hf(pth, tmp_path / "empty") == tmp_path / "empty"
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+def test_export_refuses_truncated_and_foreign_sources(pth, tmp_path):
+    data = Path(pth).read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    torch.save({"format": "rwkvtune-lora-v1", "r": 4}, tmp_path / "adapter.pth")
+    st.save_safetensors({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-3])
+    (tmp_path / "plain").mkdir()
+    for name, words in (("cut.pth", ["truncated"]), ("adapter.pth", ["LoRA adapter"]),
+                        ("x.safetensors", ["not an RWKV-7 state dict"]), ("cut.safetensors", ["ends at byte"]),
+                        ("plain", ["directory without config.json"])):
+        with pytest.raises(CheckpointError) as e:
+            hf.export_hf(tmp_path / name, tmp_path / f"out-{name}")
+        _one_line_error(e, name, *words)
+        assert not (tmp_path / f"out-{name}").exists()
 
 
 def test_export_refuses_config_that_does_not_fit(pth, tmp_path):

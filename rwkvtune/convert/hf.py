@@ -292,7 +292,12 @@ class HFSource(TensorSource):
 
 def open_model_source(path: str | os.PathLike) -> TensorSource:
     """An official .pth / .safetensors file or an HF folder, as a source of official tensors."""
-    return HFSource(path) if is_hf_folder(path) else open_official(path)
+    if is_hf_folder(path):
+        return HFSource(path)
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path}: is a directory without {CONFIG_NAME}; expected a .pth or .safetensors file, "
+                              f"or a Hugging Face RWKV-7 folder ({CONFIG_NAME} + model.safetensors)")
+    return open_official(path)
 
 
 # ---- export -------------------------------------------------------------------------------------

@@ -237,17 +237,28 @@ def _no_duplicates(pairs: list) -> dict:
     return out
 
 
+def read_error(path, e: OSError) -> CheckpointError:
+    """A one-line CheckpointError for an OSError met while reading ``path`` (so that a failing
+    source is never reported as a failing output)."""
+    return CheckpointError(f"{path}: cannot read ({e.strerror or type(e).__name__}); check the file and its "
+                           f"permissions")
+
+
 def _read_header_raw(path: Path) -> tuple[bytes, int, int]:
     """(header JSON bytes, data start offset, file size)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _bad(path, f"file is {size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise _bad(path, f"header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
-        raw = f.read(n)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"file is {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise _bad(path, f"header length {n} exceeds the file ({size} bytes) or the "
+                                 f"{MAX_HEADER_BYTES}-byte limit")
+            raw = f.read(n)
+    except OSError as e:
+        raise read_error(path, e) from None
     return raw, 8 + n, size
 
 
@@ -340,14 +351,19 @@ def read_bytes_into(f, offset: int, nbytes: int, path) -> torch.Tensor:
     """``nbytes`` bytes of open file ``f`` from ``offset`` into a new uint8 tensor."""
     out = torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(out.numpy()) if nbytes else memoryview(b"")
-    f.seek(offset)
     done = 0
-    while done < nbytes:
-        got = f.readinto(view[done:done + _CHUNK])
-        if not got:
-            raise CheckpointError(f"{path}: file ends inside tensor data (offset {offset + done}); the file is "
-                                  f"truncated: download or write it again")
-        done += got
+    try:
+        f.seek(offset)
+        while done < nbytes:
+            got = f.readinto(view[done:done + _CHUNK])
+            if not got:
+                break
+            done += got
+    except OSError as e:
+        raise read_error(path, e) from None
+    if done < nbytes:
+        raise CheckpointError(f"{path}: file ends inside tensor data (offset {offset + done}); the file is "
+                              f"truncated: download or write it again")
     return out
 
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import torch
 
 from rwkvtune.configs.checkpoint import load_state_dict, strip_prefix
-from rwkvtune.convert.safetensors_io import SafetensorsReader, read_bytes_into
+from rwkvtune.convert.safetensors_io import SafetensorsReader, read_bytes_into, read_error
 from rwkvtune.errors import CheckpointError
 
 _STORAGE_DTYPES = {
@@ -169,9 +169,12 @@ def _record_offsets(zf: zipfile.ZipFile, path: Path) -> dict[str, tuple[int, int
 
 def _parse_archive(path: Path) -> tuple[dict[str, _TensorRef], str, dict[str, tuple[int, int]]] | None:
     """(refs, record prefix, record offsets), or None where torch.load must decide."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return None
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return None
+    except OSError as e:
+        raise read_error(path, e) from None
     try:
         with zipfile.ZipFile(path) as zf:
             pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
