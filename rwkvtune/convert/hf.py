@@ -11,33 +11,27 @@ stored as [C] instead of [1, 1, C]). Facts from fla's ``fla/layers/rwkv7.py``,
 ``rwkv7-hf`` converter, which writes the same names; checked by loading our exports in
 ``rwkv7-hf`` and reading its own conversions (tests/test_hf.py):
 
-===============================================  ===============================================  =====
-official (.pth)                                  Hugging Face (fla)                               how
-===============================================  ===============================================  =====
-emb.weight [V, C]                                model.embeddings.weight                          same
-blocks.0.ln0.weight / .bias                      model.layers.0.pre_norm.weight / .bias           same
-blocks.i.ln1.weight / .bias                      model.layers.i.attn_norm.weight / .bias          same
-blocks.i.ln2.weight / .bias                      model.layers.i.ffn_norm.weight / .bias           same
-blocks.i.att.x_r, x_w, x_k, x_v, x_a, x_g        model.layers.i.attn.x_r ... x_g [1, 1, C]        same
-blocks.i.att.w0 [1, 1, C]                        model.layers.i.attn.w_lora.lora.2.bias [C]       vec
-blocks.i.att.w1 [C, D] / w2 [D, C]               model.layers.i.attn.w_lora.lora.0.weight [D, C]  T
-                                                 / w_lora.lora.2.weight [C, D]
-blocks.i.att.a0 / a1 / a2                        model.layers.i.attn.a_lora.lora.2.bias /         vec/T
-                                                 lora.0.weight / lora.2.weight
-blocks.i.att.v0 / v1 / v2 (layers >= 1)          model.layers.i.attn.v_lora.lora.2.bias /         vec/T
-                                                 lora.0.weight / lora.2.weight
-blocks.i.att.g1 / g2 (no g0)                     model.layers.i.attn.g_lora.lora.0.weight /       T
-                                                 lora.2.weight
-blocks.i.att.k_k, k_a [1, 1, C]                  model.layers.i.attn.k_k, k_a [C]                 vec
-blocks.i.att.r_k [H, N]                          model.layers.i.attn.r_k [H, N]                   same
-blocks.i.att.receptance / key / value / output   model.layers.i.attn.r_proj / k_proj / v_proj /   same
-.weight                                          o_proj.weight
-blocks.i.att.ln_x.weight / .bias                 model.layers.i.attn.g_norm.weight / .bias        same
-blocks.i.ffn.x_k [1, 1, C]                       model.layers.i.ffn.x_k [C]                       vec
-blocks.i.ffn.key.weight / value.weight           model.layers.i.ffn.key.weight / value.weight     same
-ln_out.weight / .bias                            model.norm.weight / .bias                        same
-head.weight [V, C]                               lm_head.weight (not tied)                        same
-===============================================  ===============================================  =====
+| official (.pth) | Hugging Face (fla) | how |
+|---|---|---|
+| emb.weight [V, C] | model.embeddings.weight | same |
+| blocks.0.ln0.weight / .bias | model.layers.0.pre_norm.weight / .bias | same |
+| blocks.i.ln1.weight / .bias | model.layers.i.attn_norm.weight / .bias | same |
+| blocks.i.ln2.weight / .bias | model.layers.i.ffn_norm.weight / .bias | same |
+| blocks.i.att.x_r, x_w, x_k, x_v, x_a, x_g [1, 1, C] | model.layers.i.attn.x_r ... x_g [1, 1, C] | same |
+| blocks.i.att.w0 [1, 1, C] | model.layers.i.attn.w_lora.lora.2.bias [C] | vec |
+| blocks.i.att.w1 [C, D] | model.layers.i.attn.w_lora.lora.0.weight [D, C] | T |
+| blocks.i.att.w2 [D, C] | model.layers.i.attn.w_lora.lora.2.weight [C, D] | T |
+| blocks.i.att.a0 / a1 / a2 | model.layers.i.attn.a_lora.{lora.2.bias,lora.0.weight,lora.2.weight} | vec, T, T |
+| blocks.i.att.v0 / v1 / v2 (i >= 1) | model.layers.i.attn.v_lora.{lora.2.bias,lora.0.weight,lora.2.weight} | vec, T, T |
+| blocks.i.att.g1 / g2 (no g0) | model.layers.i.attn.g_lora.{lora.0.weight, lora.2.weight} | T, T |
+| blocks.i.att.k_k, k_a [1, 1, C] | model.layers.i.attn.k_k, k_a [C] | vec |
+| blocks.i.att.r_k [H, N] | model.layers.i.attn.r_k [H, N] | same |
+| blocks.i.att.{receptance,key,value,output}.weight | model.layers.i.attn.{r,k,v,o}_proj.weight | same |
+| blocks.i.att.ln_x.weight / .bias | model.layers.i.attn.g_norm.weight / .bias | same |
+| blocks.i.ffn.x_k [1, 1, C] | model.layers.i.ffn.x_k [C] | vec |
+| blocks.i.ffn.key.weight / value.weight | model.layers.i.ffn.key.weight / value.weight | same |
+| ln_out.weight / .bias | model.norm.weight / .bias | same |
+| head.weight [V, C] | lm_head.weight (not tied) | same |
 
 * Layer 0's value-residual parameters (``blocks.0.att.v0/v1/v2``) are never used and the HF
   layout has no place for them. An export keeps them, when the source has them, in
@@ -372,6 +366,18 @@ def _main_dtype(specs) -> str:
     return str(max(counts, key=counts.get)).replace("torch.", "")
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and the folder itself to disk before the rename makes them visible."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     """Run ``fill(tmp)`` on a new temporary folder next to ``out_dir``, then rename it to
     ``out_dir``: a failure (or Ctrl-C) leaves no half-written folder behind."""
@@ -388,6 +394,7 @@ def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> P
         raise output_error(out, e) from None
     try:
         fill(tmp)
+        _fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above): rename cannot replace it on every platform
         os.replace(tmp, out)
@@ -419,7 +426,7 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, model_config: 
             return t.to(dtype) if dtype is not None else t
 
         def fill(tmp: Path) -> None:
-            write_shards(tmp, specs, produce, max_shard_bytes, metadata={"format": "pt"})
+            write_shards(tmp, specs, produce, max_shard_bytes, metadata={"format": "pt"}, fsync=False)
             extra = [k for k in LAYER0_V if k in source.shapes]
             if extra:
                 save_safetensors({k: source.read(k) if dtype is None else source.read(k).to(dtype) for k in extra},
