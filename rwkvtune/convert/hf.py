@@ -22,7 +22,7 @@ stored as [C] instead of [1, 1, C]). Facts from fla's ``fla/layers/rwkv7.py``,
 | blocks.i.att.w1 [C, D] | model.layers.i.attn.w_lora.lora.0.weight [D, C] | T |
 | blocks.i.att.w2 [D, C] | model.layers.i.attn.w_lora.lora.2.weight [C, D] | T |
 | blocks.i.att.a0 / a1 / a2 | model.layers.i.attn.a_lora.{lora.2.bias,lora.0.weight,lora.2.weight} | vec, T, T |
-| blocks.i.att.v0 / v1 / v2 (i >= 1) | model.layers.i.attn.v_lora.{lora.2.bias,lora.0.weight,lora.2.weight} | vec, T, T |
+| blocks.i.att.v0 / v1 / v2 (i>=1) | model.layers.i.attn.v_lora.{lora.2.bias,lora.0.weight,lora.2.weight} | vec, T, T |
 | blocks.i.att.g1 / g2 (no g0) | model.layers.i.attn.g_lora.{lora.0.weight, lora.2.weight} | T, T |
 | blocks.i.att.k_k, k_a [1, 1, C] | model.layers.i.attn.k_k, k_a [C] | vec |
 | blocks.i.att.r_k [H, N] | model.layers.i.attn.r_k [H, N] | same |
