@@ -108,6 +108,10 @@ COMMANDS: list[Command] = [
     Command("merge-lora", "merge a LoRA adapter into its base model (official layout)", f"{_CLI}.merge:run_merge",
             f"{_CLI}.merge:add_merge_arguments",
             "Merge ADAPTER into BASE in fp32 and write OUT in the official layout."),
+    Command("export", "write a model in the Hugging Face RWKV-7 layout (safetensors)", f"{_CLI}.export:run_export",
+            f"{_CLI}.export:add_export_arguments",
+            "Write MODEL as a Hugging Face folder in the flash-linear-attention RWKV-7 layout (config.json, "
+            "model.safetensors, the World vocab), tensor by tensor with bounded memory."),
     Command("data", "prepare training data", None, f"{_CLI}.data:add_data_arguments",
             bad_record_advice="fix the record, or pass --on-data-error skip to skip bad records"),
 ]

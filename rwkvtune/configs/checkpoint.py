@@ -26,22 +26,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
+from rwkvtune.configs.layout import (  # noqa: F401  (the layout's names, re-exported for readers of this module)
+    DEFAULT_MODEL_DIR,
+    KEY_PREFIXES,
+    LAYER0_V_KEYS,
+    MODEL_DIR_ENV,
+    SHAPE_FIELDS,
+    official_shapes,
+    strip_prefix,
+)
 from rwkvtune.errors import CheckpointError
-
-# Where relative model files live; model_loader.models_dir() reads the same variable.
-MODEL_DIR_ENV = "RWKVTUNE_MODEL_DIR"
-DEFAULT_MODEL_DIR = "~/.rwkvtune/models"
-
-# Layer 0 never uses its value-residual parameters (it defines v_first); some released files carry
-# them, older ones do not, and every loader accepts both.
-LAYER0_V_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
-
-# Dims that decide tensor shapes: what a checkpoint can confirm or contradict.
-SHAPE_FIELDS = ("n_layer", "n_embd", "vocab_size", "head_size_a", "dim_att_lora", "dim_aaa_lora", "dim_mv_lora",
-                "dim_gate_lora", "dim_ffn")
-
-# Prefixes that training wrappers put on every key (Lightning, DDP).
-KEY_PREFIXES = ("_forward_module.", "module.")
 
 # Keys that only older RWKV generations have: used to say "this is RWKV-6", not "key missing".
 _OTHER_VERSIONS = [
@@ -82,14 +76,6 @@ class CheckpointInfo:
     def dims(self) -> dict[str, int]:
         """The shape-deciding dims (SHAPE_FIELDS) as a dict."""
         return {f: getattr(self, f) for f in SHAPE_FIELDS}
-
-
-def strip_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """Remove a wrapper prefix (``_forward_module.``) present on every key; returns (dict, prefix)."""
-    for prefix in KEY_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            return {k[len(prefix):]: v for k, v in state_dict.items()}, prefix
-    return dict(state_dict), ""
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -141,7 +127,11 @@ def _check_path(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{p}: checkpoint not found; check the path (a relative model_file in a config "
                               f"resolves against ${MODEL_DIR_ENV}, default {DEFAULT_MODEL_DIR})")
     if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory, expected a .pth file (a state dict saved with torch.save)")
+        if (p / "config.json").is_file():
+            return p  # a Hugging Face model folder: read_hf_config says whether it is RWKV-7
+        raise CheckpointError(f"{p}: is a directory without config.json; expected a .pth or .safetensors file (an "
+                              f"official-layout state dict) or a Hugging Face RWKV-7 folder (config.json + "
+                              f"model.safetensors)")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: file is empty (0 bytes); download or save it again")
     return p
@@ -172,21 +162,53 @@ def _check_state_dict(p: Path, obj: Any, is_tensor) -> dict[str, Any]:
 
 
 def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, Any], str]:
-    """Open a ``.pth`` as a state dict (memory-mapped by default), prefix stripped.
+    """Open a model as an official-layout state dict (memory-mapped by default), prefix stripped:
+    a ``.pth`` (torch.save), an official-layout ``.safetensors`` or a Hugging Face RWKV-7 folder.
 
-    Raises CheckpointError for a missing path, a directory, an empty, truncated or corrupt
-    file, or a payload that is not a flat ``{str: Tensor}`` dict.
+    Raises CheckpointError for a missing path, a directory that is no model folder, an empty,
+    truncated or corrupt file, or a payload that is not a flat ``{str: Tensor}`` dict.
     """
     p = _check_path(path)
     import torch
 
+    if p.is_dir():
+        from rwkvtune.convert.hf_layout import load_hf_state_dict
+
+        return load_hf_state_dict(p), ""
+    if p.suffix == ".safetensors":
+        from rwkvtune.convert.safetensors_io import load_safetensors
+
+        _refuse_artifact(p)
+        return strip_prefix(load_safetensors(p, mmap_file=mmap))
     obj = _torch_load(p, mmap)
     return strip_prefix(_check_state_dict(p, obj, lambda v: isinstance(v, torch.Tensor)))
 
 
+def _refuse_artifact(p: Path) -> None:
+    """A ``.safetensors`` adapter or state written by rwkvtune is not a model: say which it is."""
+    import json
+
+    from rwkvtune.convert.safetensors_io import read_header
+    from rwkvtune.utils import ARTIFACT_META
+
+    meta = read_header(p)[1].get(ARTIFACT_META)
+    if meta is not None:
+        try:
+            fmt = json.loads(meta).get("format")
+        except (json.JSONDecodeError, AttributeError):
+            fmt = None
+        _check_state_dict(p, {"format": fmt}, lambda v: True)  # raises naming the kind
+
+
 def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a flat {key: tensor} state dict atomically (torch.save's zip format, which every
-    RWKV tool reads); a crash leaves the previous file or none, never a torn one."""
+    """Write a flat {key: tensor} state dict atomically, in the format its suffix names:
+    ``.safetensors`` (no pickle; memory-mapped when read) or else torch.save's zip format, which
+    every RWKV tool reads. A crash leaves the previous file or none, never a torn one."""
+    if str(path).endswith(".safetensors"):
+        from rwkvtune.convert.safetensors_io import save_safetensors
+
+        save_safetensors(dict(state_dict), path, metadata={"format": "pt"})
+        return
     from rwkvtune.utils import atomic_torch_save
 
     atomic_torch_save(dict(state_dict), path)
@@ -288,9 +310,19 @@ def read_shapes(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], di
     """({key: shape}, {key: dtype name}, stripped prefix) of a checkpoint, without reading tensor data.
 
     Needs no torch for files written by ``torch.save`` (zip format); falls back to a
-    memory-mapped ``torch.load`` for anything else.
+    memory-mapped ``torch.load`` for anything else. ``.safetensors`` files and Hugging Face
+    folders are read from their headers.
     """
     p = _check_path(path)
+    if p.is_dir() or p.suffix == ".safetensors":  # headers only; these readers need torch
+        from rwkvtune.convert.hf_layout import tensor_specs
+
+        if p.suffix == ".safetensors":
+            _refuse_artifact(p)
+
+        shapes, dtypes = tensor_specs(p)
+        shapes, prefix = strip_prefix(shapes)
+        return shapes, strip_prefix(dtypes)[0], prefix
     obj = _read_metas(p)
     if obj is None:
         sd, prefix = load_state_dict(p, mmap=True)
@@ -378,43 +410,6 @@ def _main_dtype(dtypes: Mapping[str, str]) -> str:
         return "unknown"
     counts = Counter(dtypes.values())
     return counts.most_common(1)[0][0] if len(counts) == 1 else "mixed(" + ",".join(sorted(counts)) + ")"
-
-
-def official_shapes(n_layer: int, n_embd: int, vocab_size: int, head_size_a: int, dim_att_lora: int,
-                    dim_aaa_lora: int, dim_mv_lora: int, dim_gate_lora: int, dim_ffn: int,
-                    layer0_v: bool = True) -> dict[str, tuple[int, ...]]:
-    """Every key of an official checkpoint with its shape (docs/rwkv7.md §2), in training-code order.
-
-    ``layer0_v=False`` leaves out layer 0's unused value-residual keys (LAYER0_V_KEYS).
-    """
-    C, V, F = n_embd, vocab_size, dim_ffn
-    H, N = n_embd // head_size_a, head_size_a
-    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
-    lowrank = {"w": dim_att_lora, "a": dim_aaa_lora, "v": dim_mv_lora, "g": dim_gate_lora}
-    for i in range(n_layer):
-        p = f"blocks.{i}."
-        if i == 0:
-            shapes[p + "ln0.weight"] = shapes[p + "ln0.bias"] = (C,)
-        for ln in ("ln1", "ln2"):
-            shapes[p + ln + ".weight"] = shapes[p + ln + ".bias"] = (C,)
-        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
-            shapes[p + "att." + name] = (1, 1, C)
-        for letter, d in lowrank.items():
-            shapes[f"{p}att.{letter}1"] = (C, d)
-            shapes[f"{p}att.{letter}2"] = (d, C)
-        shapes[p + "att.r_k"] = (H, N)
-        for name in ("receptance", "key", "value", "output"):
-            shapes[f"{p}att.{name}.weight"] = (C, C)
-        shapes[p + "att.ln_x.weight"] = shapes[p + "att.ln_x.bias"] = (C,)
-        shapes[p + "ffn.x_k"] = (1, 1, C)
-        shapes[p + "ffn.key.weight"] = (F, C)
-        shapes[p + "ffn.value.weight"] = (C, F)
-    if not layer0_v:
-        for key in LAYER0_V_KEYS:
-            shapes.pop(key, None)
-    shapes["ln_out.weight"] = shapes["ln_out.bias"] = (C,)
-    shapes["head.weight"] = (V, C)
-    return shapes
 
 
 def compare_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],

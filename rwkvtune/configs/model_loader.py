@@ -501,25 +501,34 @@ def matching_registry_entry(info: CheckpointInfo) -> str | None:
     return None
 
 
-_CHECKPOINT_SUFFIXES = (".pth", ".pt")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def is_model_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a model file or folder (not a registry name or a .json config):
+    a .pth/.pt/.safetensors path, or a Hugging Face model folder (a directory with config.json)."""
+    s = os.fspath(path)
+    return s.strip().lower().endswith(_CHECKPOINT_SUFFIXES) or (Path(s) / "config.json").is_file()
 
 
 def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
-    """A registry name, a ``.json`` config path or a ``.pth`` checkpoint path -> ModelConfig.
+    """A registry name, a ``.json`` config path, or a model path -> ModelConfig.
 
     Names are case-insensitive, with or without the ``rwkv7-`` prefix ("1.5b", "1.5B",
-    "rwkv7-1.5b"). A checkpoint's dimensions are detected from its tensor shapes.
+    "rwkv7-1.5b"). A model path (``.pth``, official-layout ``.safetensors``, or a Hugging Face
+    RWKV-7 folder) has its dimensions detected from its tensor shapes.
     """
     s = os.fspath(name_or_path)
     if not isinstance(s, str):
         raise ConfigError(f"expected a model name or path as str, found {type(s).__name__}")
     low = s.strip().lower()
-    if low.endswith(_CHECKPOINT_SUFFIXES):
+    if is_model_path(s):
         return ModelConfig.from_checkpoint(s)
     if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):
         return ModelConfig.from_file(s)
     if os.sep in s and Path(s).exists() and _registry_key(s) not in list_available_models():
-        what = "a directory" if Path(s).is_dir() else "a file that is neither .pth/.pt nor .json"
-        raise ConfigError(f"{s}: is {what}; expected a registry name (see `rwkvtune models`), a .pth checkpoint "
-                          f"or a .json config")
+        what = ("a directory without config.json (not a Hugging Face model folder)" if Path(s).is_dir()
+                else "a file that is neither .pth/.pt/.safetensors nor .json")
+        raise ConfigError(f"{s}: is {what}; expected a registry name (see `rwkvtune models`), a .pth or .safetensors "
+                          f"checkpoint, a Hugging Face RWKV-7 folder or a .json config")
     return ModelConfig.from_name(s)

@@ -224,9 +224,10 @@ class LoraMode(Mode):
 
 
 def save_adapter(path, model: nn.Module) -> None:
-    from rwkvtune.utils import atomic_torch_save
+    """Write the adapter atomically (``.safetensors`` or a torch file, by the suffix)."""
+    from rwkvtune.utils import save_artifact
 
-    atomic_torch_save(adapter_state(model), path)
+    save_artifact(adapter_state(model), path)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:

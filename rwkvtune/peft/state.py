@@ -27,23 +27,28 @@ def expected_shape(config) -> tuple[int, int, int, int]:
 
 
 def save_state_file(path, wkv_init: torch.Tensor, model) -> None:
-    from rwkvtune.utils import atomic_torch_save
+    """Write the state atomically (``.safetensors`` or a torch file, by the suffix)."""
+    from rwkvtune.utils import save_artifact
 
-    atomic_torch_save({"format": STATE_FORMAT, "wkv_init": wkv_init.detach().float().cpu().contiguous(),
-                       "n_embd": model.config.n_embd}, path)
+    save_artifact({"format": STATE_FORMAT, "wkv_init": wkv_init.detach().float().cpu().contiguous(),
+                   "n_embd": model.config.n_embd}, path)
 
 
 def load_state_file(path, model) -> torch.Tensor:
     """The tuned initial state for ``model``: [L, H, N, N] fp32 on the model's device.
 
-    Accepts a state file written by ``rwkvtune train --mode state`` (a dict with ``wkv_init``) or
-    a bare tensor, of shape [L, H, N, N] or [L, 1, H, N, N] (a batch-1 state). Refuses, in one line
-    naming the file: a file that is not a state, another model's shape, non-float or non-finite
-    values, and magnitudes no training produces.
+    Accepts a state file written by ``rwkvtune train --mode state`` (a dict with ``wkv_init``; a
+    torch file or ``.safetensors``), a bare tensor, of shape [L, H, N, N] or [L, 1, H, N, N] (a
+    batch-1 state), and the layout RWKV-PEFT and RWKV Runner use (``blocks.N.att.time_state``).
+    Refuses, in one line naming the file: a file that is not a state, another model's shape,
+    non-float or non-finite values, and magnitudes no training produces.
     """
+    from rwkvtune.convert.state_formats import PEFT, detect_state_layout, peft_to_wkv_init
     from rwkvtune.utils import load_artifact
 
     obj = load_artifact(path, "state file", MADE_BY)
+    if isinstance(obj, dict) and "wkv_init" not in obj and detect_state_layout(obj, str(path)) == PEFT:
+        obj = peft_to_wkv_init(obj, str(path))
     t = obj.get("wkv_init") if isinstance(obj, dict) else obj
     if not isinstance(t, torch.Tensor):
         keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
@@ -87,8 +92,12 @@ class StateMode(Mode):
         return TrainModule(model, init)
 
     def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+        """state.pth (ours), and the same state in the layout RWKV-PEFT and RWKV Runner load."""
+        from rwkvtune.convert.state_formats import save_peft_state
+
         save_state_file(run.state, module.wkv_init.detach(), module.model)
-        return {"state": str(run.state)}
+        save_peft_state(run.state_peft, module.wkv_init.detach())
+        return {"state": str(run.state), "state_rwkv_peft": str(run.state_peft)}
 
     @contextlib.contextmanager
     def reference(self, module: TrainModule) -> Iterator[None]:

@@ -13,6 +13,9 @@
     checkpoints/latest           name of the newest checkpoint
     final.pth                    official-layout model (full and LoRA modes, merged)
     adapter.pth / state.pth      LoRA adapter / tuned initial state
+    state.rwkv-peft.pth          the tuned state in the layout RWKV-PEFT and RWKV Runner load
+
+With ``save_format: safetensors`` the model, adapter and state are ``.safetensors`` instead.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ CHECKPOINT_NAME = re.compile(r"step-\d{7}(\.pt)?")
 class RunDir:
     """Paths of one run directory (nothing is created until something is written)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, save_format: str = "pth"):
         self.path = Path(path)
+        self.suffix = ".safetensors" if save_format == "safetensors" else ".pth"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -41,9 +45,10 @@ class RunDir:
     wandb_id = property(lambda self: self.path / "wandb-run-id")
     checkpoints = property(lambda self: self.path / "checkpoints")
     latest = property(lambda self: self.path / "checkpoints" / "latest")
-    final = property(lambda self: self.path / "final.pth")
-    adapter = property(lambda self: self.path / "adapter.pth")
-    state = property(lambda self: self.path / "state.pth")
+    final = property(lambda self: self.path / f"final{self.suffix}")
+    adapter = property(lambda self: self.path / f"adapter{self.suffix}")
+    state = property(lambda self: self.path / f"state{self.suffix}")
+    state_peft = property(lambda self: self.path / "state.rwkv-peft.pth")
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.pt"
@@ -69,8 +74,9 @@ class RunDir:
                       key=lambda p: p.name.removesuffix(".pt"))
 
     def outputs(self) -> list[Path]:
-        """The files a finished run may hold besides its logs."""
-        return [self.final, self.adapter, self.state]
+        """The files a finished run may hold besides its logs (in either save format)."""
+        return [self.path / f"{name}{suffix}" for name in ("final", "adapter", "state")
+                for suffix in (".pth", ".safetensors")]
 
     def holds_run(self) -> bool:
         """Whether a run was (at least partly) trained here: a checkpoint or a final output."""

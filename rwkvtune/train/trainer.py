@@ -104,7 +104,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     resume_dir = cfg.resume
     cfg, model_config = _resolve(cfg)
     has_weights = check_model_file(cfg, model_config, dry_run)
-    run = RunDir(cfg.out)
+    run = RunDir(cfg.out, cfg.save_format)
     check_out_dir(run, resuming=bool(resume_dir))
     stop.run_dir = run
     check_packages(cfg)

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
     log_every: int = 1  # steps per metrics row (loss averaged over them, token-weighted)
     save_dtype: str = "bf16"  # dtype of final.pth ("bf16" like released files, or "fp32")
+    save_format: str = "pth"  # final model, adapter and state as "pth" or "safetensors" (no pickle)
     tensorboard: bool | None = None  # TensorBoard logs in <out>/tb: None when installed, true requires it
     wandb: str | None = None  # wandb project name to log to (needs wandb installed)
     resume: str | None = None  # an --out directory to continue from its last checkpoint
@@ -120,6 +121,8 @@ class TrainConfig:
             problems.append(f"bptt: found {self.bptt!r}, expected 'truncated' or 'full'")
         if self.on_data_error not in ("raise", "skip"):
             problems.append(f"on_data_error: found {self.on_data_error!r}, expected 'raise' or 'skip'")
+        if self.save_format not in ("pth", "safetensors"):
+            problems.append(f"save_format: found {self.save_format!r}, expected 'pth' or 'safetensors'")
         if self.save_dtype not in ("bf16", "fp32"):
             problems.append(f"save_dtype: found {self.save_dtype!r}, expected 'bf16' or 'fp32'")
         for name in ("ctx_len", "batch_size", "grad_accum", "max_steps", "epochs", "lora_r"):

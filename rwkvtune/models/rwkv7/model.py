@@ -407,10 +407,10 @@ class RWKV7(nn.Module):
         """
         from rwkvtune.configs.check import compare_config, mismatch_error
         from rwkvtune.configs.checkpoint import detect, load_state_dict
-        from rwkvtune.configs.model_loader import load_model_config
+        from rwkvtune.configs.model_loader import is_model_path, load_model_config
 
         path = str(path_or_name)
-        if not (path.endswith(".pth") or path.endswith(".pt") or os.path.exists(path)):
+        if not (is_model_path(path) or os.path.exists(path)):
             expect = expect or load_model_config(path)
             if expect.model_path.endswith((".pth", ".pt")) and not os.path.exists(expect.model_path):
                 from rwkvtune.hub import missing_model_hint
