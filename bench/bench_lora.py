@@ -106,7 +106,7 @@ def worker_step(a) -> dict:
     def step(T=a.T):
         batch = {"input_ids": ids[:, :T], "labels": ids[:, 1:T + 1]}
         scale = 1.0 / T  # the loss is the mean over the step's tokens, as in the trainer
-        l2 = 1e-4 * scale if cfg.l2wrap else 0.0
+        l2 = 1e-4 if cfg.l2wrap else 0.0  # as the trainer: the 1/T reaches L2Wrap through the scaled loss
         t0 = time.perf_counter()
         run_micro_batch(module, batch, cfg, scale, l2, sync_last=True, autocast=autocast)
         t1 = time.perf_counter()

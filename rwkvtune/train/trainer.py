@@ -38,7 +38,8 @@ from rwkvtune.train import checkpointing
 from rwkvtune.train.data import build_dataset, collate
 from rwkvtune.train import metrics
 from rwkvtune.train.metrics import MetricsLogger
-from rwkvtune.train.optim import loss_sum, lr_at, param_groups, set_lr
+from rwkvtune.train.loss import loss_sum
+from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.utils import atomic_write_text
 
 
@@ -429,7 +430,8 @@ def _train(cfg: TrainConfig, dry_run: bool, stop: _GracefulStop) -> dict:
                                     float(sum(b["input_ids"].numel() for b in micro))], d, device)
             n_tok = max(1.0, n_tok)
             scale = d.world_size / n_tok  # DDP averages over ranks: undo it, then divide by global tokens
-            l2 = 1e-4 * scale if cfg.l2wrap else 0.0
+            # L2Wrap's per-token coefficient; the 1/n_tok reaches it through the scaled loss's gradient.
+            l2 = 1e-4 if cfg.l2wrap else 0.0
             loss_total = 0.0
             for i, b in enumerate(micro):
                 loss_total += run_micro_batch(module, b, cfg, scale, l2, sync_last=(i == len(micro) - 1),
