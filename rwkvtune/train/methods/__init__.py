@@ -1,0 +1,1 @@
+"""Training methods beyond next-token SFT: preference optimisation (DPO family) and GRPO."""
