@@ -9,6 +9,7 @@ import torch
 
 from rwkvtune.errors import ConfigError
 from rwkvtune.train.methods.dpo import dpo_loss, preference_metrics, sequence_logps
+from rwkvtune.train.methods.grpo import grpo_loss, group_advantages, reward_metrics, token_logps
 
 LN2 = math.log(2)
 
@@ -48,6 +49,12 @@ def test_sequence_logps_bf16_logits_and_gradient():
     expected = (torch.nn.functional.one_hot(labels.clamp(min=0), 7) - torch.softmax(x, -1)) \
         * (labels != -100).unsqueeze(-1)
     assert (logits.grad.double() - expected).abs().max() < 1e-2  # bf16 gradient storage
+
+
+def test_token_logps_with_temperature():
+    logits = torch.tensor([[ROW, ROW]]) * 2  # at temperature 2 the row is ROW again
+    lp = token_logps(logits, torch.tensor([[0, 2]]), temperature=2.0)
+    assert torch.allclose(lp, torch.tensor([[math.log(1 / 6), math.log(3 / 6)]]), atol=1e-6)
 
 
 # ---- DPO family ----------------------------------------------------------------------------
@@ -149,3 +156,132 @@ def test_dpo_refuses_bad_options(kw, match):
 def test_dpo_needs_reference_except_simpo():
     with pytest.raises(ConfigError, match="loss_type 'sigmoid' needs ref_chosen_logps"):
         dpo_loss(PI_C, PI_R, None, None)
+
+
+# ---- GRPO: advantages ------------------------------------------------------------------------
+
+REWARDS = t(1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0)  # two groups of G = 4
+
+
+def test_group_advantages_group_std():
+    # group 1: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = sqrt(1/3); group 2: std 0 -> advantage 0
+    a = group_advantages(REWARDS, 4, "group")
+    k = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(a.double(), t(k, -k, -k, k, 0, 0, 0, 0), atol=1e-6)
+    assert torch.equal(group_advantages(REWARDS, 4, True), a)
+
+
+def test_group_advantages_batch_std_and_none():
+    # batch: group means still 0.5 and 2; std over all 8: mean 1.25, sum of squares 5.5, / 7
+    s = math.sqrt(5.5 / 7) + 1e-4
+    a = group_advantages(REWARDS, 4, "batch")
+    assert torch.allclose(a.double(), t(0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0, 0, 0, 0), atol=1e-6)
+    a = group_advantages(REWARDS, 4, "none")
+    assert torch.allclose(a.double(), t(0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0))
+    assert torch.equal(group_advantages(REWARDS, 4, False), a)
+
+
+def test_group_advantages_single_generation_is_zero():
+    assert torch.equal(group_advantages(t(3.0, 5.0), 1, "group"), torch.zeros(2))
+
+
+def test_reward_metrics():
+    m = reward_metrics(REWARDS, 4)
+    assert m["reward"] == 1.25 and abs(m["reward_std"] - math.sqrt(5.5 / 7)) < 1e-6
+    assert m["frac_reward_zero_std"] == 0.5  # the second group's four completions
+    assert reward_metrics(REWARDS, 4, "batch")["frac_reward_zero_std"] == 0.0
+
+
+@pytest.mark.parametrize("args, match", [
+    ((REWARDS, 3), "N a multiple of num_generations 3, found shape \\[8\\]"),
+    ((REWARDS, 0), "grpo num_generations: expected an integer >= 1, found 0"),
+    ((REWARDS, 4, "std"), "grpo scale_rewards: expected one of group, batch, none .* found 'std'"),
+])
+def test_group_advantages_refuses_bad_input(args, match):
+    with pytest.raises(ConfigError, match=match):
+        group_advantages(*args)
+
+
+# ---- GRPO: loss -----------------------------------------------------------------------------
+
+
+def test_clipping_in_both_directions_and_clip_metrics():
+    # four one-token sequences, epsilon 0.2 / epsilon_high 0.28:
+    #   ratio 1.5, A +1: min(1.5, 1.28) = 1.28 -> loss -1.28, clipped high (no gradient)
+    #   ratio 1.5, A -1: min(-1.5, -1.28) = -1.5 -> loss 1.5, not clipped (gradient -A ratio = 1.5)
+    #   ratio 0.5, A -1: min(-0.5, -0.8) = -0.8 -> loss 0.8, clipped low (no gradient)
+    #   ratio 0.5, A +1: min(0.5, 0.8) = 0.5 -> loss -0.5, not clipped (gradient -0.5)
+    old = torch.zeros(4, 1, dtype=torch.float64)
+    logps = torch.log(t(1.5, 1.5, 0.5, 0.5)).unsqueeze(1).requires_grad_(True)
+    adv, mask = t(1.0, -1.0, -1.0, 1.0), torch.ones(4, 1)
+    loss, m = grpo_loss(logps, old, None, adv, mask, epsilon=0.2, epsilon_high=0.28, loss_type="dapo")
+    assert abs(float(loss.detach()) - (-1.28 + 1.5 + 0.8 - 0.5) / 4) < 1e-12
+    loss.backward()
+    assert torch.allclose(logps.grad.squeeze(1), t(0.0, 1.5, 0.0, -0.5) / 4)
+    assert m["clip_ratio/low_mean"] == 0.25 and m["clip_ratio/high_mean"] == 0.25
+    assert m["clip_ratio/region_mean"] == 0.5 and m["clip_ratio/low_min"] == 0.0 and m["clip_ratio/high_max"] == 1.0
+    assert "kl" not in m  # beta 0: no KL term, no KL metric (as TRL)
+
+
+def test_epsilon_high_defaults_to_epsilon():
+    # ratio 1.25, A +1: clipped at 1.2 when epsilon_high follows epsilon, not clipped at 1.28
+    logps, old = torch.log(t(1.25)).view(1, 1), torch.zeros(1, 1, dtype=torch.float64)
+    sym, _ = grpo_loss(logps, old, None, t(1.0), torch.ones(1, 1), epsilon=0.2)
+    asym, _ = grpo_loss(logps, old, None, t(1.0), torch.ones(1, 1), epsilon=0.2, epsilon_high=0.28)
+    assert abs(float(sym) + 1.2) < 1e-12 and abs(float(asym) + 1.25) < 1e-12
+
+
+# Ragged batch: sequence 0 has 3 tokens, sequence 1 has 1; advantages +1 and -2.
+MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+ADV = t(1.0, -2.0)
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("grpo", ((-1.0) + 2.0) / 2),  # per-sequence means -1 and +2, then their mean
+    ("dapo", (-3.0 + 2.0) / 4),  # all 4 tokens: -1 -1 -1 +2
+    ("dr_grpo", (-3.0 + 2.0) / (2 * 6)),  # B = 2 x max_completion_length = 6
+])
+def test_normalisations_on_ragged_mask_with_ratio_one(loss_type, expected):
+    # old_logps None (= logps detached, num_iterations 1): ratio exactly 1, so loss_t = -A
+    logps = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    loss, m = grpo_loss(logps, None, None, ADV, MASK, loss_type=loss_type, max_completion_length=6)
+    assert abs(float(loss.detach()) - expected) < 1e-12
+    assert m["clip_ratio/region_mean"] == 0.0
+    loss.backward()
+    # d loss_t / d logp = -A * ratio = -A on scored tokens, divided by the normaliser
+    weights = {"grpo": MASK / MASK.sum(1, keepdim=True) / 2, "dapo": MASK / 4, "dr_grpo": MASK / 12}[loss_type]
+    assert torch.allclose(logps.grad, -ADV.unsqueeze(1) * weights)
+
+
+def test_dapo_normaliser_override():
+    logps = torch.zeros(2, 4, dtype=torch.float64)
+    loss, _ = grpo_loss(logps, None, None, ADV, MASK, loss_type="dapo", num_items_in_batch=10)
+    assert abs(float(loss) - (-3.0 + 2.0) / 10) < 1e-12
+
+
+def test_k3_kl_term_and_metric():
+    # ref - logp = ln 2 on sequence 0's tokens, -ln 2 on sequence 1's:
+    # k3 = e^d - d - 1 = 1 - ln 2 (0.3069) and ln 2 - 1/2 (0.1931)
+    logps = torch.zeros(2, 4, dtype=torch.float64).requires_grad_(True)
+    ref = torch.tensor([[LN2] * 4, [-LN2] * 4], dtype=torch.float64)
+    k0, k1 = 1 - LN2, LN2 - 0.5
+    beta = 0.04
+    loss, m = grpo_loss(logps, None, ref, ADV, MASK, beta=beta, loss_type="grpo")
+    # grpo: seq 0 mean (-1 + beta k0), seq 1 (2 + beta k1), then their mean
+    assert abs(float(loss.detach()) - ((-1 + beta * k0) + (2 + beta * k1)) / 2) < 1e-12
+    assert abs(m["kl"] - (3 * k0 + k1) / 4) < 1e-12
+    loss.backward()
+    # d k3 / d logp = 1 - e^(ref - logp): 1 - 2 = -1 on seq 0, 1 - 1/2 = 0.5 on seq 1
+    expected = (-ADV.unsqueeze(1) + beta * t(-1.0, 0.5).unsqueeze(1)) * MASK / MASK.sum(1, keepdim=True) / 2
+    assert torch.allclose(logps.grad, expected)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(loss_type="bnpo"), "grpo loss_type: expected one of grpo, dapo, dr_grpo, found 'bnpo'"),
+    (dict(beta=0.1), "grpo_loss: beta 0.1 needs ref_logps .* found None"),
+    (dict(loss_type="dr_grpo"), "grpo max_completion_length: loss_type 'dr_grpo' .* found None"),
+    (dict(beta=-1.0), "grpo beta: expected a KL coefficient >= 0, found -1.0"),
+])
+def test_grpo_loss_refuses_bad_options(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        grpo_loss(torch.zeros(2, 4), None, None, ADV, MASK, **kw)
