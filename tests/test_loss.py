@@ -266,3 +266,38 @@ def test_chunked_refuses_mismatched_shapes():
     with pytest.raises(ConfigError, match=r"expected hidden \[B, T, C\] and labels \[B, T\], found hidden "
                                           r"\[2, 4, 8\] and labels \[2, 3\]"):
         chunked_loss_sum(hidden, _linear(8, 20), labels[:, :3])
+
+
+def test_chunked_through_a_whole_model_gives_the_same_parameter_gradients(tmp_path):
+    """On a tiny RWKV-7 (LoRA on the head too), every trainable parameter gets the same gradient
+    from chunked_loss_sum over ln_out's output as from loss_sum over the model's logits."""
+    from rwkvtune.models.rwkv7 import RWKV7
+    from rwkvtune.peft.lora import apply_lora
+
+    ckpt = write_checkpoint(tmp_path / "m.pth", n_layer=1, n_embd=32, head_size=16, vocab=64, d_decay=4, d_aaa=4,
+                            d_mv=4, d_gate=4)
+    model = RWKV7.from_checkpoint(ckpt).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    apply_lora(model, ["att.key", "head"], r=2, alpha=4)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            p.data.normal_(0, 0.3)  # nonzero B so every A gets a gradient
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 64, (2, 9), generator=g)
+    labels = torch.randint(0, 64, (2, 9), generator=g)
+    labels[1, :4] = -100
+    seen = {}
+    model.head.register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
+    grads = []
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        logits = model(idx)
+        loss = chunked_loss_sum(seen["h"], model.head, labels, L2, chunk_tokens=4) if chunked \
+            else loss_sum(logits, labels, L2)
+        (loss / 14).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 4  # A and B of att.key and of head
+    for n in grads[0]:
+        assert grads[0][n].abs().max() > 0 and _close(grads[1][n], grads[0][n], 1e-5), n
