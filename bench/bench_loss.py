@@ -9,7 +9,8 @@ backward of ``loss_sum(head(hidden), labels, 1e-4) / n`` (unchunked) or
 hidden states and of the head weight included. Every variant runs in a fresh subprocess, so its
 peak RSS (VmHWM) is its own; the baseline is the RSS after building the inputs (torch, the head
 weight and its gradient buffer allocated up front), so "loss peak" is what head + loss add.
-Time: the median of ``--runs`` runs after one warm-up.
+Time: the median of ``--runs`` runs after one warm-up, wall clock and CPU time of the process (all
+threads; less sensitive than wall time to other processes on shared cores).
 
 This is a script that prints figures, not a test. It is sensitive to other processes sharing the
 cores; the load average is printed with the results.
@@ -65,12 +66,14 @@ def worker(B: int, T: int, chunk: int, runs: int, bf16: bool) -> dict:
 
     base = _status_mb("VmRSS")
     step()  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
-    return {"base_mb": base, "peak_mb": _status_mb("VmHWM"), "seconds": statistics.median(times)}
+        cpu.append(time.process_time() - c0)
+    return {"base_mb": base, "peak_mb": _status_mb("VmHWM"), "seconds": statistics.median(times),
+            "cpu_seconds": statistics.median(cpu)}
 
 
 def run_variant(B: int, T: int, chunk: int, runs: int, bf16: bool) -> dict:
@@ -99,12 +102,13 @@ def main() -> None:
 
     print(f"head + CE + L2Wrap, fwd+bwd: B={a.B} T={a.T} C={C} V={V} {'bf16 autocast' if a.bf16 else 'fp32'}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}")
-    print(f"{'variant':>16} {'peak RSS MB':>12} {'baseline MB':>12} {'loss peak MB':>13} {'seconds':>8}")
+    print(f"{'variant':>16} {'peak RSS MB':>12} {'baseline MB':>12} {'loss peak MB':>13} {'seconds':>8} "
+          f"{'CPU s':>7}")
     for chunk in [0] + [int(c) for c in a.chunks.split(",") if c]:
         r = run_variant(a.B, a.T, chunk, a.runs, a.bf16)
         name = "unchunked" if chunk == 0 else f"chunk {chunk}"
         print(f"{name:>16} {r['peak_mb']:12.0f} {r['base_mb']:12.0f} {r['peak_mb'] - r['base_mb']:13.0f} "
-              f"{r['seconds']:8.2f}", flush=True)
+              f"{r['seconds']:8.2f} {r['cpu_seconds']:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

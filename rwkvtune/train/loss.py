@@ -27,11 +27,14 @@ from rwkvtune.errors import ConfigError
 IGNORE_INDEX = -100
 
 # Rows (positions, summed over the batch) of logits alive at once in chunked_loss_sum. Measured with
-# bench/bench_loss.py on the 0.1B head (C=768, V=65536), B=1, T=4096, fp32, 2 CPU cores: what head +
-# loss add to the peak RSS is 4126 MB unchunked, 679 / 846 / 1361 / 2349 MB with 256 / 512 / 1024 /
-# 2048 rows, about 1 MB per row (4 fp32 rows of V: logits, log-softmax, their gradient, L2Wrap's)
-# plus the head weight's gradient; 1024 rows was the fastest (15.0 s vs 22.5 s unchunked, 16.4 s
-# at 512, 20.5 s at 256: smaller matmuls, more passes), so it bounds memory at ~1.4 GB whatever B x T.
+# bench/bench_loss.py on the 0.1B head (C=768, V=65536), B=1, T=4096, fp32: what head + loss add to
+# the peak RSS is 4.1 GB unchunked, 0.69 / 0.82 / 1.34 / 2.35 GB with 256 / 512 / 1024 / 2048 rows
+# (repeatable to 1%): about 1 MiB per row (4 fp32 rows of V) plus ~0.3 GB (the head weight's
+# gradient, 192 MB, and temporaries). 1024 rows is a 1024 x 768 x 65536 matmul per slice, big
+# enough to run at full GEMM efficiency, while going lower saves only ~0.5 GB more for twice the
+# passes. Time on the shared 2-core machine was too noisy to rank sizes (unchunked 11-23 s, 1024
+# rows 11-21 s wall, over four runs at load 2-4); the recomputation costs one head matmul more
+# (4 instead of 3 per slice).
 DEFAULT_CHUNK_TOKENS = 1024
 
 
