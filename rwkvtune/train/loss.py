@@ -29,7 +29,7 @@ IGNORE_INDEX = -100
 # Rows (positions, summed over the batch) of logits alive at once in chunked_loss_sum. Measured with
 # bench/bench_loss.py on the 0.1B head (C=768, V=65536), B=1, T=4096, fp32: what head + loss add to
 # the peak RSS is 4.1 GB unchunked, 0.69 / 0.82 / 1.34 / 2.35 GB with 256 / 512 / 1024 / 2048 rows
-# (repeatable to 1%): about 1 MiB per row (4 fp32 rows of V) plus ~0.3 GB (the head weight's
+# (repeatable to 1%): about 1 MiB per row (4 fp32 rows of V) plus 0.3-0.45 GB (the head weight's
 # gradient, 192 MB, and temporaries). 1024 rows is a 1024 x 768 x 65536 matmul per slice, big
 # enough to run at full GEMM efficiency, while going lower saves only ~0.5 GB more for twice the
 # passes. Time on the shared 2-core machine was too noisy to rank sizes (unchunked 11-23 s, 1024
