@@ -27,7 +27,8 @@ import torch
 from rwkvtune.configs.model_loader import load_model_config
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.models.rwkv7.wkv import wkv7
-from rwkvtune.train.optim import loss_sum, param_groups
+from rwkvtune.train.loss import loss_sum
+from rwkvtune.train.optim import param_groups
 
 
 def kernel_check(device: str, fast, slow, dtype: torch.dtype, B=2, T=300, H=4, N=64) -> dict:
@@ -113,7 +114,7 @@ def train_step_timing(size: str, device: str, T: int, warmup: int, steps: int) -
 
     def step():
         with torch.autocast(dev_type, dtype=torch.bfloat16):
-            loss = loss_sum(model(idx), labels, 1e-4 / T) / T
+            loss = loss_sum(model(idx), labels, 1e-4) / T  # L2Wrap gets the 1/T through the loss's gradient
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -224,7 +224,7 @@ def test_chunked_long_sample_loss_equals_whole_sequence(data):
     from rwkvtune.train.data import WholeSamples, collate
     from rwkvtune.data.formats import read_samples
     from rwkvtune.tokenizer import get_tokenizer
-    from rwkvtune.train.optim import loss_sum
+    from rwkvtune.train.loss import loss_sum
     from rwkvtune.peft.base import TrainModule
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT

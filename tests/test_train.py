@@ -158,18 +158,18 @@ def test_eval_rows_and_eval_cli(data, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypatch):
-    import rwkvtune.train.methods.sft as sft_mod
+    import rwkvtune.train.loss as loss_mod
     import rwkvtune.train.trainer as trainer_mod
 
-    real = sft_mod.loss_sum
+    real = loss_mod.chunked_loss_sum
     calls = {"n": 0}
 
-    def poisoned(logits, labels, l2):
+    def poisoned(*args, **kw):
         calls["n"] += 1
-        loss = real(logits, labels, l2)
+        loss = real(*args, **kw)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(sft_mod, "loss_sum", poisoned)
+    monkeypatch.setattr(loss_mod, "chunked_loss_sum", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(trainer_mod.TrainingDiverged, match="step 3"):
         train(_cfg(data, out, save_every=1, max_steps=5))
@@ -561,20 +561,20 @@ def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(data, tmp_path):
 
 
 def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_path, monkeypatch):
-    import rwkvtune.train.methods.sft as sft_mod
+    import rwkvtune.train.loss as loss_mod
     import rwkvtune.train.trainer as trainer_mod
 
     full, part = tmp_path / "full", tmp_path / "part"
     train(_cfg(data, full, max_steps=4))
-    real, calls = sft_mod.loss_sum, {"n": 0}
+    real, calls = loss_mod.chunked_loss_sum, {"n": 0}
 
-    def sigterm_in_step_2(logits, labels, l2):
+    def sigterm_in_step_2(*args, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2's forward
-        return real(logits, labels, l2)
+        return real(*args, **kw)
 
-    monkeypatch.setattr(sft_mod, "loss_sum", sigterm_in_step_2)
+    monkeypatch.setattr(loss_mod, "chunked_loss_sum", sigterm_in_step_2)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(trainer_mod.Terminated, match=f"after step 2 of 4; saved the resumable checkpoint "
                                                      f"{part / 'checkpoints' / 'step-0000002.pt'}") as e:
@@ -582,7 +582,7 @@ def test_sigterm_mid_step_finishes_the_step_saves_and_resumes_exactly(data, tmp_
     # handlers only for the duration of train()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert e.value.exit_status == 143
-    monkeypatch.setattr(sft_mod, "loss_sum", real)
+    monkeypatch.setattr(loss_mod, "chunked_loss_sum", real)
     train(TrainConfig(resume=str(part)))
     la, lb = _losses(full), _losses(part)
     assert len(lb) == 4 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-6

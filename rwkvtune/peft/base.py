@@ -20,12 +20,18 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from rwkvtune.train import loss as loss_lib
+
 
 class TrainModule(nn.Module):
     """What the optimizer sees: the model plus, in state mode, the trainable initial WKV state.
 
-    ``forward(idx, state)`` runs the model in RNN-state form (logits and the state after the last
+    ``forward(idx, state)`` runs the model in RNN-state form: (logits, the state after the last
     token); without a carried ``state`` a sequence starts from ``wkv_init`` (zeros when None).
+    With ``labels``: (summed next-token loss, state), the head and the loss computed in slices of
+    the sequence (:func:`rwkvtune.train.loss.chunked_loss_sum`), never all [B, T, V] logits at once;
+    inside this forward, so a sharded (FSDP) head is gathered like every other layer.
+    ``hidden=True``: (final hidden states [B, T, C], state), for losses that use the head themselves.
     """
 
     def __init__(self, model: nn.Module, wkv_init: torch.Tensor | None = None):
@@ -34,9 +40,12 @@ class TrainModule(nn.Module):
         self.wkv_init = nn.Parameter(wkv_init) if wkv_init is not None else None
         self.reference_active = False  # True inside Mode.reference(): the initial state is zeros
 
-    def forward(self, idx, state=None, hidden: bool = False):
+    def forward(self, idx, state=None, labels=None, l2wrap: float = 0.0, hidden: bool = False):
         init = self.wkv_init if state is None and not self.reference_active else None
-        return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden)
+        if labels is None:
+            return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden)
+        h, state = self.model(idx, state=state, return_state=True, wkv_init=init, hidden=True)
+        return loss_lib.chunked_loss_sum(h, self.model.head, labels, l2wrap), state
 
 
 class Mode:

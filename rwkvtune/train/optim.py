@@ -1,11 +1,11 @@
-"""Optimizer, learning-rate schedule and loss of the reference trainer (docs/rwkv7.md §5)."""
+"""Optimizer and learning-rate schedule of the reference trainer (docs/rwkv7.md §5); the loss is in
+:mod:`rwkvtune.train.loss`."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def param_groups(named_params, lr: float, weight_decay: float) -> list[dict]:
@@ -46,40 +46,3 @@ def lr_at(step: int, lr: float, lr_final: float, warmup_steps: int, total_steps:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
-
-
-class L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward adds ``factor * max_logit`` to each position's largest logit.
-
-    This is the reference trainer's penalty that keeps logits from drifting upward. ``factor``
-    is 1e-4 divided by the number of loss positions in the global batch, so gradient
-    accumulation and data parallelism give the same update as one big batch.
-    """
-
-    @staticmethod
-    def forward(ctx, loss, logits, mask, factor: float):
-        ctx.save_for_backward(logits, mask)
-        ctx.factor = factor
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        logits, mask = ctx.saved_tensors
-        maxx, ids = torch.max(logits, -1, keepdim=True)
-        gy = torch.zeros_like(logits)
-        gy.scatter_(-1, ids, maxx * ctx.factor * mask.unsqueeze(-1).to(logits.dtype))
-        return grad_output, gy, None, None
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor, l2wrap_factor: float = 0.0) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not -100.
-
-    ``labels`` are already the next tokens (datasets shift them), so position t of ``logits``
-    is scored against ``labels[t]``. Summing (not averaging) lets the caller divide by the
-    token count of the whole global batch.
-    """
-    V = logits.shape[-1]
-    loss = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=-100, reduction="sum")
-    if l2wrap_factor > 0 and loss.requires_grad:
-        loss = L2Wrap.apply(loss, logits, labels != -100, l2wrap_factor)
-    return loss

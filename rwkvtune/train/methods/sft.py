@@ -16,7 +16,6 @@ import torch
 
 from rwkvtune.train.data import build_dataset, collate
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
-from rwkvtune.train.optim import loss_sum
 
 L2WRAP = 1e-4  # the reference trainer's L2Wrap coefficient
 
@@ -42,14 +41,14 @@ class SFT(TrainingMethod):
         T = idx.shape[1]
         chunks = [(s, min(T, s + cfg.ctx_len)) for s in range(0, T, cfg.ctx_len)]
         runner = ctx.runner or module
-        l2 = L2WRAP * ctx.scale if cfg.l2wrap else 0.0
+        # L2Wrap's per-token coefficient: the 1/(loss units) reaches it through the scaled loss.
+        l2 = L2WRAP if cfg.l2wrap else 0.0
         state, total, graph_loss = None, 0.0, None
         for ci, (s, e) in enumerate(chunks):
             last = ci == len(chunks) - 1
             with ctx.sync_context(ctx.sync and (last or cfg.bptt == "full")):
                 with ctx.autocast():
-                    logits, state = runner(idx[:, s:e], state)
-                    loss = loss_sum(logits, labels[:, s:e], l2)
+                    loss, state = runner(idx[:, s:e], state, labels=labels[:, s:e], l2wrap=l2)
                 if not loss.requires_grad:
                     # State tuning under truncated BPTT: only the first chunk reaches the initial
                     # state. A zero term keeps backward (and DDP's gradient sync) well defined.
@@ -79,8 +78,8 @@ class SFT(TrainingMethod):
             state = None
             for s in range(0, idx.shape[1], cfg.ctx_len):
                 with ctx.autocast():
-                    logits, state = module(idx[:, s:s + cfg.ctx_len], state)
-                total += float(loss_sum(logits, labels[:, s:s + cfg.ctx_len]))
+                    loss, state = module(idx[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len])
+                total += float(loss)
             count += int((labels != -100).sum())
         module.train(was_training)
         loss = total / max(1, count)

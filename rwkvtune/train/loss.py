@@ -1,0 +1,154 @@
+"""Training losses: next-token cross-entropy plus the reference trainer's L2Wrap (reference §5).
+
+Two ways to get the same summed loss:
+
+* :func:`loss_sum` scores logits the model has already produced ([B, T, V]);
+* :func:`chunked_loss_sum` takes the hidden states that feed the head ([B, T, C], the output of
+  ``ln_out``) and the head itself, and runs head + cross-entropy a slice of rows at a time, so the
+  whole [B, T, V] fp32 logits never exist (1 GiB per sample at T=4096, V=65536; its log-softmax
+  and gradient are as large again).
+
+Both return a *sum* over the positions whose label is not -100: the trainer multiplies it by
+``world_size / n_tok`` (the token count of the whole global batch), so gradient accumulation and
+DDP give the update of one big batch. L2Wrap's ``factor`` is therefore the reference trainer's
+per-token coefficient, 1e-4: the division by the number of loss positions reaches the penalty
+through the upstream gradient of that scaled sum, exactly as it reaches the cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rwkvtune.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+# Rows (positions, summed over the batch) of logits alive at once in chunked_loss_sum. Measured with
+# bench/bench_loss.py on the 0.1B head (C=768, V=65536), B=1, T=4096, fp32: what head + loss add to
+# the peak RSS is 4.1 GB unchunked, 0.69 / 0.82 / 1.34 / 2.35 GB with 256 / 512 / 1024 / 2048 rows
+# (repeatable to 1%): about 1 MiB per row (4 fp32 rows of V) plus 0.3-0.45 GB (the head weight's
+# gradient, 192 MB, and temporaries). 1024 rows is a 1024 x 768 x 65536 matmul per slice, big
+# enough to run at full GEMM efficiency, while going lower saves only ~0.5 GB more for twice the
+# passes. Time on the shared 2-core machine was too noisy to rank sizes (unchunked 11-23 s, 1024
+# rows 11-21 s wall, over four runs at load 2-4); the recomputation costs one head matmul more
+# (4 instead of 3 per slice).
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward adds ``grad_output * factor * max_logit`` to each scored
+    position's largest logit.
+
+    This is the gradient of ``factor / 2 * sum_t max_v(logits[t, v])**2`` (hence "L2"): the
+    reference trainer's penalty that keeps logits from drifting upward. Scaling by ``grad_output``
+    (the upstream gradient of the loss) makes the penalty follow whatever the caller does to the
+    loss: for ``loss_sum(...) / (B*T)`` with factor 1e-4 it adds 1e-4/(B*T) * max logit, the
+    reference trainer's value for its mean loss; multiplying the loss by k multiplies it by k.
+    ``mask`` [B, T] (bool) marks the scored positions; the others get no penalty.
+    """
+
+    @staticmethod
+    def forward(ctx, loss, logits, mask, factor: float):
+        # Backward needs only each position's max and its index: keeping those ([..., 1]) instead
+        # of the logits lets the [B, T, V] logits be freed after the cross-entropy's forward.
+        maxx, ids = logits.detach().max(-1, keepdim=True)
+        ctx.save_for_backward(maxx, ids, mask)
+        ctx.factor, ctx.shape, ctx.dtype = factor, logits.shape, logits.dtype
+        return loss.clone()  # a tensor of its own: an input returned as is would be a view of it
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        maxx, ids, mask = ctx.saved_tensors
+        gy = None
+        if ctx.needs_input_grad[1]:
+            # fp32 product whatever the logits' dtype, cast once when written into the gradient
+            g = grad_output.float() * ctx.factor * maxx.float() * mask.unsqueeze(-1)
+            gy = torch.zeros(ctx.shape, dtype=ctx.dtype, device=maxx.device)
+            gy.scatter_(-1, ids, g.to(ctx.dtype))
+        return grad_output, gy, None, None
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, l2wrap_factor: float = 0.0) -> torch.Tensor:
+    """Sum of next-token cross-entropy (fp32) over positions whose label is not -100, plus L2Wrap.
+
+    ``logits`` [..., V] (any float dtype; upcast to fp32 for the cross-entropy), ``labels`` [...]
+    are already the next tokens (datasets shift them), so position t of ``logits`` is scored
+    against ``labels[t]``. Summing (not averaging) lets the caller divide by the token count of the
+    whole global batch. ``l2wrap_factor``: see :class:`L2Wrap` (1e-4 reproduces the reference).
+    """
+    V = logits.shape[-1]
+    loss = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    if l2wrap_factor > 0 and loss.requires_grad:
+        loss = L2Wrap.apply(loss, logits, labels != IGNORE_INDEX, l2wrap_factor)
+    return loss
+
+
+def _slice_loss(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, l2wrap_factor: float) -> torch.Tensor:
+    return loss_sum(head(rows), targets, l2wrap_factor)
+
+
+def _zero_loss(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """A zero loss (no position scored) that still reaches ``hidden`` and every trainable head
+    parameter, so backward gives them zero gradients rather than none (DDP needs every parameter
+    to receive one on every rank)."""
+    zero = hidden.sum().float() * 0.0
+    for p in head.parameters():
+        if p.requires_grad:
+            zero = zero + p.sum().float() * 0.0
+    return zero
+
+
+def chunked_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, l2wrap_factor: float = 0.0,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """``loss_sum(head(hidden), labels, l2wrap_factor)`` without materialising the [B, T, V] logits.
+
+    ``hidden`` [B, T, C]: the input of the head (the output of ``ln_out``); ``head``: any module
+    mapping C -> V (``nn.Linear``, a LoRA-wrapped Linear); ``labels`` [B, T], -100 ignored.
+    Positions labelled -100 never reach the head (no logits are computed for them: a prompt
+    masked out of the loss costs no head FLOPs). The remaining rows go through head + loss
+    ``chunk_tokens`` rows at a time, each slice under a non-reentrant ``torch.utils.checkpoint``:
+    its forward keeps none of the slice's logits, and backward recomputes them one slice at a time.
+    Peak memory is then about 4 fp32 tensors of ``chunk_tokens`` x V (logits, log-softmax, their
+    gradient, the L2Wrap gradient) instead of B x T x V.
+
+    Trade-off (why checkpointing rather than a fused autograd Function that computes the
+    gradients during forward): the recomputation costs one more head matmul per slice (about a
+    third of the head's FLOPs: forward, recomputed forward and two backward matmuls instead of
+    three), but it works for any head module (LoRA, dropout with the same RNG, bf16 autocast,
+    frozen or trainable weights) through ordinary autograd, and holds no V x C gradient buffer
+    between forward and backward. Under autocast the logits stay in the head's dtype and only the
+    cross-entropy is fp32, as in :func:`loss_sum`. Equal to the unchunked loss within fp32 rounding
+    (slice sums are added in another order).
+    """
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ConfigError(f"chunked_loss_sum: chunk_tokens must be an integer >= 1 (rows of logits per slice), "
+                          f"found {chunk_tokens!r}; pass e.g. {DEFAULT_CHUNK_TOKENS}")
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ConfigError(f"chunked_loss_sum: expected hidden [B, T, C] and labels [B, T], found hidden "
+                          f"{list(hidden.shape)} and labels {list(labels.shape)}; pass the output of ln_out and "
+                          f"the labels of the same batch")
+    B, T, C = hidden.shape
+    rows, targets = hidden.reshape(B * T, C), labels.reshape(B * T)
+    if rows.device.type == "cpu":
+        # Drop the unscored rows before the head. On an accelerator this selection would copy the
+        # row count to the host every step, so there every row goes through (the loss ignores them).
+        keep = targets != IGNORE_INDEX
+        if not bool(keep.all()):
+            rows, targets = rows[keep], targets[keep]
+        if rows.shape[0] == 0:
+            return _zero_loss(hidden, head)
+    N = rows.shape[0]
+    recompute = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))
+    total = None
+    for s in range(0, N, chunk_tokens):
+        x, y = rows[s:s + chunk_tokens], targets[s:s + chunk_tokens]
+        if recompute:
+            part = checkpoint(_slice_loss, head, x, y, l2wrap_factor, use_reentrant=False)
+        else:  # no graph (eval): nothing would be kept anyway
+            part = _slice_loss(head, x, y, l2wrap_factor)
+        total = part if total is None else total + part
+    return total

@@ -1,0 +1,301 @@
+"""Reward functions for GRPO: ``--reward SPEC`` (repeatable) and their weighted sum.
+
+Every reward function has TRL's signature, text only::
+
+    fn(prompts: list[str], completions: list[str], **fields) -> list[float]
+
+``fields`` are the records' other fields, each a list aligned with ``prompts`` (a record
+``{"prompt": ..., "answer": "72"}`` gives ``answer=[..., "72", ...]``). One float per completion.
+
+Specs (everything after the first ``:`` is the argument, so a pattern may contain ``:``):
+
+``exact_match:FIELD``
+    1.0 if the completion's final answer equals the record's FIELD, else 0.0. The final answer of
+    a text is the text after its last ``####`` if it has one; else the last number in it; else the
+    whole text. Both sides are reduced this way (a GSM8K answer ``"... #### 72"`` works as it is;
+    a numeric field is used as it is). When both final answers read as numbers (``72``, ``72.0``,
+    ``-0.5``, ``1,234``, ``$40``, a trailing ``.``) they are compared as numbers, otherwise as
+    strings with surrounding whitespace removed (case-sensitive).
+``regex:PATTERN``
+    1.0 if PATTERN matches anywhere in the completion (``re.search``), else 0.0. Options go inline:
+    ``(?i)`` ignores case, ``(?s)`` lets ``.`` match newlines.
+``format:REGEX``
+    1.0 if the whole completion, stripped of leading and trailing whitespace, matches REGEX
+    (``re.fullmatch`` with ``.`` matching newlines), else 0.0.
+``format:@NAME``
+    A named format (a pattern that must start with a literal ``@`` is written ``\\@``):
+    ``@think``: ``<think>...</think>`` followed by a non-empty answer;
+    ``@think_answer``: ``<think>...</think>`` then ``<answer>...</answer>`` and nothing else.
+``length_penalty:TARGET``
+    0.0 for completions of at most TARGET characters, then ``-(length - TARGET) / TARGET``: -1.0
+    at twice the target, growing linearly beyond. Characters, not tokens: no tokenizer needed.
+``PATH.py:FUNCTION``
+    FUNCTION from the Python file PATH, your own code, imported with importlib when the spec is
+    parsed (a failing import stops there). It is named ``STEM.FUNCTION`` in logs. The file's
+    directory is not put on ``sys.path``.
+
+:func:`compute_rewards` calls every function, checks what it returned and sums with the weights;
+any failure stops with one line naming the function (and, for a user function, its file).
+Values must be finite numbers (booleans count as 1.0/0.0); unlike TRL, None ("not applicable")
+is refused: return 0.0 or a penalty instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import math
+import numbers
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rwkvtune.errors import ConfigError, RwkvtuneError
+
+BUILTINS = ("exact_match", "regex", "format", "length_penalty")
+NAMED_FORMATS = {
+    "think": r"<think>.*?</think>\s*\S.*",
+    "think_answer": r"<think>.*?</think>\s*<answer>.*?</answer>",
+}
+SPEC_HELP = ("exact_match:FIELD, regex:PATTERN, format:REGEX, format:@NAME, length_penalty:TARGET or "
+             "PATH.py:FUNCTION")
+# A number as people write it: sign, commas between thousands (1,234,567), decimals.
+_NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER = re.compile(_NUM)
+# A final answer that is one number, allowing a leading "$" and a trailing "." ("$1,000.").
+_WHOLE_NUMBER = re.compile(r"\$?\s*(" + _NUM + r")\.?")
+
+
+class RewardError(RwkvtuneError, ValueError):
+    """A reward function failed or returned something other than one finite number per completion."""
+
+
+@dataclass
+class RewardFunction:
+    """A named reward function; ``source`` is the file of a user function (None for built-ins)."""
+
+    name: str
+    fn: Callable
+    source: str | None = None
+
+    def __call__(self, prompts, completions, **fields):
+        return self.fn(prompts, completions, **fields)
+
+    def describe(self) -> str:
+        return f"reward {self.name!r}" + (f" (from {self.source})" if self.source else "")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+# ---- final answers -------------------------------------------------------------------------------
+
+
+def final_answer(text: str) -> str:
+    """The text after the last "####"; else the last number; else the whole text (stripped)."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip()
+    numbers_found = _NUMBER.findall(text)
+    return numbers_found[-1] if numbers_found else text.strip()
+
+
+def _as_number(answer) -> float | None:
+    if isinstance(answer, numbers.Real) and not isinstance(answer, bool):
+        return float(answer)
+    m = _WHOLE_NUMBER.fullmatch(str(answer).strip())
+    return float(m.group(1).replace(",", "")) if m else None
+
+
+def answers_match(completion: str, expected) -> bool:
+    """exact_match's comparison of a completion with a field value (see the module docstring)."""
+    got = final_answer(completion)
+    want = expected if isinstance(expected, numbers.Real) and not isinstance(expected, bool) \
+        else final_answer(str(expected))
+    a, b = _as_number(got), _as_number(want)
+    if a is not None and b is not None:
+        return a == b
+    return got.strip() == str(want).strip()
+
+
+# ---- built-ins -----------------------------------------------------------------------------------
+
+
+def _exact_match(field: str) -> Callable:
+    def exact_match(prompts, completions, **fields):
+        if field not in fields:
+            raise RewardError(f"the records have no field {field!r} (fields: {', '.join(sorted(fields)) or 'none'}); "
+                              f"add it to the data or change the spec")
+        values = fields[field]
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            raise RewardError(f"record {missing[0]} of this batch has no value for field {field!r}; every record "
+                              f"needs one")
+        return [1.0 if answers_match(c, v) else 0.0 for c, v in zip(completions, values)]
+    return exact_match
+
+
+def _compile(spec: str, pattern: str, flags: int = 0) -> re.Pattern:
+    try:
+        return re.compile(pattern, flags)
+    except re.error as e:
+        raise ConfigError(f"--reward {spec!r}: invalid regular expression {pattern!r} ({e}); fix the pattern "
+                          f"(escape special characters with \\)") from e
+
+
+def _regex(spec: str, pattern: str) -> Callable:
+    rx = _compile(spec, pattern)
+    return lambda prompts, completions, **fields: [1.0 if rx.search(c) else 0.0 for c in completions]
+
+
+def _format(spec: str, pattern: str) -> Callable:
+    if pattern.startswith("@"):
+        if pattern[1:] not in NAMED_FORMATS:
+            raise ConfigError(f"--reward {spec!r}: unknown named format {pattern!r}; named formats: "
+                              f"{', '.join('@' + n for n in NAMED_FORMATS)} (a regex starting with a literal @ is "
+                              f"written \\@)")
+        pattern = NAMED_FORMATS[pattern[1:]]
+    rx = _compile(spec, pattern, re.DOTALL)
+    return lambda prompts, completions, **fields: [1.0 if rx.fullmatch(c.strip()) else 0.0 for c in completions]
+
+
+def _length_penalty(spec: str, target_text: str) -> Callable:
+    if not target_text.isdigit() or int(target_text) < 1:
+        raise ConfigError(f"--reward {spec!r}: length_penalty needs a target length in characters, an integer >= 1, "
+                          f"found {target_text!r}; e.g. length_penalty:1000")
+    target = int(target_text)
+    return lambda prompts, completions, **fields: [-max(0, len(c) - target) / target for c in completions]
+
+
+# ---- user functions ------------------------------------------------------------------------------
+
+
+def _load_user_function(spec: str) -> RewardFunction:
+    path_text, _, func_name = spec.rpartition(":")
+    path = Path(path_text).expanduser().resolve()
+    if not func_name.isidentifier():
+        raise ConfigError(f"--reward {spec!r}: {func_name!r} is not a Python function name; give PATH.py:FUNCTION")
+    if not path.is_file():
+        raise ConfigError(f"--reward {spec!r}: file {path} not found; give PATH.py:FUNCTION with an existing file")
+    # A private module name per file, registered while it runs (dataclasses and pickling look it up).
+    module_name = f"rwkvtune_user_reward_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[module_name]
+        raise ConfigError(f"--reward {spec!r}: importing {path} raised {type(e).__name__}: {_one_line(e)}; fix that "
+                          f"file") from e
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")
+                       and v.__module__ == module_name)
+        what = "defines no" if fn is None else "has a non-callable"
+        raise ConfigError(f"--reward {spec!r}: {path} {what} {func_name!r}; functions defined there: "
+                          f"{', '.join(found) or 'none'}")
+    return RewardFunction(f"{path.stem}.{func_name}", fn, str(path))
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+
+def parse_reward(spec: str) -> RewardFunction:
+    """One ``--reward`` spec -> a :class:`RewardFunction` (syntax in the module docstring)."""
+    kind, sep, arg = spec.partition(":")
+    if kind in BUILTINS:
+        if not arg:
+            raise ConfigError(f"--reward {spec!r}: {kind} needs an argument after ':'; expected {SPEC_HELP}")
+        build = {"exact_match": lambda: _exact_match(arg), "regex": lambda: _regex(spec, arg),
+                 "format": lambda: _format(spec, arg), "length_penalty": lambda: _length_penalty(spec, arg)}[kind]
+        return RewardFunction(spec, build())
+    path_text, _, func_name = spec.rpartition(":")
+    if path_text.endswith(".py") and func_name:
+        return _load_user_function(spec)
+    raise ConfigError(f"--reward {spec!r}: not a reward spec; expected {SPEC_HELP}")
+
+
+def parse_rewards(specs) -> list[RewardFunction]:
+    """Every ``--reward`` spec, in order; at least one, no name twice."""
+    if not specs:
+        raise ConfigError(f"--reward: at least one reward function is needed, found none; give --reward "
+                          f"{SPEC_HELP.split(', ')[0]} (repeatable)")
+    funcs = [parse_reward(s) for s in specs]
+    names = [f.name for f in funcs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--reward: {', '.join(repr(n) for n in twice)} given twice; give each reward once (use "
+                          f"reward_weights to weigh it)")
+    return funcs
+
+
+# ---- computing -----------------------------------------------------------------------------------
+
+
+def _values(func, out, n: int) -> list[float]:
+    """The function's output as n finite floats, or a RewardError saying what is wrong."""
+    if isinstance(out, torch.Tensor) or (hasattr(out, "tolist") and not isinstance(out, (list, tuple))):
+        out = out.tolist()
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(f"{_describe(func)} returned {type(out).__name__}, expected a list of {n} numbers (one per "
+                          f"completion)")
+    if len(out) != n:
+        raise RewardError(f"{_describe(func)} returned {len(out)} values for {n} completions; return one number per "
+                          f"completion")
+    values = []
+    for i, v in enumerate(out):
+        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise RewardError(f"{_describe(func)} returned {v!r} ({type(v).__name__}) for completion {i}, expected a "
+                              f"finite number; return 0.0 (or a penalty) for completions it cannot score")
+        values.append(float(v))
+    return values
+
+
+def _describe(func) -> str:
+    return func.describe() if isinstance(func, RewardFunction) else f"reward {getattr(func, '__name__', func)!r}"
+
+
+def _check_inputs(funcs, weights, prompts, completions, fields) -> list[float]:
+    if not funcs:
+        raise ConfigError("compute_rewards: no reward functions; give at least one --reward")
+    if weights is None:
+        weights = [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise ConfigError(f"reward_weights: expected {len(funcs)} weights (one per --reward), found {len(weights)}; "
+                          f"give one weight per reward function, in the same order")
+    n = len(completions)
+    if len(prompts) != n:
+        raise RewardError(f"compute_rewards: {len(prompts)} prompts for {n} completions; pass one prompt per "
+                          f"completion (repeat a prompt for each of its generations)")
+    for key, values in fields.items():
+        if len(values) != n:
+            raise RewardError(f"compute_rewards: field {key!r} has {len(values)} values for {n} completions; align "
+                              f"every field with the prompts")
+    return [float(w) for w in weights]
+
+
+def compute_rewards(funcs, weights, prompts: list[str], completions: list[str],
+                    fields: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every reward function; returns ``(total [N], per_function [N, F])`` (fp32).
+
+    ``total = per_function @ weights``; ``weights`` None means 1.0 each (TRL's default), otherwise
+    one per function. A function that raises, returns another length than N, or returns anything
+    but finite numbers stops with a :class:`RewardError` naming it (and its file).
+    """
+    fields = dict(fields or {})
+    w = _check_inputs(funcs, weights, prompts, completions, fields)
+    columns = []
+    for func in funcs:
+        try:
+            out = func(list(prompts), list(completions), **fields)
+        except Exception as e:
+            raise RewardError(f"{_describe(func)} failed: {type(e).__name__}: {_one_line(e)}") from e
+        columns.append(_values(func, out, len(completions)))
+    per_function = torch.tensor(columns, dtype=torch.float32).reshape(len(funcs), len(completions)).T
+    return per_function @ torch.tensor(w, dtype=torch.float32), per_function
