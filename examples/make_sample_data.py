@@ -130,6 +130,25 @@ def chat_lines(r, n):
         yield {"messages": messages}
 
 
+REFUSALS = ["I don't know.", "No.", "Ask someone else.", "Why do you ask?", "I will not say.", "Maybe."]
+
+
+def preference_lines(r, n):
+    """DPO pairs: the chosen reply answers the question, the rejected one dodges it. A toy
+    preference a tiny model learns in minutes (answer, don't refuse); held-out pairs ask other
+    questions, so the accuracy on them measures the preference, not memory."""
+    for _ in range(n):
+        q, a = qa(r)
+        yield {"prompt": q, "chosen": a, "rejected": r.choice(REFUSALS)}
+
+
+def sum_prompts(r, n):
+    """GRPO prompts: small sums, the answer in a field the exact_match reward reads."""
+    for _ in range(n):
+        a, b = r.randint(0, 9), r.randint(0, 9)
+        yield {"prompt": f"{a} plus {b} is", "answer": str(a + b)}
+
+
 def write_jsonl(path, records):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for rec in records:
@@ -148,7 +167,12 @@ def main():
     r = random.Random(args.seed)
     write_jsonl(os.path.join(args.out_dir, "sample.jsonl"), text_lines(r, args.text_lines))
     write_jsonl(os.path.join(args.out_dir, "sample_chat.jsonl"), chat_lines(r, args.chat_lines))
-    for name in ("sample.jsonl", "sample_chat.jsonl"):
+    write_jsonl(os.path.join(args.out_dir, "sample_preference.jsonl"), preference_lines(r, 240))
+    write_jsonl(os.path.join(args.out_dir, "sample_preference_eval.jsonl"), preference_lines(r, 60))
+    write_jsonl(os.path.join(args.out_dir, "sample_sums.jsonl"), sum_prompts(r, 64))
+    names = ("sample.jsonl", "sample_chat.jsonl", "sample_preference.jsonl", "sample_preference_eval.jsonl",
+             "sample_sums.jsonl")
+    for name in names:
         path = os.path.join(args.out_dir, name)
         print(f"wrote {os.path.normpath(path)} ({os.path.getsize(path)} bytes)")
 

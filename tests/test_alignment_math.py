@@ -9,7 +9,7 @@ import torch
 
 from rwkvtune.errors import ConfigError
 from rwkvtune.train.methods.dpo import dpo_loss, preference_metrics, sequence_logps
-from rwkvtune.train.methods.grpo import grpo_loss, group_advantages, reward_metrics, token_logps
+from rwkvtune.train.policy_loss import grpo_loss, group_advantages, reward_metrics, token_logps
 
 LN2 = math.log(2)
 

@@ -36,6 +36,8 @@ TRAIN_FLAGS = [
     ("--train-parts", str, "LoRA mode: also train ln, emb and/or head (comma-separated)"),
     ("--bptt", str, "long samples: truncated (default) or full backprop through chunks"),
     ("--wandb", str, "log to this wandb project"),
+    ("--method", str, "training objective: sft (default), dpo (preference pairs) or grpo (rewards on samples)"),
+    ("--strategy", str, "under torchrun: ddp (default) or fsdp (sharded parameters, gradients, optimizer)"),
 ]
 
 
@@ -57,6 +59,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute activations in backward")
     p.add_argument("--long-context", action="store_true", default=None,
                    help="keep samples whole; train long ones in ctx-len chunks carrying the state")
+    p.add_argument("--reward", action="append", metavar="SPEC",
+                   help="method grpo: a reward function, repeatable: exact_match:FIELD, regex:PATTERN, format:REGEX, "
+                        "length_penalty:N or path/to/file.py:function (see rwkvtune/train/rewards.py)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any TrainConfig option, e.g. lr=1e-4")
 
@@ -68,7 +73,7 @@ def config_from_args(args: argparse.Namespace):
     if args.config:
         cfg.update(load_recipe(args.config), source=f"recipe {args.config}")
     given = {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context"}
+        "resume", "grad_checkpoint", "long_context", "reward"}
     cfg.update({k: getattr(args, k) for k in given if getattr(args, k) is not None}, source="command line")
     cfg.update(parse_overrides(args.overrides), source="command line (key=value)")
     return cfg

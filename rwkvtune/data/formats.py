@@ -286,8 +286,9 @@ def iter_raw_records(path: str) -> Iterator[RawRecord]:
                 yield (f"{path}:{lineno}", f"byte {e.start} of the line", "bytes")
 
 
-def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None) -> Sample:
-    """Parse and render one raw record; raises BadRecordError "FILE:LINE: ..." on bad input."""
+def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None, encode=None):
+    """Parse and render one raw record (with ``encode(obj, tokenizer, fmt, vocab_size)``, default
+    :func:`encode_record`); raises BadRecordError "FILE:LINE: ..." on bad input."""
     where, payload, kind = record
     try:
         if kind == "bytes":
@@ -301,7 +302,7 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None)
                 raise RecordError(f"malformed JSON ({msg} at column {e.colno})") from None
         else:
             obj = payload
-        return encode_record(obj, tokenizer, fmt, vocab_size)
+        return (encode or encode_record)(obj, tokenizer, fmt, vocab_size)
     except RecordError as e:
         raise BadRecordError(where, str(e)) from None
 
@@ -328,6 +329,34 @@ def finish_stats(stats: ReadStats) -> None:
         log.warning(stats.summary())
 
 
+def read_encoded(path: str, tokenizer, encode, on_error: str = "raise", vocab_size: int | None = None,
+                 sizes=None) -> tuple[list, ReadStats]:
+    """Every record of ``path`` through ``encode(obj, tokenizer, fmt, vocab_size)`` (which raises
+    RecordError on a bad record): a bad record raises BadRecordError "FILE:LINE: ..." or, with
+    ``on_error="skip"``, is skipped and counted. ``sizes(item) -> (tokens, target tokens)``
+    feeds the stats."""
+    check_on_error(on_error)
+    stats = ReadStats(path=os.fspath(path))
+    items: list = []
+    for rec in iter_raw_records(path):
+        stats.records += 1
+        try:
+            item = encode_raw(rec, tokenizer, None, vocab_size, encode=encode)
+        except BadRecordError as e:
+            if on_error == "raise":
+                raise
+            stats.note_skip(e.located)
+            continue
+        items.append(item)
+        stats.samples += 1
+        if sizes is not None:
+            tokens, targets = sizes(item)
+            stats.tokens += tokens
+            stats.target_tokens += targets
+    finish_stats(stats)
+    return items, stats
+
+
 def read_samples(
     path: str,
     tokenizer,
@@ -342,21 +371,6 @@ def read_samples(
     summary (warning level) naming the first one.
     """
     fmt = normalize_fmt(fmt)
-    check_on_error(on_error)
-    stats = ReadStats(path=os.fspath(path))
-    samples: list[Sample] = []
-    for rec in iter_raw_records(path):
-        stats.records += 1
-        try:
-            s = encode_raw(rec, tokenizer, fmt, vocab_size)
-        except BadRecordError as e:
-            if on_error == "raise":
-                raise
-            stats.note_skip(e.located)
-            continue
-        samples.append(s)
-        stats.samples += 1
-        stats.tokens += len(s.tokens)
-        stats.target_tokens += int(s.mask.sum())
-    finish_stats(stats)
-    return samples, stats
+    encode = lambda obj, tok, _fmt, vocab: encode_record(obj, tok, fmt, vocab)  # noqa: E731
+    return read_encoded(path, tokenizer, encode, on_error, vocab_size,
+                        sizes=lambda s: (len(s.tokens), int(s.mask.sum())))

@@ -30,7 +30,9 @@ class TrainModule(nn.Module):
     token); without a carried ``state`` a sequence starts from ``wkv_init`` (zeros when None).
     With ``labels``: (summed next-token loss, state), the head and the loss computed in slices of
     the sequence (:func:`rwkvtune.train.loss.chunked_loss_sum`), never all [B, T, V] logits at once;
-    inside this forward, so a sharded (FSDP) head is gathered like every other layer.
+    inside this forward, so a sharded (FSDP) head is gathered like every other layer. With
+    ``reduce="sequence"``: (summed negative log-likelihood of each sequence [B], state); with
+    ``reduce="token"``: (each scored token's negative log-likelihood [B, T] at ``temperature``, state).
     ``hidden=True``: (final hidden states [B, T, C], state), for losses that use the head themselves.
     """
 
@@ -40,11 +42,16 @@ class TrainModule(nn.Module):
         self.wkv_init = nn.Parameter(wkv_init) if wkv_init is not None else None
         self.reference_active = False  # True inside Mode.reference(): the initial state is zeros
 
-    def forward(self, idx, state=None, labels=None, l2wrap: float = 0.0, hidden: bool = False):
+    def forward(self, idx, state=None, labels=None, l2wrap: float = 0.0, hidden: bool = False,
+                reduce: str = "sum", temperature: float = 1.0, last_only: bool = False):
         init = self.wkv_init if state is None and not self.reference_active else None
         if labels is None:
-            return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden)
+            return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden, last_only=last_only)
         h, state = self.model(idx, state=state, return_state=True, wkv_init=init, hidden=True)
+        if reduce == "sequence":
+            return loss_lib.chunked_sequence_nll(h, self.model.head, labels), state
+        if reduce == "token":
+            return loss_lib.chunked_token_nll(h, self.model.head, labels, temperature), state
         return loss_lib.chunked_loss_sum(h, self.model.head, labels, l2wrap), state
 
 

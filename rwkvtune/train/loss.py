@@ -1,4 +1,4 @@
-"""Training losses: next-token cross-entropy plus the reference trainer's L2Wrap (reference §5).
+"""Training losses: next-token cross-entropy plus the reference trainer's L2Wrap (docs/rwkv7.md §5).
 
 Two ways to get the same summed loss:
 
@@ -152,3 +152,52 @@ def chunked_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor
             part = _slice_loss(head, x, y, l2wrap_factor)
         total = part if total is None else total + part
     return total
+
+
+def _slice_nll(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = head(rows).float()
+    return F.cross_entropy(logits / temperature if temperature != 1.0 else logits, targets, reduction="none")
+
+
+def _row_nll(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_tokens: int, temperature: float,
+             what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nll of each scored row, its flat position in [B*T], a zero that keeps the graph): the head and
+    log-softmax in checkpointed slices of rows, as :func:`chunked_loss_sum` does."""
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ConfigError(f"{what}: expected hidden [B, T, C] and labels [B, T], found hidden "
+                          f"{list(hidden.shape)} and labels {list(labels.shape)}")
+    B, T, C = hidden.shape
+    rows, targets = hidden.reshape(B * T, C), labels.reshape(B * T)
+    where = torch.arange(B * T, device=hidden.device)
+    if rows.device.type == "cpu":  # as in chunked_loss_sum: select scored rows only where it costs no sync
+        keep = targets != IGNORE_INDEX
+        rows, targets, where = rows[keep], targets[keep], where[keep]
+    zero = hidden.sum().float() * 0.0  # no scored row at all: zero gradients, not missing ones
+    recompute = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = []
+    for s in range(0, rows.shape[0], chunk_tokens):
+        x, y = rows[s:s + chunk_tokens], targets[s:s + chunk_tokens]
+        parts.append(checkpoint(_slice_nll, head, x, y, temperature, use_reentrant=False) if recompute
+                     else _slice_nll(head, x, y, temperature))
+    nll = torch.cat(parts) if parts else zero.expand(0)
+    return nll, where, zero
+
+
+def chunked_sequence_nll(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Per-sequence summed negative log-likelihood of ``labels`` [B] (fp32): what preference
+    losses need (log p of a completion = minus this), computed like :func:`chunked_loss_sum`
+    (head and log-softmax in checkpointed slices, -100 ignored, never the [B, T, V] logits).
+    No L2Wrap (it belongs to the language-model objective)."""
+    B, T = labels.shape
+    nll, where, zero = _row_nll(hidden, head, labels, chunk_tokens, 1.0, "chunked_sequence_nll")
+    return (zero + torch.zeros(B, device=hidden.device)).index_add(0, torch.div(where, T, rounding_mode="floor"), nll)
+
+
+def chunked_token_nll(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, temperature: float = 1.0,
+                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Negative log-likelihood of each scored token [B, T] (0 where labels are -100), of the logits
+    divided by ``temperature`` (the policy as it samples): what policy-gradient losses need."""
+    B, T = labels.shape
+    nll, where, zero = _row_nll(hidden, head, labels, chunk_tokens, temperature, "chunked_token_nll")
+    return (zero + torch.zeros(B * T, device=hidden.device)).index_add(0, where, nll).view(B, T)

@@ -17,6 +17,26 @@ def _json_safe(row: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
+def _restart_jsonl(path: Path, resume_step: int | None) -> list[dict]:
+    """A fresh run removes ``path``; a resumed one keeps its rows up to the resumed step (a kill may
+    have left later or torn lines) and returns them."""
+    if resume_step is None or not path.exists():
+        path.unlink(missing_ok=True)
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+            kept.append(row)
+    from rwkvtune.utils import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(_json_safe(r)) + "\n" for r in kept))
+    return kept
+
+
 def _import_summary_writer():
     """torch's SummaryWriter, or the ImportError saying why not (torch.utils.tensorboard itself
     imports the tensorboard package and fails without it or with one older than 1.15)."""
@@ -83,23 +103,11 @@ class MetricsLogger:
 
             raise ConfigError(TB_MISSING.format(why=f" ({tb_error})"))
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            # Keep the history up to the resumed step; a kill may have left later or torn lines.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
-                    kept.append(row)
-            from rwkvtune.utils import atomic_write_text
-
-            atomic_write_text(self.path, "".join(json.dumps(_json_safe(r)) + "\n" for r in kept))
-            self.rows = [r for r in kept if "loss" in r]
-            self.evals = {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in kept if "eval_loss" in r}
-        elif self.path.exists():
-            self.path.unlink()
+        kept = _restart_jsonl(self.path, resume_step)
+        _restart_jsonl(self.run.rollouts, resume_step)
+        self.rows = [r for r in kept if "loss" in r]
+        self.evals = {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in kept
+                      if any(k.startswith("eval_") for k in r)}
         if SummaryWriter is not None:
             # tensorboard is on by default and used when installed. purge_step writes a restart
             # marker: TensorBoard then hides the events of earlier files in tb/ at steps >= it, i.e.
@@ -140,10 +148,16 @@ class MetricsLogger:
         return tqdm(total=total, initial=initial, disable=not self.enabled, unit="step", dynamic_ncols=True,
                     file=sys.stderr)
 
-    def _write(self, row: dict) -> None:
+    def _write(self, row: dict, path: Path | None = None) -> None:
         # One line per call, opened in append mode and closed (so flushed) at once.
-        with open(self.path, "a") as f:
+        with open(path or self.path, "a") as f:
             f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+
+    def log_rollouts(self, rows: list[dict]) -> None:
+        """Append sampled completions (method grpo) to rollouts.jsonl, one JSON object each."""
+        if self.enabled and rows:
+            with open(self.run.rollouts, "a") as f:
+                f.write("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in rows))
 
     def log_step(self, row: dict, progress, advance: int = 1) -> None:
         """Write one row of training metrics; the progress bar shows it and moves ``advance`` steps."""
@@ -173,7 +187,8 @@ class MetricsLogger:
         row = {"step": step, **result}
         self.evals[step] = dict(result)
         self._write(row)
-        self.info(f"step {step}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}")
+        shown = [f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)][:4]  # the method's first few
+        self.info(f"step {step}: " + ", ".join(shown))
         if self.tb is not None:
             for k, v in result.items():
                 if isinstance(v, float):

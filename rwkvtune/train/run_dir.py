@@ -4,6 +4,8 @@
 
     config.yaml                  the resolved training config
     metrics.jsonl                one JSON object per logged step (and eval rows)
+    rollouts.jsonl               method grpo: every sampled completion with its rewards
+    ref_logps.safetensors        method dpo with precompute_ref: the reference's log-probs
     loss.png                     train (and eval) loss curves
     summary.json                 written last: the run is complete
     tb/                          TensorBoard event files
@@ -39,6 +41,8 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    rollouts = property(lambda self: self.path / "rollouts.jsonl")
+    ref_logps = property(lambda self: self.path / "ref_logps.safetensors")
     loss_plot = property(lambda self: self.path / "loss.png")
     summary = property(lambda self: self.path / "summary.json")
     tensorboard = property(lambda self: self.path / "tb")

@@ -53,6 +53,13 @@ def all_sum(values: list[float], d: Dist, device: str) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """``t`` summed element-wise over all processes (in place; ``t`` itself on one process)."""
+    if d.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def autocast_factory(device: str, precision: str) -> Callable[[], ContextManager]:
     """A function returning the mixed-precision context of the run: bf16 autocast, or nothing."""
     dev_type = "cuda" if device.startswith("cuda") else "cpu"

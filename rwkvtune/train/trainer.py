@@ -122,7 +122,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     train_set, eval_set = method.build_datasets(get_tokenizer(), model_config.vocab_size)
     sampler = WindowSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=d.rank, world_size=d.world_size,
                             batch_size=cfg.batch_size)
-    total_steps = cfg.max_steps or math.ceil(sampler.batches_per_epoch / cfg.grad_accum) * cfg.epochs
+    total_steps = cfg.max_steps or (math.ceil(sampler.batches_per_epoch / cfg.grad_accum) * cfg.epochs
+                                    * method.steps_per_batch)
     # An upper bound: collate trims the columns after a batch's last target.
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.ctx_len
     if resume_dir and not dry_run:
@@ -159,6 +160,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
+    method.setup(r)
     return r
 
 
@@ -214,8 +216,8 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     trainable, frozen, unused = count_params(r.module)
     unused_note = f" (+{unused:,} unused layer-0 v-residual params)" if unused else ""
     r.logger.info(f"model {r.model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params"
-                  f"{unused_note}, {len(r.train_set)} windows, {r.total_steps} steps of up to {r.tokens_per_step} "
-                  f"tokens")
+                  f"{unused_note}, {len(r.train_set)} {r.method.item_name}, {r.total_steps} steps"
+                  + (f" of up to {r.tokens_per_step} tokens" if r.method.token_units else ""))
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
                       f"{checkpointing.latest_checkpoint(resume_dir)})")
@@ -249,6 +251,8 @@ def loop(r: Run, stop: GracefulStop) -> None:
     """Optimizer steps until total_steps; logs, evaluates and saves on schedule; a signal ends it
     after the current step with a checkpoint (:class:`Terminated`)."""
     cfg, progress, window = r.cfg, r.logger.progress(r.total_steps, initial=r.step), _Window()
+    if cfg.eval_on_start and r.eval_set is not None and r.step == 0 and 0 not in r.logger.evals:
+        r.logger.log_eval(0, r.method.evaluate(r.module, r.eval_set, r.context()))
     stop.in_loop = True
     while r.step < r.total_steps:
         t0 = time.perf_counter()
@@ -263,7 +267,7 @@ def loop(r: Run, stop: GracefulStop) -> None:
         r.optimizer.step()
         r.optimizer.zero_grad(set_to_none=True)
         r.step += 1
-        r.tokens += int(units)
+        r.tokens += int(units if r.method.token_units else tokens_in)
         window.add(sums, units, tokens_in, time.perf_counter() - t0, grad_norm)
         if r.step % cfg.log_every == 0 or r.step == r.total_steps or stop.requested:
             # Means over the window's loss units; none (null) when the window had no loss units.
@@ -289,10 +293,11 @@ def train_step(r: Run) -> tuple[dict, float, float]:
     """Forward and backward of one optimizer step's micro-batches; returns (sums over all ranks,
     loss units, tokens processed). Gradients are those of the step's mean loss."""
     micro = []
-    for _ in range(r.cfg.grad_accum):
-        micro.append(r.method.collate([r.train_set[i] for i in r.sampler.current_batch()], r.device))
-        r.sampler.advance(1)
-    micro = r.method.begin_step(r.module, micro, r.context())
+    if r.step % r.method.steps_per_batch == 0:  # else the method reuses an earlier step's data
+        for _ in range(r.cfg.grad_accum):
+            micro.append(r.method.collate([r.train_set[i] for i in r.sampler.current_batch()], r.device))
+            r.sampler.advance(1)
+    micro = r.method.begin_step(r.module, micro, r.context(step=r.step + 1))
     counts = [r.method.count(b) for b in micro]
     units, tokens_in = all_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], r.dist, r.device)
     # DDP averages gradients over ranks: undo that, then divide by the global loss units. (A step
@@ -300,7 +305,8 @@ def train_step(r: Run) -> tuple[dict, float, float]:
     scale = r.dist.world_size / max(1.0, units)
     totals: dict[str, float] = {}
     for i, batch in enumerate(micro):
-        sums = r.method.forward_backward(r.module, batch, r.context(scale=scale, sync=i == len(micro) - 1))
+        sums = r.method.forward_backward(r.module, batch, r.context(scale=scale, sync=i == len(micro) - 1,
+                                                                    step=r.step + 1))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + v
     keys = sorted(totals)

@@ -57,6 +57,22 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes to wrap
     train_parts: tuple[str, ...] = ()  # also train: "ln", "emb", "head" (lora mode)
+    # ---- preference and reinforcement training (method dpo / grpo; TRL's names) ---------------
+    beta: float | None = None  # dpo: strength of the reference (default 0.1); grpo: KL weight (default 0: no reference pass)
+    loss_type: str | None = None  # dpo: sigmoid, ipo, simpo (default sigmoid); grpo: grpo, dapo, dr_grpo (default dapo)
+    label_smoothing: float = 0.0  # dpo sigmoid: conservative DPO (assumed probability of a flipped label)
+    simpo_gamma: float = 0.5  # dpo simpo: the target reward margin
+    precompute_ref: bool = False  # dpo: reference log-probs computed once before training, cached in the run
+    reward: tuple[str, ...] = ()  # grpo: reward functions (repeatable --reward SPEC; see rwkvtune/train/rewards.py)
+    reward_weights: tuple[float, ...] = ()  # grpo: one weight per reward (default: all 1)
+    num_generations: int = 8  # grpo: completions sampled per prompt (the group)
+    max_completion_length: int = 128  # grpo: most tokens per completion
+    temperature: float = 1.0  # grpo: sampling temperature of the rollouts
+    top_p: float = 1.0  # grpo: nucleus sampling of the rollouts
+    epsilon: float = 0.2  # grpo: clipping of the probability ratio (lower side)
+    epsilon_high: float | None = None  # grpo: upper side (DAPO's clip-higher; default: epsilon)
+    num_iterations: int = 1  # grpo: optimizer steps per batch of rollouts (old log-probs stored)
+    scale_rewards: str = "group"  # grpo: advantages divided by the group's std, the batch's, or none
     # ---- runtime -----------------------------------------------------------------------------
     device: str = "auto"  # "auto" -> cuda if available else cpu
     strategy: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (sharded, FSDP2)
@@ -69,6 +85,7 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
+    eval_on_start: bool = False  # also evaluate before the first step (the starting point of the curves)
     log_every: int = 1  # steps per metrics row (loss averaged over them, token-weighted)
     save_dtype: str = "bf16"  # dtype of final.pth ("bf16" like released files, or "fp32")
     save_format: str = "pth"  # final model, adapter and state as "pth" or "safetensors" (no pickle)
@@ -153,10 +170,12 @@ class TrainConfig:
             problems.append(f"betas: found {list(self.betas)}, expected two numbers in [0, 1)")
         if not self.adam_eps > 0:
             problems.append(f"adam_eps: found {self.adam_eps}, expected > 0")
-        from rwkvtune.train.methods import METHODS
+        from rwkvtune.train.methods import METHODS, method_class
 
         if self.method not in METHODS:
             problems.append(f"method: found {self.method!r}, expected one of {', '.join(METHODS)}")
+        else:
+            problems += method_class(self.method).problems(self)
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
         elif self.cpu_offload and self.strategy != "fsdp":

@@ -33,6 +33,7 @@ class StepContext:
     runner: nn.Module | None = None            # the module to call: DDP-wrapped under torchrun
     sync: bool = True                          # whether this micro-batch's backward syncs gradients
     mode: Any = None                           # the run's Mode (for reference passes)
+    step: int = 0                              # the optimizer step being computed (1-based)
 
     def sync_context(self, sync_now: bool) -> ContextManager:
         """Under DDP or FSDP, skip the gradient reduction of a backward that is not the step's last."""
@@ -47,9 +48,26 @@ class TrainingMethod:
     """Base class; see the module docstring. Subclasses set ``name`` and override the hooks."""
 
     name = ""
+    item_name = "windows"  # what one dataset item is, for people ("pairs", "prompts")
+    token_units = True  # whether a loss unit is a token (then the logged token count is the units)
+    DEFAULTS: dict = {}  # defaults of shared options that differ per method (beta, loss_type)
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps per batch of data (GRPO: num_iterations updates per batch of rollouts)."""
+        return 1
+
+    @classmethod
+    def problems(cls, cfg) -> list[str]:
+        """This method's configuration problems, each "field: found X, expected Y"."""
+        return []
+
+    def setup(self, run) -> None:
+        """Called once the run is built, before the first step (and on resume): e.g. to prepare a
+        reference model. ``run`` is the trainer's :class:`~rwkvtune.train.trainer.Run`."""
 
     def build_datasets(self, tokenizer, vocab_size: int):
         """(training set, evaluation set or None): indexable datasets of items for :meth:`collate`."""
@@ -63,7 +81,9 @@ class TrainingMethod:
         raise NotImplementedError
 
     def begin_step(self, module, micro_batches: list[dict], ctx: StepContext) -> list[dict]:
-        """Called once per optimizer step before its micro-batches run (e.g. to sample rollouts)."""
+        """Called once per optimizer step before its micro-batches run (e.g. to sample rollouts);
+        ``micro_batches`` is empty on the steps that reuse the data of an earlier one
+        (:attr:`steps_per_batch` > 1). Returns the micro-batches to run."""
         return micro_batches
 
     def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from rwkvtune.errors import ConfigError
+from rwkvtune.train.methods.base import TrainingMethod
+from rwkvtune.train.methods.reference import Reference
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
@@ -130,21 +132,194 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
                           pi_r.detach())
 
 
-def preference_metrics(result: PreferenceLoss) -> dict[str, float]:
-    """TRL's logged preference metrics, means over the pairs of ``result``:
+def preference_sums(result: PreferenceLoss) -> dict[str, float]:
+    """TRL's logged preference metrics as sums over the pairs of ``result`` (divide by the number of
+    pairs for the means TRL logs; sums add up over micro-batches and processes):
 
     ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen - rejected),
-    ``rewards/accuracies`` (fraction of pairs with chosen reward strictly above rejected: a tie
-    counts as wrong, as TRL's ``>``), ``logps/chosen``, ``logps/rejected``. Under DDP, TRL
-    gathers the per-pair values from every rank before the mean; average these over equal-sized
-    ranks, or gather ``result`` first.
+    ``rewards/accuracies`` (pairs with chosen reward strictly above rejected: a tie counts as
+    wrong, as TRL's ``>``), ``logps/chosen``, ``logps/rejected``.
     """
     c, r = result.chosen_rewards.float(), result.rejected_rewards.float()
     return {
-        "rewards/chosen": float(c.mean()),
-        "rewards/rejected": float(r.mean()),
-        "rewards/margins": float((c - r).mean()),
-        "rewards/accuracies": float((c > r).float().mean()),
-        "logps/chosen": float(result.chosen_logps.float().mean()),
-        "logps/rejected": float(result.rejected_logps.float().mean()),
+        "rewards/chosen": float(c.sum()),
+        "rewards/rejected": float(r.sum()),
+        "rewards/margins": float((c - r).sum()),
+        "rewards/accuracies": float((c > r).float().sum()),
+        "logps/chosen": float(result.chosen_logps.float().sum()),
+        "logps/rejected": float(result.rejected_logps.float().sum()),
     }
+
+
+def preference_metrics(result: PreferenceLoss) -> dict[str, float]:
+    """The means of :func:`preference_sums` over the pairs of ``result`` (what TRL logs)."""
+    n = max(1, result.chosen_rewards.numel())
+    return {k: v / n for k, v in preference_sums(result).items()}
+
+
+# ---- the training method ------------------------------------------------------------------------
+class DPO(TrainingMethod):
+    """``--method dpo``: preference optimisation on ``{"prompt", "chosen", "rejected"}`` pairs.
+
+    A batch is B pairs run as 2B sequences (chosen, then rejected); a loss unit is a pair. The
+    reference log-probabilities come from, in this order of preference:
+
+    * ``loss_type: simpo``: none (reference-free);
+    * ``precompute_ref: true``: computed once before the first step with the starting model
+      (lora/state modes: the base, every trained part off) and cached in the run directory
+      (``ref_logps.safetensors``), so the reference never sits in memory during training;
+    * otherwise :class:`~rwkvtune.train.methods.reference.Reference`: lora and state modes the same
+      module with its trained parts switched off (the exact base, no second copy); full mode a
+      frozen copy of the starting model (not under ``strategy: fsdp``: use ``precompute_ref`` there).
+    """
+
+    name = "dpo"
+    item_name = "pairs"
+    token_units = False  # a loss unit is a pair; the logged token count is the tokens processed
+    DEFAULTS = {"beta": 0.1, "loss_type": "sigmoid"}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reference = Reference()
+        self.ref_cache: dict[str, torch.Tensor] = {}  # precompute_ref: split -> [N, 2] (chosen, rejected)
+
+    # -- configuration
+    @classmethod
+    def problems(cls, cfg) -> list[str]:
+        out = []
+        loss_type = cfg.loss_type or cls.DEFAULTS["loss_type"]
+        if loss_type not in LOSS_TYPES:
+            out.append(f"loss_type: found {loss_type!r}, expected one of {', '.join(LOSS_TYPES)} for method dpo")
+        beta = cls.DEFAULTS["beta"] if cfg.beta is None else cfg.beta
+        if not beta > 0:
+            out.append(f"beta: found {beta}, expected > 0 for method dpo (the strength of the preference)")
+        if not 0 <= cfg.label_smoothing < 0.5:
+            out.append(f"label_smoothing: found {cfg.label_smoothing}, expected 0 <= label_smoothing < 0.5")
+        if loss_type == "ipo" and cfg.label_smoothing:
+            out.append("label_smoothing: ipo has no label smoothing (TRL ignores it); set it to 0 or use loss_type "
+                       "sigmoid")
+        return out
+
+    @property
+    def beta(self) -> float:
+        return self.DEFAULTS["beta"] if self.cfg.beta is None else self.cfg.beta
+
+    @property
+    def loss_type(self) -> str:
+        return self.cfg.loss_type or self.DEFAULTS["loss_type"]
+
+    # -- data
+    def build_datasets(self, tokenizer, vocab_size: int):
+        from rwkvtune.data.preference import PreferenceDataset, read_pairs
+
+        cfg = self.cfg
+        read = lambda path: PreferenceDataset(read_pairs(path, tokenizer, cfg.on_data_error, vocab_size)[0])  # noqa
+        return read(cfg.data), (read(cfg.eval_data) if cfg.eval_data else None)
+
+    def collate(self, items: list, device) -> dict:
+        from rwkvtune.data.preference import collate_pairs
+
+        return collate_pairs(items, device)
+
+    def count(self, batch: dict) -> tuple[float, float]:
+        return float(batch["input_ids"].shape[0] // 2), float(batch["input_ids"].numel())
+
+    # -- the reference
+    def setup(self, r) -> None:
+        """Prepare the reference before the first step (see the class docstring)."""
+        if self.loss_type == "simpo":
+            return
+        if self.cfg.precompute_ref:
+            self._precompute(r)
+        else:
+            self.reference.setup(r, "method dpo")
+
+    def _nll(self, module, ids, labels, ctx) -> torch.Tensor:
+        """Summed negative log-likelihood of every sequence's scored tokens [2B], run in ctx_len
+        chunks that carry the RNN state (one graph through all chunks: the loss needs the total)."""
+        state, total = None, 0.0
+        for s in range(0, ids.shape[1], self.cfg.ctx_len):
+            with ctx.autocast():
+                nll, state = module(ids[:, s:s + self.cfg.ctx_len], state, labels=labels[:, s:s + self.cfg.ctx_len],
+                                    reduce="sequence")
+            total = total + nll
+        return total
+
+    @torch.no_grad()
+    def _reference(self, module, batch: dict, ctx, split: str) -> torch.Tensor | None:
+        """Reference log-probs [2B] (chosen, then rejected), or None for simpo."""
+        if self.loss_type == "simpo":
+            return None
+        if split in self.ref_cache:
+            rows = self.ref_cache[split][batch["index"]]  # [B, 2]
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(batch["input_ids"].device)
+        with self.reference.active(module, ctx.mode) as ref:
+            return -self._nll(ref, batch["input_ids"], batch["labels"], ctx)
+
+    def _precompute(self, r) -> None:
+        """Reference log-probs of every pair, once, cached in the run directory; a resumed run reads
+        them back (its model has moved on since)."""
+        from rwkvtune.train.runtime import all_sum_tensor
+
+        path = r.run.ref_logps
+        if path.is_file():
+            from rwkvtune.convert.safetensors_io import load_safetensors
+
+            self.ref_cache = {k: v.clone() for k, v in load_safetensors(path, mmap_file=False).items()}
+            return
+        ctx = r.context()
+        for split, dataset in (("train", r.train_set), ("eval", r.eval_set)):
+            if dataset is None:
+                continue
+            table = torch.zeros(len(dataset), 2, dtype=torch.float64, device=r.device)
+            mine = list(range(r.dist.rank, len(dataset), r.dist.world_size))  # each process its share
+            for start in range(0, len(mine), self.cfg.batch_size):
+                batch = self.collate([dataset[i] for i in mine[start:start + self.cfg.batch_size]], r.device)
+                logps = self._reference(r.module, batch, ctx, split="none").double()
+                B = logps.shape[0] // 2
+                table[batch["index"].to(r.device)] = torch.stack([logps[:B], logps[B:]], 1)
+            self.ref_cache[split] = all_sum_tensor(table, r.dist).float().cpu()
+        if r.dist.main:
+            from rwkvtune.convert.safetensors_io import save_safetensors
+
+            save_safetensors(self.ref_cache, path, metadata={"format": "rwkvtune-dpo-ref-logps"})
+
+    # -- the loss
+    def _loss(self, module, batch, ctx, split, policy_nll) -> tuple[torch.Tensor, dict]:
+        labels = batch["labels"]
+        n = (labels != -100).sum(-1)
+        B = labels.shape[0] // 2
+        logps = -policy_nll
+        ref = self._reference(module, batch, ctx, split)
+        result = dpo_loss(logps[:B], logps[B:], None if ref is None else ref[:B], None if ref is None else ref[B:],
+                          self.beta, self.loss_type, self.cfg.label_smoothing, chosen_n_tokens=n[:B],
+                          rejected_n_tokens=n[B:], simpo_gamma=self.cfg.simpo_gamma)
+        loss = result.losses.sum()
+        # Beside TRL's metrics: pairs whose chosen completion the policy alone finds more likely per
+        # token (no reference): chance for an untrained model, whatever the reward accuracy says.
+        per_token = logps.detach() / n.clamp(min=1)
+        mine = float((per_token[:B] > per_token[B:]).float().sum())
+        return loss, {"loss": float(loss.detach()), **preference_sums(result), "policy_accuracy": mine}
+
+    def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
+        runner = ctx.runner or module
+        with ctx.sync_context(ctx.sync):
+            nll = self._nll(runner, batch["input_ids"], batch["labels"], ctx)
+            loss, sums = self._loss(module, batch, ctx, "train", nll)
+            (loss * ctx.scale).backward()
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self, module, dataset, ctx) -> dict:
+        """The same metrics over every held-out pair, as TRL names them (``eval_rewards/accuracies``)."""
+        was_training = module.training
+        module.eval()
+        totals: dict[str, float] = {}
+        for start in range(0, len(dataset), self.cfg.batch_size):
+            batch = self.collate([dataset[i] for i in range(start, min(len(dataset), start + self.cfg.batch_size))],
+                                 ctx.device)
+            _, sums = self._loss(module, batch, ctx, "eval", self._nll(module, batch["input_ids"], batch["labels"], ctx))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v
+        module.train(was_training)
+        return {f"eval_{k}": v / len(dataset) for k, v in totals.items()} | {"eval_pairs": len(dataset)}

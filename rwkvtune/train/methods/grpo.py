@@ -1,195 +1,320 @@
-"""GRPO maths: group-relative advantages and the clipped policy loss, as pure functions.
+"""``--method grpo``: group relative policy optimisation with batched RNN rollouts.
 
-Reference: TRL v1.9.0, ``trl/trainer/grpo_trainer.py`` (``_generate_and_score_completions`` for
-the advantages, ``_compute_loss`` for the loss and its logged metrics) and ``grpo_config.py``
-(option names and defaults). Shapes: N completions = prompts x G generations, laid out group by
-group (the G completions of a prompt are consecutive); per-token tensors are [B, T] over the
-completion tokens, with ``mask`` 1 on the tokens that count (0 on padding).
+The maths (advantages, the clipped objective, TRL's formulas) is in :mod:`rwkvtune.train.policy_loss`;
+the reward functions in :mod:`rwkvtune.train.rewards`.
 """
 
 from __future__ import annotations
 
+import json
+import time
+
 import torch
 
-from rwkvtune.errors import ConfigError
+from rwkvtune.train.methods.base import TrainingMethod
+from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    group_advantages,
+    grpo_loss,
+    reward_metrics,
+    token_logps,
+)
 
-# Added to the standard deviation before dividing (TRL's constant): a group whose completions all
-# got the same reward has std 0 and advantage 0, not a division by zero.
-STD_EPS = 1e-4
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+class _Policy:
+    """The training module as :func:`rwkvtune.generate.generate_batch` calls a model: every call
+    goes through the module's own forward, so its adapters, its tuned initial state and a sharded
+    (FSDP) module's gathering apply as in training."""
+
+    def __init__(self, module):
+        self.module, self.config = module, module.model.config
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def __call__(self, idx, state=None, return_state=False, wkv_init=None, last_only=False):
+        logits, state = self.module(idx, state, last_only=last_only)
+        return (logits, state) if return_state else logits
 
 
-def _scale_option(scale_rewards) -> str:
-    # TRL accepts the booleans of its older API: True -> "group", False -> "none".
-    value = {True: "group", False: "none"}[scale_rewards] if isinstance(scale_rewards, bool) else scale_rewards
-    if value not in SCALE_REWARDS:
-        raise ConfigError(f"grpo scale_rewards: expected one of {', '.join(SCALE_REWARDS)} (or true/false), found "
-                          f"{scale_rewards!r}; 'group' is TRL's default, 'none' is Dr. GRPO's")
-    return value
+class GRPO(TrainingMethod):
+    """``--method grpo``: group relative policy optimisation on ``{"prompt", ...}`` records.
 
-
-def _std(values: torch.Tensor, dim=None) -> torch.Tensor:
-    """Unbiased standard deviation; 0 for a single value (TRL's convention)."""
-    n = values.numel() if dim is None else values.shape[dim]
-    if n < 2:
-        return values.new_zeros(()) if dim is None else values.new_zeros(values.shape[:dim] + values.shape[dim + 1:])
-    return values.std() if dim is None else values.std(dim)
-
-
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards="group") -> torch.Tensor:
-    """Advantages [N] of the rewards [N] of N = prompts x G completions (groups consecutive).
-
-    A_i = r_i - mean(r over i's group), then divided by (std + 1e-4) where std is
-    ``scale_rewards``: ``"group"`` (True): the standard deviation within i's group; ``"batch"``: the
-    standard deviation over all N rewards (the mean is still the group's; PPO-Lite); ``"none"``
-    (False): no division (Dr. GRPO). Standard deviations are unbiased (divide by n - 1), as TRL's;
-    with a single value (G = 1, or N = 1 for batch) the std is taken as 0, as TRL does.
+    Every ``num_iterations`` optimizer steps, each process samples ``num_generations`` (G)
+    completions for each of its prompts with batched RNN decoding (each prompt prefilled once, its
+    state copied G times), scores them with the reward functions and turns the rewards into
+    group-relative advantages; the next ``num_iterations`` steps update the policy on those
+    rollouts (the old log-probs, and the reference's when ``beta`` > 0, computed once after
+    sampling). A loss unit is a completion token (``loss_type`` dapo) or a completion (grpo,
+    dr_grpo). Every rollout with its rewards is appended to ``rollouts.jsonl`` in the run.
     """
-    mode = _scale_option(scale_rewards)
-    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
-        raise ConfigError(f"grpo num_generations: expected an integer >= 1, found {num_generations!r}; use the "
-                          f"number of completions sampled per prompt")
-    if rewards.dim() != 1 or rewards.numel() % num_generations:
-        raise ConfigError(f"group_advantages: expected rewards [N] with N a multiple of num_generations "
-                          f"{num_generations}, found shape {list(rewards.shape)}; pass all G completions of each "
-                          f"prompt, group by group")
-    G = num_generations
-    grouped = rewards.float().view(-1, G)
-    advantages = (grouped - grouped.mean(1, keepdim=True)).view(-1)
-    if mode == "none":
-        return advantages
-    if mode == "group":
-        std = _std(grouped, 1).repeat_interleave(G)
-    else:
-        std = _std(rewards.float()).expand_as(advantages)
-    return advantages / (std + STD_EPS)
+
+    name = "grpo"
+    item_name = "prompts"
+    token_units = False
+    DEFAULTS = {"beta": 0.0, "loss_type": "dapo"}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from rwkvtune.train.methods.reference import Reference
+        from rwkvtune.train.rewards import parse_rewards
+
+        self.rewards = parse_rewards(cfg.reward) if cfg.reward else []
+        self.reference = Reference()
+        self.buffer: list[dict] = []  # rollout micro-batches of the current batch of prompts
+        self.tokenizer = None
+        self.run = None
+
+    @classmethod
+    def problems(cls, cfg) -> list[str]:
+        out = []
+        if not cfg.reward:
+            out.append("reward: missing; method grpo needs at least one --reward SPEC (e.g. exact_match:answer)")
+        if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
+            out.append(f"reward_weights: found {len(cfg.reward_weights)} weight(s) for {len(cfg.reward)} reward(s), "
+                       f"expected one per --reward")
+        if (cfg.loss_type or cls.DEFAULTS["loss_type"]) not in LOSS_TYPES:
+            out.append(f"loss_type: found {cfg.loss_type!r}, expected one of {', '.join(LOSS_TYPES)} for method grpo")
+        if cfg.scale_rewards not in SCALE_REWARDS:
+            out.append(f"scale_rewards: found {cfg.scale_rewards!r}, expected one of {', '.join(SCALE_REWARDS)}")
+        checks = [("num_generations", cfg.num_generations >= 2, "an integer >= 2 (advantages compare a group)"),
+                  ("max_completion_length", cfg.max_completion_length >= 1, "an integer >= 1"),
+                  ("num_iterations", cfg.num_iterations >= 1, "an integer >= 1"),
+                  ("epsilon", 0 < cfg.epsilon < 1, "0 < epsilon < 1"),
+                  ("temperature", cfg.temperature > 0, "> 0 (rollouts are sampled)"),
+                  ("top_p", 0 < cfg.top_p <= 1, "0 < top_p <= 1"),
+                  ("beta", cfg.beta is None or cfg.beta >= 0, ">= 0 (the KL weight; 0: no reference)")]
+        out += [f"{name}: found {getattr(cfg, name)}, expected {want}" for name, ok, want in checks if not ok]
+        if cfg.epsilon_high is not None and not cfg.epsilon_high >= cfg.epsilon:
+            out.append(f"epsilon_high: found {cfg.epsilon_high}, expected >= epsilon ({cfg.epsilon})")
+        return out
+
+    @property
+    def steps_per_batch(self) -> int:
+        return self.cfg.num_iterations
+
+    @property
+    def beta(self) -> float:
+        return self.DEFAULTS["beta"] if self.cfg.beta is None else self.cfg.beta
+
+    @property
+    def loss_type(self) -> str:
+        return self.cfg.loss_type or self.DEFAULTS["loss_type"]
+
+    # -- data
+    def build_datasets(self, tokenizer, vocab_size: int):
+        from rwkvtune.data.prompts import PromptDataset, read_prompts
+
+        self.tokenizer = tokenizer
+        cfg = self.cfg
+        read = lambda path: PromptDataset(read_prompts(path, tokenizer, cfg.on_data_error, vocab_size)[0])  # noqa
+        return read(cfg.data), (read(cfg.eval_data) if cfg.eval_data else None)
+
+    def collate(self, items: list, device) -> dict:
+        return {"records": [it["record"] for it in items], "index": torch.tensor([it["index"] for it in items])}
+
+    def count(self, batch: dict) -> tuple[float, float]:
+        mask = batch["labels"] != -100
+        units = mask.sum() if self.loss_type == "dapo" else mask.shape[0]
+        return float(units), float(batch["input_ids"].numel())
+
+    def setup(self, r) -> None:
+        self.run = r
+        if self.beta != 0:
+            self.reference.setup(r, "method grpo with beta > 0")
+
+    # -- rollouts
+    def begin_step(self, module, micro_batches: list[dict], ctx) -> list[dict]:
+        """Fresh prompts (every num_iterations steps): sample and score; else the stored rollouts."""
+        if micro_batches:
+            self.buffer = self._sample(module, micro_batches, ctx)
+        return self.buffer
+
+    def _generate(self, module, records, G: int, greedy: bool = False):
+        """G completions per record, decoded together; returns (completions, seconds)."""
+        from rwkvtune.generate import generate_batch
+
+        cfg = self.cfg
+        sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
+        was_training = module.training
+        module.eval()  # no dropout while sampling
+        t0 = time.perf_counter()
+        try:
+            out = generate_batch(_Policy(module), self.tokenizer, [r.ids.tolist() for r in records],
+                                 samples_per_prompt=G, max_tokens=cfg.max_completion_length, top_k=0,
+                                 presence_penalty=0.0, frequency_penalty=0.0, **sampling)
+        finally:
+            module.train(was_training)
+        return out, time.perf_counter() - t0
+
+    def _score(self, records, completions) -> tuple[torch.Tensor, torch.Tensor]:
+        from rwkvtune.train.rewards import compute_rewards
+
+        prompts = [records[c.prompt_index].text for c in completions]
+        fields = {k: [records[c.prompt_index].fields[k] for c in completions] for k in records[0].fields}
+        weights = list(self.cfg.reward_weights) or [1.0] * len(self.rewards)
+        return compute_rewards(self.rewards, weights, prompts, [c.text for c in completions], fields)
+
+    def _sample(self, module, micro_batches: list[dict], ctx) -> list[dict]:
+        """Rollouts for every prompt of this step's micro-batches, as one rollout micro-batch each."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        records = [rec for b in micro_batches for rec in b["records"]]
+        completions, seconds = self._generate(module, records, G)
+        total, per_fn = self._score(records, completions)
+        advantages = _advantages(total, G, cfg.scale_rewards, self.run)
+        out, start = [], 0
+        for k, b in enumerate(micro_batches):
+            rows = slice(start * G, (start + len(b["records"])) * G)
+            start += len(b["records"])
+            batch = _sequences(records, completions[rows], ctx.device)
+            batch["advantages"] = advantages[rows].to(ctx.device)
+            with torch.no_grad():
+                if cfg.num_iterations > 1:  # the policy that sampled, before any update on these rollouts
+                    batch["old_logps"] = -_token_nll(module, batch, ctx, cfg)
+                if self.beta != 0:
+                    with self.reference.active(module, ctx.mode) as ref:
+                        batch["ref_logps"] = -_token_nll(ref, batch, ctx, cfg)
+            out.append(batch)
+        out[0]["rollout_sums"] = _rollout_sums(total, per_fn, [f.name for f in self.rewards], completions, G,
+                                               cfg.scale_rewards, seconds)
+        self._log_rollouts(ctx.step, records, completions, total, per_fn, advantages)
+        return out
+
+    def _log_rollouts(self, step, records, completions, total, per_fn, advantages) -> None:
+        """Every rollout with its rewards, appended to the run's rollouts.jsonl (gathered from every
+        process by the main one)."""
+        if self.run is None:
+            return
+        names = [f.name for f in self.rewards]
+        rows = [{"step": step, "prompt": records[c.prompt_index].text, "completion": c.text,
+                 "finish_reason": c.finish_reason, "reward": float(total[i]), "advantage": float(advantages[i]),
+                 "rewards": {n: float(per_fn[i, j]) for j, n in enumerate(names)}}
+                for i, c in enumerate(completions)]
+        if self.run.dist.world_size > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * self.run.dist.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if self.run.dist.main:
+            self.run.logger.log_rollouts(rows)
+
+    def _evaluate(self, module, dataset, ctx) -> dict:
+        """Greedy completions (one per held-out prompt) scored by the reward functions: the mean
+        total reward (``eval_reward``), each function's mean, and the completion length."""
+        records = [dataset[i]["record"] for i in range(len(dataset))]
+        completions, _ = self._generate(module, records, 1, greedy=True)
+        total, per_fn = self._score(records, completions)
+        out = {"eval_reward": float(total.mean())}
+        out.update({f"eval_rewards/{f.name}/mean": float(per_fn[:, j].mean()) for j, f in enumerate(self.rewards)})
+        out["eval_completion_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
+        out["eval_prompts"] = len(records)
+        return out
+
+    def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
+        runner = ctx.runner or module
+        with ctx.sync_context(ctx.sync):
+            logps = -_token_nll(runner, batch, ctx, self.cfg)
+            mask = batch["labels"] != -100
+            B = mask.shape[0]
+            loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
+                                      self.cfg.epsilon, self.cfg.epsilon_high, self.beta, self.loss_type,
+                                      self.cfg.max_completion_length, num_items_in_batch=1.0)
+            # The trainer divides by the loss units of the whole global batch: hand it a sum.
+            loss_sum = loss if self.loss_type == "dapo" else loss * B
+            (loss_sum * ctx.scale).backward()
+        n_tok = float(mask.sum())
+        sums = {"loss": float(loss_sum.detach()), "_tokens": n_tok, "_completions": float(B)}
+        sums.update({k: v * n_tok for k, v in metrics.items() if k.endswith("_mean") or k == "kl"})
+        sums.update(batch.get("rollout_sums", {}))
+        return sums
+
+    def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
+        return _step_metrics(sums, units, [f.name for f in self.rewards])
+
+    @torch.no_grad()
+    def evaluate(self, module, dataset, ctx) -> dict:
+        return self._evaluate(module, dataset, ctx)
+
+    def state_dict(self) -> dict:
+        # Rollouts still to be used by later steps of this batch (num_iterations > 1) must survive a
+        # kill: a resumed run continues with the same rollouts, as the uninterrupted one.
+        return {"buffer": self.buffer} if self.cfg.num_iterations > 1 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = list(state.get("buffer", []))
 
 
-def reward_metrics(rewards: torch.Tensor, num_generations: int, scale_rewards="group") -> dict[str, float]:
-    """TRL's reward logs for one batch: ``reward`` (mean), ``reward_std`` (unbiased std over the
-    batch) and ``frac_reward_zero_std``: the fraction of completions whose std (their group's for
-    ``scale_rewards`` group/none, the batch's for batch, as TRL) is 0, i.e. that get a zero
-    advantage and teach nothing."""
-    mode = _scale_option(scale_rewards)
-    r = rewards.float()
-    if mode == "batch":
-        std = _std(r).expand_as(r)
-    else:
-        std = _std(r.view(-1, num_generations), 1).repeat_interleave(num_generations)
-    zero = torch.isclose(std, torch.zeros_like(std)).float()
-    return {"reward": float(r.mean()), "reward_std": float(_std(r)), "frac_reward_zero_std": float(zero.mean())}
+
+# ---- rollouts as training batches -----------------------------------------------------------------
+def _sequences(records, completions, device) -> dict:
+    """Rows ``[0] + prompt + completion`` (right-padded) with labels on the completion's tokens."""
+    seqs = []
+    for c in completions:
+        prompt = records[c.prompt_index].ids.tolist()
+        w = [0] + prompt + list(c.token_ids)
+        labels = [-100] * len(prompt) + list(c.token_ids)
+        seqs.append((w[:-1], labels))
+    T = max(len(x) for x, _ in seqs)
+    idx = torch.zeros(len(seqs), T, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for r, (x, y) in enumerate(seqs):
+        idx[r, :len(x)] = torch.tensor(x)
+        labels[r, :len(y)] = torch.tensor(y)
+    return {"input_ids": idx.to(device), "labels": labels.to(device)}
 
 
-def token_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probabilities [B, T] (fp32) of ``ids`` [B, T] under ``logits`` [B, T, V] / temperature.
-
-    Position t of ``logits`` scores ``ids[t]`` (already the next tokens). TRL divides the logits by
-    the sampling temperature before the log-softmax, so the ratio is taken under the distribution
-    the completions were sampled from. log p = logit[id] - logsumexp(logits), without building the
-    full [B, T, V] log-softmax.
-    """
-    if logits.dim() != 3 or ids.shape != logits.shape[:2]:
-        raise ConfigError(f"token_logps: expected logits [B, T, V] and ids [B, T], found logits "
-                          f"{list(logits.shape)} and ids {list(ids.shape)}; pass the completion positions only")
-    x = logits.float() / temperature
-    return x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+def _token_nll(module, batch: dict, ctx, cfg) -> torch.Tensor:
+    """Negative log-likelihood [R, T] of every completion token at the sampling temperature, run in
+    ctx_len chunks carrying the RNN state (one graph through all of them)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    state, parts = None, []
+    for s in range(0, ids.shape[1], cfg.ctx_len):
+        with ctx.autocast():
+            nll, state = module(ids[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len], reduce="token",
+                                temperature=cfg.temperature)
+        parts.append(nll)
+    return torch.cat(parts, 1)
 
 
-def _check_loss_options(loss_type, epsilon, epsilon_high, beta, max_completion_length, ref_logps):
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(f"grpo loss_type: expected one of {', '.join(LOSS_TYPES)}, found {loss_type!r}; "
-                          f"'dapo' is TRL's default")
-    if not 0 <= epsilon < 1 or not epsilon_high >= 0:
-        raise ConfigError(f"grpo epsilon/epsilon_high: expected 0 <= epsilon < 1 and epsilon_high >= 0, found "
-                          f"{epsilon!r}/{epsilon_high!r}; TRL's defaults are 0.2 and epsilon (DAPO: 0.28)")
-    if beta < 0:
-        raise ConfigError(f"grpo beta: expected a KL coefficient >= 0, found {beta!r}; 0 turns the KL term off")
-    if beta != 0 and ref_logps is None:
-        raise ConfigError(f"grpo_loss: beta {beta} needs ref_logps (the reference model's token log-probs), found "
-                          f"None; pass them or set beta 0")
-    if loss_type == "dr_grpo" and not (isinstance(max_completion_length, int) and max_completion_length >= 1):
-        raise ConfigError(f"grpo max_completion_length: loss_type 'dr_grpo' divides by batch size x "
-                          f"max_completion_length, found {max_completion_length!r}; pass the generation limit")
+def _advantages(total: torch.Tensor, G: int, scale_rewards: str, run) -> torch.Tensor:
+    """Group-relative advantages; with ``batch`` scaling the std is over every process's rewards."""
+    if scale_rewards != "batch" or run is None or run.dist.world_size == 1:
+        return group_advantages(total, G, scale_rewards)
+    import torch.distributed as dist
+
+    parts = [torch.zeros_like(total) for _ in range(run.dist.world_size)]
+    dist.all_gather(parts, total.contiguous())
+    everyone = torch.cat(parts)
+    centred = (total.view(-1, G) - total.view(-1, G).mean(1, keepdim=True)).view(-1)
+    return centred / (everyone.std() + 1e-4)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1.0))
+def _rollout_sums(total, per_fn, names, completions, G: int, scale_rewards: str, seconds: float) -> dict:
+    """Sums (over completions or groups) of what TRL logs per batch of rollouts."""
+    grouped = total.view(-1, G)
+    sums = {"_r_completions": float(total.numel()), "_r_groups": float(grouped.shape[0]),
+            "reward": float(total.sum()), "reward_std": float(grouped.std(1).sum()) if G > 1 else 0.0,
+            "frac_reward_zero_std": float(reward_metrics(total, G, scale_rewards)["frac_reward_zero_std"]
+                                          * total.numel()),
+            "completion_length": float(sum(len(c.token_ids) for c in completions)),
+            "_r_seconds": seconds}
+    for j, name in enumerate(names):
+        sums[f"rewards/{name}/mean"] = float(per_fn[:, j].sum())
+    return sums
 
 
-def _clip_metrics(ratio, advantages, mask, epsilon, epsilon_high) -> dict[str, float]:
-    """TRL's clip logs: the fraction of tokens where the clip removed the gradient. Low: ratio
-    below 1 - epsilon with a negative advantage; high: above 1 + epsilon_high with a positive one
-    (the other cases are not clipped by the min); region: either. ``low_min``/``high_max``: the
-    smallest / largest per-sequence fraction (sequences with at least one token)."""
-    low = ((ratio < 1 - epsilon) & (advantages < 0)).float()
-    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).float()
-    n = mask.sum(-1)
-    has = n > 0
-    per_seq_low = (low * mask).sum(-1)[has] / n[has]
-    per_seq_high = (high * mask).sum(-1)[has] / n[has]
-    return {
-        "clip_ratio/low_mean": _masked_mean(low, mask),
-        "clip_ratio/high_mean": _masked_mean(high, mask),
-        "clip_ratio/region_mean": _masked_mean(torch.maximum(low, high), mask),
-        "clip_ratio/low_min": float(per_seq_low.min()) if per_seq_low.numel() else 0.0,
-        "clip_ratio/high_max": float(per_seq_high.max()) if per_seq_high.numel() else 0.0,
-    }
-
-
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
-              advantages: torch.Tensor, mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
-              beta: float = 0.0, loss_type: str = "dapo", max_completion_length: int | None = None,
-              num_items_in_batch: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO objective; returns (loss, metrics).
-
-    ``logps`` [B, T]: the policy's token log-probs (with graph); ``old_logps`` [B, T]: those of the
-    policy that sampled the completions (None: ``logps`` detached, TRL's shortcut when each batch
-    is used for one update, num_iterations = 1: the ratio is then exactly 1); ``ref_logps`` [B, T]:
-    the reference model's (may be None when ``beta`` is 0); ``advantages`` [B]; ``mask`` [B, T].
-
-    Per token: ratio = exp(logps - old_logps); clipped = clamp(ratio, 1 - epsilon, 1 +
-    epsilon_high) (``epsilon_high`` None: = epsilon; DAPO's asymmetric clip uses e.g. 0.2/0.28);
-    loss_t = -min(ratio A, clipped A) + beta KL_t, with the k3 estimator
-    KL_t = exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for KL(policy || ref)).
-    Aggregation (``loss_type``):
-
-    * ``grpo``: mean over each sequence's tokens, then mean over the B sequences;
-    * ``dapo``: sum over all tokens / ``num_items_in_batch`` (default: this batch's token count;
-      TRL passes the token count of the whole accumulated global batch divided by the number of
-      processes, so accumulation and DDP equal one big batch);
-    * ``dr_grpo``: sum over all tokens / (B x ``max_completion_length``).
-
-    TRL further divides ``grpo`` and ``dr_grpo`` by the gradient-accumulation steps; that is the
-    trainer's business, not this function's. Metrics (TRL's names): ``kl`` (token mean of KL_t,
-    only when beta != 0) and ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``,
-    ``/low_min``, ``/high_max`` (see :func:`_clip_metrics`).
-    """
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    _check_loss_options(loss_type, epsilon, epsilon_high, beta, max_completion_length, ref_logps)
-    if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
-        raise ConfigError(f"grpo_loss: expected logps and mask [B, T] and advantages [B], found logps "
-                          f"{list(logps.shape)}, mask {list(mask.shape)}, advantages {list(advantages.shape)}; "
-                          f"pass one batch's completion tensors")
-    mask = mask.to(logps.dtype)
-    old = logps.detach() if old_logps is None else old_logps
-    A = advantages.to(logps.dtype).unsqueeze(1)  # [B, 1]: one advantage for all of a sequence's tokens
-    ratio = torch.exp(logps - old)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
-    per_token = -torch.min(ratio * A, clipped * A)
-    metrics = {}
-    if beta != 0:
-        d = ref_logps - logps
-        kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * kl
-        metrics["kl"] = _masked_mean(kl.detach(), mask)
-    B = logps.shape[0]
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "dapo":
-        n = mask.sum().clamp(min=1.0) if num_items_in_batch is None else max(float(num_items_in_batch), 1.0)
-        loss = (per_token * mask).sum() / n
-    else:  # dr_grpo
-        loss = (per_token * mask).sum() / (B * max_completion_length)
-    metrics.update(_clip_metrics(ratio.detach(), A, mask, epsilon, epsilon_high))
-    return loss, metrics
+def _step_metrics(sums: dict[str, float], units: float, names: list[str]) -> dict[str, float]:
+    """Logged values: the loss per unit, token means of the KL and clip ratios, rollout means."""
+    out = {"loss": sums["loss"] / units}
+    tokens = max(sums.get("_tokens", 0.0), 1.0)
+    out.update({k: v / tokens for k, v in sums.items() if k == "kl" or k.startswith("clip_ratio/")})
+    n, groups = sums.get("_r_completions", 0.0), sums.get("_r_groups", 0.0)
+    if n:  # steps that sampled (every num_iterations)
+        out["reward"] = sums["reward"] / n
+        out["reward_std"] = sums["reward_std"] / max(groups, 1.0)
+        out.update({f"rewards/{name}/mean": sums[f"rewards/{name}/mean"] / n for name in names})
+        out["frac_reward_zero_std"] = sums["frac_reward_zero_std"] / n
+        out["completion_length"] = sums["completion_length"] / n
+        out["rollout_tokens_per_s"] = sums["completion_length"] / max(sums["_r_seconds"], 1e-9)
+    return out
