@@ -86,7 +86,8 @@ def worker_step(a) -> dict:
     from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.optim import param_groups
     from rwkvtune.train.runtime import autocast_factory
-    from rwkvtune.train.trainer import build_module, count_params
+    from rwkvtune.peft.base import count_params
+    from rwkvtune.train.trainer import build_module
 
     mc = load_model_config(a.ckpt)
     cfg = TrainConfig(model=a.ckpt, data="(unused)", device="cpu", ctx_len=a.T, batch_size=1,

@@ -104,7 +104,7 @@ def test_lora_target_matching_nothing_is_an_error(data):
 
 def test_lora_only_adapters_train_and_custom_targets(data, tmp_path):
     from rwkvtune.peft import get_mode
-    from rwkvtune.train.trainer import count_params
+    from rwkvtune.peft.base import count_params
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="lora", lora_r=2, lora_targets=("att.key",), train_parts=("head",))

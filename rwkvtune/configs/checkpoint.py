@@ -189,7 +189,7 @@ def _refuse_artifact(p: Path) -> None:
     import json
 
     from rwkvtune.convert.safetensors_io import read_header
-    from rwkvtune.utils import ARTIFACT_META
+    from rwkvtune.convert.artifacts import ARTIFACT_META
 
     meta = read_header(p)[1].get(ARTIFACT_META)
     if meta is not None:

@@ -102,7 +102,7 @@ def to_wkv_init(obj: Any, source: str = "<state>") -> torch.Tensor:
 def load_state_any(path: str | os.PathLike) -> torch.Tensor:
     """``wkv_init`` from a state file of either layout: ``.pth`` (``weights_only`` torch.load)
     or ``.safetensors`` (RWKV-PEFT keys, or ``wkv_init``)."""
-    from rwkvtune.utils import load_artifact
+    from rwkvtune.convert.artifacts import load_artifact
 
     if str(path).endswith(".safetensors"):
         from rwkvtune.convert.safetensors_io import load_safetensors

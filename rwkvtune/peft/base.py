@@ -95,3 +95,13 @@ class Mode:
             p.requires_grad_(False)
         if bf16_base:
             model.to(torch.bfloat16)
+
+
+def count_params(module: nn.Module) -> tuple[int, int, int]:
+    """(trainable, frozen, unused) parameter counts. Unused: layer 0's value-residual v0/v1/v2,
+    which released files carry (and final.pth keeps) although layer 0 defines v_first instead."""
+    att = module.model.blocks[0].att
+    unused = sum(getattr(att, n).numel() for n in ("v0", "v1", "v2")) if att.has_v else 0
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad) - unused
+    return trainable, frozen, unused

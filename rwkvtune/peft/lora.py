@@ -225,14 +225,14 @@ class LoraMode(Mode):
 
 def save_adapter(path, model: nn.Module) -> None:
     """Write the adapter atomically (``.safetensors`` or a torch file, by the suffix)."""
-    from rwkvtune.utils import save_artifact
+    from rwkvtune.convert.artifacts import save_artifact
 
     save_artifact(adapter_state(model), path)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Apply a saved adapter to a freshly loaded base model; refuses another base."""
-    from rwkvtune.utils import load_artifact
+    from rwkvtune.convert.artifacts import load_artifact
 
     state = load_artifact(path, "adapter", "adapter.pth from --mode lora")
     if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:

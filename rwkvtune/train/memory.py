@@ -20,7 +20,7 @@ def dry_run_summary(report: dict) -> str:
 
 def dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, n_windows) -> dict:
     """Resolved config, dims, parameter counts, tokens per step and a memory estimate."""
-    from rwkvtune.train.trainer import count_params
+    from rwkvtune.peft.base import count_params
 
     trainable, frozen, unused = count_params(module)
     c = model_config

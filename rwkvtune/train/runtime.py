@@ -76,3 +76,22 @@ def memory_available_gib(device: str) -> float | None:
         return round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30, 2)
     except (ValueError, OSError, AttributeError, RuntimeError):  # e.g. no sysconf on this platform
         return None
+
+
+@contextlib.contextmanager
+def gradient_sync(runner: nn.Module, sync: bool):
+    """Skip the gradient reduction of a backward that is not the step's last (DDP's no_sync, FSDP2's
+    set_requires_gradient_sync); the gradients accumulate locally until the last one."""
+    if sync:
+        yield
+    elif hasattr(runner, "no_sync"):
+        with runner.no_sync():
+            yield
+    elif hasattr(runner, "set_requires_gradient_sync"):
+        runner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            runner.set_requires_gradient_sync(True)
+    else:
+        yield

@@ -18,7 +18,6 @@ by tensor onto the main process.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import shutil
 import tempfile
@@ -149,22 +148,3 @@ def join_single_process_group(device: str) -> bool:
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                             store=dist.FileStore(os.path.join(store_dir, "store"), 1), rank=0, world_size=1)
     return True
-
-
-@contextlib.contextmanager
-def gradient_sync(runner: nn.Module, sync: bool):
-    """Skip the gradient reduction of a backward that is not the step's last (DDP's no_sync, FSDP2's
-    set_requires_gradient_sync); the gradients accumulate locally until the last one."""
-    if sync:
-        yield
-    elif hasattr(runner, "no_sync"):
-        with runner.no_sync():
-            yield
-    elif hasattr(runner, "set_requires_gradient_sync"):
-        runner.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            runner.set_requires_gradient_sync(True)
-    else:
-        yield

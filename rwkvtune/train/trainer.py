@@ -30,7 +30,7 @@ from rwkvtune.errors import RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.peft import get_mode
-from rwkvtune.peft.base import Mode, TrainModule
+from rwkvtune.peft.base import Mode, TrainModule, count_params
 from rwkvtune.train import checkpointing
 from rwkvtune.train.memory import dry_run_report, dry_run_summary
 from rwkvtune.train.methods import get_method
@@ -194,16 +194,6 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
     return mode.prepare(model.to(device).train(), cfg).to(device)
-
-
-def count_params(module: nn.Module) -> tuple[int, int, int]:
-    """(trainable, frozen, unused) parameter counts. Unused: layer 0's value-residual v0/v1/v2,
-    which released files carry (and final.pth keeps) although layer 0 defines v_first instead."""
-    att = module.model.blocks[0].att
-    unused = sum(getattr(att, n).numel() for n in ("v0", "v1", "v2")) if att.has_v else 0
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad) - unused
-    return trainable, frozen, unused
 
 
 def _announce(r: Run, resume_dir: str | None) -> None:

@@ -39,7 +39,7 @@ class StepContext:
         """Under DDP or FSDP, skip the gradient reduction of a backward that is not the step's last."""
         if self.runner is None:
             return contextlib.nullcontext()
-        from rwkvtune.train.strategy import gradient_sync
+        from rwkvtune.train.runtime import gradient_sync
 
         return gradient_sync(self.runner, sync_now)
 

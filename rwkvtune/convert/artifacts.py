@@ -1,0 +1,89 @@
+"""Small rwkvtune files (LoRA adapters, tuned states): a dict of tensors and plain values, written
+as ``.safetensors`` (tensors, and the rest as JSON in the header) or as a torch file, and read
+back without unpickling anything but tensors."""
+
+from __future__ import annotations
+
+import os
+
+from rwkvtune.utils import atomic_torch_save
+
+
+TENSOR_MARK, ARTIFACT_META = "__tensor__", "rwkvtune"  # a tensor's place in the JSON; the header key
+
+
+def save_artifact(obj: dict, path) -> None:
+    """Write a small rwkvtune file (adapter, state) atomically: ``.safetensors`` (the tensors, and
+    the other values as JSON in the header; no pickle) or a torch file."""
+    if not str(path).endswith(".safetensors"):
+        atomic_torch_save(obj, path)
+        return
+    import json
+
+    import torch
+
+    from rwkvtune.convert.safetensors_io import save_safetensors
+
+    tensors: dict = {}
+
+    def skeleton(node, where: tuple):
+        if isinstance(node, dict):
+            return {k: skeleton(v, where + (k,)) for k, v in node.items()}
+        if isinstance(node, torch.Tensor):
+            name = "/".join(where)
+            tensors[name] = node.detach().cpu().contiguous()
+            return {TENSOR_MARK: name}
+        return node
+
+    save_safetensors(tensors, path, metadata={ARTIFACT_META: json.dumps(skeleton(obj, ()))})
+
+
+def load_artifact(path, what: str, made_by: str):
+    """Read a small rwkvtune file (adapter, state) written by :func:`save_artifact`, never
+    unpickling anything but tensors, with one-line errors. A ``.safetensors`` file without
+    rwkvtune's header entry (another tool's) comes back as its flat {name: tensor} dict.
+
+    ``what`` names the file kind ("adapter", "state file") and ``made_by`` where it comes from
+    ("adapter.pth from --mode lora"), so the message says what was expected.
+    """
+    import torch
+
+    from rwkvtune.errors import CheckpointError
+
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected the {made_by}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: {what} not found")
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors_artifact(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({type(e).__name__}); expected "
+                              f"{made_by} (another kind of file, or corrupt)") from None
+
+
+def _load_safetensors_artifact(path):
+    import json
+
+    from rwkvtune.convert.safetensors_io import load_safetensors, read_header
+    from rwkvtune.errors import CheckpointError
+
+    _, metadata = read_header(path)
+    tensors = load_safetensors(path, mmap_file=False)
+    if ARTIFACT_META not in metadata:
+        return tensors
+    try:
+        tree = json.loads(metadata[ARTIFACT_META])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its header entry {ARTIFACT_META!r} is not JSON; the file is damaged") from None
+
+    def fill(node):
+        if isinstance(node, dict) and set(node) == {TENSOR_MARK}:
+            if node[TENSOR_MARK] not in tensors:
+                raise CheckpointError(f"{path}: tensor {node[TENSOR_MARK]!r} is named in the header but missing; the "
+                                      f"file is damaged")
+            return tensors[node[TENSOR_MARK]]
+        return {k: fill(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+    return fill(tree)
