@@ -210,8 +210,13 @@ def test_prepared_gpu_script_runs_its_self_check_on_cpu():
     # there: its shared code path (kernel check, reporting) must keep working. On CPU it checks
     # chunked against reference, fp32 and bf16.
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_gpu.py")
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--skip-train"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--warmup", "1", "--steps", "1"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdicts = [l for l in proc.stdout.splitlines() if "chunked vs reference" in l]
     assert len(verdicts) == 2 and all(": OK (" in l for l in verdicts), proc.stdout
+    # and the training part (the tiny config on CPU): full, LoRA and an FSDP step, each a line
+    steps = [l for l in proc.stdout.splitlines() if l.startswith("train step ")]
+    assert [l.split(" (")[0] for l in steps] == [f"train step examples/configs/rwkv7-tiny.json {m}"
+                                                  for m in ("full", "lora", "full")], proc.stdout
+    assert "(fsdp," in steps[-1] and all("tok/s" in l for l in steps)
