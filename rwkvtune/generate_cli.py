@@ -10,15 +10,48 @@ to stderr at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 import torch
 
-from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, format_chat, prepare_for_decoding,
-                               stream_generate)
+from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
+                               prepare_for_decoding, stream_generate)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplingConfig field, with its default and help text from the dataclass."""
+    for f in dataclasses.fields(SamplingConfig):
+        kind, help = f.metadata["cli"], f.metadata["help"]
+        if kind in ("int", "float"):
+            shown = "" if f.default is None else f" (default {f.default})"
+            parser.add_argument(_flag(f.name), type=int if kind == "int" else float, default=f.default,
+                                help=help + shown)
+        elif kind == "append":
+            parser.add_argument(_flag(f.name), action="append", default=None, metavar="TEXT", help=help)
+        elif kind == "flag":
+            parser.add_argument(_flag(f.name), action="store_true", default=f.default, help=help)
+
+
+def sampling_from_args(args: argparse.Namespace, extra_stops: tuple[str, ...] = ()) -> SamplingConfig:
+    """The SamplingConfig of parsed flags (missing ones keep the defaults); a bad value is refused
+    with the flag's name."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)
+              if f.metadata["cli"] and getattr(args, f.name, None) is not None}
+    stops = tuple(values.get("stop") or ())
+    values["stop"] = stops + tuple(s for s in extra_stops if s not in stops)
+    try:
+        return SamplingConfig(**values)
+    except GenerationError as e:
+        name = str(e).split(":", 1)[0]
+        raise GenerationError(_flag(name) + str(e)[len(name):]) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -28,19 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None,
                    help="prompt text (default: read from stdin, less one trailing newline, so that "
                         "`echo TEXT |` equals --prompt TEXT); with --chat, the user message")
-    p.add_argument("--max-tokens", type=int, default=200, help="most tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling threshold (default 0.85)")
-    p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens; 0 = off (default)")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="subtracted from the logit of every token generated so far (default 0)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="subtracted per (decayed) occurrence of a generated token (default 0)")
-    p.add_argument("--penalty-decay", type=float, default=0.996,
-                   help="occurrence counts are multiplied by this every token (default 0.996)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when this text is generated (not printed); repeatable")
+    add_sampling_arguments(p)
     p.add_argument("--chat", action="store_true",
                    help='wrap the prompt as "User: ...\\n\\nAssistant:" and stop at the turn end "\\n\\n"')
     p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
@@ -113,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as surrogates
         raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from None
+    chat = bool(get("chat"))
+    if chat:
+        prompt = format_chat(prompt, system=get("system"))
+    sampling = sampling_from_args(args, (CHAT_TURN_END,) if chat else ())  # refused before the model loads
     from rwkvtune.utils import check_device
 
     device = check_device(get("device") or "cpu")
@@ -121,21 +146,10 @@ def run(args: argparse.Namespace) -> int:
         raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     model = prepare_for_decoding(RWKV7.from_checkpoint(get("model"), device=device, dtype=PRECISIONS[precision]))
     wkv_init = load_state_file(get("state"), model) if get("state") else None
-    stops = list(get("stop") or [])
-    chat = bool(get("chat"))
-    if chat:
-        prompt = format_chat(prompt, system=get("system"))
-        if CHAT_TURN_END not in stops:
-            stops.append(CHAT_TURN_END)
     stats = GenerationStats()
     out = sys.stdout
     first = True
-    for piece in stream_generate(
-            model, get_tokenizer(), prompt, max_tokens=get("max_tokens", 200),
-            temperature=get("temperature", 1.0), top_p=get("top_p", 0.85), top_k=get("top_k", 0),
-            presence_penalty=get("presence_penalty", 0.0), frequency_penalty=get("frequency_penalty", 0.0),
-            penalty_decay=get("penalty_decay", 0.996), stop=stops, seed=get("seed"), wkv_init=wkv_init,
-            stats=stats):
+    for piece in stream_generate(model, get_tokenizer(), prompt, sampling=sampling, wkv_init=wkv_init, stats=stats):
         if chat and first:  # the reply starts after "Assistant:" with a space
             piece = piece.lstrip()
             if not piece:

@@ -1,4 +1,4 @@
-"""Generation: sampling maths, greedy exactness, stop strings, streaming, state tuning, chat, CLI."""
+"""Generation: SamplingConfig, sampling maths, greedy exactness, stop strings, streaming, state tuning, chat, CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from helpers import write_checkpoint
-from rwkvtune.generate import (GenerationError, GenerationStats, apply_penalties, chat, format_chat, generate,
-                               prepare_for_decoding, sample_logits, sampling_probs, stream_generate, update_counts)
+from rwkvtune.generate import (GenerationError, GenerationStats, SamplingConfig, apply_penalties, chat, format_chat,
+                               generate, prepare_for_decoding, sample_logits, sampling_probs, stream_generate,
+                               update_counts)
 from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.tokenizer import get_tokenizer
 
@@ -59,6 +60,47 @@ class Scripted(torch.nn.Module):
         logits = torch.zeros(1, idx.shape[1], V)
         logits[0, -1, self.script[n] if n < len(self.script) else 0] = 50.0
         return logits, n
+
+
+# ----------------------------------------------------------------------------- SamplingConfig
+def test_sampling_config_defaults_and_overrides(tok):
+    c = SamplingConfig()
+    assert (c.max_tokens, c.temperature, c.top_p, c.top_k, c.presence_penalty, c.frequency_penalty,
+            c.penalty_decay, c.stop, c.seed, c.penalize_whitespace) == (200, 1.0, 0.85, 0, 0.0, 0.0, 0.996, (), None,
+                                                                        False)
+    c = SamplingConfig(temperature=1, top_k=3, stop="END", seed=5)
+    assert type(c.temperature) is float and c.stop == ("END",) and (c.top_k, c.seed) == (3, 5)
+    # keyword arguments override the given config (here: temperature 0 over a sampling config)
+    script = tok.encode("one two")
+    base = SamplingConfig(temperature=2.0, max_tokens=1)
+    st = GenerationStats()
+    generate(Scripted(script), tok, "x", base, temperature=0, max_tokens=5, stats=st)
+    assert st.tokens == script
+    with pytest.raises(TypeError, match="temprature"):
+        generate(Scripted(script), tok, "x", temprature=0)
+    with pytest.raises(GenerationError, match="^sampling: expected a SamplingConfig"):
+        generate(Scripted(script), tok, "x", {"temperature": 0})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("temperature", float("nan")), ("temperature", -0.5), ("temperature", float("inf")), ("temperature", "1"),
+    ("top_p", float("nan")), ("top_p", 1.5), ("top_p", -0.1),
+    ("top_k", -1), ("top_k", 2.5), ("top_k", True),
+    ("presence_penalty", float("nan")), ("frequency_penalty", float("inf")), ("frequency_penalty", None),
+    ("penalty_decay", 0.0), ("penalty_decay", 1.5), ("penalty_decay", float("nan")),
+    ("max_tokens", -1), ("max_tokens", 3.0),
+    ("seed", 1.5), ("seed", "7"),
+    ("stop", [""]), ("stop", ["ok", 3]), ("stop", 5),
+])
+def test_sampling_config_refuses_bad_values(tok, name, value):
+    with pytest.raises(GenerationError) as e:
+        SamplingConfig(**{name: value})
+    msg = str(e.value)
+    assert msg.startswith(f"{name}: expected ") and repr(value) in msg and "\n" not in msg
+    m = Scripted(tok.encode("a"))  # the same check guards the keyword overrides, before any forward
+    with pytest.raises(GenerationError, match=f"^{name}: "):
+        generate(m, tok, "x", **{name: value})
+    assert m.calls == []
 
 
 # ------------------------------------------------------------------------------ sampling maths
@@ -327,11 +369,26 @@ def _main(ckpt, **over) -> int:
 
 
 def test_cli_defaults(ckpt):
+    from rwkvtune.generate_cli import add_arguments, sampling_from_args
+
     a = _args(ckpt)
-    assert (a.max_tokens, a.temperature, a.top_p, a.top_k, a.presence_penalty, a.frequency_penalty) == \
-        (8, 1.0, 0.85, 0, 0.0, 0.0)
+    assert (a.max_tokens, a.temperature, a.top_p, a.top_k, a.presence_penalty, a.frequency_penalty,
+            a.penalty_decay, a.seed) == (8, 1.0, 0.85, 0, 0.0, 0.0, 0.996, 4)
     assert a.precision == "fp32" and a.device == "cpu" and a.stop is None and not a.chat
     assert _args(ckpt, stop=["a", "b"]).stop == ["a", "b"]
+    assert sampling_from_args(_args(ckpt, stop=["a"]), ("\n\n",)) == SamplingConfig(max_tokens=8, seed=4,
+                                                                                     stop=("a", "\n\n"))
+    helps = add_arguments(argparse.ArgumentParser()).format_help().replace("\n", " ")
+    for text in ("(default 200)", "(default 0.85)", "(default 0.996)", "0 = greedy (default 1.0)"):
+        assert text in " ".join(helps.split())
+
+
+def test_cli_refuses_nan_with_the_flag_name(ckpt, capsys):
+    assert _main(ckpt, temperature="nan") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --temperature: expected a finite number >= 0, found nan;") and err.count("\n") == 1
+    assert _main(ckpt, top_p=2) == 2
+    assert capsys.readouterr().err.startswith("error: --top-p: expected a number with 0 <= top_p <= 1, found 2.0;")
 
 
 def test_cli_run_streams_text_and_stats(ckpt, model, tok, capsys):
