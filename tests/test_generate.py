@@ -340,6 +340,223 @@ def test_chat_stops_at_turn_end(tok):
     assert chat(m, tok, "Hi", temperature=0) == "Hello there!"
 
 
+# ----------------------------------------------------------------------- batched generation
+class BatchScripted(torch.nn.Module):
+    """A fake batched model: each row follows the script chosen by its prompt's last token, then
+    emits token 0. The state (an RWKV7State, so rows stack and drop like the real one) carries
+    the script key and the step per row. ``calls`` records (B, T) of every forward."""
+
+    def __init__(self, scripts: dict[int, list[int]]):
+        super().__init__()
+        self.scripts = scripts
+        self.calls = []
+
+    def forward(self, idx, state=None, return_state=False, wkv_init=None, last_only=False):
+        from rwkvtune.models.rwkv7.model import RWKV7State
+
+        B, T = idx.shape
+        self.calls.append((B, T))
+        if state is None:
+            key, n = idx[:, -1].float(), torch.zeros(B)
+        else:
+            key, n = state.att_x_prev[0, :, 0], state.att_x_prev[0, :, 1] + 1
+        logits = torch.zeros(B, 1, V)
+        for b in range(B):
+            script = self.scripts[int(key[b])]
+            logits[b, 0, script[int(n[b])] if n[b] < len(script) else 0] = 50.0
+        new = RWKV7State(torch.stack([key, n], -1)[None], torch.zeros(1, B, 1, 1, 1), torch.zeros(1, B, 1))
+        return logits, new
+
+
+@pytest.fixture(scope="module")
+def sharp_model(ckpt):
+    """The tiny model with its head scaled by 8: logits of std ~8, so the top two logits of every
+    step are far apart compared with the fp32 rounding differences between a batched and a
+    one-row matmul (about 1e-6 relative). Greedy comparisons then cannot flip on a near tie."""
+    m = RWKV7.from_checkpoint(ckpt)
+    with torch.no_grad():
+        m.head.weight.mul_(8.0)
+    return m
+
+
+def _counting(model):
+    """Record idx.shape of every forward of a real model."""
+    calls, forward = [], model.forward
+
+    def counted(idx, *a, **kw):
+        calls.append(tuple(idx.shape))
+        return forward(idx, *a, **kw)
+    model.forward = counted
+    return calls
+
+
+def test_sample_rows_draws_the_sampling_probs_distribution():
+    """The vectorised sampler (topk threshold, rejection for top-p, sorted fallback) draws from the
+    distribution sampling_probs computes by sorting, row by row; excluded tokens never come."""
+    from rwkvtune.generate import sample_rows
+    from rwkvtune.generate.sampling import UNIFORMS_PER_ROW
+
+    p = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04], [0.02, 0.08, 0.1, 0.2, 0.3, 0.3]])
+    n = 20000
+    logits = p.log().repeat(n, 1)  # rows alternate between the two distributions
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(temperature=1.0, top_p=1.0), dict(temperature=1.0, top_p=0.7), dict(temperature=2.0, top_p=0.5),
+               dict(temperature=0.7, top_p=0.9, top_k=3), dict(temperature=50.0, top_p=0.3),
+               dict(temperature=1.0, top_p=0.0)):
+        cfg = SamplingConfig(**kw)
+        tokens = sample_rows(logits, cfg, torch.rand(2 * n, UNIFORMS_PER_ROW, generator=g))
+        for row in (0, 1):
+            freq = torch.bincount(tokens[row::2], minlength=6).float() / n
+            want = sampling_probs(p[row].log(), **kw)
+            torch.testing.assert_close(freq, want, atol=0.015, rtol=0, msg=f"{kw} row {row}")
+            assert (freq[want == 0] == 0).all(), (kw, row, freq)
+    assert sample_rows(logits[:2], SamplingConfig(temperature=0), None).tolist() == [0, 4]
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(sharp_model, tok):
+    from rwkvtune.generate import generate_batch
+
+    m = sharp_model
+    prompts = ["The quick brown fox", "Hi", "", "Once upon a time, in a land far away", "Hi"]
+    done = generate_batch(m, tok, prompts, max_tokens=10, temperature=0)
+    assert [(c.prompt_index, c.sample_index) for c in done] == [(i, 0) for i in range(5)]
+    for p, c in zip(prompts, done):
+        st = GenerationStats()
+        text = generate(m, tok, p, max_tokens=10, temperature=0, stats=st)
+        eot = [0] if st.finish_reason == "eot" else []
+        assert c.token_ids == st.tokens + eot and c.text == text and c.finish_reason == st.finish_reason
+        # the premise of comparing batched and one-row fp32 maths: no near tie at any step
+        ids = (tok.encode(p) or [0]) + st.tokens
+        with torch.no_grad():
+            top2 = m(torch.tensor([ids]))[0, -len(st.tokens) - 1:].topk(2).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+    assert len({tuple(c.token_ids) for c in done}) == 4  # the prompts do lead to different text
+    assert generate(m, tok, prompts, max_tokens=10, temperature=0) == [c.text for c in done]
+
+
+def test_batched_penalties_are_per_row(sharp_model, tok):
+    """Presence/frequency penalties with decay, each row counting only its own tokens, equal the
+    one-prompt path (which counts with update_counts, one token at a time)."""
+    from rwkvtune.generate import generate_batch
+
+    kw = dict(max_tokens=24, temperature=0, presence_penalty=2.0, frequency_penalty=1.5, penalty_decay=0.9)
+    prompts = ["a", "Hello there, how are", "a"]
+    done = generate_batch(sharp_model, tok, prompts, **kw)
+    for p, c in zip(prompts, done):
+        st = GenerationStats()
+        generate(sharp_model, tok, p, stats=st, **kw)
+        assert c.token_ids == st.tokens + ([0] if st.finish_reason == "eot" else [])
+    plain = generate_batch(sharp_model, tok, prompts[:1], max_tokens=24, temperature=0)
+    assert plain[0].token_ids != done[0].token_ids
+
+
+def test_samples_share_one_prefill_and_differ(ckpt, tok):
+    from rwkvtune.generate import generate_batch
+
+    m = RWKV7.from_checkpoint(ckpt)
+    calls = _counting(m)
+    two = [tok.encode(" a b"), tok.encode(" c d")]  # two distinct prompts of equal length: one forward
+    assert len(two[0]) == len(two[1]) == 2
+    prompts = ["The quick brown fox jumps", "Hi", two[0], two[1], "Hi"]
+    done = generate_batch(m, tok, prompts, samples_per_prompt=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=0)
+    assert len(done) == 20 and [(c.prompt_index, c.sample_index) for c in done[4:6]] == [(1, 0), (1, 1)]
+    prefill = [c for c in calls if c[1] > 1 or c == (1, 1)]
+    lengths = sorted(len(tok.encode(p)) for p in ("The quick brown fox jumps", "Hi"))
+    assert len(prefill) == 3 and sorted(prefill) == sorted([(1, lengths[0]), (1, lengths[1]), (2, 2)])
+    assert calls[:3] == prefill and all(t == 1 for _, t in calls[3:]) and calls[3][0] == 20
+    for i in range(5):
+        samples = {tuple(c.token_ids) for c in done if c.prompt_index == i}
+        assert len(samples) == 4, f"prompt {i}: the 4 samples are not independent"
+
+
+def test_finished_rows_are_dropped_and_stop_per_row(tok):
+    """Each row ends on its own (end of text, its stop string, max_tokens); a finished row is not
+    in later forwards, whose batch sizes shrink accordingly."""
+    from rwkvtune.generate import generate_batch
+
+    texts = {1: "ab", 2: "one two three END four", 3: "x ySTOPz tail", 4: "a b c d e f g h i j k l m n"}
+    scripts = {key: tok.encode(t) for key, t in texts.items()}
+    m = BatchScripted(scripts)
+    done = generate_batch(m, tok, [[1], [2], [3], [4]], max_tokens=9, stop=["END", "STOP"], temperature=0)
+    assert [c.finish_reason for c in done] == ["eot", "stop", "stop", "length"]
+    assert [c.text for c in done] == ["ab", "one two three ", "x y", tok.decode(scripts[4][:9])]
+    assert done[0].token_ids == scripts[1] + [0] and done[3].token_ids == scripts[4][:9]
+    stop_at = {2: None, 3: None}
+    for key in stop_at:  # the token that completes the stop string is the row's last token
+        ids = scripts[key]
+        stop_at[key] = next(n for n in range(1, len(ids) + 1) if "END" in tok.decode(ids[:n])
+                            or "STOP" in tok.decode(ids[:n]))
+        assert done[key - 1].token_ids == ids[:stop_at[key]]
+    ends = [len(scripts[1]) + 1, stop_at[2], stop_at[3], 9]  # tokens sampled per row: [2, 4, 3, 9]
+    # after step s (0-based) a row that samples e tokens is still running when e > s + 1
+    expect = [sum(e > s + 1 for e in ends) for s in range(max(ends) - 1)]
+    assert ends == [2, 4, 3, 9] and expect == [4, 3, 2, 1, 1, 1, 1, 1]
+    assert m.calls[0] == (4, 1) and [b for b, _ in m.calls[1:]] == expect
+
+
+def test_batch_seed_reproducible_and_rows_independent(model, tok):
+    from rwkvtune.generate import BatchStats, generate_batch
+
+    prompts = ["Hello", "The weather today"]
+    kw = dict(samples_per_prompt=2, max_tokens=12, temperature=1.0, top_p=0.85, logprobs=True)
+    a = generate_batch(model, tok, prompts, seed=3, **kw)
+    b = generate_batch(model, tok, prompts, seed=3, **kw)
+    c = generate_batch(model, tok, prompts, seed=4, **kw)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b] and [x.logprobs for x in a] == [x.logprobs for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    # Row 0 stops at once (its stop string is its first token's text); rows 1..3 do not change:
+    # their random numbers do not depend on when other rows finish.
+    first = tok.decode(a[0].token_ids[:1])
+    stats = BatchStats()
+    d = generate_batch(model, tok, prompts, seed=3, stop=[first], stats=stats, **kw)
+    assert d[0].finish_reason == "stop" and len(d[0].token_ids) == 1
+    unaffected = [(x, y) for x, y in zip(a[1:], d[1:]) if first not in x.text]
+    assert len(unaffected) >= 2 and all(x.token_ids == y.token_ids for x, y in unaffected)
+    assert (stats.rows, stats.prefill_forwards) == (4, 2)
+    assert stats.generated_tokens == sum(len(x.token_ids) for x in d)
+
+
+def test_batch_logprobs_are_the_raw_model_softmax(model, tok):
+    """logprobs = log_softmax of an independent full-sequence forward at each sampled token, even
+    though sampling used top-p, temperature and penalties."""
+    from rwkvtune.generate import generate_batch
+
+    prompts = ["Hello", "A longer prompt here"]
+    done = generate_batch(model, tok, prompts, samples_per_prompt=2, max_tokens=8, temperature=0.8, top_p=0.5,
+                          presence_penalty=1.0, seed=1, logprobs=True)
+    for c in done:
+        ids = tok.encode(prompts[c.prompt_index])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + c.token_ids[:-1]]))[0, len(ids) - 1:]
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    assert generate_batch(model, tok, prompts, max_tokens=2)[0].logprobs is None
+
+
+def test_batch_wkv_init_and_bad_input(model, tok):
+    from rwkvtune.generate import generate_batch
+
+    c = model.config
+    w = torch.randn(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, generator=torch.Generator().manual_seed(0))
+    one = GenerationStats()
+    generate(model, tok, "Hello", max_tokens=6, temperature=0, wkv_init=w, stats=one)
+    got = generate_batch(model, tok, ["Hello", "x"], max_tokens=6, temperature=0, wkv_init=w)
+    assert got[0].token_ids[:len(one.tokens)] == one.tokens
+    assert generate_batch(model, tok, []) == []
+    for bad, match in ((dict(samples_per_prompt=0), "^samples_per_prompt: expected an integer >= 1, found 0"),
+                       (dict(prompts="Hello"), "^prompts: expected a list of prompts"),
+                       (dict(prompts=["ok", 3.5]), r"^prompts\[1\]: expected text or a list of token ids"),
+                       (dict(top_p=float("nan")), "^top_p: expected"),
+                       (dict(wkv_init=w[:1]), "another model")):
+        kw = {"prompts": ["Hello"], **bad}
+        with pytest.raises(GenerationError, match=match):
+            generate_batch(model, tok, kw.pop("prompts"), **kw)
+    with pytest.raises(GenerationError, match="^samples_per_prompt"):
+        generate(model, tok, "Hello", samples_per_prompt=2)
+    with pytest.raises(GenerationError, match="state=, stream= and stats="):
+        generate(model, tok, ["Hello"], stats=GenerationStats())
+
+
 # ----------------------------------------------------------------------------------- CLI
 def _argv(ckpt, **over):
     argv = ["--model", ckpt, "--prompt", "Hello", "--max-tokens", "8", "--seed", "4"]

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from rwkvtune.generate.config import SamplingConfig, resolve
+from rwkvtune.generate.config import GenerationError, SamplingConfig, resolve
 from rwkvtune.generate.decoding import check_wkv_init, model_device
 from rwkvtune.generate.sampling import apply_penalties, sample_logits, update_counts
 from rwkvtune.generate.text import CHAT_TURN_END, END_OF_TEXT, encode_prompt, format_chat, split_stop
@@ -135,10 +135,35 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], sampling: Sam
         stats.decode_seconds = time.perf_counter() - t1
 
 
-def generate(model, tokenizer, prompt: str | Sequence[int], sampling: SamplingConfig | None = None, *, state=None,
-             wkv_init: torch.Tensor | None = None, stream: Callable[[str], None] | None = None,
-             stats: GenerationStats | None = None, **overrides) -> str:
-    """The generated text (see :func:`stream_generate`); ``stream(piece)`` is called as it comes."""
+def is_batch(prompts) -> bool:
+    """A list of prompts (texts or id lists), as opposed to one text or one list of token ids."""
+    return (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+            and all(isinstance(p, (str, list, tuple)) or (isinstance(p, torch.Tensor) and p.dim() == 1)
+                    for p in prompts))
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str | Sequence[int]],
+             sampling: SamplingConfig | None = None, *, state=None, wkv_init: torch.Tensor | None = None,
+             stream: Callable[[str], None] | None = None, stats: GenerationStats | None = None,
+             samples_per_prompt: int = 1, **overrides) -> str | list[str]:
+    """The generated text (see :func:`stream_generate`); ``stream(piece)`` is called as it comes.
+
+    A list of prompts (texts or token-id lists) is decoded as one batch by
+    :func:`~rwkvtune.generate.batch.generate_batch` and gives a list of texts, prompt by prompt,
+    ``samples_per_prompt`` texts each (sampling settings shared by all rows).
+    """
+    if is_batch(prompt):
+        if state is not None or stream is not None or stats is not None:
+            raise GenerationError("generate: state=, stream= and stats= work with one prompt, found a list of "
+                                  "prompts; use generate_batch (its stats=) or one prompt at a time")
+        from rwkvtune.generate.batch import generate_batch
+
+        done = generate_batch(model, tokenizer, prompt, sampling, samples_per_prompt=samples_per_prompt,
+                              wkv_init=wkv_init, **overrides)
+        return [c.text for c in done]
+    if samples_per_prompt != 1:
+        raise GenerationError(f"samples_per_prompt: {samples_per_prompt!r} needs a list of prompts, found one "
+                              f"prompt; pass [prompt]")
     pieces = []
     for piece in stream_generate(model, tokenizer, prompt, sampling, state=state, wkv_init=wkv_init, stats=stats,
                                  **overrides):
