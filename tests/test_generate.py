@@ -380,13 +380,11 @@ def sharp_model(ckpt):
 
 
 def _counting(model):
-    """Record idx.shape of every forward of a real model."""
-    calls, forward = [], model.forward
-
-    def counted(idx, *a, **kw):
-        calls.append(tuple(idx.shape))
-        return forward(idx, *a, **kw)
-    model.forward = counted
+    """(B, T) of every pass through a real model, prefill or decode step: a hook on the embedding,
+    which every pass (model.forward or the batched decode step) starts with."""
+    calls = []
+    model.emb.register_forward_hook(lambda mod, args, out: calls.append(tuple(out.shape[:-1]) if out.dim() == 3
+                                                                        else (out.shape[0], 1)))
     return calls
 
 
@@ -411,6 +409,35 @@ def test_sample_rows_draws_the_sampling_probs_distribution():
             torch.testing.assert_close(freq, want, atol=0.015, rtol=0, msg=f"{kw} row {row}")
             assert (freq[want == 0] == 0).all(), (kw, row, freq)
     assert sample_rows(logits[:2], SamplingConfig(temperature=0), None).tolist() == [0, 4]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_batch_decoder_step_equals_model_forward(ckpt, tok, dtype, tol):
+    """The in-place batched decode step gives the logits and the state of RWKV7.forward, step after
+    step, also after rows are dropped; in bf16 within bf16 rounding."""
+    from rwkvtune.generate.rnn import BatchDecoder
+    from rwkvtune.models.rwkv7.model import RWKV7State
+
+    m = RWKV7.from_checkpoint(ckpt, dtype=dtype)
+    states = []
+    with torch.no_grad():
+        for p in ("Hello there", "A", "Three different prompts"):
+            states.append(m(torch.tensor([tok.encode(p)]), return_state=True)[1])
+    ref = RWKV7State(*(torch.cat([getattr(s, f) for s in states], 1) for f in ("att_x_prev", "wkv", "ffn_x_prev")))
+    dec = BatchDecoder(m, ref.clone())
+    tokens = torch.tensor([11, 22, 33])
+    for step in range(5):
+        if step == 3:
+            dec.keep(torch.tensor([0, 2]))
+            ref, tokens = ref.select([0, 2]), tokens[[0, 2]]
+        got = dec.step(tokens)
+        with torch.no_grad():
+            want, ref = m(tokens[:, None], state=ref, return_state=True)
+        assert got.dtype == torch.float32 and got.shape == (len(tokens), V)
+        torch.testing.assert_close(got, want[:, 0].float(), atol=tol * 10, rtol=tol)
+        for f in ("att_x_prev", "wkv", "ffn_x_prev"):
+            torch.testing.assert_close(getattr(dec.state, f), getattr(ref, f), atol=tol, rtol=tol)
+        tokens = got.argmax(-1)
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(sharp_model, tok):

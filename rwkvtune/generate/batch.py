@@ -27,6 +27,7 @@ import torch
 
 from rwkvtune.generate.config import GenerationError, SamplingConfig, resolve
 from rwkvtune.generate.decoding import check_wkv_init, model_device
+from rwkvtune.generate.rnn import BatchDecoder
 from rwkvtune.generate.sampling import UNIFORMS_PER_ROW, apply_penalties, raw_logprobs, sample_rows
 from rwkvtune.generate.text import END_OF_TEXT, encode_prompt, find_stop
 
@@ -157,12 +158,6 @@ class _Penalties:
         self.counts = self.counts[rows]
 
 
-def _step(model, tokens: torch.Tensor, state):
-    """One batched RNN step: logits [B, V] (fp32) and the new state."""
-    out, state = model(tokens[:, None], state=state, return_state=True)
-    return out[:, -1].float(), state
-
-
 def _decode(model, tokenizer, cfg: SamplingConfig, logits: torch.Tensor, state, want_logprobs: bool,
             stats: BatchStats):
     """Token ids, finish reasons, log-probs (or None) and texts (or None: no stop strings) per row."""
@@ -174,6 +169,7 @@ def _decode(model, tokenizer, cfg: SamplingConfig, logits: torch.Tensor, state, 
     lps = [[] for _ in range(R)] if want_logprobs else None
     texts = _RowTexts(tokenizer, cfg.stop, R) if cfg.stop else None
     pen = _Penalties(cfg, tokenizer, R, V, device) if cfg.penalized else None
+    rnn = BatchDecoder(model, state)
     for step in range(cfg.max_tokens):
         u = None if cfg.greedy else torch.rand(R, UNIFORMS_PER_ROW, generator=gen, device=device)[alive]
         tok = sample_rows(pen.apply(logits) if pen else logits, cfg, u)
@@ -186,10 +182,11 @@ def _decode(model, tokenizer, cfg: SamplingConfig, logits: torch.Tensor, state, 
             break
         if done:  # drop finished rows: they cost nothing from now on
             keep = torch.tensor(sorted(set(range(len(tok))) - set(done)), device=device)
-            alive, tok, state = alive[keep], tok[keep], state.select(keep)
+            alive, tok = alive[keep], tok[keep]
+            rnn.keep(keep)
             if pen:
                 pen.keep(keep)
-        logits, state = _step(model, tok, state)
+        logits = rnn.step(tok)
         stats.decode_forwards += 1
         stats.decode_rows += len(tok)
     if texts is not None:
