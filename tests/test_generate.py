@@ -189,8 +189,8 @@ def test_prepare_for_decoding_keeps_values(ckpt, tok, tmp_path):
 
 
 def test_decode_linear_threaded_product(ckpt, tok):
-    """The threaded one-row product (2+ threads) equals F.linear up to fp32 rounding; with
-    autograd on, or more than one row, it is F.linear itself."""
+    """The threaded one-row product and the column-block product for 2..64 rows (2+ threads) equal
+    F.linear up to fp32 rounding; with autograd on it is F.linear itself."""
     from rwkvtune.generate import _DecodeLinear
 
     m = RWKV7.from_checkpoint(ckpt)
@@ -210,6 +210,20 @@ def test_decode_linear_threaded_product(ckpt, tok):
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
         y = lin(x)  # grad enabled: plain F.linear
         assert torch.equal(y, torch.nn.functional.linear(x, lin.weight))
+        # 2..64 rows (batched decoding): the column-block product, without calling F.linear
+        import rwkvtune.generate.decoding as dec
+
+        for layer in (m.head, lin, m.blocks[0].ffn.value):
+            for shape in ((5, layer.in_features), (3, 1, layer.in_features), (64, layer.in_features)):
+                xs = torch.randn(*shape)
+                want = torch.nn.functional.linear(xs, layer.weight)
+                linear, dec.F.linear = dec.F.linear, None
+                try:
+                    with torch.no_grad():
+                        got = layer(xs)
+                finally:
+                    dec.F.linear = linear
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         with torch.no_grad():
             out = m(idx)
             _, st = m(idx[:, :-1], return_state=True)

@@ -6,7 +6,8 @@ three out-of-place updates per layer). On CPU every allocation that large is new
 OS, and its page faults cost as much as a third of the step (measured). :class:`BatchDecoder`
 runs the same maths for T = 1 (reference section 1, "RNN mode") through the model's own modules
 (so LoRA-wrapped or decode-prepared linears work unchanged) but keeps one state buffer and updates
-it in place: the WKV update is ``S *= decay; S += [S a, v] @ [b; k]`` (one batched rank-2 GEMM).
+it in place: the WKV update is ``S *= decay; S += [S a, v] @ [b; k]`` (one batched rank-2 GEMM),
+and the output is read from the old S with the same pass that computes ``S a``.
 Tests check it against ``RWKV7.forward`` (logits and state).
 
 Models that are not :class:`RWKV7` (wrappers, test doubles) are stepped with their own forward.
@@ -42,15 +43,19 @@ def _time_mix(att, x: torch.Tensor, v_first, x_prev: torch.Tensor, S: torch.Tens
     else:
         v = v + (v_first - v) * torch.sigmoid(att.v0.view(C) + (xv @ att.v1) @ att.v2)
     decay = torch.exp(-DECAY_SCALE * torch.sigmoid(d.float()))
-    # WKV (fp32): S = S diag(decay) + (S alpha) beta^T + v k^T with alpha = -kk, beta = kk * a.
+    # WKV (fp32): S' = S diag(decay) + (S alpha) beta^T + v k^T, alpha = -kk, beta = kk * a, y = S' r.
+    # y is taken from the old S: S' r = S (decay * r) + (S alpha)(beta . r) + v (k . r), so one
+    # bmm reads S for both vectors; then S is updated in place (scale, one rank-2 batched GEMM).
     G = B * H
     S = S.view(G, N, N)
-    removal = torch.bmm(S, (-kk).float().view(G, N, 1))  # S alpha, before S changes
+    rf, kf, vf = r.float().view(G, N), k.float().view(G, N), v.float().view(G, N)
+    beta = (kk * a.view(B, H, N)).float().view(G, N)
+    both = torch.bmm(S, torch.stack([(-kk).float().view(G, N), decay.view(G, N) * rf], 2))  # [G, N, 2]
+    removal = both[:, :, :1]  # S alpha
+    y = both[:, :, 1] + removal[:, :, 0] * (beta * rf).sum(-1, keepdim=True) + vf * (kf * rf).sum(-1, keepdim=True)
     S.mul_(decay.view(G, 1, N))
-    left = torch.cat([removal, v.float().view(G, N, 1)], 2)  # [G, N, 2]
-    right = torch.cat([(kk * a.view(B, H, N)).float().view(G, 1, N), k.float().view(G, 1, N)], 1)  # [G, 2, N]
-    S.baddbmm_(left, right)
-    y = torch.bmm(S, r.float().view(G, N, 1)).view(B, C).to(x.dtype)
+    S.baddbmm_(torch.cat([removal, vf.view(G, N, 1)], 2), torch.stack([beta, kf], 1))  # [G, N, 2] @ [G, 2, N]
+    y = y.view(B, C).to(x.dtype)
     y = att.ln_x(y)
     y = y + ((r * k).view(B, H, N) * att.r_k).sum(-1, keepdim=True).mul(v.view(B, H, N)).view(B, C)
     return att.output(y * g), v_first
