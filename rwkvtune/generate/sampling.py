@@ -14,7 +14,7 @@ The batched sampler never sorts the vocabulary (a sort of [32, 65536] took ~70 m
 * sampling: inverse CDF, one uniform number per row (cumsum + searchsorted);
 * top-p by rejection: draw from the tempered top-k distribution, accept the token if it is in
   the top-p set. Membership needs no sort: token x (probability p_x) is kept exactly when the
-  probability mass strictly above p_x is below ``top_p``, or x is a most likely token. A rejected
+  probability mass strictly above p_x is below ``top_p``, or is 0 (x is a most likely token). A rejected
   row draws again; what is accepted is distributed exactly as the target (rejection sampling).
   The acceptance rate is the tempered mass of the kept set, >= top_p at temperature <= 1; rows
   still unresolved after a few rounds (very high temperature with a small top_p) take the exact
@@ -102,12 +102,12 @@ def update_counts(counts: torch.Tensor, token: int, penalty_decay: float = DEFAU
 
 
 # ------------------------------------------------------------------------------ many rows
-def _top_p_kept(e: torch.Tensor, total: torch.Tensor, x: torch.Tensor, top_p: float) -> torch.Tensor:
-    """[B] bool: is token x[b] in row b's top-p set? ``e`` [B, V]: exp(logit - max) (the most likely
-    token has exactly 1.0), ``total`` [B, 1] its row sums (see the module docstring; no sort)."""
-    ex = e.gather(1, x[:, None])
-    mass = torch.where(e > ex, e, 0.0).sum(-1, keepdim=True)
-    return ((mass < top_p * total) | (ex == 1.0))[:, 0]
+def _top_p_kept(probs: torch.Tensor, x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[B] bool: is token x[b] in row b's top-p set? (see the module docstring; no sort). The
+    mass strictly above p_x is exactly 0 for a most likely token, which is always kept."""
+    px = probs.gather(1, x[:, None])
+    mass = torch.where(probs > px, probs, 0.0).sum(-1)
+    return (mass < top_p) | (mass == 0)
 
 
 def _top_p_mask_sorted(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -131,35 +131,34 @@ def sample_rows(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor | Non
     ``u`` [B, UNIFORMS_PER_ROW]: uniform numbers in [0, 1) for each row (column k for rejection
     round k, the last one for the sorted fallback); unused (may be None) when greedy. A fixed
     number per row and token keeps each row's random stream independent of the other rows.
-    Each [B, V] pass costs about 1 ms at B = 32 on CPU, so the passes are counted: 3 to build the
-    distribution, 1 (cumsum) to sample, 2 per top-p rejection round.
+    Each [B, V] pass costs about 1 ms at B = 32 on CPU, so they are few: softmax, cumsum, and 3
+    per top-p rejection round.
     """
     B, V = logits.shape
     if cfg.greedy:
         return logits.argmax(-1)
-    z = logits - logits.amax(-1, keepdim=True)
-    q = None if cfg.temperature == 1 else (z / cfg.temperature).exp_()  # tempered, max entry 1
-    e = z.exp_()  # unnormalised softmax, max entry exactly 1 (z is not needed any more)
-    q = e if q is None else q
+    probs = torch.softmax(logits, -1)  # top-p and top-k act on these, as in sampling_probs
+    if cfg.temperature == 1:
+        q = probs
+    else:  # p ** (1 / T) up to a factor: exp((logit - max) / T), max entry 1, so never all zero
+        q = (logits - logits.amax(-1, keepdim=True)).div_(cfg.temperature).exp_()
     if 0 < cfg.top_k < V:
-        kth = torch.topk(e, cfg.top_k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-        q = torch.where(e >= kth, q, 0.0)
+        kth = torch.topk(probs, cfg.top_k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        q = torch.where(probs >= kth, q, 0.0)
     cdf = q.cumsum(-1)
-    if cfg.top_p >= 1:
-        return _inverse_cdf(cdf, u[:, 0])
-    total = e.sum(-1, keepdim=True)
     out = _inverse_cdf(cdf, u[:, 0])
-    ok = _top_p_kept(e, total, out, cfg.top_p)
-    pending = (~ok).nonzero()[:, 0]
+    if cfg.top_p >= 1:
+        return out
+    pending = (~_top_p_kept(probs, out, cfg.top_p)).nonzero()[:, 0]
     for k in range(1, UNIFORMS_PER_ROW - 1):  # later rounds: only the rejected rows
         if not len(pending):
             return out
         x = _inverse_cdf(cdf[pending], u[pending, k])
-        ok = _top_p_kept(e[pending], total[pending], x, cfg.top_p)
+        ok = _top_p_kept(probs[pending], x, cfg.top_p)
         out[pending[ok]] = x[ok]
         pending = pending[~ok]
     if len(pending):  # rare: the kept set holds little of the tempered mass. Exact, sorting these rows.
-        keep = _top_p_mask_sorted(e[pending] / total[pending], cfg.top_p)
+        keep = _top_p_mask_sorted(probs[pending], cfg.top_p)
         out[pending] = _inverse_cdf(torch.where(keep, q[pending], 0.0).cumsum(-1), u[pending, -1])
     return out
 
