@@ -384,7 +384,7 @@ def test_models_and_inspect_do_not_import_torch(world):
             f"             main(['inspect', {str(world.tiny)!r}]), main(['inspect', {str(world.bf16)!r}, '--json'])]\n"
             "    codes.append(main(['--help']))\n"
             "assert codes == [0, 0, 0, 0, 0, 0], codes\n"
-            "heavy = [m for m in ('torch', 'numpy', 'rwkvtune.train.cli', 'rwkvtune.generate_cli')\n"
+            "heavy = [m for m in ('torch', 'numpy', 'rwkvtune.cli.train', 'rwkvtune.cli.generate')\n"
             "         if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=world.env(), timeout=60)

@@ -1,4 +1,4 @@
-"""Generation: sampling maths, greedy exactness, stop strings, streaming, state tuning, chat, CLI."""
+"""Generation: SamplingConfig, sampling maths, greedy exactness, stop strings, streaming, state tuning, chat, CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from helpers import write_checkpoint
-from rwkvtune.generate import (GenerationError, GenerationStats, apply_penalties, chat, format_chat, generate,
-                               prepare_for_decoding, sample_logits, sampling_probs, stream_generate, update_counts)
+from rwkvtune.generate import (GenerationError, GenerationStats, SamplingConfig, apply_penalties, chat, format_chat,
+                               generate, prepare_for_decoding, sample_logits, sampling_probs, stream_generate,
+                               update_counts)
 from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.tokenizer import get_tokenizer
 
@@ -59,6 +60,47 @@ class Scripted(torch.nn.Module):
         logits = torch.zeros(1, idx.shape[1], V)
         logits[0, -1, self.script[n] if n < len(self.script) else 0] = 50.0
         return logits, n
+
+
+# ----------------------------------------------------------------------------- SamplingConfig
+def test_sampling_config_defaults_and_overrides(tok):
+    c = SamplingConfig()
+    assert (c.max_tokens, c.temperature, c.top_p, c.top_k, c.presence_penalty, c.frequency_penalty,
+            c.penalty_decay, c.stop, c.seed, c.penalize_whitespace) == (200, 1.0, 0.85, 0, 0.0, 0.0, 0.996, (), None,
+                                                                        False)
+    c = SamplingConfig(temperature=1, top_k=3, stop="END", seed=5)
+    assert type(c.temperature) is float and c.stop == ("END",) and (c.top_k, c.seed) == (3, 5)
+    # keyword arguments override the given config (here: temperature 0 over a sampling config)
+    script = tok.encode("one two")
+    base = SamplingConfig(temperature=2.0, max_tokens=1)
+    st = GenerationStats()
+    generate(Scripted(script), tok, "x", base, temperature=0, max_tokens=5, stats=st)
+    assert st.tokens == script
+    with pytest.raises(TypeError, match="temprature"):
+        generate(Scripted(script), tok, "x", temprature=0)
+    with pytest.raises(GenerationError, match="^sampling: expected a SamplingConfig"):
+        generate(Scripted(script), tok, "x", {"temperature": 0})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("temperature", float("nan")), ("temperature", -0.5), ("temperature", float("inf")), ("temperature", "1"),
+    ("top_p", float("nan")), ("top_p", 1.5), ("top_p", -0.1),
+    ("top_k", -1), ("top_k", 2.5), ("top_k", True),
+    ("presence_penalty", float("nan")), ("frequency_penalty", float("inf")), ("frequency_penalty", None),
+    ("penalty_decay", 0.0), ("penalty_decay", 1.5), ("penalty_decay", float("nan")),
+    ("max_tokens", -1), ("max_tokens", 3.0),
+    ("seed", 1.5), ("seed", "7"),
+    ("stop", [""]), ("stop", ["ok", 3]), ("stop", 5),
+])
+def test_sampling_config_refuses_bad_values(tok, name, value):
+    with pytest.raises(GenerationError) as e:
+        SamplingConfig(**{name: value})
+    msg = str(e.value)
+    assert msg.startswith(f"{name}: expected ") and repr(value) in msg and "\n" not in msg
+    m = Scripted(tok.encode("a"))  # the same check guards the keyword overrides, before any forward
+    with pytest.raises(GenerationError, match=f"^{name}: "):
+        generate(m, tok, "x", **{name: value})
+    assert m.calls == []
 
 
 # ------------------------------------------------------------------------------ sampling maths
@@ -147,8 +189,8 @@ def test_prepare_for_decoding_keeps_values(ckpt, tok, tmp_path):
 
 
 def test_decode_linear_threaded_product(ckpt, tok):
-    """The threaded one-row product (2+ threads) equals F.linear up to fp32 rounding; with
-    autograd on, or more than one row, it is F.linear itself."""
+    """The threaded one-row product and the column-block product for 2..64 rows (2+ threads) equal
+    F.linear up to fp32 rounding; with autograd on it is F.linear itself."""
     from rwkvtune.generate import _DecodeLinear
 
     m = RWKV7.from_checkpoint(ckpt)
@@ -168,6 +210,20 @@ def test_decode_linear_threaded_product(ckpt, tok):
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
         y = lin(x)  # grad enabled: plain F.linear
         assert torch.equal(y, torch.nn.functional.linear(x, lin.weight))
+        # 2..64 rows (batched decoding): the column-block product, without calling F.linear
+        import rwkvtune.generate.decoding as dec
+
+        for layer in (m.head, lin, m.blocks[0].ffn.value):
+            for shape in ((5, layer.in_features), (3, 1, layer.in_features), (64, layer.in_features)):
+                xs = torch.randn(*shape)
+                want = torch.nn.functional.linear(xs, layer.weight)
+                linear, dec.F.linear = dec.F.linear, None
+                try:
+                    with torch.no_grad():
+                        got = layer(xs)
+                finally:
+                    dec.F.linear = linear
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         with torch.no_grad():
             out = m(idx)
             _, st = m(idx[:, :-1], return_state=True)
@@ -298,6 +354,250 @@ def test_chat_stops_at_turn_end(tok):
     assert chat(m, tok, "Hi", temperature=0) == "Hello there!"
 
 
+# ----------------------------------------------------------------------- batched generation
+class BatchScripted(torch.nn.Module):
+    """A fake batched model: each row follows the script chosen by its prompt's last token, then
+    emits token 0. The state (an RWKV7State, so rows stack and drop like the real one) carries
+    the script key and the step per row. ``calls`` records (B, T) of every forward."""
+
+    def __init__(self, scripts: dict[int, list[int]]):
+        super().__init__()
+        self.scripts = scripts
+        self.calls = []
+
+    def forward(self, idx, state=None, return_state=False, wkv_init=None, last_only=False):
+        from rwkvtune.models.rwkv7.model import RWKV7State
+
+        B, T = idx.shape
+        self.calls.append((B, T))
+        if state is None:
+            key, n = idx[:, -1].float(), torch.zeros(B)
+        else:
+            key, n = state.att_x_prev[0, :, 0], state.att_x_prev[0, :, 1] + 1
+        logits = torch.zeros(B, 1, V)
+        for b in range(B):
+            script = self.scripts[int(key[b])]
+            logits[b, 0, script[int(n[b])] if n[b] < len(script) else 0] = 50.0
+        new = RWKV7State(torch.stack([key, n], -1)[None], torch.zeros(1, B, 1, 1, 1), torch.zeros(1, B, 1))
+        return logits, new
+
+
+@pytest.fixture(scope="module")
+def sharp_model(ckpt):
+    """The tiny model with its head scaled by 8: logits of std ~8, so the top two logits of every
+    step are far apart compared with the fp32 rounding differences between a batched and a
+    one-row matmul (about 1e-6 relative). Greedy comparisons then cannot flip on a near tie."""
+    m = RWKV7.from_checkpoint(ckpt)
+    with torch.no_grad():
+        m.head.weight.mul_(8.0)
+    return m
+
+
+def _counting(model):
+    """(B, T) of every pass through a real model, prefill or decode step: a hook on the embedding,
+    which every pass (model.forward or the batched decode step) starts with."""
+    calls = []
+    model.emb.register_forward_hook(lambda mod, args, out: calls.append(tuple(out.shape[:-1]) if out.dim() == 3
+                                                                        else (out.shape[0], 1)))
+    return calls
+
+
+def test_sample_rows_draws_the_sampling_probs_distribution():
+    """The vectorised sampler (topk threshold, rejection for top-p, sorted fallback) draws from the
+    distribution sampling_probs computes by sorting, row by row; excluded tokens never come."""
+    from rwkvtune.generate import sample_rows
+    from rwkvtune.generate.sampling import UNIFORMS_PER_ROW
+
+    p = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04], [0.02, 0.08, 0.1, 0.2, 0.3, 0.3]])
+    n = 20000
+    logits = p.log().repeat(n, 1)  # rows alternate between the two distributions
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(temperature=1.0, top_p=1.0), dict(temperature=1.0, top_p=0.7), dict(temperature=2.0, top_p=0.5),
+               dict(temperature=0.7, top_p=0.9, top_k=3), dict(temperature=50.0, top_p=0.3),
+               dict(temperature=1.0, top_p=0.0)):
+        cfg = SamplingConfig(**kw)
+        tokens = sample_rows(logits, cfg, torch.rand(2 * n, UNIFORMS_PER_ROW, generator=g))
+        for row in (0, 1):
+            freq = torch.bincount(tokens[row::2], minlength=6).float() / n
+            want = sampling_probs(p[row].log(), **kw)
+            torch.testing.assert_close(freq, want, atol=0.015, rtol=0, msg=f"{kw} row {row}")
+            assert (freq[want == 0] == 0).all(), (kw, row, freq)
+    assert sample_rows(logits[:2], SamplingConfig(temperature=0), None).tolist() == [0, 4]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_batch_decoder_step_equals_model_forward(ckpt, tok, dtype, tol):
+    """The in-place batched decode step gives the logits and the state of RWKV7.forward, step after
+    step, also after rows are dropped; in bf16 within bf16 rounding."""
+    from rwkvtune.generate.rnn import BatchDecoder
+    from rwkvtune.models.rwkv7.model import RWKV7State
+
+    m = RWKV7.from_checkpoint(ckpt, dtype=dtype)
+    states = []
+    with torch.no_grad():
+        for p in ("Hello there", "A", "Three different prompts"):
+            states.append(m(torch.tensor([tok.encode(p)]), return_state=True)[1])
+    ref = RWKV7State(*(torch.cat([getattr(s, f) for s in states], 1) for f in ("att_x_prev", "wkv", "ffn_x_prev")))
+    dec = BatchDecoder(m, ref.clone())
+    tokens = torch.tensor([11, 22, 33])
+    for step in range(5):
+        if step == 3:
+            dec.keep(torch.tensor([0, 2]))
+            ref, tokens = ref.select([0, 2]), tokens[[0, 2]]
+        got = dec.step(tokens)
+        with torch.no_grad():
+            want, ref = m(tokens[:, None], state=ref, return_state=True)
+        assert got.dtype == torch.float32 and got.shape == (len(tokens), V)
+        torch.testing.assert_close(got, want[:, 0].float(), atol=tol * 10, rtol=tol)
+        for f in ("att_x_prev", "wkv", "ffn_x_prev"):
+            torch.testing.assert_close(getattr(dec.state, f), getattr(ref, f), atol=tol, rtol=tol)
+        tokens = got.argmax(-1)
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(sharp_model, tok):
+    from rwkvtune.generate import generate_batch
+
+    m = sharp_model
+    prompts = ["The quick brown fox", "Hi", "", "Once upon a time, in a land far away", "Hi"]
+    done = generate_batch(m, tok, prompts, max_tokens=10, temperature=0)
+    assert [(c.prompt_index, c.sample_index) for c in done] == [(i, 0) for i in range(5)]
+    for p, c in zip(prompts, done):
+        st = GenerationStats()
+        text = generate(m, tok, p, max_tokens=10, temperature=0, stats=st)
+        eot = [0] if st.finish_reason == "eot" else []
+        assert c.token_ids == st.tokens + eot and c.text == text and c.finish_reason == st.finish_reason
+        # the premise of comparing batched and one-row fp32 maths: no near tie at any step
+        ids = (tok.encode(p) or [0]) + st.tokens
+        with torch.no_grad():
+            top2 = m(torch.tensor([ids]))[0, -len(st.tokens) - 1:].topk(2).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+    assert len({tuple(c.token_ids) for c in done}) == 4  # the prompts do lead to different text
+    assert generate(m, tok, prompts, max_tokens=10, temperature=0) == [c.text for c in done]
+
+
+def test_batched_penalties_are_per_row(sharp_model, tok):
+    """Presence/frequency penalties with decay, each row counting only its own tokens, equal the
+    one-prompt path (which counts with update_counts, one token at a time)."""
+    from rwkvtune.generate import generate_batch
+
+    kw = dict(max_tokens=24, temperature=0, presence_penalty=2.0, frequency_penalty=1.5, penalty_decay=0.9)
+    prompts = ["a", "Hello there, how are", "a"]
+    done = generate_batch(sharp_model, tok, prompts, **kw)
+    for p, c in zip(prompts, done):
+        st = GenerationStats()
+        generate(sharp_model, tok, p, stats=st, **kw)
+        assert c.token_ids == st.tokens + ([0] if st.finish_reason == "eot" else [])
+    plain = generate_batch(sharp_model, tok, prompts[:1], max_tokens=24, temperature=0)
+    assert plain[0].token_ids != done[0].token_ids
+
+
+def test_samples_share_one_prefill_and_differ(ckpt, tok):
+    from rwkvtune.generate import generate_batch
+
+    m = RWKV7.from_checkpoint(ckpt)
+    calls = _counting(m)
+    two = [tok.encode(" a b"), tok.encode(" c d")]  # two distinct prompts of equal length: one forward
+    assert len(two[0]) == len(two[1]) == 2
+    prompts = ["The quick brown fox jumps", "Hi", two[0], two[1], "Hi"]
+    done = generate_batch(m, tok, prompts, samples_per_prompt=4, max_tokens=6, temperature=1.0, top_p=1.0, seed=0)
+    assert len(done) == 20 and [(c.prompt_index, c.sample_index) for c in done[4:6]] == [(1, 0), (1, 1)]
+    prefill = [c for c in calls if c[1] > 1 or c == (1, 1)]
+    lengths = sorted(len(tok.encode(p)) for p in ("The quick brown fox jumps", "Hi"))
+    assert len(prefill) == 3 and sorted(prefill) == sorted([(1, lengths[0]), (1, lengths[1]), (2, 2)])
+    assert calls[:3] == prefill and all(t == 1 for _, t in calls[3:]) and calls[3][0] == 20
+    for i in range(5):
+        samples = {tuple(c.token_ids) for c in done if c.prompt_index == i}
+        assert len(samples) == 4, f"prompt {i}: the 4 samples are not independent"
+
+
+def test_finished_rows_are_dropped_and_stop_per_row(tok):
+    """Each row ends on its own (end of text, its stop string, max_tokens); a finished row is not
+    in later forwards, whose batch sizes shrink accordingly."""
+    from rwkvtune.generate import generate_batch
+
+    texts = {1: "ab", 2: "one two three END four", 3: "x ySTOPz tail", 4: "a b c d e f g h i j k l m n"}
+    scripts = {key: tok.encode(t) for key, t in texts.items()}
+    m = BatchScripted(scripts)
+    done = generate_batch(m, tok, [[1], [2], [3], [4]], max_tokens=9, stop=["END", "STOP"], temperature=0)
+    assert [c.finish_reason for c in done] == ["eot", "stop", "stop", "length"]
+    assert [c.text for c in done] == ["ab", "one two three ", "x y", tok.decode(scripts[4][:9])]
+    assert done[0].token_ids == scripts[1] + [0] and done[3].token_ids == scripts[4][:9]
+    stop_at = {2: None, 3: None}
+    for key in stop_at:  # the token that completes the stop string is the row's last token
+        ids = scripts[key]
+        stop_at[key] = next(n for n in range(1, len(ids) + 1) if "END" in tok.decode(ids[:n])
+                            or "STOP" in tok.decode(ids[:n]))
+        assert done[key - 1].token_ids == ids[:stop_at[key]]
+    ends = [len(scripts[1]) + 1, stop_at[2], stop_at[3], 9]  # tokens sampled per row: [2, 4, 3, 9]
+    # after step s (0-based) a row that samples e tokens is still running when e > s + 1
+    expect = [sum(e > s + 1 for e in ends) for s in range(max(ends) - 1)]
+    assert ends == [2, 4, 3, 9] and expect == [4, 3, 2, 1, 1, 1, 1, 1]
+    assert m.calls[0] == (4, 1) and [b for b, _ in m.calls[1:]] == expect
+
+
+def test_batch_seed_reproducible_and_rows_independent(model, tok):
+    from rwkvtune.generate import BatchStats, generate_batch
+
+    prompts = ["Hello", "The weather today"]
+    kw = dict(samples_per_prompt=2, max_tokens=12, temperature=1.0, top_p=0.85, logprobs=True)
+    a = generate_batch(model, tok, prompts, seed=3, **kw)
+    b = generate_batch(model, tok, prompts, seed=3, **kw)
+    c = generate_batch(model, tok, prompts, seed=4, **kw)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b] and [x.logprobs for x in a] == [x.logprobs for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    # Row 0 stops at once (its stop string is its first token's text); rows 1..3 do not change:
+    # their random numbers do not depend on when other rows finish.
+    first = tok.decode(a[0].token_ids[:1])
+    stats = BatchStats()
+    d = generate_batch(model, tok, prompts, seed=3, stop=[first], stats=stats, **kw)
+    assert d[0].finish_reason == "stop" and len(d[0].token_ids) == 1
+    unaffected = [(x, y) for x, y in zip(a[1:], d[1:]) if first not in x.text]
+    assert len(unaffected) >= 2 and all(x.token_ids == y.token_ids for x, y in unaffected)
+    assert (stats.rows, stats.prefill_forwards) == (4, 2)
+    assert stats.generated_tokens == sum(len(x.token_ids) for x in d)
+
+
+def test_batch_logprobs_are_the_raw_model_softmax(model, tok):
+    """logprobs = log_softmax of an independent full-sequence forward at each sampled token, even
+    though sampling used top-p, temperature and penalties."""
+    from rwkvtune.generate import generate_batch
+
+    prompts = ["Hello", "A longer prompt here"]
+    done = generate_batch(model, tok, prompts, samples_per_prompt=2, max_tokens=8, temperature=0.8, top_p=0.5,
+                          presence_penalty=1.0, seed=1, logprobs=True)
+    for c in done:
+        ids = tok.encode(prompts[c.prompt_index])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + c.token_ids[:-1]]))[0, len(ids) - 1:]
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
+    assert generate_batch(model, tok, prompts, max_tokens=2)[0].logprobs is None
+
+
+def test_batch_wkv_init_and_bad_input(model, tok):
+    from rwkvtune.generate import generate_batch
+
+    c = model.config
+    w = torch.randn(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, generator=torch.Generator().manual_seed(0))
+    one = GenerationStats()
+    generate(model, tok, "Hello", max_tokens=6, temperature=0, wkv_init=w, stats=one)
+    got = generate_batch(model, tok, ["Hello", "x"], max_tokens=6, temperature=0, wkv_init=w)
+    assert got[0].token_ids[:len(one.tokens)] == one.tokens
+    assert generate_batch(model, tok, []) == []
+    for bad, match in ((dict(samples_per_prompt=0), "^samples_per_prompt: expected an integer >= 1, found 0"),
+                       (dict(prompts="Hello"), "^prompts: expected a list of prompts"),
+                       (dict(prompts=["ok", 3.5]), r"^prompts\[1\]: expected text or a list of token ids"),
+                       (dict(top_p=float("nan")), "^top_p: expected"),
+                       (dict(wkv_init=w[:1]), "another model")):
+        kw = {"prompts": ["Hello"], **bad}
+        with pytest.raises(GenerationError, match=match):
+            generate_batch(model, tok, kw.pop("prompts"), **kw)
+    with pytest.raises(GenerationError, match="^samples_per_prompt"):
+        generate(model, tok, "Hello", samples_per_prompt=2)
+    with pytest.raises(GenerationError, match="state=, stream= and stats="):
+        generate(model, tok, ["Hello"], stats=GenerationStats())
+
+
 # ----------------------------------------------------------------------------------- CLI
 def _argv(ckpt, **over):
     argv = ["--model", ckpt, "--prompt", "Hello", "--max-tokens", "8", "--seed", "4"]
@@ -314,7 +614,7 @@ def _argv(ckpt, **over):
 
 
 def _args(ckpt, **over):
-    from rwkvtune.generate_cli import add_arguments
+    from rwkvtune.cli.generate import add_arguments
 
     return add_arguments(argparse.ArgumentParser()).parse_args(_argv(ckpt, **over))
 
@@ -327,15 +627,30 @@ def _main(ckpt, **over) -> int:
 
 
 def test_cli_defaults(ckpt):
+    from rwkvtune.cli.generate import add_arguments, sampling_from_args
+
     a = _args(ckpt)
-    assert (a.max_tokens, a.temperature, a.top_p, a.top_k, a.presence_penalty, a.frequency_penalty) == \
-        (8, 1.0, 0.85, 0, 0.0, 0.0)
-    assert a.precision == "fp32" and a.device == "cpu" and a.stop is None and not a.chat
+    assert (a.max_tokens, a.temperature, a.top_p, a.top_k, a.presence_penalty, a.frequency_penalty,
+            a.penalty_decay, a.seed) == (8, 1.0, 0.85, 0, 0.0, 0.0, 0.996, 4)
+    assert a.precision == "fp32" and a.device == "auto" and a.stop is None and not a.chat
     assert _args(ckpt, stop=["a", "b"]).stop == ["a", "b"]
+    assert sampling_from_args(_args(ckpt, stop=["a"]), ("\n\n",)) == SamplingConfig(max_tokens=8, seed=4,
+                                                                                     stop=("a", "\n\n"))
+    helps = add_arguments(argparse.ArgumentParser()).format_help().replace("\n", " ")
+    for text in ("(default 200)", "(default 0.85)", "(default 0.996)", "0 = greedy (default 1.0)"):
+        assert text in " ".join(helps.split())
+
+
+def test_cli_refuses_nan_with_the_flag_name(ckpt, capsys):
+    assert _main(ckpt, temperature="nan") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --temperature: expected a finite number >= 0, found nan;") and err.count("\n") == 1
+    assert _main(ckpt, top_p=2) == 2
+    assert capsys.readouterr().err.startswith("error: --top-p: expected a number with 0 <= top_p <= 1, found 2.0;")
 
 
 def test_cli_run_streams_text_and_stats(ckpt, model, tok, capsys):
-    from rwkvtune.generate_cli import run
+    from rwkvtune.cli.generate import run
 
     assert run(_args(ckpt)) == 0
     out, err = capsys.readouterr()
@@ -346,7 +661,7 @@ def test_cli_run_streams_text_and_stats(ckpt, model, tok, capsys):
 
 
 def test_cli_state_file(ckpt, model, tok, tmp_path, capsys):
-    from rwkvtune.generate_cli import run
+    from rwkvtune.cli.generate import run
 
     c = model.config
     w = torch.randn(c.n_layer, c.n_head, c.head_size_a, c.head_size_a, generator=torch.Generator().manual_seed(1))
@@ -367,12 +682,12 @@ def test_cli_state_file(ckpt, model, tok, tmp_path, capsys):
     assert _main(ckpt, state=tmp_path / "nokey.pth") == 2
     assert "wkv_init" in capsys.readouterr().err
     assert _main(ckpt, state=tmp_path / "missing.pth") == 2
-    assert capsys.readouterr().err.startswith(f"error: --state {tmp_path / 'missing.pth'}: file not found")
+    assert capsys.readouterr().err.startswith(f"error: --state {tmp_path / 'missing.pth'}: state file not found")
 
 
 def test_cli_subprocess_chat(ckpt):
     """The real entry path in a fresh interpreter: chat mode, text on stdout, stats on stderr."""
-    code = ("import sys, argparse; from rwkvtune.generate_cli import add_arguments, run; "
+    code = ("import sys, argparse; from rwkvtune.cli.generate import add_arguments, run; "
             "p = add_arguments(argparse.ArgumentParser()); sys.exit(run(p.parse_args(sys.argv[1:])))")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code, "--model", ckpt, "--prompt", "Hi", "--chat",
@@ -398,7 +713,7 @@ def test_cli_missing_model(ckpt, capsys):
 def test_cli_prompt_from_stdin_loses_one_trailing_newline(ckpt, monkeypatch, capsys, stdin, prompt):
     import io
 
-    import rwkvtune.generate_cli as gen_cli
+    import rwkvtune.cli.generate as gen_cli
 
     seen = []
 

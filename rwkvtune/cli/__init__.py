@@ -93,8 +93,8 @@ COMMANDS: list[Command] = [
             f"{_CLI}.models:add_inspect_arguments",
             "Detect every dimension of an RWKV-7 .pth from its tensor shapes, without loading tensor data, "
             "and name the registry entry it matches."),
-    Command("generate", "generate text (streams; chat mode with --chat)", "rwkvtune.generate_cli:run",
-            "rwkvtune.generate_cli:add_arguments",
+    Command("generate", "generate text (streams; chat mode with --chat)", f"{_CLI}.generate:run",
+            f"{_CLI}.generate:add_arguments",
             "Prefill the prompt in parallel, then decode token by token with the RNN state."),
     Command("train", "fine-tune or pretrain (full, LoRA or state tuning)", f"{_CLI}.train:run_train",
             f"{_CLI}.train:add_train_arguments",

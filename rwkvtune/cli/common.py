@@ -42,3 +42,15 @@ def add_data_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 def add_save_dtype(p: argparse.ArgumentParser, default: str | None = "bf16") -> None:
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default=default,
                    help="storage dtype of the written model: bf16 (like released files) or fp32 (default: bf16)")
+
+
+def load_state(path: str, model):
+    """``--state PATH`` through the one state reader (:func:`rwkvtune.peft.state.load_state_file`),
+    its errors naming the flag."""
+    from rwkvtune.errors import CheckpointError
+    from rwkvtune.peft.state import load_state_file
+
+    try:
+        return load_state_file(path, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"--state {e}") from None

@@ -74,9 +74,9 @@ def run_eval(args: argparse.Namespace) -> int:
         load_adapter(model, args.adapter)
     wkv_init = None
     if args.state:
-        from rwkvtune.peft.state import load_state_file
+        from rwkvtune.cli.common import load_state
 
-        wkv_init = load_state_file(args.state, model)
+        wkv_init = load_state(args.state, model)
     ctx_len, origin = _eval_ctx_len(args, model)
     print(f"ctx_len {ctx_len} (from {origin})", file=sys.stderr)
     cfg = TrainConfig(model=args.model, data=args.data, ctx_len=ctx_len, batch_size=args.batch_size,

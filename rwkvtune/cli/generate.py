@@ -1,0 +1,134 @@
+"""``rwkvtune generate``: sampling flags from SamplingConfig, chat wrapping, streaming output.
+
+    rwkvtune generate --model 0.1b --prompt "The Eiffel tower is in" --max-tokens 100
+    rwkvtune generate --model my.pth --chat --prompt "Hello!" --state tuned-state.pth
+
+Text streams to stdout as it is generated; a stats line (tokens, prefill and decode speed) goes
+to stderr at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from rwkvtune.cli.common import add_device, load_state
+from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
+                               prepare_for_decoding, stream_generate)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplingConfig field, with its default and help text from the dataclass."""
+    for f in dataclasses.fields(SamplingConfig):
+        kind, help = f.metadata["cli"], f.metadata["help"]
+        if kind in ("int", "float"):
+            shown = "" if f.default is None else f" (default {f.default})"
+            parser.add_argument(_flag(f.name), type=int if kind == "int" else float, default=f.default,
+                                help=help + shown)
+        elif kind == "append":
+            parser.add_argument(_flag(f.name), action="append", default=None, metavar="TEXT", help=help)
+        elif kind == "flag":
+            parser.add_argument(_flag(f.name), action="store_true", default=f.default, help=help)
+
+
+def sampling_from_args(args: argparse.Namespace, extra_stops: tuple[str, ...] = ()) -> SamplingConfig:
+    """The SamplingConfig of parsed flags (missing ones keep the defaults); a bad value is refused
+    with the flag's name."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)
+              if f.metadata["cli"] and getattr(args, f.name, None) is not None}
+    stops = tuple(values.get("stop") or ())
+    values["stop"] = stops + tuple(s for s in extra_stops if s not in stops)
+    try:
+        return SamplingConfig(**values)
+    except GenerationError as e:
+        name = str(e).split(":", 1)[0]
+        raise GenerationError(_flag(name) + str(e)[len(name):]) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser
+    p.add_argument("--model", required=True,
+                   help="registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint or a Hugging "
+                        "Face RWKV-7 folder")
+    p.add_argument("--prompt", default=None,
+                   help="prompt text (default: read from stdin, less one trailing newline, so that "
+                        "`echo TEXT |` equals --prompt TEXT); with --chat, the user message")
+    add_sampling_arguments(p)
+    p.add_argument("--chat", action="store_true",
+                   help='wrap the prompt as "User: ...\\n\\nAssistant:" and stop at the turn end "\\n\\n"')
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="a tuned initial state: state.pth (or .safetensors) from `rwkvtune train --mode state`, or "
+                        "a state in RWKV-PEFT's layout")
+    add_device(p)
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="weights and activations dtype (default fp32; the WKV state is always fp32)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, stream the generated text to stdout; returns the exit code.
+
+    Bad input raises :class:`RwkvtuneError`, which ``rwkvtune``'s main prints as one
+    ``error: ...`` line (exit status 2), as for every other command.
+    """
+    from rwkvtune.models.rwkv7.model import RWKV7
+    from rwkvtune.tokenizer import get_tokenizer
+
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    prompt = get("prompt")
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise GenerationError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            prompt = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 "
+                                  f"text") from None
+        # `echo hi | rwkvtune generate` must equal --prompt hi: drop the line end that echo (or an
+        # editor saving the file) adds; only one, so a prompt that ends in a blank line keeps it.
+        if prompt.endswith("\n"):
+            prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt[:-1]
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as surrogates
+        raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from None
+    chat = bool(get("chat"))
+    if get("system") is not None and not chat:
+        raise GenerationError("--system is a chat system message: add --chat (it has no place in a plain prompt)")
+    if chat:
+        prompt = format_chat(prompt, system=get("system"))
+    sampling = sampling_from_args(args, (CHAT_TURN_END,) if chat else ())  # refused before the model loads
+    from rwkvtune.cli.common import resolve_device
+
+    device = resolve_device(get("device"))
+    precision = get("precision") or "fp32"
+    if precision not in PRECISIONS:
+        raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    model = prepare_for_decoding(RWKV7.from_checkpoint(get("model"), device=device, dtype=PRECISIONS[precision]))
+    wkv_init = load_state(get("state"), model) if get("state") else None
+    stats = GenerationStats()
+    out = sys.stdout
+    first = True
+    for piece in stream_generate(model, get_tokenizer(), prompt, sampling=sampling, wkv_init=wkv_init, stats=stats):
+        if chat and first:  # the reply starts after "Assistant:" with a space
+            piece = piece.lstrip()
+            if not piece:
+                continue
+        first = False
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    print(stats.summary(), file=sys.stderr, flush=True)
+    return 0
