@@ -69,6 +69,7 @@ class TrainConfig:
     max_completion_length: int = 128  # grpo: most tokens per completion
     temperature: float = 1.0  # grpo: sampling temperature of the rollouts
     top_p: float = 1.0  # grpo: nucleus sampling of the rollouts
+    stop: tuple[str, ...] = ()  # grpo: a completion ends at any of these strings (kept in its tokens, cut from its text)
     epsilon: float = 0.2  # grpo: clipping of the probability ratio (lower side)
     epsilon_high: float | None = None  # grpo: upper side (DAPO's clip-higher; default: epsilon)
     num_iterations: int = 1  # grpo: optimizer steps per batch of rollouts (old log-probs stored)

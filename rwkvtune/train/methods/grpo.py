@@ -142,7 +142,7 @@ class GRPO(TrainingMethod):
         try:
             out = generate_batch(_Policy(module), self.tokenizer, [r.ids.tolist() for r in records],
                                  samples_per_prompt=G, max_tokens=cfg.max_completion_length, top_k=0,
-                                 presence_penalty=0.0, frequency_penalty=0.0, **sampling)
+                                 presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.stop), **sampling)
         finally:
             module.train(was_training)
         return out, time.perf_counter() - t0

@@ -1,0 +1,143 @@
+"""GRPO as a training method: rollouts, rewards, the reference, resume, DDP, modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_state_dict
+from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.train.trainer import train
+
+SMALL = dict(n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8, d_mv=8, d_gate=8)
+REWARD = '''def space_first(prompts, completions, **fields):
+    """1 for a completion that starts with a space: about half of a random model's, learnable."""
+    assert set(fields) == {"answer"} and len(fields["answer"]) == len(completions)
+    return [float(c.startswith(" ")) for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo")
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "answer": str(a + b)}) + "\n"
+                               for a in range(4) for b in range(4)))
+    (d / "reward.py").write_text(REWARD)
+    # A peaked head (logits x12): a random model then samples a few dozen first tokens for these
+    # prompts, not thousands, so a reward over them can be learned in a few steps.
+    sd = make_state_dict(**SMALL)
+    sd["head.weight"] *= 12
+    torch.save(sd, d / "base.pth")
+    return {"prompts": str(prompts), "reward": f"{d / 'reward.py'}:space_first", "dir": d, "ckpt": str(d / "base.pth")}
+
+
+def _cfg(data, out, **kw):
+    base = dict(model=data["ckpt"], data=data["prompts"], out=str(out), method="grpo", reward=(data["reward"],),
+                num_generations=4, max_completion_length=4, ctx_len=32, batch_size=2, max_steps=3, lr=1e-2,
+                warmup_steps=0, save_every=0, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _rows(out, key="loss"):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_grpo_learns_a_user_reward_and_logs_rollouts(data, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(data, out, max_steps=12, batch_size=4, num_generations=8))
+    rows = _rows(out, "reward")
+    first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
+    assert last > first + 0.15, [round(r["reward"], 2) for r in rows]
+    assert {"reward_std", "rewards/reward.space_first/mean", "completion_length", "frac_reward_zero_std",
+            "rollout_tokens_per_s", "clip_ratio/region_mean"} <= set(rows[0])
+    rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 12 * 4 * 8  # every completion of every step, with its rewards
+    r = rollouts[0]
+    assert r["reward"] == float(r["completion"].startswith(" ")) and r["rewards"] == {"reward.space_first": r["reward"]}
+    # advantages are group-relative: each group of 8 sums to zero
+    for g in range(0, 64, 8):
+        assert abs(sum(x["advantage"] for x in rollouts[g:g + 8])) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["lora", "state"])
+def test_grpo_reference_is_the_base_in_lora_and_state_modes(data, tmp_path, mode):
+    """With beta > 0 the KL to the reference is exactly 0 at the first step (the policy starts as
+    the base, and the reference is the base with the trained parts off), then grows."""
+    out = tmp_path / mode
+    train(_cfg(data, out, mode=mode, beta=0.1, max_steps=3, lr=5e-2 if mode == "state" else 1e-2))
+    kl = [r["kl"] for r in _rows(out, "kl")]
+    assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-6
+
+
+def test_grpo_resume_mid_iterations_continues_identically(data, tmp_path, monkeypatch):
+    """num_iterations=2: the rollouts of a batch serve two steps; a run stopped between them resumes
+    with the same stored rollouts and updates, as the uninterrupted run."""
+    import rwkvtune.train.trainer as trainer_mod
+
+    kw = dict(max_steps=6, save_every=1, num_iterations=2, seed=3)
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(data, full, **kw))
+    real_lr_at = trainer_mod.lr_at
+
+    def die_at_step_4(step, *a):
+        if step == 3:  # the second step on the rollouts sampled at step 3
+            raise KeyboardInterrupt
+        return real_lr_at(step, *a)
+
+    monkeypatch.setattr(trainer_mod, "lr_at", die_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(data, part, **kw))
+    monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
+    train(TrainConfig(resume=str(part)))
+    la, lb = [r["loss"] for r in _rows(full)], [r["loss"] for r in _rows(part)]
+    assert len(lb) == 6 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-6
+    ra, rb = [(Path(d) / "rollouts.jsonl").read_text() for d in (full, part)]
+    assert ra == rb  # the same completions, sampled once per batch
+    wa, wb = torch.load(full / "final.pth"), torch.load(part / "final.pth")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grpo_ddp_splits_prompts_across_processes(data, tmp_path):
+    import socket
+
+    out = tmp_path / "ddp"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m",
+           "rwkvtune", "train", "--model", data["ckpt"], "--data", data["prompts"], "--out", str(out), "--method",
+           "grpo", "--reward", data["reward"], "--reward", "exact_match:answer", "--ctx-len", "32",
+           "--batch-size", "2", "--max-steps", "2", "--save-every", "0", "num_generations=4",
+           "max_completion_length=4", "tensorboard=false", "reward_weights=[1.0,0.5]"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 * 2 * 2 * 4  # steps x processes x prompts x generations, gathered
+    step1 = {r["prompt"] for r in rollouts if r["step"] == 1}
+    assert len(step1) == 4  # the two processes sampled for different prompts
+    for r in rollouts:  # the weighted total of both rewards
+        assert r["reward"] == pytest.approx(r["rewards"]["reward.space_first"] + 0.5 * r["rewards"]["exact_match:answer"])
+
+
+def test_a_failing_reward_function_stops_with_its_name(data, tmp_path):
+    bad = data["dir"] / "bad_reward.py"
+    bad.write_text("def short(prompts, completions, **kw):\n    return [1.0]\n")
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data",
+                          data["prompts"], "--out", str(tmp_path / "o"), "--method", "grpo", "--reward", f"{bad}:short",
+                          "--ctx-len", "32", "--batch-size", "2", "--max-steps", "1", "num_generations=4",
+                          "max_completion_length=2"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = res.stderr[res.stderr.index("error: "):].splitlines()[0]
+    assert "reward 'bad_reward.short'" in line and "bad_reward.py" in line and "1 values for 8 completions" in line
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data",
+                          data["prompts"], "--out", str(tmp_path / "p"), "--method", "grpo"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "reward: missing" in res.stderr
