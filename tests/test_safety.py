@@ -1,0 +1,137 @@
+"""Newcomer and safety: one run per directory, full disks, divergence, damaged inputs, signals and
+the first steps of a new user. Tiny models; the file systems' failures are real where a test can
+cause them (a file-size limit makes torch.save and plain writes fail as a full disk does)."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_state_dict, write_checkpoint
+from rwkvtune.cli import main
+from rwkvtune.errors import CheckpointError, DataError, OutputError, RwkvtuneError
+from rwkvtune.models.rwkv7 import RWKV7
+from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.train.trainer import train
+
+SMALL = dict(n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8, d_mv=8, d_gate=8)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("safety")
+    text = d / "text.jsonl"
+    words = ["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "eats"]
+    text.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 9] for j in range(8 + i % 5))}) + "\n"
+                            for i in range(24)))
+    return {"text": str(text), "ckpt": write_checkpoint(d / "base.pth", **SMALL), "dir": d}
+
+
+def _cfg(fixture, out, **kw):
+    base = dict(model=fixture["ckpt"], data=fixture["text"], out=str(out), ctx_len=16, batch_size=2, max_steps=2,
+                lr=1e-3, warmup_steps=0, save_every=0, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train_args(fixture, out, *extra):
+    return ["train", "--model", fixture["ckpt"], "--data", fixture["text"], "--out", str(out), "--ctx-len", "16",
+            "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "0", "tensorboard=false", *extra]
+
+
+def _error_line(capsys, argv, status=2) -> str:
+    """The one error line of a failed command (its exit status checked, no traceback)."""
+    assert main(argv) == status, argv
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` fail (EFBIG) as on a full disk: torch.save raises its RuntimeError,
+    plain writes their OSError. SIGXFSZ, which would kill the process, is ignored meanwhile."""
+    resource = pytest.importorskip("resource")
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+# ---- 2. full disks -------------------------------------------------------------------------
+def test_atomic_write_says_no_space_and_the_bytes_needed(tmp_path, monkeypatch):
+    from rwkvtune import utils
+
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"previous")
+
+    def write_then_fail(tmp):
+        Path(tmp).write_bytes(b"0" * 3000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"x.bin: cannot write: No space left on device; it needs about 2.0 MB "
+                                          r"\(.* free there\); free some space or choose another location; files "
+                                          r"written before are intact"):
+        utils._atomic_write(target, write_then_fail, needed=2_000_000)
+    assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["x.bin"]
+    # torch.save's own failure (a RuntimeError without errno): judged by the free space
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    with file_size_limit(100_000), pytest.raises(OutputError, match="x.bin: cannot write: not enough space on the "
+                                                                    "device; it needs about 5.0 MB"):
+        utils.atomic_torch_save({"w": torch.zeros(1_250_000)}, target)
+    assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["x.bin"]
+
+
+# ---- 5. tracebacks that become one line -----------------------------------------------------
+@pytest.fixture
+def unreadable(monkeypatch):
+    """deny(path): reading ``path`` fails with EACCES. chmod 000 does it for a normal user; root
+    reads anything, so for root opening those paths raises PermissionError as well."""
+    denied: set[str] = set()
+
+    def deny(*paths):
+        for p in paths:
+            os.chmod(p, 0)
+            denied.add(os.path.abspath(p))
+
+    if os.geteuid() == 0:
+        real_open, real_os_open = builtins.open, os.open
+
+        def refuse(path):
+            if isinstance(path, (str, os.PathLike)) and os.path.abspath(os.fspath(path)) in denied:
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+        def fake_open(file, *a, **kw):
+            refuse(file)
+            return real_open(file, *a, **kw)
+
+        def fake_os_open(path, *a, **kw):
+            refuse(path)
+            return real_os_open(path, *a, **kw)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_os_open)
+    yield deny
+    for p in denied:
+        os.chmod(p, 0o644)
