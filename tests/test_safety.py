@@ -79,6 +79,29 @@ def file_size_limit(nbytes: int):
 
 
 # ---- 2. full disks -------------------------------------------------------------------------
+def test_full_disk_at_the_resumable_checkpoint_keeps_final_and_says_the_space(data, tmp_path):
+    out = tmp_path / "run"
+    # final.pth (bf16, 8.4 MB) fits; the checkpoint (fp32 weights and AdamW state, 50 MB) does not.
+    with file_size_limit(30_000_000), pytest.raises(OutputError) as e:
+        train(_cfg(data, out))
+    msg = str(e.value)
+    assert msg.startswith(f"{out / 'checkpoints' / 'step-0000002.pt'}: cannot write: ") and "\n" not in msg
+    assert "it needs about 50.7 MB" in msg and "free there" in msg
+    assert f"the trained model is saved: {out / 'final.pth'}" in msg
+    assert RWKV7.from_checkpoint(out / "final.pth") is not None  # complete
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_full_disk_at_a_sharded_checkpoint_is_one_line_too(data, tmp_path):
+    out = tmp_path / "run"
+    with file_size_limit(30_000_000), pytest.raises(OutputError) as e:
+        train(_cfg(data, out, strategy="fsdp"))
+    msg = str(e.value)
+    assert msg.startswith(f"{out / 'checkpoints' / 'step-0000002'}: cannot write: ") and "it needs about 50.7 MB" in msg
+    assert f"the trained model is saved: {out / 'final.pth'}" in msg
+    assert not (out / "checkpoints" / ".step-0000002.tmp").exists() and (out / "final.pth").is_file()
+
+
 def test_atomic_write_says_no_space_and_the_bytes_needed(tmp_path, monkeypatch):
     from rwkvtune import utils
 
@@ -100,6 +123,26 @@ def test_atomic_write_says_no_space_and_the_bytes_needed(tmp_path, monkeypatch):
                                                                     "device; it needs about 5.0 MB"):
         utils.atomic_torch_save({"w": torch.zeros(1_250_000)}, target)
     assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_merge_prepare_and_export_on_a_full_disk_are_one_line(data, tmp_path, capsys):
+    from rwkvtune.peft.lora import apply_lora, save_adapter
+
+    model = RWKV7.from_checkpoint(data["ckpt"])
+    apply_lora(model, ["att.key"], r=2, alpha=4)
+    save_adapter(tmp_path / "adapter.pth", model)
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": f"word{i} " * 200}) + "\n" for i in range(300)))
+    with file_size_limit(1_000_000):  # the outputs are 8.4 MB, 320 KB and 8.4 MB
+        merged = tmp_path / "merged.pth"
+        line = _error_line(capsys, ["merge-lora", data["ckpt"], str(tmp_path / "adapter.pth"), str(merged)])
+        assert line.startswith(f"error: {merged}: cannot write: ") and "it needs about 8.4 MB" in line
+        line = _error_line(capsys, ["export", data["ckpt"], str(tmp_path / "hf")])
+        assert line.startswith(f"error: {tmp_path / 'hf'}: cannot write: File too large") and "it needs about" in line
+    with file_size_limit(100_000):
+        line = _error_line(capsys, ["data", "prepare", str(big), "--out", str(tmp_path / "corpus"), "--workers", "1"])
+        assert line.startswith(f"error: {tmp_path / 'corpus.bin'}: cannot write: File too large") and "needs" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pth", "big.jsonl"]
 
 
 # ---- 5. tracebacks that become one line -----------------------------------------------------

@@ -142,8 +142,13 @@ class MetricsLogger:
 
     def _write(self, row: dict) -> None:
         # One line per call, opened in append mode and closed (so flushed) at once.
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+        except OSError as e:  # disk full: one line, not a traceback (the checkpoints are intact)
+            from rwkvtune.utils import output_error
+
+            raise output_error(self.path, e) from None
 
     def log_step(self, row: dict, progress, advance: int = 1) -> None:
         """Write one row of training metrics; the progress bar shows it and moves ``advance`` steps."""
@@ -233,6 +238,12 @@ class MetricsLogger:
         ax.legend()
         fig.tight_layout()
         path = self.run.loss_plot
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(path, dpi=100)
+        except OSError as e:
+            from rwkvtune.utils import output_error
+
+            raise output_error(path, e) from None
+        finally:
+            plt.close(fig)
         return path

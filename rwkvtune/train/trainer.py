@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
-from rwkvtune.errors import RwkvtuneError
+from rwkvtune.errors import OutputError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.peft import get_mode
@@ -337,8 +337,13 @@ def finish(r: Run) -> dict:
     summary = {"steps": r.step, "tokens": r.tokens, "out": str(r.run.path)}
     # The model first: the resumable checkpoint is several times larger, and a full disk must not
     # cost the trained model. (Every process takes part: FSDP gathers the shards.)
-    summary.update(r.strategy.save_outputs(r.run, r.mode, r.module, r.model_config))
-    save_checkpoint(r)
+    outputs = r.strategy.save_outputs(r.run, r.mode, r.module, r.model_config)
+    summary.update(outputs)
+    try:
+        save_checkpoint(r)
+    except OutputError as e:
+        saved = ", ".join(outputs.values())  # (none on the other processes of a sharded run)
+        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from None
     if r.dist.main:
         r.logger.finish()
         # A resume that only finishes (killed while writing the final files) logs no step itself.
