@@ -78,7 +78,50 @@ def file_size_limit(nbytes: int):
         signal.signal(signal.SIGXFSZ, old_handler)
 
 
+# ---- 1. one run per directory ---------------------------------------------------------------
+
+
+def test_a_second_run_in_a_locked_directory_names_the_holder_and_kill_9_leaves_no_stale_lock(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rwkvtune", *_train_args(data, out, "--max-steps", "100000", "--save-every", "1")]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoints" / "step-0000001.pt").exists():
+            time.sleep(0.05)
+        line = _error_line(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
+        assert f"--resume {out}: another run is using this directory (pid {first.pid} on host " in line
+        assert "rwkvtune train --model" in line and "wait for it to finish or stop it" in line
+    finally:
+        first.kill()
+        first.wait()
+    # The kernel dropped the lock with the process: the run resumes at once.
+    steps = int((out / "checkpoints" / "latest").read_text().strip()[5:12])
+    assert train(TrainConfig(resume=str(out), max_steps=steps + 1))["steps"] == steps + 1
+    assert not (out / "run.lock").exists()  # removed on release
+
+
+def test_lock_is_released_and_a_failed_setup_leaves_no_directory(data, tmp_path):
+    from rwkvtune.train import run_lock
+    from rwkvtune.train.run_dir import RunDir
+
+    run = RunDir(tmp_path / "a" / "b")
+    with run_lock.hold(run):
+        holder = json.loads(run.lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["command"]
+        with pytest.raises(run_lock.RunDirLocked, match=f"pid {os.getpid()}"):
+            with run_lock.hold(run):
+                pass
+    assert not (tmp_path / "a").exists()  # created only for the lock, and left empty
+    with pytest.raises(DataError):
+        train(_cfg(data, tmp_path / "bad", data=str(tmp_path / "missing.jsonl")))
+    assert not (tmp_path / "bad").exists()
+
+
 # ---- 2. full disks -------------------------------------------------------------------------
+
+
 def test_full_disk_at_the_resumable_checkpoint_keeps_final_and_says_the_space(data, tmp_path):
     out = tmp_path / "run"
     # final.pth (bf16, 8.4 MB) fits; the checkpoint (fp32 weights and AdamW state, 50 MB) does not.
@@ -143,6 +186,26 @@ def test_merge_prepare_and_export_on_a_full_disk_are_one_line(data, tmp_path, ca
         line = _error_line(capsys, ["data", "prepare", str(big), "--out", str(tmp_path / "corpus"), "--workers", "1"])
         assert line.startswith(f"error: {tmp_path / 'corpus.bin'}: cannot write: File too large") and "needs" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pth", "big.jsonl"]
+
+
+def test_a_run_that_takes_the_lock_removes_what_killed_writers_left(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_cfg(data, out, save_every=1))
+    ck = out / "checkpoints"
+    dead = 4_999_999  # above any pid_max: no such process
+    stale = [out / f".final.pth.{dead}.0123abcd.tmp", ck / f".step-0000002.pt.{dead}.89abcdef.tmp",
+             ck / ".step-0000003.tmp"]
+    stale[0].write_bytes(b"torn")
+    stale[1].write_bytes(b"torn")
+    stale[2].mkdir()
+    (stale[2] / "__0_0.distcp").write_bytes(b"shard")
+    kept = [out / f".summary.json.{os.getpid()}.0123abcd.tmp", out / "notes.tmp", ck / "step-0000002.pt"]
+    kept[0].write_text("a live writer's")
+    kept[1].write_text("the user's")
+    capsys.readouterr()
+    train(TrainConfig(resume=str(out), max_steps=3))
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert f"removed 3 temporary file(s) that an interrupted run left in {out}" in capsys.readouterr().err
 
 
 # ---- 5. tracebacks that become one line -----------------------------------------------------

@@ -95,7 +95,7 @@ class SafePlanner(DefaultLoadPlanner):
 def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) -> "Path":  # noqa: F821
     """Every process writes its shard into a temporary folder; the main process adds trainer.pt,
     renames the folder into place, points ``latest`` at it and prunes old checkpoints."""
-    final, tmp = run.checkpoint_dir(step), run.checkpoints / f".step-{step:07d}.tmp"
+    final, tmp = run.checkpoint_dir(step), run.checkpoint_temp_dir(step)
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

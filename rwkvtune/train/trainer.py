@@ -31,7 +31,7 @@ from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule
-from rwkvtune.train import checkpointing
+from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.memory import dry_run_report, dry_run_summary
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
@@ -109,6 +109,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     stop.run_dir = run
     check_packages(cfg)
     d = setup_distributed(cfg.device)
+    if d.main and not dry_run:
+        _lock_run_dir(run, resume_dir, cleanup)
     device = select_device(cfg.device, d)
     check_strategy(cfg, device)
     if cfg.strategy == "fsdp" and not dry_run and join_single_process_group(device):
@@ -160,6 +162,17 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
     return r
+
+
+def _lock_run_dir(run: RunDir, resume_dir: str | None, cleanup: contextlib.ExitStack) -> None:
+    """Hold the run directory's lock until train() returns (main process only), check again under
+    it that a new run meets no other run's files, and remove what killed writers left."""
+    cleanup.enter_context(run_lock.hold(run, "--resume" if resume_dir else "--out"))
+    check_out_dir(run, resuming=bool(resume_dir))  # a run that finished since the first check
+    removed = run.remove_stale_temp_files()
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) that an interrupted run left in {run.path}: "
+              f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}", file=sys.stderr)
 
 
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
