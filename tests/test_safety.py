@@ -208,6 +208,54 @@ def test_a_run_that_takes_the_lock_removes_what_killed_writers_left(data, tmp_pa
     assert f"removed 3 temporary file(s) that an interrupted run left in {out}" in capsys.readouterr().err
 
 
+# ---- 3. divergence -------------------------------------------------------------------------
+
+
+def test_divergence_names_the_checkpoint_to_resume_and_a_resume_may_lower_the_lr(data, tmp_path, monkeypatch):
+    import yaml
+
+    import rwkvtune.train.loss as loss_mod
+    from rwkvtune.train.trainer import TrainingDiverged
+
+    real, calls = loss_mod.chunked_loss_sum, {"n": 0}
+
+    def nan_from_step_4(*args, **kw):
+        calls["n"] += 1
+        return real(*args, **kw) * (float("nan") if calls["n"] >= 4 else 1.0)
+
+    monkeypatch.setattr(loss_mod, "chunked_loss_sum", nan_from_step_4)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as e:
+        train(_cfg(data, out, max_steps=6, save_every=1))
+    # Checkpoints 2 and 3 are kept; 3's weights already give nan on step 4's batch: resume from 2.
+    good = out / "checkpoints" / "step-0000002.pt"
+    assert str(e.value) == (f"loss is nan at step 4; stopped without saving. Resume from the checkpoint of step 2 "
+                            f"with a lower learning rate (this run's peak lr is 0.001): rwkvtune train --resume "
+                            f"{good} --lr 0.0005")
+    monkeypatch.setattr(loss_mod, "chunked_loss_sum", real)
+    summary = train(TrainConfig(resume=str(good), lr=5e-4))
+    assert summary["steps"] == 6
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 5e-4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 2, 3, 4, 5, 6]
+    assert rows[2] == {"step": 2, "resumed": True, "schedule_changed": {"lr": {"from": 1e-3, "to": 5e-4}}}
+    from rwkvtune.train.optim import lr_at
+
+    assert rows[3]["lr"] == pytest.approx(lr_at(2, 5e-4, 1e-4, 0, 6))  # the new peak, the saved lr_final
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000005.pt", "step-0000006.pt"]
+
+
+def test_divergence_without_a_usable_checkpoint_says_to_start_again(data, tmp_path, monkeypatch):
+    import rwkvtune.train.loss as loss_mod
+    from rwkvtune.train.trainer import TrainingDiverged
+
+    monkeypatch.setattr(loss_mod, "chunked_loss_sum", lambda *a, **kw: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(TrainingDiverged, match=r"loss is inf at step 1; stopped without saving; no checkpoint was "
+                                               r"saved yet \(save_every 0\): run the same command again with a "
+                                               r"lower --lr \(this run's peak lr is 0.001, e.g. --lr 0.0005\)"):
+        train(_cfg(data, tmp_path / "run"))
+
+
 # ---- 5. tracebacks that become one line -----------------------------------------------------
 @pytest.fixture
 def unreadable(monkeypatch):
@@ -241,3 +289,21 @@ def unreadable(monkeypatch):
     yield deny
     for p in denied:
         os.chmod(p, 0o644)
+
+
+# ---- 6. signals, the progress bar, symlink loops ---------------------------------------------
+def test_the_error_line_is_the_last_line(data, tmp_path, monkeypatch, capsys):
+    import rwkvtune.train.loss as loss_mod
+
+    real = loss_mod.chunked_loss_sum
+    calls = {"n": 0}
+
+    def nan_at_step_2(*args, **kw):
+        calls["n"] += 1
+        return real(*args, **kw) * (float("nan") if calls["n"] == 2 else 1.0)
+
+    monkeypatch.setattr(loss_mod, "chunked_loss_sum", nan_at_step_2)
+    assert main(_train_args(data, tmp_path / "run", "--max-steps", "3")) == 2
+    err = capsys.readouterr().err
+    last = [part for line in err.splitlines() for part in line.split("\r") if part.strip()][-1]
+    assert last.startswith("error: loss is nan at step 2"), err[-2000:]

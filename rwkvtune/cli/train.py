@@ -76,13 +76,14 @@ def config_from_args(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     from rwkvtune.train import trainer
+    from rwkvtune.train.checkpointing import run_dir_of
     from rwkvtune.train.run_dir import RunDir
 
     cfg = config_from_args(args)
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt:
-        run = RunDir(cfg.resume or cfg.out)
+        run = RunDir(run_dir_of(cfg.resume) if cfg.resume else cfg.out)
         if run.checkpoint_files():
             raise KeyboardInterrupt(f"the checkpoints in {run.checkpoints} are kept; continue with: "
                                     f"rwkvtune train --resume {run.path}") from None

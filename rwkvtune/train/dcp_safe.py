@@ -112,8 +112,7 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
         shutil.rmtree(final, ignore_errors=True)  # a resumed run saving the same step again
         tmp.rename(final)
         atomic_write_text(run.latest, final.name + "\n")
-        for old in run.checkpoint_files()[:-max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        checkpointing.prune(run, step, cfg.keep_checkpoints)
     dist.barrier()  # no process goes on (or exits) before the checkpoint is in place
     return final
 
@@ -131,8 +130,8 @@ def _save_error(e: CheckpointException, final, tmp, d, needed: int) -> BaseExcep
 
 
 def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
-    """Restore the newest checkpoint of ``out`` (resharded to this run's processes)."""
-    path = checkpointing.latest_checkpoint(out)
+    """Restore the checkpoint ``--resume out`` names (resharded to this run's processes)."""
+    path = checkpointing.resume_checkpoint(out)
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint of a run without sharding; resume it with strategy ddp (drop "
                               f"strategy=fsdp)")

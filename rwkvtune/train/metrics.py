@@ -172,6 +172,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
 
+    def log_event(self, step: int, fields: dict) -> None:
+        """A row that records something other than metrics at ``step`` (e.g. a resume that changed
+        the lr schedule); it carries no loss, so curves and summaries skip it."""
+        if self.enabled:
+            self._write({"step": step, **fields})
+
     def log_eval(self, step: int, result: dict) -> None:
         if not self.enabled:
             return

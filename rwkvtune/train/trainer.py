@@ -128,7 +128,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     # An upper bound: collate trims the columns after a batch's last target.
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.ctx_len
     if resume_dir and not dry_run:
-        step = checkpointing.checkpoint_step(checkpointing.latest_checkpoint(resume_dir))
+        step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
         done = checkpointing.completed_summary(run.path, step, total_steps)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
@@ -158,6 +158,10 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         step, tokens, method_state = strategy.load_checkpoint(resume_dir, module, optimizer, sampler)
         method.load_state_dict(method_state)
     logger = MetricsLogger(run, cfg, enabled=d.main, resume_step=step if resume_dir else None)
+    if resume_dir:
+        changes = checkpointing.schedule_changes(resume_dir, cfg)
+        if changes:  # a row at the resumed step records the new schedule in the run's history
+            logger.log_event(step, {"resumed": True, "schedule_changed": changes})
     r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
@@ -231,7 +235,7 @@ def _announce(r: Run, resume_dir: str | None) -> None:
                   f"tokens")
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
-                      f"{checkpointing.latest_checkpoint(resume_dir)})")
+                      f"{checkpointing.resume_checkpoint(resume_dir)})")
     if cfg.precision == "bf16" and not r.device.startswith("cuda"):
         r.logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can be far "
                       "slower than fp32 there")
@@ -260,8 +264,14 @@ class _Window:
 
 def loop(r: Run, stop: GracefulStop) -> None:
     """Optimizer steps until total_steps; logs, evaluates and saves on schedule; a signal ends it
-    after the current step with a checkpoint (:class:`Terminated`)."""
-    cfg, progress, window = r.cfg, r.logger.progress(r.total_steps, initial=r.step), _Window()
+    after the current step with a checkpoint (:class:`Terminated`). The progress bar is closed
+    on any exit, so it is never redrawn after an error line."""
+    with r.logger.progress(r.total_steps, initial=r.step) as progress:
+        _loop(r, stop, progress)
+
+
+def _loop(r: Run, stop: GracefulStop, progress) -> None:
+    cfg, window = r.cfg, _Window()
     stop.in_loop = True
     while r.step < r.total_steps:
         t0 = time.perf_counter()
@@ -269,9 +279,7 @@ def loop(r: Run, stop: GracefulStop) -> None:
         set_lr(r.optimizer, lr)
         sums, units, tokens_in = train_step(r)
         if not math.isfinite(sums["loss"]):
-            raise TrainingDiverged(f"loss is {sums['loss']} at step {r.step + 1}; stopped without saving. The "
-                                   f"last good checkpoint is in {r.run.checkpoints} (resume with --resume "
-                                   f"{r.run.path} and a lower --lr)")
+            raise TrainingDiverged(diverged_message(r, sums["loss"]))
         grad_norm = r.strategy.clip_grad_norm(r.module, cfg.grad_clip) if cfg.grad_clip > 0 else None
         r.optimizer.step()
         r.optimizer.zero_grad(set_to_none=True)
@@ -295,7 +303,29 @@ def loop(r: Run, stop: GracefulStop) -> None:
             progress.close()
             _stop_after_step(r, stop)
     stop.in_loop = False
-    progress.close()
+
+
+def diverged_message(r: Run, loss: float) -> str:
+    """What to do when the loss of the next step is not finite: resume with a lower lr from a
+    checkpoint at least one update before that step (the weights of the step just before it
+    already give this loss on this batch, whatever the lr), named with the exact command."""
+    import shlex
+
+    step, lr = r.step + 1, r.cfg.lr
+    head = f"loss is {loss} at step {step}; stopped without saving"
+    kept = r.run.checkpoint_files()
+    usable = [p for p in kept if r.run.checkpoint_step_of(p) <= step - 2]
+    if usable:
+        path = usable[-1]
+        return (f"{head}. Resume from the checkpoint of step {r.run.checkpoint_step_of(path)} with a lower learning "
+                f"rate (this run's peak lr is {lr:g}): rwkvtune train --resume {shlex.quote(str(path))} "
+                f"--lr {lr / 2:g}")
+    if kept:
+        return (f"{head}. The only checkpoint kept (step {r.run.checkpoint_step_of(kept[-1])}) holds the weights "
+                f"that give this loss, so resuming cannot avoid it: start a new run with a lower --lr (this run's "
+                f"peak lr is {lr:g}, e.g. --lr {lr / 2:g}) and another --out, or save checkpoints more often")
+    return (f"{head}; no checkpoint was saved yet (save_every {r.cfg.save_every}): run the same command again "
+            f"with a lower --lr (this run's peak lr is {lr:g}, e.g. --lr {lr / 2:g})")
 
 
 def train_step(r: Run) -> tuple[dict, float, float]:
