@@ -256,7 +256,47 @@ def test_divergence_without_a_usable_checkpoint_says_to_start_again(data, tmp_pa
         train(_cfg(data, tmp_path / "run"))
 
 
+# ---- 4. non-finite and non-float tensors ----------------------------------------------------
+
+
+@pytest.mark.parametrize("key, change, words", [
+    ("head.weight", lambda t: t.index_fill(0, torch.tensor([3]), float("nan")),
+     "tensor head.weight holds 32 non-finite value(s) (NaN or inf)"),
+    ("blocks.1.att.w0", lambda t: t.masked_fill(t > 0, float("inf")), "tensor blocks.1.att.w0 holds"),
+    ("head.weight", lambda t: (t * 10).long(), "tensor head.weight holds int64 values, expected floating-point"),
+    ("emb.weight", lambda t: t.to(torch.complex64), "tensor emb.weight holds complex64 values"),
+    ("blocks.0.att.r_k", lambda t: t.to_sparse(), "tensor blocks.0.att.r_k is stored as a sparse_coo tensor"),
+])
+def test_damaged_weights_are_refused_at_load_naming_the_tensor(tmp_path, key, change, words):
+    sd = make_state_dict(**SMALL)
+    sd[key] = change(sd[key])
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError) as e:
+        RWKV7.from_checkpoint(tmp_path / "m.pth")
+    assert str(e.value).startswith(f"{tmp_path / 'm.pth'}: {words}"), str(e.value)
+
+
+def test_nan_adapter_and_generate_eval_of_a_nan_model_fail_in_one_line(data, tmp_path, capsys):
+    from rwkvtune.peft.lora import apply_lora, load_adapter, save_adapter
+
+    model = RWKV7.from_checkpoint(data["ckpt"])
+    apply_lora(model, ["att.key"], r=2, alpha=4)
+    with torch.no_grad():
+        model.blocks[1].att.key.lora_B.fill_(float("nan"))
+    save_adapter(tmp_path / "adapter.pth", model)
+    with pytest.raises(CheckpointError, match="adapter tensor blocks.1.att.key.lora_B holds 64 non-finite"):
+        load_adapter(RWKV7.from_checkpoint(data["ckpt"]), tmp_path / "adapter.pth")
+    sd = make_state_dict(**SMALL)
+    sd["ln_out.weight"][0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    for argv in (["generate", "--model", str(tmp_path / "nan.pth"), "--prompt", "hi", "--max-tokens", "3"],
+                 ["eval", "--model", str(tmp_path / "nan.pth"), "--data", data["text"], "--ctx-len", "16"]):
+        assert "tensor ln_out.weight holds 1 non-finite value(s)" in _error_line(capsys, argv)
+
+
 # ---- 5. tracebacks that become one line -----------------------------------------------------
+
+
 @pytest.fixture
 def unreadable(monkeypatch):
     """deny(path): reading ``path`` fails with EACCES. chmod 000 does it for a normal user; root

@@ -169,6 +169,16 @@ def _export_specs(source: TensorSource, config: ModelConfig, dtype: torch.dtype 
     return specs, origin
 
 
+def _checked_read(source: TensorSource, key: str) -> torch.Tensor:
+    """One tensor of the source, refused (naming it) unless dense, floating point and finite: an
+    export must not turn a damaged model into a clean-looking folder."""
+    from rwkvtune.tensor_checks import check_tensor
+
+    t = source.read(key)
+    check_tensor(key, t, source.path)
+    return t
+
+
 def _main_dtype(specs) -> str:
     counts: dict[torch.dtype, int] = {}
     for s in specs:
@@ -234,7 +244,7 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, model_config: 
 
         def produce(name: str) -> torch.Tensor:
             key, how = origin[name]
-            t = to_hf_tensor(source.read(key), how)
+            t = to_hf_tensor(_checked_read(source, key), how)
             return t.to(dtype) if dtype is not None else t
 
         def fill(tmp: Path) -> None:
@@ -259,7 +269,7 @@ def convert_to_official(src: str | os.PathLike, out_path: str | os.PathLike, dty
         keys = [k for k in config.param_shapes(layer0_v=True) if k in source.shapes]
 
         def produce(key: str) -> torch.Tensor:
-            t = source.read(key)
+            t = _checked_read(source, key)
             return t.to(dtype) if dtype is not None else t
 
         if str(out_path).endswith(".safetensors"):

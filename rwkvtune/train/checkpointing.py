@@ -286,6 +286,10 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, 
     if missing:
         raise CheckpointError(f"{path}: parameters {missing[:3]} do not exist in this model; resume with the "
                               f"same model and mode")
+    from rwkvtune.tensor_checks import check_tensor
+
+    for n, t in ck["trainable"].items():  # a NaN saved by a diverging step: named here, not as a NaN loss
+        check_tensor(n, t, path, what="trainable tensor")
     with torch.no_grad():
         for n, t in ck["trainable"].items():
             params[n].copy_(t)

@@ -429,10 +429,23 @@ class RWKV7(nn.Module):
         config = ModelConfig.from_checkpoint(info)
         with torch.device("meta"):
             model = cls(config, layer0_v=info.has_layer0_v)
-        model.load_state_dict({k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()},
-                              strict=True, assign=True)
+        model.load_state_dict(_loaded_weights(sd, path, device, dtype), strict=True, assign=True)
         # assign=True keeps requires_grad of the loaded tensors: restore the module's choices.
         for name, p in model.named_parameters():
             p.requires_grad_(name not in LAYER0_V_KEYS)
         model.set_wkv_backend(wkv_backend)
         return model.eval()
+
+
+def _loaded_weights(sd: dict[str, torch.Tensor], source: str, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors on ``device`` in ``dtype``, each checked once: dense floating point as
+    stored (an int64 or complex weight would be cast silently), and finite in the copy the model
+    keeps (one NaN makes every logit NaN), so no second copy of the model is ever made."""
+    from rwkvtune.tensor_checks import check_finite, check_stored
+
+    out = {}
+    for k, v in sd.items():
+        check_stored(k, v, source)
+        out[k] = v.to(device=device, dtype=dtype, copy=True)
+        check_finite(k, out[k], source)
+    return out
