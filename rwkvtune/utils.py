@@ -258,6 +258,7 @@ def load_artifact(path, what: str, made_by: str):
     """
     import torch
 
+    from rwkvtune.configs.checkpoint import check_pickle_size
     from rwkvtune.errors import CheckpointError
 
     if os.path.isdir(path):
@@ -266,6 +267,7 @@ def load_artifact(path, what: str, made_by: str):
         raise CheckpointError(not_found(path, what, f"expected the {made_by}"))
     if str(path).endswith(".safetensors"):
         return _load_safetensors_artifact(path)
+    check_pickle_size(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:

@@ -331,7 +331,114 @@ def unreadable(monkeypatch):
         os.chmod(p, 0o644)
 
 
+def test_unreadable_inputs_are_one_line_errors(data, tmp_path, unreadable, capsys):
+    from rwkvtune.configs.model_loader import ModelConfig
+    from rwkvtune.data.formats import read_samples
+    from rwkvtune.models.rwkv7.config import load_recipe
+    from rwkvtune.peft.state import load_state_file, save_state_file
+    from rwkvtune.tokenizer import get_tokenizer
+
+    model = RWKV7.from_checkpoint(data["ckpt"])
+    ckpt, jsonl, recipe, config, state = (tmp_path / n for n in ("m.pth", "d.jsonl", "r.yaml", "c.json", "s.pth"))
+    ckpt.write_bytes(Path(data["ckpt"]).read_bytes())
+    jsonl.write_text('{"text": "hello"}\n')
+    recipe.write_text("lr: 1e-4\n")
+    config.write_text((Path(__file__).parents[1] / "examples" / "configs" / "rwkv7-tiny.json").read_text())
+    save_state_file(state, torch.zeros(2, 2, 16, 16), model)
+    unreadable(ckpt, jsonl, recipe, config, state)
+    denied = "cannot read{}: permission denied; make it readable (chmod/chown) or run as its owner"
+    for call, path, what in ((lambda: RWKV7.from_checkpoint(ckpt), ckpt, ""),
+                             (lambda: read_samples(str(jsonl), get_tokenizer()), jsonl, ""),
+                             (lambda: load_recipe(recipe), recipe, " the recipe"),
+                             (lambda: ModelConfig.from_file(config), config, " the config"),
+                             (lambda: load_state_file(state, model), state, " state file")):
+        with pytest.raises(RwkvtuneError) as e:
+            call()
+        assert str(e.value) == f"{path}: " + denied.format(what)
+    assert denied.format("") in _error_line(capsys, ["inspect", str(ckpt)])
+
+
+def test_deep_and_lone_surrogate_records_are_bad_records_that_skip_skips(tmp_path, capsys):
+    from rwkvtune.data.formats import BadRecordError, read_samples
+    from rwkvtune.tokenizer import get_tokenizer
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n' + "[" * 100000 + "]" * 100000 + '\n{"text": "a\\ud800b"}\n')
+    samples, stats = read_samples(str(path), get_tokenizer(), on_error="skip")
+    assert len(samples) == 1 and stats.skipped == 2
+    assert stats.skipped_examples[0] == f"{path}:2: malformed JSON (nested deeper than the JSON reader's recursion " \
+                                        f"limit; no record format nests like that)"
+    assert stats.skipped_examples[1].startswith(f"{path}:3: the text holds '\\ud800', a lone surrogate")
+    with pytest.raises(BadRecordError, match=f"{path}:2: malformed JSON"):
+        read_samples(str(path), get_tokenizer())
+    assert main(["data", "prepare", str(path), "--out", str(tmp_path / "c"), "--on-data-error", "skip"]) == 0
+    assert "skipped 2 bad records" in capsys.readouterr().out
+
+
+def test_one_bad_user_config_does_not_break_models_list(tmp_path, monkeypatch, capsys, unreadable):
+    tiny = (Path(__file__).parents[1] / "examples" / "configs" / "rwkv7-tiny.json").read_text()
+    (tmp_path / "rwkv7-good.json").write_text(tiny)
+    (tmp_path / "rwkv7-deep.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "rwkv7-surrogate.json").write_text(tiny.replace('"model_name": "', '"model_name": "\\ud800'))
+    (tmp_path / "rwkv7-locked.json").write_text(tiny)
+    unreadable(tmp_path / "rwkv7-locked.json")
+    monkeypatch.setenv("RWKVTUNE_CONFIG_PATH", str(tmp_path))
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "good" in out and "0.1b" in out and "3 invalid config(s): deep, locked, surrogate" in out
+    assert main(["models", "check"]) == 1
+    out = capsys.readouterr().out
+    assert "lone surrogate" in out and "recursion limit" in out and "permission denied" in out
+
+
+def test_a_seed_out_of_range_is_refused_with_the_range(data, tmp_path, capsys):
+    line = _error_line(capsys, _train_args(data, tmp_path / "s", "--seed", str(2 ** 70), "--dry-run"))
+    assert f"seed: found {2 ** 70}, expected an integer >= 0 and <= 4294967295" in line
+
+
+def test_a_model_too_large_to_allocate_says_its_size_and_what_to_change(data, tmp_path, capsys):
+    if Path("/proc/sys/vm/overcommit_memory").is_file() and \
+            Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("memory overcommit always on: a too-large allocation would succeed and then be killed")
+    from rwkvtune.configs.model_loader import ModelConfig
+
+    huge = ModelConfig(model_name="huge", n_layer=1, n_embd=65536, dim_att_lora=64, dim_gate_lora=64, dim_mv_lora=64,
+                       vocab_size=1 << 22)  # within every range: 1.1 TB of fp32 embeddings alone
+    with pytest.raises(RwkvtuneError, match=r"model huge \(n_layer 1, n_embd 65536, vocab_size 4194304, "
+                                                   r"dim_ffn 262144: .* parameters, .* TB in float32\) cannot be "
+                                                   r"allocated on cpu .*use a smaller config"):
+        RWKV7.from_config(huge)
+
+
+def test_a_pickle_that_inflates_far_beyond_any_model_is_not_read(tmp_path):
+    import tracemalloc
+
+    from rwkvtune.configs.checkpoint import inspect_checkpoint
+    from rwkvtune.peft.state import load_state_file
+
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/version", "3\n")
+        with zf.open("archive/data.pkl", "w", force_zip64=True) as f:
+            chunk = b"\0" * (1 << 20)
+            for _ in range(100):  # 100 MB of zeros: 100 KB on disk
+                f.write(chunk)
+    assert bomb.stat().st_size < 1_000_000
+    model = RWKV7.from_checkpoint(write_checkpoint(tmp_path / "m.pth", **SMALL))
+    tracemalloc.start()
+    try:
+        for load in (RWKV7.from_checkpoint, inspect_checkpoint, lambda p: load_state_file(p, model)):
+            with pytest.raises(CheckpointError, match="bomb.pth: its pickle archive/data.pkl declares 104.9 MB when "
+                                                      "inflated"):
+                load(bomb)
+        assert tracemalloc.get_traced_memory()[1] < 20_000_000  # nothing was inflated
+    finally:
+        tracemalloc.stop()
+
+
 # ---- 6. signals, the progress bar, symlink loops ---------------------------------------------
+
+
 def test_the_error_line_is_the_last_line(data, tmp_path, monkeypatch, capsys):
     import rwkvtune.train.loss as loss_mod
 
@@ -347,3 +454,18 @@ def test_the_error_line_is_the_last_line(data, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     last = [part for line in err.splitlines() for part in line.split("\r") if part.strip()][-1]
     assert last.startswith("error: loss is nan at step 2"), err[-2000:]
+
+
+def test_a_symlink_loop_is_called_one(data, tmp_path, capsys):
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    model_loop = tmp_path / "loop.pth"
+    model_loop.symlink_to(model_loop)
+    line = _error_line(capsys, _train_args(data, tmp_path / "r", "--data", str(loop), "--max-steps", "1"))
+    assert f"{loop}: file is a symlink loop (the link leads back to itself)" in line
+    line = _error_line(capsys, ["eval", "--model", str(model_loop), "--data", data["text"]])
+    assert f"{model_loop}: checkpoint is a symlink loop" in line
+    broken = tmp_path / "broken.jsonl"
+    broken.symlink_to(tmp_path / "gone.jsonl")
+    line = _error_line(capsys, ["data", "prepare", str(broken), "--out", str(tmp_path / "c")])
+    assert f"input file not found: it is a broken symlink to {tmp_path / 'gone.jsonl'}" in line

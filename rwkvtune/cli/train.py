@@ -22,7 +22,7 @@ TRAIN_FLAGS = [
     ("--warmup-steps", int, "linear warmup steps"),
     ("--max-steps", int, "optimizer steps (default: --epochs over the data)"),
     ("--epochs", int, "passes over the data when --max-steps is not given"),
-    ("--seed", int, "random seed (data order, init, dropout)"),
+    ("--seed", int, "random seed (data order, init, dropout), 0..4294967295"),
     ("--save-every", int, "steps between resumable checkpoints (0: end only)"),
     ("--eval-every", int, "steps between evaluations on --eval-data (0: end only)"),
     ("--eval-data", str, "evaluation data (same formats as --data)"),

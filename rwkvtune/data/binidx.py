@@ -81,6 +81,14 @@ class BinIdxDataset:
                 f"{self.prefix}: binidx data needs both {ip} and {bp}; missing "
                 f"{' and '.join(missing)}; check the prefix or rerun `rwkvtune data prepare`"
             )
+        try:
+            self._open_pair(ip, bp)
+        except OSError as e:  # permission denied on either file: one line naming it
+            from rwkvtune.utils import read_error
+
+            raise read_error(e.filename or ip, e, DataError) from None
+
+    def _open_pair(self, ip: str, bp: str) -> None:
         idx_size = os.path.getsize(ip)
         with open(ip, "rb") as f:
             head = f.read(HEADER.size)

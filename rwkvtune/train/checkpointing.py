@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rwkvtune.configs.checkpoint import check_pickle_size
 from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.train.run_dir import CHECKPOINT_NAME, RunDir
-from rwkvtune.utils import atomic_torch_save, atomic_write_text
+from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error
 
 
 def rng_state() -> dict:
@@ -145,11 +146,14 @@ def read_checkpoint_info(path: Path) -> dict:
     if not Path(path).is_dir():
         return _load(path, mmap=True)
     meta = Path(path) / "trainer.pt"
+    if not meta.is_file():
+        raise CheckpointError(f"{path}: sharded checkpoint without trainer.pt; it is incomplete: move it away to "
+                              f"resume from the one before it")
+    check_pickle_size(meta)
     try:
         info = torch.load(meta, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: sharded checkpoint without trainer.pt; it is incomplete: move it away to "
-                              f"resume from the one before it") from None
+    except OSError as e:
+        raise read_error(meta, e) from None
     except Exception as e:
         raise CheckpointError(f"{meta}: cannot read ({type(e).__name__}); it holds Python objects rwkvtune never "
                               f"unpickles, or is corrupt: move this checkpoint away") from None
@@ -173,9 +177,12 @@ def _load(path: Path, mmap: bool = False) -> dict:
     the saved config, which would otherwise read the whole file (weights and optimizer state) a
     second time on resume.
     """
+    check_pickle_size(path, "this resumable checkpoint")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as e:  # unreadable, not corrupt
+        raise read_error(path, e, what="this resumable checkpoint") from None
     except Exception as e:
         refused = "weights only" in str(e).lower() or "weights_only" in str(e)
         why = ("it holds Python objects other than tensors and plain values, which rwkvtune never unpickles "

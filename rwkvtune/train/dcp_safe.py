@@ -68,6 +68,10 @@ class SafeReader(FileSystemReader):
         try:
             with self.fs.create_stream(path, "rb") as f:
                 metadata = _IndexUnpickler(f).load()
+        except OSError as e:
+            from rwkvtune.utils import read_error
+
+            raise read_error(path, e) from None
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: not a checkpoint index rwkvtune reads ({e}); rwkvtune never unpickles "
                                   f"other objects (loading them could run code): move this checkpoint away") from None

@@ -53,6 +53,16 @@ def _import_wandb():
     return wandb
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a run's own log, or a one-line error when it cannot be read (permissions)."""
+    from rwkvtune.utils import read_error
+
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise read_error(path, e) from None
+
+
 class MetricsLogger:
     """Logs of the main process. ``resume_step`` (the checkpoint's step on --resume) continues the
     run's logs: metrics.jsonl keeps its rows up to that step, TensorBoard hides the later events of
@@ -86,7 +96,7 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             # Keep the history up to the resumed step; a kill may have left later or torn lines.
             kept = []
-            for line in self.path.read_text().splitlines():
+            for line in _read_lines(self.path):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -119,7 +129,7 @@ class MetricsLogger:
         if resume_step is not None and id_path.exists():
             # Continue the interrupted run's wandb run rather than starting a second one. ("allow"
             # also starts it afresh under that id if it never reached the server.)
-            kwargs = {"id": id_path.read_text().strip(), "resume": "allow"}
+            kwargs = {"id": "".join(_read_lines(id_path)).strip(), "resume": "allow"}
         # No mode= here: wandb reads WANDB_MODE (offline/disabled) and its other settings from the
         # environment itself, and passing a mode would override them.
         try:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
 from rwkvtune.errors import OutputError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig
-from rwkvtune.models.rwkv7.model import RWKV7
+from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule
 from rwkvtune.train import checkpointing, run_lock
@@ -197,6 +197,11 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
     if meta:
         with torch.device("meta"):
             return mode.prepare(RWKV7(model_config), cfg)
+    with allocation_guard(model_config, device):  # a config in range can still be too large to hold
+        return _build_module(cfg, mode, model_config, device)
+
+
+def _build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device: str) -> TrainModule:
     if cfg.init == "scratch":
         model = RWKV7.from_config(model_config, seed=cfg.seed)
     else:

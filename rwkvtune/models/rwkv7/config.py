@@ -18,6 +18,7 @@ from rwkvtune.errors import ConfigError
 PRECISIONS = ("fp32", "bf16")
 WKV_BACKENDS = ("auto", "chunked", "reference", "fla")
 STRATEGIES = ("ddp", "fsdp")
+MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding takes 0..2**32-1, torch's 64 bits: the common range
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
@@ -140,8 +141,9 @@ class TrainConfig:
         for name in ("keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: found {getattr(self, name)}, expected >= 1")
-        if self.seed < 0:
-            problems.append(f"seed: found {self.seed}, expected an integer >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed: found {self.seed}, expected an integer >= 0 and <= {MAX_SEED} (the range numpy's "
+                            f"and torch's seeds share)")
         # Problems of several fields, already naming their sources; the mode knows its own rules.
         conflicts = [self._conflict(shown, why) for shown, why in
                      (get_mode(self.mode).conflicts(self) if self.mode in MODES else [])]
@@ -255,12 +257,20 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``)."""
     import yaml
 
+    from rwkvtune.utils import not_found, read_error
+
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; pass an existing YAML file to --config")
     if not p.is_file():
-        what = "is a directory" if p.is_dir() else "recipe not found"
-        raise ConfigError(f"{p}: {what}; pass an existing YAML file to --config")
+        raise ConfigError(not_found(p, "recipe", "pass an existing YAML file to --config"))
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_recipe_loader()) or {}
+    except OSError as e:
+        raise read_error(p, e, ConfigError, "the recipe") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested deeper than the YAML reader's recursion limit; a recipe is a flat mapping "
+                          f"of option: value") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the recipe as UTF-8 text") from None
     except yaml.YAMLError as e:
