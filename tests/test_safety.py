@@ -439,6 +439,21 @@ def test_a_pickle_that_inflates_far_beyond_any_model_is_not_read(tmp_path):
 # ---- 6. signals, the progress bar, symlink loops ---------------------------------------------
 
 
+def test_two_ctrl_c_that_arrive_before_the_handler_runs_count_as_two():
+    from rwkvtune.train.signals import graceful_stop
+
+    with pytest.raises(KeyboardInterrupt):
+        with graceful_stop() as stop:
+            stop.in_loop = True
+            # Delivered to (and caught at C level by) another thread, both before the main thread
+            # runs Python's handler, which then runs once: only the wakeup fd saw two.
+            sender = threading.Thread(target=lambda: [signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+                                                      for _ in range(2)])
+            sender.start()
+            sender.join()
+            time.sleep(0.05)
+
+
 def test_the_error_line_is_the_last_line(data, tmp_path, monkeypatch, capsys):
     import rwkvtune.train.loss as loss_mod
 
