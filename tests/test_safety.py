@@ -484,3 +484,50 @@ def test_a_symlink_loop_is_called_one(data, tmp_path, capsys):
     broken.symlink_to(tmp_path / "gone.jsonl")
     line = _error_line(capsys, ["data", "prepare", str(broken), "--out", str(tmp_path / "c")])
     assert f"input file not found: it is a broken symlink to {tmp_path / 'gone.jsonl'}" in line
+
+
+# ---- 7. getting started --------------------------------------------------------------------
+
+
+def test_warmup_longer_than_the_run_warns_threads_show_and_the_end_says_what_next(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(data, out, "--max-steps", "3", "--warmup-steps", "10", "--threads", "1")) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["final"] == str(out / "final.pth")  # JSON for tools on stdout
+    err = captured.err
+    assert ("warning: warmup_steps 10 >= the run's 3 steps: the learning rate only reaches 0.000208 of its peak "
+            "0.001, so the loss may barely move; lower --warmup-steps") in err
+    assert "device cpu, precision fp32, 1 CPU threads" in err
+    assert err.rstrip().splitlines()[-1] == (
+        f"done: the model is in {out / 'final.pth'}; try it: rwkvtune generate --model {out / 'final.pth'} --prompt "
+        f"'Hello'  or score it: rwkvtune eval --model {out / 'final.pth'} --data {data['text']}")
+    assert torch.get_num_threads() != 1 or os.cpu_count() == 1  # restored after the run
+
+
+def test_help_shows_defaults_choices_every_option_and_the_key_value_ones(capsys):
+    import argparse
+
+    from rwkvtune.cli import COMMANDS, build_parser
+
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--mode {full,lora,state}" in text and "linear warmup steps (default: 10)" in text
+    assert "Options without a flag, set as key=value or in a recipe: method, betas," in text
+    assert main(["train", "--help-all"]) == 0
+    text = capsys.readouterr().out
+    assert "    log_every=1\n        steps per metrics row" in text and "    keep_checkpoints=2\n" in text
+    assert "    tensorboard=null\n        TensorBoard logs" in text and "    lr=null  [--lr]\n" in text
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not action.help:
+                missing.append(" ".join(path + [action.option_strings[0] if action.option_strings else action.dest]))
+
+    for cmd in COMMANDS:
+        sub = next(a for a in build_parser([cmd.name])._actions if isinstance(a, argparse._SubParsersAction))
+        walk(sub.choices[cmd.name], [cmd.name])
+    assert missing == []

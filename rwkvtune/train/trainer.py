@@ -40,7 +40,7 @@ from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import (Dist, all_sum, autocast_factory, memory_available_gib, select_device,
                                     setup_distributed)
-from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings
+from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings, schedule_warnings
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
 from rwkvtune.utils import atomic_write_text
@@ -103,6 +103,9 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     (``cleanup`` takes what must be undone when train() returns)."""
     resume_dir = cfg.resume
     cfg, model_config = _resolve(cfg)
+    if cfg.threads:  # restored when train() returns: a library call leaves the process as it was
+        cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(cfg.threads)
     has_weights = check_model_file(cfg, model_config, dry_run)
     run = RunDir(cfg.out, cfg.save_format)
     check_out_dir(run, resuming=bool(resume_dir))
@@ -238,13 +241,16 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     r.logger.info(f"model {r.model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params"
                   f"{unused_note}, {len(r.train_set)} windows, {r.total_steps} steps of up to {r.tokens_per_step} "
                   f"tokens")
+    threads = "threads" if cfg.threads else "threads (torch's default; set with --threads)"
+    r.logger.info(f"device {r.device}, precision {cfg.precision}, {torch.get_num_threads()} CPU {threads}")
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
                       f"{checkpointing.resume_checkpoint(resume_dir)})")
     if cfg.precision == "bf16" and not r.device.startswith("cuda"):
         r.logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can be far "
                       "slower than fp32 there")
-    for warning in data_warnings(cfg, len(r.train_set), r.sampler.global_batch):
+    warnings = data_warnings(cfg, len(r.train_set), r.sampler.global_batch) + schedule_warnings(cfg, r.total_steps)
+    for warning in warnings:
         r.logger.info(warning)
 
 
