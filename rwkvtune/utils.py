@@ -1,25 +1,122 @@
-"""Small shared helpers: atomic writes (a crash never leaves a half-written file behind)."""
+"""Small shared helpers: atomic writes (a crash never leaves a half-written file behind), and the
+one-line errors of failed reads and writes."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from rwkvtune.errors import OutputError
 
+# The temporary name of an atomic write: ".NAME.PID.HEX.tmp" next to the target, renamed over it
+# when complete. A process killed mid-write leaves one behind; the pid tells whether its writer is
+# still alive (see rwkvtune.train.run_dir.RunDir.stale_temp_files).
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
-def output_error(path: str | os.PathLike, e: OSError) -> OutputError:
-    """A one-line OutputError for an OSError met while writing ``path``."""
-    blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name for ``path`` in the same directory, matching TEMP_NAME."""
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+# Errors that mean "the device has no room": said with the space the write needed (in the
+# system's words, strerror, when it gives them; these otherwise).
+_SPACE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                 errno.EFBIG: "File too large"}
+# torch.save reports a failed write as a RuntimeError from its zip writer, never an OSError (and
+# without the errno): these are the words of those messages.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "unexpected pos", "file write failed")
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether ``e`` says that writing a file failed: an OSError, or torch's writer's RuntimeError."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITE_FAILURES))
+
+
+def human_bytes(n: int | float) -> str:
+    """1_234_567_890 -> '1.2 GB' (decimal units, as df -H shows them)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _free_bytes(path: Path) -> int | None:
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    try:
+        return shutil.disk_usage(existing).free if existing is not None else None
+    except OSError:
+        return None
+
+
+def _space_note(path: Path, needed: int | None, written: int | None) -> str:
+    """"; it needs about 1.2 GB (300 MB free there)": what a full device must make room for."""
+    free = _free_bytes(path.parent)
+    amount = f"about {human_bytes(needed)}" if needed else f"more than the {human_bytes(written or 0)} written"
+    return f"; it needs {amount}" + (f" ({human_bytes(free)} free there)" if free is not None else "")
+
+
+def output_error(path: str | os.PathLike, e: BaseException, needed: int | None = None,
+                 written: int | None = None) -> OutputError:
+    """A one-line OutputError for a failed write of ``path`` (an OSError, or torch's writer's
+    RuntimeError). A full device is said as such, with the space the write needs (``needed``
+    bytes, else more than the ``written`` ones) and what is free, since that is what to fix."""
+    path = Path(path)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    space = ""
     if blocker is not None:
         why = f"{blocker} is a file, not a directory"
     elif isinstance(e, IsADirectoryError):
         why = "it is a directory; give a file path"
+    elif isinstance(e, OSError) and e.errno in _SPACE_ERRNOS:
+        why, space = e.strerror or _SPACE_ERRNOS[e.errno], _space_note(path, needed, written)
+    elif isinstance(e, RuntimeError):  # torch's writer: no errno; the free space tells the likely cause
+        free = _free_bytes(path.parent)  # measured after the temp file is gone
+        short = needed is not None and free is not None and free < needed
+        why = "not enough space on the device" if short else (
+            f"the write failed ({str(e).strip().splitlines()[0][:120]}): the disk may be full, or a quota or "
+            f"file-size limit reached")
+        space = _space_note(path, needed, written)
     else:
         why = e.strerror or type(e).__name__
-    return OutputError(f"{path}: cannot write: {why}; choose another location")
+    advice = "free some space or choose another location; files written before are intact" if space else \
+        "choose another location"
+    return OutputError(f"{path}: cannot write: {why}{space}; {advice}")
+
+
+def read_error(path: str | os.PathLike, e: OSError, error: type | None = None, what: str = "") -> Exception:
+    """A one-line error (``error``, CheckpointError by default) for an OSError met while reading
+    ``path``, so that an unreadable input is never reported as a corrupt one or a failing output."""
+    from rwkvtune.errors import CheckpointError
+
+    error = error or CheckpointError
+    if isinstance(e, PermissionError):
+        why = "permission denied; make it readable (chmod/chown) or run as its owner"
+    elif e.errno == errno.ELOOP:
+        why = "it is a symlink loop (the link leads back to itself); point the link at a real file"
+    elif isinstance(e, IsADirectoryError):
+        why = "it is a directory, expected a file"
+    else:
+        why = f"{e.strerror or type(e).__name__}; check the file"
+    return error(f"{path}: cannot read{' ' + what if what else ''}: {why}")
+
+
+def not_found(path: str | os.PathLike, what: str, advice: str) -> str:
+    """The message for ``path`` that does not open: "PATH: WHAT not found; ADVICE", unless it is a
+    symlink loop or a broken link, which look missing to os.path.exists but are fixed otherwise."""
+    reason = "not found"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path}: {what} is a symlink loop (the link leads back to itself); point the link at a real file"
+        if os.path.islink(path):
+            reason = f"not found: it is a broken symlink to {os.readlink(path)}"
+    return f"{path}: {what} {reason}; {advice}"
 
 
 def human_count(n: int) -> str:
@@ -27,11 +124,13 @@ def human_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed: int | None = None) -> None:
     """Write via ``write(tmp_path)`` into a temp file in the same directory, fsync, then rename.
 
     The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
-    OS errors (a file where a directory is needed, no permission, disk full) become OutputError.
+    Write failures (a file where a directory is needed, no permission, disk full: OSError, or
+    torch.save's RuntimeError) become one OutputError naming the file and, for a full disk, the
+    ``needed`` bytes (else the temp file's size when it failed); the previous file is untouched.
     """
     path = Path(path)
     try:
@@ -39,10 +138,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
         if path.is_dir():
             raise IsADirectoryError(21, "Is a directory", str(path))
         # Like mkstemp, but with mode 0666 so that the umask decides, as for any other file.
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = str(temp_path(path))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
-        raise output_error(path, e) from None
+        raise output_error(path, e, needed) from None
     os.close(fd)
     try:
         write(tmp)
@@ -50,10 +149,11 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else None
+        if written is not None:
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, OutputError):
-            raise output_error(path, e) from None
+        if is_write_failure(e) and not isinstance(e, OutputError):
+            raise output_error(path, e, needed, written) from None
         raise
 
 
@@ -68,7 +168,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp), needed=tensor_bytes(obj))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages in a nest of dicts, lists and tuples: about what torch.save
+    writes (it writes whole storages, each once)."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def visit(node):
+        if isinstance(node, torch.Tensor):
+            node = node.to_local() if hasattr(node, "to_local") else node  # a DTensor: this process's shard
+            if node.layout == torch.strided and not node.is_meta:
+                storage = node.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            else:
+                seen[id(node)] = node.numel() * node.element_size()
+        elif isinstance(node, dict):
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v)
+
+    visit(obj)
+    return sum(seen.values())
 
 
 def check_device(device: str, flag: str = "--device") -> str:

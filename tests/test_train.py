@@ -437,8 +437,8 @@ def test_resume_bad_dirs_corrupt_checkpoint_and_changed_options(data, tmp_path):
         train(TrainConfig(resume=str(tmp_path / "nope")))
     out = tmp_path / "run"
     train(_cfg(data, out, max_steps=2, save_every=1))
-    with pytest.raises(ConfigError, match=r"saved with lr=0\.001 but this command sets lr=0\.5"):
-        train(TrainConfig(resume=str(out), lr=0.5, max_steps=3))
+    with pytest.raises(ConfigError, match=r"saved with ctx_len=16 but this command sets ctx_len=32"):
+        train(TrainConfig(resume=str(out), ctx_len=32, max_steps=3))
     latest = out / "checkpoints" / "step-0000002.pt"
     latest.write_bytes(latest.read_bytes()[:100])
     with pytest.raises(RwkvtuneError, match="step-0000002.pt: cannot read this resumable checkpoint"):

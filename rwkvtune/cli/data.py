@@ -14,7 +14,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     prep = actions.add_parser("prepare", help="tokenize jsonl into binidx (RWKV-LM's format)",
                               description="Tokenize IN.jsonl (text, chat or prompt/response) into PREFIX.bin/.idx "
                                           "(uint16 tokens, documents ending with 0), in parallel.")
-    prep.add_argument("input", metavar="IN.jsonl")
+    prep.add_argument("input", metavar="IN.jsonl",
+                      help="the data to tokenize: jsonl (or a .json array) of text, chat or prompt/response records")
     prep.add_argument("--out", required=True, metavar="PREFIX", help="output prefix (writes PREFIX.bin, PREFIX.idx)")
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
                       help="tokenizer processes (default: the number of CPUs)")

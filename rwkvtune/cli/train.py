@@ -22,7 +22,7 @@ TRAIN_FLAGS = [
     ("--warmup-steps", int, "linear warmup steps"),
     ("--max-steps", int, "optimizer steps (default: --epochs over the data)"),
     ("--epochs", int, "passes over the data when --max-steps is not given"),
-    ("--seed", int, "random seed (data order, init, dropout)"),
+    ("--seed", int, "random seed (data order, init, dropout), 0..4294967295"),
     ("--save-every", int, "steps between resumable checkpoints (0: end only)"),
     ("--eval-every", int, "steps between evaluations on --eval-data (0: end only)"),
     ("--eval-data", str, "evaluation data (same formats as --data)"),
@@ -36,6 +36,7 @@ TRAIN_FLAGS = [
     ("--train-parts", str, "LoRA mode: also train ln, emb and/or head (comma-separated)"),
     ("--bptt", str, "long samples: truncated (default) or full backprop through chunks"),
     ("--wandb", str, "log to this wandb project"),
+    ("--threads", int, "CPU threads of torch's ops (default: torch's own, usually the number of cores)"),
     ("--method", str, "training objective: sft (default), dpo (preference pairs) or grpo (rewards on samples)"),
     ("--strategy", str, "under torchrun: ddp (default) or fsdp (sharded parameters, gradients, optimizer)"),
 ]
@@ -47,23 +48,86 @@ SHARED_FLAGS = ("device", "data_format", "on_data_error", "save_dtype")
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
+    from rwkvtune.models.rwkv7.config import TrainConfig
 
+    defaults, choices = TrainConfig().to_dict(), TrainConfig.choices()
     for flag, typ, help_ in TRAIN_FLAGS:
-        p.add_argument(flag, type=typ, default=None, help=help_)
-    # default None: a recipe's value stands unless the flag is given
+        name = flag.lstrip("-").replace("-", "_")
+        # default None: a recipe's value stands unless the flag is given; the help shows the
+        # config's own default and, for a fixed set of values, the set.
+        metavar = "{" + ",".join(choices[name]) + "}" if name in choices else None
+        p.add_argument(flag, type=typ, default=None, metavar=metavar, help=_with_default(help_, defaults.get(name)))
     add_device(p, default=None)
     add_data_options(p, defaults=False)
     add_save_dtype(p, default=None)
     p.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe of TrainConfig options (flags override it)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute activations in backward")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (or from "
+                                                   "DIR/checkpoints/step-N.pt: that one)")
+    p.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="recompute activations in backward (default: off)")
     p.add_argument("--long-context", action="store_true", default=None,
-                   help="keep samples whole; train long ones in ctx-len chunks carrying the state")
+                   help="keep samples whole; train long ones in ctx-len chunks carrying the state (default: off)")
     p.add_argument("--reward", action="append", metavar="SPEC",
                    help="method grpo: a reward function, repeatable: exact_match:FIELD, regex:PATTERN, format:REGEX, "
                         "length_penalty:N or path/to/file.py:function (see rwkvtune/train/rewards.py)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit")
+    p.add_argument("--help-all", action=_HelpAll, help="show this help and every option settable as key=value (or "
+                                                       "in a recipe), with its default and meaning, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any TrainConfig option, e.g. lr=1e-4")
+    p.epilog = (f"Options without a flag, set as key=value or in a recipe: {', '.join(_unflagged())}; "
+                f"`rwkvtune train --help-all` says what each one does.")
+
+
+def _with_default(help_: str, default) -> str:
+    if "default" in help_ or default in (None, ""):
+        return help_
+    shown = (",".join(map(str, default)) or "none") if isinstance(default, (list, tuple)) else default
+    return f"{help_} (default: {shown})"
+
+
+def _flag_names() -> set[str]:
+    """TrainConfig fields that have a flag of their own."""
+    return {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
+        "resume", "grad_checkpoint", "long_context", "reward"}
+
+
+def _unflagged() -> list[str]:
+    from rwkvtune.models.rwkv7.config import TrainConfig
+
+    return [name for name in TrainConfig.field_names() if name not in _flag_names()]
+
+
+def options_help() -> str:
+    """Every TrainConfig option by section, with its default, its flag if any, and the comment that
+    documents it in the dataclass: the text of ``rwkvtune train --help-all``."""
+    from rwkvtune.models.rwkv7.config import TrainConfig
+
+    defaults, flags = TrainConfig().to_dict(), _flag_names()
+    lines = ["All options (recipe keys; on the command line as key=value, or with the flag shown):"]
+    section = None
+    for sec, name, comment in TrainConfig.field_docs():
+        if sec != section:
+            section = sec
+            lines.append(f"\n  {sec}:" if sec else "")
+        value = defaults[name]
+        shown = "null" if value is None else ("[" + ",".join(map(str, value)) + "]" if isinstance(value, list)
+                                               else str(value).lower() if isinstance(value, bool) else str(value))
+        flag = f"  [--{name.replace('_', '-')}]" if name in flags else ""
+        lines.append(f"    {name}={shown}{flag}" + (f"\n        {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
+class _HelpAll(argparse.Action):
+    """``--help-all``: the usual help, then :func:`options_help`."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print()
+        print(options_help())
+        parser.exit()
 
 
 def config_from_args(args: argparse.Namespace):
@@ -72,30 +136,59 @@ def config_from_args(args: argparse.Namespace):
     cfg = TrainConfig()
     if args.config:
         cfg.update(load_recipe(args.config), source=f"recipe {args.config}")
-    given = {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context", "reward"}
-    cfg.update({k: getattr(args, k) for k in given if getattr(args, k) is not None}, source="command line")
+    cfg.update({k: getattr(args, k) for k in _flag_names() if getattr(args, k) is not None}, source="command line")
     cfg.update(parse_overrides(args.overrides), source="command line (key=value)")
     return cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
     from rwkvtune.train import trainer
+    from rwkvtune.train.checkpointing import run_dir_of
     from rwkvtune.train.run_dir import RunDir
 
     cfg = config_from_args(args)
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt:
-        run = RunDir(cfg.resume or cfg.out)
+        run = RunDir(run_dir_of(cfg.resume) if cfg.resume else cfg.out)
         if run.checkpoint_files():
             raise KeyboardInterrupt(f"the checkpoints in {run.checkpoints} are kept; continue with: "
                                     f"rwkvtune train --resume {run.path}") from None
         raise KeyboardInterrupt("no checkpoint was saved yet, so there is nothing to resume; rerun the command "
                                 "to start again") from None
     if _main_rank():
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))  # for tools; people read the line below
+        if not args.dry_run:
+            print(next_steps(result), file=sys.stderr)
     return 0
+
+
+def next_steps(summary: dict) -> str:
+    """One line for people at the end of a run: where the result is and the command to try next."""
+    import shlex
+
+    import yaml
+
+    from rwkvtune.train.run_dir import RunDir
+
+    try:
+        saved = yaml.safe_load(RunDir(summary["out"]).config.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        saved = {}
+    q = shlex.quote
+    data = saved.get("eval_data") or saved.get("data") or "DATA.jsonl"
+    if "final" in summary:
+        model = q(summary["final"])
+        where = f"the model is in {summary['final']}" + (f" (LoRA adapter: {summary['adapter']})"
+                                                          if "adapter" in summary else "")
+        use = f"--model {model}"
+    elif "state" in summary:
+        where = f"the tuned state is in {summary['state']}"
+        use = f"--model {q(str(saved.get('model') or 'MODEL'))} --state {q(summary['state'])}"
+    else:
+        return f"done: the run is in {summary['out']}"
+    return (f"done: {where}; try it: rwkvtune generate {use} --prompt 'Hello'  or score it: rwkvtune eval {use} "
+            f"--data {q(str(data))}")
 
 
 def _main_rank() -> bool:

@@ -89,10 +89,42 @@ def _first_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# A state dict's pickle holds about 100 bytes per tensor (a 13.3B release's: ~100 KB), a resumable
+# checkpoint's a little more (optimizer and sampler entries). A zip entry may be compressed: a few MB
+# that declare gigabytes would all be inflated into memory before any other check. Refused first.
+MAX_PICKLE_BYTES = 64 << 20
+
+
+def check_pickle_size(path: str | os.PathLike, what: str = "") -> None:
+    """Refuse a torch zip archive whose ``data.pkl`` declares more than MAX_PICKLE_BYTES when
+    inflated, from the zip directory alone (nothing is inflated). Other files pass: their readers
+    give the verdict. An unreadable file is a one-line CheckpointError (``what`` names its kind)."""
+    from rwkvtune.utils import human_bytes, read_error
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != _ZIP_MAGIC:
+                return
+        with zipfile.ZipFile(path) as zf:
+            big = [i for i in zf.infolist() if i.filename.endswith("data.pkl") and i.file_size > MAX_PICKLE_BYTES]
+    except OSError as e:
+        raise read_error(path, e, CheckpointError, what) from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
+        return  # not a readable archive: torch.load says what is wrong with it
+    if big:
+        raise CheckpointError(f"{path}: its pickle {big[0].filename} declares {human_bytes(big[0].file_size)} when "
+                              f"inflated ({human_bytes(big[0].compress_size)} stored), more than any model or "
+                              f"checkpoint needs ({human_bytes(MAX_PICKLE_BYTES)} at most); the file was not written "
+                              f"by torch.save of a model, or was crafted: it is not read")
+
+
 def _torch_load(p: Path, mmap: bool) -> Any:
     """torch.load with every failure turned into a CheckpointError that says what to do."""
     import torch
 
+    from rwkvtune.utils import read_error
+
+    check_pickle_size(p)
     try:
         try:
             return torch.load(p, map_location="cpu", mmap=mmap, weights_only=True)
@@ -103,6 +135,8 @@ def _torch_load(p: Path, mmap: bool) -> Any:
                     if f.read(4) != _ZIP_MAGIC:
                         return torch.load(p, map_location="cpu", weights_only=True)
             raise
+    except OSError as e:  # unreadable (permission denied): not a corrupt file
+        raise read_error(p, e) from None
     except Exception as e:  # RuntimeError (zip reader), pickle errors, EOF, weights_only refusals
         with open(p, "rb") as f:
             head = f.read(4)
@@ -122,10 +156,13 @@ def _torch_load(p: Path, mmap: bool) -> Any:
 
 
 def _check_path(path: str | os.PathLike) -> Path:
+    from rwkvtune.utils import not_found
+
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint not found; check the path (a relative model_file in a config "
-                              f"resolves against ${MODEL_DIR_ENV}, default {DEFAULT_MODEL_DIR})")
+        raise CheckpointError(not_found(p, "checkpoint", f"check the path (a relative model_file in a config "
+                                                         f"resolves against ${MODEL_DIR_ENV}, default "
+                                                         f"{DEFAULT_MODEL_DIR})"))
     if p.is_dir():
         if (p / "config.json").is_file():
             return p  # a Hugging Face model folder: read_hf_config says whether it is RWKV-7
@@ -189,7 +226,7 @@ def _refuse_artifact(p: Path) -> None:
     import json
 
     from rwkvtune.convert.safetensors_io import read_header
-    from rwkvtune.convert.artifacts import ARTIFACT_META
+    from rwkvtune.convert.safetensors_io import ARTIFACT_META
 
     meta = read_header(p)[1].get(ARTIFACT_META)
     if meta is not None:
@@ -280,6 +317,7 @@ class _ShapeUnpickler(pickle.Unpickler):
 
 def _read_metas(p: Path) -> Any:
     """The unpickled payload with TensorMeta for tensors, or None where torch.load must decide."""
+    check_pickle_size(p)  # also: an unreadable file is one line here
     with open(p, "rb") as f:
         if f.read(4) != _ZIP_MAGIC:
             return None  # legacy format or not a torch file: torch.load gives the verdict

@@ -220,13 +220,26 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
         """A JSON config in the registry format; every problem in the file is reported at once."""
+        from rwkvtune.utils import not_found, read_error
+
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found; check the path or run `rwkvtune models` to list configs")
+            raise ConfigError(not_found(path, "config file", "check the path or run `rwkvtune models` to list "
+                                                             "configs"))
+        fix = "fix the file or regenerate it with `rwkvtune models new`"
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+            json.dumps(raw, ensure_ascii=False).encode("utf-8")  # JSON's "\\ud800" escapes allow lone surrogates
+        except OSError as e:
+            raise read_error(path, e, ConfigError, "the config") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); fix the file or regenerate it with `rwkvtune models new`") from None
+            raise ConfigError(f"{path}: not valid JSON ({e}); {fix}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a config: nested deeper than the JSON reader's recursion limit; "
+                              f"{fix}") from None
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"{path}: holds {e.object[e.start:e.end]!r}, a lone surrogate (half of a UTF-16 pair), "
+                              f"which is not valid Unicode; {fix}") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

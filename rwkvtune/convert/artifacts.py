@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 
-from rwkvtune.utils import atomic_torch_save
-
-
-TENSOR_MARK, ARTIFACT_META = "__tensor__", "rwkvtune"  # a tensor's place in the JSON; the header key
+from rwkvtune.convert.safetensors_io import ARTIFACT_META, TENSOR_MARK
+from rwkvtune.utils import atomic_torch_save, not_found, read_error
 
 
 def save_artifact(obj: dict, path) -> None:
@@ -22,7 +20,7 @@ def save_artifact(obj: dict, path) -> None:
 
     import torch
 
-    from rwkvtune.convert.safetensors_io import save_safetensors
+    from rwkvtune.convert.safetensors_io import save_safetensors  # noqa: PLC0415
 
     tensors: dict = {}
 
@@ -48,16 +46,20 @@ def load_artifact(path, what: str, made_by: str):
     """
     import torch
 
+    from rwkvtune.configs.checkpoint import check_pickle_size
     from rwkvtune.errors import CheckpointError
 
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, expected the {made_by}")
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: {what} not found")
+        raise CheckpointError(not_found(path, what, f"expected the {made_by}"))
     if str(path).endswith(".safetensors"):
         return _load_safetensors_artifact(path)
+    check_pickle_size(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise read_error(path, e, CheckpointError, what) from None
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read {what} ({type(e).__name__}); expected "
                               f"{made_by} (another kind of file, or corrupt)") from None

@@ -169,6 +169,16 @@ def _export_specs(source: TensorSource, config: ModelConfig, dtype: torch.dtype 
     return specs, origin
 
 
+def _checked_read(source: TensorSource, key: str) -> torch.Tensor:
+    """One tensor of the source, refused (naming it) unless dense, floating point and finite: an
+    export must not turn a damaged model into a clean-looking folder."""
+    from rwkvtune.tensor_checks import check_tensor
+
+    t = source.read(key)
+    check_tensor(key, t, source.path)
+    return t
+
+
 def _main_dtype(specs) -> str:
     counts: dict[torch.dtype, int] = {}
     for s in specs:
@@ -188,9 +198,10 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None], needed: int | None = None) -> Path:
     """Run ``fill(tmp)`` on a new temporary folder next to ``out_dir``, then rename it to
-    ``out_dir``: a failure (or Ctrl-C) leaves no half-written folder behind."""
+    ``out_dir``: a failure (or Ctrl-C) leaves no half-written folder behind. A failed write (disk
+    full) is one OutputError with the ``needed`` bytes."""
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is not empty" if out.is_dir() else "is a file"
@@ -209,9 +220,10 @@ def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> P
             out.rmdir()  # empty (checked above): rename cannot replace it on every platform
         os.replace(tmp, out)
     except BaseException as e:
+        written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) if tmp.is_dir() else None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, OutputError):
-            raise output_error(out, e) from None
+            raise output_error(out, e, needed, written) from None
         raise
     return out
 
@@ -232,7 +244,7 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, model_config: 
 
         def produce(name: str) -> torch.Tensor:
             key, how = origin[name]
-            t = to_hf_tensor(source.read(key), how)
+            t = to_hf_tensor(_checked_read(source, key), how)
             return t.to(dtype) if dtype is not None else t
 
         def fill(tmp: Path) -> None:
@@ -245,7 +257,7 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, model_config: 
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
             shutil.copyfile(_default_vocab_file(), tmp / VOCAB_NAME)
 
-        return _write_folder(out_dir, fill)
+        return _write_folder(out_dir, fill, needed=sum(spec.nbytes for spec in specs))
 
 
 def convert_to_official(src: str | os.PathLike, out_path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -257,7 +269,7 @@ def convert_to_official(src: str | os.PathLike, out_path: str | os.PathLike, dty
         keys = [k for k in config.param_shapes(layer0_v=True) if k in source.shapes]
 
         def produce(key: str) -> torch.Tensor:
-            t = source.read(key)
+            t = _checked_read(source, key)
             return t.to(dtype) if dtype is not None else t
 
         if str(out_path).endswith(".safetensors"):

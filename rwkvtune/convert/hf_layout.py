@@ -125,7 +125,11 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     path = folder / CONFIG_NAME
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        from rwkvtune.utils import read_error
+
+        raise read_error(path, e, CheckpointError, "the model folder's config") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}); expected the JSON config of a Hugging Face "
                               f"model folder") from None
     if not isinstance(cfg, dict):

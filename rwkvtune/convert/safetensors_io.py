@@ -40,6 +40,10 @@ import torch
 from rwkvtune.errors import CheckpointError
 from rwkvtune.utils import _atomic_write
 
+# rwkvtune's small files in safetensors (adapters, states; rwkvtune.convert.artifacts): the header
+# entry that holds their non-tensor values as JSON, and how that JSON marks a tensor's place.
+ARTIFACT_META, TENSOR_MARK = "rwkvtune", "__tensor__"
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -133,13 +137,14 @@ def write_safetensors_to(f, specs: Sequence[TensorSpec], produce: Callable[[str]
 
 def write_safetensors(path: str | os.PathLike, specs: Sequence[TensorSpec],
                       produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """:func:`write_safetensors_to` into ``path`` atomically (temp file, fsync, rename)."""
+    """:func:`write_safetensors_to` into ``path`` atomically (temp file, fsync, rename); a failed
+    write (disk full) is one OutputError saying the space the file needs."""
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             write_safetensors_to(f, specs, produce, metadata)
 
-    _atomic_write(path, write)
+    _atomic_write(path, write, needed=sum(s.nbytes for s in specs))
 
 
 def specs_of(tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
@@ -240,8 +245,9 @@ def _no_duplicates(pairs: list) -> dict:
 def read_error(path, e: OSError) -> CheckpointError:
     """A one-line CheckpointError for an OSError met while reading ``path`` (so that a failing
     source is never reported as a failing output)."""
-    return CheckpointError(f"{path}: cannot read ({e.strerror or type(e).__name__}); check the file and its "
-                           f"permissions")
+    from rwkvtune.utils import read_error as _read_error
+
+    return _read_error(path, e, CheckpointError)
 
 
 def _read_header_raw(path: Path) -> tuple[bytes, int, int]:

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-from rwkvtune.configs.checkpoint import load_state_dict, strip_prefix
+from rwkvtune.configs.checkpoint import check_pickle_size, load_state_dict, strip_prefix
 from rwkvtune.convert.safetensors_io import SafetensorsReader, read_bytes_into, read_error
 from rwkvtune.errors import CheckpointError
 
@@ -169,6 +169,7 @@ def _record_offsets(zf: zipfile.ZipFile, path: Path) -> dict[str, tuple[int, int
 
 def _parse_archive(path: Path) -> tuple[dict[str, _TensorRef], str, dict[str, tuple[int, int]]] | None:
     """(refs, record prefix, record offsets), or None where torch.load must decide."""
+    check_pickle_size(path)  # before zf.read() inflates it
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":

@@ -31,6 +31,7 @@ import torch
 
 from rwkvtune.configs.layout import strip_prefix
 from rwkvtune.errors import CheckpointError
+from rwkvtune.tensor_checks import check_stored
 
 STATE_FORMAT = "rwkvtune-state-v1"  # rwkvtune.peft.state.STATE_FORMAT
 PEFT_KEY = "blocks.{}.att.time_state"
@@ -76,6 +77,7 @@ def peft_to_wkv_init(state_dict: Mapping[str, torch.Tensor], source: str = "<sta
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointError(f"{source}: {PEFT_KEY.format(i)} is {shape}, expected [H, N, N] like "
                                   f"{PEFT_KEY.format(0)} {list(first.shape)}; the file is damaged")
+        check_stored(PEFT_KEY.format(i), t, source, what="state")  # before .float() casts it silently
     return torch.stack([found[i].float() for i in range(L)]).contiguous()
 
 

@@ -81,6 +81,14 @@ class BinIdxDataset:
                 f"{self.prefix}: binidx data needs both {ip} and {bp}; missing "
                 f"{' and '.join(missing)}; check the prefix or rerun `rwkvtune data prepare`"
             )
+        try:
+            self._open_pair(ip, bp)
+        except OSError as e:  # permission denied on either file: one line naming it
+            from rwkvtune.utils import read_error
+
+            raise read_error(e.filename or ip, e, DataError) from None
+
+    def _open_pair(self, ip: str, bp: str) -> None:
         idx_size = os.path.getsize(ip)
         with open(ip, "rb") as f:
             head = f.read(HEADER.size)
@@ -299,7 +307,10 @@ class BinIdxWriter:
                 f"{self.prefix}: document {len(self._sizes)} has {arr.size} tokens; "
                 "binidx sizes are int32; split the document"
             )
-        self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        try:
+            self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        except OSError as e:  # disk full: one line with what was written so far (the target is untouched)
+            raise self._write_error(bin_path(self.prefix), e) from None
         self._sizes.append(int(arr.size))
         self.num_tokens += int(arr.size)
 
@@ -310,32 +321,48 @@ class BinIdxWriter:
         """Write the index and move both files into place. Returns {"docs", "tokens"}."""
         if self._done:
             raise RuntimeError("BinIdxWriter.finalize() called twice")
-        self._bin.close()
+        try:
+            self._bin.close()  # flushes the last buffered tokens: may meet a full disk too
+        except OSError as e:
+            raise self._write_error(bin_path(self.prefix), e) from None
         n = len(self._sizes)
         sizes = np.asarray(self._sizes, dtype="<i4")
         pointers = np.zeros(n, dtype="<i8")
         if n:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_idx = np.arange(n + 1, dtype="<i8")  # one item per document
-        with open(self._tmp_idx, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], n, n + 1))
-            f.write(sizes.tobytes())
-            f.write(pointers.tobytes())
-            f.write(doc_idx.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        # .bin first: if we die between the two renames, the old .idx no longer matches the new
-        # .bin size and the reader says so, instead of silently pairing mismatched files.
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
+        try:
+            with open(self._tmp_idx, "wb") as f:
+                f.write(HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], n, n + 1))
+                f.write(sizes.tobytes())
+                f.write(pointers.tobytes())
+                f.write(doc_idx.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            # .bin first: if we die between the two renames, the old .idx no longer matches the new
+            # .bin size and the reader says so, instead of silently pairing mismatched files.
+            os.replace(self._tmp_bin, bin_path(self.prefix))
+            os.replace(self._tmp_idx, idx_path(self.prefix))
+        except OSError as e:
+            raise self._write_error(idx_path(self.prefix), e,
+                                    needed=HEADER.size + 4 * n + 8 * n + 8 * (n + 1)) from None
         self._done = True
         return {"docs": n, "tokens": self.num_tokens}
+
+    def _write_error(self, path: str, e: OSError, needed: int | None = None):
+        from rwkvtune.utils import output_error
+
+        written = os.path.getsize(self._tmp_bin) if os.path.exists(self._tmp_bin) else None
+        return output_error(path, e, needed, written)
 
     def abort(self) -> None:
         """Drop everything written so far (the temporary files); the target files are untouched."""
         if self._done:
             return
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:  # the buffered rest cannot be written (disk full): it is dropped anyway
+            pass
         for p in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(p):
                 os.remove(p)

@@ -257,33 +257,46 @@ RawRecord = tuple
 
 def iter_raw_records(path: str) -> Iterator[RawRecord]:
     """Yield the raw records of a jsonl file (blank lines are ignored) or a .json array."""
+    from rwkvtune.utils import not_found, read_error
+
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found; expected a .jsonl file with one JSON object per line")
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if path.endswith(".json") and head.startswith(b"["):
-        try:
-            with open(path, "r", encoding="utf-8-sig") as f:
-                items = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(
-                f"{path}: expected a JSON array of objects, but it does not parse ({e}); "
-                "fix the file or convert it to jsonl"
-            ) from None
-        for i, obj in enumerate(items):
-            yield (f"{path}: item {i}", obj, "obj")
-        return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark
-            if not raw.strip():
-                continue
-            try:
-                yield (f"{path}:{lineno}", raw.decode("utf-8"), "json")
-            except UnicodeDecodeError as e:
-                yield (f"{path}:{lineno}", f"byte {e.start} of the line", "bytes")
+        raise DataError(not_found(path, "file", "expected a .jsonl file with one JSON object per line"))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if path.endswith(".json") and head.startswith(b"["):
+            yield from _json_array_records(path)
+            return
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte order mark
+                if not raw.strip():
+                    continue
+                try:
+                    yield (f"{path}:{lineno}", raw.decode("utf-8"), "json")
+                except UnicodeDecodeError as e:
+                    yield (f"{path}:{lineno}", f"byte {e.start} of the line", "bytes")
+    except OSError as e:  # permission denied, or a read error mid-file
+        raise read_error(path, e, DataError) from None
+
+
+def _json_array_records(path: str) -> Iterator[RawRecord]:
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            items = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        problem = _NESTED if isinstance(e, RecursionError) else e
+        raise DataError(
+            f"{path}: expected a JSON array of objects, but it does not parse ({problem}); "
+            "fix the file or convert it to jsonl"
+        ) from None
+    for i, obj in enumerate(items):
+        yield (f"{path}: item {i}", obj, "obj")
+
+
+_NESTED = "nested deeper than the JSON reader's recursion limit; no record format nests like that"
 
 
 def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None, encode=None):
@@ -300,9 +313,16 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None,
                 # Some of json's messages end with "at" ("Invalid control character at").
                 msg = e.msg.removesuffix(" at")
                 raise RecordError(f"malformed JSON ({msg} at column {e.colno})") from None
+            except RecursionError:
+                raise RecordError(f"malformed JSON ({_NESTED})") from None
         else:
             obj = payload
-        return (encode or encode_record)(obj, tokenizer, fmt, vocab_size)
+        try:
+            return (encode or encode_record)(obj, tokenizer, fmt, vocab_size)
+        except UnicodeEncodeError as e:  # JSON may escape a lone surrogate ("\\ud800"); text cannot hold one
+            bad = e.object[e.start:e.end] if isinstance(e.object, str) else "?"
+            raise RecordError(f"the text holds {bad!r}, a lone surrogate (half of a UTF-16 pair), which is not "
+                              f"valid Unicode") from None
     except RecordError as e:
         raise BadRecordError(where, str(e)) from None
 

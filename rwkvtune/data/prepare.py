@@ -126,7 +126,9 @@ def prepare_binidx(
     check_on_error(on_error)
     in_jsonl = os.fspath(in_jsonl)
     if not os.path.isfile(in_jsonl):
-        raise DataError(f"{in_jsonl}: input file not found; expected a .jsonl file")
+        from rwkvtune.utils import not_found
+
+        raise DataError(not_found(in_jsonl, "input file", "expected a .jsonl file"))
     size = os.path.getsize(in_jsonl)
     if workers is None:
         workers = 1 if size < SMALL_FILE else min(8, os.cpu_count() or 1)

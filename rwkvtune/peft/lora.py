@@ -242,6 +242,11 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise CheckpointError(f"{path}: adapter was trained on another base model (fingerprint "
                               f"{state['base_fingerprint']}, this base has {found}); load the base it was "
                               f"trained on")
+    from rwkvtune.tensor_checks import check_tensor
+
+    for group in ("lora", "parts"):
+        for n, t in state.get(group, {}).items():
+            check_tensor(n, t, path, what="adapter tensor")  # small: a full pass costs nothing
     apply_lora(model, state["targets"], r=state["r"], alpha=state["alpha"], dropout=state["dropout"])
     params = dict(model.named_parameters())
     with torch.no_grad():

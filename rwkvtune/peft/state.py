@@ -45,6 +45,7 @@ def load_state_file(path, model) -> torch.Tensor:
     """
     from rwkvtune.convert.state_formats import PEFT, detect_state_layout, peft_to_wkv_init
     from rwkvtune.convert.artifacts import load_artifact
+    from rwkvtune.tensor_checks import check_tensor
 
     obj = load_artifact(path, "state file", MADE_BY)
     if isinstance(obj, dict) and "wkv_init" not in obj and detect_state_layout(obj, str(path)) == PEFT:
@@ -61,14 +62,8 @@ def load_state_file(path, model) -> torch.Tensor:
         raise CheckpointError(f"{path}: state shape {list(t.shape)} does not fit this model (expected "
                               f"{list(want)} = [n_layer, n_head, head_size, head_size]); use the state trained for "
                               f"this model")
-    if not t.is_floating_point() or t.is_sparse:
-        raise CheckpointError(f"{path}: wkv_init holds {t.dtype}{' (sparse)' if t.is_sparse else ''}, expected "
-                              f"dense floating-point values; the file is not a tuned state")
+    check_tensor("wkv_init", t, path, what="state")
     t = t.float()
-    finite = torch.isfinite(t)
-    if not finite.all():
-        raise CheckpointError(f"{path}: wkv_init holds {int((~finite).sum())} non-finite value(s) (NaN or inf); the "
-                              f"run that wrote it diverged: use an earlier state")
     largest = float(t.abs().max()) if t.numel() else 0.0
     if largest > MAX_STATE_ABS:
         raise CheckpointError(f"{path}: wkv_init holds values up to {largest:.3g} in magnitude, expected at most "

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rwkvtune.configs.checkpoint import check_pickle_size
 from rwkvtune.errors import CheckpointError, ConfigError
-from rwkvtune.train.run_dir import RunDir
-from rwkvtune.utils import atomic_torch_save, atomic_write_text
+from rwkvtune.train.run_dir import CHECKPOINT_NAME, RunDir
+from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error
 
 
 def rng_state() -> dict:
@@ -59,9 +60,17 @@ def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, m
         "method": method_state or {},
     }, path)
     atomic_write_text(run.latest, path.name + "\n")
-    for old in run.checkpoint_files()[:-max(1, cfg.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    prune(run, step, cfg.keep_checkpoints)
     return path
+
+
+def prune(run: RunDir, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step`` (the one just saved). Newer ones are
+    left alone: they belong to the run a resume from an earlier checkpoint branched off (it lowers
+    the lr after a divergence) and are replaced when this run saves the same steps."""
+    upto = [p for p in run.checkpoint_files() if run.checkpoint_step_of(p) <= step]
+    for old in upto[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def latest_checkpoint(out: str | Path) -> Path:
@@ -90,6 +99,28 @@ def latest_checkpoint(out: str | Path) -> Path:
     return found[-1]
 
 
+def run_dir_of(resume: str | Path) -> Path:
+    """The run directory that ``--resume`` names: the directory itself, or the run of a checkpoint
+    (``RUN/checkpoints/step-NNNNNNN.pt``, or a sharded folder) given to continue from that one."""
+    p = Path(resume)
+    if CHECKPOINT_NAME.fullmatch(p.name) and p.parent.name == "checkpoints":
+        return p.parent.parent
+    return p
+
+
+def resume_checkpoint(resume: str | Path) -> Path:
+    """The checkpoint ``--resume`` continues from: the one given, or the run's newest."""
+    run = RunDir(run_dir_of(resume))
+    if run.path == Path(resume):
+        return latest_checkpoint(resume)
+    name = Path(resume).name
+    if not run.is_own_checkpoint(name):
+        kept = ", ".join(p.name for p in run.checkpoint_files()) or "none"
+        raise CheckpointError(f"--resume {resume}: no such checkpoint in {run.checkpoints} (it holds: {kept}); pass "
+                              f"one of them, or the run directory {run.path} to continue from the newest")
+    return run.checkpoints / name
+
+
 def completed_summary(out: str | Path, step: int, total_steps: int) -> dict | None:
     """summary.json of a run that already finished at checkpoint ``step`` (>= total_steps), else None.
 
@@ -115,11 +146,14 @@ def read_checkpoint_info(path: Path) -> dict:
     if not Path(path).is_dir():
         return _load(path, mmap=True)
     meta = Path(path) / "trainer.pt"
+    if not meta.is_file():
+        raise CheckpointError(f"{path}: sharded checkpoint without trainer.pt; it is incomplete: move it away to "
+                              f"resume from the one before it")
+    check_pickle_size(meta)
     try:
         info = torch.load(meta, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: sharded checkpoint without trainer.pt; it is incomplete: move it away to "
-                              f"resume from the one before it") from None
+    except OSError as e:
+        raise read_error(meta, e) from None
     except Exception as e:
         raise CheckpointError(f"{meta}: cannot read ({type(e).__name__}); it holds Python objects rwkvtune never "
                               f"unpickles, or is corrupt: move this checkpoint away") from None
@@ -143,9 +177,12 @@ def _load(path: Path, mmap: bool = False) -> dict:
     the saved config, which would otherwise read the whole file (weights and optimizer state) a
     second time on resume.
     """
+    check_pickle_size(path, "this resumable checkpoint")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as e:  # unreadable, not corrupt
+        raise read_error(path, e, what="this resumable checkpoint") from None
     except Exception as e:
         refused = "weights only" in str(e).lower() or "weights_only" in str(e)
         why = ("it holds Python objects other than tensors and plain values, which rwkvtune never unpickles "
@@ -157,9 +194,13 @@ def _load(path: Path, mmap: bool = False) -> dict:
     return ck
 
 
-# Options that --resume may change: they do not alter the run being continued.
+# Options that --resume may change: bookkeeping and runtime ones, which do not alter the run being
+# continued, and the learning-rate schedule (a run that diverged continues with a lower lr; the
+# schedule is a function of the step, so the new values apply from the resumed step on).
+SCHEDULE_FIELDS = ("lr", "lr_final", "warmup_steps")
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "save_every", "keep_checkpoints", "eval_every", "log_every",
-                     "tensorboard", "wandb", "device", "eval_data", "cpu_offload", "eval_on_start")
+                     "tensorboard", "wandb", "device", "eval_data", "cpu_offload", "eval_on_start",
+                     "threads") + SCHEDULE_FIELDS
 
 # Options that name files. A run saves them absolute, so `--resume` works from any directory, and
 # compares them as paths, so a relative path on the command line equals the saved absolute one.
@@ -199,11 +240,12 @@ def resumed_config(out: str | Path, cfg):
     """The saved run's config (so `--resume DIR` alone continues it); a given max_steps extends it.
 
     Other options given with --resume must equal the saved ones (they would silently change or be
-    ignored), except the bookkeeping ones in RESUME_MAY_CHANGE.
+    ignored), except those in RESUME_MAY_CHANGE. ``out`` is the run directory or one of its
+    checkpoints (see :func:`resume_checkpoint`).
     """
     from rwkvtune.models.rwkv7.config import TrainConfig
 
-    path = latest_checkpoint(out)
+    path = resume_checkpoint(out)
     ck = read_checkpoint_info(path)
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
     default, given = TrainConfig().to_dict(), cfg.to_dict()
@@ -214,10 +256,13 @@ def resumed_config(out: str | Path, cfg):
         was = ", ".join(f"{k}={saved_d[k]!r}" for k in changed)
         now = ", ".join(f"{k}={given[k]!r}" for k in changed)
         raise ConfigError(f"--resume {out}: the run was saved with {was} but this command sets {now}; a resumed run "
-                          f"keeps its config (only max_steps and logging/saving options may change): drop those "
-                          f"options, or start a new run with another --out")
+                          f"keeps its config (only max_steps, the lr schedule (lr, lr_final, warmup_steps) and "
+                          f"logging/saving/runtime options may change): drop those options, or start a new run with "
+                          f"another --out")
     for k in RESUME_MAY_CHANGE:
-        if k not in ("resume", "out") and given[k] != default[k]:  # max_steps too: it extends the run
+        # Given: set by a flag, recipe or override (sources), or differing from the default (a
+        # config built in Python). max_steps too: it extends the run.
+        if k not in ("resume", "out") and (k in cfg.sources or given[k] != default[k]):
             setattr(saved, k, getattr(cfg, k))
             # validate() names where a value came from: this command's source, not the checkpoint
             if k in cfg.sources:
@@ -225,13 +270,22 @@ def resumed_config(out: str | Path, cfg):
             else:
                 saved.sources.pop(k, None)
     saved.resume = str(out)
-    saved.out = str(out)
+    saved.out = str(run_dir_of(out))
     return saved
 
 
+def schedule_changes(out: str | Path, cfg) -> dict[str, dict]:
+    """{field: {"from": saved, "to": now}} for the lr schedule fields that this resume changes
+    (for the metrics row that records the change at the resumed step)."""
+    saved = read_checkpoint_info(resume_checkpoint(out))["config"]
+    return {k: {"from": saved.get(k), "to": getattr(cfg, k)} for k in SCHEDULE_FIELDS
+            if k in saved and saved[k] != getattr(cfg, k)}
+
+
 def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, dict]:
-    """Restore the newest checkpoint of ``out`` into the run; returns (step, tokens, method state)."""
-    path = latest_checkpoint(out)
+    """Restore the checkpoint ``--resume out`` names (the run's newest, or the one given) into the
+    run; returns (step, tokens, method state)."""
+    path = resume_checkpoint(out)
     if path.is_dir():
         raise CheckpointError(f"{path}: a sharded checkpoint (strategy fsdp); resume it with strategy fsdp")
     ck = _load(path)
@@ -240,6 +294,10 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, 
     if missing:
         raise CheckpointError(f"{path}: parameters {missing[:3]} do not exist in this model; resume with the "
                               f"same model and mode")
+    from rwkvtune.tensor_checks import check_tensor
+
+    for n, t in ck["trainable"].items():  # a NaN saved by a diverging step: named here, not as a NaN loss
+        check_tensor(n, t, path, what="trainable tensor")
     with torch.no_grad():
         for n, t in ck["trainable"].items():
             params[n].copy_(t)

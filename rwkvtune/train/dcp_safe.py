@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError
 from rwkvtune.train import checkpointing
-from rwkvtune.utils import atomic_torch_save, atomic_write_text
+from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
 
 TRAINER_FILE = "trainer.pt"
 # Frozen base weights are not saved: the run rebuilds them from its model file. (Loading is not
@@ -67,6 +68,10 @@ class SafeReader(FileSystemReader):
         try:
             with self.fs.create_stream(path, "rb") as f:
                 metadata = _IndexUnpickler(f).load()
+        except OSError as e:
+            from rwkvtune.utils import read_error
+
+            raise read_error(path, e) from None
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: not a checkpoint index rwkvtune reads ({e}); rwkvtune never unpickles "
                                   f"other objects (loading them could run code): move this checkpoint away") from None
@@ -94,13 +99,16 @@ class SafePlanner(DefaultLoadPlanner):
 def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) -> "Path":  # noqa: F821
     """Every process writes its shard into a temporary folder; the main process adds trainer.pt,
     renames the folder into place, points ``latest`` at it and prunes old checkpoints."""
-    final, tmp = run.checkpoint_dir(step), run.checkpoints / f".step-{step:07d}.tmp"
+    final, tmp = run.checkpoint_dir(step), run.checkpoint_temp_dir(step)
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    except CheckpointException as e:  # every process gets every process's failures
+        raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from None
     if d.main:
         atomic_torch_save({"step": step, "tokens": tokens, "sampler": sampler.state_dict(),
                            "rng": checkpointing.rng_state(), "config": cfg.to_dict(), "method": method_state or {},
@@ -108,15 +116,26 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
         shutil.rmtree(final, ignore_errors=True)  # a resumed run saving the same step again
         tmp.rename(final)
         atomic_write_text(run.latest, final.name + "\n")
-        for old in run.checkpoint_files()[:-max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        checkpointing.prune(run, step, cfg.keep_checkpoints)
     dist.barrier()  # no process goes on (or exits) before the checkpoint is in place
     return final
 
 
+def _save_error(e: CheckpointException, final, tmp, d, needed: int) -> BaseException:
+    """A failed write of a shard (disk full) as one OutputError naming the checkpoint and the space
+    it needs, the temporary folder removed; any other failure as it came."""
+    cause = next((failure[0] for failure in (getattr(e, "failures", None) or {}).values()), None)
+    if cause is None or not is_write_failure(cause):
+        return e
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else None
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_error(final, cause, needed, written)
+
+
 def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
-    """Restore the newest checkpoint of ``out`` (resharded to this run's processes)."""
-    path = checkpointing.latest_checkpoint(out)
+    """Restore the checkpoint ``--resume out`` names (resharded to this run's processes)."""
+    path = checkpointing.resume_checkpoint(out)
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint of a run without sharding; resume it with strategy ddp (drop "
                               f"strategy=fsdp)")

@@ -24,7 +24,7 @@ def _restart_jsonl(path: Path, resume_step: int | None) -> list[dict]:
         path.unlink(missing_ok=True)
         return []
     kept = []
-    for line in path.read_text().splitlines():
+    for line in _read_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -71,6 +71,16 @@ def _import_wandb():
 
         raise ConfigError(WANDB_MISSING) from None
     return wandb
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a run's own log, or a one-line error when it cannot be read (permissions)."""
+    from rwkvtune.utils import read_error
+
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise read_error(path, e) from None
 
 
 class MetricsLogger:
@@ -127,7 +137,7 @@ class MetricsLogger:
         if resume_step is not None and id_path.exists():
             # Continue the interrupted run's wandb run rather than starting a second one. ("allow"
             # also starts it afresh under that id if it never reached the server.)
-            kwargs = {"id": id_path.read_text().strip(), "resume": "allow"}
+            kwargs = {"id": "".join(_read_lines(id_path)).strip(), "resume": "allow"}
         # No mode= here: wandb reads WANDB_MODE (offline/disabled) and its other settings from the
         # environment itself, and passing a mode would override them.
         try:
@@ -150,8 +160,13 @@ class MetricsLogger:
 
     def _write(self, row: dict, path: Path | None = None) -> None:
         # One line per call, opened in append mode and closed (so flushed) at once.
-        with open(path or self.path, "a") as f:
-            f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+        try:
+            with open(path or self.path, "a") as f:
+                f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+        except OSError as e:  # disk full: one line, not a traceback (the checkpoints are intact)
+            from rwkvtune.utils import output_error
+
+            raise output_error(path or self.path, e) from None
 
     def log_rollouts(self, rows: list[dict]) -> None:
         """Append sampled completions (method grpo) to rollouts.jsonl, one JSON object each."""
@@ -180,6 +195,12 @@ class MetricsLogger:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
+
+    def log_event(self, step: int, fields: dict) -> None:
+        """A row that records something other than metrics at ``step`` (e.g. a resume that changed
+        the lr schedule); it carries no loss, so curves and summaries skip it."""
+        if self.enabled:
+            self._write({"step": step, **fields})
 
     def log_eval(self, step: int, result: dict) -> None:
         if not self.enabled:
@@ -248,6 +269,12 @@ class MetricsLogger:
         ax.legend()
         fig.tight_layout()
         path = self.run.loss_plot
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(path, dpi=100)
+        except OSError as e:
+            from rwkvtune.utils import output_error
+
+            raise output_error(path, e) from None
+        finally:
+            plt.close(fig)
         return path

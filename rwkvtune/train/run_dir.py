@@ -16,17 +16,39 @@
     final.pth                    official-layout model (full and LoRA modes, merged)
     adapter.pth / state.pth      LoRA adapter / tuned initial state
     state.rwkv-peft.pth          the tuned state in the layout RWKV-PEFT and RWKV Runner load
+    run.lock                     while a run trains here: locked by it, naming its pid, host, command
 
 With ``save_format: safetensors`` the model, adapter and state are ``.safetensors`` instead.
+
+Temporary names (a killed run leaves them; a run that takes the lock removes them): ``.NAME.PID.HEX.tmp``
+of atomic writes (:data:`rwkvtune.utils.TEMP_NAME`) here and in checkpoints/, and
+``checkpoints/.step-NNNNNNN.tmp/``, a sharded checkpoint being written.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
+from rwkvtune.utils import TEMP_NAME
+
 # step-NNNNNNN.pt: one file (one process, DDP); step-NNNNNNN/: a sharded folder (FSDP)
-CHECKPOINT_NAME = re.compile(r"step-\d{7}(\.pt)?")
+CHECKPOINT_NAME = re.compile(r"step-(\d{7})(\.pt)?")
+SHARDED_TEMP_NAME = re.compile(r"\.step-\d{7}\.tmp")
+LOCK_NAME = "run.lock"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a temp file of a live writer is not stale)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
 
 
 class RunDir:
@@ -53,12 +75,22 @@ class RunDir:
     adapter = property(lambda self: self.path / f"adapter{self.suffix}")
     state = property(lambda self: self.path / f"state{self.suffix}")
     state_peft = property(lambda self: self.path / "state.rwkv-peft.pth")
+    lock = property(lambda self: self.path / LOCK_NAME)
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.pt"
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}"
+
+    def checkpoint_temp_dir(self, step: int) -> Path:
+        """Where a sharded checkpoint is written before it is renamed into place."""
+        return self.checkpoints / f".step-{step:07d}.tmp"
+
+    @staticmethod
+    def checkpoint_step_of(path: Path) -> int:
+        """The step in a checkpoint's name (step-0000050.pt -> 50)."""
+        return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
 
     def is_own_checkpoint(self, name: str) -> bool:
         """Whether ``name`` is a checkpoint directly in checkpoints/ (not a link out of it): a
@@ -85,3 +117,28 @@ class RunDir:
     def holds_run(self) -> bool:
         """Whether a run was (at least partly) trained here: a checkpoint or a final output."""
         return bool(self.checkpoint_files()) or any(p.exists() for p in self.outputs())
+
+    def stale_temp_files(self) -> list[Path]:
+        """Temporary files and folders that killed writers left here and in checkpoints/ (by our
+        temp-name patterns only; an atomic write's file only when its writing process is gone)."""
+        found = []
+        for folder in (self.path, self.checkpoints):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if p.is_symlink():
+                    continue
+                m = TEMP_NAME.fullmatch(p.name)
+                if m and p.is_file() and not _alive(int(m["pid"])):
+                    found.append(p)
+                elif folder == self.checkpoints and SHARDED_TEMP_NAME.fullmatch(p.name) and p.is_dir():
+                    found.append(p)
+        return found
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Remove :meth:`stale_temp_files` (only while this process holds the run's lock: a sharded
+        temp folder has no pid, so only the lock tells that no run is writing it); returns them."""
+        found = self.stale_temp_files()
+        for p in found:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return found

@@ -50,3 +50,21 @@ def data_warnings(cfg, n_windows: int, global_batch: int) -> list[str]:
                 f"{global_batch * cfg.grad_accum} one optimizer step uses ({global_batch} per batch x grad_accum "
                 f"{cfg.grad_accum}): every step repeats windows; add data or lower --grad-accum"]
     return []
+
+
+def schedule_warnings(cfg, total_steps: int) -> list[str]:
+    """Warnings about a schedule that does not do what its names say: a warmup that takes the whole
+    run (a first try with --max-steps 5 then barely moves the loss without saying why), and a
+    final lr above the peak (a resume that lowered --lr only)."""
+    from rwkvtune.train.optim import lr_at
+
+    out = []
+    if cfg.warmup_steps >= total_steps:
+        reached = max(lr_at(s, cfg.lr, cfg.lr_final, cfg.warmup_steps, total_steps) for s in range(total_steps))
+        out.append(f"warning: warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning rate "
+                   f"only reaches {reached:.3g} of its peak {cfg.lr:g}, so the loss may barely move; lower "
+                   f"--warmup-steps (e.g. {total_steps // 10}) or raise --max-steps")
+    if cfg.lr_final > cfg.lr:
+        out.append(f"warning: lr_final {cfg.lr_final:g} > lr {cfg.lr:g}: the cosine rises instead of decaying; "
+                   f"set --lr-final below --lr")
+    return out

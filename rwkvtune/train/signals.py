@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import sys
 import threading
 from typing import Iterator
@@ -37,12 +38,25 @@ class GracefulStop:
         self.requested: int | None = None   # the signal number that asked to stop
         self.in_loop = False
         self.run_dir = None  # RunDir of the run, once known: its checkpoints are named on exit
+        self.wakeup: socket.socket | None = None  # read end of the wakeup fd (see graceful_stop)
+
+    def _deliveries(self) -> int:
+        """Stop signals delivered since the last handler call (at least this one). Python runs a
+        handler once for all deliveries of a signal that arrive before it can run (two Ctrl-C
+        within a few ms), but its C-level handler writes one byte per delivery to the wakeup fd."""
+        if self.wakeup is None:
+            return 1
+        count = 0
+        with contextlib.suppress(OSError):  # BlockingIOError: drained
+            while data := self.wakeup.recv(4096):
+                count += sum(b in (signal.SIGINT, signal.SIGTERM) for b in data)
+        return max(1, count)
 
     def describe(self) -> str:
         return "terminated by SIGTERM" if self.requested == signal.SIGTERM else "interrupted (Ctrl-C)"
 
     def __call__(self, signum, frame):
-        again = self.requested is not None
+        again = self.requested is not None or self._deliveries() > 1
         self.requested = signum
         if self.in_loop and not again:
             if signum == signal.SIGINT:
@@ -67,9 +81,32 @@ def graceful_stop() -> Iterator[GracefulStop]:
         yield stop
         return
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    with _wakeup_socket() as stop.wakeup:
+        try:
+            yield stop
+        finally:
+            for signum, handler in previous.items():
+                # None: the previous handler was not set from Python; the default is the nearest we can do
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def _wakeup_socket() -> Iterator[socket.socket | None]:
+    """The read end of a socketpair installed with ``signal.set_wakeup_fd``, which gets one byte
+    (the signal number) per delivery; None where another wakeup fd is in use (an event loop's: it
+    is left alone, and coalesced signals then count once)."""
+    read, write = socket.socketpair()
+    for sock in (read, write):
+        sock.setblocking(False)
+    previous = signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
     try:
-        yield stop
+        if previous != -1:
+            signal.set_wakeup_fd(previous)
+            yield None
+        else:
+            yield read
     finally:
-        for signum, handler in previous.items():
-            # None: the previous handler was not set from Python; the default is the nearest we can do
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if previous == -1:
+            signal.set_wakeup_fd(-1)
+        read.close()
+        write.close()

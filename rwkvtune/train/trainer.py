@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
-from rwkvtune.errors import RwkvtuneError
+from rwkvtune.errors import OutputError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig
-from rwkvtune.models.rwkv7.model import RWKV7
+from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule, count_params
-from rwkvtune.train import checkpointing
+from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.memory import dry_run_report, dry_run_summary
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
@@ -40,7 +40,7 @@ from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import (Dist, all_sum, autocast_factory, memory_available_gib, select_device,
                                     setup_distributed)
-from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings
+from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings, schedule_warnings
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
 from rwkvtune.utils import atomic_write_text
@@ -103,12 +103,17 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     (``cleanup`` takes what must be undone when train() returns)."""
     resume_dir = cfg.resume
     cfg, model_config = _resolve(cfg)
+    if cfg.threads:  # restored when train() returns: a library call leaves the process as it was
+        cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(cfg.threads)
     has_weights = check_model_file(cfg, model_config, dry_run)
     run = RunDir(cfg.out, cfg.save_format)
     check_out_dir(run, resuming=bool(resume_dir))
     stop.run_dir = run
     check_packages(cfg)
     d = setup_distributed(cfg.device)
+    if d.main and not dry_run:
+        _lock_run_dir(run, resume_dir, cleanup)
     device = select_device(cfg.device, d)
     check_strategy(cfg, device)
     if cfg.strategy == "fsdp" and not dry_run and join_single_process_group(device):
@@ -127,7 +132,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     # An upper bound: collate trims the columns after a batch's last target.
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.ctx_len
     if resume_dir and not dry_run:
-        step = checkpointing.checkpoint_step(checkpointing.latest_checkpoint(resume_dir))
+        step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
         done = checkpointing.completed_summary(run.path, step, total_steps)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
@@ -157,11 +162,26 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         step, tokens, method_state = strategy.load_checkpoint(resume_dir, module, optimizer, sampler)
         method.load_state_dict(method_state)
     logger = MetricsLogger(run, cfg, enabled=d.main, resume_step=step if resume_dir else None)
+    if resume_dir:
+        changes = checkpointing.schedule_changes(resume_dir, cfg)
+        if changes:  # a row at the resumed step records the new schedule in the run's history
+            logger.log_event(step, {"resumed": True, "schedule_changed": changes})
     r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
     method.setup(r)
     return r
+
+
+def _lock_run_dir(run: RunDir, resume_dir: str | None, cleanup: contextlib.ExitStack) -> None:
+    """Hold the run directory's lock until train() returns (main process only), check again under
+    it that a new run meets no other run's files, and remove what killed writers left."""
+    cleanup.enter_context(run_lock.hold(run, "--resume" if resume_dir else "--out"))
+    check_out_dir(run, resuming=bool(resume_dir))  # a run that finished since the first check
+    removed = run.remove_stale_temp_files()
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) that an interrupted run left in {run.path}: "
+              f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}", file=sys.stderr)
 
 
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
@@ -182,6 +202,11 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
     if meta:
         with torch.device("meta"):
             return mode.prepare(RWKV7(model_config), cfg)
+    with allocation_guard(model_config, device):  # a config in range can still be too large to hold
+        return _build_module(cfg, mode, model_config, device)
+
+
+def _build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device: str) -> TrainModule:
     if cfg.init == "scratch":
         model = RWKV7.from_config(model_config, seed=cfg.seed)
     else:
@@ -208,13 +233,16 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     r.logger.info(f"model {r.model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params"
                   f"{unused_note}, {len(r.train_set)} {r.method.item_name}, {r.total_steps} steps"
                   + (f" of up to {r.tokens_per_step} tokens" if r.method.token_units else ""))
+    threads = "threads" if cfg.threads else "threads (torch's default; set with --threads)"
+    r.logger.info(f"device {r.device}, precision {cfg.precision}, {torch.get_num_threads()} CPU {threads}")
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
-                      f"{checkpointing.latest_checkpoint(resume_dir)})")
+                      f"{checkpointing.resume_checkpoint(resume_dir)})")
     if cfg.precision == "bf16" and not r.device.startswith("cuda"):
         r.logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can be far "
                       "slower than fp32 there")
-    for warning in data_warnings(cfg, len(r.train_set), r.sampler.global_batch):
+    warnings = data_warnings(cfg, len(r.train_set), r.sampler.global_batch) + schedule_warnings(cfg, r.total_steps)
+    for warning in warnings:
         r.logger.info(warning)
 
 
@@ -239,8 +267,14 @@ class _Window:
 
 def loop(r: Run, stop: GracefulStop) -> None:
     """Optimizer steps until total_steps; logs, evaluates and saves on schedule; a signal ends it
-    after the current step with a checkpoint (:class:`Terminated`)."""
-    cfg, progress, window = r.cfg, r.logger.progress(r.total_steps, initial=r.step), _Window()
+    after the current step with a checkpoint (:class:`Terminated`). The progress bar is closed
+    on any exit, so it is never redrawn after an error line."""
+    with r.logger.progress(r.total_steps, initial=r.step) as progress:
+        _loop(r, stop, progress)
+
+
+def _loop(r: Run, stop: GracefulStop, progress) -> None:
+    cfg, window = r.cfg, _Window()
     if cfg.eval_on_start and r.eval_set is not None and r.step == 0 and 0 not in r.logger.evals:
         r.logger.log_eval(0, r.method.evaluate(r.module, r.eval_set, r.context()))
     stop.in_loop = True
@@ -250,9 +284,7 @@ def loop(r: Run, stop: GracefulStop) -> None:
         set_lr(r.optimizer, lr)
         sums, units, tokens_in = train_step(r)
         if not math.isfinite(sums["loss"]):
-            raise TrainingDiverged(f"loss is {sums['loss']} at step {r.step + 1}; stopped without saving. The "
-                                   f"last good checkpoint is in {r.run.checkpoints} (resume with --resume "
-                                   f"{r.run.path} and a lower --lr)")
+            raise TrainingDiverged(diverged_message(r, sums["loss"]))
         grad_norm = r.strategy.clip_grad_norm(r.module, cfg.grad_clip) if cfg.grad_clip > 0 else None
         r.optimizer.step()
         r.optimizer.zero_grad(set_to_none=True)
@@ -276,7 +308,29 @@ def loop(r: Run, stop: GracefulStop) -> None:
             progress.close()
             _stop_after_step(r, stop)
     stop.in_loop = False
-    progress.close()
+
+
+def diverged_message(r: Run, loss: float) -> str:
+    """What to do when the loss of the next step is not finite: resume with a lower lr from a
+    checkpoint at least one update before that step (the weights of the step just before it
+    already give this loss on this batch, whatever the lr), named with the exact command."""
+    import shlex
+
+    step, lr = r.step + 1, r.cfg.lr
+    head = f"loss is {loss} at step {step}; stopped without saving"
+    kept = r.run.checkpoint_files()
+    usable = [p for p in kept if r.run.checkpoint_step_of(p) <= step - 2]
+    if usable:
+        path = usable[-1]
+        return (f"{head}. Resume from the checkpoint of step {r.run.checkpoint_step_of(path)} with a lower learning "
+                f"rate (this run's peak lr is {lr:g}): rwkvtune train --resume {shlex.quote(str(path))} "
+                f"--lr {lr / 2:g}")
+    if kept:
+        return (f"{head}. The only checkpoint kept (step {r.run.checkpoint_step_of(kept[-1])}) holds the weights "
+                f"that give this loss, so resuming cannot avoid it: start a new run with a lower --lr (this run's "
+                f"peak lr is {lr:g}, e.g. --lr {lr / 2:g}) and another --out, or save checkpoints more often")
+    return (f"{head}; no checkpoint was saved yet (save_every {r.cfg.save_every}): run the same command again "
+            f"with a lower --lr (this run's peak lr is {lr:g}, e.g. --lr {lr / 2:g})")
 
 
 def train_step(r: Run) -> tuple[dict, float, float]:
@@ -333,8 +387,13 @@ def finish(r: Run) -> dict:
     summary = {"steps": r.step, "tokens": r.tokens, "out": str(r.run.path)}
     # The model first: the resumable checkpoint is several times larger, and a full disk must not
     # cost the trained model. (Every process takes part: FSDP gathers the shards.)
-    summary.update(r.strategy.save_outputs(r.run, r.mode, r.module, r.model_config))
-    save_checkpoint(r)
+    outputs = r.strategy.save_outputs(r.run, r.mode, r.module, r.model_config)
+    summary.update(outputs)
+    try:
+        save_checkpoint(r)
+    except OutputError as e:
+        saved = ", ".join(outputs.values())  # (none on the other processes of a sharded run)
+        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from None
     if r.dist.main:
         r.logger.finish()
         # A resume that only finishes (killed while writing the final files) logs no step itself.

@@ -18,6 +18,12 @@ from rwkvtune.errors import ConfigError
 PRECISIONS = ("fp32", "bf16")
 WKV_BACKENDS = ("auto", "chunked", "reference", "fla")
 STRATEGIES = ("ddp", "fsdp")
+INITS = ("pretrained", "scratch")
+BPTT_MODES = ("truncated", "full")
+DATA_ERROR_POLICIES = ("raise", "skip")
+SAVE_FORMATS = ("pth", "safetensors")
+SAVE_DTYPES = ("bf16", "fp32")
+MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding takes 0..2**32-1, torch's 64 bits: the common range
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
@@ -41,20 +47,20 @@ class TrainConfig:
     lr_final: float | None = None  # end of the cosine; None -> lr / 10
     warmup_steps: int = 10  # linear warmup from 0.01*lr (reference trainer's multiplier)
     max_steps: int | None = None  # optimizer steps; None -> epochs over the data
-    epochs: int = 1
+    epochs: int = 1  # passes over the data when max_steps is not set
     weight_decay: float = 0.0  # only on 2-D .weight matrices (docs/rwkv7.md §5)
-    betas: tuple[float, float] = (0.9, 0.99)
-    adam_eps: float = 1e-18
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas (the reference trainer's)
+    adam_eps: float = 1e-18  # AdamW epsilon (the reference trainer's)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     l2wrap: bool = True  # the reference trainer's max-logit penalty (keeps logits from drifting)
-    seed: int = 42
+    seed: int = 42  # data order, from-scratch init, dropout (0..2**32-1)
     # ---- long samples (infinite context) -----------------------------------------------------
     long_context: bool = False  # keep samples whole; train them in ctx_len chunks carrying state
     bptt: str = "truncated"  # "truncated": backprop within a chunk; "full": through all chunks
     # ---- PEFT --------------------------------------------------------------------------------
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: float = 32.0  # LoRA scaling = lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes to wrap
     train_parts: tuple[str, ...] = ()  # also train: "ln", "emb", "head" (lora mode)
     # ---- preference and reinforcement training (method dpo / grpo; TRL's names) ---------------
@@ -80,9 +86,10 @@ class TrainConfig:
     cpu_offload: bool = False  # fsdp on GPU: keep sharded params, grads and optimizer state in host memory
     precision: str | None = None  # None -> fp32 on CPU, bf16 (autocast) on GPU
     grad_checkpoint: bool = False  # recompute blocks in backward: less memory, ~30% slower
-    wkv_backend: str = "auto"
+    wkv_backend: str = "auto"  # WKV kernel: "auto" (fla on CUDA when installed, else chunked), or one by name
+    threads: int | None = None  # CPU threads of torch's ops (torch.set_num_threads); None: torch's default
     # ---- outputs -----------------------------------------------------------------------------
-    out: str = "out"
+    out: str = "out"  # the run directory (see rwkvtune/train/run_dir.py); never overwritten
     save_every: int = 50  # optimizer steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
@@ -92,7 +99,7 @@ class TrainConfig:
     save_format: str = "pth"  # final model, adapter and state as "pth" or "safetensors" (no pickle)
     tensorboard: bool | None = None  # TensorBoard logs in <out>/tb: None when installed, true requires it
     wandb: str | None = None  # wandb project name to log to (needs wandb installed)
-    resume: str | None = None  # an --out directory to continue from its last checkpoint
+    resume: str | None = None  # an --out directory to continue from its last checkpoint, or one of its checkpoints
 
     def __post_init__(self) -> None:
         # Where each field set by ``update`` came from ("recipe r.yaml", "command line"), so that
@@ -131,17 +138,17 @@ class TrainConfig:
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode: found {self.mode!r}, expected one of {', '.join(MODES)}")
-        if self.init not in ("pretrained", "scratch"):
+        if self.init not in INITS:
             problems.append(f"init: found {self.init!r}, expected 'pretrained' or 'scratch'")
         if self.precision is not None and self.precision not in PRECISIONS:
             problems.append(f"precision: found {self.precision!r}, expected one of {', '.join(PRECISIONS)}")
-        if self.bptt not in ("truncated", "full"):
+        if self.bptt not in BPTT_MODES:
             problems.append(f"bptt: found {self.bptt!r}, expected 'truncated' or 'full'")
-        if self.on_data_error not in ("raise", "skip"):
+        if self.on_data_error not in DATA_ERROR_POLICIES:
             problems.append(f"on_data_error: found {self.on_data_error!r}, expected 'raise' or 'skip'")
-        if self.save_format not in ("pth", "safetensors"):
+        if self.save_format not in SAVE_FORMATS:
             problems.append(f"save_format: found {self.save_format!r}, expected 'pth' or 'safetensors'")
-        if self.save_dtype not in ("bf16", "fp32"):
+        if self.save_dtype not in SAVE_DTYPES:
             problems.append(f"save_dtype: found {self.save_dtype!r}, expected 'bf16' or 'fp32'")
         for name in ("ctx_len", "batch_size", "grad_accum", "max_steps", "epochs", "lora_r"):
             value = getattr(self, name)
@@ -158,8 +165,12 @@ class TrainConfig:
         for name in ("keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: found {getattr(self, name)}, expected >= 1")
-        if self.seed < 0:
-            problems.append(f"seed: found {self.seed}, expected an integer >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed: found {self.seed}, expected an integer >= 0 and <= {MAX_SEED} (the range numpy's "
+                            f"and torch's seeds share)")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads: found {self.threads}, expected an integer >= 1 (or leave it unset for torch's "
+                            f"default)")
         # Problems of several fields, already naming their sources; the mode knows its own rules.
         conflicts = [self._conflict(shown, why) for shown, why in
                      (get_mode(self.mode).conflicts(self) if self.mode in MODES else [])]
@@ -235,6 +246,39 @@ class TrainConfig:
             c.precision = "bf16" if c.device.startswith("cuda") else "fp32"
         return c
 
+    @staticmethod
+    def choices() -> dict[str, tuple[str, ...]]:
+        """The values of each option that takes one of a fixed set (``validate`` checks them,
+        ``rwkvtune train --help`` shows them)."""
+        from rwkvtune.peft import MODES
+        from rwkvtune.train.methods import METHODS
+
+        return {"mode": MODES, "method": METHODS, "init": INITS, "precision": PRECISIONS, "bptt": BPTT_MODES,
+                "on_data_error": DATA_ERROR_POLICIES, "save_format": SAVE_FORMATS, "save_dtype": SAVE_DTYPES,
+                "strategy": STRATEGIES, "wkv_backend": WKV_BACKENDS}
+
+    @classmethod
+    def field_docs(cls) -> list[tuple[str, str, str]]:
+        """(section, field, comment) for every field, in order, from this class's source: the
+        comments above are the one documentation of every option (``rwkvtune train --help-all``).
+        Empty comments where the source cannot be read (a build without .py files)."""
+        import inspect
+        import re
+
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            lines = []
+        section, comments = "", {}
+        for line in lines:
+            head = re.match(r"\s+# -+ (.+?) -+$", line)
+            field = re.match(r"\s{4}(\w+): [^#]*?(?:#\s*(.*))?$", line)
+            if head:
+                section = head.group(1)
+            elif field and not line.lstrip().startswith("def "):
+                comments[field.group(1)] = (section, field.group(2) or "")
+        return [(comments.get(n, ("", ""))[0], n, comments.get(n, ("", ""))[1]) for n in cls.field_names()]
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -275,12 +319,20 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``)."""
     import yaml
 
+    from rwkvtune.utils import not_found, read_error
+
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; pass an existing YAML file to --config")
     if not p.is_file():
-        what = "is a directory" if p.is_dir() else "recipe not found"
-        raise ConfigError(f"{p}: {what}; pass an existing YAML file to --config")
+        raise ConfigError(not_found(p, "recipe", "pass an existing YAML file to --config"))
     try:
         data = yaml.load(p.read_text(encoding="utf-8"), Loader=_recipe_loader()) or {}
+    except OSError as e:
+        raise read_error(p, e, ConfigError, "the recipe") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested deeper than the YAML reader's recursion limit; a recipe is a flat mapping "
+                          f"of option: value") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the recipe as UTF-8 text") from None
     except yaml.YAMLError as e:

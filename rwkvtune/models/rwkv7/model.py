@@ -17,6 +17,7 @@ A sequence fed whole, token by token, or in chunks gives the same logits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -41,6 +42,44 @@ LN_X_EPS = 64e-5
 
 class ModelInputError(RwkvtuneError, ValueError):
     """Bad input to the model: token ids, state shapes, dtypes or devices."""
+
+
+class ModelAllocationError(RwkvtuneError):
+    """The model does not fit in the device's memory (a config within the allowed ranges can still
+    be far too large to allocate)."""
+
+
+def _is_allocation_failure(e: BaseException) -> bool:
+    # torch raises RuntimeError ("DefaultCPUAllocator: can't allocate memory") on CPU and
+    # torch.OutOfMemoryError (a RuntimeError) on CUDA; Python's own MemoryError elsewhere.
+    words = ("can't allocate memory", "not enough memory", "out of memory", "DefaultCPUAllocator")
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in words))
+
+
+def describe_size(config: ModelConfig, dtype: torch.dtype = torch.float32) -> str:
+    """"model NAME (n_layer L, n_embd C, vocab_size V, dim_ffn F: P parameters, B in float32)"."""
+    from rwkvtune.utils import human_bytes, human_count
+
+    n = config.n_params
+    return (f"model {config.model_name} (n_layer {config.n_layer}, n_embd {config.n_embd}, vocab_size "
+            f"{config.vocab_size}, dim_ffn {config.dim_ffn}: {human_count(n)} parameters, "
+            f"{human_bytes(n * dtype.itemsize)} in {str(dtype).replace('torch.', '')})")
+
+
+@contextlib.contextmanager
+def allocation_guard(config: ModelConfig, device, dtype: torch.dtype = torch.float32):
+    """Turn a failed allocation while the model is built into one line: its size and what to change."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not _is_allocation_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelAllocationError(
+            f"{describe_size(config, dtype)} cannot be allocated on {device or 'cpu'} ({first[:160]}); use a smaller "
+            f"config (fewer n_layer, a smaller n_embd, vocab_size or dim_ffn), a device with more memory, or "
+            f"(for LoRA and state tuning) precision bf16") from None
 
 
 @dataclasses.dataclass
@@ -363,7 +402,8 @@ class RWKV7(nn.Module):
     def from_config(cls, config: ModelConfig, seed: int | None = None, device=None,
                     dtype: torch.dtype = torch.float32) -> "RWKV7":
         """A new model with the official initialisation (training from scratch)."""
-        return cls(config).init_weights_(seed).to(device=device, dtype=dtype)
+        with allocation_guard(config, device, dtype):
+            return cls(config).init_weights_(seed).to(device=device, dtype=dtype)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def official_state_dict(self, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -429,10 +469,24 @@ class RWKV7(nn.Module):
         config = ModelConfig.from_checkpoint(info)
         with torch.device("meta"):
             model = cls(config, layer0_v=info.has_layer0_v)
-        model.load_state_dict({k: v.to(device=device, dtype=dtype, copy=True) for k, v in sd.items()},
-                              strict=True, assign=True)
+        with allocation_guard(config, device, dtype):
+            model.load_state_dict(_loaded_weights(sd, path, device, dtype), strict=True, assign=True)
         # assign=True keeps requires_grad of the loaded tensors: restore the module's choices.
         for name, p in model.named_parameters():
             p.requires_grad_(name not in LAYER0_V_KEYS)
         model.set_wkv_backend(wkv_backend)
         return model.eval()
+
+
+def _loaded_weights(sd: dict[str, torch.Tensor], source: str, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors on ``device`` in ``dtype``, each checked once: dense floating point as
+    stored (an int64 or complex weight would be cast silently), and finite in the copy the model
+    keeps (one NaN makes every logit NaN), so no second copy of the model is ever made."""
+    from rwkvtune.tensor_checks import check_finite, check_stored
+
+    out = {}
+    for k, v in sd.items():
+        check_stored(k, v, source)
+        out[k] = v.to(device=device, dtype=dtype, copy=True)
+        check_finite(k, out[k], source)
+    return out
