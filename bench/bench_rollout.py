@@ -79,7 +79,8 @@ def worker(a) -> dict:
             "decode_tok_s": med.generated_tokens / med.decode_seconds,
             "ms_per_step": 1000 * med.decode_seconds / max(med.decode_forwards, 1),
             "prefill_s": med.prefill_seconds, "decode_s": med.decode_seconds, "tokens": med.generated_tokens,
-            "rss_base_mb": base, "rss_loaded_mb": loaded, "rss_rollout_peak_mb": rollout_peak, "rss_load_peak_mb": load_peak,
+            "rss_base_mb": base, "rss_loaded_mb": loaded, "rss_rollout_peak_mb": rollout_peak,
+            "rss_load_peak_mb": load_peak,
             "threads": torch.get_num_threads(), "profile": prof}
 
 
