@@ -18,6 +18,9 @@ Each batch size runs in its own fresh subprocess (so its peak RSS, /proc VmHWM, 
 warms up with a short rollout, then reports the median of ``--runs`` timed rollouts. Memory: the
 RSS once the model is loaded, and the peak RSS during the rollouts alone (the peak is reset after
 loading, which copies weights transiently).
+  tok/CPU-s     = generated tokens / CPU seconds of the process (all threads): with --threads 1
+                  a figure that other processes on the machine barely change (they take wall
+                  time, not this process's CPU time), for a busy shared machine
 Target: batch 32 gives at least 8x the rollout tokens/s of batch 1.
 This is a script that prints figures, not a test; it is sensitive to other processes sharing the
 cores, so the load average is printed before and after.
@@ -58,7 +61,9 @@ def worker(a) -> dict:
 
     def rollout(max_tokens, seed):
         stats = BatchStats()
+        cpu = time.process_time()
         generate_batch(model, tok, prompts, samples_per_prompt=G, max_tokens=max_tokens, seed=seed, stats=stats)
+        stats.cpu_seconds = time.process_time() - cpu
         return stats
 
     rollout(4, 0)  # warm-up: allocator, lazy tables
@@ -74,8 +79,9 @@ def worker(a) -> dict:
             rollout(min(a.tokens, 16), 99)
         prof = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=16)
     rate = [s.tokens_per_s for s in runs]
+    cpu_rate = statistics.median(s.generated_tokens / s.cpu_seconds for s in runs)
     med = runs[rate.index(statistics.median_low(rate))]
-    return {"batch": B, "group": G, "rollout_tok_s": statistics.median(rate), "runs_tok_s": rate,
+    return {"batch": B, "group": G, "rollout_tok_s": statistics.median(rate), "runs_tok_s": rate, "cpu_tok_s": cpu_rate,
             "decode_tok_s": med.generated_tokens / med.decode_seconds,
             "ms_per_step": 1000 * med.decode_seconds / max(med.decode_forwards, 1),
             "prefill_s": med.prefill_seconds, "decode_s": med.decode_seconds, "tokens": med.generated_tokens,
@@ -144,12 +150,14 @@ def main() -> None:
                   f"loading peak {r['rss_load_peak_mb']:.0f} MB", flush=True)
     print(f"\nSUMMARY (fp32, {args.threads} threads, {args.tokens} tokens per row)")
     print(f"{'batch':>6}{'rows/prompt':>12}{'rollout tok/s':>15}{'x batch 1':>10}{'best run':>10}{'decode tok/s':>14}"
-          f"{'ms/step':>9}{'rollout peak RSS MB':>21}")
+          f"{'ms/step':>9}{'tok/CPU-s':>11}{'x':>7}{'rollout peak RSS MB':>21}")
     one = res.get(1)
     for B, r in res.items():
         ratio = f"{r['rollout_tok_s'] / one['rollout_tok_s']:.2f}x" if one else "-"
+        cpu_ratio = f"{r['cpu_tok_s'] / one['cpu_tok_s']:.2f}x" if one else "-"
         print(f"{B:>6}{r['group']:>12}{r['rollout_tok_s']:>15.1f}{ratio:>10}{max(r['runs_tok_s']):>10.1f}"
-              f"{r['decode_tok_s']:>14.1f}{r['ms_per_step']:>9.1f}{r['rss_rollout_peak_mb']:>21.0f}")
+              f"{r['decode_tok_s']:>14.1f}{r['ms_per_step']:>9.1f}{r['cpu_tok_s']:>11.1f}{cpu_ratio:>7}"
+              f"{r['rss_rollout_peak_mb']:>21.0f}")
     if one and 32 in res:
         print(f"target: batch 32 >= 8x batch 1 rollout tok/s: {res[32]['rollout_tok_s'] / one['rollout_tok_s']:.2f}x")
     print(f"(load average after {os.getloadavg()[0]:.2f}; total {time.perf_counter() - t0:.0f} s)")
