@@ -15,7 +15,12 @@ samples end-of-text). Figures per batch size:
   decode tok/s  = generated tokens / decode seconds
   ms/step       = decode seconds / decode steps (one batched forward + sampling per step)
 Each batch size runs in its own fresh subprocess (so its peak RSS, /proc VmHWM, is its own),
-warms up with a short rollout, then reports the median of ``--runs`` timed rollouts.
+warms up with a short rollout, then reports the median of ``--runs`` timed rollouts. Memory: the
+RSS once the model is loaded, and the peak RSS during the rollouts alone (the peak is reset after
+loading, which copies weights transiently).
+  tok/CPU-s     = generated tokens / CPU seconds of the process (all threads): with --threads 1
+                  a figure that other processes on the machine barely change (they take wall
+                  time, not this process's CPU time), for a busy shared machine
 Target: batch 32 gives at least 8x the rollout tokens/s of batch 1.
 This is a script that prints figures, not a test; it is sensitive to other processes sharing the
 cores, so the load average is printed before and after.
@@ -56,11 +61,16 @@ def worker(a) -> dict:
 
     def rollout(max_tokens, seed):
         stats = BatchStats()
+        cpu = time.process_time()
         generate_batch(model, tok, prompts, samples_per_prompt=G, max_tokens=max_tokens, seed=seed, stats=stats)
+        stats.cpu_seconds = time.process_time() - cpu
         return stats
 
     rollout(4, 0)  # warm-up: allocator, lazy tables
+    loaded, load_peak = rss_now_mb(), rss_mb()
+    peak_reset = _reset_peak_rss()  # from here VmHWM is the peak of the rollouts alone
     runs = [rollout(a.tokens, seed) for seed in range(1, a.runs + 1)]
+    rollout_peak = rss_mb() if peak_reset else float("nan")
     prof = None
     if a.profile:
         from torch.profiler import profile
@@ -69,12 +79,35 @@ def worker(a) -> dict:
             rollout(min(a.tokens, 16), 99)
         prof = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=16)
     rate = [s.tokens_per_s for s in runs]
+    cpu_rate = statistics.median(s.generated_tokens / s.cpu_seconds for s in runs)
     med = runs[rate.index(statistics.median_low(rate))]
-    return {"batch": B, "group": G, "rollout_tok_s": statistics.median(rate), "runs_tok_s": rate,
+    return {"batch": B, "group": G, "rollout_tok_s": statistics.median(rate), "runs_tok_s": rate, "cpu_tok_s": cpu_rate,
             "decode_tok_s": med.generated_tokens / med.decode_seconds,
             "ms_per_step": 1000 * med.decode_seconds / max(med.decode_forwards, 1),
             "prefill_s": med.prefill_seconds, "decode_s": med.decode_seconds, "tokens": med.generated_tokens,
-            "rss_base_mb": base, "rss_peak_mb": rss_mb(), "threads": torch.get_num_threads(), "profile": prof}
+            "rss_base_mb": base, "rss_loaded_mb": loaded, "rss_rollout_peak_mb": rollout_peak,
+            "rss_load_peak_mb": load_peak,
+            "threads": torch.get_num_threads(), "profile": prof}
+
+
+def rss_now_mb() -> float:
+    """Current RSS (VmRSS) of this process, MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs), so the peak that
+    follows excludes the model loading's transient copies."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def main() -> None:
@@ -113,15 +146,18 @@ def main() -> None:
             r = res[B]
             print(f"  batch {B:>3}: rollout {r['rollout_tok_s']:7.1f} tok/s (runs {_fmt(r['runs_tok_s'])}) | decode "
                   f"{r['decode_tok_s']:7.1f} tok/s, {r['ms_per_step']:6.1f} ms/step | prefill {r['prefill_s']:.2f} s "
-                  f"| peak RSS {r['rss_peak_mb']:.0f} MB (after imports {r['rss_base_mb']:.0f})", flush=True)
+                  f"| RSS: model loaded {r['rss_loaded_mb']:.0f} MB, rollout peak {r['rss_rollout_peak_mb']:.0f} MB, "
+                  f"loading peak {r['rss_load_peak_mb']:.0f} MB", flush=True)
     print(f"\nSUMMARY (fp32, {args.threads} threads, {args.tokens} tokens per row)")
-    print(f"{'batch':>6}{'rows/prompt':>12}{'rollout tok/s':>15}{'x batch 1':>10}{'decode tok/s':>14}"
-          f"{'ms/step':>9}{'peak RSS MB':>13}")
+    print(f"{'batch':>6}{'rows/prompt':>12}{'rollout tok/s':>15}{'x batch 1':>10}{'best run':>10}{'decode tok/s':>14}"
+          f"{'ms/step':>9}{'tok/CPU-s':>11}{'x':>7}{'rollout peak RSS MB':>21}")
     one = res.get(1)
     for B, r in res.items():
         ratio = f"{r['rollout_tok_s'] / one['rollout_tok_s']:.2f}x" if one else "-"
-        print(f"{B:>6}{r['group']:>12}{r['rollout_tok_s']:>15.1f}{ratio:>10}{r['decode_tok_s']:>14.1f}"
-              f"{r['ms_per_step']:>9.1f}{r['rss_peak_mb']:>13.0f}")
+        cpu_ratio = f"{r['cpu_tok_s'] / one['cpu_tok_s']:.2f}x" if one else "-"
+        print(f"{B:>6}{r['group']:>12}{r['rollout_tok_s']:>15.1f}{ratio:>10}{max(r['runs_tok_s']):>10.1f}"
+              f"{r['decode_tok_s']:>14.1f}{r['ms_per_step']:>9.1f}{r['cpu_tok_s']:>11.1f}{cpu_ratio:>7}"
+              f"{r['rss_rollout_peak_mb']:>21.0f}")
     if one and 32 in res:
         print(f"target: batch 32 >= 8x batch 1 rollout tok/s: {res[32]['rollout_tok_s'] / one['rollout_tok_s']:.2f}x")
     print(f"(load average after {os.getloadavg()[0]:.2f}; total {time.perf_counter() - t0:.0f} s)")

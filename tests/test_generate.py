@@ -210,20 +210,24 @@ def test_decode_linear_threaded_product(ckpt, tok):
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
         y = lin(x)  # grad enabled: plain F.linear
         assert torch.equal(y, torch.nn.functional.linear(x, lin.weight))
-        # 2..64 rows (batched decoding): the column-block product, without calling F.linear
+        # 2..64 rows (batched decoding): oneDNN where it works, else the column-block product;
+        # neither calls F.linear
         import rwkvtune.generate.decoding as dec
 
-        for layer in (m.head, lin, m.blocks[0].ffn.value):
-            for shape in ((5, layer.in_features), (3, 1, layer.in_features), (64, layer.in_features)):
-                xs = torch.randn(*shape)
-                want = torch.nn.functional.linear(xs, layer.weight)
-                linear, dec.F.linear = dec.F.linear, None
-                try:
-                    with torch.no_grad():
-                        got = layer(xs)
-                finally:
-                    dec.F.linear = linear
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for probed in ([dec._onednn_linear()], [None]) if dec._onednn_linear() else ([None],):
+            dec._ONEDNN[:] = probed
+            for layer in (m.head, lin, m.blocks[0].ffn.value):
+                for shape in ((5, layer.in_features), (3, 1, layer.in_features), (64, layer.in_features)):
+                    xs = torch.randn(*shape)
+                    want = torch.nn.functional.linear(xs, layer.weight)
+                    linear, dec.F.linear = dec.F.linear, None
+                    try:
+                        with torch.no_grad():
+                            got = layer(xs)
+                    finally:
+                        dec.F.linear = linear
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        dec._ONEDNN.clear()
         with torch.no_grad():
             out = m(idx)
             _, st = m(idx[:, :-1], return_state=True)

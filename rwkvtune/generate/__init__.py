@@ -5,8 +5,9 @@
   streamed piece by piece; ``generate`` also takes a list of prompts and returns a list of texts.
 * :func:`generate_batch` (``batch.py``): many prompts and many samples per prompt decoded
   together, returning :class:`Completion` objects (text, token ids, finish reason, log-probs).
-* ``sampling.py``: the sampling maths, one row and vectorised over rows; ``decoding.py``: the
-  CPU decode layout (:func:`prepare_for_decoding`); ``text.py``: chat format and stop strings.
+* ``sampling.py``: the sampling maths, one row and vectorised over rows; ``rnn.py``: the batched
+  one-token step with the state updated in place; ``decoding.py``: the CPU decode layout
+  (:func:`prepare_for_decoding`) and few-row products; ``text.py``: chat format, stop strings.
 """
 
 from rwkvtune.generate.batch import BatchStats, Completion, generate_batch

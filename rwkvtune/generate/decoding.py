@@ -10,47 +10,84 @@ import torch.nn.functional as F
 from rwkvtune.generate.config import GenerationError
 
 
-# Decode batches up to this many rows take the column-split product below; more rows (a prefill)
-# are one large GEMM, which MKL already runs well.
-_SPLIT_ROWS = 64
+# Decode batches up to this many rows take the few-rows products below; more rows (a prefill) are
+# one large GEMM, left to F.linear.
+_FEW_ROWS = 64
+_ONEDNN: list = []  # the probed oneDNN kernel (or None), once per process
+
+
+def _onednn_linear():
+    """torch's oneDNN fp32 linear kernel (``torch.ops.mkldnn._linear_pointwise``, the one
+    torch.compile uses on CPU), or None where it is missing or disagrees with F.linear.
+
+    Why: on this project's AMD EPYC (AVX-512) machine MKL's sgemm for 8-32 rows was measured at
+    about half the speed of oneDNN on one core (32 rows: 768x768 0.39 vs 0.21 ms, 3072x768 1.8
+    vs 0.9 ms, the 65536x768 head 49 vs 23 ms); it reads the plain weight, or the transposed
+    storage of :func:`prepare_for_decoding`, without a copy. It is a private operator, so it is
+    probed once against F.linear and never trusted blindly.
+    """
+    if not _ONEDNN:
+        fn = None
+        try:
+            op = torch.ops.mkldnn._linear_pointwise
+            g = torch.Generator().manual_seed(0)
+            x, w = torch.randn(3, 64, generator=g), torch.randn(96, 64, generator=g)
+            with torch.no_grad():
+                ok = all(torch.allclose(op(x, ww, None, "none", [None], ""), F.linear(x, w), atol=1e-4, rtol=1e-4)
+                         for ww in (w, w.t().contiguous().t()))
+            if ok and torch.backends.mkldnn.is_available():
+                fn = lambda x, w: op(x, w, None, "none", [None], "")  # noqa: E731
+        except (AttributeError, RuntimeError):
+            pass
+        _ONEDNN.append(fn)
+    return _ONEDNN[0]
+
+
+def rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` (no bias), faster for the 2 to 64 rows of a batched decode step on CPU
+    in fp32 without autograd: oneDNN where it works, else (transposed storage, 2+ threads) a
+    batch of column blocks of W_t that bmm runs in parallel, which measured 1.15-1.45x faster
+    than MKL's x @ W_t at 32 rows on 2 cores. Same values up to fp32 rounding."""
+    o, i = w.shape
+    rows = x.numel() // i if x.shape[-1] == i else 0
+    if not (1 < rows <= _FEW_ROWS and x.dtype == w.dtype == torch.float32 and w.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        return F.linear(x, w)
+    dnn = _onednn_linear()
+    if dnn is not None:
+        return dnn(x.reshape(rows, i), w).reshape(*x.shape[:-1], o)
+    nb = 32 if o >= 32768 else 4
+    if torch.get_num_threads() > 1 and w.stride() == (1, o) and o % nb == 0:
+        blocks = w.t().as_strided((nb, i, o // nb), (o // nb, o, 1))  # column blocks of W_t
+        out = torch.matmul(x.reshape(1, rows, i).expand(nb, rows, i), blocks)  # [nb, rows, o / nb]
+        return out.transpose(0, 1).reshape(*x.shape[:-1], o)
+    return F.linear(x, w)
 
 
 class _DecodeLinear(nn.Linear):
-    """nn.Linear (same parameters, same state_dict) whose no-grad products on CPU with a
-    transposed-storage weight (W_t = [in, out] buffer) are split over the torch threads.
+    """nn.Linear (same parameters, same state_dict) whose no-grad products on CPU are faster.
 
-    * One row: MKL runs a single-row x @ W_t on one core up to fairly large W, so a decoded token
-      used about half of a 2-core machine's memory bandwidth. Splitting the inner dimension into
-      one contiguous block of rows of W_t per thread (a view, no copy) and summing the partial
-      products runs the blocks in parallel (measured on 2 cores: 768x768 1.5x, 768x3072
-      1.6-1.7x, the 65536x768 head 1.9x faster). The summation order differs from one long dot
-      product (fp32 rounding only).
-    * 2 to 64 rows (batched decoding): MKL's x @ W_t for few rows was measured slower than the
-      same product as a batch of column blocks of W_t (a strided view, no copy), which bmm runs
-      in parallel: at 32 rows on 2 cores 768x768 1.15x, 768x3072 and 3072x768 1.2x, the head
-      (32 blocks of 2048 columns) 1.45x faster; at 8 rows 1.5-1.7x. Every output is the same
-      dot product as before, only scheduled differently.
-    Anything else (more rows, autograd, other layouts, one thread) is plain F.linear.
+    * One row, transposed-storage weight (W_t = [in, out] buffer), 2+ threads: MKL runs a
+      single-row x @ W_t on one core up to fairly large W, so a decoded token used about half of
+      a 2-core machine's memory bandwidth. Splitting the inner dimension into one contiguous
+      block of rows of W_t per thread (a view, no copy) and summing the partial products runs
+      the blocks in parallel (measured on 2 cores: 768x768 1.5x, 768x3072 1.6-1.7x, the
+      65536x768 head 1.9x faster). The summation order differs from one long dot product (fp32
+      rounding only).
+    * 2 to 64 rows (batched decoding): :func:`rows_linear`.
+    Anything else (more rows, autograd, bias) is plain F.linear.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         o, i = self.out_features, self.in_features
-        threads = torch.get_num_threads()
-        if not (threads > 1 and self.bias is None and not torch.is_grad_enabled() and w.stride() == (1, o)
-                and x.dtype == w.dtype and w.device.type == "cpu" and x.shape[-1] == i):
+        if self.bias is not None or torch.is_grad_enabled() or x.shape[-1] != i or x.dtype != w.dtype:
             return F.linear(x, w, self.bias)
-        rows = x.numel() // i
-        nb = min(threads, 8)
-        if rows == 1 and i % nb == 0:
+        nb = min(torch.get_num_threads(), 8)
+        if x.numel() == i and nb > 1 and i % nb == 0 and w.stride() == (1, o) and w.device.type == "cpu":
             w_t = w.t().view(nb, i // nb, o)  # contiguous [in, out] buffer, split along `in`
             return torch.bmm(x.reshape(nb, 1, i // nb), w_t).sum(0).reshape(*x.shape[:-1], o)
-        nb = 32 if o >= 32768 else 4
-        if 1 < rows <= _SPLIT_ROWS and o % nb == 0:
-            blocks = w.t().as_strided((nb, i, o // nb), (o // nb, o, 1))  # column blocks of W_t
-            out = torch.matmul(x.reshape(1, rows, i).expand(nb, rows, i), blocks)  # [nb, rows, o / nb]
-            return out.transpose(0, 1).reshape(*x.shape[:-1], o)
-        return F.linear(x, w, self.bias)
+        return rows_linear(x, w)
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 
 ``RWKV7.forward(idx, state=..., return_state=True)`` returns a fresh state each call: at batch
 32 on the 0.1B shape that is 75 MB of new WKV matrices per token (stacked over layers, after
-three out-of-place updates per layer). On CPU every allocation that large is new memory from the
-OS, and its page faults cost as much as a third of the step (measured). :class:`BatchDecoder`
+three out-of-place updates per layer). On CPU glibc hands allocations that large back to the OS
+and maps them anew, and the page faults cost about a fifth of the step (measured at batch 32 on
+one core: 220 ms, 171 ms with glibc told to keep freed memory). :class:`BatchDecoder`
 runs the same maths for T = 1 (reference section 1, "RNN mode") through the model's own modules
 (so LoRA-wrapped or decode-prepared linears work unchanged) but keeps one state buffer and updates
 it in place: the WKV update is ``S *= decay; S += [S a, v] @ [b; k]`` (one batched rank-2 GEMM),
@@ -16,9 +17,19 @@ Models that are not :class:`RWKV7` (wrappers, test doubles) are stepped with the
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from rwkvtune.generate.decoding import rows_linear
 from rwkvtune.models.rwkv7.model import DECAY_SCALE, RWKV7
+
+
+def _linear(mod, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)``; a plain bias-free nn.Linear takes the few-rows product (the decode-prepared
+    subclass does so itself; LoRA-wrapped layers run as they are)."""
+    if type(mod) is nn.Linear and mod.bias is None:
+        return rows_linear(x, mod.weight)
+    return mod(x)
 
 
 def _time_mix(att, x: torch.Tensor, v_first, x_prev: torch.Tensor, S: torch.Tensor):
@@ -30,10 +41,10 @@ def _time_mix(att, x: torch.Tensor, v_first, x_prev: torch.Tensor, S: torch.Tens
     x_prev.copy_(x)
     xr, xw, xk = (torch.addcmul(x, xx, p.view(C)) for p in (att.x_r, att.x_w, att.x_k))
     xv, xa, xg = (torch.addcmul(x, xx, p.view(C)) for p in (att.x_v, att.x_a, att.x_g))
-    r = att.receptance(xr)
+    r = _linear(att.receptance, xr)
     d = att.w0.view(C) + torch.tanh(xw @ att.w1) @ att.w2
-    k = att.key(xk)
-    v = att.value(xv)
+    k = _linear(att.key, xk)
+    v = _linear(att.value, xv)
     a = torch.sigmoid(att.a0.view(C) + (xa @ att.a1) @ att.a2)
     g = torch.sigmoid(xg @ att.g1) @ att.g2
     kk = F.normalize((k * att.k_k.view(C)).view(B, H, N), dim=-1, p=2.0, eps=1e-12)
@@ -58,14 +69,14 @@ def _time_mix(att, x: torch.Tensor, v_first, x_prev: torch.Tensor, S: torch.Tens
     y = y.view(B, C).to(x.dtype)
     y = att.ln_x(y)
     y = y + ((r * k).view(B, H, N) * att.r_k).sum(-1, keepdim=True).mul(v.view(B, H, N)).view(B, C)
-    return att.output(y * g), v_first
+    return _linear(att.output, y * g), v_first
 
 
 def _channel_mix(ffn, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
     """ChannelMix of one token per row; x_prev [B, C] is updated in place."""
     h = torch.addcmul(x, x_prev - x, ffn.x_k.view(-1))
     x_prev.copy_(x)
-    return ffn.value(torch.relu(ffn.key(h)) ** 2)
+    return _linear(ffn.value, torch.relu(_linear(ffn.key, h)) ** 2)
 
 
 class BatchDecoder:
@@ -98,5 +109,5 @@ class BatchDecoder:
             dx, v_first = _time_mix(block.att, block.ln1(x), v_first, s.att_x_prev[i], s.wkv[i])
             x = x + dx
             x = x + _channel_mix(block.ffn, block.ln2(x), s.ffn_x_prev[i])
-        return m.head(m.ln_out(x)).float()
+        return _linear(m.head, m.ln_out(x)).float()
 
