@@ -256,9 +256,19 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> N
 
 @dataclasses.dataclass(frozen=True)
 class TensorMeta:
-    """Shape and dtype of a tensor in a checkpoint, read without its data."""
+    """Shape and dtype of a tensor in a checkpoint, read without its data, and where its data is:
+    the archive record ``data/KEY`` of its storage, an element offset into it, and its strides."""
 
     shape: tuple[int, ...]
+    dtype: str
+    key: str = ""
+    offset: int = 0
+    stride: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageRef:
+    key: str
     dtype: str
 
 
@@ -280,7 +290,8 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *rest) -> TensorMeta:
-    return TensorMeta(tuple(int(d) for d in size), storage)
+    return TensorMeta(tuple(int(d) for d in size), storage.dtype, storage.key, int(storage_offset),
+                      tuple(int(x) for x in stride))
 
 
 def _rebuild_parameter(data, *rest):
@@ -312,11 +323,12 @@ class _ShapeUnpickler(pickle.Unpickler):
             raise _Unsupported(f"persistent id {pid!r:.60}")
         if f"{self._prefix}data/{pid[2]}" not in self._records:
             raise CheckpointError(f"tensor data record {pid[2]!r} is missing from the archive")
-        return pid[1].dtype
+        return _StorageRef(str(pid[2]), pid[1].dtype)
 
 
-def _read_metas(p: Path) -> Any:
-    """The unpickled payload with TensorMeta for tensors, or None where torch.load must decide."""
+def read_archive(p: Path) -> tuple[Any, str] | None:
+    """(the unpickled payload with TensorMeta for tensors, the archive's record prefix) of a
+    ``torch.save`` zip, or None where torch.load must decide (legacy format, unknown content)."""
     check_pickle_size(p)  # also: an unreadable file is one line here
     with open(p, "rb") as f:
         if f.read(4) != _ZIP_MAGIC:
@@ -335,7 +347,7 @@ def _read_metas(p: Path) -> Any:
                               f"again") from None
     prefix = pkls[0][: -len("data.pkl")]
     try:
-        return _ShapeUnpickler(data, set(names), prefix).load()
+        return _ShapeUnpickler(data, set(names), prefix).load(), prefix
     except CheckpointError as e:
         raise CheckpointError(f"{p}: corrupt torch archive: {e}; download or save it again") from None
     except _Unsupported:
@@ -361,8 +373,9 @@ def read_shapes(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], di
         shapes, dtypes = tensor_specs(p)
         shapes, prefix = strip_prefix(shapes)
         return shapes, strip_prefix(dtypes)[0], prefix
-    obj = _read_metas(p)
-    if obj is None:
+    parsed = read_archive(p)
+    obj = parsed[0] if parsed is not None else None
+    if parsed is None:
         sd, prefix = load_state_dict(p, mmap=True)
         return ({k: tuple(v.shape) for k, v in sd.items()},
                 {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}, prefix)

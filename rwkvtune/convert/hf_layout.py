@@ -56,26 +56,25 @@ _TOP_BACK = {hf: off for off, hf in _TOP.items()}
 
 # ---- the mapping, one tensor at a time -----------------------------------------------------------
 
+def _translate(name: str, top: dict, pattern: str, layer: dict, template: str) -> tuple[str, str]:
+    """(translated name, how) by the top-level table or the per-layer one; KeyError for others."""
+    if name in top:
+        return top[name], SAME
+    m = re.fullmatch(pattern, name)
+    if not m or m.group(2) not in layer:
+        raise KeyError(name)
+    other, how = layer[m.group(2)]
+    return template.format(m.group(1), other), how
+
+
 def official_to_hf(key: str) -> tuple[str, str]:
     """(HF name, how) for an official key; KeyError for keys outside RWKV-7."""
-    if key in _TOP:
-        return _TOP[key], SAME
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-    if not m or m.group(2) not in _LAYER:
-        raise KeyError(key)
-    hf, how = _LAYER[m.group(2)]
-    return f"model.layers.{m.group(1)}.{hf}", how
+    return _translate(key, _TOP, r"blocks\.(\d+)\.(.+)", _LAYER, "model.layers.{}.{}")
 
 
 def hf_to_official(name: str) -> tuple[str, str]:
     """(official key, how) for an HF name (not the fused x_x); KeyError for others."""
-    if name in _TOP_BACK:
-        return _TOP_BACK[name], SAME
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if not m or m.group(2) not in _LAYER_BACK:
-        raise KeyError(name)
-    off, how = _LAYER_BACK[m.group(2)]
-    return f"blocks.{m.group(1)}.{off}", how
+    return _translate(name, _TOP_BACK, r"model\.layers\.(\d+)\.(.+)", _LAYER_BACK, "blocks.{}.{}")
 
 
 def hf_shape(shape: tuple[int, ...], how: str) -> tuple[int, ...]:

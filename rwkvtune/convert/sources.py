@@ -10,8 +10,8 @@ touched, so streaming through a mapped 26 GB file shows 26 GB RSS at the end (me
 
 ``.pth`` files are ``torch.save`` zip archives: ``<dir>/data.pkl`` (the pickled dict, whose
 tensors refer to storages by key) plus one uncompressed record ``<dir>/data/<key>`` per storage.
-The pickle is read by a restricted unpickler that knows only the handful of globals a state
-dict uses and builds references (storage key, offset, size, stride), never objects; so an
+The pickle is read by the checkpoint reader's restricted unpickler (``read_archive`` in
+``rwkvtune.configs.checkpoint``), which builds references (storage key, offset, shape, stride), never objects; so an
 untrusted file cannot run code. Anything else (legacy pre-zip files, unknown pickle content,
 big-endian archives) goes through ``rwkvtune.configs.checkpoint.load_state_dict``
 (``torch.load(weights_only=True, mmap=True)``), which also words the errors for files that
@@ -20,11 +20,8 @@ are not state dicts.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import io
 import os
-import pickle
 import struct
 import zipfile
 from pathlib import Path
@@ -32,17 +29,9 @@ from typing import Any, Mapping
 
 import torch
 
-from rwkvtune.configs.checkpoint import check_pickle_size, load_state_dict, strip_prefix
+from rwkvtune.configs.checkpoint import TensorMeta, load_state_dict, read_archive, strip_prefix
 from rwkvtune.convert.safetensors_io import SafetensorsReader, read_bytes_into, read_error
 from rwkvtune.errors import CheckpointError
-
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-
 
 class TensorSource:
     """Keys, shapes and dtypes up front; ``read(key)`` gives one tensor (fresh memory)."""
@@ -97,59 +86,6 @@ class SafetensorsSource(TensorSource):
 
 # ---- torch.save zip archives --------------------------------------------------------------------
 
-class _Unsupported(Exception):
-    """Pickle content this reader does not know: torch.load decides."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageRef:
-    key: str
-    dtype: torch.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class _TensorRef:
-    storage: _StorageRef
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *rest) -> _TensorRef:
-    return _TensorRef(storage, int(storage_offset), tuple(int(d) for d in size), tuple(int(s) for s in stride))
-
-
-def _rebuild_parameter(data, *rest):
-    return data
-
-
-class _RefUnpickler(pickle.Unpickler):
-    """data.pkl -> {key: _TensorRef}; only the globals a plain state dict uses are known."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
-            return _rebuild_parameter
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
-        raise _Unsupported(f"{module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        # ("storage", storage type, key, location, numel)
-        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
-            raise _Unsupported("persistent id")
-        return _StorageRef(pid[2], pid[1].dtype)
-
-
 def _record_offsets(zf: zipfile.ZipFile, path: Path) -> dict[str, tuple[int, int]]:
     """{record name: (absolute data offset, size)} for every uncompressed record."""
     out = {}
@@ -167,62 +103,63 @@ def _record_offsets(zf: zipfile.ZipFile, path: Path) -> dict[str, tuple[int, int
     return out
 
 
-def _parse_archive(path: Path) -> tuple[dict[str, _TensorRef], str, dict[str, tuple[int, int]]] | None:
-    """(refs, record prefix, record offsets), or None where torch.load must decide."""
-    check_pickle_size(path)  # before zf.read() inflates it
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                return None
-    except OSError as e:
-        raise read_error(path, e) from None
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkls) != 1:
-                return None
-            prefix = pkls[0][: -len("data.pkl")]
-            if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder") != b"little":
-                return None
-            obj = _RefUnpickler(io.BytesIO(zf.read(pkls[0]))).load()
-            records = _record_offsets(zf, path)
-    except (_Unsupported, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError):
+def _torch_dtype(name: str, path) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{path}: a tensor of storage type {name!r}, which rwkvtune does not read; save the "
+                              f"model with floating-point weights")
+    return dtype
+
+
+def _parse_archive(path: Path) -> tuple[dict[str, TensorMeta], str, dict[str, tuple[int, int]]] | None:
+    """(tensor metadata, record prefix, record offsets) of a ``torch.save`` zip, read with the
+    checkpoint reader's restricted unpickler; None where torch.load must decide."""
+    parsed = read_archive(path)
+    if parsed is None:
         return None
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, _TensorRef)
+    obj, prefix = parsed
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, TensorMeta) and v.key
                                                for k, v in obj.items()):
         return None  # not a flat state dict: load_state_dict says what it is instead
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder") != b"little":
+                return None
+            records = _record_offsets(zf, path)
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError):
+        return None
     return dict(obj), prefix, records
 
 
 class PthSource(TensorSource):
     """A ``torch.save`` zip archive, each tensor read from its record with ``readinto``."""
 
-    def __init__(self, path: Path, refs: dict[str, _TensorRef], prefix: str, records: dict[str, tuple[int, int]]):
+    def __init__(self, path: Path, refs: dict[str, TensorMeta], prefix: str, records: dict[str, tuple[int, int]]):
         self.path = str(path)
         refs, self.key_prefix = strip_prefix(refs)
         self._refs, self._records, self._rec_prefix = refs, records, prefix
-        self.shapes = {k: r.size for k, r in refs.items()}
-        self.dtypes = {k: r.storage.dtype for k, r in refs.items()}
+        self.shapes = {k: r.shape for k, r in refs.items()}
+        self.dtypes = {k: _torch_dtype(r.dtype, path) for k, r in refs.items()}
         self._f = open(path, "rb")
 
     def read(self, key: str) -> torch.Tensor:
-        ref = self._refs[key]
-        dtype, isz = ref.storage.dtype, torch.empty((), dtype=ref.storage.dtype).element_size()
-        if 0 in ref.size:
-            return torch.empty(ref.size, dtype=dtype)
-        record = f"{self._rec_prefix}data/{ref.storage.key}"
+        ref, dtype = self._refs[key], self.dtypes[key]
+        isz = torch.empty((), dtype=dtype).element_size()
+        if 0 in ref.shape:
+            return torch.empty(ref.shape, dtype=dtype)
+        record = f"{self._rec_prefix}data/{ref.key}"
         if record not in self._records:
             raise CheckpointError(f"{self.path}: tensor {key!r}: data record {record!r} is missing or compressed; "
                                   f"the archive is corrupt: download or save it again")
         start, size = self._records[record]
         # Elements this view reaches, from its first one: 1 + sum((size - 1) * stride).
-        extent = 1 + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+        extent = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
         if ref.offset < 0 or min(ref.stride, default=0) < 0 or (ref.offset + extent) * isz > size:
             raise CheckpointError(f"{self.path}: tensor {key!r} reaches past its data record ({size} bytes); the "
                                   f"archive is corrupt: download or save it again")
         raw = read_bytes_into(self._f, start + ref.offset * isz, extent * isz, self.path)
         flat = raw.view(dtype)
-        t = torch.as_strided(flat, ref.size, ref.stride)
+        t = torch.as_strided(flat, ref.shape, ref.stride)
         return t if t.is_contiguous() and t.numel() == flat.numel() else t.contiguous()
 
     def close(self) -> None:

@@ -56,6 +56,16 @@ class TrainingMethod:
         self.cfg = cfg
 
     @property
+    def beta(self):
+        """The ``beta`` option: the config's, else this method's default (DEFAULTS)."""
+        return self.DEFAULTS.get("beta") if self.cfg.beta is None else self.cfg.beta
+
+    @property
+    def loss_type(self):
+        """The ``loss_type`` option: the config's, else this method's default (DEFAULTS)."""
+        return self.cfg.loss_type or self.DEFAULTS.get("loss_type")
+
+    @property
     def steps_per_batch(self) -> int:
         """Optimizer steps per batch of data (GRPO: num_iterations updates per batch of rollouts)."""
         return 1
@@ -72,6 +82,10 @@ class TrainingMethod:
     def build_datasets(self, tokenizer, vocab_size: int):
         """(training set, evaluation set or None): indexable datasets of items for :meth:`collate`."""
         raise NotImplementedError
+
+    def splits(self, read):
+        """(training set, evaluation set or None): ``read(path)`` of the data and the eval data."""
+        return read(self.cfg.data), (read(self.cfg.eval_data) if self.cfg.eval_data else None)
 
     def collate(self, items: list, device) -> dict:
         raise NotImplementedError

@@ -200,21 +200,12 @@ class DPO(TrainingMethod):
                        "sigmoid")
         return out
 
-    @property
-    def beta(self) -> float:
-        return self.DEFAULTS["beta"] if self.cfg.beta is None else self.cfg.beta
-
-    @property
-    def loss_type(self) -> str:
-        return self.cfg.loss_type or self.DEFAULTS["loss_type"]
-
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
         from rwkvtune.data.preference import PreferenceDataset, read_pairs
 
-        cfg = self.cfg
-        read = lambda path: PreferenceDataset(read_pairs(path, tokenizer, cfg.on_data_error, vocab_size)[0])  # noqa
-        return read(cfg.data), (read(cfg.eval_data) if cfg.eval_data else None)
+        return self.splits(lambda path: PreferenceDataset(read_pairs(path, tokenizer, self.cfg.on_data_error,
+                                                                     vocab_size)[0]))
 
     def collate(self, items: list, device) -> dict:
         from rwkvtune.data.preference import collate_pairs

@@ -6,7 +6,6 @@ the reward functions in :mod:`rwkvtune.train.rewards`.
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -93,22 +92,13 @@ class GRPO(TrainingMethod):
     def steps_per_batch(self) -> int:
         return self.cfg.num_iterations
 
-    @property
-    def beta(self) -> float:
-        return self.DEFAULTS["beta"] if self.cfg.beta is None else self.cfg.beta
-
-    @property
-    def loss_type(self) -> str:
-        return self.cfg.loss_type or self.DEFAULTS["loss_type"]
-
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
         from rwkvtune.data.prompts import PromptDataset, read_prompts
 
         self.tokenizer = tokenizer
-        cfg = self.cfg
-        read = lambda path: PromptDataset(read_prompts(path, tokenizer, cfg.on_data_error, vocab_size)[0])  # noqa
-        return read(cfg.data), (read(cfg.eval_data) if cfg.eval_data else None)
+        return self.splits(lambda path: PromptDataset(read_prompts(path, tokenizer, self.cfg.on_data_error,
+                                                                   vocab_size)[0]))
 
     def collate(self, items: list, device) -> dict:
         return {"records": [it["record"] for it in items], "index": torch.tensor([it["index"] for it in items])}

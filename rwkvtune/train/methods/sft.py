@@ -24,10 +24,7 @@ class SFT(TrainingMethod):
     name = "sft"
 
     def build_datasets(self, tokenizer, vocab_size: int):
-        cfg = self.cfg
-        train_set = build_dataset(cfg.data, tokenizer, cfg, vocab_size)
-        eval_set = build_dataset(cfg.eval_data, tokenizer, cfg, vocab_size) if cfg.eval_data else None
-        return train_set, eval_set
+        return self.splits(lambda path: build_dataset(path, tokenizer, self.cfg, vocab_size))
 
     def collate(self, items: list, device) -> dict:
         return collate(items, device)
