@@ -57,6 +57,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute activations in backward")
     p.add_argument("--long-context", action="store_true", default=None,
                    help="keep samples whole; train long ones in ctx-len chunks carrying the state")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
+                   help="run even when the memory estimate exceeds the device's memory (recipe: memory_check: false)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any TrainConfig option, e.g. lr=1e-4")
 
@@ -68,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
     if args.config:
         cfg.update(load_recipe(args.config), source=f"recipe {args.config}")
     given = {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context"}
+        "resume", "grad_checkpoint", "long_context", "memory_check"}
     cfg.update({k: getattr(args, k) for k in given if getattr(args, k) is not None}, source="command line")
     cfg.update(parse_overrides(args.overrides), source="command line (key=value)")
     return cfg

@@ -159,7 +159,7 @@ def _load(path: Path, mmap: bool = False) -> dict:
 
 # Options that --resume may change: they do not alter the run being continued.
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "save_every", "keep_checkpoints", "eval_every", "log_every",
-                     "tensorboard", "wandb", "device", "eval_data", "cpu_offload")
+                     "tensorboard", "wandb", "device", "eval_data", "cpu_offload", "memory_check")
 
 # Options that name files. A run saves them absolute, so `--resume` works from any directory, and
 # compares them as paths, so a relative path on the command line equals the saved absolute one.

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -32,14 +33,14 @@ from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule
 from rwkvtune.train import checkpointing
-from rwkvtune.train.memory import dry_run_report, dry_run_summary
+from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
+from rwkvtune.train.memory_check import check_memory, memory_report, run_tokens
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
-from rwkvtune.train.runtime import (Dist, all_sum, autocast_factory, memory_available_gib, select_device,
-                                    setup_distributed)
+from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
@@ -134,19 +135,12 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                       f"--max-steps to train further)", file=sys.stderr)
             return done
 
-    module = build_module(cfg, mode, model_config, device, meta=not has_weights)
+    tokens = run_tokens(train_set, cfg)  # a ctx_len beyond the data's longest window costs nothing
     if dry_run:
-        report = dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, len(train_set))
-        report.update(device=device, memory_available_gib=memory_available_gib(device))
-        if not has_weights:
-            report["model_file_missing"] = model_config.model_path
-            from rwkvtune.hub import missing_model_hint
-
-            print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
-                  file=sys.stderr)
-        print(dry_run_summary(report), file=sys.stderr)
-        return report
-
+        return _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per_step, total_steps,
+                        len(train_set))
+    check_memory(cfg, model_config, d, device, tokens)  # before any weights are loaded
+    module = build_module(cfg, mode, model_config, device)
     strategy = get_strategy(cfg, d, device)
     runner = strategy.wrap(module)  # FSDP shards the module's parameters in place: optimizer after this
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
@@ -160,6 +154,25 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
     return r
+
+
+def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per_step, total_steps,
+             n_windows) -> dict:
+    """The dry run's report: counts from a meta-device module (no weights are ever materialised,
+    whatever init says) and the memory estimate against this device, with the fix when it does not fit."""
+    module = build_module(cfg, mode, model_config, device, meta=True)
+    report = dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, n_windows)
+    estimate, avail, fix = memory_report(cfg, model_config, d, device, tokens)
+    report.update(device=device, memory_estimate_gib=round(estimate.peak_gib, 2), memory_estimate=estimate.as_dict(),
+                  memory_available_gib=round(avail / GIB, 2) if avail is not None else None, memory_fix=fix)
+    if not has_weights:
+        report["model_file_missing"] = model_config.model_path
+        from rwkvtune.hub import missing_model_hint
+
+        print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
+              file=sys.stderr)
+    print(dry_run_summary(report), file=sys.stderr)
+    return report
 
 
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
@@ -179,7 +192,7 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
     parameters without the weights file)."""
     if meta:
         with torch.device("meta"):
-            return mode.prepare(RWKV7(model_config), cfg)
+            return mode.prepare(RWKV7(model_config, layer0_v=_file_has_layer0_v(cfg, model_config)), cfg)
     if cfg.init == "scratch":
         model = RWKV7.from_config(model_config, seed=cfg.seed)
     else:
@@ -192,6 +205,20 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
     return mode.prepare(model.to(device).train(), cfg).to(device)
+
+
+def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
+    """Whether the model file stores layer 0's unused v0/v1/v2 (read from its index, no tensor
+    data); True when there is no file to read (the registry's parameter count includes them)."""
+    path = model_config.model_path
+    if cfg.init != "pretrained" or not path or not os.path.isfile(path):
+        return True
+    from rwkvtune.configs.checkpoint import inspect_checkpoint
+
+    try:
+        return inspect_checkpoint(path).has_layer0_v
+    except RwkvtuneError:
+        return True
 
 
 def count_params(module: nn.Module) -> tuple[int, int, int]:
