@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     prefix, sep, *train_args = argv
     assert sep == "--", "usage: memory_probe.py OUT_PREFIX -- [rwkvtune train args]"
     from rwkvtune.cli import main as cli_main
-    from rwkvtune.train import memory, trainer
+    from rwkvtune.train import trainer
 
     seen: dict = {}
     build = trainer.build_module
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         seen["baseline"] = status_bytes("VmRSS")
         return build(*args, **kwargs)
 
-    check = memory.check_memory
+    check = trainer.check_memory
 
     def captured_check(*args, **kwargs):
         result = check(*args, **kwargs)

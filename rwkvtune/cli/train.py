@@ -35,6 +35,7 @@ TRAIN_FLAGS = [
     ("--lora-targets", str, "comma-separated Linear names to adapt (e.g. att.key,ffn.value)"),
     ("--train-parts", str, "LoRA mode: also train ln, emb and/or head (comma-separated)"),
     ("--bptt", str, "long samples: truncated (default) or full backprop through chunks"),
+    ("--strategy", str, "under torchrun: ddp (whole model per process) or fsdp (sharded)"),
     ("--wandb", str, "log to this wandb project"),
 ]
 
@@ -57,6 +58,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute activations in backward")
     p.add_argument("--long-context", action="store_true", default=None,
                    help="keep samples whole; train long ones in ctx-len chunks carrying the state")
+    p.add_argument("--cpu-offload", action="store_true", default=None,
+                   help="fsdp on GPU: keep sharded parameters, gradients and optimizer state in host memory")
     p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
                    help="run even when the memory estimate exceeds the device's memory (recipe: memory_check: false)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit")
@@ -70,7 +73,7 @@ def config_from_args(args: argparse.Namespace):
     if args.config:
         cfg.update(load_recipe(args.config), source=f"recipe {args.config}")
     given = {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context", "memory_check"}
+        "resume", "grad_checkpoint", "long_context", "memory_check", "cpu_offload"}
     cfg.update({k: getattr(args, k) for k in given if getattr(args, k) is not None}, source="command line")
     cfg.update(parse_overrides(args.overrides), source="command line (key=value)")
     return cfg

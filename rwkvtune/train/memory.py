@@ -74,7 +74,12 @@ CPU_RUNTIME = 100 * 2 ** 20
 # glibc serves allocations below its largest mmap threshold (32 MiB on 64-bit Linux) from its heap
 # and keeps freed heap memory for reuse; larger tensors are unmapped when freed.
 MMAP_MAX = 32 * 2 ** 20
-FSDP_HEAP_SETS = 5  # block-sized heap sets per layer FSDP leaves in glibc's heap on CPU (measured 3.6-5.3)
+FSDP_HEAP_SETS = 4  # block-sized heap sets per layer FSDP leaves in glibc's heap on CPU (measured 3.6-5.3)
+# On CPU the backward's new tensors rarely fit the holes the freed activations leave, so glibc's heap
+# grows during backward, by a fraction of the activations a run without checkpointing keeps (RSS over
+# live bytes, measured on 2-4 shapes each, 0.06-3.7 GiB of activations): full 0.47-0.59, lora
+# 0.85-1.12, state 0.74-0.76; with grad_checkpoint (every block recomputed) 0.60-0.73.
+HEAP_GROWTH = {"full": 0.55, "lora": 1.0, "state": 0.75, "checkpointed": 0.7}
 WKV_CHUNK = 32  # rwkvtune.models.rwkv7.wkv.DEFAULT_CHUNK_SIZE (a test keeps them equal)
 LOSS_ROWS = 1024  # rwkvtune.train.loss.DEFAULT_CHUNK_TOKENS (a test keeps them equal)
 LAYER_BACKWARD = 0.6  # one layer's backward working set / that layer's saved tensors (measured 0.42-0.6)
@@ -84,8 +89,9 @@ LOSS_ROW_BYTES = 16  # bytes per logit held in the loss backward: 4 fp32 [rows, 
 # (C, F, D_decay, D_aaa, D_mv, D_gate, H, 1). Exact fits of the model's saved tensors (torch
 # saved-tensor hooks, 10-12 random shapes each, residual 0). "fp32": no autocast; "autocast":
 # bf16 autocast over fp32 weights; "bf16": bf16 autocast over bf16 weights (a frozen bf16 base, or
-# FSDP's bf16 mixed precision). LoRA adds, per adapted Linear, its input (4 B per feature: the
-# input is fp32 in every regime) and its rank-r product (act bytes per element) to "state".
+# FSDP's bf16 mixed precision). LoRA adds to "state", per adapted Linear, its input and its rank-r
+# product (4 B per element in fp32, 2 B under autocast), and under autocast the bf16 casts of the
+# adapters' A and B (per layer, not per token: counted in the ``autocast`` term).
 SAVED = {
     ("fp32", "full"): (108, 8, 4, 4, 4, 4, 20, 16),
     ("fp32", "state"): (60, 4, 4, 0, 0, 4, 20, 16),
@@ -152,7 +158,8 @@ class Inventory:
     root: int  # parameters outside the blocks (emb, head, ln_out, a tuned state)
     block: int  # parameters of the largest block
     block_trainable: int
-    block_matrices: int  # parameters of 2-D block weights stored fp32 (autocast casts them)
+    block_matrices: int  # parameters of block matrices stored fp32 (autocast casts them)
+    adapters: int  # LoRA adapter parameters (autocast casts them too)
     block_heap: int  # parameters of the largest block in tensors below MMAP_MAX as fp32 (glibc heap)
     head_trainable: int  # trainable elements of the head (its gradient exists through backward)
     originals: int  # bytes of LoRA train_parts kept for the reference model
@@ -173,7 +180,7 @@ def _is_part(key: str, parts) -> bool:
 def inventory(c, s: Settings) -> Inventory:
     """What each parameter costs in this mode: dtype, trainable or not, where it lives."""
     base_bytes = 2 if s.mode != "full" and s.precision == "bf16" else 4
-    n = stored = trainable = largest = root = head_tr = originals = 0
+    n = stored = trainable = largest = root = head_tr = originals = adapters = 0
     blocks: dict[str, list[int]] = {}  # block prefix -> [params, trainable, fp32 matrices, heap-sized]
     lora_in = lora_r = 0
     for key, shape in c.param_shapes().items():
@@ -188,6 +195,7 @@ def inventory(c, s: Settings) -> Inventory:
                 lora_in, lora_r = lora_in + shape[1], lora_r + s.lora_r
         size = 4 if s.mode == "full" or train else base_bytes
         n, stored, trainable = n + numel + adapter, stored + numel * size + adapter * 4, trainable + adapter
+        adapters += adapter
         if train:
             trainable += numel
             largest = max(largest, numel)
@@ -201,14 +209,16 @@ def inventory(c, s: Settings) -> Inventory:
         b = blocks.setdefault(".".join(key.split(".")[:2]), [0, 0, 0, 0])
         b[0] += numel + adapter
         b[1] += (numel if train else 0) + adapter
-        b[2] += numel if len(shape) == 2 and size == 4 and not adapter else 0
+        # matrices a matmul uses (r_k is elementwise; layer 0's v1/v2 are never used)
+        matmul = len(shape) == 2 and not key.endswith("r_k") and key not in LAYER0_V_KEYS
+        b[2] += numel if matmul and size == 4 and not adapter else 0
         b[3] += numel if 4 * numel < MMAP_MAX else 0
     if s.mode == "state":  # the tuned initial WKV state, fp32, trainable
         wkv = c.n_layer * c.n_head * c.head_size_a ** 2
         n, stored, trainable, root, largest = n + wkv, stored + 4 * wkv, trainable + wkv, root + wkv, wkv
     big = max(blocks.values(), key=lambda b: b[0])
     return Inventory(n, stored, trainable, largest, root, big[0], big[1], sum(b[2] for b in blocks.values()),
-                     big[3], head_tr, originals, lora_in, lora_r)
+                     adapters, big[3], head_tr, originals, lora_in, lora_r)
 
 
 def _regime(s: Settings) -> str:
@@ -225,8 +235,8 @@ def saved_per_token_layer(c, s: Settings, inv: Inventory) -> float:
     coef = SAVED[(regime, "state" if s.mode == "lora" else s.mode)]
     terms = (c.n_embd, c.dim_ffn, c.dim_att_lora, c.dim_aaa_lora, c.dim_mv_lora, c.dim_gate_lora, c.n_head, 1)
     saved = sum(a * b for a, b in zip(coef, terms))
-    if s.mode == "lora":  # each adapter keeps its fp32 input and its rank-r product
-        saved += 4 * inv.lora_inputs + (4 if regime == "fp32" else 2) * inv.lora_ranks
+    if s.mode == "lora":  # each adapter keeps its input and its rank-r product
+        saved += (4 if regime == "fp32" else 2) * (inv.lora_inputs + inv.lora_ranks)
     return saved + _wkv_saved(c, s)
 
 
@@ -304,6 +314,7 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
     offload = fsdp and s.cpu_offload and gpu  # sharded state lives in host memory
     resident = 0.0 if offload else sh  # fraction of weights/grads/optimizer on the device
     kept, layer_ws = activations(c, s, inv)
+    layer_saved = saved_per_token_layer(c, s, inv) * s.batch_size * s.ctx_len  # one layer, not checkpointed
     rows = min(LOSS_ROWS, s.batch_size * s.ctx_len)
     compute = 2 if gpu and s.precision == "bf16" else 4  # bytes of an all-gathered parameter
     t = {
@@ -314,7 +325,8 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
         "activations": kept,
         "loss": LOSS_ROW_BYTES * rows * c.vocab_size + (2 * c.vocab_size * c.n_embd if _regime(s) == "autocast" else 0),
         "fsdp_buffers": int((inv.root + 2 * inv.block) * compute + 4 * inv.block_trainable) if fsdp else 0,
-        "autocast": 2 * inv.block_matrices if _regime(s) == "autocast" else 0,
+        "autocast": 2 * (inv.block_matrices if _regime(s) == "autocast" else inv.adapters if _regime(s) == "bf16"
+                         else 0),
         "originals": inv.originals,
         "runtime": GPU_RUNTIME if gpu else CPU_RUNTIME,
     }
@@ -326,16 +338,18 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
     step = base + t["fsdp_buffers"] + t["autocast"] + kept + head_grad + max(t["loss"], layer_ws + block_grad)
     grads = int(4 * inv.trainable * resident)
     step_tmp = 0 if offload else (4 * inv.trainable * sh if gpu else 8 * inv.largest_trainable * sh)
-    # CPU: activations freed in backward stay in glibc's heap (loss slices only when small enough),
-    # and under FSDP so do the per-parameter unsharded copies and gradients of every block (they
-    # interleave with freed activations, so the heap grows for them; measured 3.6-5.3 block-sized
-    # sets per layer on three shapes, 5 used). Present from the first backward on, in every phase.
-    retained = 0 if gpu else kept + layer_ws + (t["loss"] if rows * c.vocab_size * 4 < MMAP_MAX else 0)
+    # CPU (glibc): the heap grows during backward (HEAP_GROWTH), and what backward freed stays in
+    # it through the optimizer step and saving (loss slices only when small enough to be in it).
+    # Under FSDP so do the per-parameter unsharded copies and gradients of every block (measured
+    # 3.6-5.3 block-sized sets per layer on three shapes, 5 used), from the first backward on.
+    growth = 0 if gpu else HEAP_GROWTH["checkpointed" if s.grad_checkpoint else s.mode] * c.n_layer * layer_saved
+    small_loss = t["loss"] if rows * c.vocab_size * 4 < MMAP_MAX else 0
+    retained = 0 if gpu else int(kept + growth + layer_ws + small_loss)
     fsdp_heap = FSDP_HEAP_SETS * c.n_layer * 4 * inv.block_heap if fsdp and not gpu else 0
     save = _save_copies(c, s, inv)
     phases = {
         "load": _load(c, s, inv),
-        "step": int(step + fsdp_heap),
+        "step": int(step + growth + fsdp_heap),
         "update": int(base + grads + step_tmp + retained + fsdp_heap),
         "save": int(base + retained + fsdp_heap + (0 if gpu else save)),
     }
