@@ -37,6 +37,7 @@ SHAPES = {
     "tiny": dict(n_layer=4, n_embd=128, head_size=32, vocab=65536, d_decay=32, d_aaa=32, d_mv=32, d_gate=32),
     "wide": dict(n_layer=4, n_embd=256, head_size=64, vocab=1024, d_decay=32, d_aaa=32, d_mv=32, d_gate=64),
     "c512": dict(n_layer=8, n_embd=512, head_size=64, vocab=65536, d_decay=64, d_aaa=64, d_mv=32, d_gate=128),
+    "0.1b-wide-2": dict(n_layer=2, n_embd=768, head_size=64, vocab=1024, d_decay=64, d_aaa=64, d_mv=32, d_gate=128),
     "0.1b": dict(n_layer=12, n_embd=768, head_size=64, vocab=65536, d_decay=64, d_aaa=64, d_mv=32, d_gate=128),
 }
 # name: (shape, processes, strategy, mode, batch, ctx_len, extra train args)
@@ -53,6 +54,7 @@ GRID = {
     "wide ckpt": ("wide", 1, "ddp", "full", 4, 512, ("--grad-checkpoint",)),
     "c512 full T1024": ("c512", 1, "ddp", "full", 2, 1024, ()),
     "c512 2x fsdp": ("c512", 2, "fsdp", "full", 2, 128, ()),
+    "0.1b L2 8x1024": ("0.1b-wide-2", 1, "ddp", "full", 8, 1024, ()),  # the seed's tensor sizes, 2 layers
     "0.1b full": ("0.1b", 1, "ddp", "full", 2, 128, ()),
     "0.1b full T512": ("0.1b", 1, "ddp", "full", 2, 512, ()),
     "0.1b full T1024": ("0.1b", 1, "ddp", "full", 2, 1024, ()),

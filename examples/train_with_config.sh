@@ -28,11 +28,16 @@ data="${DATA:-$here/../rwkvtune/assets/sample.jsonl}"
 out="${OUT:-runs/rwkv7-$size}"
 python="${PYTHON:-python}"
 
-gpus="$("$python" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' \
-        2>/dev/null || echo 0)"
+# "GPUS GIB": the CUDA GPUs torch sees and the smallest one's memory
+found="$("$python" -c 'import torch
+n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+print(n, min((torch.cuda.get_device_properties(i).total_memory for i in range(n)), default=0) / 2 ** 30)' \
+        2>/dev/null || echo "0 0")"
+gpus="${found%% *}"
 if [ "$gpus" -ge 2 ]; then
   # e.g. "--strategy fsdp --cpu-offload"; the reason goes to stderr
-  launch="$("$python" -m rwkvtune plan "$size" --pick --gpus "$gpus" --train-args --model "$size" "$@")"
+  launch="$("$python" -m rwkvtune plan "$size" --pick --gpus "$gpus" --gpu-memory "${found##* }" \
+            --train-args --model "$size" "$@")"
   # shellcheck disable=SC2086  # $launch is flag words
   exec "$python" -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m rwkvtune train \
     --model "$size" --data "$data" --out "$out" $launch "$@"

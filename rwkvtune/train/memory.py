@@ -1,57 +1,67 @@
 """Memory of a training run, per process, in bytes: :func:`estimate_memory`; and the dry run's report.
 
-Standard library only (``rwkvtune plan`` and the checks run it without importing torch). The model
-follows what the code allocates; the activation coefficients were measured (saved-tensor hooks on
-the real model, exact integer fits over 10-12 shapes; see ``bench/bench_memory.py``).
+Standard library only (``rwkvtune plan`` and the checks run it without importing torch). Each term
+follows what the code allocates; the activation coefficients are exact fits of the tensors autograd
+saves (saved-tensor hooks, 10-12 random shapes each), the CPU heap terms are fits of measured RSS
+(``bench/bench_memory.py``; tests/test_memory.py holds both to the code and to real runs).
 
 Notation: P parameters, L layers, C width, F FFN width, H heads of N, V vocab, D the four
 low-rank dims, B batch, T tokens per window, W processes, s = 1/W under fsdp (else 1).
 
 Terms (bytes, one process):
 
-* ``weights``: every stored parameter, fp32 (4 B); a frozen base with precision bf16 is bf16 (2 B);
-  LoRA adapters and a tuned state are fp32. x s.
+* ``weights``: every stored parameter: fp32 (4 B); a frozen base with precision bf16 is bf16 (2 B);
+  LoRA adapters and a tuned state are fp32. x s (0 with cpu_offload: in host memory).
 * ``optimizer``: AdamW's exp_avg + exp_avg_sq, fp32: 8 B per trainable parameter, x s.
-* ``gradients``: 4 B per trainable parameter (fp32, also under FSDP's fp32 reduce) x s, plus what
-  exists at the peak of backward (the head's gradient, one block's).
+* ``gradients``: 4 B per trainable parameter (fp32, also FSDP's fp32 reduce) x s at the update; in
+  backward the head's gradient exists from the loss on (unsharded under FSDP), and one block's.
 * ``ddp_buckets``: DDP on >= 2 processes keeps its all-reduce buckets, a flat copy of every
   trainable gradient (4 B each), for the whole run.
-* ``activations``: what autograd keeps for backward (per token per layer, below) for all L layers,
-  plus what one layer's backward holds while it runs (measured: 0.42-0.6 of that layer's saved
-  tensors; 0.6 used), plus the recurrent states the forward returns. With grad_checkpoint only each
-  block's input is kept, plus one block recomputed during backward.
+* ``activations``: what autograd keeps for backward, L x T x B x ``saved_per_token_layer`` (fitted
+  coefficients below, plus the WKV kernel's own), plus ln_out's input, the hidden states and the
+  scored rows of the loss (3C fp32 per token) and the recurrent states the forward returns. With
+  grad_checkpoint only each block's input (and v_first) is kept, plus one block recomputed in
+  backward. One layer's backward working set, 0.6 x that layer's saved tensors (measured 0.42-0.6),
+  comes on top while that layer runs.
 * ``loss``: the chunked head + cross-entropy (rwkvtune.train.loss): up to 1024 rows at a time, each
-  row V logits; backward holds 4 such fp32 rows (logits, log-softmax, their gradient, L2Wrap's):
-  16 B x rows x V (measured: 4.0).
+  V logits; backward holds 4 such fp32 rows (logits, log-softmax, their gradient, L2Wrap's):
+  16 B x rows x V (measured 3.5-4.0). Under autocast over fp32 weights, also the head's bf16 cast.
 * ``fsdp_buffers``: FSDP2 all-gathers each block's parameters before use (this block and the one
   prefetched: 2 blocks) and keeps the root (emb, head, ln_out) unsharded from forward to the end of
-  backward, in the compute dtype; each block's unsharded gradient exists until its reduce-scatter.
-* ``autocast``: bf16 autocast over fp32 weights (GPU, ddp) casts every block matrix to bf16 and the
-  matmul keeps the cast for backward: 2 B per block matrix parameter.
-* ``optimizer_step``: AdamW's temporaries: on CPU the per-tensor loop (sqrt of exp_avg_sq and the
-  denominator: 2 x the largest trainable tensor); on GPU the foreach path, a copy of every
-  exp_avg_sq (4 B per trainable parameter).
-* ``retained`` (CPU): glibc keeps freed activation memory mapped in its heap and reuses it for the
-  next step, so the process's RSS still holds it while the optimizer steps and saves (measured on the
-  0.1B shape: RSS exceeded the live bytes of the update by about the activations).
-* ``save``: copies made while writing outputs: final.pth in save_dtype (2 B per parameter for
-  bf16; FSDP gathers the whole model onto the main process), the resumable checkpoint's fp32
-  clone of the trainable tensors.
-* ``load``: building the model: the whole model on the device before FSDP shards it (the current
-  code loads, then wraps), plus on CPU the memory-mapped checkpoint's pages (2 B per parameter for a
-  bf16 release file) or the init's temporaries (orthogonal init of the largest matrix, 2.5 x it).
-* ``runtime`` (GPU): CUDA context and library workspaces, 1 GiB per process (an assumption: typical
-  figures, not measured here); on CPU the process's runtime is already in the measured baseline.
+  backward, in the compute dtype (bf16 on GPU with bf16, else fp32); a block's unsharded gradient
+  (fp32) exists until its reduce-scatter.
+* ``autocast``: bf16 autocast over fp32 weights (full fine-tune, GPU, ddp) casts every block matrix
+  to bf16 and the matmul keeps the cast for backward: 2 B per matrix parameter; over a bf16 base the
+  LoRA adapters' A and B are cast the same way.
+* ``optimizer_step``: AdamW's temporaries: on CPU the per-tensor loop (the square root of exp_avg_sq
+  and the denominator: 8 B x the largest trainable tensor); on GPU the foreach path, a copy of every
+  exp_avg_sq (4 B per trainable parameter, x s).
+* ``retained`` (CPU, glibc): tensors under 32 MiB come from the heap, and the backward's new tensors
+  rarely fit the holes freed activations leave, so the heap grows during backward by HEAP_GROWTH x
+  the activations; what backward frees (activations, growth, the working set, small loss slices)
+  stays in the heap through the optimizer step and saving. Under FSDP the per-parameter unsharded
+  copies and gradients of every block stay there too (FSDP_HEAP_SETS block-sized sets per layer).
+* ``save``: copies held while writing outputs: final.pth in save_dtype (2 B per parameter for bf16;
+  FSDP gathers the whole model onto the main process), the resumable checkpoint's fp32 clone of the
+  trainable tensors. On GPU these are host memory.
+* ``load``: building the model: the whole model on the device before FSDP shards it (the trainer
+  builds, then wraps), plus on CPU the memory-mapped checkpoint's pages (its file size) or the init's
+  temporaries (orthogonal init of the head, 2.5 x it).
+* ``runtime``: on GPU the CUDA context and library workspaces, 1 GiB per process (assumed: no GPU
+  was available to measure it); on CPU what the first training step adds besides tensors (code
+  pages, allocator arenas: measured 100 MiB).
 
 Phases; the estimate is the largest (``peak``):
 
-* ``load``   = load
-* ``step``   = weights + optimizer + ddp_buckets + fsdp_buffers + autocast + activations + loss-or-
-  block working set + gradients alive then (forward and backward: activations are all alive when
-  backward starts)
-* ``update`` = weights + optimizer + ddp_buckets + all gradients + optimizer_step (+ retained on CPU)
-* ``save``   = weights + optimizer + save copies (+ retained on CPU); on GPU these copies are in host
-  memory (``host``), with the load's full model on the host and cpu_offload's sharded state.
+* ``load``   = load (+ runtime on GPU)
+* ``step``   = weights + optimizer + ddp_buckets + fsdp_buffers + autocast + activations + head
+  gradient + max(loss, one layer's working set + its gradient) + runtime (+ heap growth and FSDP's
+  heap sets on CPU)
+* ``update`` = weights + optimizer + ddp_buckets + gradients + optimizer_step + runtime (+ retained)
+* ``save``   = weights + optimizer + runtime (+ retained and the save copies on CPU)
+
+``host`` (GPU runs): the model is built in host memory first (stored bytes, whole), outputs are
+written from host copies, and cpu_offload keeps the sharded weights, gradients and AdamW state there.
 """
 
 from __future__ import annotations

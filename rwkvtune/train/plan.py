@@ -96,7 +96,8 @@ def seed_dual_gpu(load) -> list[str]:
     for size, ctx, batch in SEED_DUAL:
         c = load(size)
         two = [r for r in launches(c, ctx, batch, gpu_counts=(2,)) if r.mode == "full"]
-        per = "; ".join(f"{r.name} {r.estimate.peak_gib:.0f} GiB per GPU ({_cards(r)})" for r in two)
+        per = "; ".join(f"{r.name} {r.estimate.peak_gib:.0f} GiB per GPU ({_cards(r)}) and "
+                        f"{r.estimate.host / GIB:.0f} GiB of host RAM per process" for r in two)
         lines.append(f"{c.model_name} (ctx_len {ctx}, batch {batch}) full fine-tune on two GPUs: {per}.")
         for card, gib in CARDS.items():
             best = cheapest(two, gib)
@@ -104,9 +105,9 @@ def seed_dual_gpu(load) -> list[str]:
             fit = f"{best.name}" if best else f"does not fit (cheapest on two: {alt.describe()})" if alt else \
                 "does not fit in any mode"
             lines.append(f"  {card} GB cards: {fit}")
-        lines.append(f"  load: each process first builds the whole model on its GPU "
-                     f"({two[0].estimate.phases['load'] / GIB:.0f} GiB incl. runtime) and in host memory "
-                     f"({two[0].estimate.host / GIB:.0f} GiB per process) before FSDP shards it.")
+        lines.append(f"  (each process builds the whole model in host memory, then on its GPU "
+                     f"({two[0].estimate.phases['load'] / GIB:.0f} GiB with the runtime), before FSDP shards it: "
+                     f"the floor of every fsdp launch)")
     return lines
 
 
