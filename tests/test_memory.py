@@ -492,3 +492,15 @@ def test_the_seeds_command_on_a_24_gib_machine_fails_fast_naming_the_fix(small, 
     err = capsys.readouterr().err
     assert "error: memory: this run needs about" in err and "21.0 GiB is available on cpu" in err
     assert "to fit: --batch-size 4 --grad-accum 2 (the same effective batch of 8" in err
+
+
+def test_estimate_gib_is_what_the_dry_run_reports(small, tmp_path):
+    """The helper bench scripts call (bench/bench_gpu.py prints it beside the measured peak)."""
+    from rwkvtune.train.memory import estimate_gib
+    from rwkvtune.train.trainer import train
+
+    cfg = _cfg(small, tmp_path / "d")
+    report = train(cfg, dry_run=True)
+    c = load_model_config(small["ckpt"])
+    gib = estimate_gib(c, cfg.resolve(c), tokens=report["memory_estimate"]["settings"]["ctx_len"])
+    assert round(gib, 2) == report["memory_estimate_gib"]

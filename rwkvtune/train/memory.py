@@ -187,41 +187,37 @@ def _is_part(key: str, parts) -> bool:
             or ("head" in parts and key.startswith("head.")))
 
 
+def _adapter(key: str, shape, s: Settings) -> int:
+    """LoRA parameters added next to this tensor: lora_A [r, in] + lora_B [out, r] of a targeted Linear."""
+    if s.mode != "lora" or len(shape) != 2 or not key.endswith(".weight") or key.startswith("emb."):
+        return 0
+    return s.lora_r * (shape[0] + shape[1]) if _matches(key[: -len(".weight")], s.lora_targets) else 0
+
+
 def inventory(c, s: Settings) -> Inventory:
     """What each parameter costs in this mode: dtype, trainable or not, where it lives."""
-    base_bytes = 2 if s.mode != "full" and s.precision == "bf16" else 4
-    n = stored = trainable = largest = root = head_tr = originals = adapters = 0
+    base_bytes = 2 if s.mode != "full" and s.precision == "bf16" else 4  # a frozen base in bf16
+    n = stored = trainable = largest = root = head_tr = originals = adapters = lora_in = lora_r = 0
     blocks: dict[str, list[int]] = {}  # block prefix -> [params, trainable, fp32 matrices, heap-sized]
-    lora_in = lora_r = 0
     for key, shape in c.param_shapes().items():
-        numel = math.prod(shape)
+        numel, adapter = math.prod(shape), _adapter(key, shape, s)
         train = (s.mode == "full" and key not in LAYER0_V_KEYS) or (s.mode == "lora" and _is_part(key, s.train_parts))
-        module = key.rsplit(".", 1)[0]
-        adapter = 0
-        if s.mode == "lora" and key.endswith(".weight") and len(shape) == 2 and _matches(module, s.lora_targets) \
-                and not key.startswith("emb."):
-            adapter = s.lora_r * (shape[0] + shape[1])  # lora_A [r, in] + lora_B [out, r], fp32
-            if module.startswith("blocks.0."):
-                lora_in, lora_r = lora_in + shape[1], lora_r + s.lora_r
         size = 4 if s.mode == "full" or train else base_bytes
-        n, stored, trainable = n + numel + adapter, stored + numel * size + adapter * 4, trainable + adapter
-        adapters += adapter
-        if train:
-            trainable += numel
-            largest = max(largest, numel)
-            originals += numel * base_bytes if s.mode == "lora" else 0
-        largest = max(largest, adapter and max(s.lora_r * shape[1], s.lora_r * shape[0]))
-        if key.startswith("head."):
-            head_tr += numel if train else 0
+        n, stored, adapters = n + numel + adapter, stored + numel * size + 4 * adapter, adapters + adapter
+        trainable += (numel if train else 0) + adapter
+        largest = max(largest, numel if train else 0, s.lora_r * max(shape) if adapter else 0)
+        originals += numel * base_bytes if train and s.mode == "lora" else 0  # kept for the reference model
+        head_tr += numel if train and key.startswith("head.") else 0
         if not key.startswith("blocks."):
             root += numel + adapter
             continue
+        if adapter and key.startswith("blocks.0."):  # per layer: what the adapters keep for backward
+            lora_in, lora_r = lora_in + shape[1], lora_r + s.lora_r
         b = blocks.setdefault(".".join(key.split(".")[:2]), [0, 0, 0, 0])
-        b[0] += numel + adapter
-        b[1] += (numel if train else 0) + adapter
         # matrices a matmul uses (r_k is elementwise; layer 0's v1/v2 are never used)
         matmul = len(shape) == 2 and not key.endswith("r_k") and key not in LAYER0_V_KEYS
-        b[2] += numel if matmul and size == 4 and not adapter else 0
+        b[0], b[1] = b[0] + numel + adapter, b[1] + (numel if train else 0) + adapter
+        b[2] += numel if matmul and size == 4 else 0
         b[3] += numel if 4 * numel < MMAP_MAX else 0
     if s.mode == "state":  # the tuned initial WKV state, fp32, trainable
         wkv = c.n_layer * c.n_head * c.head_size_a ** 2
@@ -367,6 +363,12 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
              retained=retained + fsdp_heap, save=save)
     host = max(phases.values()) if not gpu else _host(c, s, inv, save, offload)
     return MemoryEstimate(s, t, phases, int(host))
+
+
+def estimate_gib(c, cfg, world_size: int = 1, tokens: int | None = None) -> float:
+    """The per-process estimate of a resolved TrainConfig, GiB (what bench scripts print beside a
+    measured peak). On GPU it includes GPU_RUNTIME, which torch.cuda.max_memory_allocated does not see."""
+    return estimate_memory(c, Settings.from_config(cfg, world_size=world_size, tokens=tokens)).peak_gib
 
 
 def _save_copies(c, s: Settings, inv: Inventory) -> int:

@@ -99,13 +99,17 @@ def run_tokens(dataset, cfg) -> int:
 
 
 def longest_window(dataset) -> int | None:
-    """The longest item of a dataset in tokens, for the dataset kinds rwkvtune builds."""
-    if hasattr(dataset, "counts"):  # PackedDataset: targets per window
-        return int(dataset.counts.max())
-    if hasattr(dataset, "data") and hasattr(dataset.data, "num_tokens"):  # BinIdxWindows
-        return int(dataset.data.num_tokens) - 1
-    if hasattr(dataset, "samples"):  # WholeSamples (long context): the bos token + the sample
-        return 1 + max(len(s.tokens) for s in dataset.samples)
+    """The longest item of a dataset in tokens, for the dataset kinds the sft method builds (None
+    for others: the estimate then plans for ctx_len)."""
+    try:
+        if hasattr(dataset, "counts"):  # PackedDataset: targets per window
+            return int(dataset.counts.max())
+        if hasattr(dataset, "data") and hasattr(dataset.data, "num_tokens"):  # BinIdxWindows
+            return int(dataset.data.num_tokens) - 1
+        if hasattr(dataset, "samples"):  # WholeSamples (long context): the bos token + the sample
+            return 1 + max(len(s.tokens) for s in dataset.samples)
+    except (AttributeError, TypeError, ValueError):
+        pass
     return None
 
 
@@ -144,7 +148,7 @@ def fixes(cfg, model_config, s: Settings, budget: float) -> list[str]:
     if s.device == "gpu":
         for n in (2, 4, 8):
             if n > s.world_size and (e := _fits(model_config, s.replace(strategy="fsdp", world_size=n), budget)):
-                out.append(f"strategy=fsdp on {n} GPUs (torchrun --nproc-per-node {n}; {e.peak_gib:.1f} GiB per GPU)")
+                out.append(f"--strategy fsdp on {n} GPUs (torchrun --nproc-per-node {n}; {e.peak_gib:.1f} GiB per GPU)")
                 break
     if not out and (e := _fits(model_config, s.replace(batch_size=1, grad_checkpoint=True), budget)):
         out.append(f"--batch-size 1 --grad-accum {accum} --grad-checkpoint ({e.peak_gib:.1f} GiB)")
@@ -178,7 +182,9 @@ def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool =
     use (``FIT_FRACTION`` of the device's free memory, shared by the local processes on CPU);
     returns the estimate. ``memory_check: false`` turns the refusal into a warning."""
     estimate, per_process, fix = memory_report(cfg, model_config, d, device, tokens)
-    if tokens < cfg.ctx_len and d.main and not dry_run:
+    if device.startswith("cuda") and d.main and not dry_run:
+        _warn_host(estimate)
+    if 2 * tokens <= cfg.ctx_len and d.main and not dry_run:  # far beyond the data, not a window's slack
         print(f"note: ctx_len {cfg.ctx_len:,} is longer than the data's longest window ({tokens:,} tokens): "
               f"windows hold at most {tokens:,} tokens and memory is planned for that", file=sys.stderr)
     if not fix or dry_run:
@@ -193,6 +199,18 @@ def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool =
     if d.main:
         print(f"warning: {message}; running anyway (memory_check: false)", file=sys.stderr)
     return estimate
+
+
+def _warn_host(estimate: MemoryEstimate) -> None:
+    """A GPU run also needs host RAM (each process builds the model there first; cpu_offload keeps
+    the sharded state there): a warning, not a refusal, when the machine's processes need more."""
+    host = host_available()
+    need = estimate.host * local_processes()
+    if host is not None and need > FIT_FRACTION * host:
+        print(f"warning: memory: this run's {local_processes()} process(es) on this machine need about "
+              f"{need / GIB:.1f} GiB of host RAM (each builds the model there before moving it to its GPU), "
+              f"{host / GIB:.1f} GiB is available; expect swapping or use fewer processes per machine",
+              file=sys.stderr)
 
 
 def scratch_advice(cfg, model_config) -> str:
