@@ -124,8 +124,9 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     sampler = WindowSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=d.rank, world_size=d.world_size,
                             batch_size=cfg.batch_size)
     total_steps = cfg.max_steps or math.ceil(sampler.batches_per_epoch / cfg.grad_accum) * cfg.epochs
+    tokens = run_tokens(train_set, cfg)  # a ctx_len beyond the data's longest window costs nothing
     # An upper bound: collate trims the columns after a batch's last target.
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.ctx_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * tokens
     if resume_dir and not dry_run:
         step = checkpointing.checkpoint_step(checkpointing.latest_checkpoint(resume_dir))
         done = checkpointing.completed_summary(run.path, step, total_steps)
@@ -135,7 +136,6 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                       f"--max-steps to train further)", file=sys.stderr)
             return done
 
-    tokens = run_tokens(train_set, cfg)  # a ctx_len beyond the data's longest window costs nothing
     if dry_run:
         return _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per_step, total_steps,
                         len(train_set))
