@@ -190,11 +190,9 @@ def train_step_timing(size: str, mode: str, device: str, T: int, warmup: int, st
 
 
 def _estimate(size: str, cfg) -> float:
-    """The memory planner's per-GPU estimate for this configuration, GiB (nan if unavailable)."""
-    try:
-        from rwkvtune.train.memory import estimate_gib
-    except ImportError:
-        return float("nan")
+    """The memory planner's per-GPU estimate for this configuration, GiB."""
+    from rwkvtune.train.memory import estimate_gib
+
     return estimate_gib(load_model_config(size), cfg)
 
 

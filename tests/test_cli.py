@@ -38,7 +38,7 @@ def _error(capsys, argv, status=2) -> str:
      "'download', 'check') (see rwkvtune models --help)"),
     (["trian"],
      "rwkvtune: error: argument COMMAND: invalid choice: 'trian' (choose from 'models', 'inspect', 'generate', "
-     "'train', 'eval', 'merge-lora', 'export', 'data') (see rwkvtune --help)"),
+     "'train', 'eval', 'merge-lora', 'export', 'data', 'plan') (see rwkvtune --help)"),
 ])
 def test_usage_errors_are_one_line(capsys, argv, line):
     assert _error(capsys, argv) == line

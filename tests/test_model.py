@@ -302,7 +302,7 @@ def _cfg(**over):
 
 def test_init_weights_official_values():
     cfg = _cfg()
-    L, C, N, V = cfg.n_layer, cfg.n_embd, cfg.head_size_a, cfg.vocab_size
+    L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
     model = RWKV7(cfg).init_weights_(seed=0)
     eye = torch.eye(C)
     for l, block in enumerate(model.blocks):

@@ -114,6 +114,11 @@ COMMANDS: list[Command] = [
             "model.safetensors, the World vocab), tensor by tensor with bounded memory."),
     Command("data", "prepare training data", None, f"{_CLI}.data:add_data_arguments",
             bad_record_advice="fix the record, or pass --on-data-error skip to skip bad records"),
+    Command("plan", "per-GPU memory of every launch of a size, and what fits 24/48/80/141 GB cards",
+            f"{_CLI}.plan:run_plan", f"{_CLI}.plan:add_plan_arguments",
+            "Estimate the per-GPU memory of each mode (full, lora, state) on 1, 2 and 8 GPUs with ddp, fsdp and "
+            "fsdp+offload at the recommended ctx_len and batch, mark what fits each card and name the cheapest "
+            "launch that fits. No torch, no weights: counts come from the registry config."),
 ]
 
 

@@ -70,6 +70,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", action="append", metavar="SPEC",
                    help="method grpo: a reward function, repeatable: exact_match:FIELD, regex:PATTERN, format:REGEX, "
                         "length_penalty:N or path/to/file.py:function (see rwkvtune/train/rewards.py)")
+    p.add_argument("--cpu-offload", action="store_true", default=None,
+                   help="fsdp on GPU: keep sharded parameters, gradients and optimizer state in host memory")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
+                   help="run even when the memory estimate exceeds the device's memory (recipe: memory_check: false)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit")
     p.add_argument("--help-all", action=_HelpAll, help="show this help and every option settable as key=value (or "
                                                        "in a recipe), with its default and meaning, then exit")
@@ -88,7 +92,7 @@ def _with_default(help_: str, default) -> str:
 def _flag_names() -> set[str]:
     """TrainConfig fields that have a flag of their own."""
     return {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context", "reward"}
+        "resume", "grad_checkpoint", "long_context", "reward", "memory_check", "cpu_offload"}
 
 
 def _unflagged() -> list[str]:

@@ -48,10 +48,8 @@ stored as [C] instead of [1, 1, C]). Facts from fla's ``fla/layers/rwkv7.py``,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
@@ -60,7 +58,7 @@ from typing import Callable
 import torch
 
 from rwkvtune.configs.check import compare_config, mismatch_error
-from rwkvtune.configs.checkpoint import LAYER0_V_KEYS, detect, load_state_dict, strip_prefix
+from rwkvtune.configs.checkpoint import LAYER0_V_KEYS, detect, load_state_dict
 from rwkvtune.configs.model_loader import ModelConfig
 from rwkvtune.convert.hf_layout import (
     CONFIG_NAME, EXTRA_NAME, HF_MODEL_TYPE, VOCAB_NAME, _official, _refs, is_hf_folder, official_to_hf,

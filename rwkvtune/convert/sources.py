@@ -20,17 +20,16 @@ are not state dicts.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
 from rwkvtune.configs.checkpoint import TensorMeta, load_state_dict, read_archive, strip_prefix
-from rwkvtune.convert.safetensors_io import SafetensorsReader, read_bytes_into, read_error
+from rwkvtune.convert.safetensors_io import SafetensorsReader, read_bytes_into
 from rwkvtune.errors import CheckpointError
 
 class TensorSource:

@@ -3,7 +3,8 @@
 A window is ``ctx_len + 1`` consecutive tokens w; the model input is ``w[:-1]`` and the targets
 are ``w[1:]``. Each item is a dict of torch tensors::
 
-    input_ids    LongTensor[T]  (padded with 0 past the end of a partial window)
+    input_ids    LongTensor[T]  (padded with 0 past the end of a partial window; T = ctx_len, or
+                                the longest window when the data holds no window that long)
     labels       LongTensor[T]  labels[t] = w[t+1] if that token is a target, else -100
     doc_id       int            document that the window's first input token belongs to
     piece_index  int            0 for a window that starts a document, k for its k-th piece
@@ -115,6 +116,9 @@ class PackedDataset:
         self.starts, self.counts, self.doc_ids, self.piece_index = table.T.copy()
         self.num_docs = len(samples)
         self.num_targets = int(sum(int(m.sum()) for m in tgt_parts))
+        # Items are as long as the longest window, not ctx_len: a ctx_len far beyond the data would
+        # otherwise allocate two int64 arrays of ctx_len per item (1e9 -> 16 GB) to hold padding.
+        self.item_len = min(T, int(self.counts.max()))
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -136,7 +140,7 @@ class PackedDataset:
         w, targets = self.window(i)
         k = int(self.piece_index[i])
         meta = {"doc_id": int(self.doc_ids[i]), "piece_index": k, "starts_doc": k == 0}
-        return _make_item(w, targets, self.ctx_len, meta)
+        return _make_item(w, targets, self.item_len, meta)
 
 
 class BinIdxWindows:
@@ -162,6 +166,7 @@ class BinIdxWindows:
             )
         self._n = math.ceil((self.data.num_tokens - 1) / self.ctx_len)
         self.num_targets = self.data.num_tokens - 1
+        self.item_len = min(self.ctx_len, self.num_targets)  # see PackedDataset.item_len
 
     def __len__(self) -> int:
         return self._n
@@ -184,7 +189,7 @@ class BinIdxWindows:
             "piece_index": i - (first + T - 1) // T,  # windows starting earlier in this item
             "starts_doc": s == first,
         }
-        return _make_item(w, None, T, meta)
+        return _make_item(w, None, self.item_len, meta)
 
 
 class WindowSampler:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import pickle
 import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -96,7 +97,7 @@ class SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) -> "Path":  # noqa: F821
+def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) -> Path:
     """Every process writes its shard into a temporary folder; the main process adds trainer.pt,
     renames the folder into place, points ``latest`` at it and prunes old checkpoints."""
     final, tmp = run.checkpoint_dir(step), run.checkpoint_temp_dir(step)

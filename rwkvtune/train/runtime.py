@@ -68,18 +68,8 @@ def autocast_factory(device: str, precision: str) -> Callable[[], ContextManager
     return contextlib.nullcontext
 
 
-def memory_available_gib(device: str) -> float | None:
-    """Total memory of the device the run would use: the GPU's, or the machine's RAM on CPU."""
-    try:
-        if device.startswith("cuda"):
-            return round(torch.cuda.mem_get_info(torch.device(device))[1] / 2 ** 30, 2)
-        return round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30, 2)
-    except (ValueError, OSError, AttributeError, RuntimeError):  # e.g. no sysconf on this platform
-        return None
-
-
 @contextlib.contextmanager
-def gradient_sync(runner: nn.Module, sync: bool):
+def gradient_sync(runner: torch.nn.Module, sync: bool):
     """Skip the gradient reduction of a backward that is not the step's last (DDP's no_sync, FSDP2's
     set_requires_gradient_sync); the gradients accumulate locally until the last one."""
     if sync:

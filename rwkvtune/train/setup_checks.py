@@ -19,9 +19,11 @@ def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
         if dry_run and path:
             return False
         from rwkvtune.hub import missing_model_hint
+        from rwkvtune.train.memory_check import scratch_advice
 
+        # From scratch is a full fine-tune's memory: the advice carries settings that fit this machine.
         raise RwkvtuneError(f"model file not found: {missing_model_hint(model_config)}; or pass --model PATH.pth, "
-                            f"or train from scratch with --init scratch")
+                            f"{scratch_advice(cfg, model_config)}")
     return True
 
 

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -32,14 +33,14 @@ from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule, count_params
 from rwkvtune.train import checkpointing, run_lock
-from rwkvtune.train.memory import dry_run_report, dry_run_summary
+from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
+from rwkvtune.train.memory_check import check_memory, memory_report, run_tokens
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
-from rwkvtune.train.runtime import (Dist, all_sum, autocast_factory, memory_available_gib, select_device,
-                                    setup_distributed)
+from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings, schedule_warnings
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
@@ -129,8 +130,9 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                             batch_size=cfg.batch_size)
     total_steps = cfg.max_steps or (math.ceil(sampler.batches_per_epoch / cfg.grad_accum) * cfg.epochs
                                     * method.steps_per_batch)
+    sample_tokens = run_tokens(train_set, cfg)  # a ctx_len beyond the data's longest window costs nothing
     # An upper bound: collate trims the columns after a batch's last target.
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * cfg.ctx_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * sample_tokens
     if resume_dir and not dry_run:
         step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
         done = checkpointing.completed_summary(run.path, step, total_steps)
@@ -140,19 +142,11 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                       f"--max-steps to train further)", file=sys.stderr)
             return done
 
-    module = build_module(cfg, mode, model_config, device, meta=not has_weights)
     if dry_run:
-        report = dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, len(train_set))
-        report.update(device=device, memory_available_gib=memory_available_gib(device))
-        if not has_weights:
-            report["model_file_missing"] = model_config.model_path
-            from rwkvtune.hub import missing_model_hint
-
-            print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
-                  file=sys.stderr)
-        print(dry_run_summary(report), file=sys.stderr)
-        return report
-
+        return _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
+                        total_steps, len(train_set))
+    check_memory(cfg, model_config, d, device, sample_tokens)  # before any weights are loaded
+    module = build_module(cfg, mode, model_config, device)
     strategy = get_strategy(cfg, d, device)
     runner = strategy.wrap(module)  # FSDP shards the module's parameters in place: optimizer after this
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
@@ -184,6 +178,25 @@ def _lock_run_dir(run: RunDir, resume_dir: str | None, cleanup: contextlib.ExitS
               f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}", file=sys.stderr)
 
 
+def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per_step, total_steps,
+             n_windows) -> dict:
+    """The dry run's report: counts from a meta-device module (no weights are ever materialised,
+    whatever init says) and the memory estimate against this device, with the fix when it does not fit."""
+    module = build_module(cfg, mode, model_config, device, meta=True)
+    report = dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, n_windows)
+    estimate, avail, fix = memory_report(cfg, model_config, d, device, tokens)
+    report.update(device=device, memory_estimate_gib=round(estimate.peak_gib, 2), memory_estimate=estimate.as_dict(),
+                  memory_available_gib=round(avail / GIB, 2) if avail is not None else None, memory_fix=fix)
+    if not has_weights:
+        report["model_file_missing"] = model_config.model_path
+        from rwkvtune.hub import missing_model_hint
+
+        print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
+              file=sys.stderr)
+    print(dry_run_summary(report), file=sys.stderr)
+    return report
+
+
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     """The config to run: a resumed run's saved one (plus what may change), validated, with None
     fields filled from the model's recommendations and existing paths made absolute."""
@@ -201,7 +214,7 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
     parameters without the weights file)."""
     if meta:
         with torch.device("meta"):
-            return mode.prepare(RWKV7(model_config), cfg)
+            return mode.prepare(RWKV7(model_config, layer0_v=_file_has_layer0_v(cfg, model_config)), cfg)
     with allocation_guard(model_config, device):  # a config in range can still be too large to hold
         return _build_module(cfg, mode, model_config, device)
 
@@ -219,6 +232,20 @@ def _build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, devic
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
     return mode.prepare(model.to(device).train(), cfg).to(device)
+
+
+def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
+    """Whether the model file stores layer 0's unused v0/v1/v2 (read from its index, no tensor
+    data); True when there is no file to read (the registry's parameter count includes them)."""
+    path = model_config.model_path
+    if cfg.init != "pretrained" or not path or not os.path.isfile(path):
+        return True
+    from rwkvtune.configs.checkpoint import inspect_checkpoint
+
+    try:
+        return inspect_checkpoint(path).has_layer0_v
+    except RwkvtuneError:
+        return True
 
 
 def _announce(r: Run, resume_dir: str | None) -> None:

@@ -86,6 +86,7 @@ class TrainConfig:
     cpu_offload: bool = False  # fsdp on GPU: keep sharded params, grads and optimizer state in host memory
     precision: str | None = None  # None -> fp32 on CPU, bf16 (autocast) on GPU
     grad_checkpoint: bool = False  # recompute blocks in backward: less memory, ~30% slower
+    memory_check: bool = True  # refuse (before loading weights) a run whose memory estimate exceeds the device
     wkv_backend: str = "auto"  # WKV kernel: "auto" (fla on CUDA when installed, else chunked), or one by name
     threads: int | None = None  # CPU threads of torch's ops (torch.set_num_threads); None: torch's default
     # ---- outputs -----------------------------------------------------------------------------

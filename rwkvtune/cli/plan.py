@@ -1,0 +1,152 @@
+"""``rwkvtune plan``: per-GPU memory of every launch of a size, and what fits which card.
+
+Without torch (the estimate is arithmetic over the registry config); ``--pick`` alone looks at this
+machine's GPUs (through torch) unless ``--gpus`` and ``--gpu-memory`` say what they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rwkvtune.errors import ConfigError
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("size", nargs="?", help="registry name (0.1b ... 13.3b, or your own); default: the six sizes")
+    p.add_argument("--ctx-len", type=int, help="tokens per sample (default: the model's recommended)")
+    p.add_argument("--batch-size", type=int, help="micro-batch per GPU (default: the model's recommended)")
+    p.add_argument("--gpu-memory", type=float, nargs="+", metavar="GB",
+                   help="card sizes to check, GB as marketed (default: 24 48 80 141)")
+    p.add_argument("--json", action="store_true", help="print every estimate as JSON")
+    p.add_argument("--pick", action="store_true",
+                   help="print the `rwkvtune train` flags (--strategy, --cpu-offload) of the cheapest launch that "
+                        "fits this machine's GPUs (or --gpus and --gpu-memory)")
+    p.add_argument("--gpus", type=int, help="with --pick: number of GPUs (default: those visible to torch)")
+    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], metavar="ARGS",
+                   help="with --pick, last: the `rwkvtune train` options of the run (mode, ctx_len, ...)")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from rwkvtune.train import plan
+
+    for name in ("ctx_len", "batch_size", "gpus"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: found {value}, expected an integer >= 1")
+    if args.gpu_memory and min(args.gpu_memory) <= 0:
+        raise ConfigError(f"--gpu-memory: found {min(args.gpu_memory)}, expected card sizes in GB > 0 (e.g. 24 80)")
+    if args.pick:
+        return _pick(args)
+    if args.train_args:
+        raise ConfigError("--train-args: only with --pick (it plans one run on this machine's GPUs)")
+    cards = {g: plan.card_gib(g) for g in args.gpu_memory} if args.gpu_memory else plan.CARDS
+    sizes = [args.size] if args.size else list(plan.SIZES)
+    from rwkvtune.configs.model_loader import load_model_config
+
+    if args.json:
+        out = {s: [_row_json(r) for r in _rows(load_model_config(s), args)] for s in sizes}
+        print(json.dumps(out, indent=1))
+        return 0
+    for i, size in enumerate(sizes):
+        c = load_model_config(size)
+        print(("\n" if i else "") + "\n".join(_table(c, _rows(c, args), args, cards)))
+    if any(load_model_config(s).model_name in _seed_names() for s in sizes) or len(sizes) > 1:
+        print("\nThe configs README's recommendations are for dual-GPU training; on two GPUs:")
+        print("\n".join(plan.seed_dual_gpu(load_model_config)))
+    return 0
+
+
+def _seed_names() -> set[str]:
+    from rwkvtune.configs.model_loader import load_model_config
+    from rwkvtune.train import plan
+
+    return {load_model_config(s).model_name for s, _, _ in plan.SEED_DUAL}
+
+
+def _rows(c, args):
+    from rwkvtune.train import plan
+
+    return plan.launches(c, args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size)
+
+
+def _row_json(r) -> dict:
+    return {"mode": r.mode, "gpus": r.gpus, "strategy": r.strategy, "cpu_offload": r.offload,
+            "per_gpu_gib": round(r.estimate.peak_gib, 2), "phase": r.estimate.peak_phase,
+            "host_gib_per_process": round(r.estimate.host / 2 ** 30, 2),
+            "terms_gib": {k: round(v / 2 ** 30, 3) for k, v in r.estimate.terms.items()}}
+
+
+def _table(c, rows, args, cards: dict) -> list[str]:
+    """The size's launches, what fits each card, and the cheapest launch per card."""
+    from rwkvtune.train import plan
+    from rwkvtune.train.memory import FIT_FRACTION, GIB
+
+    ctx, batch = args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size
+    lines = [f"{c.model_name}: {c.n_params:,} params; ctx_len {ctx}, batch_size {batch} per GPU, bf16 autocast, AdamW",
+             f"per-GPU peak memory and host RAM per process (GiB); a card fits when the peak is at most "
+             f"{FIT_FRACTION:.0%} of its memory",
+             "",
+             f"{'mode':<6}{'GPUs':>5}  {'strategy':<13}{'per GPU':>8}{'host':>8}   fits (GB): "
+             + " ".join(f"{g:>4g}" for g in cards)]
+    for r in rows:
+        marks = " ".join(f"{'yes' if r.fits(gib) else '-':>4}" for gib in cards.values())
+        lines.append(f"{r.mode:<6}{r.gpus:>5}  {r.name:<13}{r.estimate.peak / GIB:>8.1f}{r.estimate.host / GIB:>8.1f}"
+                     f"               {marks}")
+    lines += ["", "cheapest that fits (fewest GPUs, then ddp < fsdp < fsdp+offload; then full > lora > state):"]
+    for card, gib in cards.items():
+        per_mode = " | ".join(f"{m}: {_short(plan.cheapest(rows, gib, m))}" for m in plan.MODES)
+        best = plan.cheapest(rows, gib)
+        lines.append(f"  {card:g} GB: {best.describe() if best else 'nothing fits'}   [{per_mode}]")
+    return lines
+
+
+def _short(r) -> str:
+    return f"{r.gpus}x {r.name}" if r else "-"
+
+
+def _pick(args) -> int:
+    """The train flags of the cheapest launch that fits this machine (stdout), and why (stderr)."""
+    from rwkvtune.configs.model_loader import load_model_config
+    from rwkvtune.train import plan
+
+    if not args.size:
+        raise ConfigError("--pick needs a SIZE (e.g. rwkvtune plan 7.2b --pick)")
+    cfg = _train_config(args)
+    c = load_model_config(cfg.model or args.size)
+    gpus, card = args.gpus, plan.card_gib(args.gpu_memory[0]) if args.gpu_memory else None
+    if gpus is None or card is None:
+        found, smallest = _visible_gpus()
+        gpus, card = gpus or found, card or smallest
+    if not gpus or not card:
+        raise ConfigError("--pick: no CUDA GPU visible; pass --gpus N --gpu-memory GB to plan for another machine")
+    settings = dict(grad_checkpoint=bool(cfg.grad_checkpoint), lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets),
+                    train_parts=tuple(cfg.train_parts))
+    rows = plan.launches(c, cfg.ctx_len or c.recommended_ctx_len, cfg.batch_size or c.recommended_batch_size,
+                         modes=(cfg.mode,), gpu_counts=(gpus,), precision=cfg.precision or "bf16", **settings)
+    chosen = plan.pick(rows, card)
+    fits = "fits" if chosen.fits(card) else "does not fit (no launch does; the trainer's memory check says what to change)"
+    print(f"plan: {c.model_name} {chosen.describe()} on {gpus} x {card:g} GB: {fits}", file=sys.stderr)
+    print(" ".join(chosen.train_args()))
+    return 0
+
+
+def _train_config(args):
+    """The TrainConfig that `rwkvtune train` would build from --train-args."""
+    from rwkvtune.cli import _Parser
+    from rwkvtune.cli.train import add_train_arguments, config_from_args
+
+    parser = _Parser(prog="rwkvtune plan --pick --train-args")
+    add_train_arguments(parser)
+    return config_from_args(parser.parse_args(args.train_args))
+
+
+def _visible_gpus() -> tuple[int, float | None]:
+    """(CUDA GPUs torch sees, the smallest one's memory in GiB as torch reports it)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, None
+    n = torch.cuda.device_count()
+    return n, min(torch.cuda.get_device_properties(i).total_memory for i in range(n)) / 2 ** 30
