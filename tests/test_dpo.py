@@ -148,10 +148,11 @@ def test_bad_preference_records(data, tmp_path):
     assert "bad.jsonl:5: missing field(s) 'rejected'" in res.stderr and "--on-data-error skip" in res.stderr
 
 
-def test_dpo_ddp_equals_one_process(data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_two_processes_equal_one_process(data, tmp_path, strategy):
     import socket
 
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single, ddp = tmp_path / "single", tmp_path / strategy
     train(_cfg(data, single, batch_size=4, max_steps=2, adam_eps=1e-6, precompute_ref=True))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -159,7 +160,7 @@ def test_dpo_ddp_equals_one_process(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m",
            "rwkvtune", "train", "--model", data["ckpt"], "--data", data["pairs"], "--out", str(ddp), "--method", "dpo",
            "--ctx-len", "64", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "0", "--max-steps", "2",
-           "--save-every", "0", "tensorboard=false", "adam_eps=1e-6", "precompute_ref=true"]
+           "--save-every", "0", "--strategy", strategy, "tensorboard=false", "adam_eps=1e-6", "precompute_ref=true"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = lambda out: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731

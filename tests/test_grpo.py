@@ -105,26 +105,57 @@ def test_grpo_resume_mid_iterations_continues_identically(data, tmp_path, monkey
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_grpo_ddp_splits_prompts_across_processes(data, tmp_path):
+@pytest.fixture(scope="module")
+def torchrun_runs(data, tmp_path_factory):
+    """run(strategy): the same 2-process GRPO run under ddp or fsdp, made once per module."""
     import socket
 
-    out = tmp_path / "ddp"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m",
-           "rwkvtune", "train", "--model", data["ckpt"], "--data", data["prompts"], "--out", str(out), "--method",
-           "grpo", "--reward", data["reward"], "--reward", "exact_match:answer", "--ctx-len", "32",
-           "--batch-size", "2", "--max-steps", "2", "--save-every", "0", "num_generations=4",
-           "max_completion_length=4", "tensorboard=false", "reward_weights=[1.0,0.5]"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    runs = {}
+
+    def run(strategy: str) -> Path:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp("grpo-torchrun") / strategy
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = str(sock.getsockname()[1])
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+                   "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data", data["prompts"], "--out", str(out),
+                   "--method", "grpo", "--reward", data["reward"], "--reward", "exact_match:answer", "--ctx-len", "32",
+                   "--batch-size", "2", "--max-steps", "2", "--save-every", "0", "--strategy", strategy,
+                   "--save-dtype", "fp32", "num_generations=4", "max_completion_length=4", "tensorboard=false",
+                   "reward_weights=[1.0,0.5]", "num_iterations=2", "adam_eps=1e-6"]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert res.returncode == 0, res.stderr[-3000:]
+            runs[strategy] = out
+        return runs[strategy]
+
+    return run
+
+
+def test_grpo_ddp_splits_prompts_across_processes(torchrun_runs):
+    out = torchrun_runs("ddp")
     rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
-    assert len(rollouts) == 2 * 2 * 2 * 4  # steps x processes x prompts x generations, gathered
-    step1 = {r["prompt"] for r in rollouts if r["step"] == 1}
-    assert len(step1) == 4  # the two processes sampled for different prompts
+    assert len(rollouts) == 2 * 2 * 4  # processes x prompts x generations, gathered (step 2 reuses them)
+    assert len({r["prompt"] for r in rollouts}) == 4  # the two processes sampled for different prompts
     for r in rollouts:  # the weighted total of both rewards
         assert r["reward"] == pytest.approx(r["rewards"]["reward.space_first"] + 0.5 * r["rewards"]["exact_match:answer"])
+
+
+def test_grpo_fsdp_equals_ddp(data, torchrun_runs):
+    """Sharded rollouts: every process decodes its own rows for its own number of steps (a sharded
+    forward would wait for the other process's gathers); samples and the update equal ddp's."""
+    ddp, fsdp = torchrun_runs("ddp"), torchrun_runs("fsdp")
+    completions = lambda out: [(r["prompt"], r["completion"])  # noqa: E731
+                               for r in map(json.loads, (out / "rollouts.jsonl").read_text().splitlines())]
+    assert completions(fsdp) == completions(ddp)
+    wa = torch.load(ddp / "final.pth", weights_only=True)
+    wb = torch.load(fsdp / "final.pth", weights_only=True)
+    base = torch.load(data["ckpt"], weights_only=True)
+    assert wa.keys() == wb.keys()
+    assert any(not torch.equal(wa[k], base[k]) for k in wa)  # the two steps did train
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_a_failing_reward_function_stops_with_its_name(data, tmp_path):

@@ -18,6 +18,7 @@ by tensor onto the main process.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -29,7 +30,6 @@ import torch.nn as nn
 
 from rwkvtune.errors import ConfigError
 from rwkvtune.train import checkpointing
-
 
 
 class Strategy:
@@ -46,6 +46,11 @@ class Strategy:
             return module
         ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def decoding(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """The context for calling ``module`` a different number of times on each process (RNN
+        decoding, where each process's rows finish at their own step): nothing to do here."""
+        return contextlib.nullcontext()
 
     def clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm))
@@ -77,6 +82,27 @@ class FSDPStrategy(Strategy):
             fully_shard(block, mp_policy=mp, offload_policy=offload)
         fully_shard(module, mp_policy=mp, offload_policy=offload)
         return module
+
+    @contextlib.contextmanager
+    def decoding(self, module: nn.Module):
+        """Gather every parameter once and keep it gathered until the block ends, so forwards inside
+        it run no collectives: a sharded forward all-gathers, and decoding makes a different number
+        of forwards on each process. Costs the whole model's unsharded parameters on every process
+        while it lasts (as one block's do during training, times n_layer)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+        for m in sharded:  # the same modules in the same order on every process
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in sharded:
+                # as wrap() left them: blocks reshard after forward, the root does not (FSDP's
+                # own choice for the root: backward would gather it again at once)
+                m.set_reshard_after_forward(m is not module, recurse=False)
+                m.reshard()
 
     def clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)

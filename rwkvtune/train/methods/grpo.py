@@ -6,6 +6,7 @@ the reward functions in :mod:`rwkvtune.train.rewards`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -22,8 +23,8 @@ from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths 
 
 class _Policy:
     """The training module as :func:`rwkvtune.generate.generate_batch` calls a model: every call
-    goes through the module's own forward, so its adapters, its tuned initial state and a sharded
-    (FSDP) module's gathering apply as in training."""
+    goes through the module's own forward, so its adapters and its tuned initial state apply as in
+    training (a sharded module is gathered first: see :meth:`Strategy.decoding`)."""
 
     def __init__(self, module):
         self.module, self.config = module, module.model.config
@@ -129,10 +130,13 @@ class GRPO(TrainingMethod):
         was_training = module.training
         module.eval()  # no dropout while sampling
         t0 = time.perf_counter()
+        run = getattr(self, "run", None)  # set by setup(); absent when a test calls this alone
+        decoding = run.strategy.decoding(module) if run is not None else contextlib.nullcontext()
         try:
-            out = generate_batch(_Policy(module), self.tokenizer, [r.ids.tolist() for r in records],
-                                 samples_per_prompt=G, max_tokens=cfg.max_completion_length, top_k=0,
-                                 presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.stop), **sampling)
+            with decoding:
+                out = generate_batch(_Policy(module), self.tokenizer, [r.ids.tolist() for r in records],
+                                     samples_per_prompt=G, max_tokens=cfg.max_completion_length, top_k=0,
+                                     presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.stop), **sampling)
         finally:
             module.train(was_training)
         return out, time.perf_counter() - t0
