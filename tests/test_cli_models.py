@@ -434,7 +434,7 @@ def test_dispatcher_loads_a_commands_module_only_when_it_runs(tmp_path, monkeypa
         "    return 0 if args.n else 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [
-        cli.Command("fake", "a plugged-in command", "fake_cmd_mod:run", "fake_cmd_mod:add_arguments")])
+        cli.Command("fake", "fake_cmd_mod", "a plugged-in command")])
     monkeypatch.delitem(sys.modules, "fake_cmd_mod", raising=False)
     assert main(["--help"]) == 0
     assert "a plugged-in command" in capsys.readouterr().out

@@ -294,6 +294,23 @@ def test_nan_adapter_and_generate_eval_of_a_nan_model_fail_in_one_line(data, tmp
         assert "tensor ln_out.weight holds 1 non-finite value(s)" in _error_line(capsys, argv)
 
 
+@pytest.mark.parametrize("value, words", [
+    (float("nan"), "state wkv_init holds 1 non-finite value(s)"),
+    (1e30, "wkv_init holds values up to 1e+30 in magnitude"),
+])
+def test_eval_and_generate_refuse_the_same_bad_state(data, tmp_path, capsys, value, words):
+    # eval --state once accepted a state that generate --state refused; both read through one loader now
+    state = torch.zeros(SMALL["n_layer"], SMALL["n_embd"] // SMALL["head_size"], SMALL["head_size"],
+                        SMALL["head_size"])
+    state[1, 0, 2, 3] = value
+    torch.save({"wkv_init": state}, tmp_path / "bad_state.pth")
+    flags = ["--model", data["ckpt"], "--state", str(tmp_path / "bad_state.pth")]
+    lines = [_error_line(capsys, ["eval", *flags, "--data", data["text"], "--ctx-len", "16"]),
+             _error_line(capsys, ["generate", *flags, "--prompt", "hi", "--max-tokens", "3"])]
+    for line in lines:
+        assert line.startswith(f"error: --state {tmp_path / 'bad_state.pth'}: {words}"), line
+
+
 # ---- 5. tracebacks that become one line -----------------------------------------------------
 
 

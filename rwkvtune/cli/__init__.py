@@ -3,13 +3,15 @@
 Every command lives in one module of this package (``models.py``: models and inspect,
 ``train.py``, ``eval.py``, ``merge.py``, ``data.py``, ...) with its arguments and handler; the
 library functions they call stay where they are. This module is a thin dispatcher over the table
-``COMMANDS``. Each :class:`Command` names
+``COMMANDS``: each :class:`Command` names its module, which defines
 
-* ``handler``: ``"package.module:function"``, called with the parsed ``argparse.Namespace`` and
-  returning the exit status; its module is imported only when that command runs;
-* ``arguments``: what defines the command's options: a ``"package.module:function(parser)"``
-  string that is imported only when that command is the one on the command line (so a command
-  module that imports torch at the top never slows down ``rwkvtune models`` or ``rwkvtune --help``).
+* ``add_arguments(parser)``: the command's options (and may set ``parser.description``), imported
+  only when that command is the one on the command line, so a command module that imports torch
+  at the top never slows down ``rwkvtune models`` or ``rwkvtune --help``;
+* ``run(args)``: the handler, called with the parsed ``argparse.Namespace``, returning the exit
+  status;
+* optionally ``BAD_RECORD_ADVICE``: how this command's user skips bad data records, appended to
+  a bad record's error.
 
 Adding a command is one entry in ``COMMANDS``. A command with actions (``models
 list/show/new/check/download``, ``data prepare``) defines a nested sub-parser whose actions set
@@ -28,25 +30,26 @@ import dataclasses
 import importlib
 import os
 import sys
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 from rwkvtune import __version__
 
 PROG = "rwkvtune"
 
-ArgumentsSpec = Union[str, Callable[[argparse.ArgumentParser], None], None]
-
-
 @dataclasses.dataclass(frozen=True)
 class Command:
+    """One command: its name, the module that defines it, its one-line help (the top-level
+    ``--help`` lists it without importing the module)."""
+
     name: str
+    module: str  # "package.module": defines ``arguments(parser)`` and ``run(args)``
     help: str
-    handler: str | None  # "module:function"; None when every action sets its own
-    arguments: ArgumentsSpec = None
-    description: str | None = None
-    # The end of a bad data record's error: how this command's user skips bad records (the data
-    # layer's own advice names the Python argument on_error='skip'); see _fit_advice.
-    bad_record_advice: str | None = None
+    run: str | None = "run"  # None when every action sets its own handler (see set_handler)
+    arguments: str = "add_arguments"
+
+    @property
+    def handler(self) -> str | None:
+        return f"{self.module}:{self.run}" if self.run else None
 
 
 def _resolve(target: str) -> Callable:
@@ -86,39 +89,16 @@ class _Parser(argparse.ArgumentParser):
 _CLI = "rwkvtune.cli"
 
 COMMANDS: list[Command] = [
-    Command("models", "list, show, create, check and download model configs", f"{_CLI}.models:cmd_list",
-            f"{_CLI}.models:add_models_arguments",
-            "Model config registry. Without an action: the registry table (same as `models list`)."),
-    Command("inspect", "detect a checkpoint's dims (reads shapes only)", f"{_CLI}.models:cmd_inspect",
-            f"{_CLI}.models:add_inspect_arguments",
-            "Detect every dimension of an RWKV-7 .pth from its tensor shapes, without loading tensor data, "
-            "and name the registry entry it matches."),
-    Command("generate", "generate text (streams; chat mode with --chat)", f"{_CLI}.generate:run",
-            f"{_CLI}.generate:add_arguments",
-            "Prefill the prompt in parallel, then decode token by token with the RNN state."),
-    Command("train", "fine-tune or pretrain (full, LoRA or state tuning)", f"{_CLI}.train:run_train",
-            f"{_CLI}.train:add_train_arguments",
-            "Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "
-            "defaults < --config recipe < flags < key=value overrides. Runs under torchrun for DDP: "
-            "torchrun --nproc-per-node N -m rwkvtune train ...",
-            "fix the record, or pass --on-data-error skip (recipe: on_data_error: skip) to skip bad records"),
-    Command("eval", "loss and perplexity of a model on data (prints JSON)", f"{_CLI}.eval:run_eval",
-            f"{_CLI}.eval:add_eval_arguments",
-            bad_record_advice="fix the record, or pass --on-data-error skip to skip bad records"),
-    Command("merge-lora", "merge a LoRA adapter into its base model (official layout)", f"{_CLI}.merge:run_merge",
-            f"{_CLI}.merge:add_merge_arguments",
-            "Merge ADAPTER into BASE in fp32 and write OUT in the official layout."),
-    Command("export", "write a model in the Hugging Face RWKV-7 layout (safetensors)", f"{_CLI}.export:run_export",
-            f"{_CLI}.export:add_export_arguments",
-            "Write MODEL as a Hugging Face folder in the flash-linear-attention RWKV-7 layout (config.json, "
-            "model.safetensors, the World vocab), tensor by tensor with bounded memory."),
-    Command("data", "prepare training data", None, f"{_CLI}.data:add_data_arguments",
-            bad_record_advice="fix the record, or pass --on-data-error skip to skip bad records"),
-    Command("plan", "per-GPU memory of every launch of a size, and what fits 24/48/80/141 GB cards",
-            f"{_CLI}.plan:run_plan", f"{_CLI}.plan:add_plan_arguments",
-            "Estimate the per-GPU memory of each mode (full, lora, state) on 1, 2 and 8 GPUs with ddp, fsdp and "
-            "fsdp+offload at the recommended ctx_len and batch, mark what fits each card and name the cheapest "
-            "launch that fits. No torch, no weights: counts come from the registry config."),
+    Command("models", f"{_CLI}.models", "list, show, create, check and download model configs", run="cmd_list"),
+    Command("inspect", f"{_CLI}.models", "detect a checkpoint's dims (reads shapes only)", run="cmd_inspect",
+            arguments="add_inspect_arguments"),
+    Command("generate", f"{_CLI}.generate", "generate text (streams; chat mode with --chat)"),
+    Command("train", f"{_CLI}.train", "fine-tune or pretrain (full, LoRA or state tuning; sft, dpo or grpo)"),
+    Command("eval", f"{_CLI}.eval", "loss and perplexity of a model on data (prints JSON)"),
+    Command("merge-lora", f"{_CLI}.merge", "merge a LoRA adapter into its base model (official layout)"),
+    Command("export", f"{_CLI}.export", "write a model in the Hugging Face RWKV-7 layout (safetensors)"),
+    Command("data", f"{_CLI}.data", "prepare training data", run=None),
+    Command("plan", f"{_CLI}.plan", "per-GPU memory of every launch of a size, and what fits 24/48/80/141 GB cards"),
 ]
 
 
@@ -141,14 +121,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     selected = _selected(argv)
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
-        p.set_defaults(_command_parser=p, _bad_record_advice=cmd.bad_record_advice)
+        # the command's module may set a longer description while it defines the arguments
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p.set_defaults(_command_parser=p, _command_module=cmd.module)
         if cmd.handler:
             set_handler(p, cmd.handler)
-        if callable(cmd.arguments):
-            cmd.arguments(p)
-        elif isinstance(cmd.arguments, str) and cmd.name == selected:
-            _resolve(cmd.arguments)(p)
+        if cmd.name == selected:
+            _resolve(f"{cmd.module}:{cmd.arguments}")(p)
     return parser
 
 
@@ -157,9 +136,10 @@ def _one_line(text: str) -> str:
 
 
 def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
-    """A bad data record's error, advising what this command offers instead of the Python
-    argument on_error='skip'."""
-    advice = getattr(args, "_bad_record_advice", None)
+    """A bad data record's error, advising what this command offers (its module's
+    ``BAD_RECORD_ADVICE``) instead of the Python argument on_error='skip'."""
+    module = sys.modules.get(getattr(args, "_command_module", ""))
+    advice = getattr(module, "BAD_RECORD_ADVICE", None)
     if advice:
         from rwkvtune.data.formats import BadRecordError
 

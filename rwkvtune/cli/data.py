@@ -9,7 +9,10 @@ from rwkvtune.cli import set_handler
 from rwkvtune.cli.common import add_data_options
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
+BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     prep = actions.add_parser("prepare", help="tokenize jsonl into binidx (RWKV-LM's format)",
                               description="Tokenize IN.jsonl (text, chat or prompt/response) into PREFIX.bin/.idx "

@@ -12,7 +12,10 @@ import sys
 from rwkvtune.cli.common import add_data_options, add_device
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registry name or .pth checkpoint")
     p.add_argument("--data", required=True, help=".jsonl or binidx prefix")
     p.add_argument("--state", help="state-tuning file to start from (rwkvtune train --mode state)")
@@ -52,7 +55,7 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
     return model.config.recommended_ctx_len, f"recommended_ctx_len of {model.config.model_name}"
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from rwkvtune.cli.common import resolve_device
     from rwkvtune.errors import ConfigError, RwkvtuneError
     from rwkvtune.models.rwkv7 import RWKV7

@@ -12,7 +12,9 @@ import sys
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write MODEL as a Hugging Face folder in the flash-linear-attention RWKV-7 layout (config.json, "
+                     "model.safetensors, the World vocab), tensor by tensor with bounded memory.")
     p.add_argument("model", metavar="MODEL", help="registry name, .pth/.safetensors file, Hugging Face folder, or a "
                                                   "training run's directory (its final.pth)")
     p.add_argument("out", metavar="OUT_DIR", help="folder to write (must not exist, or be empty)")
@@ -53,7 +55,7 @@ def resolve_source(model: str):
     return config.model_path, config
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from rwkvtune.convert.hf import export_hf

@@ -55,6 +55,7 @@ def sampling_from_args(args: argparse.Namespace, extra_stops: tuple[str, ...] = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = "Prefill the prompt in parallel, then decode token by token with the RNN state."
     p = parser
     p.add_argument("--model", required=True,
                    help="registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint or a Hugging "

@@ -9,7 +9,8 @@ import sys
 from rwkvtune.cli.common import add_save_dtype
 
 
-def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Merge ADAPTER into BASE in fp32 and write OUT in the official layout."
     p.add_argument("base", metavar="BASE", help="base model: registry name or .pth")
     p.add_argument("adapter", metavar="ADAPTER", help="adapter.pth written by --mode lora")
     p.add_argument("out", metavar="OUT", help="merged official-layout .pth to write")
@@ -17,7 +18,7 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
 
-def run_merge(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from rwkvtune.configs.checkpoint import save_state_dict

@@ -37,49 +37,47 @@ from rwkvtune.utils import human_count
 _HERE = "rwkvtune.cli.models"
 
 
-def add_models_arguments(p: argparse.ArgumentParser) -> None:
+# action: (help, description); each action's handler is cmd_<action> in this module.
+_ACTIONS = {
+    "list": ("registry table (the default action)", None),
+    "show": ("every field of one config",
+             "Every field of a config: a registry name, a .json path or a .pth path."),
+    "new": ("write a config JSON for a checkpoint",
+            "Detect a checkpoint's dims and write a registry config for it. Default output: rwkv7-NAME.json in "
+            "the first $RWKVTUNE_CONFIG_PATH directory if set, else the current directory."),
+    "download": ("download a model file from its source (Hugging Face) into the models directory",
+                 "Download the model file of a config from the Hugging Face repository its \"source\" names, into "
+                 "the models directory ($RWKVTUNE_MODEL_DIR, default ~/.rwkvtune/models). Resumes an interrupted "
+                 "download, verifies the sha256, and does nothing if the file is already there. Honours "
+                 "HF_ENDPOINT and HF_TOKEN. Needs huggingface_hub: pip install \"rwkvtune[hub]\"."),
+    "check": ("validate every config; compare with model files that are present",
+              "Validate every config in reach (package and $RWKVTUNE_CONFIG_PATH) and compare each with its "
+              "model file where that file is present. Exit status 1 if any problem."),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Model config registry. Without an action: the registry table (same as `models list`)."
     actions = p.add_subparsers(dest="action", metavar="ACTION")
-
-    ls = actions.add_parser("list", help="registry table (the default action)")
-    set_handler(ls, f"{_HERE}:cmd_list")
-
-    show = actions.add_parser("show", help="every field of one config",
-                              description="Every field of a config: a registry name, a .json path or a .pth path.")
-    show.add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b"), .json config or .pth file')
-    show.add_argument("--json", action="store_true", help="print one JSON object")
-    set_handler(show, f"{_HERE}:cmd_show")
-
-    new = actions.add_parser(
-        "new", help="write a config JSON for a checkpoint",
-        description="Detect a checkpoint's dims and write a registry config for it. Default output: "
-                    "rwkv7-NAME.json in the first $RWKVTUNE_CONFIG_PATH directory if set, else the current "
-                    "directory.")
-    new.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
-    new.add_argument("--name", required=True, help="registry name for it, e.g. my-1.5b (file rwkv7-NAME.json)")
-    new.add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
-    new.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    set_handler(new, f"{_HERE}:cmd_new")
-
-    download = actions.add_parser(
-        "download", help="download a model file from its source (Hugging Face) into the models directory",
-        description="Download the model file of a config from the Hugging Face repository its \"source\" names, "
-                    "into the models directory ($RWKVTUNE_MODEL_DIR, default ~/.rwkvtune/models). Resumes an "
-                    "interrupted download, verifies the sha256, and does nothing if the file is already there. "
-                    "Honours HF_ENDPOINT and HF_TOKEN. Needs huggingface_hub: pip install \"rwkvtune[hub]\".")
-    download.add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b") or .json config')
-    download.add_argument("--force", action="store_true", help="download again even if the file is present")
-    download.add_argument("--models-dir", dest="models_dir", metavar="DIR",
-                          help="download into DIR instead of the models directory")
-    set_handler(download, f"{_HERE}:cmd_download")
-
-    check = actions.add_parser(
-        "check", help="validate every config; compare with model files that are present",
-        description="Validate every config in reach (package and $RWKVTUNE_CONFIG_PATH) and compare each with "
-                    "its model file where that file is present. Exit status 1 if any problem.")
-    set_handler(check, f"{_HERE}:cmd_check")
+    a = {}
+    for name, (help_, description) in _ACTIONS.items():
+        a[name] = actions.add_parser(name, help=help_, description=description or help_)
+        set_handler(a[name], f"{_HERE}:cmd_{name}")
+    a["show"].add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b"), .json config or .pth file')
+    a["show"].add_argument("--json", action="store_true", help="print one JSON object")
+    a["new"].add_argument("checkpoint", metavar="CKPT", help="the .pth file")
+    a["new"].add_argument("--name", required=True, help="registry name for it, e.g. my-1.5b (file rwkv7-NAME.json)")
+    a["new"].add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
+    a["new"].add_argument("--force", action="store_true", help="overwrite an existing output file")
+    a["download"].add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b") or .json config')
+    a["download"].add_argument("--force", action="store_true", help="download again even if the file is present")
+    a["download"].add_argument("--models-dir", dest="models_dir", metavar="DIR",
+                               help="download into DIR instead of the models directory")
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Detect every dimension of an RWKV-7 .pth from its tensor shapes, without loading tensor "
+                     "data, and name the registry entry it matches.")
     p.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -13,7 +13,10 @@ import sys
 from rwkvtune.errors import ConfigError
 
 
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Estimate the per-GPU memory of each mode (full, lora, state) on 1, 2 and 8 GPUs with ddp, fsdp "
+                     "and fsdp+offload at the recommended ctx_len and batch, mark what fits each card and name the "
+                     "cheapest launch that fits. No torch, no weights: counts come from the registry config.")
     p.add_argument("size", nargs="?", help="registry name (0.1b ... 13.3b, or your own); default: the six sizes")
     p.add_argument("--ctx-len", type=int, help="tokens per sample (default: the model's recommended)")
     p.add_argument("--batch-size", type=int, help="micro-batch per GPU (default: the model's recommended)")
@@ -28,7 +31,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --pick, last: the `rwkvtune train` options of the run (mode, ctx_len, ...)")
 
 
-def run_plan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from rwkvtune.train import plan
 
     for name in ("ctx_len", "batch_size", "gpus"):
@@ -135,7 +138,7 @@ def _pick(args) -> int:
 def _train_config(args):
     """The TrainConfig that `rwkvtune train` would build from --train-args."""
     from rwkvtune.cli import _Parser
-    from rwkvtune.cli.train import add_train_arguments, config_from_args
+    from rwkvtune.cli.train import add_arguments as add_train_arguments, config_from_args
 
     parser = _Parser(prog="rwkvtune plan --pick --train-args")
     add_train_arguments(parser)

@@ -46,7 +46,13 @@ TRAIN_FLAGS = [
 SHARED_FLAGS = ("device", "data_format", "on_data_error", "save_dtype")
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
+BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip (recipe: on_data_error: skip) to skip bad records"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "
+                     "defaults < --config recipe < flags < key=value overrides. Runs under torchrun for DDP or FSDP: "
+                     "torchrun --nproc-per-node N -m rwkvtune train ...")
     from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
     from rwkvtune.models.rwkv7.config import TrainConfig
 
@@ -145,7 +151,7 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from rwkvtune.train import trainer
     from rwkvtune.train.checkpointing import run_dir_of
     from rwkvtune.train.run_dir import RunDir

@@ -48,46 +48,26 @@ HF_ENDPOINT_ENV = "HF_ENDPOINT"  # huggingface_hub's own variable: a mirror serv
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 DEFAULT_HF_REVISION = "main"
 
-# JSON layout: section -> {field: (type, required)}. Types are checked strictly (a bool is not
-# an int, an int is accepted where a float is expected).
-_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
-    "": {
-        "model_name": (str, True),
-        "model_file": (str, False),
-        "source": (dict, False),
-        "description": (str, False),
-        "architecture_version": (str, False),
-        "architecture": (dict, True),
-        "lora_dims": (dict, True),
-        "training": (dict, False),
-    },
-    "architecture": {
-        "n_layer": (int, True),
-        "n_embd": (int, True),
-        "vocab_size": (int, True),
-        "head_size_a": (int, True),
-        "ctx_len": (int, True),
-        "dim_ffn": (int, False),
-    },
-    "lora_dims": {
-        "dim_att_lora": (int, True),
-        "dim_aaa_lora": (int, False),  # a1/a2 rank; defaults to dim_att_lora (true of all releases)
-        "dim_gate_lora": (int, True),
-        "dim_mv_lora": (int, True),
-    },
-    "training": {
-        "recommended_ctx_len": (int, False),
-        "recommended_batch_size": (int, False),
-        "recommended_lr": (float, False),
-    },
-    # Where the model file is published. Field names are those of ModelConfig.
-    "source": {
-        "hf_repo": (str, True),  # "owner/name" of a Hugging Face model repository
-        "hf_filename": (str, True),  # path of the file inside that repository
-        "hf_revision": (str, False),  # branch, tag or commit; default "main"
-        "sha256": (str, False),  # the file's checksum, when known: checked besides the hub's own
-    },
+# JSON layout: section -> {field: type}; a name ending in "?" is optional. Types are checked
+# strictly (a bool is not an int, an int is accepted where a float is expected).
+# lora_dims.dim_aaa_lora: the a1/a2 rank; defaults to dim_att_lora (true of all releases).
+# source: where the model file is published (field names are those of ModelConfig): hf_repo is the
+# "owner/name" of a Hugging Face model repository, hf_filename the file's path in it, hf_revision a
+# branch, tag or commit (default "main"), sha256 the file's checksum when known (checked besides
+# the hub's own).
+_LAYOUT: dict[str, dict[str, type]] = {
+    "": {"model_name": str, "model_file?": str, "source?": dict, "description?": str, "architecture_version?": str,
+         "architecture": dict, "lora_dims": dict, "training?": dict},
+    "architecture": {"n_layer": int, "n_embd": int, "vocab_size": int, "head_size_a": int, "ctx_len": int,
+                     "dim_ffn?": int},
+    "lora_dims": {"dim_att_lora": int, "dim_aaa_lora?": int, "dim_gate_lora": int, "dim_mv_lora": int},
+    "training": {"recommended_ctx_len?": int, "recommended_batch_size?": int, "recommended_lr?": float},
+    "source": {"hf_repo": str, "hf_filename": str, "hf_revision?": str, "sha256?": str},
 }
+# section -> {field: (type, required)}
+_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
+    section: {name.rstrip("?"): (typ, not name.endswith("?")) for name, typ in fields.items()}
+    for section, fields in _LAYOUT.items()}
 
 # Sane ranges: catch typos (an extra zero, a width in the wrong field) before a 40 GB allocation.
 _RANGES: dict[str, tuple[float, float]] = {
