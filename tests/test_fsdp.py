@@ -65,16 +65,23 @@ def _relative(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-30)) for k in a)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "state"])
 def test_fsdp_equals_one_process_on_the_same_global_batch(data, tmp_path, mode):
+    # Under fsdp each process builds the module on meta and reads only its shards of the model file
+    # (rwkvtune.train.sharded_load); the adapters' random init must still equal the eager build's.
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    extra = {"mode": mode, "lora_r": 4} if mode == "lora" else {}
+    extra = {"mode": mode, "lora_r": 4} if mode == "lora" else {"mode": mode, "lr": 0.05} if mode == "state" else {}
     train(TrainConfig(model=data["ckpt"], data=data["text"], out=str(single), batch_size=4, max_steps=4,
-                      save_every=0, **COMMON, **extra))
+                      save_every=0, **{**COMMON, **extra}))
     res = _run(_torchrun(data, sharded, max_steps=4, save_every=0, **extra))
     assert res.stdout.count('"steps"') == 1  # the summary, from the main process only
     la, lb = _losses(single), _losses(sharded)
     assert len(lb) == 4 and max(abs(x - y) / abs(x) for x, y in zip(la, lb)) < 1e-6
+    if mode == "state":
+        sa, sb = (torch.load(run / "state.pth", weights_only=True)["wkv_init"] for run in (single, sharded))
+        # 1e-4: AdamW at lr 0.05 turns the two runs' different gradient rounding into visible steps
+        assert sa.abs().max() > 0 and _relative({"s": sa}, {"s": sb}) < 1e-4
+        return
     wa, wb = torch.load(single / "final.pth"), torch.load(sharded / "final.pth")
     assert set(wa) == set(wb) and _relative(wa, wb) < 1e-6
     if mode == "full":  # the gathered final.pth is the official layout: the rwkv package runs it
@@ -88,8 +95,10 @@ def test_fsdp_equals_one_process_on_the_same_global_batch(data, tmp_path, mode):
         with torch.no_grad():
             ours = RWKV7.from_checkpoint(sharded / "final.pth")(torch.tensor([ids]))[0]
         assert (ref - ours).abs().max() < 1e-4
-    else:
-        assert torch.load(sharded / "adapter.pth", weights_only=True)["r"] == 4
+    else:  # same adapters, recorded against the same base (the fingerprint read from the file)
+        aa, ab = (torch.load(run / "adapter.pth", weights_only=True) for run in (single, sharded))
+        assert ab["r"] == 4 and aa["base_fingerprint"] == ab["base_fingerprint"] != ""
+        assert set(aa["lora"]) == set(ab["lora"]) and _relative(aa["lora"], ab["lora"]) < 1e-6
 
 
 def test_fsdp_kill_resume_is_exact_and_reshards_onto_one_process(data, tmp_path):
@@ -138,3 +147,28 @@ def test_sharded_checkpoint_index_runs_no_code(data, tmp_path):
     with pytest.raises(CheckpointError, match="never unpickles"):
         train(TrainConfig(resume=str(out), max_steps=3))
     assert not marker.exists()
+
+
+def test_fsdp_never_loads_the_whole_model_and_checks_each_tensor_it_reads(data, tmp_path, monkeypatch):
+    """Under fsdp the module is built on meta, sharded, and each process reads its shards from the
+    model file tensor by tensor (rwkvtune.train.sharded_load): the whole-model loader never runs,
+    the result equals a ddp run, and a damaged tensor is refused by name as on every load."""
+    from helpers import make_state_dict
+    from rwkvtune.errors import CheckpointError
+    from rwkvtune.models.rwkv7 import RWKV7
+
+    cfg = dict(model=data["ckpt"], data=data["text"], batch_size=2, max_steps=2, save_every=0, **COMMON)
+    train(TrainConfig(out=str(tmp_path / "ddp"), **cfg))
+
+    def whole_model_load(*a, **kw):
+        raise AssertionError("the whole model was loaded on a sharded run")
+
+    monkeypatch.setattr(RWKV7, "from_checkpoint", classmethod(whole_model_load))
+    train(TrainConfig(out=str(tmp_path / "fsdp"), strategy="fsdp", **cfg))
+    assert _relative(torch.load(tmp_path / "ddp" / "final.pth"), torch.load(tmp_path / "fsdp" / "final.pth")) < 1e-6
+
+    sd = make_state_dict(**SMALL)
+    sd["blocks.1.ffn.value.weight"][3, 4] = float("inf")
+    torch.save(sd, tmp_path / "damaged.pth")
+    with pytest.raises(CheckpointError, match=r"damaged\.pth: tensor blocks\.1\.ffn\.value\.weight holds 1 non-finite"):
+        train(TrainConfig(out=str(tmp_path / "bad"), strategy="fsdp", **{**cfg, "model": str(tmp_path / "damaged.pth")}))

@@ -76,6 +76,16 @@ class Mode:
     def prepare(self, model: nn.Module, cfg) -> TrainModule:
         raise NotImplementedError
 
+    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+        """The tensors this mode added to the model (not in the model file), by parameter name, with
+        the values :meth:`prepare` gives them, drawn from the random stream in the same order: a
+        module built on the meta device and filled shard by shard (FSDP) equals one built whole."""
+        return {}
+
+    def base_loaded(self, module: TrainModule, base: dict[str, torch.Tensor]) -> None:
+        """Called once a meta-built ``module`` holds its weights, with the model file's tensors
+        (official names, memory-mapped): what :meth:`prepare` records of the base, recorded now."""
+
     def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
         """Write final.pth and/or the mode's artifact into the run directory ``run``
         (:class:`rwkvtune.train.run_dir.RunDir`); returns {kind: path}."""

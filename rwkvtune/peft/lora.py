@@ -40,12 +40,18 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         # Adapters are fp32 even over a bf16 base: their updates are small relative to W.
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_A = nn.Parameter(self.initial_A(r, base.in_features, base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same init as nn.Linear, as in peft
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True  # False: exactly the base layer (the reference model of preference training)
         base.weight.requires_grad_(False)
+
+    @staticmethod
+    def initial_A(r: int, in_features: int, device=None) -> torch.Tensor:
+        """A's initial value: nn.Linear's init, as in peft (B starts at zero, so the update does)."""
+        a = torch.empty(r, in_features, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        return a
 
     def forward(self, x):
         if not self.enabled:
@@ -159,11 +165,17 @@ def base_fingerprint(model: nn.Module) -> str:
     """Hash of the base weights' shapes and a strided sample of their values (bf16-rounded,
     so fp32 and bf16 loads of the same file agree); adapters and trained parts excluded.
     A model on the meta device (shapes only, e.g. a dry run) has no values: its fingerprint is ""."""
-    h = hashlib.sha256()
     state = model.state_dict()
     if any(t.is_meta for t in state.values()):
         return ""
-    for name, t in sorted(state.items()):
+    return fingerprint(state)
+
+
+def fingerprint(tensors) -> str:
+    """:func:`base_fingerprint` of a mapping name -> tensor (a model's state dict, or a model
+    file's tensors in the official layout, which are read 64 values each)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
         if ".lora_" in name:
             continue
         flat = t.detach().reshape(-1)
@@ -210,6 +222,20 @@ class LoraMode(Mode):
             if p.requires_grad:
                 p.data = p.data.float()  # trained tensors are fp32 even over a bf16 base
         return TrainModule(model)
+
+    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+        out = {}
+        # apply_lora wraps layers in sorted name order: A's draws come in that order
+        for name, m in sorted(_lora_modules(module).items()):
+            out[f"{name}.lora_A"] = LoRALinear.initial_A(m.r, m.base.in_features)
+            out[f"{name}.lora_B"] = torch.zeros(m.base.out_features, m.r)
+        return out
+
+    def base_loaded(self, module: TrainModule, base: dict[str, torch.Tensor]) -> None:
+        model = module.model
+        model.lora_base_fingerprint = fingerprint(base)
+        params = dict(model.named_parameters())
+        model.lora_part_originals = {n: params[n].detach().clone() for n in getattr(model, "lora_part_originals", {})}
 
     def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
         from rwkvtune.configs.checkpoint import save_state_dict

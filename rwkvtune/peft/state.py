@@ -86,6 +86,9 @@ class StateMode(Mode):
         init = torch.zeros(expected_shape(c), device=model.emb.weight.device)
         return TrainModule(model, init)
 
+    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+        return {"wkv_init": torch.zeros(module.wkv_init.shape)}
+
     def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
         """state.pth (ours), and the same state in the layout RWKV-PEFT and RWKV Runner load."""
         from rwkvtune.convert.state_formats import save_peft_state

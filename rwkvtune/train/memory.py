@@ -44,9 +44,10 @@ Terms (bytes, one process):
 * ``save``: copies held while writing outputs: final.pth in save_dtype (2 B per parameter for bf16;
   FSDP gathers the whole model onto the main process), the resumable checkpoint's fp32 clone of the
   trainable tensors. On GPU these are host memory.
-* ``load``: building the model: the whole model on the device before FSDP shards it (the trainer
-  builds, then wraps), plus on CPU the memory-mapped checkpoint's pages (its file size) or the init's
-  temporaries (orthogonal init of the head, 2.5 x it).
+* ``load``: building the model: the whole model on the device (ddp, and fsdp from scratch before
+  it shards), plus on CPU the memory-mapped checkpoint's pages (its file size) or the init's
+  temporaries (orthogonal init of the head, 2.5 x it). fsdp from a model file builds on meta,
+  shards, and reads each process's shards one tensor at a time: x s, plus one V x C fp32 tensor.
 * ``runtime``: on GPU the CUDA context and library workspaces, 1 GiB per process (assumed: no GPU
   was available to measure it); on CPU what the first training step adds besides tensors (code
   pages, allocator arenas: measured 100 MiB).
@@ -60,8 +61,9 @@ Phases; the estimate is the largest (``peak``):
 * ``update`` = weights + optimizer + ddp_buckets + gradients + optimizer_step + runtime (+ retained)
 * ``save``   = weights + optimizer + runtime (+ retained and the save copies on CPU)
 
-``host`` (GPU runs): the model is built in host memory first (stored bytes, whole), outputs are
-written from host copies, and cpu_offload keeps the sharded weights, gradients and AdamW state there.
+``host`` (GPU runs): the model is built in host memory first (stored bytes, whole; under fsdp from a
+model file one tensor at a time), outputs are written from host copies, and cpu_offload keeps the
+sharded weights, gradients and AdamW state there.
 """
 
 from __future__ import annotations
@@ -386,8 +388,17 @@ def _save_copies(c, s: Settings, inv: Inventory) -> int:
 
 
 def _load(c, s: Settings, inv: Inventory) -> int:
-    """Building the model: the whole model on the device before FSDP shards it, plus on CPU the
-    checkpoint's memory-mapped pages (pretrained) or the init's temporaries (scratch)."""
+    """Building the model: the whole model on the device (ddp; fsdp from scratch, before sharding),
+    plus on CPU the checkpoint's memory-mapped pages (pretrained) or the init's temporaries
+    (scratch). fsdp from a model file (rwkvtune.train.sharded_load): only this process's shards,
+    plus one whole tensor at a time (at most the head or embedding, V x C, fp32)."""
+    if s.strategy == "fsdp" and s.init == "pretrained":
+        gpu = s.device == "gpu"
+        one = 4 * c.vocab_size * c.n_embd
+        shards = int((inv.stored + inv.originals) * (0 if gpu and s.cpu_offload else s.shard)) + one
+        if gpu:
+            return shards + GPU_RUNTIME
+        return shards + one + (s.file_bytes if s.file_bytes is not None else 2 * c.n_params)
     full = inv.stored + inv.originals
     if s.device == "gpu":
         return full + GPU_RUNTIME
@@ -398,8 +409,12 @@ def _load(c, s: Settings, inv: Inventory) -> int:
 
 def _host(c, s: Settings, inv: Inventory, save: int, offload: bool) -> int:
     """Host memory of one process of a GPU run: the model is loaded on the CPU first (whole, as
-    stored), outputs are written from host copies, and cpu_offload keeps the sharded state there."""
+    stored; under fsdp from a model file one tensor at a time, the file's pages being the shared,
+    evictable page cache), outputs are written from host copies, and cpu_offload keeps the sharded
+    state there."""
     load = inv.stored + inv.originals
+    if s.strategy == "fsdp" and s.init == "pretrained":
+        load = 4 * c.vocab_size * c.n_embd
     state = (inv.stored + 12 * inv.trainable) / s.world_size if offload else 0
     step_tmp = 8 * inv.largest_trainable / s.world_size if offload else 0
     return int(max(load, state + step_tmp + save))

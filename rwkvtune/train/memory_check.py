@@ -202,13 +202,14 @@ def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool =
 
 
 def _warn_host(estimate: MemoryEstimate) -> None:
-    """A GPU run also needs host RAM (each process builds the model there first; cpu_offload keeps
-    the sharded state there): a warning, not a refusal, when the machine's processes need more."""
+    """A GPU run also needs host RAM (under ddp each process builds the model there first;
+    cpu_offload keeps the sharded state there; the main process gathers final.pth there): a
+    warning, not a refusal, when the machine's processes need more."""
     host = host_available()
     need = estimate.host * local_processes()
     if host is not None and need > FIT_FRACTION * host:
         print(f"warning: memory: this run's {local_processes()} process(es) on this machine need about "
-              f"{need / GIB:.1f} GiB of host RAM (each builds the model there before moving it to its GPU), "
+              f"{need / GIB:.1f} GiB of host RAM, "
               f"{host / GIB:.1f} GiB is available; expect swapping or use fewer processes per machine",
               file=sys.stderr)
 

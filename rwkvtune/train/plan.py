@@ -105,9 +105,8 @@ def seed_dual_gpu(load) -> list[str]:
             fit = f"{best.name}" if best else f"does not fit (cheapest on two: {alt.describe()})" if alt else \
                 "does not fit in any mode"
             lines.append(f"  {card} GB cards: {fit}")
-        lines.append(f"  (each process builds the whole model in host memory, then on its GPU "
-                     f"({two[0].estimate.phases['load'] / GIB:.0f} GiB with the runtime), before FSDP shards it: "
-                     f"the floor of every fsdp launch)")
+    lines.append("(ddp builds the whole model on each GPU; fsdp builds it on the meta device, shards it, and "
+                 "each process reads only its shards from the model file, one tensor at a time)")
     return lines
 
 

@@ -37,6 +37,7 @@ class Strategy:
 
     name = "ddp"
     collective_save = False  # whether every process takes part in saving (else the main one alone)
+    fills_shards = False  # whether the module is built on meta, wrapped, then filled by fill()
 
     def __init__(self, cfg, d, device: str):
         self.cfg, self.dist, self.device = cfg, d, device
@@ -70,6 +71,18 @@ class Strategy:
 class FSDPStrategy(Strategy):
     name = "fsdp"
     collective_save = True
+
+    @property
+    def fills_shards(self) -> bool:
+        # from scratch, the official init runs on the whole model (per-tensor init of shards would
+        # draw other random numbers than a single-process run)
+        return self.cfg.init == "pretrained"
+
+    def fill(self, module: nn.Module, mode, model_config) -> None:
+        """Allocate the meta-built, sharded ``module``'s shards and read them from the model file."""
+        from rwkvtune.train.sharded_load import fill_from_model_file
+
+        fill_from_model_file(module, mode, model_config, self.device, self.cfg.cpu_offload)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard

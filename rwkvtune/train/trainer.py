@@ -146,9 +146,12 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         return _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
                         total_steps, len(train_set))
     check_memory(cfg, model_config, d, device, sample_tokens)  # before any weights are loaded
-    module = build_module(cfg, mode, model_config, device)
     strategy = get_strategy(cfg, d, device)
+    # FSDP from a model file: built on meta, sharded, then each process reads only its shards
+    module = build_module(cfg, mode, model_config, device, meta=strategy.fills_shards)
     runner = strategy.wrap(module)  # FSDP shards the module's parameters in place: optimizer after this
+    if strategy.fills_shards:
+        strategy.fill(module, mode, model_config)
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
     step, tokens, method_state = 0, 0, {}
@@ -211,10 +214,13 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
 def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device: str,
                  meta: bool = False) -> TrainModule:
     """The model prepared for the mode, on ``device``; ``meta=True``: shapes only (a dry run counts
-    parameters without the weights file)."""
+    parameters without the weights file; FSDP shards it before any weight exists)."""
     if meta:
         with torch.device("meta"):
-            return mode.prepare(RWKV7(model_config, layer0_v=_file_has_layer0_v(cfg, model_config)), cfg)
+            model = RWKV7(model_config, layer0_v=_file_has_layer0_v(cfg, model_config))
+            model.set_wkv_backend(cfg.wkv_backend)
+            model.grad_checkpoint = cfg.grad_checkpoint
+            return mode.prepare(model.train(), cfg)
     with allocation_guard(model_config, device):  # a config in range can still be too large to hold
         return _build_module(cfg, mode, model_config, device)
 

@@ -445,30 +445,9 @@ class RWKV7(nn.Module):
         shape is refused with every difference listed, instead of silently loading other dims.
         Returns the model in eval mode, on ``device`` in ``dtype`` (fp32 on CPU by default).
         """
-        from rwkvtune.configs.check import compare_config, mismatch_error
-        from rwkvtune.configs.checkpoint import detect, load_state_dict
-        from rwkvtune.configs.model_loader import is_model_path, load_model_config
-
-        path = str(path_or_name)
-        if not (is_model_path(path) or os.path.exists(path)):
-            expect = expect or load_model_config(path)
-            if expect.model_path.endswith((".pth", ".pt")) and not os.path.exists(expect.model_path):
-                from rwkvtune.hub import missing_model_hint
-
-                raise CheckpointError(f"model {path!r}: model file not found: {missing_model_hint(expect)}; or pass "
-                                      f"the .pth path")
-            path = expect.model_path
-        sd, prefix = load_state_dict(path, mmap=True)
-        shapes = {k: tuple(v.shape) for k, v in sd.items()}
-        info = detect(shapes, source=path, key_prefix=prefix)
-        if expect is not None and compare_config(expect, info):
-            raise mismatch_error(expect, path, shapes, info)
-        if info.extra_keys:
-            raise CheckpointError(f"{path}: unexpected keys {', '.join(info.extra_keys[:5])} (not part of RWKV-7 "
-                                  f"x070); this file is from a variant rwkvtune does not support")
-        config = ModelConfig.from_checkpoint(info)
+        sd, path, config, has_layer0_v = open_checkpoint(path_or_name, expect)
         with torch.device("meta"):
-            model = cls(config, layer0_v=info.has_layer0_v)
+            model = cls(config, layer0_v=has_layer0_v)
         with allocation_guard(config, device, dtype):
             model.load_state_dict(_loaded_weights(sd, path, device, dtype), strict=True, assign=True)
         # assign=True keeps requires_grad of the loaded tensors: restore the module's choices.
@@ -478,15 +457,48 @@ class RWKV7(nn.Module):
         return model.eval()
 
 
-def _loaded_weights(sd: dict[str, torch.Tensor], source: str, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The file's tensors on ``device`` in ``dtype``, each checked once: dense floating point as
-    stored (an int64 or complex weight would be cast silently), and finite in the copy the model
-    keeps (one NaN makes every logit NaN), so no second copy of the model is ever made."""
+def open_checkpoint(path_or_name: str | os.PathLike, expect: ModelConfig | None = None
+                    ) -> tuple[dict[str, torch.Tensor], str, ModelConfig, bool]:
+    """A model file's tensors without reading them (memory-mapped, in the official key layout),
+    checked against ``expect`` or the registry entry a name stands for: (tensors, the file's path,
+    its config, whether it stores layer 0's unused v0/v1/v2). Each tensor is checked as it is read
+    (:func:`loaded_tensor`)."""
+    from rwkvtune.configs.check import compare_config, mismatch_error
+    from rwkvtune.configs.checkpoint import detect, load_state_dict
+    from rwkvtune.configs.model_loader import is_model_path, load_model_config
+
+    path = str(path_or_name)
+    if not (is_model_path(path) or os.path.exists(path)):
+        expect = expect or load_model_config(path)
+        if expect.model_path.endswith((".pth", ".pt")) and not os.path.exists(expect.model_path):
+            from rwkvtune.hub import missing_model_hint
+
+            raise CheckpointError(f"model {path!r}: model file not found: {missing_model_hint(expect)}; or pass "
+                                  f"the .pth path")
+        path = expect.model_path
+    sd, prefix = load_state_dict(path, mmap=True)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    info = detect(shapes, source=path, key_prefix=prefix)
+    if expect is not None and compare_config(expect, info):
+        raise mismatch_error(expect, path, shapes, info)
+    if info.extra_keys:
+        raise CheckpointError(f"{path}: unexpected keys {', '.join(info.extra_keys[:5])} (not part of RWKV-7 "
+                              f"x070); this file is from a variant rwkvtune does not support")
+    return sd, path, ModelConfig.from_checkpoint(info), info.has_layer0_v
+
+
+def loaded_tensor(key: str, stored: torch.Tensor, source: str, device, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of a model file on ``device`` in ``dtype``, checked: dense floating point as stored
+    (an int64 or complex weight would be cast silently), and finite in the copy the model keeps (one
+    NaN makes every logit NaN), so no second copy is ever made."""
     from rwkvtune.tensor_checks import check_finite, check_stored
 
-    out = {}
-    for k, v in sd.items():
-        check_stored(k, v, source)
-        out[k] = v.to(device=device, dtype=dtype, copy=True)
-        check_finite(k, out[k], source)
+    check_stored(key, stored, source)
+    out = stored.to(device=device, dtype=dtype, copy=True)
+    check_finite(key, out, source)
     return out
+
+
+def _loaded_weights(sd: dict[str, torch.Tensor], source: str, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the file through :func:`loaded_tensor`."""
+    return {k: loaded_tensor(k, v, source, device, dtype) for k, v in sd.items()}
