@@ -105,27 +105,43 @@ def test_full_mode_frozen_copy_equals_precomputed_reference(data, tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
 
 
-def test_dpo_resume_continues_identically_with_the_cached_reference(data, tmp_path, monkeypatch):
+def _stopped_after_checkpoint_2(cfg, monkeypatch) -> None:
+    """Run ``cfg`` until its third step begins, as if the process died after checkpoint 2."""
     import rwkvtune.train.trainer as trainer_mod
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    train(_cfg(data, full, max_steps=4, save_every=2, precompute_ref=True))
     real_lr_at = trainer_mod.lr_at
 
     def interrupt_at_third_step(step, *a):
         if step == 2:
-            raise KeyboardInterrupt  # as if the process died after checkpoint 2
+            raise KeyboardInterrupt
         return real_lr_at(step, *a)
 
     monkeypatch.setattr(trainer_mod, "lr_at", interrupt_at_third_step)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(data, part, max_steps=4, save_every=2, precompute_ref=True))
+        train(cfg)
     monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
+
+
+def test_dpo_resume_continues_identically_with_the_cached_reference(data, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(data, full, max_steps=4, save_every=2, precompute_ref=True))
+    _stopped_after_checkpoint_2(_cfg(data, part, max_steps=4, save_every=2, precompute_ref=True), monkeypatch)
     cached = (part / "ref_logps.safetensors").read_bytes()
     train(TrainConfig(resume=str(part)))
     assert (part / "ref_logps.safetensors").read_bytes() == cached  # read back, not recomputed
     la, lb = _losses(full), _losses(part)
     assert len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-6
+
+
+def test_full_mode_resume_compares_with_the_starting_model_not_the_resumed_one(data, tmp_path, monkeypatch):
+    """The live reference of a resumed full-mode run is rebuilt from the model file: a copy of the
+    resumed policy would give every pair a zero margin (loss ln 2) at the first resumed step."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(data, full, max_steps=4, save_every=2))
+    _stopped_after_checkpoint_2(_cfg(data, part, max_steps=4, save_every=2), monkeypatch)
+    train(TrainConfig(resume=str(part)))
+    la, lb = _losses(full), _losses(part)
+    assert la[2] < 0.6 and len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-6
 
 
 def test_bad_preference_records(data, tmp_path):
@@ -148,19 +164,22 @@ def test_bad_preference_records(data, tmp_path):
     assert "bad.jsonl:5: missing field(s) 'rejected'" in res.stderr and "--on-data-error skip" in res.stderr
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_dpo_two_processes_equal_one_process(data, tmp_path, strategy):
+# fsdp with the live reference: a frozen copy of the starting model, sharded like the policy and
+# read from the model file shard by shard
+@pytest.mark.parametrize("strategy, precompute", [("ddp", True), ("fsdp", False)])
+def test_dpo_two_processes_equal_one_process(data, tmp_path, strategy, precompute):
     import socket
 
     single, ddp = tmp_path / "single", tmp_path / strategy
-    train(_cfg(data, single, batch_size=4, max_steps=2, adam_eps=1e-6, precompute_ref=True))
+    train(_cfg(data, single, batch_size=4, max_steps=2, adam_eps=1e-6, precompute_ref=precompute))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m",
            "rwkvtune", "train", "--model", data["ckpt"], "--data", data["pairs"], "--out", str(ddp), "--method", "dpo",
            "--ctx-len", "64", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "0", "--max-steps", "2",
-           "--save-every", "0", "--strategy", strategy, "tensorboard=false", "adam_eps=1e-6", "precompute_ref=true"]
+           "--save-every", "0", "--strategy", strategy, "tensorboard=false", "adam_eps=1e-6",
+           f"precompute_ref={str(precompute).lower()}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = lambda out: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731

@@ -107,7 +107,8 @@ def test_grpo_resume_mid_iterations_continues_identically(data, tmp_path, monkey
 
 @pytest.fixture(scope="module")
 def torchrun_runs(data, tmp_path_factory):
-    """run(strategy): the same 2-process GRPO run under ddp or fsdp, made once per module."""
+    """run(strategy): the same 2-process GRPO run under ddp or fsdp, made once per module; full mode
+    with a KL term, so each keeps a reference copy of the starting model (sharded under fsdp)."""
     import socket
 
     runs = {}
@@ -123,7 +124,7 @@ def torchrun_runs(data, tmp_path_factory):
                    "--method", "grpo", "--reward", data["reward"], "--reward", "exact_match:answer", "--ctx-len", "32",
                    "--batch-size", "2", "--max-steps", "2", "--save-every", "0", "--strategy", strategy,
                    "--save-dtype", "fp32", "num_generations=4", "max_completion_length=4", "tensorboard=false",
-                   "reward_weights=[1.0,0.5]", "num_iterations=2", "adam_eps=1e-6"]
+                   "reward_weights=[1.0,0.5]", "num_iterations=2", "adam_eps=1e-6", "beta=0.04"]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
                                  env=dict(os.environ, OMP_NUM_THREADS="1"))
             assert res.returncode == 0, res.stderr[-3000:]
@@ -149,6 +150,9 @@ def test_grpo_fsdp_equals_ddp(data, torchrun_runs):
     completions = lambda out: [(r["prompt"], r["completion"])  # noqa: E731
                                for r in map(json.loads, (out / "rollouts.jsonl").read_text().splitlines())]
     assert completions(fsdp) == completions(ddp)
+    kl = lambda out: [r["kl"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                      if "kl" in r]
+    assert kl(ddp)[-1] > 0 and kl(fsdp) == pytest.approx(kl(ddp), rel=1e-4, abs=1e-9)  # the second update moved away
     wa = torch.load(ddp / "final.pth", weights_only=True)
     wb = torch.load(fsdp / "final.pth", weights_only=True)
     base = torch.load(data["ckpt"], weights_only=True)
@@ -172,3 +176,17 @@ def test_a_failing_reward_function_stops_with_its_name(data, tmp_path):
                           data["prompts"], "--out", str(tmp_path / "p"), "--method", "grpo"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "reward: missing" in res.stderr
+
+
+@pytest.mark.parametrize("beta, mode, copy", [(0.0, "full", False), (0.04, "full", True), (0.04, "lora", False)])
+def test_memory_plan_counts_the_group_and_a_reference_copy(data, tmp_path, beta, mode, copy):
+    """The dry run's estimate plans num_generations sequences per prompt, each the longest prompt
+    plus max_completion_length, and a frozen copy of the model only when full mode needs a reference."""
+    from rwkvtune.data.prompts import read_prompts
+    from rwkvtune.tokenizer import get_tokenizer
+
+    longest = max(len(r.ids) for r in read_prompts(data["prompts"], get_tokenizer())[0])
+    report = train(_cfg(data, tmp_path / "dry", beta=beta, mode=mode, max_completion_length=7), dry_run=True)
+    settings, terms = report["memory_estimate"]["settings"], report["memory_estimate"]["terms"]
+    assert (settings["batch_size"], settings["rows"], settings["ctx_len"]) == (2, 4, longest + 7)
+    assert (terms["reference"] > 0) == copy

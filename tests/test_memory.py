@@ -126,6 +126,35 @@ def test_estimate_within_20_percent_of_measured_peak(files, name):
         assert terms["activations"] + terms["retained"] > 0.5 * results[0][1]["bytes"]
 
 
+# DPO runs chosen and rejected together, each whole, and in full mode keeps a frozen fp32 copy of
+# the model as its reference: 8 sequences of about 450 tokens on a 512-wide shape, where the
+# activations are a third of the peak.
+C512 = dict(n_layer=4, n_embd=512, head_size=64, vocab=65536, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+
+
+def _pairs(path: Path, n: int) -> str:
+    rng = np.random.default_rng(0)
+    words = np.array(["red", "blue", "green", "cat", "dog", "bird", "runs", "sleeps", "eats", "the", "a", "big"])
+    text = lambda k: " ".join(rng.choice(words, k))  # noqa: E731 (about one token per word)
+    path.write_text("".join(json.dumps({"prompt": text(50), "chosen": text(400), "rejected": text(390)}) + "\n"
+                            for _ in range(n)))
+    return str(path)
+
+
+def test_dpo_estimate_counts_both_sequences_and_the_reference_copy(files):
+    files["c512"] = write_checkpoint(files["dir"] / "c512.pth", dtype=torch.bfloat16, **C512)
+    files["pairs"] = _pairs(files["dir"] / "pairs.jsonl", 8)
+    results = measure(files, "dpo", files["c512"], batch=4, ctx=1024, data="pairs", extra=("method=dpo",))
+    _assert_within(results, "dpo full")
+    measured_peak, estimate = results[0]
+    assert estimate["settings"]["rows"] == 2 and estimate["settings"]["ctx_len"] >= 400
+    assert estimate["terms"]["reference"] > 0
+    # planned as SFT (one sequence per item, no reference copy) the estimate would be far too low
+    as_sft = Settings(**{**estimate["settings"], "rows": 1, "reference_copy": False})
+    config = load_model_config(files["c512"])
+    assert estimate_memory(config, as_sft).peak < (1 - TOLERANCE) * measured_peak
+
+
 @pytest.fixture(scope="module")
 def slow():
     if os.environ.get("RWKVTUNE_SLOW_TESTS") != "1":

@@ -6,7 +6,8 @@ saves (saved-tensor hooks, 10-12 random shapes each), the CPU heap terms are fit
 (``bench/bench_memory.py``; tests/test_memory.py holds both to the code and to real runs).
 
 Notation: P parameters, L layers, C width, F FFN width, H heads of N, V vocab, D the four
-low-rank dims, B batch, T tokens per window, W processes, s = 1/W under fsdp (else 1).
+low-rank dims, B sequences per forward (the micro-batch, x2 for DPO's chosen and rejected, x G for
+GRPO's group), T tokens per sequence, W processes, s = 1/W under fsdp (else 1).
 
 Terms (bytes, one process):
 
@@ -48,6 +49,9 @@ Terms (bytes, one process):
   it shards), plus on CPU the memory-mapped checkpoint's pages (its file size) or the init's
   temporaries (orthogonal init of the head, 2.5 x it). fsdp from a model file builds on meta,
   shards, and reads each process's shards one tensor at a time: x s, plus one V x C fp32 tensor.
+* ``reference``: DPO and GRPO in full mode keep a frozen copy of the starting model (fp32) as
+  their reference, x s (sharded like the policy under fsdp); lora and state switch their trained
+  parts off instead (0).
 * ``runtime``: on GPU the CUDA context and library workspaces, 1 GiB per process (assumed: no GPU
   was available to measure it); on CPU what the first training step adds besides tensors (code
   pages, allocator arenas: measured 100 MiB).
@@ -121,7 +125,9 @@ class Settings:
 
     mode: str = "full"
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
-    batch_size: int = 1  # micro-batch per process
+    batch_size: int = 1  # micro-batch per process (dataset items)
+    rows: int = 1  # sequences per item run together: 2 for DPO's pairs, num_generations for GRPO
+    reference_copy: bool = False  # a frozen fp32 copy of the model as the reference (DPO/GRPO, full mode)
     ctx_len: int = 1024  # tokens per sample that run through the model at once (activations)
     grad_checkpoint: bool = False
     strategy: str = "ddp"
@@ -148,6 +154,11 @@ class Settings:
 
     def replace(self, **kw) -> "Settings":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in one forward: the micro-batch times the rows per item."""
+        return self.batch_size * self.rows
 
     @property
     def shard(self) -> float:
@@ -267,13 +278,13 @@ def _wkv_saved(c, s: Settings) -> float:
 
 def activations(c, s: Settings, inv: Inventory) -> tuple[int, int]:
     """(kept for backward at its start, one layer's backward working set), bytes."""
-    tokens = s.batch_size * s.ctx_len
+    tokens = s.sequences * s.ctx_len
     layer = saved_per_token_layer(c, s, inv) * tokens
     act = 4 if _regime(s) != "bf16" else 2  # the residual stream's dtype
     # Outside the blocks: ln_out's input, the hidden states the loss keeps, the scored rows (fp32).
     root = 3 * c.n_embd * 4 * tokens
     # The states the forward returns (per layer: WKV [B, H, N, N] fp32 and two [B, C]), stacked: twice.
-    states = 2 * c.n_layer * s.batch_size * (c.n_head * c.head_size_a ** 2 + 2 * c.n_embd) * 4
+    states = 2 * c.n_layer * s.sequences * (c.n_head * c.head_size_a ** 2 + 2 * c.n_embd) * 4
     if s.grad_checkpoint:  # each block's input, v_first, and one block recomputed in backward
         kept = (c.n_layer + 1) * tokens * c.n_embd * act + layer
     else:
@@ -322,8 +333,8 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
     offload = fsdp and s.cpu_offload and gpu  # sharded state lives in host memory
     resident = 0.0 if offload else sh  # fraction of weights/grads/optimizer on the device
     kept, layer_ws = activations(c, s, inv)
-    layer_saved = saved_per_token_layer(c, s, inv) * s.batch_size * s.ctx_len  # one layer, not checkpointed
-    rows = min(LOSS_ROWS, s.batch_size * s.ctx_len)
+    layer_saved = saved_per_token_layer(c, s, inv) * s.sequences * s.ctx_len  # one layer, not checkpointed
+    rows = min(LOSS_ROWS, s.sequences * s.ctx_len)
     compute = 2 if gpu and s.precision == "bf16" else 4  # bytes of an all-gathered parameter
     t = {
         "weights": int(inv.stored * resident),
@@ -336,13 +347,14 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
         "autocast": 2 * (inv.block_matrices if _regime(s) == "autocast" else inv.adapters if _regime(s) == "bf16"
                          else 0),
         "originals": inv.originals,
+        "reference": int(4 * inv.n_params * resident) if s.reference_copy else 0,  # sharded like the policy
         "runtime": GPU_RUNTIME if gpu else CPU_RUNTIME,
     }
     # Backward: the head's gradient (unsharded until the root's reduce-scatter under FSDP) exists
     # from the loss onwards; then each block's gradient, alongside that block's working set.
     head_grad = 4 * inv.head_trainable * (1 if fsdp else resident)
     block_grad = 4 * inv.block_trainable * (0 if fsdp else resident)  # FSDP: counted in fsdp_buffers
-    base = t["weights"] + t["optimizer"] + t["originals"] + t["ddp_buckets"] + t["runtime"]
+    base = t["weights"] + t["optimizer"] + t["originals"] + t["reference"] + t["ddp_buckets"] + t["runtime"]
     step = base + t["fsdp_buffers"] + t["autocast"] + kept + head_grad + max(t["loss"], layer_ws + block_grad)
     grads = int(4 * inv.trainable * resident)
     step_tmp = 0 if offload else (4 * inv.trainable * sh if gpu else 8 * inv.largest_trainable * sh)

@@ -113,8 +113,9 @@ def longest_window(dataset) -> int | None:
     return None
 
 
-def settings_for(cfg, model_config, world_size: int, tokens: int | None = None) -> Settings:
-    """The estimator's settings for a resolved TrainConfig (the model file's size when present)."""
+def settings_for(cfg, model_config, world_size: int, tokens: int | None = None, **method_shape) -> Settings:
+    """The estimator's settings for a resolved TrainConfig (the model file's size when present);
+    ``method_shape``: the method's ``rows`` and ``reference_copy`` (see Settings)."""
     path = model_config.model_path
     file_bytes = os.path.getsize(path) if cfg.init == "pretrained" and path and os.path.isfile(path) else None
     wkv = "auto"
@@ -122,7 +123,8 @@ def settings_for(cfg, model_config, world_size: int, tokens: int | None = None) 
         from rwkvtune.models.rwkv7.wkv import _fla_installed
 
         wkv = "fla" if cfg.wkv_backend in ("auto", "fla") and _fla_installed() else "chunked"
-    return Settings.from_config(cfg, world_size=world_size, tokens=tokens, file_bytes=file_bytes, wkv=wkv)
+    return Settings.from_config(cfg, world_size=world_size, tokens=tokens, file_bytes=file_bytes, wkv=wkv,
+                                **method_shape)
 
 
 # ----------------------------------------------------------------------------------------- fixes
@@ -160,9 +162,10 @@ def fixes(cfg, model_config, s: Settings, budget: float) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- check
-def memory_report(cfg, model_config, d, device: str, tokens: int) -> tuple[MemoryEstimate, int | None, str]:
+def memory_report(cfg, model_config, d, device: str, tokens: int, **method_shape
+                  ) -> tuple[MemoryEstimate, int | None, str]:
     """(estimate, bytes available to this process or None, the fix when it does not fit, else "")."""
-    s = settings_for(cfg, model_config, d.world_size, tokens)
+    s = settings_for(cfg, model_config, d.world_size, tokens, **method_shape)
     estimate = estimate_memory(model_config, s)
     avail = available_memory(device)
     if avail is None:
@@ -177,11 +180,13 @@ def memory_report(cfg, model_config, d, device: str, tokens: int) -> tuple[Memor
     return estimate, per_process, fix
 
 
-def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool = False) -> MemoryEstimate:
+def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool = False,
+                 **method_shape) -> MemoryEstimate:
     """Refuse, before any weights are loaded, a run whose estimate exceeds what this process may
     use (``FIT_FRACTION`` of the device's free memory, shared by the local processes on CPU);
-    returns the estimate. ``memory_check: false`` turns the refusal into a warning."""
-    estimate, per_process, fix = memory_report(cfg, model_config, d, device, tokens)
+    returns the estimate. ``memory_check: false`` turns the refusal into a warning.
+    ``method_shape``: the training method's ``rows`` and ``reference_copy`` (see Settings)."""
+    estimate, per_process, fix = memory_report(cfg, model_config, d, device, tokens, **method_shape)
     if device.startswith("cuda") and d.main and not dry_run:
         _warn_host(estimate)
     if 2 * tokens <= cfg.ctx_len and d.main and not dry_run:  # far beyond the data, not a window's slack

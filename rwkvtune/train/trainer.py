@@ -34,7 +34,7 @@ from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule, count_params
 from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
-from rwkvtune.train.memory_check import check_memory, memory_report, run_tokens
+from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
@@ -130,9 +130,12 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                             batch_size=cfg.batch_size)
     total_steps = cfg.max_steps or (math.ceil(sampler.batches_per_epoch / cfg.grad_accum) * cfg.epochs
                                     * method.steps_per_batch)
-    sample_tokens = run_tokens(train_set, cfg)  # a ctx_len beyond the data's longest window costs nothing
+    # Sequences per item and the most tokens one holds (a ctx_len beyond the data's longest window
+    # costs nothing); with whether a whole reference copy is kept: what the memory plan needs.
+    rows, sample_tokens = method.memory_shape(train_set)
+    method_shape = dict(rows=rows, reference_copy=method.keeps_reference_copy(mode))
     # An upper bound: collate trims the columns after a batch's last target.
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world_size * sample_tokens
+    tokens_per_step = cfg.batch_size * rows * cfg.grad_accum * d.world_size * sample_tokens
     if resume_dir and not dry_run:
         step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
         done = checkpointing.completed_summary(run.path, step, total_steps)
@@ -144,8 +147,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
 
     if dry_run:
         return _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
-                        total_steps, len(train_set))
-    check_memory(cfg, model_config, d, device, sample_tokens)  # before any weights are loaded
+                        total_steps, len(train_set), method_shape)
+    check_memory(cfg, model_config, d, device, sample_tokens, **method_shape)  # before any weights are loaded
     strategy = get_strategy(cfg, d, device)
     # FSDP from a model file: built on meta, sharded, then each process reads only its shards
     module = build_module(cfg, mode, model_config, device, meta=strategy.fills_shards)
@@ -182,12 +185,12 @@ def _lock_run_dir(run: RunDir, resume_dir: str | None, cleanup: contextlib.ExitS
 
 
 def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per_step, total_steps,
-             n_windows) -> dict:
+             n_windows, method_shape) -> dict:
     """The dry run's report: counts from a meta-device module (no weights are ever materialised,
     whatever init says) and the memory estimate against this device, with the fix when it does not fit."""
     module = build_module(cfg, mode, model_config, device, meta=True)
     report = dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, n_windows)
-    estimate, avail, fix = memory_report(cfg, model_config, d, device, tokens)
+    estimate, avail, fix = memory_report(cfg, model_config, d, device, tokens, **method_shape)
     report.update(device=device, memory_estimate_gib=round(estimate.peak_gib, 2), memory_estimate=estimate.as_dict(),
                   memory_available_gib=round(avail / GIB, 2) if avail is not None else None, memory_fix=fix)
     if not has_weights:

@@ -75,6 +75,19 @@ class TrainingMethod:
         """This method's configuration problems, each "field: found X, expected Y"."""
         return []
 
+    def memory_shape(self, dataset) -> tuple[int, int]:
+        """For the memory estimate: (sequences per dataset item that run through the model in one
+        graph, the most tokens such a sequence holds). SFT: one window, at most ctx_len (less when
+        the data's longest window is shorter)."""
+        from rwkvtune.train.memory_check import run_tokens
+
+        return 1, run_tokens(dataset, self.cfg)
+
+    def keeps_reference_copy(self, mode) -> bool:
+        """Whether the run keeps a frozen copy of the whole model as its reference (full mode
+        only; lora and state switch their trained parts off instead)."""
+        return False
+
     def setup(self, run) -> None:
         """Called once the run is built, before the first step (and on resume): e.g. to prepare a
         reference model. ``run`` is the trainer's :class:`~rwkvtune.train.trainer.Run`."""

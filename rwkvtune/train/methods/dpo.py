@@ -215,6 +215,13 @@ class DPO(TrainingMethod):
     def count(self, batch: dict) -> tuple[float, float]:
         return float(batch["input_ids"].shape[0] // 2), float(batch["input_ids"].numel())
 
+    def memory_shape(self, dataset) -> tuple[int, int]:
+        # chosen and rejected run together, each whole (one graph through every ctx_len chunk)
+        return 2, max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in dataset.pairs)
+
+    def keeps_reference_copy(self, mode) -> bool:
+        return mode.trains_base and self.loss_type != "simpo" and not self.cfg.precompute_ref
+
     # -- the reference
     def setup(self, r) -> None:
         """Prepare the reference before the first step (see the class docstring)."""

@@ -109,6 +109,13 @@ class GRPO(TrainingMethod):
         units = mask.sum() if self.loss_type == "dapo" else mask.shape[0]
         return float(units), float(batch["input_ids"].numel())
 
+    def memory_shape(self, dataset) -> tuple[int, int]:
+        # a prompt's G completions train together, each prompt + completion in one graph
+        return self.cfg.num_generations, max(len(r.ids) for r in dataset.records) + self.cfg.max_completion_length
+
+    def keeps_reference_copy(self, mode) -> bool:
+        return mode.trains_base and self.beta != 0
+
     def setup(self, r) -> None:
         self.run = r
         if self.beta != 0:

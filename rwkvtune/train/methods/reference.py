@@ -2,15 +2,18 @@
 
 * lora and state modes: the policy itself with every trained part switched off
   (:meth:`rwkvtune.peft.base.Mode.reference`): the exact base model, no second copy in memory;
-* full mode: a frozen copy of the starting model, made before the first step (not under
-  ``strategy: fsdp``, where it would be a whole unsharded model per process).
+* full mode: a frozen copy of the starting model, rebuilt from where the policy came from (the
+  model file, or the seeded initialisation), never copied from the policy, which on a resumed run
+  has moved on. Under ``strategy: fsdp`` it is sharded like the policy and read from the model
+  file shard by shard (a run from scratch under fsdp has no sharded init: refused).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Iterator
+
+import torch
 
 from rwkvtune.errors import ConfigError
 
@@ -23,13 +26,7 @@ class Reference:
         """Before the first step; ``what`` names the option that needs the reference, for the error."""
         if not r.mode.trains_base:
             return
-        if r.strategy.name == "fsdp":
-            raise ConfigError(f"{what} in mode full with strategy fsdp would keep a whole unsharded copy of the "
-                              f"model on every process; use mode lora or state (the reference is then the base, "
-                              f"with nothing copied)" + (", or precompute_ref=true" if "dpo" in what else ""))
-        from rwkvtune.peft.base import TrainModule
-
-        self.copy = TrainModule(copy.deepcopy(r.module.model).requires_grad_(False)).eval()
+        self.copy = _starting_model(r, what).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def active(self, module, mode) -> Iterator:
@@ -41,3 +38,29 @@ class Reference:
         else:
             with mode.reference(module):
                 yield module
+
+
+def _starting_model(r, what: str):
+    """The model the run started from, as a TrainModule on the run's device (sharded under fsdp)."""
+    from rwkvtune.models.rwkv7.model import RWKV7
+    from rwkvtune.peft.base import TrainModule
+
+    cfg, config = r.cfg, r.model_config
+    if r.strategy.fills_shards:  # fsdp from a model file: built on meta, sharded, read shard by shard
+        with torch.device("meta"):
+            ref = TrainModule(RWKV7(config, layer0_v=r.module.model.layer0_v))
+        ref.model.set_wkv_backend(cfg.wkv_backend)
+        r.strategy.wrap(ref.requires_grad_(False))
+        r.strategy.fill(ref, r.mode, config)
+        return ref
+    if r.strategy.name == "fsdp":
+        raise ConfigError(f"{what} in mode full with strategy fsdp and init scratch would keep a whole unsharded "
+                          f"copy of the model on every process; train from a model file, or use mode lora or "
+                          f"state" + (", or precompute_ref=true" if "dpo" in what else ""))
+    if cfg.init == "pretrained":
+        model = RWKV7.from_checkpoint(config.model_path, expect=config)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the seeded init must not reset the run's random stream
+            model = RWKV7.from_config(config, seed=cfg.seed)
+    model.set_wkv_backend(cfg.wkv_backend)
+    return TrainModule(model.to(r.device))
