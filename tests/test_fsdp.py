@@ -65,15 +65,19 @@ def _relative(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-30)) for k in a)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "state"])
+@pytest.mark.parametrize("mode", ["full", "lora", "state", "full+ckpt+accum"])
 def test_fsdp_equals_one_process_on_the_same_global_batch(data, tmp_path, mode):
     # Under fsdp each process builds the module on meta and reads only its shards of the model file
     # (rwkvtune.train.sharded_load); the adapters' random init must still equal the eager build's.
+    # full+ckpt+accum: 2 processes x 1 sample x 2 accumulated micro-batches, gradient checkpointing.
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     extra = {"mode": mode, "lora_r": 4} if mode == "lora" else {"mode": mode, "lr": 0.05} if mode == "state" else {}
+    per_process = {"batch_size": 2}
+    if mode == "full+ckpt+accum":
+        mode, extra, per_process = "full", {"grad_checkpoint": True}, {"batch_size": 1, "grad_accum": 2}
     train(TrainConfig(model=data["ckpt"], data=data["text"], out=str(single), batch_size=4, max_steps=4,
                       save_every=0, **{**COMMON, **extra}))
-    res = _run(_torchrun(data, sharded, max_steps=4, save_every=0, **extra))
+    res = _run(_torchrun(data, sharded, max_steps=4, save_every=0, **{**extra, **per_process}))
     assert res.stdout.count('"steps"') == 1  # the summary, from the main process only
     la, lb = _losses(single), _losses(sharded)
     assert len(lb) == 4 and max(abs(x - y) / abs(x) for x, y in zip(la, lb)) < 1e-6
