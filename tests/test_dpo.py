@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -186,3 +187,18 @@ def test_dpo_two_processes_equal_one_process(data, tmp_path, strategy, precomput
     for ra, rb in zip(rows(single), rows(ddp)):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("method, extra", [("dpo", {}), ("dpo", {"precompute_ref": True}), ("grpo", {"beta": 0.04})])
+def test_lora_train_parts_with_a_reference_under_fsdp_are_refused_before_any_work(data, tmp_path, method, extra):
+    """The reference switches train_parts back to their starting values by swapping parameter
+    storage, which FSDP owns (it crashed mid-step): refused at validation, naming the fix."""
+    from rwkvtune.errors import ConfigError
+
+    cfg = _cfg(data, tmp_path / "run", method=method, mode="lora", train_parts=("ln",), strategy="fsdp", **extra)
+    if method == "grpo":
+        cfg = dataclasses.replace(cfg, reward=("exact_match:chosen",))
+    with pytest.raises(ConfigError, match=r"train_parts: found \['ln'\] with method .*drop train_parts, or use "
+                                          r"strategy ddp"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

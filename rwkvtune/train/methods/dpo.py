@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rwkvtune.errors import ConfigError
 from rwkvtune.train.methods.base import TrainingMethod
-from rwkvtune.train.methods.reference import Reference
+from rwkvtune.train.methods.reference import Reference, reference_problems
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
@@ -195,6 +195,8 @@ class DPO(TrainingMethod):
             out.append(f"beta: found {beta}, expected > 0 for method dpo (the strength of the preference)")
         if not 0 <= cfg.label_smoothing < 0.5:
             out.append(f"label_smoothing: found {cfg.label_smoothing}, expected 0 <= label_smoothing < 0.5")
+        if loss_type != "simpo":
+            out += reference_problems(cfg, "method dpo")
         if loss_type == "ipo" and cfg.label_smoothing:
             out.append("label_smoothing: ipo has no label smoothing (TRL ignores it); set it to 0 or use loss_type "
                        "sigmoid")

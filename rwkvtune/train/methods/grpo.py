@@ -12,6 +12,7 @@ import time
 import torch
 
 from rwkvtune.train.methods.base import TrainingMethod
+from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
     LOSS_TYPES,
     SCALE_REWARDS,
@@ -56,7 +57,6 @@ class GRPO(TrainingMethod):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        from rwkvtune.train.methods.reference import Reference
         from rwkvtune.train.rewards import parse_rewards
 
         self.rewards = parse_rewards(cfg.reward) if cfg.reward else []
@@ -85,6 +85,8 @@ class GRPO(TrainingMethod):
                   ("top_p", 0 < cfg.top_p <= 1, "0 < top_p <= 1"),
                   ("beta", cfg.beta is None or cfg.beta >= 0, ">= 0 (the KL weight; 0: no reference)")]
         out += [f"{name}: found {getattr(cfg, name)}, expected {want}" for name, ok, want in checks if not ok]
+        if cfg.beta:
+            out += reference_problems(cfg, "method grpo with beta > 0")
         if cfg.epsilon_high is not None and not cfg.epsilon_high >= cfg.epsilon:
             out.append(f"epsilon_high: found {cfg.epsilon_high}, expected >= epsilon ({cfg.epsilon})")
         return out

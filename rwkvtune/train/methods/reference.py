@@ -40,6 +40,17 @@ class Reference:
                 yield module
 
 
+def reference_problems(cfg, what: str) -> list[str]:
+    """Configurations whose reference cannot be computed (for a method's ``problems``): LoRA
+    train_parts under fsdp, where switching them back to their starting values would swap the
+    storage of sharded parameters, which FSDP owns."""
+    if cfg.strategy == "fsdp" and cfg.mode == "lora" and cfg.train_parts:
+        return [f"train_parts: found {list(cfg.train_parts)} with {what}, mode lora and strategy fsdp, expected none: "
+                f"the reference would switch sharded parameters back to their starting values, which FSDP does not "
+                f"allow; drop train_parts, or use strategy ddp"]
+    return []
+
+
 def _starting_model(r, what: str):
     """The model the run started from, as a TrainModule on the run's device (sharded under fsdp)."""
     from rwkvtune.models.rwkv7.model import RWKV7
