@@ -45,10 +45,10 @@ Terms (bytes, one process):
 * ``save``: copies held while writing outputs: final.pth in save_dtype (2 B per parameter for bf16;
   FSDP gathers the whole model onto the main process), the resumable checkpoint's fp32 clone of the
   trainable tensors. On GPU these are host memory.
-* ``load``: building the model: the whole model on the device (ddp, and fsdp from scratch before
-  it shards), plus on CPU the memory-mapped checkpoint's pages (its file size) or the init's
-  temporaries (orthogonal init of the head, 2.5 x it). fsdp from a model file builds on meta,
-  shards, and reads each process's shards one tensor at a time: x s, plus one V x C fp32 tensor.
+* ``load``: building the model: under ddp the whole model on the device, plus on CPU the
+  memory-mapped checkpoint's pages (its file size) or the init's temporaries (orthogonal init of
+  the head, 2.5 x it). fsdp builds on meta, shards, and fills each process's shards one tensor at
+  a time (from the file or the seeded init): x s, plus one V x C fp32 tensor and its source.
 * ``reference``: DPO and GRPO in full mode keep a frozen copy of the starting model (fp32) as
   their reference, x s (sharded like the policy under fsdp); lora and state switch their trained
   parts off instead (0).
@@ -65,8 +65,8 @@ Phases; the estimate is the largest (``peak``):
 * ``update`` = weights + optimizer + ddp_buckets + gradients + optimizer_step + runtime (+ retained)
 * ``save``   = weights + optimizer + runtime (+ retained and the save copies on CPU)
 
-``host`` (GPU runs): the model is built in host memory first (stored bytes, whole; under fsdp from a
-model file one tensor at a time), outputs are written from host copies, and cpu_offload keeps the
+``host`` (GPU runs): the model is built in host memory first (stored bytes, whole; under fsdp one
+tensor at a time), outputs are written from host copies, and cpu_offload keeps the
 sharded weights, gradients and AdamW state there.
 """
 
@@ -400,33 +400,36 @@ def _save_copies(c, s: Settings, inv: Inventory) -> int:
 
 
 def _load(c, s: Settings, inv: Inventory) -> int:
-    """Building the model: the whole model on the device (ddp; fsdp from scratch, before sharding),
-    plus on CPU the checkpoint's memory-mapped pages (pretrained) or the init's temporaries
-    (scratch). fsdp from a model file (rwkvtune.train.sharded_load): only this process's shards,
-    plus one whole tensor at a time (at most the head or embedding, V x C, fp32)."""
-    if s.strategy == "fsdp" and s.init == "pretrained":
+    """Building the model: under ddp the whole model on the device, plus on CPU the checkpoint's
+    memory-mapped pages (pretrained) or the init's temporaries (scratch: orthogonal init of the
+    head, 2.5 x it). Under fsdp (rwkvtune.train.sharded_load) only this process's shards, plus one
+    whole tensor at a time (at most the head, V x C, fp32) and on CPU its source: the file's pages,
+    or the head's init temporaries."""
+    one = 4 * c.vocab_size * c.n_embd
+    if s.strategy == "fsdp":
         gpu = s.device == "gpu"
-        one = 4 * c.vocab_size * c.n_embd
         shards = int((inv.stored + inv.originals) * (0 if gpu and s.cpu_offload else s.shard)) + one
         if gpu:
             return shards + GPU_RUNTIME
+        if s.init == "scratch":
+            return shards + int(2.5 * one)
         return shards + one + (s.file_bytes if s.file_bytes is not None else 2 * c.n_params)
     full = inv.stored + inv.originals
     if s.device == "gpu":
         return full + GPU_RUNTIME
     if s.init == "scratch":
-        return full + int(2.5 * 4 * c.vocab_size * c.n_embd)
+        return full + int(2.5 * one)
     return full + (s.file_bytes if s.file_bytes is not None else 2 * c.n_params)
 
 
 def _host(c, s: Settings, inv: Inventory, save: int, offload: bool) -> int:
     """Host memory of one process of a GPU run: the model is loaded on the CPU first (whole, as
-    stored; under fsdp from a model file one tensor at a time, the file's pages being the shared,
-    evictable page cache), outputs are written from host copies, and cpu_offload keeps the sharded
+    stored; under fsdp one tensor at a time, a model file's pages being the shared, evictable
+    page cache), outputs are written from host copies, and cpu_offload keeps the sharded
     state there."""
     load = inv.stored + inv.originals
-    if s.strategy == "fsdp" and s.init == "pretrained":
-        load = 4 * c.vocab_size * c.n_embd
+    if s.strategy == "fsdp":  # one tensor at a time (a scratch head's orthogonal init: 2.5 x it)
+        load = int(4 * c.vocab_size * c.n_embd * (2.5 if s.init == "scratch" else 1))
     state = (inv.stored + 12 * inv.trainable) / s.world_size if offload else 0
     step_tmp = 8 * inv.largest_trainable / s.world_size if offload else 0
     return int(max(load, state + step_tmp + save))

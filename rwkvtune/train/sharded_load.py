@@ -1,17 +1,20 @@
-"""Fill a sharded (FSDP) module from the model file without a whole copy of the model anywhere.
+"""Fill a sharded (FSDP) module without a whole copy of the model anywhere.
 
 The eager way builds the whole model on every process, then FSDP shards it: for 13.3B that is
 53 GB of fp32 per process in host memory and again on each GPU, the floor of every launch. Here
 every process builds the module on the meta device (shapes only), FSDP shards it, each process
-allocates only its own shards, and fills them tensor by tensor from the memory-mapped model file:
-one full tensor at a time exists (the head, the largest: V x C), then its slice.
+allocates only its own shards, and fills them tensor by tensor: from the memory-mapped model file
+(init pretrained), or from the official initialisation computed one block at a time (init
+scratch). One whole tensor exists at a time (at most one block, or the head: V x C), then its slice.
 
-The mode's own tensors (LoRA adapters, a tuned state) get the values the eager build gives them,
-drawn from the same random stream in the same order, so a sharded run equals a single-process one
-(tests/test_fsdp.py).
+The values equal the eager build's: the init draws the same random numbers in the same order, and
+the mode's own tensors (LoRA adapters, a tuned state) are drawn as its ``prepare`` draws them, so a
+sharded run equals a single-process one (tests/test_fsdp.py).
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -19,28 +22,54 @@ import torch.nn as nn
 from rwkvtune.errors import CheckpointError
 
 
-def fill_from_model_file(module: nn.Module, mode, model_config, device: str, cpu_offload: bool) -> None:
+def fill_shards(module: nn.Module, mode, model_config, cfg, device: str) -> None:
     """``module``: a mode-prepared TrainModule built on the meta device and already sharded.
     Allocates its shards (in host memory with ``cpu_offload``, as FSDP's offload expects) and
-    copies each one's slice of the model file in; the file's tensors are checked as they are read."""
-    from rwkvtune.models.rwkv7.model import allocation_guard, loaded_tensor, open_checkpoint
+    copies each one's slice of the starting weights in: the model file's (checked as they are
+    read) or the seeded official init's."""
+    from rwkvtune.models.rwkv7.model import allocation_guard, initial_tensors, loaded_tensor, open_checkpoint
 
-    base, path, _, _ = open_checkpoint(model_config.model_path, expect=model_config)
-    fresh = mode.initial_values(module)  # before anything else draws random numbers
+    fresh = mode.initial_values(module)  # first: drawn as the eager build's prepare draws them
     with allocation_guard(model_config, device):
-        module.to_empty(device="cpu" if cpu_offload else device)
+        module.to_empty(device="cpu" if cfg.cpu_offload else device)
+    params = dict(module.named_parameters())
+    if cfg.init == "pretrained":
+        base, path, _, _ = open_checkpoint(model_config.model_path, expect=model_config)
+
+        def source() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, p in params.items():
+                if name not in fresh:
+                    key = _official(name)
+                    if key not in base:
+                        raise CheckpointError(f"{path}: has no tensor {key} for parameter {name}; pass the model "
+                                              f"file this run was configured for")
+                    yield name, loaded_tensor(key, base[key], path, "cpu", p.dtype)
+    else:
+        base = None
+
+        def source() -> Iterator[tuple[str, torch.Tensor]]:
+            for key, value in initial_tensors(model_config, cfg.seed, layer0_v=module.model.layer0_v):
+                yield f"model.{key}", value
+
+    filled = set()
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name in fresh:
-                full = fresh[name]
-            else:
-                key = name.removeprefix("model.").replace(".base.", ".")  # LoRA wraps a Linear as .base
-                if key not in base:
-                    raise CheckpointError(f"{path}: has no tensor {key} for parameter {name}; pass the model "
-                                          f"file this run was configured for")
-                full = loaded_tensor(key, base[key], path, "cpu", p.dtype)
-            _copy_shard(p, full, name)
-    mode.base_loaded(module, base)
+        for name, full in _chain(fresh, source()):
+            _copy_shard(params[name], full.to(params[name].dtype), name)
+            filled.add(name)
+    if set(params) - filled:  # every tensor of the module comes from somewhere, or it holds garbage
+        raise CheckpointError(f"no starting value for {sorted(set(params) - filled)[:3]}")
+    if base is not None:
+        mode.base_loaded(module, base)
+
+
+def _chain(first: dict, rest: Iterator) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from first.items()
+    yield from rest
+
+
+def _official(name: str) -> str:
+    """A TrainModule parameter's key in the model file (LoRA wraps a Linear as ``.base``)."""
+    return name.removeprefix("model.").replace(".base.", ".")
 
 
 def _copy_shard(p: torch.Tensor, full: torch.Tensor, name: str) -> None:
@@ -48,7 +77,7 @@ def _copy_shard(p: torch.Tensor, full: torch.Tensor, name: str) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if tuple(full.shape) != tuple(p.shape):
-        raise CheckpointError(f"{name}: the file's tensor is {list(full.shape)}, the model's {list(p.shape)}")
+        raise CheckpointError(f"{name}: the starting tensor is {list(full.shape)}, the model's {list(p.shape)}")
     if not isinstance(p, DTensor):
         p.copy_(full)
         return

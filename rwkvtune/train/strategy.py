@@ -72,17 +72,14 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     collective_save = True
 
-    @property
-    def fills_shards(self) -> bool:
-        # from scratch, the official init runs on the whole model (per-tensor init of shards would
-        # draw other random numbers than a single-process run)
-        return self.cfg.init == "pretrained"
+    fills_shards = True
 
     def fill(self, module: nn.Module, mode, model_config) -> None:
-        """Allocate the meta-built, sharded ``module``'s shards and read them from the model file."""
-        from rwkvtune.train.sharded_load import fill_from_model_file
+        """Allocate the meta-built, sharded ``module``'s shards and fill them with the starting
+        weights (the model file's, or the seeded init's), one tensor at a time."""
+        from rwkvtune.train.sharded_load import fill_shards
 
-        fill_from_model_file(module, mode, model_config, self.device, self.cfg.cpu_offload)
+        fill_shards(module, mode, model_config, self.cfg, self.device)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard

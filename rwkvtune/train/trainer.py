@@ -150,7 +150,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                         total_steps, len(train_set), method_shape)
     check_memory(cfg, model_config, d, device, sample_tokens, **method_shape)  # before any weights are loaded
     strategy = get_strategy(cfg, d, device)
-    # FSDP from a model file: built on meta, sharded, then each process reads only its shards
+    # FSDP: built on meta, sharded, then each process fills only its shards (file or seeded init)
     module = build_module(cfg, mode, model_config, device, meta=strategy.fills_shards)
     runner = strategy.wrap(module)  # FSDP shards the module's parameters in place: optimizer after this
     if strategy.fills_shards:

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import math
 import os
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -344,58 +344,8 @@ class RWKV7(nn.Module):
     @torch.no_grad()
     def init_weights_(self, seed: int | None = None) -> "RWKV7":
         """Official from-scratch initialisation of the reference trainer (docs/rwkv7.md §4)."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        c = self.config
-        L, C, N, V = c.n_layer, c.n_embd, c.head_size_a, c.vocab_size
-        n = torch.arange(C, dtype=torch.float64)
-        ddd = n / C
-        linear = n / (C - 1) - 0.5
-        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
-        zigzag = z * z.abs()
-        for l, block in enumerate(self.blocks):
-            att, ffn = block.att, block.ffn
-            r01 = l / (L - 1) if L > 1 else 0.0
-            r10 = 1.0 - l / L
-            www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
-
-            def put(p, values):
-                p.copy_(torch.as_tensor(values, dtype=torch.float64).expand(p.shape).to(p.dtype))
-
-            put(att.x_r, 1 - ddd ** (0.2 * r10))
-            put(att.x_g, 1 - ddd ** (0.2 * r10))
-            put(att.x_w, 1 - ddd ** (0.9 * r10))
-            put(att.x_a, 1 - ddd ** (0.9 * r10))
-            put(att.x_k, 1 - ddd ** (0.7 * r10))
-            put(att.x_v, 1 - ddd ** (0.7 * r10))
-            put(ffn.x_k, 1 - ddd ** (r10 ** 4))
-            put(att.w0, www + 0.5 + 2.5 * zigzag)
-            put(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
-            put(att.k_k, 0.71 - 0.1 * linear)
-            put(att.k_a, torch.tensor(1.02))
-            put(att.r_k, torch.tensor(-0.04))
-            lowrank = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
-            if att.has_v:
-                put(att.v0, 0.73 - 0.4 * linear)
-                lowrank.append((att.v1, att.v2))
-            for first, second in lowrank:
-                first.zero_()
-                _orthogonal_(second, 0.1)
-            put(att.ln_x.weight, torch.tensor(((1 + l) / L) ** 0.7))
-            att.ln_x.bias.zero_()
-            for ln in (block.ln1, block.ln2) + ((block.ln0,) if l == 0 else ()):
-                ln.weight.fill_(1.0)
-                ln.bias.zero_()
-            _orthogonal_(att.receptance.weight, 1.0)
-            _orthogonal_(att.key.weight, 0.1)
-            _orthogonal_(att.value.weight, 1.0)
-            att.output.weight.zero_()
-            _orthogonal_(ffn.key.weight, 1.0)
-            ffn.value.weight.zero_()
-        self.emb.weight.uniform_(-1e-4, 1e-4)
-        self.ln_out.weight.fill_(1.0)
-        self.ln_out.bias.zero_()
-        nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+        for name, value in initial_tensors(self.config, seed, layer0_v=self.layer0_v):
+            self.get_parameter(name).copy_(value)
         return self
 
     @classmethod
@@ -455,6 +405,79 @@ class RWKV7(nn.Module):
             p.requires_grad_(name not in LAYER0_V_KEYS)
         model.set_wkv_backend(wkv_backend)
         return model.eval()
+
+
+@torch.no_grad()
+def initial_tensors(config: ModelConfig, seed: int | None = None, layer0_v: bool = True
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The official from-scratch initialisation (docs/rwkv7.md §4), one tensor at a time: (name,
+    fp32 CPU tensor), block by block, then emb, ln_out and head, drawing random numbers in that
+    order. :meth:`RWKV7.init_weights_` copies them into a whole model; a sharded run copies each
+    one's slice into its shards, so at most one block (or the head) exists whole."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    L, C, V = config.n_layer, config.n_embd, config.vocab_size
+    for l in range(L):
+        with torch.device("meta"):  # built without drawing random numbers: the init sets every tensor
+            block = Block(config, l, has_v=(l > 0 or layer0_v))
+        block.to_empty(device="cpu")
+        _init_block_(block, config, l)
+        for name, p in block.named_parameters():
+            yield f"blocks.{l}.{name}", p.detach()
+    yield "emb.weight", torch.empty(V, C).uniform_(-1e-4, 1e-4)
+    yield "ln_out.weight", torch.ones(C)
+    yield "ln_out.bias", torch.zeros(C)
+    head = torch.empty(V, C)
+    nn.init.orthogonal_(head, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
+    yield "head.weight", head
+
+
+def _init_block_(block: "Block", c: ModelConfig, l: int) -> None:
+    """Block ``l``'s official initialisation, in place (the reference trainer's order of draws)."""
+    L, C, N = c.n_layer, c.n_embd, c.head_size_a
+    n = torch.arange(C, dtype=torch.float64)
+    ddd = n / C
+    linear = n / (C - 1) - 0.5
+    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zigzag = z * z.abs()
+    att, ffn = block.att, block.ffn
+    r01 = l / (L - 1) if L > 1 else 0.0
+    r10 = 1.0 - l / L
+    www = -6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3)
+
+    def put(p, values):
+        p.copy_(torch.as_tensor(values, dtype=torch.float64).expand(p.shape).to(p.dtype))
+
+    put(att.x_r, 1 - ddd ** (0.2 * r10))
+    put(att.x_g, 1 - ddd ** (0.2 * r10))
+    put(att.x_w, 1 - ddd ** (0.9 * r10))
+    put(att.x_a, 1 - ddd ** (0.9 * r10))
+    put(att.x_k, 1 - ddd ** (0.7 * r10))
+    put(att.x_v, 1 - ddd ** (0.7 * r10))
+    put(ffn.x_k, 1 - ddd ** (r10 ** 4))
+    put(att.w0, www + 0.5 + 2.5 * zigzag)
+    put(att.a0, -0.19 + 0.3 * zigzag + 0.4 * linear)
+    put(att.k_k, 0.71 - 0.1 * linear)
+    put(att.k_a, torch.tensor(1.02))
+    put(att.r_k, torch.tensor(-0.04))
+    lowrank = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
+    if att.has_v:
+        put(att.v0, 0.73 - 0.4 * linear)
+        lowrank.append((att.v1, att.v2))
+    for first, second in lowrank:
+        first.zero_()
+        _orthogonal_(second, 0.1)
+    put(att.ln_x.weight, torch.tensor(((1 + l) / L) ** 0.7))
+    att.ln_x.bias.zero_()
+    for ln in (block.ln1, block.ln2) + ((block.ln0,) if l == 0 else ()):
+        ln.weight.fill_(1.0)
+        ln.bias.zero_()
+    _orthogonal_(att.receptance.weight, 1.0)
+    _orthogonal_(att.key.weight, 0.1)
+    _orthogonal_(att.value.weight, 1.0)
+    att.output.weight.zero_()
+    _orthogonal_(ffn.key.weight, 1.0)
+    ffn.value.weight.zero_()
 
 
 def open_checkpoint(path_or_name: str | os.PathLike, expect: ModelConfig | None = None

@@ -4,8 +4,7 @@
   (:meth:`rwkvtune.peft.base.Mode.reference`): the exact base model, no second copy in memory;
 * full mode: a frozen copy of the starting model, rebuilt from where the policy came from (the
   model file, or the seeded initialisation), never copied from the policy, which on a resumed run
-  has moved on. Under ``strategy: fsdp`` it is sharded like the policy and read from the model
-  file shard by shard (a run from scratch under fsdp has no sharded init: refused).
+  has moved on. Under ``strategy: fsdp`` it is sharded like the policy and filled shard by shard.
 """
 
 from __future__ import annotations
@@ -15,18 +14,16 @@ from typing import Iterator
 
 import torch
 
-from rwkvtune.errors import ConfigError
-
 
 class Reference:
     def __init__(self):
         self.copy = None  # full mode: a TrainModule around a frozen copy of the starting model
 
     def setup(self, r, what: str) -> None:
-        """Before the first step; ``what`` names the option that needs the reference, for the error."""
+        """Before the first step; ``what`` names the option that needs the reference."""
         if not r.mode.trains_base:
             return
-        self.copy = _starting_model(r, what).requires_grad_(False).eval()
+        self.copy = _starting_model(r).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def active(self, module, mode) -> Iterator:
@@ -51,27 +48,27 @@ def reference_problems(cfg, what: str) -> list[str]:
     return []
 
 
-def _starting_model(r, what: str):
-    """The model the run started from, as a TrainModule on the run's device (sharded under fsdp)."""
+def _starting_model(r):
+    """The model the run started from, as a TrainModule on the run's device (sharded under fsdp).
+    Rebuilding a seeded init must not move the run's own random stream: the draws are forked."""
     from rwkvtune.models.rwkv7.model import RWKV7
     from rwkvtune.peft.base import TrainModule
 
     cfg, config = r.cfg, r.model_config
-    if r.strategy.fills_shards:  # fsdp from a model file: built on meta, sharded, read shard by shard
+    cuda = str(r.device).startswith("cuda")
+    kept = torch.random.fork_rng(devices=[torch.device(r.device).index or 0] if cuda else [])
+    if r.strategy.fills_shards:  # fsdp: built on meta, sharded like the policy, filled shard by shard
         with torch.device("meta"):
             ref = TrainModule(RWKV7(config, layer0_v=r.module.model.layer0_v))
         ref.model.set_wkv_backend(cfg.wkv_backend)
         r.strategy.wrap(ref.requires_grad_(False))
-        r.strategy.fill(ref, r.mode, config)
+        with kept:
+            r.strategy.fill(ref, r.mode, config)
         return ref
-    if r.strategy.name == "fsdp":
-        raise ConfigError(f"{what} in mode full with strategy fsdp and init scratch would keep a whole unsharded "
-                          f"copy of the model on every process; train from a model file, or use mode lora or "
-                          f"state" + (", or precompute_ref=true" if "dpo" in what else ""))
     if cfg.init == "pretrained":
         model = RWKV7.from_checkpoint(config.model_path, expect=config)
     else:
-        with torch.random.fork_rng(devices=[]):  # the seeded init must not reset the run's random stream
+        with kept:
             model = RWKV7.from_config(config, seed=cfg.seed)
     model.set_wkv_backend(cfg.wkv_backend)
     return TrainModule(model.to(r.device))
