@@ -6,14 +6,30 @@
 # as a wheel. Here, once, from the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps -d .whl "fla-core==0.6.0"
+#   for v in 3.10 3.11 3.12 3.13; do python3 -m pip download --no-deps -d .whl --only-binary=:all: \
+#     --python-version $v --platform manylinux2014_x86_64 "pyrwkv-tokenizer==0.9.1"; done
+# (the tokenizer is for the trainer's own fsdp runs at the end; they are skipped without it)
 # then, with the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540)
 # SKIP_BIG=1 leaves out the 7.2B step (it builds a 14 GB random model on the GPU).
 #
 # Budget: Triton compiles and autotunes chunk_rwkv7 on its first calls (minutes, not seconds);
 # bench_gpu.py warms up before every timing. The log is also written to $OUT/bench_gpu.log.
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --find-links .whl \
+  pyrwkv-tokenizer 2>/dev/null || echo "no pyrwkv-tokenizer wheel for this python: the trainer's fsdp runs are skipped"
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 bench/bench_gpu.py --sizes "${SIZES:-0.1b,1.5b}" --T "${T:-1024}" ${SKIP_BIG:+--skip-big} 2>&1 \
   | tee "${OUT:-/tmp}/bench_gpu.log"
+
+# The trainer itself under fsdp on this GPU (chunked WKV: no autotuning): from scratch (each shard
+# filled from the seeded init), then from that final.pth with cpu_offload (shards read from the
+# file into pinned host memory). Each prints its run header, the loss and the memory estimate.
+if python3 -c "import pyrwkv_tokenizer" 2>/dev/null; then
+  for run in "--config examples/recipes/quickstart.yaml --out /tmp/fsdp-scratch" \
+             "--model /tmp/fsdp-scratch/final.pth --data rwkvtune/assets/sample.jsonl --out /tmp/fsdp-offload --cpu-offload"; do
+    python3 -m rwkvtune train $run --strategy fsdp --device cuda --max-steps 5 wkv_backend=chunked 2>&1 \
+      | grep -v "step/s" | tail -n 12 | tee -a "${OUT:-/tmp}/bench_gpu.log"
+  done
+fi
