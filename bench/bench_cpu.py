@@ -53,6 +53,26 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def rss_now_mb() -> float:
+    """Current RSS (VmRSS) of this process, MB (rss_mb gives the peak, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs), so the peak that
+    follows excludes earlier transients; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------------------------- workers
 def _timed(fn, runs: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):

@@ -38,7 +38,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_cpu  # noqa: E402  (after the path insert)
-from bench_cpu import ROOT, SHAPE, _fmt, make_checkpoint, rss_mb  # noqa: E402
+from bench_cpu import ROOT, SHAPE, _fmt, make_checkpoint, rss_mb, rss_now_mb  # noqa: E402
 
 # name -> TrainConfig fields
 MODES = {
@@ -50,15 +50,6 @@ MODES = {
 
 
 PROBE_T = 16  # tokens of the bf16 probe step
-
-
-def rss_now_mb() -> float:
-    """Current RSS (VmRSS) of this process, MB (bench_cpu.rss_mb gives the peak, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 # ------------------------------------------------------------------------------------- worker

@@ -73,23 +73,6 @@ def _port() -> str:
         return str(sock.getsockname()[1])
 
 
-def _corpus(path: Path, tokens: int, vocab: int) -> str:
-    import numpy as np
-
-    from rwkvtune.data.binidx import BinIdxWriter
-
-    rng = np.random.default_rng(0)
-    with BinIdxWriter(str(path)) as w:
-        left = tokens + 1
-        while left:
-            n = min(4097, left)
-            doc = rng.integers(1, vocab, n)
-            doc[-1] = 0
-            w.add_document(doc)
-            left -= n
-    return str(path)
-
-
 def run(name: str, tmp: Path, files: dict, live: bool) -> list[dict]:
     shape, nproc, strategy, mode, batch, ctx, extra = GRID[name]
     prefix, out = tmp / f"probe-{name.replace(' ', '_')}", tmp / f"out-{name.replace(' ', '_')}"
@@ -116,7 +99,7 @@ def run(name: str, tmp: Path, files: dict, live: bool) -> list[dict]:
 def main() -> None:
     import torch
 
-    from helpers import write_checkpoint
+    from helpers import write_checkpoint, write_full_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
@@ -128,7 +111,8 @@ def main() -> None:
         tmp = Path(d)
         files = {s: write_checkpoint(tmp / f"{s}.pth", dtype=torch.bfloat16, **SHAPES[s])
                  for s in {GRID[n][0] for n in names}}
-        files.update(data=_corpus(tmp / "data", 1024 * 64, 65536), small=_corpus(tmp / "small", 1024 * 64, 1024))
+        files.update(data=write_full_corpus(tmp / "data", 1024 * 64, 65536),
+                     small=write_full_corpus(tmp / "small", 1024 * 64, 1024))
         print(f"malloc: {'MALLOC_MMAP_THRESHOLD_=65536 (live bytes)' if a.malloc_live else 'glibc default'}; "
               f"GiB per process, peak RSS over the pre-model baseline")
         print(f"{'run':<18}{'rank':>5}{'measured':>10}{'estimate':>10}{'est/meas':>9}  peak phase, largest terms")

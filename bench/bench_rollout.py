@@ -37,7 +37,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_cpu import SHAPE, _fmt, make_checkpoint, rss_mb, run_script_worker  # noqa: E402
+from bench_cpu import (  # noqa: E402
+    SHAPE, _fmt, make_checkpoint, reset_peak_rss, rss_mb, rss_now_mb, run_script_worker)
 
 PROMPT_TOKENS = 32
 GROUP = 8  # samples per prompt, as a GRPO group
@@ -68,7 +69,7 @@ def worker(a) -> dict:
 
     rollout(4, 0)  # warm-up: allocator, lazy tables
     loaded, load_peak = rss_now_mb(), rss_mb()
-    peak_reset = _reset_peak_rss()  # from here VmHWM is the peak of the rollouts alone
+    peak_reset = reset_peak_rss()  # from here VmHWM is the peak of the rollouts alone
     runs = [rollout(a.tokens, seed) for seed in range(1, a.runs + 1)]
     rollout_peak = rss_mb() if peak_reset else float("nan")
     prof = None
@@ -88,26 +89,6 @@ def worker(a) -> dict:
             "rss_base_mb": base, "rss_loaded_mb": loaded, "rss_rollout_peak_mb": rollout_peak,
             "rss_load_peak_mb": load_peak,
             "threads": torch.get_num_threads(), "profile": prof}
-
-
-def rss_now_mb() -> float:
-    """Current RSS (VmRSS) of this process, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs), so the peak that
-    follows excludes the model loading's transient copies."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def main() -> None:

@@ -70,3 +70,22 @@ def train_losses(out) -> list[float]:
     """The per-step training losses of a run directory's metrics.jsonl."""
     rows = map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines())
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def write_full_corpus(path, tokens: int, vocab: int) -> str:
+    """binidx data of exactly ``tokens`` targets in documents of up to 4096 random ids, so every
+    window is full (what the memory estimate assumes); returns the path prefix."""
+    import numpy as np
+
+    from rwkvtune.data.binidx import BinIdxWriter
+
+    rng = np.random.default_rng(0)
+    with BinIdxWriter(str(path)) as w:
+        left = tokens + 1
+        while left:
+            n = min(4097, left)
+            doc = rng.integers(1, vocab, n)
+            doc[-1] = 0
+            w.add_document(doc)
+            left -= n
+    return str(path)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import write_checkpoint
+from helpers import write_checkpoint, write_full_corpus
 from rwkvtune.configs.model_loader import load_model_config
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.train import memory_check
@@ -39,22 +39,6 @@ M01 = dict(n_layer=12, n_embd=768, head_size=64, vocab=65536, d_decay=64, d_aaa=
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _corpus(path: Path, tokens: int, vocab: int) -> str:
-    """binidx data of exactly ``tokens`` targets, so every window is full (what the estimate assumes)."""
-    from rwkvtune.data.binidx import BinIdxWriter
-
-    rng = np.random.default_rng(0)
-    with BinIdxWriter(str(path)) as w:
-        left = tokens + 1
-        while left:
-            n = min(4097, left)
-            doc = rng.integers(1, vocab, n)
-            doc[-1] = 0
-            w.add_document(doc)
-            left -= n
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("memory")
@@ -62,7 +46,8 @@ def files(tmp_path_factory):
     assert (tiny.n_layer, tiny.n_embd, tiny.head_size_a, tiny.dim_gate_lora) == (4, 128, 32, 32)  # = TINY
     return {"tiny": write_checkpoint(d / "tiny.pth", dtype=torch.bfloat16, **TINY),
             "wide": write_checkpoint(d / "wide.pth", dtype=torch.bfloat16, **WIDE),
-            "data": _corpus(d / "corpus", 1024 * 64, 65536), "data_small_vocab": _corpus(d / "small", 1024 * 64, 1024),
+            "data": write_full_corpus(d / "corpus", 1024 * 64, 65536),
+            "data_small_vocab": write_full_corpus(d / "small", 1024 * 64, 1024),
             "dir": d}
 
 

@@ -14,6 +14,7 @@ sharded run equals a single-process one (tests/test_fsdp.py).
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import torch
@@ -53,18 +54,13 @@ def fill_shards(module: nn.Module, mode, model_config, cfg, device: str) -> None
 
     filled = set()
     with torch.no_grad():
-        for name, full in _chain(fresh, source()):
+        for name, full in itertools.chain(fresh.items(), source()):
             _copy_shard(params[name], full.to(params[name].dtype), name)
             filled.add(name)
     if set(params) - filled:  # every tensor of the module comes from somewhere, or it holds garbage
         raise CheckpointError(f"no starting value for {sorted(set(params) - filled)[:3]}")
     if base is not None:
         mode.base_loaded(module, base)
-
-
-def _chain(first: dict, rest: Iterator) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from first.items()
-    yield from rest
 
 
 def _official(name: str) -> str:

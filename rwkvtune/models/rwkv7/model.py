@@ -399,7 +399,8 @@ class RWKV7(nn.Module):
         with torch.device("meta"):
             model = cls(config, layer0_v=has_layer0_v)
         with allocation_guard(config, device, dtype):
-            model.load_state_dict(_loaded_weights(sd, path, device, dtype), strict=True, assign=True)
+            model.load_state_dict({k: loaded_tensor(k, v, path, device, dtype) for k, v in sd.items()}, strict=True,
+                                  assign=True)
         # assign=True keeps requires_grad of the loaded tensors: restore the module's choices.
         for name, p in model.named_parameters():
             p.requires_grad_(name not in LAYER0_V_KEYS)
@@ -520,8 +521,3 @@ def loaded_tensor(key: str, stored: torch.Tensor, source: str, device, dtype: to
     out = stored.to(device=device, dtype=dtype, copy=True)
     check_finite(key, out, source)
     return out
-
-
-def _loaded_weights(sd: dict[str, torch.Tensor], source: str, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the file through :func:`loaded_tensor`."""
-    return {k: loaded_tensor(k, v, source, device, dtype) for k, v in sd.items()}

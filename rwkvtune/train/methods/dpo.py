@@ -232,7 +232,7 @@ class DPO(TrainingMethod):
         if self.cfg.precompute_ref:
             self._precompute(r)
         else:
-            self.reference.setup(r, "method dpo")
+            self.reference.setup(r)
 
     def _nll(self, module, ids, labels, ctx) -> torch.Tensor:
         """Summed negative log-likelihood of every sequence's scored tokens [2B], run in ctx_len

@@ -121,7 +121,7 @@ class GRPO(TrainingMethod):
     def setup(self, r) -> None:
         self.run = r
         if self.beta != 0:
-            self.reference.setup(r, "method grpo with beta > 0")
+            self.reference.setup(r)
 
     # -- rollouts
     def begin_step(self, module, micro_batches: list[dict], ctx) -> list[dict]:

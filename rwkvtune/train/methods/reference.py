@@ -19,8 +19,8 @@ class Reference:
     def __init__(self):
         self.copy = None  # full mode: a TrainModule around a frozen copy of the starting model
 
-    def setup(self, r, what: str) -> None:
-        """Before the first step; ``what`` names the option that needs the reference."""
+    def setup(self, r) -> None:
+        """Before the first step."""
         if not r.mode.trains_base:
             return
         self.copy = _starting_model(r).requires_grad_(False).eval()
