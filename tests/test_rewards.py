@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from rwkvtune.errors import ConfigError
+from rwkvtune.train.reward_worker import start_rewards
 from rwkvtune.train.rewards import RewardError, compute_rewards, parse_reward, parse_rewards
+
+
+@contextlib.contextmanager
+def started(specs, timeout=10.0):
+    """The parsed specs, running in a reward worker (as in a run), closed afterwards."""
+    funcs = parse_rewards(specs)
+    worker = start_rewards(funcs, timeout)
+    try:
+        yield funcs
+    finally:
+        worker.close()
 
 
 def score(spec, completions, **fields):
@@ -107,9 +121,9 @@ def user_file(tmp_path):
 
 
 def test_user_function_from_file(user_file):
-    func = parse_reward(f"{user_file}:correctness")
-    assert func.name == "my_rewards.correctness" and func.source == str(user_file.resolve())
-    assert func(["p", "q"], [" 7", "8"], answer=["7", "9"]) == [1.5, 0.0]
+    with started([f"{user_file}:correctness"]) as (func,):
+        assert func.name == "my_rewards.correctness" and func.source == str(user_file.resolve())
+        assert func(["p", "q"], [" 7", "8"], answer=["7", "9"]) == [1.5, 0.0]
 
 
 @pytest.mark.parametrize("name, match", [
@@ -119,7 +133,8 @@ def test_user_function_from_file(user_file):
 ])
 def test_user_function_name_errors(user_file, name, match):
     with pytest.raises(ConfigError, match=match):
-        parse_reward(f"{user_file}:{name}")
+        with started([f"{user_file}:{name}"]):
+            pass
 
 
 def test_user_file_errors(tmp_path):
@@ -129,7 +144,8 @@ def test_user_file_errors(tmp_path):
     bad.write_text("import no_such_module_here\n")
     with pytest.raises(ConfigError, match=r"importing .*bad\.py raised ModuleNotFoundError: No module named "
                                           r"'no_such_module_here'; fix that file"):
-        parse_reward(f"{bad}:f")
+        with started([f"{bad}:f"]):
+            pass
 
 
 # ---- parsing errors ------------------------------------------------------------------------------
@@ -159,16 +175,16 @@ def test_parse_rewards_refuses_none_and_duplicates():
 
 
 def test_compute_rewards_weights_and_columns(user_file):
-    funcs = parse_rewards(["exact_match:answer", "length_penalty:4", f"{user_file}:correctness"])
-    completions = ["#### 7", "12345678", "7"]
-    total, per = compute_rewards(funcs, [2.0, 0.5, -1.0], ["a", "b", "c"], completions,
-                                 {"answer": ["7", "8", "7"]})
-    # exact_match: 1, 0, 1; length_penalty (target 4): -(6-4)/4, -(8-4)/4, 0; correctness: 0, 0, 1.5
-    assert per.tolist() == [[1.0, -0.5, 0.0], [0.0, -1.0, 0.0], [1.0, 0.0, 1.5]]
-    assert total.tolist() == [2.0 - 0.25, -0.5, 2.0 - 1.5]
-    assert per.dtype == total.dtype == torch.float32
-    total, _ = compute_rewards(funcs, None, ["a", "b", "c"], completions, {"answer": ["7", "8", "7"]})
-    assert total.tolist() == [0.5, -1.0, 2.5]  # no weights: 1.0 each
+    with started(["exact_match:answer", "length_penalty:4", f"{user_file}:correctness"]) as funcs:
+        completions = ["#### 7", "12345678", "7"]
+        total, per = compute_rewards(funcs, [2.0, 0.5, -1.0], ["a", "b", "c"], completions,
+                                     {"answer": ["7", "8", "7"]})
+        # exact_match: 1, 0, 1; length_penalty (target 4): -(6-4)/4, -(8-4)/4, 0; correctness: 0, 0, 1.5
+        assert per.tolist() == [[1.0, -0.5, 0.0], [0.0, -1.0, 0.0], [1.0, 0.0, 1.5]]
+        assert total.tolist() == [2.0 - 0.25, -0.5, 2.0 - 1.5]
+        assert per.dtype == total.dtype == torch.float32
+        total, _ = compute_rewards(funcs, None, ["a", "b", "c"], completions, {"answer": ["7", "8", "7"]})
+        assert total.tolist() == [0.5, -1.0, 2.5]  # no weights: 1.0 each
 
 
 def test_compute_rewards_weight_count_must_match():
@@ -179,22 +195,25 @@ def test_compute_rewards_weight_count_must_match():
 @pytest.mark.parametrize("name, match", [
     ("boom", r"reward 'my_rewards\.boom' \(from .*my_rewards\.py\) failed: KeyError: 'no_such_column'$"),
     ("short", r"reward 'my_rewards\.short' \(from .*my_rewards\.py\) returned 1 values for 2 completions"),
-    ("strings", r"returned '1' \(str\) for completion 0, expected a finite number"),
-    ("nan", r"returned nan \(float\) for completion 0, expected a finite number"),
+    ("strings", r"returned '1' \(str\) for completion 0, expected a number"),
+    ("nan", r"returned no usable reward for any of the 2 completions \(e\.g\. nan for completion 0\): every value "
+            r"was NaN, \+-inf or beyond \+-1e\+06"),
     ("nones", r"returned None \(NoneType\) for completion 0"),
     ("not_a_list", r"returned float, expected a list of 2 numbers"),
 ])
 def test_compute_rewards_names_the_failing_user_function(user_file, name, match):
-    funcs = [parse_reward("regex:x"), parse_reward(f"{user_file}:{name}")]
-    with pytest.raises(RewardError, match=match) as e:
-        compute_rewards(funcs, None, ["p", "q"], ["x", "y"], {"answer": ["1", "2"]})
+    with started(["regex:x", f"{user_file}:{name}"]) as funcs:
+        with pytest.raises(RewardError, match=match) as e:
+            compute_rewards(funcs, None, ["p", "q"], ["x", "y"], {"answer": ["1", "2"]})
     assert "\n" not in str(e.value)
 
 
 def test_compute_rewards_builtin_missing_field():
-    with pytest.raises(RewardError, match=r"reward 'exact_match:answer' failed: RewardError: the records have no "
-                                          r"field 'answer' \(fields: solution\)"):
+    match = r"reward 'exact_match:answer' failed: RewardError: the records have no field 'answer' \(fields: solution\)"
+    with pytest.raises(RewardError, match=match):  # in this process
         compute_rewards(parse_rewards(["exact_match:answer"]), None, ["p"], ["1"], {"solution": ["1"]})
+    with started(["exact_match:answer"]) as funcs, pytest.raises(RewardError, match=match):  # in the worker
+        compute_rewards(funcs, None, ["p"], ["1"], {"solution": ["1"]})
 
 
 def test_compute_rewards_misaligned_inputs():

@@ -121,6 +121,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         cleanup.callback(torch.distributed.destroy_process_group)  # FSDP needs a group, also of one process
     torch.manual_seed(cfg.seed)
     mode, method = get_mode(cfg.mode), get_method(cfg)
+    cleanup.callback(method.close)  # e.g. GRPO's reward worker process
 
     from rwkvtune.data.dataset import WindowSampler
     from rwkvtune.tokenizer import get_tokenizer

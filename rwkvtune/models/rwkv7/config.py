@@ -71,6 +71,7 @@ class TrainConfig:
     precompute_ref: bool = False  # dpo: reference log-probs computed once before training, cached in the run
     reward: tuple[str, ...] = ()  # grpo: reward functions (repeatable --reward SPEC; see rwkvtune/train/rewards.py)
     reward_weights: tuple[float, ...] = ()  # grpo: one weight per reward (default: all 1)
+    reward_timeout: float = 60.0  # grpo: seconds per reward call (and reward file import); past it the run stops
     num_generations: int = 8  # grpo: completions sampled per prompt (the group)
     max_completion_length: int = 128  # grpo: most tokens per completion
     temperature: float = 1.0  # grpo: sampling temperature of the rollouts
