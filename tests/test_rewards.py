@@ -297,6 +297,17 @@ def test_a_reward_that_exits_or_dies_stops_with_its_name(hostile, name, match):
             funcs[0](["p"], ["a"])
 
 
+def test_a_worker_killed_between_calls_is_named(hostile):
+    import signal
+
+    with started([f"{hostile}:ok"]) as funcs:
+        funcs[0].worker.proc.send_signal(signal.SIGKILL)
+        funcs[0].worker.proc.wait(10)
+        with pytest.raises(RewardError, match=r"reward 'hostile\.ok' \(from .*\): the reward worker process was killed "
+                                              r"by SIGKILL \(out of memory\?\) before this function was called"):
+            compute_rewards(funcs, None, ["p"], ["a"])
+
+
 def test_a_reward_that_hangs_is_stopped_at_reward_timeout(hostile):
     import time
 

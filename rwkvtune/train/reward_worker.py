@@ -115,9 +115,11 @@ class RewardWorker:
     def call(self, func: RewardFunction, prompts: list, completions: list, fields: dict) -> list[float]:
         """``func``'s rewards for the completions, as floats (any finite or non-finite value); a
         :class:`RewardError` naming ``func`` for anything else (raise, exit, hang, wrong output)."""
-        if not self.alive:
+        if self.proc is None or not self._finalizer.alive:
             raise RewardError(f"{func.describe()}: the reward worker process is stopped (an earlier reward failed); "
                               f"start the run again")
+        if self.proc.poll() is not None:  # died between calls (killed from outside, say)
+            self._died(func, "before this function was called")
         try:
             request = json.dumps({"i": self.funcs.index(func), "prompts": prompts, "completions": completions,
                                   "fields": fields})
@@ -169,7 +171,7 @@ class RewardWorker:
         self.close()
         raise kind(message())
 
-    def _died(self, func):
+    def _died(self, func, when: str = "while this function ran"):
         """The worker's end of the pipes closed: it exited or was killed."""
         try:
             status = self.proc.wait(timeout=CLOSE_TIMEOUT_S)
@@ -187,7 +189,7 @@ class RewardWorker:
             raise ConfigError(f"--reward: the reward worker process {how} while importing the reward files "
                               f"({', '.join(f.spec for f in self.funcs if f.source)}); a reward file must not exit "
                               f"at import")
-        raise RewardError(f"{func.describe()}: the reward worker process {how} while this function ran; a reward "
+        raise RewardError(f"{func.describe()}: the reward worker process {how} {when}; a reward "
                           f"function must return one number per completion, not end the process (the run stops "
                           f"here)")
 

@@ -364,9 +364,9 @@ def _step_metrics(sums: dict[str, float], units: float, names: list[str]) -> dic
         out["reward"] = sums["reward"] / n
         out["reward_std"] = sums["reward_std"] / max(groups, 1.0)
         for name in names:
-            valid = sums[f"_r_valid/{name}"]
+            valid = sums.get(f"_r_valid/{name}", n)  # absent in rollouts stored by an older version
             out[f"rewards/{name}/mean"] = sums[f"rewards/{name}/mean"] / valid if valid else None
-            out[f"rewards/{name}/invalid_frac"] = sums[f"rewards/{name}/invalid_frac"] / n
+            out[f"rewards/{name}/invalid_frac"] = sums.get(f"rewards/{name}/invalid_frac", 0.0) / n
         out["frac_reward_zero_std"] = sums["frac_reward_zero_std"] / n
         out["completion_length"] = sums["completion_length"] / n
         out["rollout_tokens_per_s"] = sums["completion_length"] / max(sums["_r_seconds"], 1e-9)
