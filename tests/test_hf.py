@@ -271,6 +271,17 @@ def test_json_depth_counts_brackets_outside_strings_only():
     assert st.json_depth("[" * 200_000) == 200_000
 
 
+def test_deeply_nested_artifact_metadata_is_one_line(tmp_path):
+    from rwkvtune.convert.artifacts import load_artifact
+
+    p = tmp_path / "adapter.safetensors"
+    st.save_safetensors({"x": torch.zeros(2)}, p, metadata={st.ARTIFACT_META: "[" * 200_000 + "]" * 200_000})
+    with pytest.raises(CheckpointError) as e:
+        load_artifact(p, "LoRA adapter", "rwkvtune train --lora")
+    _one_line_error(e, str(p), "nests more than 64 levels deep")
+    assert sorted(load_state_dict(p)[0]) == ["x"]  # not taken for an adapter or a state: the model checks decide
+
+
 def test_truncated_or_huge_header_refused(tmp_path):
     p = tmp_path / "t.safetensors"
     p.write_bytes(b"\x05\0")

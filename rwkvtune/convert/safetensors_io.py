@@ -226,6 +226,23 @@ def json_depth(text: str) -> int:
     return max(itertools.accumulate(map(_STEP, _NOT_BRACKET.sub("", outside))), default=0)
 
 
+# An adapter's or state's non-tensor values (ARTIFACT_META) nest a few levels (config dicts);
+# far deeper is a damaged or hostile file, and json.loads would recurse once per level.
+MAX_ARTIFACT_DEPTH = 64
+
+
+def artifact_tree(path, text: str):
+    """The parsed JSON of a file's ARTIFACT_META header entry; CheckpointError (one line) when it
+    nests deeper than MAX_ARTIFACT_DEPTH or is not JSON."""
+    if json_depth(text) > MAX_ARTIFACT_DEPTH:
+        raise CheckpointError(f"{path}: its header entry {ARTIFACT_META!r} nests more than {MAX_ARTIFACT_DEPTH} "
+                              f"levels deep; the file is damaged or not written by rwkvtune")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its header entry {ARTIFACT_META!r} is not JSON; the file is damaged") from e
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
