@@ -387,7 +387,7 @@ def _transfer(job: _Job, progress: bool) -> None:
                 _get_once(job, headers, bar)
                 if job.size is None:
                     return  # no size to reach: a GET that ended cleanly delivered the file
-                continue  # short of the size without an error: the loop asks for the rest
+                continue  # _get_once returns only with job.size bytes (short is a _Retry)
             except RwkvtuneError:
                 raise
             except Exception as e:
