@@ -223,16 +223,13 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[st
 
 def _refuse_artifact(p: Path) -> None:
     """A ``.safetensors`` adapter or state written by rwkvtune is not a model: say which it is."""
-    import json
-
-    from rwkvtune.convert.safetensors_io import read_header
-    from rwkvtune.convert.safetensors_io import ARTIFACT_META
+    from rwkvtune.convert.safetensors_io import ARTIFACT_META, artifact_tree, read_header
 
     meta = read_header(p)[1].get(ARTIFACT_META)
     if meta is not None:
         try:
-            fmt = json.loads(meta).get("format")
-        except (json.JSONDecodeError, AttributeError):
+            fmt = artifact_tree(p, meta).get("format")
+        except (CheckpointError, AttributeError):
             fmt = None
         _check_state_dict(p, {"format": fmt}, lambda v: True)  # raises naming the kind
 
