@@ -88,6 +88,8 @@ def _command_arg(config: ModelConfig) -> str:
     key = model_loader._registry_key(Path(path).name)
     found = model_loader.list_available_models().get(key)
     if found and Path(found).resolve() == Path(path).resolve():
+        if config.release and config.model_file != ModelConfig.from_file(found).model_file:
+            return f"{key}@{config.release}"  # another release of the entry's size than the pinned one
         return key
     return shlex.quote(path)
 

@@ -57,7 +57,7 @@ def other_model(keys: Iterable[str]) -> str | None:
 def refusal(source: str, keys: Iterable[str]) -> str | None:
     """The one-line refusal for a file or folder whose keys belong to another model, or None."""
     what = other_model(keys)
-    return f"{source}: this is {what}, not RWKV-7 (x070); {SUPPORTED}" if what else None
+    return f"{source}: this is {what}, expected RWKV-7 (x070); {SUPPORTED}" if what else None
 
 
 # Hugging Face config.json "model_type" values of other RWKV generations and common families, for the
