@@ -3,7 +3,8 @@
 Nothing here touches the network. ``FakeHub`` runs two HTTP servers on 127.0.0.1 (random free
 ports) in daemon threads: "hub" answers HEAD/GET of ``/{repo}/resolve/{revision}/{file}`` as
 huggingface.co does for an LFS file (302 to the blob, with X-Repo-Commit, X-Linked-Etag = sha256
-and X-Linked-Size; 404 with X-Error-Code for a missing repo, revision or file), and "cdn" serves
+and X-Linked-Size; 404 with X-Error-Code for a missing repo, revision or file) and the file listing
+``/api/models/{repo}/tree/{revision}`` that huggingface_hub's list_repo_tree reads, and "cdn" serves
 blobs with Range support. Both log every request, can cut a GET midway or answer 503, and are shut
 down by the fixture. HF_ENDPOINT points huggingface_hub at "hub".
 """
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -61,7 +63,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         role = self.server.role
         with fake.lock:
             fake.log.append((role, self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-        if role == "hub":
+        if role == "hub" and self.path.startswith("/api/models/"):
+            self._tree(fake, body)
+        elif role == "hub":
             self._resolve(fake, body)
         else:
             self._blob(fake, body)
@@ -94,6 +98,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                     f"{fake.cdn_url}/blobs/{_sha(data)}"} | linked, body=body)
         # A mirror serving the file itself; its ETag is the sha256 of what it serves.
         self._ranged(fake, data, body, {"ETag": f'"{_sha(data)}"', "X-Repo-Commit": COMMIT} | linked)
+
+    def _tree(self, fake: "FakeHub", body: bool) -> None:
+        """``GET /api/models/{repo}/tree/{revision}?recursive=...``, what HfApi.list_repo_tree asks: a JSON
+        list of the repository's files, LFS ones with their sha256 (``lfs.oid``), as the hub answers."""
+        path = urlsplit(self.path).path
+        parts = path.split("/")  # "", "api", "models", owner, name, "tree", revision
+        if len(parts) < 7 or parts[5] != "tree":
+            return self._send(404, {"X-Error-Code": "RepoNotFound"}, body=body)
+        repo, revision = f"{parts[3]}/{parts[4]}", parts[6]
+        if not any(r == repo for r, _ in fake.files):
+            return self._send(404, {"X-Error-Code": "RepoNotFound"}, body=body)
+        if revision not in ("main", COMMIT):
+            return self._send(404, {"X-Error-Code": "RevisionNotFound"}, body=body)
+        if fake.listing is not None:
+            return self._send(200, {"Content-Type": "application/json"}, fake.listing, body=body)
+        entries = []
+        for (r, name), (data, advertised, size) in sorted(fake.files.items()):
+            if r != repo:
+                continue
+            oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            entry = {"type": "file", "oid": oid, "size": size, "path": name}
+            if name.endswith((".pth", ".safetensors")):
+                entry["lfs"] = {"oid": advertised, "size": size, "pointerSize": 134}
+            entries.append(entry)
+        return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode(), body=body)
 
     def _blob(self, fake: "FakeHub", body: bool) -> None:
         data = fake.blobs.get(self.path.rsplit("/", 1)[-1])
@@ -149,6 +178,7 @@ class FakeHub:
         self.redirect = True  # as huggingface.co does for LFS files; False: a mirror serving them itself
         self.linked = True  # X-Linked-Etag/X-Linked-Size (the LFS sha256 and size) in the HEAD's answer
         self.ignore_range = False  # True: every GET answers 200 with the whole file
+        self.listing: bytes | None = None  # set: the tree endpoint answers these bytes instead of the files
         self.servers = []
         for role in ("hub", "cdn"):
             server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)

@@ -586,6 +586,9 @@ def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
     if not isinstance(s, str):
         raise ConfigError(f"expected a model name or path as str, found {type(s).__name__}")
     low = s.strip().lower()
+    base, spec = releases.split_spec(s)
+    if spec and not Path(s).exists() and _registry_key(base) in list_available_models():
+        return ModelConfig.from_name(s)  # "1.5b@rwkv7-g1a-...pth": a release by file name, not a path
     if is_model_path(s):
         return ModelConfig.from_checkpoint(s)
     if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):
