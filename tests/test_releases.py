@@ -292,3 +292,19 @@ def test_hf_folder_of_another_model_type_is_one_line(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "rwkv6"}))
     with pytest.raises(CheckpointError, match=r"model_type is 'rwkv6': this folder holds a RWKV-6 model"):
         load_model_config(folder)
+
+
+# ---- training ctx ---------------------------------------------------------------------------------
+
+
+def test_training_ctx_is_capped_and_warned_by_the_models_ctx(world):
+    from rwkvtune.models.rwkv7.config import TrainConfig
+    from rwkvtune.train.setup_checks import ctx_warnings
+
+    (world / "models" / "rwkv7-g0-9.9b-20250201-ctx512.pth").write_bytes(b"x")
+    model = load_model_config("tiny")  # ctx512 in the name; the entry recommends 1024
+    resolved = TrainConfig(model="tiny", data="d", device="cpu").resolve(model)
+    assert resolved.ctx_len == 512 and ctx_warnings(resolved, model) == []
+    longer = TrainConfig(model="tiny", data="d", device="cpu", ctx_len=2048).resolve(model)
+    (warning,) = ctx_warnings(longer, model)
+    assert "ctx_len 2048 is longer than the 512 tokens" in warning and "--ctx-len" in warning

@@ -41,7 +41,8 @@ from rwkvtune.train.metrics import MetricsLogger, check_packages
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
-from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings, schedule_warnings
+from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
+                                           schedule_warnings)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
 from rwkvtune.utils import atomic_write_text
@@ -278,7 +279,8 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     if cfg.precision == "bf16" and not r.device.startswith("cuda"):
         r.logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can be far "
                       "slower than fp32 there")
-    warnings = data_warnings(cfg, len(r.train_set), r.sampler.global_batch) + schedule_warnings(cfg, r.total_steps)
+    warnings = (data_warnings(cfg, len(r.train_set), r.sampler.global_batch) + schedule_warnings(cfg, r.total_steps)
+                + ctx_warnings(cfg, r.model_config))
     for warning in warnings:
         r.logger.info(warning)
 

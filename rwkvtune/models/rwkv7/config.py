@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,8 @@ class TrainConfig:
         import torch
 
         c = dataclasses.replace(self)
-        c.ctx_len = c.ctx_len or model_config.recommended_ctx_len
+        # The recommendation, but never beyond the context the model was trained with (its release's ctx<N>).
+        c.ctx_len = c.ctx_len or min(model_config.recommended_ctx_len, model_config.ctx_len or math.inf)
         c.batch_size = c.batch_size or model_config.recommended_batch_size
         if c.lr is None:
             from rwkvtune.peft import get_mode
