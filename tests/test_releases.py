@@ -308,3 +308,31 @@ def test_training_ctx_is_capped_and_warned_by_the_models_ctx(world):
     longer = TrainConfig(model="tiny", data="d", device="cpu", ctx_len=2048).resolve(model)
     (warning,) = ctx_warnings(longer, model)
     assert "ctx_len 2048 is longer than the 512 tokens" in warning and "--ctx-len" in warning
+
+
+# ---- models check / examples/test_model_configs.py ---------------------------------------------
+
+
+def test_check_covers_present_and_recorded_releases(world, tiny_bytes, deepembed_bytes, capsys):
+    import subprocess
+    import sys
+
+    models = world / "models"
+    (models / G1A).write_bytes(tiny_bytes)
+    code, out, _ = _run(capsys, "models", "check")
+    assert code == 0 and "tiny@g1a-20250601" in out and "matches model file" in out
+    (models / G1B).write_bytes(deepembed_bytes)
+    code, out, _ = _run(capsys, "models", "check")
+    assert code == 1 and "FAIL  tiny@g1b-20251001" in out and "RWKV-7a" in out
+    script = Path(__file__).resolve().parents[1] / "examples" / "test_model_configs.py"
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "[tiny@g1b-20251001]" in r.stdout and "ctx_len=16384" in r.stdout
+    assert "[tiny@g1a-20250601]" in r.stdout
+
+
+def test_check_fails_a_pinned_file_whose_name_states_another_ctx(world, capsys):
+    raw = json.loads((world / "configs" / "rwkv7-tiny.json").read_text())
+    raw["architecture"]["ctx_len"] = 2048
+    (world / "configs" / "rwkv7-tiny.json").write_text(json.dumps(raw))
+    code, out, _ = _run(capsys, "models", "check")
+    assert code == 1 and "architecture.ctx_len is 2048, but its model file" in out
