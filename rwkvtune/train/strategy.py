@@ -141,8 +141,11 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
     in bf16 when saving bf16, so host memory stays near one copy of the model in its saved dtype."""
     from rwkvtune.models.rwkv7.model import RWKV7
 
+    # The model file's own key set: a file without layer 0's unused v0/v1/v2 (many RWKV-7 releases)
+    # is sharded without them, and final.pth is written without them (the rwkv package ignores them)
+    layer0_v = module.model.layer0_v
     with torch.device("meta"):
-        shadow = mode.prepare(RWKV7(model_config), cfg) if keep else None
+        shadow = mode.prepare(RWKV7(model_config, layer0_v=layer0_v), cfg) if keep else None
     save_bf16 = cfg.save_dtype == "bf16"
     full = {}
     for name, tensor in module.state_dict().items():
