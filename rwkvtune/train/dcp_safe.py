@@ -162,7 +162,8 @@ def check_files(folder: Path, metadata, nonce: int | None) -> None:
     for rel, (end, fqn) in sorted(ends.items()):
         if sizes[rel] < end:
             raise CheckpointError(f"{folder}: shard file {rel} is {sizes[rel]:,} bytes, the index needs {end:,} (for "
-                                  f"{fqn}); it is truncated: move this checkpoint away to resume from the one before it")
+                                  f"{fqn}); it is truncated: move this checkpoint away to resume from the one "
+                                  f"before it")
 
 
 def _check_tags(folder: Path, metadata, nonce: int | None, sizes: dict[str, int]) -> None:

@@ -12,7 +12,8 @@ in host memory (CPUOffloadPolicy; GPU runs only). Frozen base weights (lora, sta
 Resumable checkpoints are ``torch.distributed.checkpoint`` folders (each process writes its shard;
 a run resumes on any number of processes) read back without unpickling anything but the
 checkpoint's own index classes (:mod:`rwkvtune.train.dcp_safe`). ``final.pth`` is gathered tensor
-by tensor onto the main process.
+by tensor onto the main process, with the model file's own key set (with or without layer 0's unused
+v0/v1/v2). A resume on another number of processes says what changes (:func:`resume_world_size`).
 """
 
 from __future__ import annotations
