@@ -44,7 +44,8 @@ from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_devic
 from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
                                            schedule_warnings)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
-from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
+from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
+                                     resume_world_size)
 from rwkvtune.utils import atomic_write_text
 
 
@@ -138,6 +139,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     method_shape = dict(rows=rows, reference_copy=method.keeps_reference_copy(mode))
     # An upper bound: collate trims the columns after a batch's last target.
     tokens_per_step = cfg.batch_size * rows * cfg.grad_accum * d.world_size * sample_tokens
+    world_change = None
     if resume_dir and not dry_run:
         step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
         done = checkpointing.completed_summary(run.path, step, total_steps)
@@ -146,6 +148,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                 print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
                       f"--max-steps to train further)", file=sys.stderr)
             return done
+        # another number of processes: said (or refused where undefined) before any weight is read
+        world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch, tokens_per_step)
 
     if dry_run:
         return _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
@@ -168,6 +172,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         changes = checkpointing.schedule_changes(resume_dir, cfg)
         if changes:  # a row at the resumed step records the new schedule in the run's history
             logger.log_event(step, {"resumed": True, "schedule_changed": changes})
+        if world_change:
+            logger.log_event(step, {"resumed": True, "world_size_changed": world_change})
     r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
