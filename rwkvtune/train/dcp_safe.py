@@ -7,7 +7,9 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` of the run directory:
   index ``.metadata``, written by ``torch.distributed.checkpoint`` (so a run resumes on any
   number of processes: the loader reshards);
 * ``trainer.pt``: step, tokens, data position, RNG states, the config and the method's state,
-  tensors and plain values only.
+  tensors and plain values only;
+* ``manifest.json``: every file's size and CRC-32, checked before a resume reads any of them
+  (:mod:`rwkvtune.train.manifest`).
 
 torch's own reader unpickles ``.metadata`` with plain ``pickle`` and the non-tensor entries with
 ``torch.load(weights_only=False)``: either lets a planted file run code. :class:`SafeReader`
@@ -34,7 +36,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError
-from rwkvtune.train import checkpointing
+from rwkvtune.train import checkpointing, manifest
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
 
 TRAINER_FILE = "trainer.pt"
@@ -114,6 +116,8 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
         atomic_torch_save({"step": step, "tokens": tokens, "sampler": sampler.state_dict(),
                            "rng": checkpointing.rng_state(), "config": cfg.to_dict(), "method": method_state or {},
                            "world_size": d.world_size}, tmp / TRAINER_FILE)
+    manifest.seal_sharded(tmp, step)  # every process: manifest.json in the folder before it is renamed
+    if d.main:
         shutil.rmtree(final, ignore_errors=True)  # a resumed run saving the same step again
         tmp.rename(final)
         atomic_write_text(run.latest, final.name + "\n")
@@ -143,6 +147,7 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
     meta = checkpointing.read_checkpoint_info(path)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
+    manifest.verify_sharded(path)  # every process: each file's size and checksum, before anything is read
     SafeReader(path).read_metadata()  # its refusal, in its own words (dcp.load would hide it in a fallback)
     try:
         dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())
@@ -152,6 +157,7 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
         raise CheckpointError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); it is incomplete or from another "
                               f"model or mode: move it away to resume from the one before it") from None
+    manifest.check_loaded_finite(path, state)
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=LOAD_OPTIONS)
     sampler.load_state_dict(meta["sampler"])
