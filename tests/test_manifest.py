@@ -239,3 +239,30 @@ def test_sharded_trainer_state_and_step_are_checked(runs, tmp_path):
     assert "file trainer.pt is " in _resume_error(out)
     (folder / "manifest.json").unlink()
     assert "step differs from its name (expected 2, found 1000)" in _resume_error(out)
+
+
+def test_two_processes_seal_their_shards_and_all_refuse_a_damaged_one(runs, tmp_path):
+    """torchrun, 2 processes: each hashes its own shard into the manifest; on resume each checks its
+    share of the files and every process stops with the same line (none is left waiting)."""
+    from test_fsdp import ENV, _torchrun
+
+    data = {"text": str(runs / "text.jsonl"), "ckpt": str(runs / "base.pth")}
+    out = tmp_path / "two"
+    res = subprocess.run(_torchrun(data, out, max_steps=2, save_every=2), capture_output=True, text=True,
+                         timeout=400, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = out / "checkpoints" / "step-0000002"
+    m = json.loads((folder / "manifest.json").read_text())
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer.pt"} <= set(m["files"]) and m["world_size"] == 2
+    (out / "summary.json").unlink()
+    shard = folder / "__1_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    cmd = _torchrun(data, out, resume=True) + ["--max-steps", "3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=ENV)
+    assert res.returncode != 0
+    lines = [l for l in res.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 2 and lines[0] == lines[1], res.stderr[-3000:]  # the same line from both processes
+    assert lines[0].startswith(f"error: {folder}: file __1_0.distcp has crc32 ")
+    assert len(train_losses(out)) == 2
