@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import make_state_dict  # noqa: E402 (after the path insert)
 
 from rwkvtune.models.rwkv7.config import TrainConfig  # noqa: E402
+from rwkvtune.tensor_checks import count_non_finite  # noqa: E402
 from rwkvtune.train import checkpointing, manifest  # noqa: E402
 from rwkvtune.utils import atomic_torch_save, human_bytes, tensor_bytes  # noqa: E402
 
@@ -57,7 +58,7 @@ def main() -> None:
     params = sum(v.numel() for v in trainable.values())
     size = tensor_bytes(ck)
     print(f"checkpoint: {a.layers} layers x {a.embd}, vocab {a.vocab}: {params / 1e6:.1f}M fp32 params + AdamW "
-          f"moments = {human_bytes(size)}; {manifest._THREADS} hashing thread(s), {torch.get_num_threads()} torch "
+          f"moments = {human_bytes(size)}; {manifest._threads()} hashing thread(s), {torch.get_num_threads()} torch "
           f"thread(s)")
 
     path = os.path.join(a.dir, f"bench-manifest-{os.getpid()}.pt")
@@ -71,6 +72,8 @@ def main() -> None:
         tensors = manifest._tensors(loaded)
         t_crc, _ = _best(lambda: manifest._parallel(lambda n: manifest.tensor_crc(tensors[n]), list(tensors)),
                          a.repeat)
+        t_finite, _ = _best(lambda: [count_non_finite(t) for t in tensors.values() if t.is_floating_point()],
+                            a.repeat)
     finally:
         if os.path.exists(path):
             os.unlink(path)
@@ -78,7 +81,7 @@ def main() -> None:
     print(f"manifest {t_build:6.2f} s  = {100 * t_build / t_save:.1f}% of a save ({size / t_build / 1e9:.2f} GB/s)")
     print(f"load     {t_load:6.2f} s  (torch.load, weights_only)")
     print(f"verify   {t_verify:6.2f} s  = {100 * t_verify / t_load:.1f}% of a load (checksums {t_crc:.2f} s, "
-          f"finiteness and names/shapes/dtypes the rest)")
+          f"finiteness {t_finite:.2f} s, names/shapes/dtypes the rest)")
     print(f"manifest write + verify: {t_build + t_verify:.2f} s per checkpoint saved and resumed")
 
 

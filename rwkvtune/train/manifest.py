@@ -20,7 +20,7 @@ So every checkpoint carries a manifest, written with it:
 
 CRC-32 (zlib), not SHA-256: this guards against damage (bit rot, a torn copy, a hand edit), not
 against someone who rewrites the manifest too; CRC-32 runs at about 1.6 GB/s per core here,
-SHA-256 at 1.0 GB/s, and both release the GIL, so tensors are hashed on a few threads.
+SHA-256 at 1.0 GB/s, and both release the GIL, so tensors are hashed on up to 8 threads.
 ``bench/bench_manifest.py`` measures the cost on the 0.1B shape.
 
 Checkpoints written before manifests existed resume with a warning: everything but the checksums
@@ -50,9 +50,13 @@ MANIFEST_FILE = "manifest.json"  # in a sharded checkpoint folder
 VERSION = 1
 _MANIFEST_MAX_BYTES = 64 << 20  # a manifest.json larger than this is not one rwkvtune wrote
 _CHUNK = 64 << 20  # bytes read at a time when hashing a file
-# Threads hashing tensors or files: zlib.crc32 releases the GIL, so they run in parallel; more
-# than 8 rarely helps (memory bandwidth), and a run's data loader and logger need a core too.
-_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _threads() -> int:
+    """Threads hashing tensors or files: zlib.crc32 releases the GIL, so they run in parallel. As
+    many as torch computes with (the run's --threads), at most 8: more rarely helps (memory
+    bandwidth)."""
+    return max(1, min(8, torch.get_num_threads()))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -78,7 +82,7 @@ def file_crc(path: Path) -> int:
 def _parallel(fn, items: list) -> list:
     if len(items) < 2:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(min(_THREADS, len(items))) as pool:
+    with ThreadPoolExecutor(min(_threads(), len(items))) as pool:
         return list(pool.map(fn, items))
 
 
