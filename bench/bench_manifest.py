@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import make_state_dict  # noqa: E402 (after the path insert)
 
 from rwkvtune.models.rwkv7.config import TrainConfig  # noqa: E402
-from rwkvtune.tensor_checks import count_non_finite  # noqa: E402
 from rwkvtune.train import checkpointing, manifest  # noqa: E402
 from rwkvtune.utils import atomic_torch_save, human_bytes, tensor_bytes  # noqa: E402
 
@@ -72,7 +71,7 @@ def main() -> None:
         tensors = manifest._tensors(loaded)
         t_crc, _ = _best(lambda: manifest._parallel(lambda n: manifest.tensor_crc(tensors[n]), list(tensors)),
                          a.repeat)
-        t_finite, _ = _best(lambda: [count_non_finite(t) for t in tensors.values() if t.is_floating_point()],
+        t_finite, _ = _best(lambda: [manifest.non_finite(t) for t in tensors.values() if t.is_floating_point()],
                             a.repeat)
     finally:
         if os.path.exists(path):

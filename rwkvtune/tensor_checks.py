@@ -31,13 +31,6 @@ def check_stored(name: str, t: torch.Tensor, source, what: str = "tensor") -> No
 def count_non_finite(t: torch.Tensor) -> int:
     """Number of NaN/inf values of ``t`` (0 for a finite tensor, checked in slices)."""
     flat = t.detach().reshape(-1)
-    # A NaN or inf anywhere makes the sum NaN or inf, so a finite sum proves every value finite:
-    # one reduction, about 15x faster than isfinite().all() (0.06 s against 1.1 s for a 200 MB
-    # tensor). Summed in fp32 at least (fp16 sums overflow at 65504); a non-finite sum (or finite
-    # values whose sum overflows) is counted exactly below.
-    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
-    if flat.numel() == 0 or bool(torch.isfinite(flat.sum(dtype=acc))):
-        return 0
     for start in range(0, flat.numel(), _SLICE):
         if not bool(torch.isfinite(flat[start:start + _SLICE]).all()):
             return int(flat.numel() - torch.isfinite(flat).sum())  # only on failure: the count for the message
