@@ -9,6 +9,7 @@ exp_avg_sq, RNG states, sampler, config: 2.3 GB for 0.1B) from random values, th
   load      torch.load of the saved file (weights_only)
   verify    manifest.verify_pt on what was loaded: checksums, then finiteness of every float tensor
 and prints each (best of --repeat) and the manifest's share of a save, verify's of a load.
+Needs about 2.5x the checkpoint in free memory (5-6 GB for 0.1B).
 """
 import argparse
 import os
@@ -81,7 +82,8 @@ def main() -> None:
     print(f"load     {t_load:6.2f} s  (torch.load, weights_only)")
     print(f"verify   {t_verify:6.2f} s  = {100 * t_verify / t_load:.1f}% of a load (checksums {t_crc:.2f} s, "
           f"finiteness {t_finite:.2f} s, names/shapes/dtypes the rest)")
-    print(f"manifest write + verify: {t_build + t_verify:.2f} s per checkpoint saved and resumed")
+    print(f"manifest write + verify: {t_build + t_verify:.2f} s = {100 * (t_build + t_verify) / t_save:.1f}% of a "
+          f"save (write: every save; verify: once per resume)")
 
 
 if __name__ == "__main__":
