@@ -7,7 +7,9 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` of the run directory:
   index ``.metadata``, written by ``torch.distributed.checkpoint`` (so a run resumes on any
   number of processes: the loader reshards);
 * ``trainer.pt``: step, tokens, data position, RNG states, the config and the method's state,
-  tensors and plain values only.
+  tensors and plain values only;
+* ``manifest.json``: every file's size and CRC-32, checked before a resume reads any of them
+  (:mod:`rwkvtune.train.manifest`).
 
 torch's own reader unpickles ``.metadata`` with plain ``pickle`` and the non-tensor entries with
 ``torch.load(weights_only=False)``: either lets a planted file run code. :class:`SafeReader`
@@ -44,7 +46,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
-from rwkvtune.train import checkpointing
+from rwkvtune.train import checkpointing, manifest
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
 
 TRAINER_FILE = "trainer.pt"
@@ -237,6 +239,8 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
         atomic_torch_save({"step": step, "tokens": tokens, "sampler": sampler.state_dict(),
                            "rng": checkpointing.rng_state(), "config": cfg.to_dict(), "method": method_state or {},
                            "world_size": d.world_size, "shard_nonce": nonce[0]}, tmp / TRAINER_FILE)
+    manifest.seal_sharded(tmp, step)  # every process: manifest.json in the folder before it is renamed
+    if d.main:
         shutil.rmtree(final, ignore_errors=True)  # a resumed run saving the same step again
         tmp.rename(final)
         atomic_write_text(run.latest, final.name + "\n")
@@ -284,13 +288,22 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
             raise CheckpointError(f"{path}: a checkpoint of a run without sharding; resume it with strategy ddp "
                                   f"(drop strategy=fsdp)")
         meta = checkpointing.read_checkpoint_info(path)
+    except RwkvtuneError as e:
+        error = e
+    except Exception as e:  # anything else met reading the checkpoint: said, and by every process
+        error = _read_error(path, e)
+    agree(error)
+    try:  # a collective: each file's size and checksum against manifest.json before any file is parsed
+        manifest.verify_sharded(path)
+    except RwkvtuneError as e:  # every process raises the same line
+        raise on_every_rank(e) from e.__cause__
+    try:
         check_files(path, SafeReader(path).read_metadata(), meta.get("shard_nonce"))
         sampler.load_state_dict(meta["sampler"])
     except RwkvtuneError as e:
         error = e
-    except Exception as e:  # anything else met reading the checkpoint: said, and by every process
-        error = CheckpointError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: {_first_line(e)})")
-        error.__cause__ = e
+    except Exception as e:
+        error = _read_error(path, e)
     agree(error)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
@@ -300,6 +313,10 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
         raise on_every_rank(_load_error(path, e)) from e
     except Exception as e:
         raise _load_error(path, e) from e
+    try:
+        manifest.check_loaded_finite(path, state)  # a collective: every process raises the same line
+    except RwkvtuneError as e:
+        raise on_every_rank(e) from e.__cause__
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=LOAD_OPTIONS)
     checkpointing.set_rng_state(meta["rng"])
@@ -322,6 +339,12 @@ def agree(error: RwkvtuneError | None) -> None:
     if error is not None and str(error) == first:
         raise on_every_rank(error)
     raise on_every_rank(CheckpointError(first)) from error
+
+
+def _read_error(path: Path, e: Exception) -> CheckpointError:
+    error = CheckpointError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: {_first_line(e)})")
+    error.__cause__ = e
+    return error
 
 
 def _first_line(e: BaseException) -> str:

@@ -33,6 +33,7 @@ from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule, count_params
 from rwkvtune.train import checkpointing, run_lock
+from rwkvtune.train.manifest import check_step_within
 from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
 from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
@@ -141,13 +142,15 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     tokens_per_step = cfg.batch_size * rows * cfg.grad_accum * d.world_size * sample_tokens
     world_change = None
     if resume_dir and not dry_run:
-        step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
+        resume_path = checkpointing.resume_checkpoint(resume_dir)
+        step = checkpointing.checkpoint_step(resume_path)
         done = checkpointing.completed_summary(run.path, step, total_steps)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
                 print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
                       f"--max-steps to train further)", file=sys.stderr)
             return done
+        check_step_within(resume_path, step, total_steps)
         # another number of processes: said (or refused where undefined) before any weight is read
         world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch, tokens_per_step)
 
