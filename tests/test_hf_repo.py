@@ -227,8 +227,8 @@ def test_folder_of_unknown_origin_and_force(models, fake, source):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["models", "download", "1.5b", "--repo", HF_REPO], "NAME name a registry model file"),
-    (["models", "download", "--latest", "--repo", HF_REPO], "--latest name a registry model file"),
+    (["models", "download", "1.5b", "--repo", HF_REPO], "NAME names a registry model file"),
+    (["models", "download", "--latest", "--repo", HF_REPO], "--latest names a registry model file"),
     (["models", "download", "1.5b", "--revision", "v1"], "--revision goes with --repo"),
     (["models", "download"], "give NAME"),
     (["models", "download", "--repo", "no-slash"], "--repo 'no-slash': expected a Hugging Face repository id"),
@@ -252,3 +252,27 @@ def test_records_are_checked(models):
         with pytest.raises(ConfigError, match=needle) as info:
             repo_records.read_records(models)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_incomplete_weights_are_refused_before_the_rename(models, fake, source, capsys):
+    repo = "fla-hub/rwkv7-missing-shard"
+    for name, data in source[1].items():
+        if name != sorted(n for n in source[1] if n.endswith(".safetensors"))[-1]:  # one shard not published
+            _publish(fake, repo, name, data)
+    err = _one_line_error(capsys, ["models", "download", "--repo", repo])
+    assert "not a loadable RWKV-7 Hugging Face folder" in err and "the download was deleted" in err
+    assert not (models / repo).exists() and list((models / hub.WORK_DIR).glob("*@*")) == []
+
+
+def test_only_plain_top_level_files_are_selected():
+    from rwkvtune.hub_releases import RepoFile
+
+    names = ["config.json", "model.safetensors", "rwkv_vocab_v20230424.txt", "pytorch_model.bin", "rwkv.pth",
+             "modeling_rwkv7.py", "../model.safetensors", "sub/model.safetensors", ".hidden.safetensors",
+             "tokenizer.json", "README.md"]
+    fetch, pickles, other = hub_repos.select([RepoFile(n, 1, git_oid="a" * 40) for n in names])
+    assert [f.path for f in fetch] == ["config.json", "model.safetensors", "rwkv_vocab_v20230424.txt",
+                                       "tokenizer.json"]
+    assert pickles == ["pytorch_model.bin", "rwkv.pth"]
+    assert set(other) == {"modeling_rwkv7.py", "../model.safetensors", "sub/model.safetensors",
+                          ".hidden.safetensors", "README.md"}

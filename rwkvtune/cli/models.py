@@ -369,8 +369,9 @@ def cmd_download(args: argparse.Namespace) -> int:
         given = [flag for flag, on in (("NAME", args.name is not None), ("--release", args.release),
                                        ("--latest", args.latest)) if on]
         if given:
-            raise ConfigError(f"--repo {args.repo} downloads a Hugging Face folder; {' and '.join(given)} name a "
-                              f"registry model file: give one of them, not both")
+            raise ConfigError(f"--repo {args.repo} downloads a Hugging Face folder; {' and '.join(given)} "
+                              f"{'name' if len(given) > 1 else 'names'} a registry model file: give one of them, "
+                              f"not both")
         return _download_repo(args)
     if args.revision is not None:
         raise ConfigError("--revision goes with --repo; a registry entry's revision is source.hf_revision in its "
