@@ -55,6 +55,7 @@ checked: a failure (disk full, Ctrl-C) leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Callable
@@ -175,19 +176,27 @@ def world_vocab(vocab_size: int, source) -> tuple[list[bytes], list[int]]:
     llama.cpp's rwkv tokenizer reads each token as the body of a Python bytes literal (it undoes
     the escapes), id 0 being ``<s>``. A model with fewer rows than the vocab cannot hold it."""
     gguf = _import_gguf()
-    from rwkvtune.tokenizer import _default_vocab_file, _parse_vocab
-
-    table = _parse_vocab(_default_vocab_file())
-    n = max(i for i, tok in enumerate(table) if tok) + 1  # 65530: id 0 plus the vocab's 1..65529
+    world = _world_tokens()
+    n = len(world)
     if vocab_size < n:
         raise ConfigError(f"{source}: the model has vocab_size {vocab_size}, but a GGUF file carries the RWKV World "
                           f"tokenizer ({n} tokens), which needs vocab_size >= {n}; export a model with the World "
                           f"vocabulary (every released RWKV-7 model has 65536 rows)")
-    tokens = [b"<s>"] + [repr(tok)[2:-1].encode("utf-8") for tok in table[1:n]]
+    tokens = list(world)
     types = [int(gguf.TokenType.CONTROL)] + [int(gguf.TokenType.NORMAL)] * (n - 1)
     tokens += [f"[PAD{i}]".encode("utf-8") for i in range(n, vocab_size)]
     types += [int(gguf.TokenType.UNUSED)] * (vocab_size - n)
     return tokens, types
+
+
+@functools.lru_cache(maxsize=1)
+def _world_tokens() -> tuple[bytes, ...]:
+    """``<s>`` and the World vocab's ids 1..65529, each as the body of its Python bytes literal."""
+    from rwkvtune.tokenizer import _default_vocab_file, _parse_vocab
+
+    table = _parse_vocab(_default_vocab_file())
+    n = max(i for i, tok in enumerate(table) if tok) + 1  # 65530: id 0 plus the vocab's 1..65529
+    return (b"<s>",) + tuple(repr(tok)[2:-1].encode("utf-8") for tok in table[1:n])
 
 
 def chat_template() -> str:
@@ -271,9 +280,17 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, model_confi
                 w.write_ti_data_to_file()
                 for t in plan:
                     parts = [_checked_read(source, k) for k in t.keys]
-                    data = _to_numpy(t.name, t.make(*parts).reshape(t.shape), types_of[t.name], source.path, gguf)
+                    what = f"{t.keys[0]}{'...' if len(t.keys) > 1 else ''} (GGUF {t.name})"
+                    data = _to_numpy(what, t.make(*parts).reshape(t.shape), types_of[t.name], source.path, gguf)
                     del parts
-                    w.write_tensor_data(data)
+                    try:
+                        w.write_tensor_data(data)
+                    except OSError as e:
+                        if e.errno is not None:
+                            raise
+                        # numpy's tofile reports a short write without the errno ("N requested and M
+                        # written"): said in the words of a failed write, with the space it needs.
+                        raise RuntimeError(f"file write failed: {e}") from e
                 w.flush()
             finally:
                 w.close()
@@ -326,21 +343,92 @@ def _fill_header(w, gguf, config: ModelConfig, plan, types_of, nbytes, file_type
     w.add_chat_template(chat_template())
 
 
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_HEADER_CAP = 64 << 20  # a header (metadata, token list, tensor table) is ~1 MB: read at most this
+
+
+def read_gguf_header(path: str | os.PathLike) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]], int]:
+    """({key: value}, [(tensor name, row-major shape, GGML type id, offset)], data start) of a GGUF
+    v3 file, parsed here from the format's spec (little-endian), apart from the ``gguf`` package
+    that wrote it: a second reading of what the writer produced. ValueError if malformed."""
+    import struct
+
+    with open(path, "rb") as f:
+        buf = f.read(_HEADER_CAP)
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        if pos + n > len(buf):
+            raise ValueError("a string runs past the header")
+        pos += n
+        return bytes(buf[pos - n:pos]).decode("utf-8")
+
+    def value(vtype: int):
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            etype, n = take("IQ")
+            return [value(etype) for _ in range(n)]
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown value type {vtype}")
+        return take(_SCALARS[vtype])
+
+    try:
+        magic, version, n_tensors, n_kv = take("4sIQQ")
+        if magic != b"GGUF" or version != 3:
+            raise ValueError(f"magic {magic!r} version {version}, expected b'GGUF' version 3")
+        kv = {}
+        for _ in range(n_kv):
+            key = string()
+            kv[key] = value(take("I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = [take("Q") for _ in range(take("I"))]
+            qtype, offset = take("IQ")
+            tensors.append((name, tuple(reversed(dims)), qtype, offset))
+    except struct.error as e:
+        raise ValueError(f"the header is cut short ({e})") from e
+    align = kv.get("general.alignment", 32)
+    return kv, tensors, (pos + align - 1) // align * align
+
+
 def verify_gguf(path: str | os.PathLike, expect: list[tuple[str, tuple[int, ...], str]], n_tokens: int) -> None:
-    """Read the written file's header back with the ``gguf`` reader: every tensor there with its
-    shape and type, in order, its data inside the file, and the token list complete."""
+    """Read the written file's header back: every tensor there, in order, with its shape and
+    type, its data laid out back to back (aligned) inside the file, and the token list complete."""
     gguf = _import_gguf()
     try:
-        r = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise OutputError(f"{path}: the written GGUF file does not read back ({e}); the disk may be failing") from e
-    got = [(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name) for t in r.tensors]
-    # The reader lists a shape the way ggml does (reversed); the 1-D ones compare as they are.
-    want = [(n, tuple(s), q) for n, s, q in expect]
-    size = os.path.getsize(path)
-    last = max((t.data_offset + t.n_bytes for t in r.tensors), default=0)
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    if got != want or last > size or tokens is None or len(tokens.data) != n_tokens:
-        bad = next((f"{g} != {e}" for g, e in zip(got, want) if g != e), f"{len(got)} tensors, expected {len(want)}")
-        raise OutputError(f"{path}: the written GGUF file does not read back as written ({bad}); the disk may be "
-                          f"failing, write it again")
+        kv, tensors, data_start = read_gguf_header(path)
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise OutputError(f"{path}: the written GGUF file does not read back ({e}); write it again (the disk may be "
+                          f"failing)") from e
+    problem = None
+    if kv.get("general.architecture") != ARCH or len(kv.get("tokenizer.ggml.tokens", ())) != n_tokens:
+        problem = "metadata incomplete"
+    elif len(tensors) != len(expect):
+        problem = f"{len(tensors)} tensors, expected {len(expect)}"
+    offset = 0
+    for (name, shape, qtype, at), (want_name, want_shape, want_type) in zip(tensors, expect):
+        q = gguf.GGMLQuantizationType(qtype)
+        if problem is None and ((name, shape, q.name) != (want_name, tuple(want_shape), want_type) or at != offset):
+            problem = f"tensor {name} {list(shape)} {q.name} at {at}, expected {want_name} {list(want_shape)} " \
+                      f"{want_type} at {offset}"
+        block, size = gguf.GGML_QUANT_SIZES[q]
+        n = 1
+        for d in shape:
+            n *= d
+        offset += (n // block * size + 31) // 32 * 32
+    if problem is None and data_start + offset > os.path.getsize(path):
+        problem = f"{os.path.getsize(path)} bytes, expected {data_start + offset}"
+    if problem:
+        raise OutputError(f"{path}: the written GGUF file does not read back as written ({problem}); write it again "
+                          f"(the disk may be failing)")
