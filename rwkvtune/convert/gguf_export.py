@@ -63,7 +63,10 @@ from typing import Callable
 import torch
 
 from rwkvtune.configs.model_loader import ModelConfig
+from rwkvtune.convert.hf import _check_source, _checked_read, open_model_source
 from rwkvtune.errors import ConfigError, OutputError
+from rwkvtune.tokenizer import _default_vocab_file, _parse_vocab
+from rwkvtune.utils import _atomic_write
 
 ARCH = "rwkv7"
 CONTEXT_LENGTH = 1 << 20  # RWKV is not context limited; the converter writes 1048576
@@ -192,8 +195,6 @@ def world_vocab(vocab_size: int, source) -> tuple[list[bytes], list[int]]:
 @functools.lru_cache(maxsize=1)
 def _world_tokens() -> tuple[bytes, ...]:
     """``<s>`` and the World vocab's ids 1..65529, each as the body of its Python bytes literal."""
-    from rwkvtune.tokenizer import _default_vocab_file, _parse_vocab
-
     table = _parse_vocab(_default_vocab_file())
     n = max(i for i, tok in enumerate(table) if tok) + 1  # 65530: id 0 plus the vocab's 1..65529
     return (b"<s>",) + tuple(repr(tok)[2:-1].encode("utf-8") for tok in table[1:n])
@@ -244,9 +245,6 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, model_confi
     ``save_dtype``: fp32, fp16, bf16 or q8_0 (None/"keep": the source's dtype). ``model_config``
     (optional) must match the dims detected from ``src``. ``name``: general.name (default: the
     output file's name without .gguf). Refuses an existing ``out_path``. Returns its path."""
-    from rwkvtune.convert.hf import _check_source, _checked_read, open_model_source
-    from rwkvtune.utils import _atomic_write
-
     gguf = _import_gguf()
     out = Path(out_path)
     if out.exists() or out.is_symlink():
