@@ -215,7 +215,8 @@ def test_token_list_is_the_world_vocab(ours):
 # ---- (b) equal to llama.cpp's own converter -----------------------------------------------------------
 
 
-def _converter():
+@pytest.fixture(scope="module")
+def converter():
     if not CONVERTER.is_file():
         pytest.skip(f"llama.cpp's converter not found at {CONVERTER}: {FETCH}")
     pytest.importorskip("transformers", reason="llama.cpp's converter imports transformers")
@@ -223,7 +224,7 @@ def _converter():
 
 
 @pytest.fixture(scope="module")
-def hf_dir(pth, tmp_path_factory):
+def hf_dir(converter, pth, tmp_path_factory):
     """Our Hugging Face export of the tiny model: what llama.cpp's converter reads."""
     out = tmp_path_factory.mktemp("hf") / "tiny-hf"
     assert main(["export", pth, str(out)]) == 0
@@ -231,8 +232,7 @@ def hf_dir(pth, tmp_path_factory):
 
 
 @pytest.mark.parametrize("save_dtype, ggml_type, file_type", SAVE_DTYPES)
-def test_equal_to_llama_cpp_converter_output(ours, hf_dir, tmp_path, save_dtype, ggml_type, file_type):
-    converter = _converter()
+def test_equal_to_llama_cpp_converter_output(converter, hf_dir, ours, tmp_path, save_dtype, ggml_type, file_type):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own gguf-py, not ours
     theirs = tmp_path / "theirs.gguf"
     res = subprocess.run([sys.executable, str(converter), str(hf_dir), "--outfile", str(theirs), "--outtype",
@@ -255,12 +255,17 @@ def test_equal_to_llama_cpp_converter_output(ours, hf_dir, tmp_path, save_dtype,
 # ---- (c) llama.cpp continues a prompt with rwkvtune's greedy tokens ----------------------------------
 
 
-def _llama_cpp(model: Path, ids: list[int], n: int, text: str) -> dict:
+@pytest.fixture(scope="module")
+def node():
     node = shutil.which("node")
     if node is None:
         pytest.skip("node not found: llama.cpp runs here through node-llama-cpp (node >= 20)")
     if not (NODE_MODULES / "node-llama-cpp" / "package.json").is_file():
         pytest.skip(f"node-llama-cpp not found in {NODE_MODULES}: {FETCH}")
+    return node
+
+
+def _llama_cpp(node: str, model: Path, ids: list[int], n: int, text: str) -> dict:
     res = subprocess.run([node, str(REPO / "tests" / "clients" / "llamacpp_greedy.mjs"), str(NODE_MODULES), str(model),
                           ",".join(map(str, ids)), str(n), text], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -278,14 +283,14 @@ def _greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
     return ids[-n:], gap
 
 
-def test_llama_cpp_continues_with_our_greedy_tokens(pth, ours):
+def test_llama_cpp_continues_with_our_greedy_tokens(node, pth, ours):
     from rwkvtune.models.rwkv7 import RWKV7
     from rwkvtune.tokenizer import WorldTokenizer
 
     text = "He said \"it's\" \\ fine.\n\n\u4f60\u597d \U0001F642\tUser: x"
     prompt = WorldTokenizer().encode("The quick brown fox")
     want, gap = _greedy(RWKV7.from_checkpoint(pth), prompt, 8)
-    got = _llama_cpp(ours("fp32"), prompt, 8, text)
+    got = _llama_cpp(node, ours("fp32"), prompt, 8, text)
     assert gap > 1e-3  # a clear argmax at every step: the tokens are a fair comparison
     assert got["tokens"] == want
     assert got["tokenized"] == WorldTokenizer().encode(text)  # the vocab, escapes included
