@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         from rwkvtune.convert.gguf_export import export_gguf
 
         out = export_gguf(path, args.out, model_config=expect, save_dtype=args.save_dtype)
-        print(f"wrote {out} (GGUF for llama.cpp, {args.save_dtype}: llama-cli -m {out})", file=sys.stderr)
+        print(f"wrote {out} (GGUF for llama.cpp; run it with: llama-cli -m {out})", file=sys.stderr)
         return 0
     if args.save_dtype in ("fp16", "q8_0"):
         raise ConfigError(f"--save-dtype {args.save_dtype} is for --format gguf; a Hugging Face export writes bf16, "

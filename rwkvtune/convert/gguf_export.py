@@ -60,11 +60,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rwkvtune.configs.model_loader import ModelConfig
 from rwkvtune.convert.hf import _check_source, _checked_read, open_model_source
-from rwkvtune.errors import ConfigError, OutputError
+from rwkvtune.errors import CheckpointError, ConfigError, OutputError
 from rwkvtune.tokenizer import _default_vocab_file, _parse_vocab
 from rwkvtune.utils import _atomic_write
 
@@ -222,8 +223,6 @@ def file_type_of(save_dtype: str | None, source) -> str:
 
 def _to_numpy(name: str, t: torch.Tensor, qtype: str, source, gguf):
     """``t`` as the array the writer stores for ``qtype`` (F32/F16/BF16: the values; Q8_0: bytes)."""
-    import numpy as np
-
     t = t.detach().to(torch.float32).contiguous()  # the converter also goes through float32
     if qtype == "F32":
         return t.numpy()
@@ -256,7 +255,8 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, model_confi
         plan = tensor_plan(config)
         missing = sorted({k for t in plan for k in t.keys if k not in source.shapes})
         if missing:
-            raise ConfigError(f"{source.path}: lacks {', '.join(missing[:5])}, which the GGUF layout needs")
+            raise CheckpointError(f"{source.path}: lacks {', '.join(missing[:5])}, which the GGUF layout needs; the "
+                                  f"file is incomplete: export the full model")
         tokens, types = world_vocab(config.vocab_size, source.path)
         types_of = {t.name: storage_type(t, file_type) for t in plan}
         ggml = gguf.GGMLQuantizationType
@@ -304,8 +304,6 @@ def _stem(out: Path) -> str:
 
 def _fill_header(w, gguf, config: ModelConfig, plan, types_of, nbytes, file_type, name, tokens, types) -> None:
     """Tensor table and metadata, in the converter's order."""
-    import numpy as np
-
     ggml = gguf.GGMLQuantizationType
     for t in plan:
         q = ggml[types_of[t.name]]
