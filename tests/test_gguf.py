@@ -24,7 +24,7 @@ import torch
 
 from helpers import make_state_dict, write_checkpoint
 from rwkvtune.cli import main
-from rwkvtune.errors import ConfigError, OutputError
+from rwkvtune.errors import CheckpointError, ConfigError, OutputError
 
 gguf = pytest.importorskip("gguf")
 from rwkvtune.convert import gguf_export as ge  # noqa: E402 (after the skip: it needs gguf at run time)
@@ -358,6 +358,15 @@ def test_fp16_overflow_refused_and_nothing_written(tmp_path):
         ge.export_gguf(tmp_path / "big.pth", tmp_path / "m.gguf", save_dtype="fp16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pth"]
     ge.export_gguf(tmp_path / "big.pth", tmp_path / "m.gguf", save_dtype="bf16")  # what the error advises
+
+
+def test_non_finite_source_refused_and_nothing_written(tmp_path):
+    sd = make_state_dict(**DIMS)
+    sd["blocks.1.att.key.weight"][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"nan.pth: tensor blocks.1.att.key.weight holds 1 non-finite value"):
+        ge.export_gguf(tmp_path / "nan.pth", tmp_path / "m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
 
 
 def test_existing_output_never_overwritten(pth, tmp_path, capsys):

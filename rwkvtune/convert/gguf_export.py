@@ -64,8 +64,9 @@ import numpy as np
 import torch
 
 from rwkvtune.configs.model_loader import ModelConfig
-from rwkvtune.convert.hf import _check_source, _checked_read, open_model_source
+from rwkvtune.convert.hf import _check_source, open_model_source
 from rwkvtune.errors import CheckpointError, ConfigError, OutputError
+from rwkvtune.tensor_checks import check_tensor
 from rwkvtune.tokenizer import _default_vocab_file, _parse_vocab
 from rwkvtune.utils import _atomic_write
 
@@ -77,6 +78,9 @@ TEMPLATE_NAME = "llama-cpp-rwkv-world.jinja"
 # --save-dtype -> GGML type name. "keep" takes the source's (float32 / float16 / bfloat16).
 SAVE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 _KEEP = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# fp8 is only a storage format (llama.cpp has no fp8 type): "keep" writes it as bf16, which holds
+# every fp8 value exactly.
+_KEEP.update({d: "BF16" for d in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2")) if d})
 _FILE_TYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
 _F16_MAX = 65504.0
 
@@ -277,7 +281,7 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, model_confi
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
                 for t in plan:
-                    parts = [_checked_read(source, k) for k in t.keys]
+                    parts = [_read(source, k) for k in t.keys]
                     what = f"{t.keys[0]}{'...' if len(t.keys) > 1 else ''} (GGUF {t.name})"
                     data = _to_numpy(what, t.make(*parts).reshape(t.shape), types_of[t.name], source.path, gguf)
                     del parts
@@ -296,6 +300,14 @@ def export_gguf(src: str | os.PathLike, out_path: str | os.PathLike, model_confi
 
         _atomic_write(out, write, needed=sum(nbytes(t) for t in plan) + sum(len(x) + 8 for x in tokens))
     return out
+
+
+def _read(source, key: str) -> torch.Tensor:
+    """One tensor of the source, refused (naming it) unless dense, floating point and finite: an
+    export must not turn a damaged model into a clean-looking file."""
+    t = source.read(key)
+    check_tensor(key, t, source.path)
+    return t
 
 
 def _stem(out: Path) -> str:
