@@ -42,9 +42,9 @@ shapes row-major as numpy and the ``gguf`` reader give them, llama.cpp lists the
   and the World tokenizer: ``tokenizer.ggml.model`` "rwkv", 65530 tokens (id 0 ``<s>``, a control
   token; ids 1..65529 from the World vocab as Python bytes-literal escapes, e.g. ``\\x00``; ids past
   the vocab, if the model has more rows, ``[PADi]`` unused), bos = eos = padding = 0, eot = 261
-  ("\\n\\n", where llama.cpp ends a chat turn) and the chat template llama.cpp ships for RWKV World
-  (``rwkvtune/assets/llama-cpp-rwkv-world.jinja``: llama.cpp's
-  ``models/templates/llama-cpp-rwkv-world.jinja``, verbatim; MIT, see the NOTICE file there).
+  ("\\n\\n", where llama.cpp ends a chat turn) and the chat template by its llama.cpp name,
+  ``rwkv-world`` (llama.cpp's built-in "User: ...\\n\\nAssistant:" format; the converter writes the
+  same name when its template file is absent. We do not ship llama.cpp's Jinja file itself).
 
 The file is streamed: the header and tensor table first, then one tensor at a time (read,
 transformed, converted, written), so memory stays near the largest tensor. It is written to a
@@ -74,7 +74,7 @@ ARCH = "rwkv7"
 CONTEXT_LENGTH = 1 << 20  # RWKV is not context limited; the converter writes 1048576
 LAYER_NORM_EPS = 1e-5  # ln0/ln1/ln2/ln_out (ln_x's 64e-5 is built into llama.cpp's RWKV-7 graph)
 EOT_TOKEN_ID = 261  # "\n\n": the converter marks it as end of turn, so chats stop there
-TEMPLATE_NAME = "llama-cpp-rwkv-world.jinja"
+CHAT_TEMPLATE = "rwkv-world"  # a name llama.cpp resolves to its built-in RWKV World chat format
 # --save-dtype -> GGML type name. "keep" takes the source's (float32 / float16 / bfloat16).
 SAVE_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 _KEEP = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -206,7 +206,7 @@ def _world_tokens() -> tuple[bytes, ...]:
 
 
 def chat_template() -> str:
-    return (Path(__file__).resolve().parent.parent / "assets" / TEMPLATE_NAME).read_text(encoding="utf-8")
+    return CHAT_TEMPLATE
 
 
 # ---- writing -----------------------------------------------------------------------------------------
