@@ -57,12 +57,15 @@ class RwkvLM(LM):
     (registry name, .pth, run directory), loaded with ``adapter``/``state``. ``batch_size``: rows
     per forward. ``prefix``: "newline" (default) or "eos". ``precision``: "fp32" or "bf16"
     (autocast). ``share_prefix=False`` scores every (context, continuation) by its own full
-    forward instead (the slow reference route, for checks and benchmarks).
+    forward instead (the slow reference route, for checks and benchmarks). ``autocast``: a
+    function returning the precision context to run under (a training run's), overriding
+    ``precision``.
     """
 
     def __init__(self, model, tokenizer=None, wkv_init: torch.Tensor | None = None, adapter: str | None = None,
                  state: str | None = None, batch_size: int | str | None = 32, prefix: str = "newline",
-                 precision: str = "fp32", device: str | None = None, share_prefix: bool = True, **_ignored):
+                 precision: str = "fp32", device: str | None = None, share_prefix: bool = True, autocast=None,
+                 **_ignored):
         super().__init__()
         from rwkvtune.errors import ConfigError
         from rwkvtune.tokenizer import get_tokenizer
@@ -90,8 +93,8 @@ class RwkvLM(LM):
         dev = model.emb.weight.device
         self._device = dev
         self.precision = precision
-        self.autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" \
-            else contextlib.nullcontext
+        self.autocast = autocast or ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16"
+                                     else contextlib.nullcontext)
 
     # ---- lm-eval's API ------------------------------------------------------------------------
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
