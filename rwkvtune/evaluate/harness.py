@@ -105,12 +105,10 @@ def data_error(name: str, e: Exception, tm) -> DataError:
     chain = _chain(e)
     text = " ".join(str(x) for x in chain)
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if any(isinstance(x, FileNotFoundError) for x in chain) or "Unable to find" in text:
-        where = f" (set in {entry.yaml_path})" if entry is not None and entry.yaml_path else ""
-        return DataError(f"task {name}: a data file is missing ({first}); put the file there or fix the task's "
-                         f"data_files{where}")
-    hub = re.search(r"reach '([^']+)'|[Dd]ataset '([^']+)'", text)
-    offline = "Offline" in text or any(type(x).__name__ in ("ConnectionError", "DatasetNotFoundError",
+    # The hub first: datasets looks for a local folder of that name before the hub, so a
+    # FileNotFoundError sits in the chain of a hub data set that is not cached too.
+    hub = re.search(r"reach '([^']+)'|[Dd]ataset '([^']+)' doesn't exist", text)
+    offline = "OfflineModeIsEnabled" in text or any(type(x).__name__ in ("ConnectionError", "DatasetNotFoundError",
                                                                 "OfflineModeIsEnabled", "LocalEntryNotFoundError")
                                        for x in chain)
     if hub or offline:
@@ -122,6 +120,10 @@ def data_error(name: str, e: Exception, tm) -> DataError:
                          f"\"import datasets; {call}\" and copy its cache folder ({HF_CACHE_HINT}) to the same "
                          f"place here, or put the data in local files and point a task YAML at them (dataset_path: "
                          f"json, dataset_kwargs: data_files) passed with --include-path DIR")
+    if any(isinstance(x, FileNotFoundError) for x in chain) or "Unable to find" in text:
+        where = f" (set in {entry.yaml_path})" if entry is not None and entry.yaml_path else ""
+        return DataError(f"task {name}: a data file is missing ({first}); put the file there or fix the task's "
+                         f"data_files{where}")
     return DataError(f"task {name}: its data set could not be loaded ({type(e).__name__}: {first})")
 
 
