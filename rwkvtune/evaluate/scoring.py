@@ -5,11 +5,15 @@ An RNN's whole past is its state, so
 * a context is run once and every continuation of it is scored from the context's state (a
   multiple-choice item with four answers costs one context plus four short continuations, not
   four full sequences); a continuation of one token costs nothing beyond the context itself;
-* rows of different lengths are advanced together in *segments*: rows sorted by length, every
-  live row runs the next stretch of tokens up to the shortest live row's end (at most
-  ``token_budget`` tokens per forward), that row's results are taken and it leaves the batch.
-  No position is ever padded, so nothing depends on a pad token, and each row's numbers are those
-  of that row alone (the tests check batched against one row at a time);
+* contexts of different lengths are prefilled together in *segments* (:func:`advance`): rows
+  sorted by length, every live row runs the next stretch of tokens up to the shortest live row's
+  end (at most ``token_budget`` tokens per forward), that row's state is taken and it leaves the
+  batch. No context is padded, so each state is exactly that of its own tokens;
+* continuations are right-padded into one forward per batch from their contexts' states
+  (:func:`score_padded`): exact, since an RNN's output at a position never depends on what comes
+  after it, and one large forward costs far less than many small ones (a CPU forward at small
+  batch is bound by reading the weights). Each row's numbers are those of that row alone (the
+  tests check batched against one row at a time);
 * a document of any length is scored in one pass of the recurrence (perplexity with no windowing
   loss: every token sees the whole document before it).
 
@@ -149,12 +153,30 @@ def advance(model, seqs: Sequence[Sequence[int]], *, targets: Sequence[Sequence[
                   _cat_states(finals, n) if want_state else None)
 
 
-def initial_state(model, batch: int, wkv_init: torch.Tensor | None):
-    """Zeros, or the tuned initial WKV state, for ``batch`` rows."""
-    st = model.zero_state(batch)
-    if wkv_init is not None:
-        st.wkv.copy_(wkv_init.to(st.wkv)[:, None].expand_as(st.wkv))
-    return st
+@torch.inference_mode()
+def score_padded(model, state, seqs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *,
+                 token_budget: int = TOKEN_BUDGET,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[list[float], list[bool]]:
+    """Like :func:`advance` with targets, from ``state`` (one row per sequence), but the rows are
+    right-padded into one forward (split in time only beyond ``token_budget`` tokens, carrying
+    the state). Exact: a row's outputs depend only on the tokens before them, never on the pads
+    after its end, whose targets count nothing. Fewer, larger forwards than :func:`advance`'s
+    segments; the padding is paid for in compute, which is what short continuations want (a
+    forward on a CPU or a small batch costs reading every weight once, whatever its rows)."""
+    device = model.emb.weight.device
+    T = max(len(s) for s in seqs)
+    idx = torch.tensor([list(s) + [0] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
+    tgt = torch.tensor([list(t) + [NOT_SCORED] * (T - len(t)) for t in targets], dtype=torch.long, device=device)
+    lps = torch.zeros(len(seqs), dtype=torch.float64, device=device)
+    oks = torch.ones(len(seqs), dtype=torch.bool, device=device)
+    step = max(1, token_budget // len(seqs))
+    for t0 in range(0, T, step):
+        with autocast():
+            h, state = model(idx[:, t0:t0 + step], state=state, return_state=True, hidden=True)
+            lp, ok = _score(model, h, tgt[:, t0:t0 + step])
+        lps += lp
+        oks &= ok
+    return lps.tolist(), oks.tolist()
 
 
 @torch.inference_mode()
@@ -192,9 +214,9 @@ def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
             part = rows[r0:r0 + batch_size]
             conts = [list(requests[i][1]) for i, _ in part]
             st = pre.state.select(torch.tensor([k for _, k in part], device=pre.state.wkv.device))
-            res = advance(model, [c[:-1] for c in conts], targets=[c[1:] for c in conts], state=st,
-                          token_budget=token_budget, autocast=autocast)
-            for (i, _), lp, g in zip(part, res.logprob, res.greedy):
+            lps, oks = score_padded(model, st, [c[:-1] for c in conts], [c[1:] for c in conts],
+                                    token_budget=token_budget, autocast=autocast)
+            for (i, _), lp, g in zip(part, lps, oks):
                 out[i] = (out[i][0] + lp, out[i][1] and g)
     return out
 
