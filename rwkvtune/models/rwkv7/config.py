@@ -97,6 +97,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
     eval_on_start: bool = False  # also evaluate before the first step (the starting point of the curves)
+    eval_tasks: tuple[str, ...] = ()  # lm-eval tasks (or a suite) run with the evals on rank 0; needs lm-eval
+    eval_tasks_limit: float | None = None  # items per eval task (a fraction if < 1); None: every item
     log_every: int = 1  # steps per metrics row (loss averaged over them, token-weighted)
     save_dtype: str = "bf16"  # dtype of final.pth ("bf16" like released files, or "fp32")
     save_format: str = "pth"  # final model, adapter and state as "pth" or "safetensors" (no pickle)
@@ -165,6 +167,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0:  # also catches nan
                 problems.append(f"{name}: found {value}, expected >= 0")
+        if self.eval_tasks_limit is not None and not self.eval_tasks_limit > 0:
+            problems.append(f"eval_tasks_limit: found {self.eval_tasks_limit}, expected > 0 (items per task, or "
+                            f"a fraction < 1)")
         for name in ("keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: found {getattr(self, name)}, expected >= 1")
@@ -193,6 +198,10 @@ class TrainConfig:
             problems += method_class(self.method).problems(self)
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
+        elif self.eval_tasks and self.strategy == "fsdp":
+            conflicts.append(self._conflict({"eval_tasks": repr(list(self.eval_tasks)), "strategy": "'fsdp'"},
+                                            "a sharded model cannot run the tasks on one process; use strategy "
+                                            "ddp, or rwkvtune eval --tasks on the saved checkpoints"))
         elif self.cpu_offload and self.strategy != "fsdp":
             conflicts.append(self._conflict({"cpu_offload": "true", "strategy": repr(self.strategy)},
                                             "offloading applies to sharded state; set strategy=fsdp"))
