@@ -266,6 +266,32 @@ def test_missing_local_data_file_is_one_line(offline):
     assert "\n" not in str(e.value)
 
 
+def test_task_yaml_that_runs_python_is_refused_unless_trusted(offline, tmp_path):
+    """lm-eval's !function imports the module beside a task YAML: a user's task folder (or a YAML
+    named as a task) is refused before lm-eval reads it, and nothing in it runs, unless trusted."""
+    from rwkvtune.errors import ConfigError
+    from rwkvtune.evaluate.harness import load_tasks, task_manager
+
+    tasks = offline / "code_tasks"
+    tasks.mkdir()
+    marker = tmp_path / "ran"
+    (tasks / "utils.py").write_text(f"open({str(marker)!r}, 'w').write('x')\ndef docs(ds):\n    return ds\n")
+    (tasks / "coded.yaml").write_text(
+        f"task: coded_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {offline / 'd.jsonl'}\n"
+        "process_docs: !function utils.docs\noutput_type: loglikelihood_rolling\ntest_split: test\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\n")
+    (offline / "d.jsonl").write_text('{"text": "a"}\n')
+    for names, include in ((["coded_task"], [str(tasks)]), ([str(tasks / "coded.yaml")], [])):
+        with pytest.raises(ConfigError, match=r"coded\.yaml:6: this task YAML runs Python \(!function\).*"
+                                              r"--trust-task-code") as e:
+            task_manager(names, include)
+        assert "\n" not in str(e.value)
+    assert not marker.exists()
+    tm = task_manager(["coded_task"], [str(tasks)], trust_code=True)  # trusted: lm-eval may import it
+    load_tasks(tm, ["coded_task"])
+    assert marker.exists()
+
+
 def test_suite_expands_to_the_papers_tasks():
     from rwkvtune.evaluate.harness import expand_tasks
 

@@ -24,6 +24,8 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
                         "--output, printed as one table of tasks x models")
     g.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="a folder of your own lm-eval task YAML files (e.g. over local jsonl data); repeatable")
+    g.add_argument("--trust-task-code", action="store_true",
+                   help="let your task YAML files run Python (lm-eval's !function); refused without it")
     g.add_argument("--limit", type=float, default=None,
                    help="items per task (a number >= 1), or a fraction of each task (< 1); for quick looks only")
     g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per item (default: the task's)")
@@ -64,6 +66,7 @@ def _evaluate_model(args, name: str, device: str, adapter=None, state=None) -> d
                 prefix=args.prefix, precision=args.precision)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     summary = run_tasks(lm, args.task_names, include_paths=args.include_path, limit=limit,
+                        trust_code=args.trust_task_code,
                         num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
     label = name if not (adapter or state) else f"{name} + {adapter or state}"
     print(f"{label}: evaluated in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -98,7 +101,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         raise ConfigError(f"--compare {models[0]}: a model needs --tasks to be evaluated on (result files "
                           f"need none)")
     if args.task_names:
-        task_manager(args.task_names, args.include_path)  # unknown names fail here, before any model loads
+        task_manager(args.task_names, args.include_path, args.trust_task_code)  # unknown names fail here, before any model loads
     device = resolve_device(args.device)
     runs = []
     for item in items:

@@ -68,14 +68,38 @@ def _manager(include: tuple[str, ...], defaults: bool):
     return TaskManager(include_path=[str(TASKS_DIR), *include], include_defaults=defaults)
 
 
-def task_manager(names: Sequence[str], include_paths: Sequence[str] = ()):
-    """A TaskManager that knows every name in ``names`` (built once per process and kept)."""
+_CODE_TAG = re.compile(r"!function\b|!!python")
+
+
+def refuse_task_code(files: Sequence[Path]) -> None:
+    """A user's task YAML may name Python to run (lm-eval's ``!function`` tag imports the module
+    beside it): no file rwkvtune reads runs code unless the user says so (``--trust-task-code``).
+    lm-eval's own installed tasks and ours are code we ship or installed, like any library."""
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise ConfigError(f"{f}: cannot read this task file ({e.strerror}); check the path") from e
+        m = _CODE_TAG.search(text)
+        if m:
+            line = text.count("\n", 0, m.start()) + 1
+            raise ConfigError(f"{f}:{line}: this task YAML runs Python ({m.group(0)}); rwkvtune runs no code from "
+                              f"files it reads unless told: pass --trust-task-code if you trust this folder")
+
+
+def task_manager(names: Sequence[str], include_paths: Sequence[str] = (), trust_code: bool = False):
+    """A TaskManager that knows every name in ``names`` (built once per process and kept). The
+    user's task files (``include_paths`` folders, YAML files named in ``names``) are refused when
+    they would run Python, unless ``trust_code``."""
     _quiet_lm_eval()
     include = []
     for p in include_paths:
         if not os.path.isdir(p):
             raise ConfigError(f"--include-path {p}: not a directory; pass a folder of lm-eval task YAML files")
         include.append(str(Path(p).resolve()))
+    if not trust_code:
+        user_files = [f for d in include for f in sorted(Path(d).rglob("*")) if f.suffix in (".yaml", ".yml")]
+        refuse_task_code(user_files + [Path(n) for n in names if _is_yaml_file(n)])
     for defaults in (False, True):
         tm = _manager(tuple(include), defaults)
         unknown = [n for n in names if n not in tm.task_index and not _is_yaml_file(n)]
@@ -147,11 +171,12 @@ def load_tasks(tm, names: Sequence[str]) -> list:
 
 
 def run_tasks(lm, names: Sequence[str], *, include_paths: Sequence[str] = (), limit: float | None = None,
-              num_fewshot: int | None = None, bootstrap_iters: int = 100000, seed: int = 0) -> dict:
+              num_fewshot: int | None = None, bootstrap_iters: int = 100000, seed: int = 0,
+              trust_code: bool = False) -> dict:
     """Evaluate ``lm`` (an lm-eval LM) on ``names``; returns :func:`summarize` of lm-eval's results."""
     from lm_eval import simple_evaluate
 
-    tm = task_manager(names, include_paths)
+    tm = task_manager(names, include_paths, trust_code)
     objs = load_tasks(tm, names)
     res = simple_evaluate(model=lm, tasks=objs, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
                           bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed,
