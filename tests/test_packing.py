@@ -179,6 +179,10 @@ def test_fla_adapter_builds_cu_seqlens_and_per_sequence_states(monkeypatch):
     y_ref, s_ref = wkv7(*xs, carry, backend="reference", doc_start=starts, reset_state=s_reset)
     assert calls == [[0, 5, 12, 15, 16, 23, 24]]
     assert (y - y_ref).abs().max() < 1e-5 and (s - s_ref).abs().max() < 1e-5
+    # an fla without varlen support is named, not silently run across documents
+    monkeypatch.setattr(wkv_mod, "_fla_kernel", lambda: (fake, params - {"cu_seqlens"}))
+    with pytest.raises(ValueError, match="takes no cu_seqlens"):
+        wkv_mod._wkv_fla(*xs, carry, starts, s_reset)
 
 
 # ---- the model, the data and the SFT step --------------------------------------------------------

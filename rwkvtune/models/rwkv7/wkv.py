@@ -34,7 +34,15 @@ Backends
   bench/bench_wkv.py): about 10 ms forward and 30-40 ms forward+backward at L = 32; 16 is close,
   64 is slower.  Larger L means fewer loop steps and bigger matmuls but O(L) more intra-chunk
   work per token.
-- ``fla``: flash-linear-attention's Triton ``chunk_rwkv7`` (CUDA only, imported lazily).
+  Packed documents (``doc_start``): the chunks stay where they are (no padding per document); a
+  start inside a chunk splits it into segments. Scores between tokens of different segments are
+  masked out of M, decays of the state terms are measured from each token's segment start, only
+  the chunk's first (carried) segment reads the carried state and only its last segment reaches
+  the chunk's final state; later segments read the reset state through batched terms outside the
+  loop. The loop and its reverse keep their shape; the backward adds the masks and the gradient of
+  the segment-start decays (checked against the per-document reference in fp64).
+- ``fla``: flash-linear-attention's Triton ``chunk_rwkv7`` (CUDA only, imported lazily); packed
+  documents become fla's variable-length sequences (``cu_seqlens``, one flattened row).
 - ``auto``: fla for CUDA tensors when importable, else reference for T == 1, else chunked.
 """
 from __future__ import annotations
