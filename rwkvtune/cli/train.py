@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in backward (default: off)")
     p.add_argument("--long-context", action="store_true", default=None,
                    help="keep samples whole; train long ones in ctx-len chunks carrying the state (default: off)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="sft on jsonl: pack short documents into shared windows with the RNN state reset at each "
+                        "document's start, exactly as if each ran alone; --no-packing: one document per window, "
+                        "padded (default: packing)")
     p.add_argument("--reward", action="append", metavar="SPEC",
                    help="method grpo: a reward function, repeatable: exact_match:FIELD, regex:PATTERN, format:REGEX, "
                         "length_penalty:N or path/to/file.py:function (see rwkvtune/train/rewards.py)")
@@ -98,7 +102,7 @@ def _with_default(help_: str, default) -> str:
 def _flag_names() -> set[str]:
     """TrainConfig fields that have a flag of their own."""
     return {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context", "reward", "memory_check", "cpu_offload"}
+        "resume", "grad_checkpoint", "long_context", "packing", "reward", "memory_check", "cpu_offload"}
 
 
 def _unflagged() -> list[str]:

@@ -58,6 +58,7 @@ class TrainConfig:
     # ---- long samples (infinite context) -----------------------------------------------------
     long_context: bool = False  # keep samples whole; train them in ctx_len chunks carrying state
     bptt: str = "truncated"  # "truncated": backprop within a chunk; "full": through all chunks
+    packing: bool = True  # sft jsonl: short documents share windows, the state reset at each one's start (exact); false: one per window, padded
     # ---- PEFT --------------------------------------------------------------------------------
     lora_r: int = 16  # LoRA rank
     lora_alpha: float = 32.0  # LoRA scaling = lora_alpha / lora_r
