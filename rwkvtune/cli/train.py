@@ -152,11 +152,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # a bad recipe or override fails before torch is imported
     from rwkvtune.train import trainer
     from rwkvtune.train.checkpointing import run_dir_of
     from rwkvtune.train.run_dir import RunDir
 
-    cfg = config_from_args(args)
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt:
@@ -177,13 +177,15 @@ def next_steps(summary: dict) -> str:
     """One line for people at the end of a run: where the result is and the command to try next."""
     import shlex
 
-    import yaml
-
+    from rwkvtune.errors import RwkvtuneError
+    from rwkvtune.safe_yaml import read_yaml_file
     from rwkvtune.train.run_dir import RunDir
 
     try:
-        saved = yaml.safe_load(RunDir(summary["out"]).config.read_text(encoding="utf-8")) or {}
-    except (OSError, ValueError, yaml.YAMLError):
+        saved = read_yaml_file(RunDir(summary["out"]).config, "run config", "") or {}
+    except RwkvtuneError:
+        saved = {}
+    if not isinstance(saved, dict):
         saved = {}
     q = shlex.quote
     data = saved.get("eval_data") or saved.get("data") or "DATA.jsonl"
