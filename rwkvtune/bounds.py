@@ -48,6 +48,8 @@ def shown(value: Any) -> str:
     nested the value is (a YAML alias bomb's value is never expanded into the message)."""
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, tuple):  # a config's tuples are lists in YAML and on the command line
+        value = list(value)
     text = _short.repr(value)
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
