@@ -198,7 +198,8 @@ class TrainConfig:
             problems.append(f"save_format: found {self.save_format!r}, expected 'pth' or 'safetensors'")
         if self.save_dtype not in SAVE_DTYPES:
             problems.append(f"save_dtype: found {self.save_dtype!r}, expected 'bf16' or 'fp32'")
-        problems += bound_problems(self, TRAIN_BOUNDS)  # every numeric option
+        out_of_bounds = bound_problems(self, TRAIN_BOUNDS)  # every numeric option
+        problems += out_of_bounds
         # Problems of several fields, already naming their sources; the mode knows its own rules.
         conflicts = [self._conflict(shown, why) for shown, why in
                      (get_mode(self.mode).conflicts(self) if self.mode in MODES else [])]
@@ -206,10 +207,8 @@ class TrainConfig:
 
         if self.method not in METHODS:
             problems.append(f"method: found {self.method!r}, expected one of {', '.join(METHODS)}")
-        else:
-            # a field out of its bounds is reported once, by those
-            bad = {p.split(":", 1)[0] for p in problems}
-            problems += [p for p in method_class(self.method).problems(self) if p.split(":", 1)[0] not in bad]
+        elif not out_of_bounds:  # a method's rules compare numbers that are in their bounds
+            problems += method_class(self.method).problems(self)
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
         elif self.cpu_offload and self.strategy != "fsdp":
