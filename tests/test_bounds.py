@@ -149,6 +149,8 @@ TRAIN = ["train", "--model", "m.pth", "--data", "d.jsonl", "--dry-run"]
     (["plan", "--gpus", "0"], "--gpus: found 0"),
     (["plan", "0.1b", "--ctx-len", str(2 ** 40)], "--ctx-len: found 1099511627776"),
     (["eval", "--model", "m.pth", "--data", "d.jsonl", "--batch-size", str(10 ** 9)], "--batch-size: found 1000000000"),
+    (["export", "m.pth", "hf", "--max-shard-size", "9" * 400 + "GB"], "--max-shard-size '999"),
+    (["export", "m.pth", "hf", "--max-shard-size", "0.1"], "expected a size from 1 byte to 1000TB"),
     (["data", "prepare", "in.jsonl", "--out", "x", "--workers", "100000"],
      f"--workers: found 100000, expected an integer with 1 <= --workers <= {max_threads()}"),
 ])
@@ -164,3 +166,12 @@ def test_sampling_config_bounds_in_python():
             SamplingConfig(**{name: value})
     ok = SamplingConfig(presence_penalty=1e4, frequency_penalty=-1e4, seed=2 ** 63 - 1)
     assert math.isfinite(ok.presence_penalty) and dataclasses.replace(ok, seed=None).seed is None
+
+
+@pytest.mark.parametrize("target", ["9" * 5000, "\u00b2", "\u0663", "0"])
+def test_length_penalty_target_is_a_plain_bounded_integer(target):
+    """"²".isdigit() and 5000 digits passed the old check and ended in int()'s ValueError."""
+    from rwkvtune.train.rewards import parse_rewards
+
+    with pytest.raises(ConfigError, match="length_penalty needs a target length in characters, an integer >= 1"):
+        parse_rewards(["length_penalty:" + target])
