@@ -5,7 +5,11 @@ Configs in reach: the package's registry (rwkvtune/configs/models/*.json) plus e
 the directories listed in $RWKVTUNE_CONFIG_PATH. A config whose model file is present (its
 model_path: an absolute model_file, or model_file under $RWKVTUNE_MODEL_DIR, default
 ~/.rwkvtune/models) is compared tensor by tensor with the file's shapes; only the shapes are
-read, not the weights.
+read, not the weights. Releases are covered too: every other release of an entry's size that is
+present in the models directory or recorded there by `rwkvtune models download --latest/--release`
+is checked as ``SIZE@RELEASE-DATE`` (its ctx_len from the file name; a file of another variant,
+RWKV-7a/7b, is named), and a pinned file whose name states another context than the config's
+ctx_len fails.
 
     python examples/test_model_configs.py        # from the repo root
 

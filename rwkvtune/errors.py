@@ -10,6 +10,16 @@ without a traceback.
 class RwkvtuneError(Exception):
     """Base class for errors caused by user input (not bugs)."""
 
+    # True when every process of a distributed run raises this same error (they agreed on it, or
+    # each read the same input): the CLI prints it on rank 0 only, so a run says it once.
+    every_rank = False
+
+
+def on_every_rank(e: RwkvtuneError) -> RwkvtuneError:
+    """``e``, marked as raised alike by every process (see RwkvtuneError.every_rank)."""
+    e.every_rank = True
+    return e
+
 
 class ConfigError(RwkvtuneError, ValueError):
     """A model config or training recipe is invalid or cannot be found."""

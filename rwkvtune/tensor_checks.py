@@ -28,12 +28,19 @@ def check_stored(name: str, t: torch.Tensor, source, what: str = "tensor") -> No
                               f"a trained model, or is damaged")
 
 
+def _isfinite(chunk: torch.Tensor) -> torch.Tensor:
+    if chunk.element_size() == 1:  # 8-bit floats (fp8): torch has no isfinite kernel; float32 holds them exactly
+        chunk = chunk.float()
+    return torch.isfinite(chunk)
+
+
 def count_non_finite(t: torch.Tensor) -> int:
     """Number of NaN/inf values of ``t`` (0 for a finite tensor, checked in slices)."""
     flat = t.detach().reshape(-1)
-    for start in range(0, flat.numel(), _SLICE):
-        if not bool(torch.isfinite(flat[start:start + _SLICE]).all()):
-            return int(flat.numel() - torch.isfinite(flat).sum())  # only on failure: the count for the message
+    step = _SLICE // 4 if flat.element_size() == 1 else _SLICE  # an fp8 slice is checked as float32
+    for start in range(0, flat.numel(), step):
+        if not bool(_isfinite(flat[start:start + step]).all()):  # only on failure: the count for the message
+            return sum(int((~_isfinite(flat[i:i + step])).sum()) for i in range(0, flat.numel(), step))
     return 0
 
 

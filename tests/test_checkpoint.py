@@ -166,7 +166,7 @@ def test_refuse_rwkv6_and_older(tmp_path):
         inspect_checkpoint(tmp_path / "v6.pth")
     v5 = {k: v for k, v in v6.items() if "maa" not in k}
     torch.save(v5, tmp_path / "v5.pth")
-    with pytest.raises(CheckpointError, match="RWKV-5/6"):
+    with pytest.raises(CheckpointError, match=r"RWKV-5 \(x052\).*expected RWKV-7"):
         inspect_checkpoint(tmp_path / "v5.pth")
     v4 = {"emb.weight": torch.zeros(256, C), "blocks.0.att.time_mix_k": torch.zeros(1, 1, C),
           "blocks.0.att.time_first": torch.zeros(C)}

@@ -323,6 +323,41 @@ def test_sampler_resume_with_other_world_size():
     assert r.position == 12 and r.current_batch() == s.order(0)[12:16].tolist()
 
 
+@pytest.mark.parametrize("before,after", [((2, 1), (2, 2)), ((2, 2), (2, 1)), ((3, 1), (2, 2)), ((2, 2), (3, 1))])
+def test_sampler_resumed_on_another_global_batch_skips_and_repeats_nothing(before, after):
+    # (batch_size, world_size): the run is saved mid-epoch, resumed with another global batch (a
+    # position that is no multiple of it too), and its epoch still visits every window exactly once
+    # before the wrap-around filler; the next epoch is the usual one of the new global batch.
+    n = 23
+    old = [WindowSampler(n, seed=4, rank=r, world_size=before[1], batch_size=before[0]) for r in range(before[1])]
+    seen = []
+    for _ in range(3):
+        seen += sum((s.current_batch() for s in old), [])
+        for s in old:
+            s.advance()
+    state = old[0].state_dict()
+    new = [WindowSampler(n, seed=4, rank=r, world_size=after[1], batch_size=after[0]) for r in range(after[1])]
+    for s in new:
+        s.load_state_dict(state)
+    while new[0].epoch == 0:
+        batch = sum((s.current_batch() for s in new), [])
+        assert len(batch) == after[0] * after[1]  # every rank a full batch
+        seen += batch
+        for s in new:
+            s.advance()
+    assert sorted(seen[:n]) == list(range(n))  # each window once, then at most one batch of filler
+    assert len(seen) - n < after[0] * after[1]
+    assert new[0].position == 0 and new[0].offset == 0
+    assert new[0].current_batch() == WindowSampler(n, seed=4, batch_size=after[0], world_size=after[1],
+                                                    rank=0).order(1)[:after[0]].tolist()
+
+
+def test_sampler_refuses_a_position_outside_the_epoch():
+    state = WindowSampler(10, seed=0).state_dict()
+    with pytest.raises(DataError, match="position 10 is not a place"):
+        WindowSampler(10, seed=0).load_state_dict({**state, "position": 10})
+
+
 def test_dataloader_integration():
     ds = PackedDataset([S([1, 2, 3, 0]), S([4, 5, 0]), S([6, 0])], ctx_len=4)
     s = WindowSampler(len(ds), seed=0, batch_size=2)

@@ -190,3 +190,76 @@ def test_memory_plan_counts_the_group_and_a_reference_copy(data, tmp_path, beta,
     settings, terms = report["memory_estimate"]["settings"], report["memory_estimate"]["terms"]
     assert (settings["batch_size"], settings["rows"], settings["ctx_len"]) == (2, 4, longest + 7)
     assert (terms["reference"] > 0) == copy
+
+
+HOSTILE = '''import os, sys, time
+
+def exits(prompts, completions, **kw):
+    sys.exit(0)
+
+def hard_exit(prompts, completions, **kw):
+    os._exit(0)
+
+def hangs(prompts, completions, **kw):
+    time.sleep(120)
+
+def half_nan(prompts, completions, **kw):
+    return [float("nan") if i % 2 else 1.0 + c.startswith(" ") for i, c in enumerate(completions)]
+'''
+
+
+@pytest.mark.parametrize("name, extra, says", [
+    ("exits", [], "raised SystemExit(0); a reward function must return one number per completion, not exit"),
+    ("hard_exit", [], "the reward worker process exited with status 0 (os._exit or a crash) while this function ran"),
+    ("hangs", ["reward_timeout=1"], "did not return within reward_timeout=1 s for 8 completions; the worker was "
+                                    "stopped"),
+])
+def test_a_reward_that_exits_or_hangs_fails_the_run(data, tmp_path, name, extra, says):
+    """Before: sys.exit(0) or os._exit(0) in a reward ended training with status 0 and nothing said,
+    and a hanging reward hung the run forever. Now: status 2, one line naming the function."""
+    import time
+
+    (tmp_path / "hostile.py").write_text(HOSTILE)
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data",
+                          data["prompts"], "--out", str(tmp_path / "o"), "--method", "grpo", "--reward",
+                          f"{tmp_path / 'hostile.py'}:{name}", "--ctx-len", "32", "--batch-size", "2", "--max-steps",
+                          "1", "num_generations=4", "max_completion_length=2", "tensorboard=false", *extra],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    line = res.stderr[res.stderr.index("error: "):].splitlines()[0]
+    assert f"reward 'hostile.{name}' (from {tmp_path / 'hostile.py'})" in line and says in line, line
+    assert not (tmp_path / "o" / "final.pth").exists()
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.parametrize("field", ["completions", "prompts"])
+def test_a_data_field_named_like_a_reward_argument_is_refused_before_training(data, tmp_path, field):
+    from rwkvtune.errors import DataError
+
+    prompts = tmp_path / "clash.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1 plus 1 is", field: "2"}) + "\n")
+    cfg = _cfg(data, tmp_path / "o")
+    cfg.data = str(prompts)
+    with pytest.raises(DataError, match=rf"{prompts}: field '{field}' has the name of an argument every reward "
+                                        rf"function is called with .*; rename that field in the data"):
+        train(cfg, dry_run=True)
+
+
+def test_invalid_rewards_are_counted_in_the_metrics(data, tmp_path, capsys):
+    """A reward returning NaN for some completions: they count 0, the run goes on, the metrics say
+    how many (rewards/NAME/invalid_frac), rollouts.jsonl writes null, a warning says it once."""
+    (tmp_path / "hostile.py").write_text(HOSTILE)
+    out = tmp_path / "run"
+    train(_cfg(data, out, reward=(f"{tmp_path / 'hostile.py'}:half_nan",), max_steps=2, seed=1))
+    rows = _rows(out, "reward")
+    rollouts = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        step = [r["rewards"]["hostile.half_nan"] for r in rollouts if r["step"] == row["step"]]
+        valid = step[0::2]
+        assert step[1::2] == [None] * len(valid) and None not in valid  # NaN written as null
+        assert row["rewards/hostile.half_nan/invalid_frac"] == 0.5
+        assert row["rewards/hostile.half_nan/mean"] == pytest.approx(sum(valid) / len(valid))  # valid values only
+        assert row["reward"] == pytest.approx(sum(valid) / len(step))  # invalid ones count 0 in the total
+    assert capsys.readouterr().err.count("warning: reward 'hostile.half_nan'") == 1

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -253,12 +254,32 @@ def _write_raw(path: Path, header, data: bytes = b"") -> Path:
     ({"__metadata__": {"a": 1}}, b"", ["__metadata__"]),
     ((b'{"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
       b'"x": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}'), b"\0\0", ["'x' twice"]),
+    # json.loads would recurse 200k levels: RecursionError before; refused before parsing now.
+    (b'{"x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", b"", ["more than 16 levels deep"]),
 ])
 def test_malformed_safetensors_refused(tmp_path, header, data, words):
     p = _write_raw(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(CheckpointError) as e:
         st.load_safetensors(p)
     _one_line_error(e, str(p), *words)
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    assert st.json_depth("") == 0 and st.json_depth('"[[["') == 0
+    assert st.json_depth('{"a": {"shape": [1, 2]}, "b": "]]]{{{"}') == 3
+    assert st.json_depth('{"a\\"[[": [[["x\\\\"]]]}') == 4  # escaped quote inside a name, escaped backslash
+    assert st.json_depth("[" * 200_000) == 200_000
+
+
+def test_deeply_nested_artifact_metadata_is_one_line(tmp_path):
+    from rwkvtune.convert.artifacts import load_artifact
+
+    p = tmp_path / "adapter.safetensors"
+    st.save_safetensors({"x": torch.zeros(2)}, p, metadata={st.ARTIFACT_META: "[" * 200_000 + "]" * 200_000})
+    with pytest.raises(CheckpointError) as e:
+        load_artifact(p, "LoRA adapter", "rwkvtune train --lora")
+    _one_line_error(e, str(p), "nests more than 64 levels deep")
+    assert sorted(load_state_dict(p)[0]) == ["x"]  # not taken for an adapter or a state: the model checks decide
 
 
 def test_truncated_or_huge_header_refused(tmp_path):
@@ -355,6 +376,80 @@ def test_export_refuses_config_that_does_not_fit(pth, tmp_path):
         hf.export_hf(pth, tmp_path / "o", model_config=wrong)
     _one_line_error(e, "dim_gate_lora: expected 32, found 16")
     assert not (tmp_path / "o").exists()
+
+
+def _hf_copy(exported: Path, to: Path, change: Callable[[dict], None], name: str = "model.safetensors") -> Path:
+    """A copy of an exported folder whose ``name`` file has its tensors passed through ``change``."""
+    to.mkdir()
+    for f in exported.iterdir():
+        if f.name != name:
+            (to / f.name).write_bytes(f.read_bytes())
+    tensors = {k: v.clone() for k, v in st.load_safetensors(exported / name, mmap_file=False).items()}
+    meta = st.read_header(exported / name)[1]
+    change(tensors)
+    st.save_safetensors(tensors, to / name, metadata=meta)
+    return to
+
+
+def test_fp8_tensors_in_an_hf_folder_export_upcast(exported, tmp_path):
+    e4, e5 = "model.layers.0.attn.r_proj.weight", "model.layers.1.ffn.key.weight"
+
+    def to_fp8(t):
+        t[e4], t[e5] = t[e4].to(torch.float8_e4m3fn), t[e5].to(torch.float8_e5m2)
+
+    fp8 = _hf_copy(exported, tmp_path / "fp8", to_fp8)
+    stored = st.load_safetensors(fp8 / "model.safetensors", mmap_file=False)
+    out = hf.export_hf(fp8, tmp_path / "out")
+    got = st.load_safetensors(out / "model.safetensors", mmap_file=False)
+    for name in (e4, e5):  # the dtype of the other tensors (float32 here), values exactly the fp8 ones
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], stored[name].float()), name
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert {t.dtype for t in load_state_dict(out)[0].values()} == {torch.float32}
+    hf.convert_to_official(fp8, tmp_path / "o.pth")
+    assert torch.load(tmp_path / "o.pth", weights_only=True)["blocks.0.att.receptance.weight"].dtype == torch.float32
+    out16 = hf.export_hf(fp8, tmp_path / "out16", dtype=torch.bfloat16)
+    got16 = st.load_safetensors(out16 / "model.safetensors", mmap_file=False)
+    assert torch.equal(got16[e5], stored[e5].to(torch.bfloat16))  # every fp8 value is exact in bfloat16
+
+    def nan_fp8(t):  # 0x7F is NaN in float8_e4m3fn (it has no inf)
+        t[e4] = t[e4].to(torch.float8_e4m3fn)
+        t[e4].view(torch.uint8).view(-1)[5] = 0x7F
+
+    bad = _hf_copy(exported, tmp_path / "nan8", nan_fp8)
+    with pytest.raises(CheckpointError) as e:
+        hf.export_hf(bad, tmp_path / "out-nan8")
+    _one_line_error(e, str(bad / "model.safetensors"), "blocks.0.att.receptance.weight", "1 non-finite")
+    assert not (tmp_path / "out-nan8").exists()
+
+
+def test_nan_in_the_layer0_v_side_file_is_refused_at_export(pth, exported, tmp_path):
+    def poison(t):
+        t["blocks.0.att.v1"].view(-1)[3] = float("nan")
+
+    folder = _hf_copy(exported, tmp_path / "nan", poison, name=hfl.EXTRA_NAME)
+    with pytest.raises(CheckpointError) as e:
+        hf.export_hf(folder, tmp_path / "out")
+    _one_line_error(e, str(folder / hfl.EXTRA_NAME), "blocks.0.att.v1", "1 non-finite")
+    assert not (tmp_path / "out").exists()
+    # From a .pth as well: the side file is written from the same checked tensors.
+    sd = torch.load(pth, weights_only=True)
+    sd["blocks.0.att.v2"].view(-1)[1] = float("inf")
+    torch.save(sd, tmp_path / "inf.pth")
+    with pytest.raises(CheckpointError) as e:
+        hf.export_hf(tmp_path / "inf.pth", tmp_path / "out2")
+    _one_line_error(e, "inf.pth", "blocks.0.att.v2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_export_to_a_narrower_dtype_refuses_overflow(pth, tmp_path):
+    sd = torch.load(pth, weights_only=True)
+    sd["blocks.1.ffn.value.weight"][0, 0] = 1e6  # fine in float32 and bfloat16, inf in float16
+    torch.save(sd, tmp_path / "big.pth")
+    with pytest.raises(CheckpointError) as e:
+        hf.export_hf(tmp_path / "big.pth", tmp_path / "out", dtype=torch.float16)
+    _one_line_error(e, "blocks.1.ffn.value.weight", "beyond the range of float16")
+    assert not (tmp_path / "out").exists()
+    hf.export_hf(tmp_path / "big.pth", tmp_path / "out", dtype=torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- bounded memory

@@ -3,7 +3,8 @@
 Nothing here touches the network. ``FakeHub`` runs two HTTP servers on 127.0.0.1 (random free
 ports) in daemon threads: "hub" answers HEAD/GET of ``/{repo}/resolve/{revision}/{file}`` as
 huggingface.co does for an LFS file (302 to the blob, with X-Repo-Commit, X-Linked-Etag = sha256
-and X-Linked-Size; 404 with X-Error-Code for a missing repo, revision or file), and "cdn" serves
+and X-Linked-Size; 404 with X-Error-Code for a missing repo, revision or file) and the file listing
+``/api/models/{repo}/tree/{revision}`` that huggingface_hub's list_repo_tree reads, and "cdn" serves
 blobs with Range support. Both log every request, can cut a GET midway or answer 503, and are shut
 down by the fixture. HF_ENDPOINT points huggingface_hub at "hub".
 """
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -43,6 +45,11 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _git_oid(data: bytes) -> str:
+    """The git blob id of a file stored in git, as the hub's listing gives it."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10  # a stuck client cannot hold a server thread for long
@@ -61,7 +68,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         role = self.server.role
         with fake.lock:
             fake.log.append((role, self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-        if role == "hub":
+        if role == "hub" and self.path.startswith("/api/models/"):
+            self._tree(fake, body)
+        elif role == "hub":
             self._resolve(fake, body)
         else:
             self._blob(fake, body)
@@ -86,12 +95,40 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(404, {"X-Error-Code": "RevisionNotFound"}, body=body)
         if (repo, name) not in fake.files:
             return self._send(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, body=body)
-        data, advertised = fake.files[repo, name]
-        meta = {"X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{advertised}"', "X-Linked-Size": str(len(data)),
-                "ETag": '"' + hashlib.sha1(advertised.encode()).hexdigest() + '"'}
+        data, advertised, size = fake.files[repo, name]
+        if not fake.is_lfs(name):  # a file stored in git: served by the hub itself, its ETag the git blob id
+            return self._ranged(fake, data, body, {"ETag": f'"{_git_oid(data)}"', "X-Repo-Commit": COMMIT})
+        linked = {"X-Linked-Etag": f'"{advertised}"', "X-Linked-Size": str(size)} if fake.linked else {}
         if fake.redirect:
-            return self._send(302, meta | {"Location": f"{fake.cdn_url}/blobs/{_sha(data)}"}, body=body)
-        self._ranged(fake, data, body, {"ETag": f'"{advertised}"', "X-Repo-Commit": COMMIT})
+            etag = hashlib.sha1(advertised.encode()).hexdigest()  # the pointer's git oid, as the hub sends
+            return self._send(302, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', "Location":
+                                    f"{fake.cdn_url}/blobs/{_sha(data)}"} | linked, body=body)
+        # A mirror serving the file itself; its ETag is the sha256 of what it serves.
+        self._ranged(fake, data, body, {"ETag": f'"{_sha(data)}"', "X-Repo-Commit": COMMIT} | linked)
+
+    def _tree(self, fake: "FakeHub", body: bool) -> None:
+        """``GET /api/models/{repo}/tree/{revision}?recursive=...``, what HfApi.list_repo_tree asks: a JSON
+        list of the repository's files, LFS ones with their sha256 (``lfs.oid``), as the hub answers."""
+        path = urlsplit(self.path).path
+        parts = path.split("/")  # "", "api", "models", owner, name, "tree", revision
+        if len(parts) < 7 or parts[5] != "tree":
+            return self._send(404, {"X-Error-Code": "RepoNotFound"}, body=body)
+        repo, revision = f"{parts[3]}/{parts[4]}", parts[6]
+        if not any(r == repo for r, _ in fake.files):
+            return self._send(404, {"X-Error-Code": "RepoNotFound"}, body=body)
+        if revision not in ("main", COMMIT):
+            return self._send(404, {"X-Error-Code": "RevisionNotFound"}, body=body)
+        if fake.listing is not None:
+            return self._send(200, {"Content-Type": "application/json"}, fake.listing, body=body)
+        entries = []
+        for (r, name), (data, advertised, size) in sorted(fake.files.items()):
+            if r != repo:
+                continue
+            entry = {"type": "file", "oid": fake.oids.get((r, name)) or _git_oid(data), "size": size, "path": name}
+            if fake.is_lfs(name):
+                entry["lfs"] = {"oid": advertised, "size": size, "pointerSize": 134}
+            entries.append(entry)
+        return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode(), body=body)
 
     def _blob(self, fake: "FakeHub", body: bool) -> None:
         data = fake.blobs.get(self.path.rsplit("/", 1)[-1])
@@ -113,7 +150,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fail:
             return self._send(503, {}, b"busy", body=True)
         start = 0
-        rng = self.headers.get("Range", "")
+        rng = "" if fake.ignore_range else self.headers.get("Range", "")
         if rng.startswith("bytes=") and rng.endswith("-"):
             start = int(rng[6:-1])
         part = data[start:]
@@ -138,12 +175,17 @@ class FakeHub:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.files: dict[tuple[str, str], tuple[bytes, str]] = {}  # (repo, file) -> (data, advertised sha256)
+        # (repo, file) -> (data, advertised sha256, advertised size)
+        self.files: dict[tuple[str, str], tuple[bytes, str, int]] = {}
         self.blobs: dict[str, bytes] = {}
         self.log: list[tuple[str, str, str, dict[str, str]]] = []
         self.cut_gets = self.fail_gets = 0
         self.refuse_after_cut = False  # after cutting a GET, answer 503 to the next ones
         self.redirect = True  # as huggingface.co does for LFS files; False: a mirror serving them itself
+        self.linked = True  # X-Linked-Etag/X-Linked-Size (the LFS sha256 and size) in the HEAD's answer
+        self.ignore_range = False  # True: every GET answers 200 with the whole file
+        self.listing: bytes | None = None  # set: the tree endpoint answers these bytes instead of the files
+        self.oids: dict[tuple[str, str], str] = {}  # (repo, file) -> the git oid the listing claims, if not the data's
         self.servers = []
         for role in ("hub", "cdn"):
             server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -154,9 +196,19 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.servers[0].server_address[1]}"
         self.cdn_url = f"http://127.0.0.1:{self.servers[1].server_address[1]}"
 
-    def add(self, repo: str, name: str, data: bytes, advertise: str | None = None) -> None:
-        self.files[repo, name] = (data, advertise or _sha(data))
+    def add(self, repo: str, name: str, data: bytes, advertise: str | None = None, size: int | None = None,
+            oid: str | None = None) -> None:
+        """Publish ``data`` as ``repo``'s file ``name``; the listing and the LFS headers may advertise
+        another sha256 (``advertise``), size or git oid than the data's: a tampered server."""
+        self.files[repo, name] = (data, advertise or _sha(data), len(data) if size is None else size)
         self.blobs[_sha(data)] = data
+        if oid:
+            self.oids[repo, name] = oid
+
+    @staticmethod
+    def is_lfs(name: str) -> bool:
+        """Weights are stored in LFS (as .gitattributes of hub repositories says), the rest in git."""
+        return name.endswith((".pth", ".safetensors", ".bin"))
 
     def requests(self, role: str | None = None, method: str | None = None) -> list:
         with self.lock:
@@ -216,15 +268,14 @@ def world(tmp_path, monkeypatch, fake):
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     import huggingface_hub.constants
-    import huggingface_hub.file_download
 
     # huggingface_hub read HF_HOME at import: keep a token saved by `hf auth login` out of these tests.
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    # http_get waits 1 s before retrying a dropped connection; these tests need no wait.
-    monkeypatch.setattr(huggingface_hub.file_download.time, "sleep", lambda s: None)
-    # It writes what it receives in 10 MiB chunks, so a cut in a 0.6 MB file would lose every byte;
-    # small chunks make the tiny file behave like a release file of gigabytes.
-    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 16 << 10)
+    # Retries wait milliseconds, not seconds.
+    monkeypatch.setattr(hub, "BACKOFF_S", 0.001)
+    # Bytes arrive in 1 MiB reads, so a cut in a 0.6 MB file would lose every byte; small reads make
+    # the tiny file behave like a release file of gigabytes.
+    monkeypatch.setattr(hub, "_GET_CHUNK", 16 << 10)
     return tmp_path
 
 
@@ -235,8 +286,9 @@ def _partials(models: Path) -> list[Path]:
 # ---- download ------------------------------------------------------------------------------
 
 
-def test_download_lands_at_model_path_with_identical_bytes(world, fake, tiny_bytes):
-    path = hub.download_model("tiny", progress=False)
+def test_download_lands_at_model_path_with_identical_bytes(world, fake, tiny_bytes, capsys):
+    path = hub.download_model("tiny", progress=True)
+    assert "verifying sha256" in capsys.readouterr().err
     assert path == Path(load_model_config("tiny").model_path) == world / "models" / FILE
     assert path.read_bytes() == tiny_bytes
     assert _partials(world / "models") == []
@@ -255,12 +307,8 @@ def test_present_file_is_returned_without_network(world, fake, tiny_bytes):
 
 
 def test_dropped_connection_is_resumed_with_a_range_request(world, fake, tiny_bytes):
-    fake.cut_gets = 1  # the first GET is cut midway
-    try:
-        path = hub.download_model("tiny", progress=False)  # huggingface_hub >= 1.20 retries within the call
-    except DownloadError as e:  # older ones give up: then the next call continues
-        assert "run the same command again to resume" in str(e)
-        path = hub.download_model("tiny", progress=False)
+    fake.cut_gets = 1  # the first GET is cut midway; the same call continues
+    path = hub.download_model("tiny", progress=False)
     assert path.read_bytes() == tiny_bytes
     gets = fake.requests("cdn", "GET")
     assert len(gets) == 2 and "range" not in gets[0][3]
@@ -322,6 +370,94 @@ def test_mirror_without_redirect_is_read_at_the_resolved_commit(world, fake, tin
     assert hub.download_model("tiny", progress=False).read_bytes() == tiny_bytes
     [get] = fake.requests("hub", "GET")
     assert get[2] == f"/{REPO}/resolve/{COMMIT}/{FILE}"  # pinned: a push in between cannot mix files
+
+
+
+# ---- what a mirror may answer (issue 20) -----------------------------------------------------
+
+HTML = b"<!DOCTYPE html><html><body>Mirror maintenance: back soon</body></html>\n"
+
+
+def test_html_page_whose_etag_is_its_own_sha256_is_refused(world, fake, capsys):
+    target = world / "models" / FILE
+    fake.redirect, fake.linked = False, False  # a mirror without LFS headers, answering a page
+    fake.add(REPO, FILE, HTML)  # its ETag is the page's own sha256: 64 hex digits, like an LFS oid
+    assert main(["models", "download", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "no LFS sha256" in err and "X-Linked-Etag" in err and _sha(HTML) in err and "source.sha256" in err
+    assert fake.requests("hub", "GET") == [] and not target.exists()
+    # A mirror that even claims the page is the LFS object: downloaded, then refused for its content.
+    fake.linked = True
+    with pytest.raises(DownloadError) as info:
+        hub.download_model("tiny", progress=False)
+    message = str(info.value)
+    assert "is not a PyTorch zip archive" in message and "<!DOCTYPE" in message and "\n" not in message
+    assert len(fake.requests("hub", "GET")) == 1
+    assert not target.exists() and _partials(world / "models") == []
+
+
+def test_safetensors_file_is_checked_for_its_own_format(world, fake):
+    import struct
+
+    name = "tiny.safetensors"
+    _config(world / "configs", "st", {"hf_repo": REPO, "hf_filename": name}, model_file=name)
+    header = b'{"__metadata__":{"format":"pt"}}'
+    good = struct.pack("<Q", len(header)) + header
+    fake.add(REPO, name, HTML)
+    with pytest.raises(DownloadError, match="is not a safetensors file"):
+        hub.download_model("st", progress=False)
+    assert not (world / "models" / name).exists()
+    fake.add(REPO, name, good)
+    assert hub.download_model("st", progress=False).read_bytes() == good
+
+
+def test_pinned_sha256_lets_a_mirror_without_lfs_headers_serve(world, fake, tiny_bytes):
+    fake.redirect, fake.linked = False, False
+    _config(world / "configs", "pinned", {"hf_repo": REPO, "hf_filename": FILE, "sha256": _sha(tiny_bytes)})
+    assert hub.download_model("pinned", progress=False).read_bytes() == tiny_bytes
+    fake.add(REPO, FILE, HTML)  # the same mirror, now serving a page: the pinned sha256 refuses it
+    with pytest.raises(DownloadError, match="is not a PyTorch zip archive"):
+        hub.download_model("pinned", force=True, progress=False)
+    assert (world / "models" / FILE).read_bytes() == tiny_bytes  # the verified file stays
+
+
+@pytest.mark.parametrize("delta", [-1000, 1000])
+def test_size_other_than_the_lfs_size_is_refused(world, fake, tiny_bytes, delta):
+    fake.add(REPO, FILE, tiny_bytes, size=len(tiny_bytes) + delta)
+    with pytest.raises(DownloadError, match="size mismatch") as info:
+        hub.download_model("tiny", progress=False)
+    message = str(info.value)
+    assert f"{len(tiny_bytes):,}" in message and f"{len(tiny_bytes) + delta:,}" in message
+    assert "X-Linked-Size" in message and "\n" not in message
+    assert not (world / "models" / FILE).exists()
+    assert all(p.stat().st_size == 0 for p in _partials(world / "models"))  # nothing of it was written
+
+
+def test_dropping_server_that_ignores_range_gives_up_after_bounded_tries(world, fake, tiny_bytes, monkeypatch):
+    import time
+
+    waits: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(hub, "time", type("T", (), {"sleep": staticmethod(lambda s: (waits.append(s), real_sleep(s)))}))
+    fake.ignore_range, fake.cut_gets = True, 10**6  # every GET: the whole file from byte 0, cut at its middle
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        hub.download_model("tiny", progress=False, retries=3, backoff_s=0.01)
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert "\n" not in message and "gave up after 4 tries, the last 3 without a new byte" in message
+    assert "run the same command again to resume" in message
+    assert len(fake.requests("cdn", "GET")) == 4  # one that brought bytes, then three that did not
+    assert waits == [0.01, 0.02, 0.04]  # exponential backoff
+    assert elapsed < 5
+    [partial] = _partials(world / "models")
+    kept = partial.stat().st_size
+    assert 0 < kept <= len(tiny_bytes) // 2 and partial.read_bytes() == tiny_bytes[:kept]  # a read in flight is lost
+    # The server recovers but still ignores Range: the bytes we have are read and dropped, not appended twice.
+    fake.cut_gets = 0
+    assert hub.download_model("tiny", progress=False).read_bytes() == tiny_bytes
+    assert fake.requests("cdn", "GET")[-1][3]["range"] == f"bytes={kept}-"
 
 
 @pytest.mark.parametrize("key, needles", [

@@ -131,6 +131,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+# Seconds the other processes of a distributed run wait before exiting on an error that every
+# process raised, so that rank 0 prints it and exits first.
+RANK0_FIRST_S = 1.0
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -166,7 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_resolve(target)(args) or 0)
     except RwkvtuneError as e:
         sys.stdout.flush()
-        print(f"error: {_one_line(str(_fit_advice(e, args)))}", file=sys.stderr)
+        if not e.every_rank or os.environ.get("RANK", "0") == "0":  # said once by a distributed run
+            print(f"error: {_one_line(str(_fit_advice(e, args)))}", file=sys.stderr)
+        else:
+            # the other ranks leave after rank 0 has said it: torchrun ends every process at the
+            # first exit, which must not be this one's (rank 0 could be stopped mid-sentence)
+            import time
+
+            time.sleep(RANK0_FIRST_S)
         return getattr(e, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
     except KeyboardInterrupt as e:
         sys.stdout.flush()

@@ -29,6 +29,7 @@ from rwkvtune.configs.model_loader import (
     load_model_config,
     matching_registry_entry,
     models_dir,
+    resolve_release,
 )
 from rwkvtune.errors import ConfigError, RwkvtuneError
 from rwkvtune.hub import download_command
@@ -45,11 +46,21 @@ _ACTIONS = {
     "new": ("write a config JSON for a checkpoint",
             "Detect a checkpoint's dims and write a registry config for it. Default output: rwkv7-NAME.json in "
             "the first $RWKVTUNE_CONFIG_PATH directory if set, else the current directory."),
-    "download": ("download a model file from its source (Hugging Face) into the models directory",
+    "download": ("download a model file from its source (Hugging Face), or a Hugging Face model folder "
+                 "(--repo), into the models directory",
                  "Download the model file of a config from the Hugging Face repository its \"source\" names, into "
                  "the models directory ($RWKVTUNE_MODEL_DIR, default ~/.rwkvtune/models). Resumes an interrupted "
-                 "download, verifies the sha256, and does nothing if the file is already there. Honours "
-                 "HF_ENDPOINT and HF_TOKEN. Needs huggingface_hub: pip install \"rwkvtune[hub]\"."),
+                 "download, verifies the sha256, and does nothing if the file is already there. With --repo "
+                 "OWNER/NAME instead of NAME: an RWKV-7 repository in the Hugging Face layout (e.g. RWKV/RWKV7-*-HF, "
+                 "fla-hub/rwkv7-*) becomes the folder MODELS_DIR/OWNER/NAME (config.json, safetensors weights, "
+                 "tokenizer files; every file verified against the hub's listing; pickle .bin files and code are "
+                 "never downloaded), loadable with --model MODELS_DIR/OWNER/NAME. Honours HF_ENDPOINT and HF_TOKEN. "
+                 "Needs huggingface_hub: pip install \"rwkvtune[hub]\"."),
+    "releases": ("the releases of a size: which are known, which are present, which one the name means",
+                 "The releases of a registry size (files named rwkv7-<release>-<size>-<date>-ctx<N>.pth): the "
+                 "pinned one, those recorded by `models download --latest/--release`, and those present in the "
+                 "models directory; --hub adds the hub's listing. `SIZE` means the newest present one, else the "
+                 "pinned one; `SIZE@RELEASE` names one."),
     "check": ("validate every config; compare with model files that are present",
               "Validate every config in reach (package and $RWKVTUNE_CONFIG_PATH) and compare each with its "
               "model file where that file is present. Exit status 1 if any problem."),
@@ -69,10 +80,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a["new"].add_argument("--name", required=True, help="registry name for it, e.g. my-1.5b (file rwkv7-NAME.json)")
     a["new"].add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
     a["new"].add_argument("--force", action="store_true", help="overwrite an existing output file")
-    a["download"].add_argument("name", metavar="NAME", help='registry name ("1.5b", "rwkv7-1.5b") or .json config')
-    a["download"].add_argument("--force", action="store_true", help="download again even if the file is present")
+    a["download"].add_argument("name", metavar="NAME", nargs="?", default=None,
+                               help='registry name ("1.5b", "rwkv7-1.5b", "1.5b@g1a") or .json config; '
+                                    'not with --repo')
+    a["download"].add_argument("--force", action="store_true",
+                               help="download again even if the file (or --repo folder) is present; a present "
+                                    "folder is replaced once the new one is complete")
+    a["download"].add_argument("--repo", metavar="OWNER/NAME", default=None,
+                               help="a Hugging Face repository in the RWKV-7 HF layout, downloaded as the folder "
+                                    "MODELS_DIR/OWNER/NAME and recorded there (a later call finds it offline); "
+                                    "instead of NAME, --release and --latest")
+    a["download"].add_argument("--revision", metavar="REV", default=None,
+                               help="with --repo: branch, tag or commit (default main)")
+    which = a["download"].add_mutually_exclusive_group()
+    which.add_argument("--release", metavar="R", default="",
+                       help="this release of the size (g1a, g1a-20250922 or the file name); asks the hub's file "
+                            "list when it is not known locally")
+    which.add_argument("--latest", action="store_true",
+                       help="the newest release of the size in the hub's file list; the choice is recorded in "
+                            "the models directory, so NAME means that file from then on, offline")
     a["download"].add_argument("--models-dir", dest="models_dir", metavar="DIR",
                                help="download into DIR instead of the models directory")
+
+
+    a["releases"].add_argument("name", metavar="SIZE", help='registry name, e.g. "1.5b"')
+    a["releases"].add_argument("--hub", action="store_true", help="also ask the hub for its file list")
+    a["releases"].add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,7 +142,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     broken, downloadable = [], []
     for key, path in list_available_models().items():
         try:
-            cfg = ModelConfig.from_file(path)
+            cfg = resolve_release(ModelConfig.from_file(path), key)  # the file the name means now
         except RwkvtuneError:
             broken.append(key)
             rows.append([key, "(invalid config)", "-", "-", "-", path, "-"])
@@ -140,6 +173,7 @@ def _config_record(cfg: ModelConfig, key: str | None) -> dict[str, Any]:
     rec.update(dataclasses.asdict(cfg))
     rec["n_head"] = cfg.n_head
     rec["n_params"] = cfg.n_params
+    rec["release"] = cfg.release
     rec["model_path"] = cfg.model_path
     rec["model_present"] = _present(cfg)
     rec["download_url"] = cfg.download_url
@@ -171,7 +205,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     order = ["name", "model_name", "description", "architecture_version", "n_layer", "n_embd", "n_head",
              "head_size_a", "vocab_size", "ctx_len", "dim_ffn", "dim_att_lora", "dim_aaa_lora", "dim_mv_lora",
-             "dim_gate_lora", "n_params", "recommended_ctx_len", "recommended_batch_size", "recommended_lr",
+             "dim_gate_lora", "n_params", "release", "recommended_ctx_len", "recommended_batch_size", "recommended_lr",
              "model_file", "model_path", "config_path"]
     width = max(map(len, order)) + 1
     for field in order:
@@ -305,9 +339,61 @@ def cmd_new(args: argparse.Namespace) -> int:
 # ---- models download -----------------------------------------------------------------------
 
 
+def _download_repo(args: argparse.Namespace) -> int:
+    """``models download --repo OWNER/NAME``: the HF folder, verified, recorded (rwkvtune.hub_repos)."""
+    from rwkvtune.hub_repos import download_repo
+
+    got = download_repo(args.repo, revision=args.revision or "main", models_dir=args.models_dir, force=args.force,
+                        progress=sys.stderr.isatty())
+    rec = got.record
+    at = f"revision {rec.revision}" + (f", commit {rec.commit}" if rec.commit and rec.commit != rec.revision else "")
+    if got.fresh:
+        print(f"saved {rec.repo} ({at}) as {got.folder}: {len(rec.files)} files, {got.nbytes:,} bytes, each "
+              f"verified against the hub's listing (LFS sha256 or git blob id)")
+        if got.skipped_pickles:
+            print(f"  not downloaded: {', '.join(got.skipped_pickles)} (pickle files, which rwkvtune never loads; "
+                  f"the safetensors weights hold the same model)")
+        if got.skipped_other:
+            more = f" (+{len(got.skipped_other) - 6})" if len(got.skipped_other) > 6 else ""
+            print(f"  left out: {', '.join(got.skipped_other[:6])}{more} (not weights, config or tokenizer files)")
+    else:
+        print(f"already present: {got.folder} ({rec.repo}, {at}; nothing downloaded; --force downloads it again)")
+    print(f"  use it: rwkvtune generate --model {got.folder} --prompt \"...\"")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from rwkvtune.hub import download_model, target_path
 
+    if args.repo is not None:
+        given = [flag for flag, on in (("NAME", args.name is not None), ("--release", args.release),
+                                       ("--latest", args.latest)) if on]
+        if given:
+            raise ConfigError(f"--repo {args.repo} downloads a Hugging Face folder; {' and '.join(given)} "
+                              f"{'name' if len(given) > 1 else 'names'} a registry model file: give one of them, "
+                              f"not both")
+        return _download_repo(args)
+    if args.revision is not None:
+        raise ConfigError("--revision goes with --repo; a registry entry's revision is source.hf_revision in its "
+                          "config")
+    if args.name is None:
+        raise ConfigError("models download: give NAME (a registry name or .json config, e.g. 1.5b) or "
+                          "--repo OWNER/NAME (a Hugging Face RWKV-7 folder)")
+    if args.latest or args.release or "@" in args.name:
+        from rwkvtune.hub_releases import download_release
+
+        path, cfg, fresh = download_release(args.name, release=args.release, latest=args.latest,
+                                            models_dir=args.models_dir, force=args.force,
+                                            progress=sys.stderr.isatty())
+        if fresh:
+            print(f"saved {path} ({path.stat().st_size:,} bytes, sha256 verified)")
+        else:
+            print(f"already present: {path} (nothing downloaded; --force downloads it again)")
+        print(f"  release {cfg.release}, ctx_len {cfg.ctx_len}; `{_registry_key(args.name.partition('@')[0])}` "
+              f"now resolves to the newest release present in {path.parent}")
+        if path.parent != models_dir():
+            print(f"  the registry looks in {models_dir()}; to use this file set {MODEL_DIR_ENV}={path.parent}")
+        return 0
     cfg = load_model_config(args.name)
     target = target_path(cfg, args.models_dir) if cfg.model_file else None
     if target is not None and target.is_file() and not args.force and cfg.hf_repo:
@@ -318,6 +404,61 @@ def cmd_download(args: argparse.Namespace) -> int:
     if path != Path(cfg.model_path):  # --models-dir elsewhere: say how the registry finds it there
         print(f"  the registry looks in {Path(cfg.model_path).parent}; to use this file set "
               f"{MODEL_DIR_ENV}={path.parent}")
+    return 0
+
+
+# ---- models releases -----------------------------------------------------------------------
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    from rwkvtune.configs import model_loader, releases
+
+    base, spec = releases.split_spec(args.name)
+    if spec:
+        raise ConfigError(f"{args.name!r}: `models releases` takes a size without a release, e.g. {base!r}")
+    key = _registry_key(base)
+    path = list_available_models().get(key)
+    if path is None:
+        ModelConfig.from_name(base)  # the registry's "unknown model ... Closest" error
+    cfg = ModelConfig.from_file(path)
+    extra, variants = [], []
+    if args.hub:
+        from rwkvtune.hub_releases import ask_hub
+
+        extra, _, variants = ask_hub(cfg, key)
+    size, default, known = model_loader.entry_releases(cfg, key, extra)
+    if size is None:
+        raise ConfigError(f"{path}: entry {key} has no releases: its model file {cfg.model_file!r} does not follow "
+                          f"{releases.SCHEME}")
+    resolved = model_loader.resolve_release(cfg, key)
+    rows = []
+    for rel in reversed(known):  # newest first
+        origins = {r.origin for r in (default, *extra) if r and r.file == rel.file} | {rel.origin}
+        rows.append({"release": rel.release, "date": rel.date, "ctx_len": rel.ctx_len, "file": rel.file,
+                     "present": model_loader.release_present(cfg, rel), "known_from": sorted(origins),
+                     "sha256": rel.sha256, "name": f"{key}@{rel.label}", "resolved": rel.file == resolved.model_file})
+    if args.json:
+        print(json.dumps({"size": size, "entry": key, "config_path": path, "resolves_to": resolved.model_file,
+                          "releases": rows, "left_out_variants": variants}, indent=2))
+        return 0
+    table = [["", "RELEASE", "DATE", "CTX", "FILE", "PRESENT", "KNOWN FROM"]]
+    for r in rows:
+        table.append(["*" if r["resolved"] else "", r["release"], r["date"], str(r["ctx_len"]), r["file"],
+                      "yes" if r["present"] else "no", ", ".join(r["known_from"])])
+    print(_table(table))
+    print()
+    if default and resolved.model_file == default.file:
+        why = "the pinned release" + ("" if Path(resolved.model_path).is_file() else
+                                      f" (not present: `rwkvtune models download {key}`)")
+    else:
+        why = "the newest release present"
+    print(f"* `{key}` resolves to {resolved.model_file}: {why}; `{key}@RELEASE` names another "
+          f"(e.g. {key}@{known[-1].release})")
+    if variants:
+        print(f"left out: {len(variants)} file(s) of other RWKV-7 variants on the hub (rwkv7a-/rwkv7b-), which "
+              f"rwkvtune does not train")
+    if not args.hub:
+        print(f"the hub may have more: rwkvtune models releases {key} --hub; rwkvtune models download {key} --latest")
     return 0
 
 

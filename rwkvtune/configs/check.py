@@ -20,14 +20,18 @@ from rwkvtune.configs.checkpoint import (
     format_mismatches,
     read_shapes,
 )
+from rwkvtune.configs import releases
 from rwkvtune.configs.model_loader import (
     ModelConfig,
     all_config_files,
     config_dirs,
+    entry_releases,
     matching_registry_entry,
+    with_release,
     CONFIG_PATH_ENV,
     PACKAGE_MODELS_DIR,
 )
+from rwkvtune.configs.variants import refusal
 from rwkvtune.utils import human_count
 from rwkvtune.errors import CheckpointError, RwkvtuneError
 
@@ -92,6 +96,11 @@ def check_one(key: str, path: str) -> CheckResult:
     except RwkvtuneError as e:
         return CheckResult(key, path, False, str(e))
     dims = f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, {human_count(cfg.n_params)} params"
+    named = releases.parse_name(cfg.model_file) if cfg.model_file else None
+    if named and named.ctx_len != cfg.ctx_len:
+        return CheckResult(key, path, False, f"{path}: architecture.ctx_len is {cfg.ctx_len}, but its model file "
+                                             f"{cfg.model_file} says ctx{named.ctx_len}; set ctx_len to "
+                                             f"{named.ctx_len}", cfg)
     if not cfg.model_file:
         return CheckResult(key, path, True, f"{dims}; no model_file", cfg)
     if not Path(cfg.model_path).is_file():
@@ -101,9 +110,45 @@ def check_one(key: str, path: str) -> CheckResult:
         shapes, _, _ = read_shapes(cfg.model_path)
     except CheckpointError as e:
         return CheckResult(key, path, False, f"{path}: model file unreadable: {e}", cfg, True)
+    other = refusal(cfg.model_path, shapes)
+    if other:
+        return CheckResult(key, path, False, other, cfg, True)
     if check_config_against(cfg, shapes):
         return CheckResult(key, path, False, str(mismatch_error(cfg, cfg.model_path, shapes)), cfg, True)
     return CheckResult(key, path, True, f"{dims}; matches model file {cfg.model_path}", cfg, True)
+
+
+def check_releases(key: str, path: str, cfg: ModelConfig) -> list[CheckResult]:
+    """One result per release of the entry's size other than the pinned one that is present in the
+    models directory or recorded there (``KEY@RELEASE-DATE``): its file compared with the entry's dims,
+    a file of another variant (RWKV-7a/7b) named; a broken records file is one failed result."""
+    try:
+        size, default, known = entry_releases(cfg, key)
+    except RwkvtuneError as e:
+        return [CheckResult(f"{key}@*", path, False, str(e), cfg)]
+    out = []
+    for rel in known:
+        if default is not None and rel.file == default.file:
+            continue  # the entry's own file: check_one compared it
+        name, rcfg = f"{key}@{rel.label}", with_release(cfg, rel)
+        if not Path(rcfg.model_path).is_file():
+            out.append(CheckResult(name, path, True, f"{rel.origin}: {rel.file} not present ({rcfg.model_path}), "
+                                                     f"shape check skipped", rcfg))
+            continue
+        try:
+            shapes, _, _ = read_shapes(rcfg.model_path)
+            other = refusal(rcfg.model_path, shapes)
+        except CheckpointError as e:
+            out.append(CheckResult(name, path, False, f"model file unreadable: {e}", rcfg, True))
+            continue
+        if other:
+            out.append(CheckResult(name, path, False, other, rcfg, True))
+        elif check_config_against(rcfg, shapes):
+            out.append(CheckResult(name, path, False, str(mismatch_error(rcfg, rcfg.model_path, shapes)), rcfg, True))
+        else:
+            out.append(CheckResult(name, path, True, f"release {rel.label} (ctx {rel.ctx_len}, {rel.origin}) matches "
+                                                     f"model file {rcfg.model_path}", rcfg, True))
+    return out
 
 
 def check_all() -> tuple[list[CheckResult], list[str]]:
@@ -116,4 +161,6 @@ def check_all() -> tuple[list[CheckResult], list[str]]:
         result = check_one(key, path)
         result.shadowed_by = shadowed_by
         results.append(result)
+        if result.config is not None and shadowed_by is None:
+            results += check_releases(key, path, result.config)
     return results, warnings

@@ -35,15 +35,8 @@ from rwkvtune.configs.layout import (  # noqa: F401  (the layout's names, re-exp
     official_shapes,
     strip_prefix,
 )
+from rwkvtune.configs.variants import refusal
 from rwkvtune.errors import CheckpointError
-
-# Keys that only older RWKV generations have: used to say "this is RWKV-6", not "key missing".
-_OTHER_VERSIONS = [
-    ("att.time_maa_x", "RWKV-6 (x060)"),
-    ("att.time_faaaa", "RWKV-5/6"),
-    ("att.time_first", "RWKV-4/5"),
-    ("att.time_mix_k", "RWKV-4"),
-]
 
 
 @dataclasses.dataclass
@@ -223,16 +216,13 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[st
 
 def _refuse_artifact(p: Path) -> None:
     """A ``.safetensors`` adapter or state written by rwkvtune is not a model: say which it is."""
-    import json
-
-    from rwkvtune.convert.safetensors_io import read_header
-    from rwkvtune.convert.safetensors_io import ARTIFACT_META
+    from rwkvtune.convert.safetensors_io import ARTIFACT_META, artifact_tree, read_header
 
     meta = read_header(p)[1].get(ARTIFACT_META)
     if meta is not None:
         try:
-            fmt = json.loads(meta).get("format")
-        except (json.JSONDecodeError, AttributeError):
+            fmt = artifact_tree(p, meta).get("format")
+        except (CheckpointError, AttributeError):
             fmt = None
         _check_state_dict(p, {"format": fmt}, lambda v: True)  # raises naming the kind
 
@@ -394,10 +384,9 @@ def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int, source: s
 def detect(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | None = None,
            source: str = "<state dict>", key_prefix: str = "") -> CheckpointInfo:
     """Detect dims from {key: shape}. Raises CheckpointError naming what is missing or inconsistent."""
-    for marker, version in _OTHER_VERSIONS:
-        if any(k.endswith(marker) for k in shapes):
-            raise CheckpointError(f"{source}: this is an {version} checkpoint (has '*.{marker}'), expected "
-                                  f"RWKV-7 (x070); rwkvtune only trains RWKV-7")
+    other = refusal(source, shapes)  # RWKV-4/5/6 or RWKV-7a/7b: named, not a shape mismatch further down
+    if other:
+        raise CheckpointError(other)
     required = ["emb.weight", "head.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1",
                 "blocks.0.att.g1", "blocks.0.ffn.key.weight"]
     missing = [k for k in required if k not in shapes]

@@ -39,6 +39,7 @@ from rwkvtune.configs.checkpoint import (
     inspect_checkpoint,
     official_shapes,
 )
+from rwkvtune.configs import releases
 from rwkvtune.errors import ConfigError
 
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -160,6 +161,13 @@ class ModelConfig:
         return str(p)
 
     @property
+    def release(self) -> str:
+        """``release-date`` of the model file when its name follows the official scheme
+        (``rwkv7-g1a-1.5b-20250922-ctx4096.pth`` -> ``"g1a-20250922"``), else ""."""
+        rel = releases.parse_name(self.model_file) if self.model_file else None
+        return rel.label if rel else ""
+
+    @property
     def download_url(self) -> str:
         """URL of the published model file (under ``$HF_ENDPOINT`` when set); "" without a source."""
         if not self.hf_repo:
@@ -184,9 +192,12 @@ class ModelConfig:
     # ---- constructors ----------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
-        """A registry entry: ``"1.5b"``, ``"1.5B"`` or ``"rwkv7-1.5b"``."""
+        """A registry entry: ``"1.5b"``, ``"1.5B"`` or ``"rwkv7-1.5b"``, resolved to the newest release of
+        that size present in the models directory, else the entry's pinned file; ``"1.5b@g1a"`` names a
+        release (see :mod:`rwkvtune.configs.releases`)."""
+        base, spec = releases.split_spec(name)
         available = list_available_models()
-        key = _registry_key(name)
+        key = _registry_key(base)
         if key not in available:
             close = difflib.get_close_matches(key, list(available), n=1, cutoff=0.3)
             hint = f" Closest: {close[0]!r}." if close else ""
@@ -195,7 +206,7 @@ class ModelConfig:
                 f"Pass a registry name, a .json config or a .pth checkpoint path "
                 f"(add your own configs to a directory listed in {CONFIG_PATH_ENV})."
             )
-        return cls.from_file(available[key])
+        return resolve_release(cls.from_file(available[key]), key, spec)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -250,14 +261,16 @@ class ModelConfig:
         info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
         match = matching_registry_entry(info)
         base = cls.from_name(match) if match else None
-        ctx = re.search(r"ctx(\d+)", Path(info.path).name)
+        ctx = releases.ctx_from_name(info.path) or (base.ctx_len if base else 4096)
         recommended = {f: getattr(base, f) for f in ("recommended_ctx_len", "recommended_batch_size",
                                                       "recommended_lr")} if base else {}
+        if recommended:  # never recommend training beyond what the model was trained on
+            recommended["recommended_ctx_len"] = min(recommended["recommended_ctx_len"], ctx)
         return cls(
             model_name=name or (base.model_name if base else Path(info.path).stem),
             model_file=info.path,
             description=f"detected from {Path(info.path).name}" + (f" (matches registry {match})" if match else ""),
-            ctx_len=int(ctx.group(1)) if ctx else (base.ctx_len if base else 4096),
+            ctx_len=ctx,
             config_path=info.path,
             **info.dims(),
             **recommended,
@@ -482,6 +495,64 @@ def list_available_models() -> dict[str, str]:
     return dict(sorted(found.items(), key=lambda item: _size_key(item[0])))
 
 
+def _default_release(cfg: ModelConfig) -> releases.Release | None:
+    """The release an entry pins (its JSON's model file), with the JSON's source and checksum."""
+    rel = releases.parse_name(cfg.model_file) if cfg.model_file else None
+    if rel is None:
+        return None
+    return dataclasses.replace(rel, sha256=cfg.sha256, hf_repo=cfg.hf_repo, hf_filename=cfg.hf_filename,
+                               hf_revision=cfg.hf_revision, origin=releases.REGISTRY)
+
+
+def entry_releases(cfg: ModelConfig, key: str, extra=()) -> tuple[str | None, releases.Release | None,
+                                                                   list[releases.Release]]:
+    """(size, pinned default, every known release of that size, oldest first) of a registry entry as
+    read from its JSON; (None, None, []) for an entry whose file is outside the naming scheme and
+    whose name is no size. ``extra``: releases from a hub listing."""
+    size = releases.entry_size(key, cfg.model_file, cfg.hf_filename)
+    if size is None:
+        return None, None, []
+    default = _default_release(cfg)
+    return size, default, releases.known_releases(size, default, models_dir(), extra)
+
+
+def release_present(cfg: ModelConfig, rel: releases.Release) -> bool:
+    """Whether a release's file is in the models directory (the pinned one: at the entry's model_path)."""
+    if rel.origin == releases.REGISTRY or rel.file == Path(cfg.model_file).name:
+        if Path(cfg.model_path).is_file():
+            return True
+    return (models_dir() / rel.file).is_file()
+
+
+def with_release(cfg: ModelConfig, rel: releases.Release) -> ModelConfig:
+    """The entry's config for another release of its size: same dims and recommendations, that file,
+    its source (the entry's repository unless the release names its own), checksum and context length."""
+    if cfg.model_file and rel.file == Path(cfg.model_file).name:
+        return cfg
+    repo = rel.hf_repo or cfg.hf_repo
+    folder = str(PurePosixPath(cfg.hf_filename).parent) if cfg.hf_filename else "."
+    filename = rel.hf_filename or (rel.file if folder == "." else f"{folder}/{rel.file}")
+    return dataclasses.replace(
+        cfg, model_file=rel.file, hf_repo=repo, hf_filename=filename if repo else "",
+        hf_revision=(rel.hf_revision or cfg.hf_revision) if repo else "", sha256=rel.sha256 if repo else "",
+        ctx_len=rel.ctx_len, recommended_ctx_len=min(cfg.recommended_ctx_len, rel.ctx_len),
+        description=f"{cfg.description} (release {rel.label})".strip())
+
+
+def resolve_release(cfg: ModelConfig, key: str, spec: str = "") -> ModelConfig:
+    """An entry's config (as read from its JSON) for the release ``spec`` names ("" = the newest
+    present, else the pinned default). An entry without a pinned release of the scheme is returned as
+    is for "", and names no release otherwise."""
+    size, default, known = entry_releases(cfg, key)
+    if default is None and not spec:
+        return cfg  # no pinned release: a config of the user's own, never swapped for another file
+    if size is None:
+        raise ConfigError(f"{key}@{spec}: entry {key} ({cfg.config_path}) has no releases: its model file "
+                          f"{cfg.model_file!r} does not follow {releases.SCHEME}; use {key!r}")
+    chosen = releases.choose(spec, known, lambda r: release_present(cfg, r), default, key)
+    return with_release(cfg, chosen)
+
+
 def matching_registry_entry(info: CheckpointInfo) -> str | None:
     """Name of the registry entry whose dims equal the checkpoint's, or None."""
     for name in list_available_models():
@@ -515,6 +586,9 @@ def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
     if not isinstance(s, str):
         raise ConfigError(f"expected a model name or path as str, found {type(s).__name__}")
     low = s.strip().lower()
+    base, spec = releases.split_spec(s)
+    if spec and not Path(s).exists() and _registry_key(base) in list_available_models():
+        return ModelConfig.from_name(s)  # "1.5b@rwkv7-g1a-...pth": a release by file name, not a path
     if is_model_path(s):
         return ModelConfig.from_checkpoint(s)
     if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):

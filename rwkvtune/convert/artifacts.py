@@ -66,19 +66,14 @@ def load_artifact(path, what: str, made_by: str):
 
 
 def _load_safetensors_artifact(path):
-    import json
-
-    from rwkvtune.convert.safetensors_io import load_safetensors, read_header
+    from rwkvtune.convert.safetensors_io import artifact_tree, load_safetensors, read_header
     from rwkvtune.errors import CheckpointError
 
     _, metadata = read_header(path)
     tensors = load_safetensors(path, mmap_file=False)
     if ARTIFACT_META not in metadata:
         return tensors
-    try:
-        tree = json.loads(metadata[ARTIFACT_META])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: its header entry {ARTIFACT_META!r} is not JSON; the file is damaged") from None
+    tree = artifact_tree(path, metadata[ARTIFACT_META])
 
     def fill(node):
         if isinstance(node, dict) and set(node) == {TENSOR_MARK}:

@@ -49,6 +49,7 @@ stored as [C] instead of [1, 1, C]). Facts from fla's ``fla/layers/rwkv7.py``,
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -155,26 +156,59 @@ def _check_source(source: TensorSource, model_config: ModelConfig | None) -> Mod
     return model_config or ModelConfig.from_checkpoint(info)
 
 
-def _export_specs(source: TensorSource, config: ModelConfig, dtype: torch.dtype | None):
+# fp8 is a storage format: fla, the rwkv package and HF loaders compute in 16/32-bit floats. Without
+# a dtype, an fp8 tensor is written in the dtype holding most of the source's other bytes (bfloat16
+# when all are fp8); float16, bfloat16 and float32 all hold every fp8 value exactly.
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _out_dtypes(source: TensorSource, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """{official key: the dtype it is written in}: ``dtype`` when given, else the source's own,
+    fp8 upcast."""
+    if dtype is not None:
+        return {k: dtype for k in source.dtypes}
+    nbytes: dict[torch.dtype, int] = {}
+    for k, d in source.dtypes.items():
+        if d not in _FP8:
+            nbytes[d] = nbytes.get(d, 0) + math.prod(source.shapes[k]) * torch.empty((), dtype=d).element_size()
+    wide = max(nbytes, key=nbytes.get) if nbytes else torch.bfloat16
+    return {k: wide if d in _FP8 else d for k, d in source.dtypes.items()}
+
+
+def _export_specs(source: TensorSource, config: ModelConfig, out_dtypes: dict[str, torch.dtype]):
     """(HF specs, {HF name: (official key, how)}) in the training-code key order."""
     specs, origin = [], {}
     for key in config.param_shapes(layer0_v=True):
         if key not in source.shapes or key in LAYER0_V_KEYS:
             continue
         name, how = official_to_hf(key)
-        specs.append(TensorSpec(name, hf_shape(source.shapes[key], how), dtype or source.dtypes[key]))
+        specs.append(TensorSpec(name, hf_shape(source.shapes[key], how), out_dtypes[key]))
         origin[name] = (key, how)
     return specs, origin
 
 
-def _checked_read(source: TensorSource, key: str) -> torch.Tensor:
-    """One tensor of the source, refused (naming it) unless dense, floating point and finite: an
-    export must not turn a damaged model into a clean-looking folder."""
-    from rwkvtune.tensor_checks import check_tensor
+def _checked(key: str, t: torch.Tensor, path, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, refused (naming it) unless dense, floating point and finite, before and
+    after the cast: an export must not turn a damaged model into a clean-looking folder, nor a
+    value beyond the range of a narrower dtype into an inf that only a later load would find."""
+    from rwkvtune.tensor_checks import check_tensor, count_non_finite
 
-    t = source.read(key)
-    check_tensor(key, t, source.path)
-    return t
+    check_tensor(key, t, path)
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if count_non_finite(out):
+        peak = float(t.detach().abs().max().float())
+        raise CheckpointError(f"{path}: tensor {key} has values up to {peak:.4g} in magnitude, beyond the range of "
+                              f"{str(dtype).replace('torch.', '')}; export with a wider dtype (bfloat16 or float32)")
+    return out
+
+
+def _checked_read(source: TensorSource, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of the source in ``dtype``, checked by :func:`_checked`; an error names the file
+    that holds it (in an HF folder: which shard, or rwkvtune_extra.safetensors)."""
+    where = source._refs[key].file if isinstance(source, HFSource) else source.path
+    return _checked(key, source.read(key), where, dtype)
 
 
 def _main_dtype(specs) -> str:
@@ -232,24 +266,25 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, model_config: 
 
     Tensors are read and written one at a time, so memory stays at the largest tensor whatever
     the model size. ``model_config`` (optional) must match the dims detected from ``src``;
-    ``dtype`` casts every tensor (default: keep the source's). Returns the folder path.
+    ``dtype`` casts every tensor (default: keep the source's, fp8 upcast, see :data:`_FP8`). Returns the
+    folder path.
     """
     from rwkvtune.tokenizer import _default_vocab_file
 
     with open_model_source(src) as source:
         config = _check_source(source, model_config)
-        specs, origin = _export_specs(source, config, dtype)
+        out_dtypes = _out_dtypes(source, dtype)
+        specs, origin = _export_specs(source, config, out_dtypes)
 
         def produce(name: str) -> torch.Tensor:
             key, how = origin[name]
-            t = to_hf_tensor(_checked_read(source, key), how)
-            return t.to(dtype) if dtype is not None else t
+            return to_hf_tensor(_checked_read(source, key, out_dtypes[key]), how)
 
         def fill(tmp: Path) -> None:
             write_shards(tmp, specs, produce, max_shard_bytes, metadata={"format": "pt"}, fsync=False)
             extra = [k for k in LAYER0_V_KEYS if k in source.shapes]
-            if extra:
-                save_safetensors({k: source.read(k) if dtype is None else source.read(k).to(dtype) for k in extra},
+            if extra:  # checked like the rest: our own loader refuses a NaN here, so export must too
+                save_safetensors({k: _checked_read(source, k, out_dtypes[k]) for k in extra},
                                  tmp / EXTRA_NAME, metadata={"format": "rwkvtune-layer0-v"})
             cfg = hf_config(config, _main_dtype(specs))
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
@@ -265,14 +300,12 @@ def convert_to_official(src: str | os.PathLike, out_path: str | os.PathLike, dty
     with open_model_source(src) as source:
         config = _check_source(source, None)
         keys = [k for k in config.param_shapes(layer0_v=True) if k in source.shapes]
-
-        def produce(key: str) -> torch.Tensor:
-            t = _checked_read(source, key)
-            return t.to(dtype) if dtype is not None else t
+        out_dtypes = _out_dtypes(source, dtype)
 
         if str(out_path).endswith(".safetensors"):
-            specs = [TensorSpec(k, source.shapes[k], dtype or source.dtypes[k]) for k in keys]
-            write_safetensors(out_path, specs, produce, metadata={"format": "pt"})
+            specs = [TensorSpec(k, source.shapes[k], out_dtypes[k]) for k in keys]
+            write_safetensors(out_path, specs, lambda k: _checked_read(source, k, out_dtypes[k]),
+                              metadata={"format": "pt"})
             return
     sd, _ = load_state_dict(src)
-    atomic_torch_save({k: (sd[k] if dtype is None else sd[k].to(dtype)).contiguous() for k in keys}, out_path)
+    atomic_torch_save({k: _checked(k, sd[k], src, out_dtypes[k]).contiguous() for k in keys}, out_path)

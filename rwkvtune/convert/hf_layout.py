@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rwkvtune.configs.layout import LAYER0_V_KEYS
+from rwkvtune.configs.variants import hf_model_type_refusal
 from rwkvtune.convert.safetensors_io import folder_entries, load_safetensors, safetensors_specs
 from rwkvtune.errors import CheckpointError
 
@@ -134,8 +135,7 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
     if cfg.get("model_type") != HF_MODEL_TYPE:
-        raise CheckpointError(f"{path}: model_type is {cfg.get('model_type')!r}, expected 'rwkv7' (an RWKV-7 model in "
-                              f"the flash-linear-attention layout); rwkvtune only reads RWKV-7")
+        raise CheckpointError(hf_model_type_refusal(str(path), cfg.get("model_type")))
     if not any((folder / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
         bins = sorted(p.name for p in folder.glob("*.bin"))
         found = f"only {', '.join(bins)} (pickle files, which rwkvtune never loads)" if bins else "no weights"

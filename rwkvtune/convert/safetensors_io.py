@@ -26,10 +26,12 @@ Sharding follows Hugging Face: ``model.safetensors`` when everything fits one sh
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import mmap
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -52,6 +54,10 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # The reference reader's limit: a larger header is a corrupt or hostile file, not a model.
 MAX_HEADER_BYTES = 100_000_000
+# A header is {name: {"shape": [...]}}: 3 levels deep. Deeper is not safetensors, and json would
+# recurse once per level (a header of "[[[[..." 200k deep is a RecursionError), so it is refused
+# before parsing. Loose enough that a slightly wrong entry still gets its own, precise message.
+MAX_HEADER_DEPTH = 16
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Hugging Face's default shard size for save_pretrained ("5GB").
@@ -207,6 +213,36 @@ def _bad(path, what: str) -> CheckpointError:
                            f"safetensors: download or write it again")
 
 
+_ESCAPE = re.compile(r"\\.", re.S)  # a backslash and the character it escapes (maybe a quote)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}.__getitem__
+
+
+def json_depth(text: str) -> int:
+    """How deep ``text`` nests JSON arrays/objects, found without recursion (json.loads recurses
+    once per level): escapes dropped, then every other piece between quotes is outside strings,
+    and its brackets are counted. Linear, C-speed steps: about 1 s for 100 MB of brackets."""
+    outside = "".join(_ESCAPE.sub("", text).split('"')[::2])
+    return max(itertools.accumulate(map(_STEP, _NOT_BRACKET.sub("", outside))), default=0)
+
+
+# An adapter's or state's non-tensor values (ARTIFACT_META) nest a few levels (config dicts);
+# far deeper is a damaged or hostile file, and json.loads would recurse once per level.
+MAX_ARTIFACT_DEPTH = 64
+
+
+def artifact_tree(path, text: str):
+    """The parsed JSON of a file's ARTIFACT_META header entry; CheckpointError (one line) when it
+    nests deeper than MAX_ARTIFACT_DEPTH or is not JSON."""
+    if json_depth(text) > MAX_ARTIFACT_DEPTH:
+        raise CheckpointError(f"{path}: its header entry {ARTIFACT_META!r} nests more than {MAX_ARTIFACT_DEPTH} "
+                              f"levels deep; the file is damaged or not written by rwkvtune")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its header entry {ARTIFACT_META!r} is not JSON; the file is damaged") from e
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -275,7 +311,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, _Entry], dict[str, s
         raise CheckpointError(f"{p}: safetensors file not found; check the path")
     raw, data_start, size = _read_header_raw(p)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
+        if json_depth(text) > MAX_HEADER_DEPTH:
+            raise _bad(p, f"header nests arrays/objects more than {MAX_HEADER_DEPTH} levels deep, expected 3 "
+                          f"({{name: {{\"shape\": [...]}}}})")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(p, f"header is not UTF-8 JSON ({type(e).__name__})") from None
     except _Duplicate as e:

@@ -205,7 +205,10 @@ class WindowSampler:
     the current (epoch, position) and does not move it: the training loop calls
     ``advance()`` once per consumed batch (a DataLoader prefetches ahead, so only the loop knows
     what was really consumed). ``advance`` rolls over to the next epoch at the end.
-    ``state_dict()`` saved with a checkpoint resumes at exactly the next batch.
+    ``state_dict()`` saved with a checkpoint resumes at exactly the next batch, also with another
+    global batch (a run resumed on another number of processes): the rest of that epoch is cut into
+    the new global batches from the saved position on (``offset``), so no window is skipped or
+    repeated; later epochs start at 0 as usual.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
@@ -221,6 +224,9 @@ class WindowSampler:
         self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
         self.epoch = 0
         self.position = 0  # global samples (all ranks) of this epoch already consumed
+        # Where this epoch's global batches start: 0, except in an epoch resumed with another global
+        # batch, whose batches start at the saved position (position - offset: whole global batches)
+        self.offset = 0
         self._cache_key, self._cache = None, None
 
     @property
@@ -229,8 +235,8 @@ class WindowSampler:
 
     @property
     def epoch_len(self) -> int:
-        """Global samples per epoch (n rounded up to whole global batches)."""
-        return math.ceil(self.n / self.global_batch) * self.global_batch
+        """Global samples per epoch (n rounded up to whole global batches after ``offset``)."""
+        return self.offset + math.ceil((self.n - self.offset) / self.global_batch) * self.global_batch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -273,29 +279,33 @@ class WindowSampler:
         while self.position >= self.epoch_len:
             self.position -= self.epoch_len
             self.epoch += 1
+            self.offset = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = int(epoch), 0
+        self.epoch, self.position, self.offset = int(epoch), 0, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "n": self.n, "seed": self.seed,
-                "shuffle": self.shuffle}
+                "shuffle": self.shuffle, "global_batch": self.global_batch, "offset": self.offset}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume. The dataset size, seed and shuffle must match (else the order differs);
-        world_size and batch_size may change: position counts samples, not batches."""
+        world_size and batch_size may change: position counts samples, not batches, and the rest of
+        the epoch is cut into this run's global batches from there on (nothing skipped or repeated)."""
         for key in ("n", "seed", "shuffle"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(
                     f"sampler state: saved {key}={state[key]!r} but this run has "
                     f"{key}={getattr(self, key)!r}; resume with the same data and seed"
                 )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        # A different batch_size * world_size: restart at the last whole global batch (repeats
-        # at most one global batch's worth of samples).
-        self.position -= self.position % self.global_batch
-        if self.position >= self.epoch_len:
-            self.advance(0)
+        epoch, position = state.get("epoch"), state.get("position")
+        if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0 and 0 <= position < self.n):
+            raise DataError(f"sampler state: epoch {epoch!r}, position {position!r} is not a place in an epoch of "
+                            f"{self.n} windows; the checkpoint is damaged: resume from the one before it")
+        self.epoch, self.position = epoch, position
+        # position < n: a saved position is never inside the wrapped tail (see advance), so the
+        # windows still due this epoch are order[position:n], whatever the global batch
+        self.offset = position % self.global_batch
 
 
 def load_dataset(path: str, tokenizer, ctx_len: int, fmt: str = "auto", on_error: str = "raise",

@@ -5,7 +5,8 @@ A checkpoint (``checkpoints/step-NNNNNNN.pt`` in the run directory, see
 training method's state and every RNG, as tensors and plain values only: it loads with
 ``torch.load(weights_only=True)``, so a file planted there cannot run code. Every file is written
 to a temporary name and renamed, so a process killed at any moment leaves either the previous or
-the new checkpoint, never a torn one.
+the new checkpoint, never a torn one. Each carries a manifest (every tensor's shape, dtype and
+checksum, the step), checked before a resume loads anything (:mod:`rwkvtune.train.manifest`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from rwkvtune.configs.checkpoint import check_pickle_size
 from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.train import manifest
 from rwkvtune.train.run_dir import CHECKPOINT_NAME, RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error
 
@@ -54,11 +56,11 @@ def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, m
     """Write the checkpoint of ``step``, point ``latest`` at it, keep the newest keep_checkpoints."""
     path = run.checkpoint(step)
     trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-    atomic_torch_save({
+    atomic_torch_save(manifest.with_manifest({  # one file with its manifest: complete or absent
         "step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
         "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
         "method": method_state or {},
-    }, path)
+    }), path)
     atomic_write_text(run.latest, path.name + "\n")
     prune(run, step, cfg.keep_checkpoints)
     return path
@@ -142,9 +144,12 @@ def checkpoint_step(path: Path) -> int:
 
 def read_checkpoint_info(path: Path) -> dict:
     """A checkpoint's step, config and other small entries, without reading its tensor data: of a
-    ``.pt`` file (memory-mapped) or of a sharded folder's ``trainer.pt``."""
+    ``.pt`` file (memory-mapped) or of a sharded folder's ``trainer.pt``, checked against the
+    checkpoint's manifest (:mod:`rwkvtune.train.manifest`)."""
     if not Path(path).is_dir():
-        return _load(path, mmap=True)
+        info = _load(path, mmap=True)
+        manifest.check_values(path, info)
+        return info
     meta = Path(path) / "trainer.pt"
     if not meta.is_file():
         raise CheckpointError(f"{path}: sharded checkpoint without trainer.pt; it is incomplete: move it away to "
@@ -159,6 +164,7 @@ def read_checkpoint_info(path: Path) -> dict:
                               f"unpickles, or is corrupt: move this checkpoint away") from None
     if not isinstance(info, dict) or not {"step", "config", "sampler", "rng"} <= set(info):
         raise CheckpointError(f"{meta}: not written by rwkvtune train; move this checkpoint away")
+    manifest.check_sharded_info(path, info)
     return info
 
 
@@ -289,15 +295,11 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, 
     if path.is_dir():
         raise CheckpointError(f"{path}: a sharded checkpoint (strategy fsdp); resume it with strategy fsdp")
     ck = _load(path)
+    # Nothing goes into the model or the optimizer before every tensor matches the manifest and
+    # this run's model (a NaN saved by a diverging step is named here, not met as a NaN loss).
+    manifest.verify_pt(path, ck)
+    manifest.check_fits(path, ck, module, optimizer)
     params = dict(module.named_parameters())
-    missing = [n for n in ck["trainable"] if n not in params]
-    if missing:
-        raise CheckpointError(f"{path}: parameters {missing[:3]} do not exist in this model; resume with the "
-                              f"same model and mode")
-    from rwkvtune.tensor_checks import check_tensor
-
-    for n, t in ck["trainable"].items():  # a NaN saved by a diverging step: named here, not as a NaN loss
-        check_tensor(n, t, path, what="trainable tensor")
     with torch.no_grad():
         for n, t in ck["trainable"].items():
             params[n].copy_(t)

@@ -30,14 +30,26 @@ Specs (everything after the first ``:`` is the argument, so a pattern may contai
     0.0 for completions of at most TARGET characters, then ``-(length - TARGET) / TARGET``: -1.0
     at twice the target, growing linearly beyond. Characters, not tokens: no tokenizer needed.
 ``PATH.py:FUNCTION``
-    FUNCTION from the Python file PATH, your own code, imported with importlib when the spec is
-    parsed (a failing import stops there). It is named ``STEM.FUNCTION`` in logs. The file's
-    directory is not put on ``sys.path``.
+    FUNCTION from the Python file PATH, your own code. It is named ``STEM.FUNCTION`` in logs. The
+    file's directory is not put on ``sys.path``.
 
-:func:`compute_rewards` calls every function, checks what it returned and sums with the weights;
-any failure stops with one line naming the function (and, for a user function, its file).
-Values must be finite numbers (booleans count as 1.0/0.0); unlike TRL, None ("not applicable")
-is refused: return 0.0 or a penalty instead.
+In a run every function, built-in or not, runs in the reward worker process
+(:mod:`rwkvtune.train.reward_worker`), which imports the user files when the run starts (a
+failing import, a missing function or an import slower than ``reward_timeout`` stops there). A
+function that raises, exits (``sys.exit``, ``os._exit``), hangs past ``reward_timeout`` seconds
+or returns anything but one number per completion stops the run with one line naming it (and,
+for a user function, its file).
+
+:func:`compute_rewards` calls every function and sums with the weights. Numbers (booleans count as
+1.0/0.0) within ``REWARD_LIMIT`` (|r| <= 1e6) are used; NaN, +-inf and larger values are
+*invalid*: like TRL's None ("not applicable") they count 0 in the weighted total and are left out
+of the function's mean, and GRPO logs their share as ``rewards/NAME/invalid_frac``. A function
+whose every value in a call is invalid stops the run (it scores nothing). The limit keeps the
+weighted sum and the advantages finite in fp32: 3e38 is a float32, twice it is inf. None, strings
+and other non-numbers are refused: return 0.0 or a penalty instead.
+
+The records' fields are passed by name, so a field may not be called like the call's own
+arguments (:data:`RESERVED_FIELDS`): GRPO refuses such data before training.
 """
 
 from __future__ import annotations
@@ -53,8 +65,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from rwkvtune.errors import ConfigError, RwkvtuneError
 
 BUILTINS = ("exact_match", "regex", "format", "length_penalty")
@@ -64,6 +74,11 @@ NAMED_FORMATS = {
 }
 SPEC_HELP = ("exact_match:FIELD, regex:PATTERN, format:REGEX, format:@NAME, length_penalty:TARGET or "
              "PATH.py:FUNCTION")
+# The largest |reward| used: far beyond any sensible reward, and small enough that a weighted sum of
+# a few of them stays finite in fp32 (max ~3.4e38), as do the advantages computed from it.
+REWARD_LIMIT = 1e6
+# The call's own argument names: a data field with one of these names would collide with them.
+RESERVED_FIELDS = ("prompts", "completions")
 # A number as people write it: sign, commas between thousands (1,234,567), decimals.
 _NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER = re.compile(_NUM)
@@ -75,15 +90,26 @@ class RewardError(RwkvtuneError, ValueError):
     """A reward function failed or returned something other than one finite number per completion."""
 
 
-@dataclass
+@dataclass(eq=False)
 class RewardFunction:
-    """A named reward function; ``source`` is the file of a user function (None for built-ins)."""
+    """A named reward function; ``source`` is the file of a user function (None for built-ins).
+
+    ``fn`` is the callable when it was built in this process (built-ins); a user function is only
+    imported in the worker (``fn`` None): ``worker`` is the
+    :class:`~rwkvtune.train.reward_worker.RewardWorker` that runs it, once started."""
 
     name: str
-    fn: Callable
+    fn: Callable | None
     source: str | None = None
+    spec: str = ""
+    worker: object = None
 
     def __call__(self, prompts, completions, **fields):
+        if self.worker is not None:
+            return self.worker.call(self, list(prompts), list(completions), fields)
+        if self.fn is None:
+            raise RewardError(f"{self.describe()} is not loaded: user functions run in a reward worker; start one "
+                              f"with rwkvtune.train.reward_worker.start_rewards")
         return self.fn(prompts, completions, **fields)
 
     def describe(self) -> str:
@@ -176,13 +202,21 @@ def _length_penalty(spec: str, target_text: str) -> Callable:
 # ---- user functions ------------------------------------------------------------------------------
 
 
-def _load_user_function(spec: str) -> RewardFunction:
+def _user_spec(spec: str) -> tuple[Path, str]:
+    """(the file, the function name) of ``PATH.py:FUNCTION``, checked without running the file."""
     path_text, _, func_name = spec.rpartition(":")
     path = Path(path_text).expanduser().resolve()
     if not func_name.isidentifier():
         raise ConfigError(f"--reward {spec!r}: {func_name!r} is not a Python function name; give PATH.py:FUNCTION")
     if not path.is_file():
         raise ConfigError(f"--reward {spec!r}: file {path} not found; give PATH.py:FUNCTION with an existing file")
+    return path, func_name
+
+
+def load_user_function(spec: str) -> Callable:
+    """Import the file of ``PATH.py:FUNCTION`` (in this process) and return the function. The
+    reward worker calls this; the trainer's process never runs a user file."""
+    path, func_name = _user_spec(spec)
     # A private module name per file, registered while it runs (dataclasses and pickling look it up).
     module_name = f"rwkvtune_user_reward_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -201,25 +235,45 @@ def _load_user_function(spec: str) -> RewardFunction:
         what = "defines no" if fn is None else "has a non-callable"
         raise ConfigError(f"--reward {spec!r}: {path} {what} {func_name!r}; functions defined there: "
                           f"{', '.join(found) or 'none'}")
-    return RewardFunction(f"{path.stem}.{func_name}", fn, str(path))
+    return fn
 
 
 # ---- parsing -------------------------------------------------------------------------------------
 
 
 def parse_reward(spec: str) -> RewardFunction:
-    """One ``--reward`` spec -> a :class:`RewardFunction` (syntax in the module docstring)."""
+    """One ``--reward`` spec -> a :class:`RewardFunction` (syntax in the module docstring). A
+    built-in is built here; a user file is only checked to exist (it is imported by the worker)."""
+    kind, sep, arg = spec.partition(":")
+    if kind in BUILTINS:
+        return RewardFunction(spec, build_reward(spec), spec=spec)
+    path_text, _, func_name = spec.rpartition(":")
+    if path_text.endswith(".py") and func_name:
+        path, func_name = _user_spec(spec)
+        return RewardFunction(f"{path.stem}.{func_name}", None, str(path), spec=spec)
+    raise ConfigError(f"--reward {spec!r}: not a reward spec; expected {SPEC_HELP}")
+
+
+def build_reward(spec: str) -> Callable:
+    """The callable of a spec: a built-in's function, or a user file's function (imported here)."""
     kind, sep, arg = spec.partition(":")
     if kind in BUILTINS:
         if not arg:
             raise ConfigError(f"--reward {spec!r}: {kind} needs an argument after ':'; expected {SPEC_HELP}")
         build = {"exact_match": lambda: _exact_match(arg), "regex": lambda: _regex(spec, arg),
                  "format": lambda: _format(spec, arg), "length_penalty": lambda: _length_penalty(spec, arg)}[kind]
-        return RewardFunction(spec, build())
-    path_text, _, func_name = spec.rpartition(":")
-    if path_text.endswith(".py") and func_name:
-        return _load_user_function(spec)
-    raise ConfigError(f"--reward {spec!r}: not a reward spec; expected {SPEC_HELP}")
+        return build()
+    return load_user_function(spec)
+
+
+def reserved_field_problem(fields, where: str) -> str | None:
+    """A message if a field of the records is named like an argument of the reward call."""
+    clash = [k for k in fields if k in RESERVED_FIELDS]
+    if not clash:
+        return None
+    return (f"{where}: field {clash[0]!r} has the name of an argument every reward function is called with "
+            f"(fn({', '.join(RESERVED_FIELDS)}, **fields)); rename that field in the data (and in your reward "
+            f"functions)")
 
 
 def parse_rewards(specs) -> list[RewardFunction]:
@@ -239,21 +293,20 @@ def parse_rewards(specs) -> list[RewardFunction]:
 # ---- computing -----------------------------------------------------------------------------------
 
 
-def _values(func, out, n: int) -> list[float]:
-    """The function's output as n finite floats, or a RewardError saying what is wrong."""
-    if isinstance(out, torch.Tensor) or (hasattr(out, "tolist") and not isinstance(out, (list, tuple))):
+def reward_values(out, n: int) -> list[float]:
+    """A function's output as n floats (finite or not: see compute_rewards), else a RewardError
+    whose message ("returned ...") follows the function's name."""
+    if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):  # a tensor or an array
         out = out.tolist()
     if not isinstance(out, (list, tuple)):
-        raise RewardError(f"{_describe(func)} returned {type(out).__name__}, expected a list of {n} numbers (one per "
-                          f"completion)")
+        raise RewardError(f"returned {type(out).__name__}, expected a list of {n} numbers (one per completion)")
     if len(out) != n:
-        raise RewardError(f"{_describe(func)} returned {len(out)} values for {n} completions; return one number per "
-                          f"completion")
+        raise RewardError(f"returned {len(out)} values for {n} completions; return one number per completion")
     values = []
     for i, v in enumerate(out):
-        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            raise RewardError(f"{_describe(func)} returned {v!r} ({type(v).__name__}) for completion {i}, expected a "
-                              f"finite number; return 0.0 (or a penalty) for completions it cannot score")
+        if not isinstance(v, numbers.Real):
+            raise RewardError(f"returned {v!r} ({type(v).__name__}) for completion {i}, expected a number; return "
+                              f"0.0 (or a penalty) for completions it cannot score")
         values.append(float(v))
     return values
 
@@ -270,10 +323,15 @@ def _check_inputs(funcs, weights, prompts, completions, fields) -> list[float]:
     if len(weights) != len(funcs):
         raise ConfigError(f"reward_weights: expected {len(funcs)} weights (one per --reward), found {len(weights)}; "
                           f"give one weight per reward function, in the same order")
+    if not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights):
+        raise ConfigError(f"reward_weights: found {list(weights)}, expected finite numbers")
     n = len(completions)
     if len(prompts) != n:
         raise RewardError(f"compute_rewards: {len(prompts)} prompts for {n} completions; pass one prompt per "
                           f"completion (repeat a prompt for each of its generations)")
+    problem = reserved_field_problem(fields, "compute_rewards")
+    if problem:
+        raise RewardError(problem)
     for key, values in fields.items():
         if len(values) != n:
             raise RewardError(f"compute_rewards: field {key!r} has {len(values)} values for {n} completions; align "
@@ -281,22 +339,46 @@ def _check_inputs(funcs, weights, prompts, completions, fields) -> list[float]:
     return [float(w) for w in weights]
 
 
+def _column(func, prompts, completions, fields) -> list[float]:
+    """One function's values: through its worker, or called here (a plain callable)."""
+    if isinstance(func, RewardFunction) and func.worker is not None:
+        return func(prompts, completions, **fields)  # the worker names the function in its errors
+    try:
+        out = func(list(prompts), list(completions), **fields)
+    except Exception as e:
+        raise RewardError(f"{_describe(func)} failed: {type(e).__name__}: {_one_line(e)}") from e
+    try:
+        return reward_values(out, len(completions))
+    except RewardError as e:
+        raise RewardError(f"{_describe(func)} {e}") from e
+
+
 def compute_rewards(funcs, weights, prompts: list[str], completions: list[str],
-                    fields: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    fields: dict[str, list] | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Run every reward function; returns ``(total [N], per_function [N, F])`` (fp32).
 
-    ``total = per_function @ weights``; ``weights`` None means 1.0 each (TRL's default), otherwise
-    one per function. A function that raises, returns another length than N, or returns anything
-    but finite numbers stops with a :class:`RewardError` naming it (and its file).
+    ``total = per_function @ weights`` over the valid values; ``weights`` None means 1.0 each
+    (TRL's default), otherwise one per function. An invalid value (NaN, +-inf, |r| > REWARD_LIMIT)
+    is NaN in ``per_function`` and counts 0 in ``total``. A function that raises, returns another
+    length than N, returns non-numbers or only invalid values stops with a :class:`RewardError`
+    naming it (and its file).
     """
+    # torch here, not at the top: the reward worker imports this module and must start without it.
+    import torch
+
     fields = dict(fields or {})
     w = _check_inputs(funcs, weights, prompts, completions, fields)
-    columns = []
-    for func in funcs:
-        try:
-            out = func(list(prompts), list(completions), **fields)
-        except Exception as e:
-            raise RewardError(f"{_describe(func)} failed: {type(e).__name__}: {_one_line(e)}") from e
-        columns.append(_values(func, out, len(completions)))
-    per_function = torch.tensor(columns, dtype=torch.float32).reshape(len(funcs), len(completions)).T
-    return per_function @ torch.tensor(w, dtype=torch.float32), per_function
+    columns = [_column(func, prompts, completions, fields) for func in funcs]
+    per = torch.tensor(columns, dtype=torch.float64).reshape(len(funcs), len(completions)).T
+    valid = per.isfinite() & (per.abs() <= REWARD_LIMIT)
+    for j, func in enumerate(funcs):
+        if len(completions) and not valid[:, j].any():
+            raise RewardError(f"{_describe(func)} returned no usable reward for any of the {len(completions)} "
+                              f"completions (e.g. {columns[j][0]!r} for completion 0): every value was NaN, +-inf or "
+                              f"beyond +-{REWARD_LIMIT:g}; return finite rewards within +-{REWARD_LIMIT:g}")
+    per = per.where(valid, torch.full_like(per, float("nan")))
+    total = per.nan_to_num(0.0) @ torch.tensor(w, dtype=torch.float64)
+    if not bool((total.abs() <= torch.finfo(torch.float32).max).all()):
+        raise RewardError(f"reward_weights {w}: the weighted sum of the rewards overflows fp32 (rewards are within "
+                          f"+-{REWARD_LIMIT:g}); use smaller weights")
+    return total.float(), per.float()

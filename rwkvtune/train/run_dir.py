@@ -11,7 +11,7 @@
     tb/                          TensorBoard event files
     wandb-run-id                 the wandb run a resume continues
     checkpoints/step-0000050.pt  resumable: trainable weights, optimizer, data position, RNGs
-    checkpoints/step-0000050/    the same, sharded over processes (strategy fsdp)
+    checkpoints/step-0000050/    the same, sharded over processes (strategy fsdp), with manifest.json
     checkpoints/latest           name of the newest checkpoint
     final.pth                    official-layout model (full and LoRA modes, merged)
     adapter.pth / state.pth      LoRA adapter / tuned initial state

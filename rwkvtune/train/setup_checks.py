@@ -83,3 +83,16 @@ def schedule_warnings(cfg, total_steps: int) -> list[str]:
         out.append(f"warning: lr_final {cfg.lr_final:g} > lr {cfg.lr:g}: the cosine rises instead of decaying; "
                    f"set --lr-final below --lr")
     return out
+
+
+def ctx_warnings(cfg, model_config) -> list[str]:
+    """A warning when the training windows are longer than the context the model was trained with (its
+    config's ctx_len: the ``ctx<N>`` of a release's file name). Not an error: RWKV is recurrent and a
+    fine-tune may mean to extend the context; but by mistake it costs memory and quality."""
+    trained = getattr(model_config, "ctx_len", None)
+    if not trained or cfg.ctx_len <= trained:
+        return []
+    return [f"warning: ctx_len {cfg.ctx_len} is longer than the {trained} tokens {model_config.model_name} was "
+            f"trained with (its ctx_len, ctx{trained} in a release's file name): fine if you mean to extend its "
+            f"context, else lower --ctx-len to {trained} or less (or pick a release with a longer context: "
+            f"`rwkvtune models releases SIZE`)"]

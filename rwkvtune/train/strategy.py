@@ -12,15 +12,18 @@ in host memory (CPUOffloadPolicy; GPU runs only). Frozen base weights (lora, sta
 Resumable checkpoints are ``torch.distributed.checkpoint`` folders (each process writes its shard;
 a run resumes on any number of processes) read back without unpickling anything but the
 checkpoint's own index classes (:mod:`rwkvtune.train.dcp_safe`). ``final.pth`` is gathered tensor
-by tensor onto the main process.
+by tensor onto the main process, with the model file's own key set (with or without layer 0's unused
+v0/v1/v2). A resume on another number of processes says what changes (:func:`resume_world_size`).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rwkvtune.errors import ConfigError
+from rwkvtune.errors import ConfigError, on_every_rank
 from rwkvtune.train import checkpointing
 
 
@@ -141,8 +144,11 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
     in bf16 when saving bf16, so host memory stays near one copy of the model in its saved dtype."""
     from rwkvtune.models.rwkv7.model import RWKV7
 
+    # The model file's own key set: a file without layer 0's unused v0/v1/v2 (many RWKV-7 releases)
+    # is sharded without them, and final.pth is written without them (the rwkv package ignores them)
+    layer0_v = module.model.layer0_v
     with torch.device("meta"):
-        shadow = mode.prepare(RWKV7(model_config), cfg) if keep else None
+        shadow = mode.prepare(RWKV7(model_config, layer0_v=layer0_v), cfg) if keep else None
     save_bf16 = cfg.save_dtype == "bf16"
     full = {}
     for name, tensor in module.state_dict().items():
@@ -159,6 +165,52 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
         if hasattr(module.model, attr):
             setattr(shadow.model, attr, getattr(module.model, attr))
     return shadow
+
+
+def resume_world_size(resume, cfg, d, sampler, steps_per_batch: int, tokens_per_step: int) -> dict | None:
+    """What a resume on another number of processes changes, said on the main process before any
+    weight is read; None when the global batch is the saved one (or an older checkpoint does not
+    record it).
+
+    Kept: the model and optimizer state (a sharded checkpoint reshards; a ddp one is whole), the
+    step, the lr schedule (a function of the step), the data position (the sampler continues the
+    epoch from the saved window, nothing skipped or repeated). What changes: the samples and tokens
+    of each step. Refused where the result is not defined: a run whose length is counted in epochs
+    (its number of steps would change midway: the message gives the --max-steps that finishes the
+    epochs), and a step inside a batch that later steps reuse (GRPO's num_iterations; those rollouts
+    belong to the saved processes)."""
+    path = checkpointing.resume_checkpoint(resume)
+    info = checkpointing.read_checkpoint_info(path)
+    saved = info.get("sampler") or {}
+    old_gb = saved.get("global_batch")
+    if old_gb is None and isinstance(info.get("world_size"), int):  # sharded checkpoints before the sampler kept it
+        old_gb = info["world_size"] * cfg.batch_size
+    if not isinstance(old_gb, int) or old_gb <= 0 or old_gb == sampler.global_batch:
+        return None
+    old_ws, new_ws = old_gb // cfg.batch_size, d.world_size
+    step, accum = int(info["step"]), cfg.grad_accum
+    before, after = old_gb * accum, sampler.global_batch * accum  # samples per optimizer step
+    where = f"--resume {resume}: saved by {old_ws} process(es), resumed on {new_ws}"
+    if step % steps_per_batch:
+        raise on_every_rank(ConfigError(
+            f"{where} at step {step}, inside a batch whose rollouts the next steps reuse (num_iterations "
+            f"{steps_per_batch}); resume on {old_ws} process(es), or from a checkpoint at a multiple of "
+            f"{steps_per_batch} steps"))
+    if cfg.max_steps is None:
+        epoch, position = int(saved.get("epoch", 0)), int(saved.get("position", 0))
+        left = max(0, (cfg.epochs - epoch) * sampler.n - position)  # windows still due, without wrap filler
+        until = step + math.ceil(left / after) * steps_per_batch
+        raise on_every_rank(ConfigError(
+            f"{where}: the run's length is {cfg.epochs} epoch(s) of steps of {before} samples, now {after}, so its "
+            f"step count would change midway; pass --max-steps {until} to train the {left} windows left, or "
+            f"resume on {old_ws} process(es)"))
+    old_tokens = tokens_per_step // new_ws * old_ws
+    if d.main:
+        print(f"{where}: samples per step (batch_size x grad_accum x processes) {before} -> {after}, tokens per "
+              f"step up to {old_tokens:,} -> {tokens_per_step:,}; kept: model and optimizer state (resharded), "
+              f"step {step}, the lr schedule and the data position (nothing skipped or repeated)", file=sys.stderr)
+    return {"world_size": {"from": old_ws, "to": new_ws}, "samples_per_step": {"from": before, "to": after},
+            "max_tokens_per_step": {"from": old_tokens, "to": tokens_per_step}}
 
 
 def get_strategy(cfg, d, device: str) -> Strategy:

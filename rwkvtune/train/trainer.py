@@ -33,6 +33,7 @@ from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule, count_params
 from rwkvtune.train import checkpointing, run_lock
+from rwkvtune.train.manifest import check_step_within
 from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
 from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
@@ -41,10 +42,11 @@ from rwkvtune.train.metrics import MetricsLogger, check_packages
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
-from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, data_warnings, out_dir_problem,
-                                         schedule_warnings)
+from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
+                                         out_dir_problem, schedule_warnings)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
-from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
+from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
+                                     resume_world_size)
 from rwkvtune.utils import atomic_write_text
 
 
@@ -123,6 +125,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         cleanup.callback(torch.distributed.destroy_process_group)  # FSDP needs a group, also of one process
     torch.manual_seed(cfg.seed)
     mode, method = get_mode(cfg.mode), get_method(cfg)
+    cleanup.callback(method.close)  # e.g. GRPO's reward worker process
 
     from rwkvtune.data.dataset import WindowSampler
     from rwkvtune.tokenizer import get_tokenizer
@@ -138,14 +141,19 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     method_shape = dict(rows=rows, reference_copy=method.keeps_reference_copy(mode))
     # An upper bound: collate trims the columns after a batch's last target.
     tokens_per_step = cfg.batch_size * rows * cfg.grad_accum * d.world_size * sample_tokens
+    world_change = None
     if resume_dir and not dry_run:
-        step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
+        resume_path = checkpointing.resume_checkpoint(resume_dir)
+        step = checkpointing.checkpoint_step(resume_path)
         done = checkpointing.completed_summary(run.path, step, total_steps)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
                 print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
                       f"--max-steps to train further)", file=sys.stderr)
             return done
+        check_step_within(resume_path, step, total_steps)
+        # another number of processes: said (or refused where undefined) before any weight is read
+        world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch, tokens_per_step)
 
     if dry_run:
         report = _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
@@ -172,6 +180,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         changes = checkpointing.schedule_changes(resume_dir, cfg)
         if changes:  # a row at the resumed step records the new schedule in the run's history
             logger.log_event(step, {"resumed": True, "schedule_changed": changes})
+        if world_change:
+            logger.log_event(step, {"resumed": True, "world_size_changed": world_change})
     r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
             optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
     _announce(r, resume_dir)
@@ -283,7 +293,8 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     if cfg.precision == "bf16" and not r.device.startswith("cuda"):
         r.logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can be far "
                       "slower than fp32 there")
-    warnings = data_warnings(cfg, len(r.train_set), r.sampler.global_batch) + schedule_warnings(cfg, r.total_steps)
+    warnings = (data_warnings(cfg, len(r.train_set), r.sampler.global_batch) + schedule_warnings(cfg, r.total_steps)
+                + ctx_warnings(cfg, r.model_config))
     for warning in warnings:
         r.logger.info(warning)
 

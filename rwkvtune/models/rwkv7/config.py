@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ class TrainConfig:
     precompute_ref: bool = False  # dpo: reference log-probs computed once before training, cached in the run
     reward: tuple[str, ...] = ()  # grpo: reward functions (repeatable --reward SPEC; see rwkvtune/train/rewards.py)
     reward_weights: tuple[float, ...] = ()  # grpo: one weight per reward (default: all 1)
+    reward_timeout: float = 60.0  # grpo: seconds per reward call (and reward file import); past it the run stops
     num_generations: int = 8  # grpo: completions sampled per prompt (the group)
     max_completion_length: int = 128  # grpo: most tokens per completion
     temperature: float = 1.0  # grpo: sampling temperature of the rollouts
@@ -247,7 +249,8 @@ class TrainConfig:
         import torch
 
         c = dataclasses.replace(self)
-        c.ctx_len = c.ctx_len or model_config.recommended_ctx_len
+        # The recommendation, but never beyond the context the model was trained with (its release's ctx<N>).
+        c.ctx_len = c.ctx_len or min(model_config.recommended_ctx_len, model_config.ctx_len or math.inf)
         c.batch_size = c.batch_size or model_config.recommended_batch_size
         if c.lr is None:
             from rwkvtune.peft import get_mode

@@ -92,6 +92,10 @@ class TrainingMethod:
         """Called once the run is built, before the first step (and on resume): e.g. to prepare a
         reference model. ``run`` is the trainer's :class:`~rwkvtune.train.trainer.Run`."""
 
+    def close(self) -> None:
+        """Release what the method started (GRPO: its reward worker process); called once when
+        train() returns, also on errors."""
+
     def build_datasets(self, tokenizer, vocab_size: int):
         """(training set, evaluation set or None): indexable datasets of items for :meth:`collate`."""
         raise NotImplementedError

@@ -7,6 +7,8 @@ the reward functions in :mod:`rwkvtune.train.rewards`.
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 import time
 
 import torch
@@ -57,9 +59,14 @@ class GRPO(TrainingMethod):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        from rwkvtune.train.reward_worker import start_rewards
         from rwkvtune.train.rewards import parse_rewards
 
         self.rewards = parse_rewards(cfg.reward) if cfg.reward else []
+        # Every reward runs in a worker process, started now so that a reward file that fails (or
+        # hangs) at import stops the run before the model loads; closed by close().
+        self.worker = start_rewards(self.rewards, cfg.reward_timeout) if self.rewards else None
+        self.warned: set[str] = set()  # reward functions whose invalid values were reported
         self.reference = Reference()
         self.buffer: list[dict] = []  # rollout micro-batches of the current batch of prompts
         self.tokenizer = None
@@ -81,6 +88,10 @@ class GRPO(TrainingMethod):
         # TRAIN_BOUNDS (checked before this); what is left depends on several fields.
         if cfg.beta:
             out += reference_problems(cfg, "method grpo with beta > 0")
+        if not (isinstance(cfg.reward_timeout, (int, float)) and math.isfinite(cfg.reward_timeout)
+                and cfg.reward_timeout > 0):
+            out.append(f"reward_timeout: found {cfg.reward_timeout}, expected a finite number of seconds > 0 (the "
+                       f"longest a reward function may take per call)")
         if cfg.epsilon_high is not None and not cfg.epsilon_high >= cfg.epsilon:
             out.append(f"epsilon_high: found {cfg.epsilon_high}, expected >= epsilon ({cfg.epsilon})")
         return out
@@ -89,13 +100,26 @@ class GRPO(TrainingMethod):
     def steps_per_batch(self) -> int:
         return self.cfg.num_iterations
 
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
         from rwkvtune.data.prompts import PromptDataset, read_prompts
+        from rwkvtune.errors import DataError
+        from rwkvtune.train.rewards import reserved_field_problem
 
         self.tokenizer = tokenizer
-        return self.splits(lambda path: PromptDataset(read_prompts(path, tokenizer, self.cfg.on_data_error,
-                                                                   vocab_size)[0]))
+
+        def read(path):
+            dataset = PromptDataset(read_prompts(path, tokenizer, self.cfg.on_data_error, vocab_size)[0])
+            problem = reserved_field_problem(dataset.records[0].fields, path)  # every record has the same fields
+            if problem:
+                raise DataError(problem)
+            return dataset
+
+        return self.splits(read)
 
     def collate(self, items: list, device) -> dict:
         return {"records": [it["record"] for it in items], "index": torch.tensor([it["index"] for it in items])}
@@ -150,7 +174,21 @@ class GRPO(TrainingMethod):
         prompts = [records[c.prompt_index].text for c in completions]
         fields = {k: [records[c.prompt_index].fields[k] for c in completions] for k in records[0].fields}
         weights = list(self.cfg.reward_weights) or [1.0] * len(self.rewards)
-        return compute_rewards(self.rewards, weights, prompts, [c.text for c in completions], fields)
+        total, per_fn = compute_rewards(self.rewards, weights, prompts, [c.text for c in completions], fields)
+        self._warn_invalid(per_fn)
+        return total, per_fn
+
+    def _warn_invalid(self, per_fn: torch.Tensor) -> None:
+        """Once per function: its first invalid values (NaN in per_fn), on stderr."""
+        from rwkvtune.train.rewards import REWARD_LIMIT
+
+        for j, func in enumerate(self.rewards):
+            bad = int(per_fn[:, j].isnan().sum())
+            if bad and func.name not in self.warned:
+                self.warned.add(func.name)
+                print(f"warning: {func.describe()} returned {bad} of {per_fn.shape[0]} values that are NaN, +-inf or "
+                      f"beyond +-{REWARD_LIMIT:g}; they count 0 in the total, and rewards/{func.name}/invalid_frac "
+                      f"counts them (said once per function)", file=sys.stderr)
 
     def _sample(self, module, micro_batches: list[dict], ctx) -> list[dict]:
         """Rollouts for every prompt of this step's micro-batches, as one rollout micro-batch each."""
@@ -185,7 +223,8 @@ class GRPO(TrainingMethod):
         names = [f.name for f in self.rewards]
         rows = [{"step": step, "prompt": records[c.prompt_index].text, "completion": c.text,
                  "finish_reason": c.finish_reason, "reward": float(total[i]), "advantage": float(advantages[i]),
-                 "rewards": {n: float(per_fn[i, j]) for j, n in enumerate(names)}}
+                 # an invalid value (NaN) is written as null: JSON has no NaN
+                 "rewards": {n: _finite_or_none(float(per_fn[i, j])) for j, n in enumerate(names)}}
                 for i, c in enumerate(completions)]
         if self.run.dist.world_size > 1:
             import torch.distributed as dist
@@ -203,7 +242,9 @@ class GRPO(TrainingMethod):
         completions, _ = self._generate(module, records, 1, greedy=True)
         total, per_fn = self._score(records, completions)
         out = {"eval_reward": float(total.mean())}
-        out.update({f"eval_rewards/{f.name}/mean": float(per_fn[:, j].mean()) for j, f in enumerate(self.rewards)})
+        out.update({f"eval_rewards/{f.name}/mean": float(per_fn[:, j].nanmean()) for j, f in enumerate(self.rewards)})
+        out.update({f"eval_rewards/{f.name}/invalid_frac": float(per_fn[:, j].isnan().float().mean())
+                    for j, f in enumerate(self.rewards)})
         out["eval_completion_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
         out["eval_prompts"] = len(records)
         return out
@@ -296,9 +337,15 @@ def _rollout_sums(total, per_fn, names, completions, G: int, scale_rewards: str,
                                           * total.numel()),
             "completion_length": float(sum(len(c.token_ids) for c in completions)),
             "_r_seconds": seconds}
-    for j, name in enumerate(names):
-        sums[f"rewards/{name}/mean"] = float(per_fn[:, j].sum())
+    for j, name in enumerate(names):  # invalid values (NaN) are out of the mean, and counted
+        sums[f"rewards/{name}/mean"] = float(per_fn[:, j].nansum())
+        sums[f"_r_valid/{name}"] = float((~per_fn[:, j].isnan()).sum())
+        sums[f"rewards/{name}/invalid_frac"] = float(per_fn[:, j].isnan().sum())
     return sums
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _step_metrics(sums: dict[str, float], units: float, names: list[str]) -> dict[str, float]:
@@ -310,7 +357,10 @@ def _step_metrics(sums: dict[str, float], units: float, names: list[str]) -> dic
     if n:  # steps that sampled (every num_iterations)
         out["reward"] = sums["reward"] / n
         out["reward_std"] = sums["reward_std"] / max(groups, 1.0)
-        out.update({f"rewards/{name}/mean": sums[f"rewards/{name}/mean"] / n for name in names})
+        for name in names:
+            valid = sums.get(f"_r_valid/{name}", n)  # absent in rollouts stored by an older version
+            out[f"rewards/{name}/mean"] = sums[f"rewards/{name}/mean"] / valid if valid else None
+            out[f"rewards/{name}/invalid_frac"] = sums.get(f"rewards/{name}/invalid_frac", 0.0) / n
         out["frac_reward_zero_std"] = sums["frac_reward_zero_std"] / n
         out["completion_length"] = sums["completion_length"] / n
         out["rollout_tokens_per_s"] = sums["completion_length"] / max(sums["_r_seconds"], 1e-9)
