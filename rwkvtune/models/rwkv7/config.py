@@ -62,6 +62,8 @@ TRAIN_BOUNDS: dict[str, Bound] = {
     "epsilon": Bound(float, 0, 1, lo_open=True, hi_open=True),
     "epsilon_high": Bound(float, 0, 1e4, lo_open=True, optional=True),
     "num_iterations": Bound(int, 1, 10 ** 4),
+    "reward_timeout": Bound(float, 0, 86400, lo_open=True,
+                            note="seconds a reward function may take per call; at most a day"),
     "threads": Bound(int, 1, max_threads, optional=True,
                      note=f"at most {THREADS_PER_CORE}x the {cpu_cores()} CPU cores here: more only contend, and "
                           f"very many crash torch"),

@@ -88,10 +88,6 @@ class GRPO(TrainingMethod):
         # TRAIN_BOUNDS (checked before this); what is left depends on several fields.
         if cfg.beta:
             out += reference_problems(cfg, "method grpo with beta > 0")
-        if not (isinstance(cfg.reward_timeout, (int, float)) and math.isfinite(cfg.reward_timeout)
-                and cfg.reward_timeout > 0):
-            out.append(f"reward_timeout: found {cfg.reward_timeout}, expected a finite number of seconds > 0 (the "
-                       f"longest a reward function may take per call)")
         if cfg.epsilon_high is not None and not cfg.epsilon_high >= cfg.epsilon:
             out.append(f"epsilon_high: found {cfg.epsilon_high}, expected >= epsilon ({cfg.epsilon})")
         return out
