@@ -151,6 +151,9 @@ TRAIN = ["train", "--model", "m.pth", "--data", "d.jsonl", "--dry-run"]
     (["eval", "--model", "m.pth", "--data", "d.jsonl", "--batch-size", str(10 ** 9)], "--batch-size: found 1000000000"),
     (["export", "m.pth", "hf", "--max-shard-size", "9" * 400 + "GB"], "--max-shard-size '999"),
     (["export", "m.pth", "hf", "--max-shard-size", "0.1"], "expected a size from 1 byte to 1000TB"),
+    (["eval", "--model", "m.pth", "--tasks", "rwkvtune_tiny", "--limit", "inf"], "--limit: found inf"),
+    (["eval", "--model", "m.pth", "--tasks", "rwkvtune_tiny", "--bootstrap-iters", str(10 ** 12)],
+     "--bootstrap-iters: found 1000000000000"),
     (["data", "prepare", "in.jsonl", "--out", "x", "--workers", "100000"],
      f"--workers: found 100000, expected an integer with 1 <= --workers <= {max_threads()}"),
 ])

@@ -1,5 +1,6 @@
 """``rwkvtune eval``: loss and perplexity of a model (optionally with an adapter or a tuned state)
-on data, printed as one JSON object."""
+on data, printed as one JSON object; with ``--tasks``/``--compare``, lm-eval benchmarks
+(:mod:`rwkvtune.cli.eval_tasks`)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,23 @@ BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad re
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry name or .pth checkpoint")
-    p.add_argument("--data", required=True, help=".jsonl or binidx prefix")
+    p.add_argument("--model", help="registry name, .pth checkpoint or run directory")
+    p.add_argument("--data", help=".jsonl or binidx prefix (loss and perplexity; or use --tasks)")
     p.add_argument("--state", help="state-tuning file to start from (rwkvtune train --mode state)")
     p.add_argument("--adapter", help="LoRA adapter file to apply (rwkvtune train --mode lora)")
     p.add_argument("--ctx-len", type=int, default=None,
                    help="window length (default: the training run's, from config.yaml beside --adapter, --state or "
                         "--model; else the model's recommended)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default: 4); with --tasks, rows per forward (default: 32)")
     p.add_argument("--long-context", action="store_true", help="score whole samples in ctx-len chunks with state")
     add_data_options(p)
     add_device(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (default: fp32)")
+    from rwkvtune.cli.eval_tasks import add_task_arguments
+
+    add_task_arguments(p)
 
 
 def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
@@ -67,6 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.runtime import autocast_factory
 
+    if args.tasks or args.compare:
+        from rwkvtune.cli.eval_tasks import run_tasks
+
+        return run_tasks(args)
+    if not args.model or not args.data:
+        raise ConfigError("rwkvtune eval needs --model MODEL and --data FILE (loss and perplexity), or --tasks "
+                          "TASKS (benchmarks through lm-eval)")
+    args.batch_size = 4 if args.batch_size is None else args.batch_size
     from rwkvtune.bounds import check_flag
     from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
 

@@ -47,6 +47,7 @@ from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_wa
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
+from rwkvtune.train.task_eval import check_eval_tasks, run_eval_tasks
 from rwkvtune.utils import atomic_write_text
 
 
@@ -116,6 +117,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
     stop.run_dir = run
     check_packages(cfg)
+    check_eval_tasks(cfg)
     d = setup_distributed(cfg.device)
     if d.main and not dry_run:
         _lock_run_dir(run, resume_dir, cleanup)
@@ -328,8 +330,8 @@ def loop(r: Run, stop: GracefulStop) -> None:
 
 def _loop(r: Run, stop: GracefulStop, progress) -> None:
     cfg, window = r.cfg, _Window()
-    if cfg.eval_on_start and r.eval_set is not None and r.step == 0 and 0 not in r.logger.evals:
-        r.logger.log_eval(0, r.method.evaluate(r.module, r.eval_set, r.context()))
+    if cfg.eval_on_start and _has_eval(r) and r.step == 0 and 0 not in r.logger.evals:
+        r.logger.log_eval(0, evaluate(r))
     stop.in_loop = True
     while r.step < r.total_steps:
         t0 = time.perf_counter()
@@ -351,8 +353,8 @@ def _loop(r: Run, stop: GracefulStop, progress) -> None:
                    "tokens_per_s": window.tokens_in / window.seconds, "grad_norm": window.grad_norm}
             r.logger.log_step(row, progress, advance=window.steps)
             window = _Window()
-        if r.eval_set is not None and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
-            r.last_eval = r.method.evaluate(r.module, r.eval_set, r.context())
+        if _has_eval(r) and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
+            r.last_eval = evaluate(r)
             r.logger.log_eval(r.step, r.last_eval)
         if cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps:
             save_checkpoint(r)
@@ -361,6 +363,18 @@ def _loop(r: Run, stop: GracefulStop, progress) -> None:
             progress.close()
             _stop_after_step(r, stop)
     stop.in_loop = False
+
+
+def _has_eval(r: Run) -> bool:
+    return r.eval_set is not None or bool(r.cfg.eval_tasks)
+
+
+def evaluate(r: Run) -> dict:
+    """The method's eval on eval_data, and the eval_tasks' metrics (see rwkvtune.train.task_eval)."""
+    result = r.method.evaluate(r.module, r.eval_set, r.context()) if r.eval_set is not None else {}
+    if r.cfg.eval_tasks:
+        result.update(run_eval_tasks(r.cfg, r.module, r.autocast, r.dist.main, r.dist.world_size))
+    return result
 
 
 def diverged_message(r: Run, loss: float) -> str:
@@ -431,11 +445,11 @@ def _stop_after_step(r: Run, stop: GracefulStop) -> None:
 def finish(r: Run) -> dict:
     """Final eval, the mode's outputs, a last resumable checkpoint, the plot, then summary.json
     (written last: its presence marks the run complete)."""
-    if r.eval_set is not None:
+    if _has_eval(r):
         # A resume that only finishes (killed after the final eval) already has its result.
         r.last_eval = r.logger.evals.get(r.step) if r.dist.main else None
         if r.last_eval is None:
-            r.last_eval = r.method.evaluate(r.module, r.eval_set, r.context())
+            r.last_eval = evaluate(r)
             r.logger.log_eval(r.step, r.last_eval)
     summary = {"steps": r.step, "tokens": r.tokens, "out": str(r.run.path)}
     # The model first: the resumable checkpoint is several times larger, and a full disk must not

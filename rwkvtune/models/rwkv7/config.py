@@ -62,6 +62,8 @@ TRAIN_BOUNDS: dict[str, Bound] = {
     "epsilon": Bound(float, 0, 1, lo_open=True, hi_open=True),
     "epsilon_high": Bound(float, 0, 1e4, lo_open=True, optional=True),
     "num_iterations": Bound(int, 1, 10 ** 4),
+    "eval_tasks_limit": Bound(float, 0, 1e9, lo_open=True, optional=True,
+                              note="items per task, or a fraction if < 1"),
     "reward_timeout": Bound(float, 0, 86400, lo_open=True,
                             note="seconds a reward function may take per call; at most a day"),
     "threads": Bound(int, 1, max_threads, optional=True,
@@ -143,6 +145,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
     eval_on_start: bool = False  # also evaluate before the first step (the starting point of the curves)
+    eval_tasks: tuple[str, ...] = ()  # lm-eval tasks (or a suite) run with the evals on rank 0; needs lm-eval
+    eval_tasks_limit: float | None = None  # items per eval task (a fraction if < 1); None: every item
     log_every: int = 1  # steps per metrics row (loss averaged over them, token-weighted)
     save_dtype: str = "bf16"  # dtype of final.pth ("bf16" like released files, or "fp32")
     save_format: str = "pth"  # final model, adapter and state as "pth" or "safetensors" (no pickle)
@@ -215,6 +219,10 @@ class TrainConfig:
             problems += method_class(self.method).problems(self)
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
+        elif self.eval_tasks and self.strategy == "fsdp":
+            conflicts.append(self._conflict({"eval_tasks": repr(list(self.eval_tasks)), "strategy": "'fsdp'"},
+                                            "a sharded model cannot run the tasks on one process; use strategy "
+                                            "ddp, or rwkvtune eval --tasks on the saved checkpoints"))
         elif self.cpu_offload and self.strategy != "fsdp":
             conflicts.append(self._conflict({"cpu_offload": "true", "strategy": repr(self.strategy)},
                                             "offloading applies to sharded state; set strategy=fsdp"))
