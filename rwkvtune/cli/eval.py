@@ -42,8 +42,9 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
     of the run which wrote the base), else the model's recommended_ctx_len; with where it came from."""
     if args.ctx_len is not None:
         return args.ctx_len, "--ctx-len"
-    import yaml
-
+    from rwkvtune.errors import RwkvtuneError
+    from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+    from rwkvtune.safe_yaml import read_yaml_file
     from rwkvtune.train.run_dir import RunDir
 
     for path in (args.adapter, args.state, args.model):
@@ -51,11 +52,11 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
         if run_config is None or not run_config.is_file():
             continue
         try:
-            saved = yaml.safe_load(run_config.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            saved = read_yaml_file(run_config, "run config", "")
+        except RwkvtuneError:
             continue  # not a run's config after all: fall back to the model's
         ctx_len = saved.get("ctx_len") if isinstance(saved, dict) else None
-        if isinstance(ctx_len, int) and not isinstance(ctx_len, bool) and ctx_len >= 1:
+        if TRAIN_BOUNDS["ctx_len"].accepts(ctx_len) and ctx_len is not None:
             return ctx_len, f"the run's {run_config}"
     return model.config.recommended_ctx_len, f"recommended_ctx_len of {model.config.model_name}"
 
@@ -79,9 +80,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("rwkvtune eval needs --model MODEL and --data FILE (loss and perplexity), or --tasks "
                           "TASKS (benchmarks through lm-eval)")
     args.batch_size = 4 if args.batch_size is None else args.batch_size
-    for flag, value in (("--ctx-len", args.ctx_len), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag}: found {value}, expected an integer >= 1")
+    from rwkvtune.bounds import check_flag
+    from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+
+    for name in ("ctx_len", "batch_size"):  # the bounds of the training options of these names
+        check_flag("--" + name.replace("_", "-"), getattr(args, name), TRAIN_BOUNDS[name], ConfigError)
     device = resolve_device(args.device)
     model = RWKV7.from_checkpoint(args.model, device=device)
     if args.adapter:

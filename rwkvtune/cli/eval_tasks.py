@@ -13,6 +13,17 @@ import os
 import sys
 import time
 
+from rwkvtune.bounds import Bound
+from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+
+
+# The numeric flags of the benchmarks (see rwkvtune/bounds.py); batch_size: as in training.
+TASK_BOUNDS = {"limit": Bound(float, 0, 1e9, lo_open=True, optional=True,
+                              note="items per task, or a fraction of each task if < 1"),
+               "num_fewshot": Bound(int, 0, 10 ** 4, optional=True),
+               "batch_size": TRAIN_BOUNDS["batch_size"],
+               "bootstrap_iters": Bound(int, 0, 10 ** 7, note="0 = none")}
+
 
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmarks (lm-evaluation-harness; pip install \"rwkvtune[eval]\")")
@@ -44,14 +55,12 @@ def _check(args: argparse.Namespace) -> None:
     if args.data:
         raise ConfigError("--data and --tasks/--compare: pass one (--data scores loss on a file, --tasks runs "
                           "benchmarks)")
-    if args.limit is not None and not (args.limit > 0 and (args.limit < 1 or args.limit == int(args.limit))):
+    from rwkvtune.bounds import check_flag
+
+    for name, bound in TASK_BOUNDS.items():  # finite and in range first: int(inf) below would overflow
+        check_flag("--" + name.replace("_", "-"), getattr(args, name), bound, ConfigError)
+    if args.limit is not None and not (args.limit < 1 or args.limit == int(args.limit)):
         raise ConfigError(f"--limit: found {args.limit:g}, expected a whole number >= 1 or a fraction < 1")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ConfigError(f"--num-fewshot: found {args.num_fewshot}, expected an integer >= 0")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size: found {args.batch_size}, expected an integer >= 1")
-    if args.bootstrap_iters < 0:
-        raise ConfigError(f"--bootstrap-iters: found {args.bootstrap_iters}, expected an integer >= 0")
     if args.compare and (args.adapter or args.state):
         raise ConfigError("--compare with --adapter/--state: compare run directories or merged models instead "
                           "(an adapter or state applies to one model)")

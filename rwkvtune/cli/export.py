@@ -12,7 +12,7 @@ import re
 import sys
 
 FORMATS = ("hf", "gguf")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE | re.ASCII)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,12 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _bytes(text: str) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as Hugging Face's max_shard_size)."""
     m = _SIZE.match(text)
-    if not m or float(m.group(1)) <= 0:
+    unit = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}[m.group(2).upper()] if m else 0
+    size = float(m.group(1)) * unit if m else 0.0  # inf for 400 digits: refused below
+    if not 1 <= size <= 10 ** 15:
+        from rwkvtune.bounds import clip
         from rwkvtune.errors import ConfigError
 
-        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 1000000")
-    unit = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}[m.group(2).upper()]
-    return int(float(m.group(1)) * unit)
+        raise ConfigError(f"--max-shard-size {clip(text)!r}: expected a size from 1 byte to 1000TB, such as 5GB, "
+                          f"500MB or 1000000")
+    return int(size)
 
 
 def resolve_source(model: str):
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from rwkvtune.convert.hf import export_hf
     from rwkvtune.errors import CheckpointError, ConfigError
 
+    # a bad flag fails before anything is read
+    max_shard_bytes = _bytes(args.max_shard_size or "5GB")
     path, expect = resolve_source(args.model)
     if expect is not None and not os.path.exists(path):
         from rwkvtune.hub import missing_model_hint
@@ -89,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--save-dtype {args.save_dtype} is for --format gguf; a Hugging Face export writes bf16, "
                           f"fp32 or keep")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}[args.save_dtype]
-    out = export_hf(path, args.out, model_config=expect, max_shard_bytes=_bytes(args.max_shard_size or "5GB"),
-                    dtype=dtype)
+    out = export_hf(path, args.out, model_config=expect, max_shard_bytes=max_shard_bytes, dtype=dtype)
     print(f"wrote {out} (Hugging Face RWKV-7 layout: config.json, safetensors, vocab)", file=sys.stderr)
     return 0

@@ -43,7 +43,7 @@ from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
-                                           schedule_warnings)
+                                         out_dir_problem, schedule_warnings)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
@@ -113,7 +113,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         torch.set_num_threads(cfg.threads)
     has_weights = check_model_file(cfg, model_config, dry_run)
     run = RunDir(cfg.out, cfg.save_format)
-    check_out_dir(run, resuming=bool(resume_dir))
+    # A dry run writes nothing, so it is never refused for --out: it says what the run would meet.
+    out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
     stop.run_dir = run
     check_packages(cfg)
     check_eval_tasks(cfg)
@@ -157,8 +158,12 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch, tokens_per_step)
 
     if dry_run:
-        return _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
-                        total_steps, len(train_set), method_shape)
+        report = _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
+                          total_steps, len(train_set), method_shape)
+        if out_note:
+            report["out_problem"] = out_note
+            print(f"note: the run itself would be refused: {out_note}", file=sys.stderr)
+        return report
     check_memory(cfg, model_config, d, device, sample_tokens, **method_shape)  # before any weights are loaded
     strategy = get_strategy(cfg, d, device)
     # FSDP: built on meta, sharded, then each process fills only its shards (file or seeded init)
