@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
 from rwkvtune.train import checkpointing, manifest
+from rwkvtune.train.runtime import agree
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
 
 TRAINER_FILE = "trainer.pt"
@@ -321,24 +322,6 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
                    options=LOAD_OPTIONS)
     checkpointing.set_rng_state(meta["rng"])
     return int(meta["step"]), int(meta["tokens"]), meta.get("method", {})
-
-
-def agree(error: RwkvtuneError | None) -> None:
-    """Raise the first (lowest rank's) of the processes' errors on every process, marked as said by
-    rank 0 alone (see RwkvtuneError.every_rank); nothing when none has one. A collective: every
-    process must call it at the same point."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error is not None:
-            raise on_every_rank(error)
-        return
-    found: list = [None] * dist.get_world_size()
-    dist.all_gather_object(found, None if error is None else str(error))  # our own strings, not a file's
-    first = next((m for m in found if m), None)
-    if first is None:
-        return
-    if error is not None and str(error) == first:
-        raise on_every_rank(error)
-    raise on_every_rank(CheckpointError(first)) from error
 
 
 def _read_error(path: Path, e: Exception) -> CheckpointError:

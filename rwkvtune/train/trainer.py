@@ -41,7 +41,7 @@ from rwkvtune.train.methods.base import StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
-from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
+from rwkvtune.train.runtime import Dist, agree, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
                                          out_dir_problem, schedule_warnings)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
@@ -145,17 +145,25 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     tokens_per_step = cfg.batch_size * rows * cfg.grad_accum * d.world_size * sample_tokens
     world_change = None
     if resume_dir and not dry_run:
-        resume_path = checkpointing.resume_checkpoint(resume_dir)
-        step = checkpointing.checkpoint_step(resume_path)
-        done = checkpointing.completed_summary(run.path, step, total_steps)
+        # Every process reads the same checkpoint: they agree on the first refusal (rank 0 says it).
+        done, error = None, None
+        try:
+            resume_path = checkpointing.resume_checkpoint(resume_dir)
+            step = checkpointing.checkpoint_step(resume_path)
+            done = checkpointing.completed_summary(run.path, step, total_steps)
+            if done is None:
+                check_step_within(resume_path, step, total_steps)
+                # another number of processes: said (or refused where undefined) before any weight is read
+                world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch,
+                                                 tokens_per_step)
+        except RwkvtuneError as e:
+            error = e
+        agree(error)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
                 print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
                       f"--max-steps to train further)", file=sys.stderr)
             return done
-        check_step_within(resume_path, step, total_steps)
-        # another number of processes: said (or refused where undefined) before any weight is read
-        world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch, tokens_per_step)
 
     if dry_run:
         report = _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
