@@ -106,19 +106,23 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
 def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextlib.ExitStack) -> Run | dict:
     """Resolve the config, check every input, build data, model, optimizer and logger
     (``cleanup`` takes what must be undone when train() returns)."""
-    resume_dir = cfg.resume
-    cfg, model_config = _resolve(cfg)
-    if cfg.threads:  # restored when train() returns: a library call leaves the process as it was
-        cleanup.callback(torch.set_num_threads, torch.get_num_threads())
-        torch.set_num_threads(cfg.threads)
-    has_weights = check_model_file(cfg, model_config, dry_run)
-    run = RunDir(cfg.out, cfg.save_format)
-    # A dry run writes nothing, so it is never refused for --out: it says what the run would meet.
-    out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
-    stop.run_dir = run
-    check_packages(cfg)
-    check_eval_tasks(cfg)
-    d = setup_distributed(cfg.device)
+    resume_dir, device_asked, error = cfg.resume, cfg.device, None
+    try:  # checks of the files every process reads alike; under torchrun they agree below
+        cfg, model_config = _resolve(cfg)
+        if cfg.threads:  # restored when train() returns: a library call leaves the process as it was
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(cfg.threads)
+        has_weights = check_model_file(cfg, model_config, dry_run)
+        run = RunDir(cfg.out, cfg.save_format)
+        # A dry run writes nothing, so it is never refused for --out: it says what the run would meet.
+        out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
+        stop.run_dir = run
+        check_packages(cfg)
+        check_eval_tasks(cfg)
+    except RwkvtuneError as e:
+        error = e
+    d = setup_distributed(device_asked if error else cfg.device)
+    agree(error)  # the first process's refusal on every process, said once (rank 0)
     if d.main and not dry_run:
         _lock_run_dir(run, resume_dir, cleanup)
     device = select_device(cfg.device, d)
