@@ -290,7 +290,7 @@ def test_merge_lora_never_overwrites_its_inputs(data, tmp_path):
 
 
 def test_adapter_and_state_paths_that_are_not_files(data, tmp_path):
-    from rwkvtune.configs.checkpoint import load_state_dict
+    from rwkvtune.io.checkpoint import load_state_dict
     from rwkvtune.peft.lora import save_adapter
     from rwkvtune.peft.state import load_state_file, save_state_file
 

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rwkvtune.configs.checkpoint import save_state_dict
+    from rwkvtune.io.checkpoint import save_state_dict
     from rwkvtune.errors import ConfigError
     from rwkvtune.models.rwkv7 import RWKV7
     from rwkvtune.peft.lora import load_adapter, merged_state_dict

@@ -1,7 +1,7 @@
 """Handlers of ``rwkvtune models [list|show|new|download|check]`` and ``rwkvtune inspect``.
 
 Imported lazily by :mod:`rwkvtune.cli`. Listing and showing configs needs only the standard
-library; torch is imported (by :mod:`rwkvtune.configs.checkpoint`) only when a checkpoint is read,
+library; torch is imported (by :mod:`rwkvtune.io.checkpoint`) only when a checkpoint is read,
 and huggingface_hub (by :mod:`rwkvtune.hub`) only when a file is downloaded.
 Handlers return an exit status and raise :class:`rwkvtune.errors.RwkvtuneError` for user errors.
 """
@@ -195,7 +195,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.checkpoint import inspect_checkpoint
+    from rwkvtune.configs.detect import inspect_checkpoint
 
     info = inspect_checkpoint(args.checkpoint)
     if args.json:
@@ -239,7 +239,8 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.checkpoint import SHAPE_FIELDS, inspect_checkpoint
+    from rwkvtune.configs.detect import inspect_checkpoint
+    from rwkvtune.io.layout import SHAPE_FIELDS
 
     name = args.name.strip()
     if name.lower().startswith("rwkv7-"):

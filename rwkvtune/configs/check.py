@@ -11,15 +11,9 @@ import dataclasses
 from pathlib import Path
 from typing import Mapping
 
-from rwkvtune.configs.checkpoint import (
-    LAYER0_V_KEYS,
-    SHAPE_FIELDS,
-    CheckpointInfo,
-    compare_shapes,
-    detect,
-    format_mismatches,
-    read_shapes,
-)
+from rwkvtune.configs.detect import CheckpointInfo, compare_shapes, detect, format_mismatches
+from rwkvtune.io.checkpoint import read_shapes
+from rwkvtune.io.layout import LAYER0_V_KEYS, SHAPE_FIELDS
 from rwkvtune.configs.model_loader import (
     ModelConfig,
     all_config_files,

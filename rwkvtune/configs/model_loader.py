@@ -31,14 +31,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from rwkvtune.configs.checkpoint import (
-    DEFAULT_MODEL_DIR,
-    MODEL_DIR_ENV,
-    SHAPE_FIELDS,
-    CheckpointInfo,
-    inspect_checkpoint,
-    official_shapes,
-)
+from rwkvtune.configs.detect import CheckpointInfo, inspect_checkpoint
+from rwkvtune.io.layout import DEFAULT_MODEL_DIR, MODEL_DIR_ENV, SHAPE_FIELDS, official_shapes
 from rwkvtune.errors import ConfigError
 
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"

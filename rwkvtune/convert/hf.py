@@ -58,13 +58,15 @@ from typing import Callable
 import torch
 
 from rwkvtune.configs.check import compare_config, mismatch_error
-from rwkvtune.configs.checkpoint import LAYER0_V_KEYS, detect, load_state_dict
+from rwkvtune.configs.detect import detect
+from rwkvtune.io.checkpoint import load_state_dict
+from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.configs.model_loader import ModelConfig
-from rwkvtune.convert.hf_layout import (
+from rwkvtune.io.hf_layout import (
     CONFIG_NAME, EXTRA_NAME, HF_MODEL_TYPE, VOCAB_NAME, _official, _refs, is_hf_folder, official_to_hf,
     hf_shape, to_hf_tensor,
 )
-from rwkvtune.convert.safetensors_io import (
+from rwkvtune.io.safetensors_io import (
     DEFAULT_SHARD_BYTES, SafetensorsReader, TensorSpec, save_safetensors, write_safetensors, write_shards,
 )
 from rwkvtune.convert.sources import TensorSource, open_official

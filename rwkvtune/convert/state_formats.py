@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from rwkvtune.configs.layout import strip_prefix
+from rwkvtune.io.layout import strip_prefix
 from rwkvtune.errors import CheckpointError
 from rwkvtune.tensor_checks import check_stored
 
@@ -104,10 +104,10 @@ def to_wkv_init(obj: Any, source: str = "<state>") -> torch.Tensor:
 def load_state_any(path: str | os.PathLike) -> torch.Tensor:
     """``wkv_init`` from a state file of either layout: ``.pth`` (``weights_only`` torch.load)
     or ``.safetensors`` (RWKV-PEFT keys, or ``wkv_init``)."""
-    from rwkvtune.convert.artifacts import load_artifact
+    from rwkvtune.io.artifacts import load_artifact
 
     if str(path).endswith(".safetensors"):
-        from rwkvtune.convert.safetensors_io import load_safetensors
+        from rwkvtune.io.safetensors_io import load_safetensors
 
         obj: Any = load_safetensors(path, mmap_file=False)
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from rwkvtune.convert.safetensors_io import ARTIFACT_META, TENSOR_MARK
+from rwkvtune.io.safetensors_io import ARTIFACT_META, TENSOR_MARK
 from rwkvtune.utils import atomic_torch_save, not_found, read_error
 
 
@@ -20,7 +20,7 @@ def save_artifact(obj: dict, path) -> None:
 
     import torch
 
-    from rwkvtune.convert.safetensors_io import save_safetensors  # noqa: PLC0415
+    from rwkvtune.io.safetensors_io import save_safetensors  # noqa: PLC0415
 
     tensors: dict = {}
 
@@ -46,7 +46,7 @@ def load_artifact(path, what: str, made_by: str):
     """
     import torch
 
-    from rwkvtune.configs.checkpoint import check_pickle_size
+    from rwkvtune.io.checkpoint import check_pickle_size
     from rwkvtune.errors import CheckpointError
 
     if os.path.isdir(path):
@@ -68,7 +68,7 @@ def load_artifact(path, what: str, made_by: str):
 def _load_safetensors_artifact(path):
     import json
 
-    from rwkvtune.convert.safetensors_io import load_safetensors, read_header
+    from rwkvtune.io.safetensors_io import load_safetensors, read_header
     from rwkvtune.errors import CheckpointError
 
     _, metadata = read_header(path)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from rwkvtune.configs.layout import LAYER0_V_KEYS
-from rwkvtune.convert.safetensors_io import folder_entries, load_safetensors, safetensors_specs
+from rwkvtune.io.layout import LAYER0_V_KEYS
+from rwkvtune.io.safetensors_io import folder_entries, load_safetensors, safetensors_specs
 from rwkvtune.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -190,7 +190,7 @@ def _refs(folder: str | os.PathLike) -> dict[str, _Ref]:
 
 def hf_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """{official key: shape} of an HF folder, from headers only (no tensor data read); feed it
-    to ``rwkvtune.configs.checkpoint.detect`` for the dims."""
+    to ``rwkvtune.io.checkpoint.detect`` for the dims."""
     return {k: r.shape for k, r in _refs(folder).items()}
 
 

@@ -40,7 +40,7 @@ import torch
 from rwkvtune.errors import CheckpointError
 from rwkvtune.utils import _atomic_write
 
-# rwkvtune's small files in safetensors (adapters, states; rwkvtune.convert.artifacts): the header
+# rwkvtune's small files in safetensors (adapters, states; rwkvtune.io.artifacts): the header
 # entry that holds their non-tensor values as JSON, and how that JSON marks a tensor's place.
 ARTIFACT_META, TENSOR_MARK = "rwkvtune", "__tensor__"
 

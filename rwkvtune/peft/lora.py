@@ -238,7 +238,7 @@ class LoraMode(Mode):
         model.lora_part_originals = {n: params[n].detach().clone() for n in getattr(model, "lora_part_originals", {})}
 
     def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
-        from rwkvtune.configs.checkpoint import save_state_dict
+        from rwkvtune.io.checkpoint import save_state_dict
 
         dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
         save_adapter(run.adapter, module.model)
@@ -251,14 +251,14 @@ class LoraMode(Mode):
 
 def save_adapter(path, model: nn.Module) -> None:
     """Write the adapter atomically (``.safetensors`` or a torch file, by the suffix)."""
-    from rwkvtune.convert.artifacts import save_artifact
+    from rwkvtune.io.artifacts import save_artifact
 
     save_artifact(adapter_state(model), path)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Apply a saved adapter to a freshly loaded base model; refuses another base."""
-    from rwkvtune.convert.artifacts import load_artifact
+    from rwkvtune.io.artifacts import load_artifact
 
     state = load_artifact(path, "adapter", "adapter.pth from --mode lora")
     if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:

@@ -28,7 +28,7 @@ def expected_shape(config) -> tuple[int, int, int, int]:
 
 def save_state_file(path, wkv_init: torch.Tensor, model) -> None:
     """Write the state atomically (``.safetensors`` or a torch file, by the suffix)."""
-    from rwkvtune.convert.artifacts import save_artifact
+    from rwkvtune.io.artifacts import save_artifact
 
     save_artifact({"format": STATE_FORMAT, "wkv_init": wkv_init.detach().float().cpu().contiguous(),
                    "n_embd": model.config.n_embd}, path)
@@ -44,7 +44,7 @@ def load_state_file(path, model) -> torch.Tensor:
     non-float or non-finite values, and magnitudes no training produces.
     """
     from rwkvtune.convert.state_formats import PEFT, detect_state_layout, peft_to_wkv_init
-    from rwkvtune.convert.artifacts import load_artifact
+    from rwkvtune.io.artifacts import load_artifact
     from rwkvtune.tensor_checks import check_tensor
 
     obj = load_artifact(path, "state file", MADE_BY)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rwkvtune.configs.checkpoint import check_pickle_size
+from rwkvtune.io.checkpoint import check_pickle_size
 from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.train.run_dir import CHECKPOINT_NAME, RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error

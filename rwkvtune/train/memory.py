@@ -75,7 +75,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from rwkvtune.configs.layout import LAYER0_V_KEYS
+from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.models.rwkv7.config import DEFAULT_LORA_TARGETS
 
 GIB = 2 ** 30

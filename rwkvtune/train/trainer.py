@@ -249,7 +249,7 @@ def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
     path = model_config.model_path
     if cfg.init != "pretrained" or not path or not os.path.isfile(path):
         return True
-    from rwkvtune.configs.checkpoint import inspect_checkpoint
+    from rwkvtune.configs.detect import inspect_checkpoint
 
     try:
         return inspect_checkpoint(path).has_layer0_v

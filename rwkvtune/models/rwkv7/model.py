@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkvtune.configs.checkpoint import LAYER0_V_KEYS
+from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.configs.model_loader import ModelConfig
 from rwkvtune.errors import CheckpointError, RwkvtuneError
 from rwkvtune.models.rwkv7.wkv import wkv7
@@ -363,14 +363,14 @@ class RWKV7(nn.Module):
 
     def save_checkpoint(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16) -> None:
         """Write an official-layout ``.pth`` (bf16 by default, like released files), atomically."""
-        from rwkvtune.configs.checkpoint import save_state_dict
+        from rwkvtune.io.checkpoint import save_state_dict
 
         save_state_dict(self.official_state_dict(dtype), path)
 
     def load_official_state_dict(self, sd: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
         """Strict load with an error listing every mismatching key (and the registry entry that fits)."""
         from rwkvtune.configs.check import mismatch_error
-        from rwkvtune.configs.checkpoint import strip_prefix
+        from rwkvtune.io.layout import strip_prefix
 
         sd, _ = strip_prefix(sd)
         has_v = all(k in sd for k in LAYER0_V_KEYS)
@@ -488,7 +488,8 @@ def open_checkpoint(path_or_name: str | os.PathLike, expect: ModelConfig | None 
     its config, whether it stores layer 0's unused v0/v1/v2). Each tensor is checked as it is read
     (:func:`loaded_tensor`)."""
     from rwkvtune.configs.check import compare_config, mismatch_error
-    from rwkvtune.configs.checkpoint import detect, load_state_dict
+    from rwkvtune.configs.detect import detect
+    from rwkvtune.io.checkpoint import load_state_dict
     from rwkvtune.configs.model_loader import is_model_path, load_model_config
 
     path = str(path_or_name)

@@ -263,7 +263,7 @@ class DPO(TrainingMethod):
 
         path = r.run.ref_logps
         if path.is_file():
-            from rwkvtune.convert.safetensors_io import load_safetensors
+            from rwkvtune.io.safetensors_io import load_safetensors
 
             self.ref_cache = {k: v.clone() for k, v in load_safetensors(path, mmap_file=False).items()}
             return
@@ -280,7 +280,7 @@ class DPO(TrainingMethod):
                 table[batch["index"].to(r.device)] = torch.stack([logps[:B], logps[B:]], 1)
             self.ref_cache[split] = all_sum_tensor(table, r.dist).float().cpu()
         if r.dist.main:
-            from rwkvtune.convert.safetensors_io import save_safetensors
+            from rwkvtune.io.safetensors_io import save_safetensors
 
             save_safetensors(self.ref_cache, path, metadata={"format": "rwkvtune-dpo-ref-logps"})
 
