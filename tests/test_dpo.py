@@ -17,6 +17,7 @@ from helpers import train_losses as _losses, write_checkpoint
 from rwkvtune.errors import DataError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.train.objective import TrainModule
 from rwkvtune.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_reference_in_lora_and_state_modes_is_the_base_model(data, tmp_path, mod
 
     cfg = _cfg(data, tmp_path, mode=mode, train_parts=("ln",) if mode == "lora" else ()).resolve(
         RWKV7.from_checkpoint(data["ckpt"]).config)
-    module = get_mode(mode).prepare(RWKV7.from_checkpoint(data["ckpt"]), cfg)
+    module = TrainModule.for_mode(get_mode(mode), RWKV7.from_checkpoint(data["ckpt"]), cfg)
     with torch.no_grad():  # as if trained: every trainable tensor moved away from its start
         for p in module.parameters():
             if p.requires_grad:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 DATA_FORMATS = ("auto", "text", "chat", "prompt_response")
-SAVE_DTYPES = ("bf16", "fp32")
+from rwkvtune.constants import SAVE_DTYPES
 
 
 def add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from rwkvtune.errors import ConfigError, RwkvtuneError
     from rwkvtune.models.rwkv7 import RWKV7
     from rwkvtune.models.rwkv7.config import TrainConfig
-    from rwkvtune.peft.base import TrainModule
+    from rwkvtune.train.objective import TrainModule
     from rwkvtune.tokenizer import get_tokenizer
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT

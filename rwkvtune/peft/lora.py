@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rwkvtune.errors import CheckpointError, ConfigError
-from rwkvtune.peft.base import Mode, TrainModule
+from rwkvtune.peft.base import Mode
 
 ADAPTER_FORMAT = "rwkvtune-lora-v1"
 PART_PATTERNS = {
@@ -214,16 +214,16 @@ class LoraMode(Mode):
                         "lora_targets=[att.key,ffn.value]) or use the default"))
         return out
 
-    def prepare(self, model, cfg) -> TrainModule:
+    def prepare(self, model, cfg) -> None:
         self.freeze(model, cfg.precision == "bf16")
         apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         unfreeze_parts(model, cfg.train_parts)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trained tensors are fp32 even over a bf16 base
-        return TrainModule(model)
+        return None
 
-    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+    def initial_values(self, module) -> dict[str, torch.Tensor]:
         out = {}
         # apply_lora wraps layers in sorted name order: A's draws come in that order
         for name, m in sorted(_lora_modules(module).items()):
@@ -231,13 +231,13 @@ class LoraMode(Mode):
             out[f"{name}.lora_B"] = torch.zeros(m.base.out_features, m.r)
         return out
 
-    def base_loaded(self, module: TrainModule, base: dict[str, torch.Tensor]) -> None:
+    def base_loaded(self, module, base: dict[str, torch.Tensor]) -> None:
         model = module.model
         model.lora_base_fingerprint = fingerprint(base)
         params = dict(model.named_parameters())
         model.lora_part_originals = {n: params[n].detach().clone() for n in getattr(model, "lora_part_originals", {})}
 
-    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+    def save_outputs(self, run, module, cfg) -> dict[str, str]:
         from rwkvtune.io.checkpoint import save_state_dict
 
         dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
@@ -245,7 +245,7 @@ class LoraMode(Mode):
         save_state_dict(merged_state_dict(module.model, dtype), run.final)
         return {"adapter": str(run.adapter), "final": str(run.final)}
 
-    def reference(self, module: TrainModule):
+    def reference(self, module):
         return lora_disabled(module.model)
 
 

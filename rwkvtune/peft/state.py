@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from rwkvtune.errors import CheckpointError
-from rwkvtune.peft.base import Mode, TrainModule
+from rwkvtune.peft.base import Mode
 
 STATE_FORMAT = "rwkvtune-state-v1"
 MADE_BY = "state.pth from --mode state"
@@ -77,19 +77,14 @@ class StateMode(Mode):
 
     name = "state"
 
-    def default_lr(self) -> float | None:
-        return 1e-2  # the state is a few numbers per head that must move far from zero
-
-    def prepare(self, model, cfg) -> TrainModule:
+    def prepare(self, model, cfg) -> torch.Tensor:
         self.freeze(model, cfg.precision == "bf16")
-        c = model.config
-        init = torch.zeros(expected_shape(c), device=model.emb.weight.device)
-        return TrainModule(model, init)
+        return torch.zeros(expected_shape(model.config), device=model.emb.weight.device)
 
-    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+    def initial_values(self, module) -> dict[str, torch.Tensor]:
         return {"wkv_init": torch.zeros(module.wkv_init.shape)}
 
-    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+    def save_outputs(self, run, module, cfg) -> dict[str, str]:
         """state.pth (ours), and the same state in the layout RWKV-PEFT and RWKV Runner load."""
         from rwkvtune.convert.state_formats import save_peft_state
 
@@ -98,7 +93,7 @@ class StateMode(Mode):
         return {"state": str(run.state), "state_rwkv_peft": str(run.state_peft)}
 
     @contextlib.contextmanager
-    def reference(self, module: TrainModule) -> Iterator[None]:
+    def reference(self, module) -> Iterator[None]:
         module.reference_active = True  # start from zeros: exactly the base model
         try:
             yield

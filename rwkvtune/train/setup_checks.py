@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import os
 
+from rwkvtune.constants import METHODS, MODES
 from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.peft import get_mode
+from rwkvtune.train.methods import method_class
 from rwkvtune.train.run_dir import RunDir
+
+
+def validate_config(cfg) -> None:
+    """``cfg.validate()`` with the rules of its mode and of its training method: TrainConfig is
+    plain data in the models layer and knows neither (raises one ConfigError naming every problem)."""
+    mode_conflicts = get_mode(cfg.mode).conflicts(cfg) if cfg.mode in MODES else []
+    method_problems = method_class(cfg.method).problems(cfg) if cfg.method in METHODS else []
+    cfg.validate(mode_conflicts, method_problems)
 
 
 def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:

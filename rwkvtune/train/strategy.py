@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from rwkvtune.errors import ConfigError
 from rwkvtune.train import checkpointing
+from rwkvtune.train.objective import TrainModule
 
 
 class Strategy:
@@ -142,7 +143,7 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
     from rwkvtune.models.rwkv7.model import RWKV7
 
     with torch.device("meta"):
-        shadow = mode.prepare(RWKV7(model_config), cfg) if keep else None
+        shadow = TrainModule.for_mode(mode, RWKV7(model_config), cfg) if keep else None
     save_bf16 = cfg.save_dtype == "bf16"
     full = {}
     for name, tensor in module.state_dict().items():

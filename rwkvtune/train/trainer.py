@@ -31,17 +31,19 @@ from rwkvtune.errors import OutputError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
-from rwkvtune.peft.base import Mode, TrainModule, count_params
+from rwkvtune.peft.base import Mode
 from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
 from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
+from rwkvtune.train.objective import TrainModule, count_params
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
-from rwkvtune.train.setup_checks import check_model_file, check_out_dir, data_warnings, schedule_warnings
+from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, data_warnings, schedule_warnings,
+                                         validate_config)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import Strategy, check_strategy, get_strategy, join_single_process_group
 from rwkvtune.utils import atomic_write_text
@@ -208,7 +210,7 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     fields filled from the model's recommendations and existing paths made absolute."""
     if cfg.resume:
         cfg = checkpointing.resumed_config(cfg.resume, cfg)
-    cfg.validate()
+    validate_config(cfg)
     model_config = load_model_config(cfg.model)
     # resolve() copies cfg, so the caller's config keeps the paths it gave
     return checkpointing.absolute_paths(cfg.resolve(model_config)), model_config
@@ -223,7 +225,7 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
             model = RWKV7(model_config, layer0_v=_file_has_layer0_v(cfg, model_config))
             model.set_wkv_backend(cfg.wkv_backend)
             model.grad_checkpoint = cfg.grad_checkpoint
-            return mode.prepare(model.train(), cfg)
+            return TrainModule.for_mode(mode, model.train(), cfg)
     with allocation_guard(model_config, device):  # a config in range can still be too large to hold
         return _build_module(cfg, mode, model_config, device)
 
@@ -240,7 +242,7 @@ def _build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, devic
                                       dtype=torch.bfloat16 if bf16_base else torch.float32)
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
-    return mode.prepare(model.to(device).train(), cfg).to(device)
+    return TrainModule.for_mode(mode, model.to(device).train(), cfg).to(device)
 
 
 def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:

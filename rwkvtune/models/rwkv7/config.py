@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from rwkvtune.constants import METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES
 from rwkvtune.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
@@ -22,7 +23,6 @@ INITS = ("pretrained", "scratch")
 BPTT_MODES = ("truncated", "full")
 DATA_ERROR_POLICIES = ("raise", "skip")
 SAVE_FORMATS = ("pth", "safetensors")
-SAVE_DTYPES = ("bf16", "fp32")
 MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding takes 0..2**32-1, torch's 64 bits: the common range
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
@@ -133,9 +133,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: " + "; ".join(problems) + "; run `rwkvtune train --help` for the options")
         return self
 
-    def validate(self) -> None:
-        from rwkvtune.peft import MODES, get_mode
-
+    def validate(self, mode_conflicts=(), method_problems=()) -> None:
+        """Raise one ConfigError naming every problem. This class is plain data: the rules of its
+        mode (``mode_conflicts``: (fields as they read, why) pairs) and of its method
+        (``method_problems``: "field: ..." lines) come from rwkvtune.train.setup_checks.validate_config,
+        which is what the trainer calls."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode: found {self.mode!r}, expected one of {', '.join(MODES)}")
@@ -173,8 +175,7 @@ class TrainConfig:
             problems.append(f"threads: found {self.threads}, expected an integer >= 1 (or leave it unset for torch's "
                             f"default)")
         # Problems of several fields, already naming their sources; the mode knows its own rules.
-        conflicts = [self._conflict(shown, why) for shown, why in
-                     (get_mode(self.mode).conflicts(self) if self.mode in MODES else [])]
+        conflicts = [self._conflict(shown, why) for shown, why in mode_conflicts]
         if not self.lora_alpha > 0:
             problems.append(f"lora_alpha: found {self.lora_alpha}, expected > 0")
         if not 0 <= self.lora_dropout < 1:
@@ -183,12 +184,10 @@ class TrainConfig:
             problems.append(f"betas: found {list(self.betas)}, expected two numbers in [0, 1)")
         if not self.adam_eps > 0:
             problems.append(f"adam_eps: found {self.adam_eps}, expected > 0")
-        from rwkvtune.train.methods import METHODS, method_class
-
         if self.method not in METHODS:
             problems.append(f"method: found {self.method!r}, expected one of {', '.join(METHODS)}")
         else:
-            problems += method_class(self.method).problems(self)
+            problems += method_problems
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
         elif self.cpu_offload and self.strategy != "fsdp":
@@ -230,9 +229,7 @@ class TrainConfig:
         c.ctx_len = c.ctx_len or model_config.recommended_ctx_len
         c.batch_size = c.batch_size or model_config.recommended_batch_size
         if c.lr is None:
-            from rwkvtune.peft import get_mode
-
-            c.lr = get_mode(c.mode).default_lr() or (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
+            c.lr = MODE_DEFAULT_LR.get(c.mode) or (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
         if c.lr_final is None:
             c.lr_final = c.lr / 10
         if c.device == "auto":
@@ -251,9 +248,6 @@ class TrainConfig:
     def choices() -> dict[str, tuple[str, ...]]:
         """The values of each option that takes one of a fixed set (``validate`` checks them,
         ``rwkvtune train --help`` shows them)."""
-        from rwkvtune.peft import MODES
-        from rwkvtune.train.methods import METHODS
-
         return {"mode": MODES, "method": METHODS, "init": INITS, "precision": PRECISIONS, "bptt": BPTT_MODES,
                 "on_data_error": DATA_ERROR_POLICIES, "save_format": SAVE_FORMATS, "save_dtype": SAVE_DTYPES,
                 "strategy": STRATEGIES, "wkv_backend": WKV_BACKENDS}

@@ -234,14 +234,15 @@ class DPO(TrainingMethod):
         else:
             self.reference.setup(r)
 
-    def _nll(self, module, ids, labels, ctx) -> torch.Tensor:
+    def _nll(self, module, ids, labels, ctx, via=None) -> torch.Tensor:
         """Summed negative log-likelihood of every sequence's scored tokens [2B], run in ctx_len
-        chunks that carry the RNN state (one graph through all chunks: the loss needs the total)."""
+        chunks that carry the RNN state (one graph through all chunks: the loss needs the total).
+        ``via``: the wrapped module to call (DDP), see TrainModule."""
         state, total = None, 0.0
         for s in range(0, ids.shape[1], self.cfg.ctx_len):
             with ctx.autocast():
-                nll, state = module(ids[:, s:s + self.cfg.ctx_len], state, labels=labels[:, s:s + self.cfg.ctx_len],
-                                    reduce="sequence")
+                nll, state = module.sequence_nll(ids[:, s:s + self.cfg.ctx_len], labels[:, s:s + self.cfg.ctx_len],
+                                                 state, via=via)
             total = total + nll
         return total
 
@@ -302,9 +303,8 @@ class DPO(TrainingMethod):
         return loss, {"loss": float(loss.detach()), **preference_sums(result), "policy_accuracy": mine}
 
     def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
-        runner = ctx.runner or module
         with ctx.sync_context(ctx.sync):
-            nll = self._nll(runner, batch["input_ids"], batch["labels"], ctx)
+            nll = self._nll(module, batch["input_ids"], batch["labels"], ctx, via=ctx.runner)
             loss, sums = self._loss(module, batch, ctx, "train", nll)
             (loss * ctx.scale).backward()
         return sums

@@ -34,7 +34,7 @@ class _Policy:
         return self.module.parameters()
 
     def __call__(self, idx, state=None, return_state=False, wkv_init=None, last_only=False):
-        logits, state = self.module(idx, state, last_only=last_only)
+        logits, state = self.module.logits(idx, state, last_only=last_only)
         return (logits, state) if return_state else logits
 
 
@@ -215,9 +215,8 @@ class GRPO(TrainingMethod):
         return out
 
     def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
-        runner = ctx.runner or module
         with ctx.sync_context(ctx.sync):
-            logps = -_token_nll(runner, batch, ctx, self.cfg)
+            logps = -_token_nll(module, batch, ctx, self.cfg, via=ctx.runner)
             mask = batch["labels"] != -100
             B = mask.shape[0]
             loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
@@ -267,15 +266,15 @@ def _sequences(records, completions, device) -> dict:
     return {"input_ids": idx.to(device), "labels": labels.to(device)}
 
 
-def _token_nll(module, batch: dict, ctx, cfg) -> torch.Tensor:
+def _token_nll(module, batch: dict, ctx, cfg, via=None) -> torch.Tensor:
     """Negative log-likelihood [R, T] of every completion token at the sampling temperature, run in
     ctx_len chunks carrying the RNN state (one graph through all of them)."""
     ids, labels = batch["input_ids"], batch["labels"]
     state, parts = None, []
     for s in range(0, ids.shape[1], cfg.ctx_len):
         with ctx.autocast():
-            nll, state = module(ids[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len], reduce="token",
-                                temperature=cfg.temperature)
+            nll, state = module.token_nll(ids[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state,
+                                          temperature=cfg.temperature, via=via)
         parts.append(nll)
     return torch.cat(parts, 1)
 

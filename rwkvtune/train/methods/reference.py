@@ -52,7 +52,7 @@ def _starting_model(r):
     """The model the run started from, as a TrainModule on the run's device (sharded under fsdp).
     Rebuilding a seeded init must not move the run's own random stream: the draws are forked."""
     from rwkvtune.models.rwkv7.model import RWKV7
-    from rwkvtune.peft.base import TrainModule
+    from rwkvtune.train.objective import TrainModule
 
     cfg, config = r.cfg, r.model_config
     cuda = str(r.device).startswith("cuda")

@@ -37,7 +37,6 @@ class SFT(TrainingMethod):
         idx, labels = batch["input_ids"], batch["labels"]
         T = idx.shape[1]
         chunks = [(s, min(T, s + cfg.ctx_len)) for s in range(0, T, cfg.ctx_len)]
-        runner = ctx.runner or module
         # L2Wrap's per-token coefficient: the 1/(loss units) reaches it through the scaled loss.
         l2 = L2WRAP if cfg.l2wrap else 0.0
         state, total, graph_loss = None, 0.0, None
@@ -45,7 +44,7 @@ class SFT(TrainingMethod):
             last = ci == len(chunks) - 1
             with ctx.sync_context(ctx.sync and (last or cfg.bptt == "full")):
                 with ctx.autocast():
-                    loss, state = runner(idx[:, s:e], state, labels=labels[:, s:e], l2wrap=l2)
+                    loss, state = module.loss_sum(idx[:, s:e], labels[:, s:e], state, l2wrap=l2, via=ctx.runner)
                 if not loss.requires_grad:
                     # State tuning under truncated BPTT: only the first chunk reaches the initial
                     # state. A zero term keeps backward (and DDP's gradient sync) well defined.
@@ -75,7 +74,7 @@ class SFT(TrainingMethod):
             state = None
             for s in range(0, idx.shape[1], cfg.ctx_len):
                 with ctx.autocast():
-                    loss, state = module(idx[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len])
+                    loss, state = module.loss_sum(idx[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state)
                 total += float(loss)
             count += int((labels != -100).sum())
         module.train(was_training)
