@@ -29,11 +29,11 @@ from typing import Sequence
 
 import numpy as np
 
+from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.data.binidx import BinIdxDataset, bin_path, idx_path, strip_suffix
 from rwkvtune.data.formats import Sample, read_samples
 from rwkvtune.errors import ConfigError, DataError
 
-IGNORE = -100  # label value that cross-entropy ignores (torch's default ignore_index)
 
 
 def _check_ctx_len(ctx_len) -> int:
@@ -48,9 +48,9 @@ def _make_item(w: np.ndarray, targets: np.ndarray | None, T: int, meta: dict) ->
 
     n = len(w) - 1
     inp = np.zeros(T, dtype=np.int64)
-    lab = np.full(T, IGNORE, dtype=np.int64)
+    lab = np.full(T, IGNORE_INDEX, dtype=np.int64)
     inp[:n] = w[:n]
-    lab[:n] = w[1:] if targets is None else np.where(targets, w[1:], IGNORE)
+    lab[:n] = w[1:] if targets is None else np.where(targets, w[1:], IGNORE_INDEX)
     item = {"input_ids": torch.from_numpy(inp), "labels": torch.from_numpy(lab)}
     item.update(meta)
     item["num_targets"] = int(n if targets is None else targets.sum())

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.errors import ConfigError
 from rwkvtune.train.methods.base import TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
@@ -45,7 +46,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Per-sequence summed log-probabilities of ``labels`` under ``logits``, and token counts.
 
     ``logits`` [B, T, V] (any float dtype, computed in fp32), ``labels`` [B, T]: already the next
-    tokens (this project's datasets shift them), position t scored against ``labels[t]``; -100
+    tokens (this project's datasets shift them), position t scored against ``labels[t]``; IGNORE_INDEX
     marks positions that are not scored (the prompt, padding). Returns ``(sum_logps [B] fp32,
     n_tokens [B] int64)``. log p = logit[label] - logsumexp(logits), which never builds the full
     [B, T, V] log-softmax (only the fp32 upcast of bf16 logits, as the cross-entropy does).
@@ -54,7 +55,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         raise ConfigError(f"sequence_logps: expected logits [B, T, V] and labels [B, T], found logits "
                           f"{list(logits.shape)} and labels {list(labels.shape)}; pass one batch's logits and labels")
     x = logits.float()
-    scored = labels != -100
+    scored = labels != IGNORE_INDEX
     picked = x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]; -100 -> any token, masked below
     token_logps = (picked - torch.logsumexp(x, dim=-1)) * scored
     return token_logps.sum(-1), scored.sum(-1)
@@ -288,7 +289,7 @@ class DPO(TrainingMethod):
     # -- the loss
     def _loss(self, module, batch, ctx, split, policy_nll) -> tuple[torch.Tensor, dict]:
         labels = batch["labels"]
-        n = (labels != -100).sum(-1)
+        n = (labels != IGNORE_INDEX).sum(-1)
         B = labels.shape[0] // 2
         logps = -policy_nll
         ref = self._reference(module, batch, ctx, split)

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from rwkvtune.constants import END_OF_TEXT, IGNORE_INDEX
+from rwkvtune.data.collate import right_pad
 from rwkvtune.train.methods.base import TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
@@ -107,7 +109,7 @@ class GRPO(TrainingMethod):
         return {"records": [it["record"] for it in items], "index": torch.tensor([it["index"] for it in items])}
 
     def count(self, batch: dict) -> tuple[float, float]:
-        mask = batch["labels"] != -100
+        mask = batch["labels"] != IGNORE_INDEX
         units = mask.sum() if self.loss_type == "dapo" else mask.shape[0]
         return float(units), float(batch["input_ids"].numel())
 
@@ -217,7 +219,7 @@ class GRPO(TrainingMethod):
     def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
         with ctx.sync_context(ctx.sync):
             logps = -_token_nll(module, batch, ctx, self.cfg, via=ctx.runner)
-            mask = batch["labels"] != -100
+            mask = batch["labels"] != IGNORE_INDEX
             B = mask.shape[0]
             loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
                                       self.cfg.epsilon, self.cfg.epsilon_high, self.beta, self.loss_type,
@@ -254,16 +256,10 @@ def _sequences(records, completions, device) -> dict:
     seqs = []
     for c in completions:
         prompt = records[c.prompt_index].ids.tolist()
-        w = [0] + prompt + list(c.token_ids)
-        labels = [-100] * len(prompt) + list(c.token_ids)
+        w = [END_OF_TEXT] + prompt + list(c.token_ids)
+        labels = [IGNORE_INDEX] * len(prompt) + list(c.token_ids)
         seqs.append((w[:-1], labels))
-    T = max(len(x) for x, _ in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for r, (x, y) in enumerate(seqs):
-        idx[r, :len(x)] = torch.tensor(x)
-        labels[r, :len(y)] = torch.tensor(y)
-    return {"input_ids": idx.to(device), "labels": labels.to(device)}
+    return right_pad(seqs, device)
 
 
 def _token_nll(module, batch: dict, ctx, cfg, via=None) -> torch.Tensor:

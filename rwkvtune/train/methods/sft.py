@@ -1,6 +1,6 @@
 """``sft``: the language-model objective (pretraining, supervised fine-tuning, long context).
 
-Loss: next-token cross-entropy summed over target tokens (labels != -100), plus the reference
+Loss: next-token cross-entropy summed over target tokens (labels != IGNORE_INDEX), plus the reference
 trainer's L2Wrap; the trainer divides by the target count of the whole global batch.
 
 Samples longer than ctx_len (``long_context``) run in ctx_len chunks carrying the RNN state:
@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.train.data import build_dataset, collate
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 
@@ -30,7 +31,7 @@ class SFT(TrainingMethod):
         return collate(items, device)
 
     def count(self, batch: dict) -> tuple[float, float]:
-        return float(int((batch["labels"] != -100).sum())), float(batch["input_ids"].numel())
+        return float(int((batch["labels"] != IGNORE_INDEX).sum())), float(batch["input_ids"].numel())
 
     def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
         cfg = ctx.cfg
@@ -76,7 +77,7 @@ class SFT(TrainingMethod):
                 with ctx.autocast():
                     loss, state = module.loss_sum(idx[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state)
                 total += float(loss)
-            count += int((labels != -100).sum())
+            count += int((labels != IGNORE_INDEX).sum())
         module.train(was_training)
         loss = total / max(1, count)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
