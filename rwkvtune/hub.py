@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+from rwkvtune import __version__
 from rwkvtune.configs import model_loader
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
 from rwkvtune.errors import ConfigError, DownloadError, OutputError, RwkvtuneError
@@ -211,8 +212,6 @@ def _make_work_dir(job: _Job) -> None:
 
 def _read_metadata(job: _Job) -> None:
     """HEAD the resolve URL: the file's sha256, size and final location."""
-    from rwkvtune import __version__
-
     endpoint = f"{urlsplit(job.url).scheme}://{urlsplit(job.url).netloc}"
     try:
         meta = job.hf.get_hf_file_metadata(job.url, library_name="rwkvtune", library_version=__version__,
@@ -296,8 +295,6 @@ def _check_space(job: _Job, done: int) -> None:
 
 def _transfer(job: _Job, progress: bool) -> None:
     """Append the missing bytes to the partial file (a Range request when some are there already)."""
-    from rwkvtune import __version__
-
     done = job.partial.stat().st_size if job.partial.is_file() else 0
     _check_space(job, done)
     if done:

@@ -55,6 +55,7 @@ class Edge:
     line: int
     local: bool  # inside a function
     internal: bool
+    implicit: bool = False  # a package __init__ that Python runs on the way to the named module
 
     def __str__(self) -> str:
         return f"{self.source} -> {self.target} (line {self.line}{', function-local' if self.local else ''})"
@@ -104,7 +105,7 @@ def import_graph(root: Path) -> dict[str, list[Edge]]:
             parent = target.rpartition(".")[0]
             while parent:
                 if not (name == parent or name.startswith(parent + ".")):
-                    edges.append(Edge(name, parent, node.lineno, local, True))
+                    edges.append(Edge(name, parent, node.lineno, local, True, implicit=True))
                 parent = parent.rpartition(".")[0]
 
         for node in ast.walk(tree):
@@ -243,18 +244,24 @@ def local_import_problems(graph: dict[str, list[Edge]], optional=OPTIONAL) -> li
     """A function-local import must keep a torch-free module torch-free (the target imports torch,
     the importer does not) or reach an optional package; any other belongs at the top."""
     heavy = {m: _imports_heavy(top_level_closure(graph, m)) for m in graph}
+
+    def justified(e: Edge) -> bool:
+        if not e.internal:
+            if any(e.target == p or e.target.startswith(p + ".") for p in optional):
+                return True
+            return (e.target == HEAVY or e.target.startswith(HEAVY + ".")) and not heavy[e.source]
+        return bool(heavy.get(e.target)) and not heavy[e.source]
+
     out = []
     for m, edges in graph.items():
+        statements: dict[int, list[Edge]] = {}
         for e in edges:
-            if not e.local:
+            if e.local and not e.implicit:
+                statements.setdefault(e.line, []).append(e)
+        for line, named in sorted(statements.items()):
+            if any(justified(e) for e in named):  # e.g. "from pkg import submodule": the submodule counts
                 continue
-            if not e.internal:
-                if any(e.target == p or e.target.startswith(p + ".") for p in optional):
-                    continue
-                if (e.target == HEAVY or e.target.startswith(HEAVY + ".")) and not heavy[m]:
-                    continue
-            elif heavy.get(e.target) and not heavy[m]:
-                continue
+            e = max(named, key=lambda e: len(e.target))
             why = ("the importer already imports torch" if heavy[m] else
                    "the target imports no torch and is no optional package")
             out.append(f"function-local import: {e}: {why}; import it at the top of the module")
@@ -321,7 +328,7 @@ def test_checker_finds_upward_edges_cycles_and_needless_local_imports(tmp_path):
         "high.py": "from toy.low import f\n",
         "sub/__init__.py": "from toy.sub import a\n",
         "sub/a.py": "import toy.other\n",
-        "sub/b.py": "def g():\n    from toy.sub import a  # its own package: no edge to toy.sub\n",
+        "sub/b.py": "def g():\n    from toy.sub import a\n",
         # imports toy.sub.b only, but Python runs toy/sub/__init__.py first: a cycle through it
         "other.py": "from toy.sub.b import g\n\ndef h():\n    import json\n",
     })
@@ -335,7 +342,9 @@ def test_checker_finds_upward_edges_cycles_and_needless_local_imports(tmp_path):
     assert cycles == [
         "import cycle: toy.high -> toy.low (line 1); toy.low -> toy.high (line 4, function-local)",
         "import cycle: toy.other -> toy.sub (line 1); toy.sub -> toy.sub.a (line 1); toy.sub.a -> toy.other (line 1)"]
-    assert not any(e.target == "toy.sub" for e in graph["toy.sub.b"])
+    # toy.other names toy.sub.b only: the edge to toy.sub is Python running the package's __init__
+    assert [(e.target, e.implicit) for e in graph["toy.other"] if e.internal] == [("toy.sub.b", False),
+                                                                                 ("toy.sub", True)]
     local = local_import_problems(graph, optional=())
     assert len(local) == 3 and all("import it at the top" in p for p in local), local
     assert {p.split(": ")[1] for p in local} == {"toy.low -> toy.high (line 4, function-local)",

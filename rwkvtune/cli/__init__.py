@@ -33,6 +33,8 @@ import sys
 from typing import Callable, Sequence
 
 from rwkvtune import __version__
+from rwkvtune.data.formats import BadRecordError
+from rwkvtune.errors import RwkvtuneError
 
 PROG = "rwkvtune"
 
@@ -141,8 +143,6 @@ def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
     module = sys.modules.get(getattr(args, "_command_module", ""))
     advice = getattr(module, "BAD_RECORD_ADVICE", None)
     if advice:
-        from rwkvtune.data.formats import BadRecordError
-
         if isinstance(error, BadRecordError):
             return error.with_advice(advice)
     return error
@@ -151,8 +151,6 @@ def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 a check failed, 2 usage or user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from rwkvtune.errors import RwkvtuneError
-
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)

@@ -7,6 +7,8 @@ import os
 
 from rwkvtune.cli import set_handler
 from rwkvtune.cli.common import add_data_options
+from rwkvtune.data.prepare import prepare_binidx
+from rwkvtune.errors import ConfigError
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
@@ -28,9 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Tokenize, then print one summary line; exit status 0 on success."""
-    from rwkvtune.data.prepare import prepare_binidx
-    from rwkvtune.errors import ConfigError
-
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: found {args.workers}, expected an integer >= 1")
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):

@@ -9,7 +9,13 @@ import math
 import os
 import sys
 
-from rwkvtune.cli.common import add_data_options, add_device
+import yaml
+
+from rwkvtune.cli.common import add_data_options, add_device, load_state, resolve_device
+from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.tokenizer import get_tokenizer
+from rwkvtune.train.run_dir import RunDir
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
@@ -37,10 +43,6 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
     of the run which wrote the base), else the model's recommended_ctx_len; with where it came from."""
     if args.ctx_len is not None:
         return args.ctx_len, "--ctx-len"
-    import yaml
-
-    from rwkvtune.train.run_dir import RunDir
-
     for path in (args.adapter, args.state, args.model):
         run_config = RunDir(os.path.dirname(os.path.abspath(path))).config if path and os.path.isfile(path) else None
         if run_config is None or not run_config.is_file():
@@ -56,12 +58,8 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rwkvtune.cli.common import resolve_device
-    from rwkvtune.errors import ConfigError, RwkvtuneError
-    from rwkvtune.models.rwkv7 import RWKV7
-    from rwkvtune.models.rwkv7.config import TrainConfig
+    from rwkvtune.models.rwkv7.model import RWKV7
     from rwkvtune.train.objective import TrainModule
-    from rwkvtune.tokenizer import get_tokenizer
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.runtime import autocast_factory
@@ -77,8 +75,6 @@ def run(args: argparse.Namespace) -> int:
         load_adapter(model, args.adapter)
     wkv_init = None
     if args.state:
-        from rwkvtune.cli.common import load_state
-
         wkv_init = load_state(args.state, model)
     ctx_len, origin = _eval_ctx_len(args, model)
     print(f"ctx_len {ctx_len} (from {origin})", file=sys.stderr)

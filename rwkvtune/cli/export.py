@@ -9,6 +9,11 @@ import os
 import re
 import sys
 
+from rwkvtune.configs.model_loader import is_model_path, load_model_config
+from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.hub import missing_model_hint
+from rwkvtune.train.run_dir import RunDir
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 
 
@@ -28,8 +33,6 @@ def _bytes(text: str) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as Hugging Face's max_shard_size)."""
     m = _SIZE.match(text)
     if not m or float(m.group(1)) <= 0:
-        from rwkvtune.errors import ConfigError
-
         raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 1000000")
     unit = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}[m.group(2).upper()]
     return int(float(m.group(1)) * unit)
@@ -37,10 +40,6 @@ def _bytes(text: str) -> int:
 
 def resolve_source(model: str):
     """(path of the model to read, the config it must fit or None) for a name, file, folder or run."""
-    from rwkvtune.configs.model_loader import is_model_path, load_model_config
-    from rwkvtune.errors import ConfigError
-    from rwkvtune.train.run_dir import RunDir
-
     if os.path.isdir(model) and not is_model_path(model):
         for save_format in ("pth", "safetensors"):
             run = RunDir(model, save_format)
@@ -59,12 +58,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rwkvtune.convert.hf import export_hf
-    from rwkvtune.errors import CheckpointError
-
     path, expect = resolve_source(args.model)
     if expect is not None and not os.path.exists(path):
-        from rwkvtune.hub import missing_model_hint
-
         raise CheckpointError(f"model file not found: {missing_model_hint(expect)}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}[args.save_dtype]
     out = export_hf(path, args.out, model_config=expect, max_shard_bytes=_bytes(args.max_shard_size), dtype=dtype)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rwkvtune.cli import set_handler
+from rwkvtune.configs.check import check_all
+from rwkvtune.configs.detect import inspect_checkpoint
 from rwkvtune.configs.model_loader import (
     CONFIG_PATH_ENV,
     MODEL_DIR_ENV,
@@ -31,7 +33,8 @@ from rwkvtune.configs.model_loader import (
     models_dir,
 )
 from rwkvtune.errors import ConfigError, RwkvtuneError
-from rwkvtune.hub import download_command
+from rwkvtune.hub import download_command, download_model, target_path
+from rwkvtune.io.layout import SHAPE_FIELDS
 from rwkvtune.utils import human_count
 
 _HERE = "rwkvtune.cli.models"
@@ -195,8 +198,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.detect import inspect_checkpoint
-
     info = inspect_checkpoint(args.checkpoint)
     if args.json:
         print(json.dumps(info.summary(), indent=2))
@@ -239,9 +240,6 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.detect import inspect_checkpoint
-    from rwkvtune.io.layout import SHAPE_FIELDS
-
     name = args.name.strip()
     if name.lower().startswith("rwkv7-"):
         name = name[len("rwkv7-"):]
@@ -307,8 +305,6 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from rwkvtune.hub import download_model, target_path
-
     cfg = load_model_config(args.name)
     target = target_path(cfg, args.models_dir) if cfg.model_file else None
     if target is not None and target.is_file() and not args.force and cfg.hf_repo:
@@ -326,8 +322,6 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.check import check_all
-
     results, warnings = check_all()
     for w in warnings:
         print(f"WARN  {w}")

@@ -10,7 +10,12 @@ import argparse
 import json
 import sys
 
+from rwkvtune.cli import _Parser
+from rwkvtune.cli.train import add_arguments as add_train_arguments, config_from_args
+from rwkvtune.configs.model_loader import load_model_config
 from rwkvtune.errors import ConfigError
+from rwkvtune.train import plan
+from rwkvtune.train.memory import FIT_FRACTION, GIB
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rwkvtune.train import plan
-
     for name in ("ctx_len", "batch_size", "gpus"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -46,8 +49,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--train-args: only with --pick (it plans one run on this machine's GPUs)")
     cards = {g: plan.card_gib(g) for g in args.gpu_memory} if args.gpu_memory else plan.CARDS
     sizes = [args.size] if args.size else list(plan.SIZES)
-    from rwkvtune.configs.model_loader import load_model_config
-
     if args.json:
         out = {s: [_row_json(r) for r in _rows(load_model_config(s), args)] for s in sizes}
         print(json.dumps(out, indent=1))
@@ -62,15 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _seed_names() -> set[str]:
-    from rwkvtune.configs.model_loader import load_model_config
-    from rwkvtune.train import plan
-
     return {load_model_config(s).model_name for s, _, _ in plan.SEED_DUAL}
 
 
 def _rows(c, args):
-    from rwkvtune.train import plan
-
     return plan.launches(c, args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size)
 
 
@@ -83,9 +79,6 @@ def _row_json(r) -> dict:
 
 def _table(c, rows, args, cards: dict) -> list[str]:
     """The size's launches, what fits each card, and the cheapest launch per card."""
-    from rwkvtune.train import plan
-    from rwkvtune.train.memory import FIT_FRACTION, GIB
-
     ctx, batch = args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size
     lines = [f"{c.model_name}: {c.n_params:,} params; ctx_len {ctx}, batch_size {batch} per GPU, bf16 autocast, AdamW",
              f"per-GPU peak memory and host RAM per process (GiB); a card fits when the peak is at most "
@@ -111,9 +104,6 @@ def _short(r) -> str:
 
 def _pick(args) -> int:
     """The train flags of the cheapest launch that fits this machine (stdout), and why (stderr)."""
-    from rwkvtune.configs.model_loader import load_model_config
-    from rwkvtune.train import plan
-
     if not args.size:
         raise ConfigError("--pick needs a SIZE (e.g. rwkvtune plan 7.2b --pick)")
     cfg = _train_config(args)
@@ -137,9 +127,6 @@ def _pick(args) -> int:
 
 def _train_config(args):
     """The TrainConfig that `rwkvtune train` would build from --train-args."""
-    from rwkvtune.cli import _Parser
-    from rwkvtune.cli.train import add_arguments as add_train_arguments, config_from_args
-
     parser = _Parser(prog="rwkvtune plan --pick --train-args")
     add_train_arguments(parser)
     return config_from_args(parser.parse_args(args.train_args))

@@ -59,18 +59,20 @@ import torch
 
 from rwkvtune.configs.check import compare_config, mismatch_error
 from rwkvtune.configs.detect import detect
-from rwkvtune.io.checkpoint import load_state_dict
-from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.configs.model_loader import ModelConfig
+from rwkvtune.convert.sources import TensorSource, open_official
+from rwkvtune.errors import CheckpointError, OutputError
+from rwkvtune.io.checkpoint import load_state_dict
 from rwkvtune.io.hf_layout import (
     CONFIG_NAME, EXTRA_NAME, HF_MODEL_TYPE, VOCAB_NAME, _official, _refs, is_hf_folder, official_to_hf,
     hf_shape, to_hf_tensor,
 )
+from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.io.safetensors_io import (
     DEFAULT_SHARD_BYTES, SafetensorsReader, TensorSpec, save_safetensors, write_safetensors, write_shards,
 )
-from rwkvtune.convert.sources import TensorSource, open_official
-from rwkvtune.errors import CheckpointError, OutputError
+from rwkvtune.tensor_checks import check_tensor
+from rwkvtune.tokenizer import _default_vocab_file
 from rwkvtune.utils import atomic_torch_save, output_error
 
 class HFSource(TensorSource):
@@ -172,8 +174,6 @@ def _export_specs(source: TensorSource, config: ModelConfig, dtype: torch.dtype 
 def _checked_read(source: TensorSource, key: str) -> torch.Tensor:
     """One tensor of the source, refused (naming it) unless dense, floating point and finite: an
     export must not turn a damaged model into a clean-looking folder."""
-    from rwkvtune.tensor_checks import check_tensor
-
     t = source.read(key)
     check_tensor(key, t, source.path)
     return t
@@ -236,8 +236,6 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, model_config: 
     the model size. ``model_config`` (optional) must match the dims detected from ``src``;
     ``dtype`` casts every tensor (default: keep the source's). Returns the folder path.
     """
-    from rwkvtune.tokenizer import _default_vocab_file
-
     with open_model_source(src) as source:
         config = _check_source(source, model_config)
         specs, origin = _export_specs(source, config, dtype)

@@ -33,6 +33,7 @@ from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.data.binidx import BinIdxDataset, bin_path, idx_path, strip_suffix
 from rwkvtune.data.formats import Sample, read_samples
 from rwkvtune.errors import ConfigError, DataError
+from rwkvtune.tokenizer import get_tokenizer
 
 
 
@@ -304,8 +305,6 @@ def load_dataset(path: str, tokenizer, ctx_len: int, fmt: str = "auto", on_error
     path = os.fspath(path)
     if path.endswith((".jsonl", ".json")):
         if tokenizer is None:
-            from rwkvtune.tokenizer import get_tokenizer
-
             tokenizer = get_tokenizer()
         samples, _ = read_samples(path, tokenizer, fmt=fmt, on_error=on_error,
                                   vocab_size=vocab_size)

@@ -42,6 +42,7 @@ import numpy as np
 
 from rwkvtune.constants import END_OF_TEXT
 from rwkvtune.errors import DataError
+from rwkvtune.utils import not_found, read_error
 
 log = logging.getLogger("rwkvtune.data")
 
@@ -257,8 +258,6 @@ RawRecord = tuple
 
 def iter_raw_records(path: str) -> Iterator[RawRecord]:
     """Yield the raw records of a jsonl file (blank lines are ignored) or a .json array."""
-    from rwkvtune.utils import not_found, read_error
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(not_found(path, "file", "expected a .jsonl file with one JSON object per line"))

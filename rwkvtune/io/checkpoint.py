@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import os
 import pickle
 import re
@@ -25,6 +26,7 @@ from typing import Any, Mapping
 
 from rwkvtune.errors import CheckpointError
 from rwkvtune.io.layout import DEFAULT_MODEL_DIR, MODEL_DIR_ENV, strip_prefix
+from rwkvtune.utils import atomic_torch_save, human_bytes, not_found, read_error
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -47,8 +49,6 @@ def check_pickle_size(path: str | os.PathLike, what: str = "") -> None:
     """Refuse a torch zip archive whose ``data.pkl`` declares more than MAX_PICKLE_BYTES when
     inflated, from the zip directory alone (nothing is inflated). Other files pass: their readers
     give the verdict. An unreadable file is a one-line CheckpointError (``what`` names its kind)."""
-    from rwkvtune.utils import human_bytes, read_error
-
     try:
         with open(path, "rb") as f:
             if f.read(4) != _ZIP_MAGIC:
@@ -69,8 +69,6 @@ def check_pickle_size(path: str | os.PathLike, what: str = "") -> None:
 def _torch_load(p: Path, mmap: bool) -> Any:
     """torch.load with every failure turned into a CheckpointError that says what to do."""
     import torch
-
-    from rwkvtune.utils import read_error
 
     check_pickle_size(p)
     try:
@@ -104,8 +102,6 @@ def _torch_load(p: Path, mmap: bool) -> Any:
 
 
 def _check_path(path: str | os.PathLike) -> Path:
-    from rwkvtune.utils import not_found
-
     p = Path(path)
     if not p.exists():
         raise CheckpointError(not_found(p, "checkpoint", f"check the path (a relative model_file in a config "
@@ -171,8 +167,6 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[st
 
 def _refuse_artifact(p: Path) -> None:
     """A ``.safetensors`` adapter or state written by rwkvtune is not a model: say which it is."""
-    import json
-
     from rwkvtune.io.safetensors_io import read_header
     from rwkvtune.io.safetensors_io import ARTIFACT_META
 
@@ -194,8 +188,6 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> N
 
         save_safetensors(dict(state_dict), path, metadata={"format": "pt"})
         return
-    from rwkvtune.utils import atomic_torch_save
-
     atomic_torch_save(dict(state_dict), path)
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from rwkvtune.errors import CheckpointError
 from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.io.safetensors_io import folder_entries, load_safetensors, safetensors_specs
-from rwkvtune.errors import CheckpointError
+from rwkvtune.utils import read_error
 
 CONFIG_NAME = "config.json"
 VOCAB_NAME = "rwkv_vocab_v20230424.txt"
@@ -125,8 +126,6 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        from rwkvtune.utils import read_error
-
         raise read_error(path, e, CheckpointError, "the model folder's config") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}); expected the JSON config of a Hugging Face "

@@ -22,7 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.io.artifacts import load_artifact, save_artifact
+from rwkvtune.io.checkpoint import save_state_dict
 from rwkvtune.peft.base import Mode
+from rwkvtune.tensor_checks import check_tensor
 
 ADAPTER_FORMAT = "rwkvtune-lora-v1"
 PART_PATTERNS = {
@@ -238,8 +241,6 @@ class LoraMode(Mode):
         model.lora_part_originals = {n: params[n].detach().clone() for n in getattr(model, "lora_part_originals", {})}
 
     def save_outputs(self, run, module, cfg) -> dict[str, str]:
-        from rwkvtune.io.checkpoint import save_state_dict
-
         dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
         save_adapter(run.adapter, module.model)
         save_state_dict(merged_state_dict(module.model, dtype), run.final)
@@ -251,15 +252,11 @@ class LoraMode(Mode):
 
 def save_adapter(path, model: nn.Module) -> None:
     """Write the adapter atomically (``.safetensors`` or a torch file, by the suffix)."""
-    from rwkvtune.io.artifacts import save_artifact
-
     save_artifact(adapter_state(model), path)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Apply a saved adapter to a freshly loaded base model; refuses another base."""
-    from rwkvtune.io.artifacts import load_artifact
-
     state = load_artifact(path, "adapter", "adapter.pth from --mode lora")
     if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path}: not an rwkvtune LoRA adapter (expected format {ADAPTER_FORMAT!r})")
@@ -268,8 +265,6 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise CheckpointError(f"{path}: adapter was trained on another base model (fingerprint "
                               f"{state['base_fingerprint']}, this base has {found}); load the base it was "
                               f"trained on")
-    from rwkvtune.tensor_checks import check_tensor
-
     for group in ("lora", "parts"):
         for n, t in state.get(group, {}).items():
             check_tensor(n, t, path, what="adapter tensor")  # small: a full pass costs nothing

@@ -35,7 +35,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from rwkvtune.errors import CheckpointError
 from rwkvtune.train import checkpointing
-from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
+from rwkvtune.utils import (
+    atomic_torch_save,
+    atomic_write_text,
+    is_write_failure,
+    output_error,
+    read_error,
+    tensor_bytes,
+)
 
 TRAINER_FILE = "trainer.pt"
 # Frozen base weights are not saved: the run rebuilds them from its model file. (Loading is not
@@ -70,8 +77,6 @@ class SafeReader(FileSystemReader):
             with self.fs.create_stream(path, "rb") as f:
                 metadata = _IndexUnpickler(f).load()
         except OSError as e:
-            from rwkvtune.utils import read_error
-
             raise read_error(path, e) from None
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: not a checkpoint index rwkvtune reads ({e}); rwkvtune never unpickles "

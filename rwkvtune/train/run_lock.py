@@ -27,6 +27,7 @@ from typing import Iterator
 
 from rwkvtune.errors import ConfigError
 from rwkvtune.train.run_dir import RunDir
+from rwkvtune.utils import output_error
 
 try:
     import fcntl
@@ -104,8 +105,6 @@ def hold(run: RunDir, flag: str = "--out") -> Iterator[None]:
         raise RunDirLocked(f"{flag} {run.path}: another run is using this directory ({e}); wait for it to "
                            f"finish or stop it, or choose another --out") from None
     except OSError as e:
-        from rwkvtune.utils import output_error
-
         raise output_error(run.lock, e) from None
     if fd is None:
         print(f"warning: {run.lock}: this filesystem does not support file locks, so a second run in "

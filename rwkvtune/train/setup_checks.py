@@ -6,7 +6,9 @@ import os
 
 from rwkvtune.constants import METHODS, MODES
 from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.hub import missing_model_hint
 from rwkvtune.peft import get_mode
+from rwkvtune.train.memory_check import scratch_advice
 from rwkvtune.train.methods import method_class
 from rwkvtune.train.run_dir import RunDir
 
@@ -29,9 +31,6 @@ def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
     if cfg.init == "pretrained" and (not path or not os.path.exists(path)):
         if dry_run and path:
             return False
-        from rwkvtune.hub import missing_model_hint
-        from rwkvtune.train.memory_check import scratch_advice
-
         # From scratch is a full fine-tune's memory: the advice carries settings that fit this machine.
         raise RwkvtuneError(f"model file not found: {missing_model_hint(model_config)}; or pass --model PATH.pth, "
                             f"{scratch_advice(cfg, model_config)}")

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Any, Callable
@@ -26,12 +27,16 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from rwkvtune.configs.detect import inspect_checkpoint
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
+from rwkvtune.data.dataset import WindowSampler
 from rwkvtune.errors import OutputError, RwkvtuneError
+from rwkvtune.hub import missing_model_hint
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode
+from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
 from rwkvtune.train.memory_check import check_memory, memory_report
@@ -124,9 +129,6 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     torch.manual_seed(cfg.seed)
     mode, method = get_mode(cfg.mode), get_method(cfg)
 
-    from rwkvtune.data.dataset import WindowSampler
-    from rwkvtune.tokenizer import get_tokenizer
-
     train_set, eval_set = method.build_datasets(get_tokenizer(), model_config.vocab_size)
     sampler = WindowSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=d.rank, world_size=d.world_size,
                             batch_size=cfg.batch_size)
@@ -197,8 +199,6 @@ def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per
                   memory_available_gib=round(avail / GIB, 2) if avail is not None else None, memory_fix=fix)
     if not has_weights:
         report["model_file_missing"] = model_config.model_path
-        from rwkvtune.hub import missing_model_hint
-
         print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
               file=sys.stderr)
     print(dry_run_summary(report), file=sys.stderr)
@@ -251,8 +251,6 @@ def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
     path = model_config.model_path
     if cfg.init != "pretrained" or not path or not os.path.isfile(path):
         return True
-    from rwkvtune.configs.detect import inspect_checkpoint
-
     try:
         return inspect_checkpoint(path).has_layer0_v
     except RwkvtuneError:
@@ -352,8 +350,6 @@ def diverged_message(r: Run, loss: float) -> str:
     """What to do when the loss of the next step is not finite: resume with a lower lr from a
     checkpoint at least one update before that step (the weights of the step just before it
     already give this loss on this batch, whatever the lr), named with the exact command."""
-    import shlex
-
     step, lr = r.step + 1, r.cfg.lr
     head = f"loss is {loss} at step {step}; stopped without saving"
     kept = r.run.checkpoint_files()

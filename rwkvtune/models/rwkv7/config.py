@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rwkvtune.constants import METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES
 from rwkvtune.errors import ConfigError
+from rwkvtune.utils import atomic_write_text, check_device, not_found, read_error
 
 PRECISIONS = ("fp32", "bf16")
 WKV_BACKENDS = ("auto", "chunked", "reference", "fla")
@@ -234,8 +239,6 @@ class TrainConfig:
             c.lr_final = c.lr / 10
         if c.device == "auto":
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
-        from rwkvtune.utils import check_device
-
         check_device(c.device)
         if c.wkv_backend == "fla" and not c.device.startswith("cuda"):
             raise ConfigError(self._conflict({"wkv_backend": "'fla'", "device": repr(c.device)},
@@ -257,9 +260,6 @@ class TrainConfig:
         """(section, field, comment) for every field, in order, from this class's source: the
         comments above are the one documentation of every option (``rwkvtune train --help-all``).
         Empty comments where the source cannot be read (a build without .py files)."""
-        import inspect
-        import re
-
         try:
             lines = inspect.getsource(cls).splitlines()
         except (OSError, TypeError):
@@ -279,18 +279,12 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def save_yaml(self, path: str | Path) -> None:
-        import yaml
-
-        from rwkvtune.utils import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _recipe_loader():
     """A SafeLoader that refuses duplicate keys: PyYAML keeps the last one, so a recipe with ``lr``
     twice would silently train with whichever comes later."""
-    import yaml
-
     class RecipeLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             lines: dict[Any, int] = {}
@@ -312,10 +306,6 @@ def _recipe_loader():
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``)."""
-    import yaml
-
-    from rwkvtune.utils import not_found, read_error
-
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory; pass an existing YAML file to --config")
@@ -374,8 +364,6 @@ def _suggest(key: str, names: list[str]) -> str | None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr=1e-4", "lora_targets=[att.key,ffn.key]"]`` -> dict; values parsed as YAML scalars."""
-    import yaml
-
     out = {}
     for item in items:
         if "=" not in item:

@@ -19,9 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from rwkvtune.constants import IGNORE_INDEX
+from rwkvtune.data.preference import PreferenceDataset, collate_pairs, read_pairs
 from rwkvtune.errors import ConfigError
+from rwkvtune.io.safetensors_io import load_safetensors, save_safetensors
 from rwkvtune.train.methods.base import TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
+from rwkvtune.train.runtime import all_sum_tensor
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
@@ -205,14 +208,10 @@ class DPO(TrainingMethod):
 
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
-        from rwkvtune.data.preference import PreferenceDataset, read_pairs
-
         return self.splits(lambda path: PreferenceDataset(read_pairs(path, tokenizer, self.cfg.on_data_error,
                                                                      vocab_size)[0]))
 
     def collate(self, items: list, device) -> dict:
-        from rwkvtune.data.preference import collate_pairs
-
         return collate_pairs(items, device)
 
     def count(self, batch: dict) -> tuple[float, float]:
@@ -261,12 +260,8 @@ class DPO(TrainingMethod):
     def _precompute(self, r) -> None:
         """Reference log-probs of every pair, once, cached in the run directory; a resumed run reads
         them back (its model has moved on since)."""
-        from rwkvtune.train.runtime import all_sum_tensor
-
         path = r.run.ref_logps
         if path.is_file():
-            from rwkvtune.io.safetensors_io import load_safetensors
-
             self.ref_cache = {k: v.clone() for k, v in load_safetensors(path, mmap_file=False).items()}
             return
         ctx = r.context()
@@ -282,8 +277,6 @@ class DPO(TrainingMethod):
                 table[batch["index"].to(r.device)] = torch.stack([logps[:B], logps[B:]], 1)
             self.ref_cache[split] = all_sum_tensor(table, r.dist).float().cpu()
         if r.dist.main:
-            from rwkvtune.io.safetensors_io import save_safetensors
-
             save_safetensors(self.ref_cache, path, metadata={"format": "rwkvtune-dpo-ref-logps"})
 
     # -- the loss

@@ -13,6 +13,8 @@ import torch
 
 from rwkvtune.constants import END_OF_TEXT, IGNORE_INDEX
 from rwkvtune.data.collate import right_pad
+from rwkvtune.data.prompts import PromptDataset, read_prompts
+from rwkvtune.generate import generate_batch
 from rwkvtune.train.methods.base import TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
@@ -23,6 +25,7 @@ from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths 
     reward_metrics,
     token_logps,
 )
+from rwkvtune.train.rewards import compute_rewards, parse_rewards
 
 class _Policy:
     """The training module as :func:`rwkvtune.generate.generate_batch` calls a model: every call
@@ -59,8 +62,6 @@ class GRPO(TrainingMethod):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        from rwkvtune.train.rewards import parse_rewards
-
         self.rewards = parse_rewards(cfg.reward) if cfg.reward else []
         self.reference = Reference()
         self.buffer: list[dict] = []  # rollout micro-batches of the current batch of prompts
@@ -99,8 +100,6 @@ class GRPO(TrainingMethod):
 
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
-        from rwkvtune.data.prompts import PromptDataset, read_prompts
-
         self.tokenizer = tokenizer
         return self.splits(lambda path: PromptDataset(read_prompts(path, tokenizer, self.cfg.on_data_error,
                                                                    vocab_size)[0]))
@@ -134,8 +133,6 @@ class GRPO(TrainingMethod):
 
     def _generate(self, module, records, G: int, greedy: bool = False):
         """G completions per record, decoded together; returns (completions, seconds)."""
-        from rwkvtune.generate import generate_batch
-
         cfg = self.cfg
         sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
         was_training = module.training
@@ -153,8 +150,6 @@ class GRPO(TrainingMethod):
         return out, time.perf_counter() - t0
 
     def _score(self, records, completions) -> tuple[torch.Tensor, torch.Tensor]:
-        from rwkvtune.train.rewards import compute_rewards
-
         prompts = [records[c.prompt_index].text for c in completions]
         fields = {k: [records[c.prompt_index].fields[k] for c in completions] for k in records[0].fields}
         weights = list(self.cfg.reward_weights) or [1.0] * len(self.rewards)
