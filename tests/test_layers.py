@@ -1,6 +1,7 @@
 """Dependencies run one way: the import graph of rwkvtune/, read with ``ast`` (no module is
 imported), has no edge from a lower layer to a higher one and no cycle, and a function-local
-import is there only to keep torch out of a torch-free module or to reach an optional package.
+import is there only to keep torch and numpy out of a module without them (the CLI's startup, the
+configs) or to reach an optional package.
 
 Every import counts: top-level and function-local, relative, ``from pkg import name`` where
 ``name`` is a submodule, and the package ``__init__`` files that Python runs on the way to a
@@ -45,7 +46,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # error. pyrwkv_tokenizer is required, but its absence is reported in one line by tokenizer.py.
 OPTIONAL = ("fla", "matplotlib", "wandb", "huggingface_hub", "filelock", "torch.distributed",
             "torch.utils.tensorboard", "pyrwkv_tokenizer")
-HEAVY = "torch"  # what torch-free modules (configs, the CLI's parser, data readers) must not import
+# What the CLI's startup (argument parsing, `models`, `inspect`) and the configs must not import.
+HEAVY = ("torch", "numpy")
 
 
 @dataclass(frozen=True)
@@ -236,21 +238,22 @@ def top_level_closure(graph: dict[str, list[Edge]], module: str) -> set[str]:
     return seen
 
 
-def _imports_heavy(names: set[str]) -> bool:
-    return any(n == HEAVY or n.startswith(HEAVY + ".") for n in names)
+def _heavy_in(names) -> set[str]:
+    """Which of HEAVY the module names include."""
+    return {h for h in HEAVY for n in names if n == h or n.startswith(h + ".")}
 
 
 def local_import_problems(graph: dict[str, list[Edge]], optional=OPTIONAL) -> list[str]:
-    """A function-local import must keep a torch-free module torch-free (the target imports torch,
-    the importer does not) or reach an optional package; any other belongs at the top."""
-    heavy = {m: _imports_heavy(top_level_closure(graph, m)) for m in graph}
+    """A function-local import must keep a torch-free module free of torch and numpy (the target
+    imports them, the importer does not) or reach an optional package; any other belongs at the top."""
+    heavy = {m: _heavy_in(top_level_closure(graph, m)) for m in graph}
 
-    def justified(e: Edge) -> bool:
+    def justified(e: Edge) -> bool:  # the target brings a heavy package the importer does not have
         if not e.internal:
             if any(e.target == p or e.target.startswith(p + ".") for p in optional):
                 return True
-            return (e.target == HEAVY or e.target.startswith(HEAVY + ".")) and not heavy[e.source]
-        return bool(heavy.get(e.target)) and not heavy[e.source]
+            return bool(_heavy_in([e.target]) - heavy[e.source])
+        return bool(heavy.get(e.target, set()) - heavy[e.source])
 
     out = []
     for m, edges in graph.items():
@@ -262,8 +265,8 @@ def local_import_problems(graph: dict[str, list[Edge]], optional=OPTIONAL) -> li
             if any(justified(e) for e in named):  # e.g. "from pkg import submodule": the submodule counts
                 continue
             e = max(named, key=lambda e: len(e.target))
-            why = ("the importer already imports torch" if heavy[m] else
-                   "the target imports no torch and is no optional package")
+            why = (f"the importer already imports {' and '.join(sorted(heavy[m]))}" if heavy[m] else
+                   "the target imports neither torch nor numpy and is no optional package")
             out.append(f"function-local import: {e}: {why}; import it at the top of the module")
     return out
 

@@ -33,7 +33,6 @@ import sys
 from typing import Callable, Sequence
 
 from rwkvtune import __version__
-from rwkvtune.data.formats import BadRecordError
 from rwkvtune.errors import RwkvtuneError
 
 PROG = "rwkvtune"
@@ -143,6 +142,8 @@ def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
     module = sys.modules.get(getattr(args, "_command_module", ""))
     advice = getattr(module, "BAD_RECORD_ADVICE", None)
     if advice:
+        from rwkvtune.data.formats import BadRecordError  # numpy: not at the CLI's startup
+
         if isinstance(error, BadRecordError):
             return error.with_advice(advice)
     return error

@@ -7,7 +7,6 @@ import os
 
 from rwkvtune.cli import set_handler
 from rwkvtune.cli.common import add_data_options
-from rwkvtune.data.prepare import prepare_binidx
 from rwkvtune.errors import ConfigError
 
 
@@ -30,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Tokenize, then print one summary line; exit status 0 on success."""
+    from rwkvtune.data.prepare import prepare_binidx  # numpy: not at the CLI's startup
+
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: found {args.workers}, expected an integer >= 1")
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
