@@ -185,8 +185,22 @@ def test_state_tuning_base_bit_identical(data, tmp_path):
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="state").resolve(model.config)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
     module = TrainModule.for_mode(get_mode("state"), model, cfg)
     assert [n for n, p in module.named_parameters() if p.requires_grad] == ["wkv_init"]
+    # a few real steps (weight decay on, as a misrouted group would show) must move only the state
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.1)
+    idx = torch.randint(1, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        loss, _ = module.loss_sum(idx[:, :-1], idx[:, 1:], l2wrap=1e-4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert module.wkv_init.detach().abs().max() > 0  # trained away from zeros
+    after = model.state_dict()
+    assert list(after) == list(base)
+    for k, v in base.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k  # bit for bit
 
 
 def test_state_file_roundtrip_eval_and_generate(data, tmp_path):
