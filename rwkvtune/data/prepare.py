@@ -20,7 +20,7 @@ import os
 import time
 
 import numpy as np
-from tqdm import tqdm
+import tqdm
 
 from rwkvtune.data.binidx import BinIdxWriter
 from rwkvtune.data.formats import (
@@ -141,7 +141,7 @@ def prepare_binidx(
     else:
         _init_worker(*init)
         results = map(_encode_chunk, _chunks(in_jsonl))
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    bar = tqdm.tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     writer = BinIdxWriter(out_prefix, dtype=np.uint16)
     try:
         with writer:
