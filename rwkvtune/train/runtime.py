@@ -10,7 +10,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.distributed as dist
 
-from rwkvtune.errors import RwkvtuneError, on_every_rank
+from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
 
 
 @dataclasses.dataclass
