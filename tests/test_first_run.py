@@ -67,3 +67,67 @@ def test_a_schedule_that_learns_is_not_warned_about():
     for per_epoch, kw in [(10, dict(warmup_steps=1)), (5, dict(warmup_steps=0, epochs=2)),
                           (None, dict(warmup_steps=10, max_steps=11))]:
         assert schedule_warnings(*_schedule(per_epoch, **kw)) == []
+
+
+# ---- rwkvtune plan weighs host RAM -------------------------------------------------------------------
+def test_plan_for_a_24_gb_card_weighs_host_ram(capsys):
+    """The issue's plan: 'cheapest that fits' a 24 GB card was a full fine-tune with fsdp+offload
+    needing 123.7 GiB of host RAM; on a 64 GiB machine that does not fit, a LoRA one does."""
+    from rwkvtune.cli import main
+    from rwkvtune.train import plan
+    from rwkvtune.configs.model_loader import load_model_config
+
+    assert main(["plan", "7.2b", "--gpu-memory", "24", "--host-memory", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("host RAM: 64.0 GiB (from --host-memory); a launch fits when its processes (one per GPU, "
+                          "on this machine) need at most 90% of it")
+    rows = plan.launches(load_model_config("7.2b"), 1024, 1)
+    offload = next(r for r in rows if (r.mode, r.gpus, r.name) == ("full", 1, "fsdp+offload"))
+    assert offload.fits(plan.card_gib(24)) and not offload.fits(plan.card_gib(24), 64)  # 123.7 GiB of RAM
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("full      1  fsdp+offload")] == ["ram"]
+    best = plan.cheapest(rows, plan.card_gib(24), host_gib=64)
+    assert (best.mode, best.gpus, best.name) == ("lora", 1, "fsdp+offload") and best.host_bytes <= 0.9 * 64 * 2 ** 30
+    assert f"  24 GB: {best.describe()}" in out and "123.7 GiB of host RAM)   [" not in out
+    assert "13.3B" not in out
+
+
+def test_plan_defaults_to_this_machines_ram_and_says_so(capsys, monkeypatch):
+    from rwkvtune.cli import main
+    from rwkvtune.train import memory_check
+
+    total = memory_check.host_total()
+    with open("/proc/meminfo") as f:
+        mem_total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert 0 < total <= mem_total
+    monkeypatch.setattr(memory_check, "host_total", lambda: 20 * 2 ** 30)
+    assert main(["plan", "7.2b", "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("host RAM: 20.0 GiB (this machine's total; --host-memory GIB plans for another)")
+    # nothing fits 18 GiB of RAM on a 24 GB card: said, with the launch the card alone would take
+    assert "  24 GB: nothing fits 20 GiB of host RAM (the card alone fits full on 1 GPU with fsdp+offload" in out
+    assert main(["plan", "7.2b", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["7.2b"]
+    assert all(r["host_memory_gib"] == 20.0 for r in rows)
+    assert all(r["fits_host_memory"] == (r["host_gib_per_process"] * r["gpus"] <= 18.0 + 0.01) for r in rows)
+
+
+@pytest.mark.parametrize("mode, host, flags, verdict", [
+    ("lora", "64", "--strategy fsdp --cpu-offload", ": fits;"),
+    ("full", "256", "--strategy fsdp --cpu-offload", ": fits;"),
+    ("full", "64", "--strategy ddp", ": does not fit"),  # the least memory in RAM; the trainer then names a fix
+])
+def test_pick_weighs_host_ram(capsys, mode, host, flags, verdict):
+    from rwkvtune.cli import main
+
+    assert main(["plan", "7.2b", "--pick", "--gpus", "1", "--gpu-memory", "24", "--host-memory", host,
+                 "--train-args", "--mode", mode]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == flags and verdict in cap.err and f"host RAM: {float(host):.1f} GiB" in cap.err
+
+
+def test_plan_host_memory_out_of_range_is_one_line():
+    for bad in ("0", "-5", "nan"):
+        res = subprocess.run([sys.executable, "-m", "rwkvtune", "plan", "7.2b", "--host-memory", bad],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "--host-memory" in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
