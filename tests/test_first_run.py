@@ -131,3 +131,49 @@ def test_plan_host_memory_out_of_range_is_one_line():
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and "--host-memory" in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+# ---- rwkvtune train --dry-run: the verdict first, the JSON with --json ----------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from helpers import write_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny")
+    ckpt = write_checkpoint(d / "base.pth", n_layer=1, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8,
+                            d_mv=8, d_gate=8)
+    data = d / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"red blue green cat dog bird {i}."}) + "\n" for i in range(8)))
+    return ["train", "--model", ckpt, "--data", str(data), "--out", str(d / "run"), "--ctx-len", "8",
+            "--batch-size", "2", "--dry-run"]
+
+
+def test_dry_run_prints_a_short_summary_with_the_verdict_first(tiny, capsys):
+    from rwkvtune.cli import main
+
+    assert main(tiny) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert lines[0].startswith("dry run: ready with 1 warning(s): base, mode full: ") and "memory estimate" in lines[0]
+    assert len(lines) <= 12 and "{" not in cap.out  # not the ~200 lines of JSON
+    assert any(line.startswith("  schedule  ") and "steps" in line for line in lines)
+    assert any(line.startswith("warning: warmup_steps 10 >= the run's ") for line in lines)  # what the run warns
+    assert lines[-1] == "full report (every setting, the model's dims, the memory terms): add --json"
+    assert "dry run:" not in cap.err
+
+    assert main([*tiny, "--json"]) == 0
+    cap = capsys.readouterr()
+    report = json.loads(cap.out)  # for tools: the whole report, the summary on stderr
+    assert report["config"]["ctx_len"] == 8 and report["warnings"] and report["item_name"] == "windows"
+    assert cap.err.splitlines()[0] == lines[0]
+
+
+def test_dry_run_verdict_names_what_would_stop_the_run(tiny, capsys, monkeypatch):
+    from rwkvtune.cli import main
+    from rwkvtune.train import memory_check
+
+    monkeypatch.setattr(memory_check, "available_memory", lambda device: 2 ** 20)  # 1 MiB
+    assert main([*tiny, "--max-steps", "20", "--warmup-steps", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("dry run: NOT READY: base, mode full:")
+    assert lines[1].startswith("  problem: too much for this device: ")
+    assert not any(line.startswith("warning:") for line in lines)  # 20 steps, no warmup: a schedule that learns

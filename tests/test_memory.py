@@ -163,7 +163,7 @@ def test_dry_run_estimate_matches_the_measured_peak(files, shape):
     """What `--dry-run` reports (issue 9) is within 20% of a real run's peak with the same settings."""
     ckpt, _, _, batch, ctx, data = TINY_RUNS[f"{shape}-1p"]
     args = ["train", "--model", files[ckpt], "--data", files[data], "--out", str(files["dir"] / f"dry-{shape}"),
-            "--ctx-len", str(ctx), "--batch-size", str(batch), "--dry-run"]
+            "--ctx-len", str(ctx), "--batch-size", str(batch), "--dry-run", "--json"]
     res = subprocess.run([sys.executable, "-m", "rwkvtune", *args], capture_output=True, text=True, timeout=300,
                          env=ENV)
     assert res.returncode == 0, res.stderr

@@ -34,7 +34,7 @@ from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule, count_params
 from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.manifest import check_step_within
-from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
+from rwkvtune.train.memory import GIB, dry_run_report
 from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
@@ -166,7 +166,10 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                           total_steps, len(train_set), method_shape)
         if out_note:
             report["out_problem"] = out_note
-            print(f"note: the run itself would be refused: {out_note}", file=sys.stderr)
+        # What the run would warn about at its start; the CLI prints the report (memory.dry_run_text).
+        report.update(item_name=method.item_name, warnings=(
+            data_warnings(cfg, len(train_set), sampler.global_batch) + schedule_warnings(cfg, total_steps)
+            + ctx_warnings(cfg, model_config)))
         return report
     check_memory(cfg, model_config, d, device, sample_tokens, **method_shape)  # before any weights are loaded
     strategy = get_strategy(cfg, d, device)
@@ -216,12 +219,9 @@ def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per
     report.update(device=device, memory_estimate_gib=round(estimate.peak_gib, 2), memory_estimate=estimate.as_dict(),
                   memory_available_gib=round(avail / GIB, 2) if avail is not None else None, memory_fix=fix)
     if not has_weights:
-        report["model_file_missing"] = model_config.model_path
         from rwkvtune.hub import missing_model_hint
 
-        print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
-              file=sys.stderr)
-    print(dry_run_summary(report), file=sys.stderr)
+        report.update(model_file_missing=model_config.model_path, model_file_hint=missing_model_hint(model_config))
     return report
 
 
