@@ -94,10 +94,11 @@ def test_dry_run_writes_nothing_and_is_never_refused_for_out(data, tmp_path, mon
         out.write_text("a file")
     before = _snapshot(tmp_path)
     assert main(_args(data, out, "--dry-run")) == 0
-    err = capsys.readouterr().err
+    printed = capsys.readouterr().out
     assert _snapshot(tmp_path) == before
-    notes = [line for line in err.splitlines() if line.startswith("note: the run itself would be refused")]
-    assert len(notes) == (0 if case == "missing" else 1), err
+    notes = [line for line in printed.splitlines() if line.startswith("  problem: the run itself would be refused")]
+    assert len(notes) == (0 if case == "missing" else 1), printed
+    assert printed.startswith("dry run: NOT READY: " if notes else "dry run: ready")
     if notes:
         assert f"--out {out}" in notes[0]
 

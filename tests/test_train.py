@@ -181,7 +181,8 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(data, tmp_path, monkeypat
 def test_dry_run_reports_setup(data, tmp_path):
     res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data",
                           data["text"], "--out", str(tmp_path / "dry"), "--ctx-len", "16", "--batch-size", "2",
-                          "--grad-accum", "3", "--dry-run", "lr=2e-4"], capture_output=True, text=True, timeout=300)
+                          "--grad-accum", "3", "--dry-run", "--json", "lr=2e-4"], capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["tokens_per_step"] == 16 * 2 * 3
@@ -191,6 +192,7 @@ def test_dry_run_reports_setup(data, tmp_path):
     assert 0 < report["memory_available_gib"] < 1e5
     summary = [l for l in res.stderr.splitlines() if l.startswith("dry run: ")]
     assert len(summary) == 1 and "mode full" in summary[0] and "too much" not in summary[0]
+    assert summary[0].startswith("dry run: ready") and res.stderr.startswith("dry run: ")
     assert f"{report['trainable_params']:,} trainable" in summary[0]
     assert not (tmp_path / "dry" / "final.pth").exists()
 
@@ -285,7 +287,7 @@ def test_shipped_recipes_load_and_dry_run(recipe, data, tmp_path):
     validate_config(cfg)
     # Dry-run each on the tiny checkpoint (the release files are not on this machine).
     res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--config", str(recipe), "--model", data["ckpt"],
-                          "--init", "pretrained", "--out", str(tmp_path / "o"), "--dry-run"],
+                          "--init", "pretrained", "--out", str(tmp_path / "o"), "--dry-run", "--json"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
@@ -734,7 +736,7 @@ def test_dry_run_of_a_registry_model_without_its_file_counts_from_the_config(dat
     n_params = load_model_config("0.1b").n_params
     for mode in ("full", "lora"):
         res = _cli("train", "--model", "0.1b", "--data", data["text"], "--out", str(tmp_path / "o"), "--mode", mode,
-                   "--dry-run", env=env)
+                   "--dry-run", "--json", env=env)
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
         assert report["model_file_missing"] == expected
@@ -756,7 +758,7 @@ def test_header_says_up_to_and_counts_layer0_v_as_unused(data, tmp_path, capsys)
     assert (f"{trainable:,} trainable / 0 frozen params (+544 unused layer-0 v-residual params)" in err
             and "1 steps of up to 32 tokens" in err), err
     res = _cli("train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "d"), "--ctx-len",
-               "16", "--batch-size", "2", "--dry-run")
+               "16", "--batch-size", "2", "--dry-run", "--json")
     report = json.loads(res.stdout)
     # v0 [1,1,32] + v1 [32,8] + v2 [8,32] of layer 0
     assert report["unused_params"] == 544 and report["frozen_params"] == 0

@@ -18,12 +18,14 @@ from rwkvtune.errors import ConfigError
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
 from rwkvtune.train import plan
 from rwkvtune.train.memory import FIT_FRACTION, GIB
+from rwkvtune.train.memory_check import host_total
 
 # The numeric flags of `plan` (ctx_len and batch_size: those of training).
 PLAN_BOUNDS = {"ctx_len": TRAIN_BOUNDS["ctx_len"], "batch_size": TRAIN_BOUNDS["batch_size"],
                "gpus": Bound(int, 1, 2 ** 16, optional=True),
                "gpu_memory": Bound(float, 0, 1e6, lo_open=True, optional=True, each=True,
-                                   note="card sizes in GB, e.g. 24 80")}
+                                   note="card sizes in GB, e.g. 24 80"),
+               "host_memory": Bound(float, 0, 1e6, lo_open=True, optional=True, note="host RAM in GiB, e.g. 64")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="micro-batch per GPU (default: the model's recommended)")
     p.add_argument("--gpu-memory", type=float, nargs="+", metavar="GB",
                    help="card sizes to check, GB as marketed (default: 24 48 80 141)")
+    p.add_argument("--host-memory", type=float, metavar="GIB",
+                   help="host RAM of the machine in GiB: a launch whose processes (one per GPU) need more than "
+                        "90%% of it does not fit (default: this machine's total RAM, or its cgroup limit)")
     p.add_argument("--json", action="store_true", help="print every estimate as JSON")
     p.add_argument("--pick", action="store_true",
                    help="print the `rwkvtune train` flags (--strategy, --cpu-offload) of the cheapest launch that "
@@ -53,17 +58,34 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--train-args: only with --pick (it plans one run on this machine's GPUs)")
     cards = {g: plan.card_gib(g) for g in args.gpu_memory} if args.gpu_memory else plan.CARDS
     sizes = [args.size] if args.size else list(plan.SIZES)
+    host, host_note = _host_memory(args)
     if args.json:
-        out = {s: [_row_json(r) for r in _rows(load_model_config(s), args)] for s in sizes}
+        out = {s: [_row_json(r, host) for r in _rows(load_model_config(s), args)] for s in sizes}
         print(json.dumps(out, indent=1))
         return 0
+    print(host_note + "\n")
+    names = {load_model_config(s).model_name for s in sizes}
     for i, size in enumerate(sizes):
         c = load_model_config(size)
-        print(("\n" if i else "") + "\n".join(_table(c, _rows(c, args), args, cards)))
-    if any(load_model_config(s).model_name in _seed_names() for s in sizes) or len(sizes) > 1:
+        print(("\n" if i else "") + "\n".join(_table(c, _rows(c, args), args, cards, host)))
+    if names & _seed_names():  # only the sizes asked for (plan 7.2b: not 13.3B)
         print("\nThe configs README's recommendations are for dual-GPU training; on two GPUs:")
-        print("\n".join(plan.seed_dual_gpu(load_model_config)))
+        print("\n".join(plan.seed_dual_gpu(load_model_config, names, host_gib=host)))
     return 0
+
+
+def _host_memory(args) -> tuple[float | None, str]:
+    """(the host RAM the plan weighs, GiB, or None when unknown; the line that says which)."""
+
+    if args.host_memory is not None:
+        host, where = args.host_memory, "from --host-memory"
+    else:
+        total = host_total()
+        if total is None:
+            return None, "host RAM: unknown on this machine, not weighed (pass --host-memory GIB)"
+        host, where = total / GIB, "this machine's total; --host-memory GIB plans for another"
+    return host, (f"host RAM: {host:.1f} GiB ({where}); a launch fits when its processes (one per GPU, on this "
+                  f"machine) need at most {FIT_FRACTION:.0%} of it")
 
 
 def _seed_names() -> set[str]:
@@ -74,32 +96,41 @@ def _rows(c, args):
     return plan.launches(c, args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size)
 
 
-def _row_json(r) -> dict:
+def _row_json(r, host: float | None) -> dict:
     return {"mode": r.mode, "gpus": r.gpus, "strategy": r.strategy, "cpu_offload": r.offload,
             "per_gpu_gib": round(r.estimate.peak_gib, 2), "phase": r.estimate.peak_phase,
             "host_gib_per_process": round(r.estimate.host / 2 ** 30, 2),
+            "host_gib_all_processes": round(r.host_bytes / 2 ** 30, 2), "host_memory_gib": host,
+            "fits_host_memory": r.fits_host(host),
             "terms_gib": {k: round(v / 2 ** 30, 3) for k, v in r.estimate.terms.items()}}
 
 
-def _table(c, rows, args, cards: dict) -> list[str]:
-    """The size's launches, what fits each card, and the cheapest launch per card."""
+def _table(c, rows, args, cards: dict, host: float | None = None) -> list[str]:
+    """The size's launches, what fits each card (and the host RAM), and the cheapest launch per card."""
     ctx, batch = args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size
+    ram = f"; 'ram': the card fits, the {host:.0f} GiB of host RAM does not" if host is not None else ""
     lines = [f"{c.model_name}: {c.n_params:,} params; ctx_len {ctx}, batch_size {batch} per GPU, bf16 autocast, AdamW",
              f"per-GPU peak memory and host RAM per process (GiB); a card fits when the peak is at most "
-             f"{FIT_FRACTION:.0%} of its memory",
+             f"{FIT_FRACTION:.0%} of its memory{ram}",
              "",
              f"{'mode':<6}{'GPUs':>5}  {'strategy':<13}{'per GPU':>8}{'host':>8}   fits (GB): "
              + " ".join(f"{g:>4g}" for g in cards)]
     for r in rows:
-        marks = " ".join(f"{'yes' if r.fits(gib) else '-':>4}" for gib in cards.values())
+        marks = " ".join(f"{_mark(r, gib, host):>4}" for gib in cards.values())
         lines.append(f"{r.mode:<6}{r.gpus:>5}  {r.name:<13}{r.estimate.peak / GIB:>8.1f}{r.estimate.host / GIB:>8.1f}"
                      f"               {marks}")
     lines += ["", "cheapest that fits (fewest GPUs, then ddp < fsdp < fsdp+offload; then full > lora > state):"]
     for card, gib in cards.items():
-        per_mode = " | ".join(f"{m}: {_short(plan.cheapest(rows, gib, m))}" for m in plan.MODES)
-        best = plan.cheapest(rows, gib)
-        lines.append(f"  {card:g} GB: {best.describe() if best else 'nothing fits'}   [{per_mode}]")
+        per_mode = " | ".join(f"{m}: {_short(plan.cheapest(rows, gib, m, host))}" for m in plan.MODES)
+        best = plan.cheapest(rows, gib, host_gib=host)
+        lines.append(f"  {card:g} GB: {best.describe() if best else plan.nothing_fits(rows, gib, host)}   [{per_mode}]")
     return lines
+
+
+def _mark(r, card_gib: float, host: float | None) -> str:
+    if not r.fits_card(card_gib):
+        return "-"
+    return "yes" if r.fits_host(host) else "ram"
 
 
 def _short(r) -> str:
@@ -122,9 +153,11 @@ def _pick(args) -> int:
                     train_parts=tuple(cfg.train_parts))
     rows = plan.launches(c, cfg.ctx_len or c.recommended_ctx_len, cfg.batch_size or c.recommended_batch_size,
                          modes=(cfg.mode,), gpu_counts=(gpus,), precision=cfg.precision or "bf16", **settings)
-    chosen = plan.pick(rows, card)
-    fits = "fits" if chosen.fits(card) else "does not fit (no launch does; the trainer's memory check says what to change)"
-    print(f"plan: {c.model_name} {chosen.describe()} on {gpus} x {card:g} GB: {fits}", file=sys.stderr)
+    host, host_note = _host_memory(args)
+    chosen = plan.pick(rows, card, host)
+    fits = "fits" if chosen.fits(card, host) else (
+        "does not fit (no launch does; the trainer's memory check says what to change)")
+    print(f"plan: {c.model_name} {chosen.describe()} on {gpus} x {card:g} GB: {fits}; {host_note}", file=sys.stderr)
     print(" ".join(chosen.train_args()))
     return 0
 

@@ -14,6 +14,7 @@ from rwkvtune.errors import RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, parse_overrides
 from rwkvtune.safe_yaml import read_yaml_file
 from rwkvtune.train.run_dir import RunDir
+from rwkvtune.train.memory import dry_run_text
 
 # Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
 TRAIN_FLAGS = [
@@ -91,8 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fsdp on GPU: keep sharded parameters, gradients and optimizer state in host memory")
     p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
                    help="run even when the memory estimate exceeds the device's memory (recipe: memory_check: false)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit; writes nothing (also "
-                                                          "not into --out)")
+    p.add_argument("--dry-run", action="store_true", help="print a verdict (ready or what would stop the run) and the "
+                                                          "resolved setup, then exit; writes nothing (also not into "
+                                                          "--out)")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the full report (every setting, dims, "
+                                                       "memory terms) as JSON on stdout, the summary on stderr")
     p.add_argument("--help-all", action=_HelpAll, help="show this help and every option settable as key=value (or "
                                                        "in a recipe), with its default and meaning, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any TrainConfig option, e.g. lr=1e-4")
@@ -170,10 +174,16 @@ def run(args: argparse.Namespace) -> int:
                                     f"rwkvtune train --resume {run.path}") from None
         raise KeyboardInterrupt("no checkpoint was saved yet, so there is nothing to resume; rerun the command "
                                 "to start again") from None
-    if _main_rank():
-        print(json.dumps(result, indent=2))  # for tools; people read the line below
-        if not args.dry_run:
-            print(next_steps(result), file=sys.stderr)
+    if not _main_rank():
+        return 0
+    if args.dry_run:
+
+        if args.json:  # for tools, the report on stdout; people read the summary
+            print(json.dumps(result, indent=2))
+        print(dry_run_text(result), file=sys.stderr if args.json else sys.stdout)
+        return 0
+    print(json.dumps(result, indent=2))  # for tools; people read the line below
+    print(next_steps(result), file=sys.stderr)
     return 0
 
 

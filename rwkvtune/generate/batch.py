@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import time
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -158,7 +158,7 @@ class _Penalties:
 
 
 def _decode(model, tokenizer, cfg: SamplingConfig, logits: torch.Tensor, state, want_logprobs: bool,
-            stats: BatchStats):
+            stats: BatchStats, on_token: Callable[[int, int], None] | None = None):
     """Token ids, finish reasons, log-probs (or None) and texts (or None: no stop strings) per row."""
     R, V = logits.shape
     device = logits.device
@@ -177,6 +177,8 @@ def _decode(model, tokenizer, cfg: SamplingConfig, logits: torch.Tensor, state, 
             pen.update(tok)
         done = _record(tok.tolist(), alive.tolist(), tokens, lps, lp, finish, texts)
         stats.generated_tokens += len(tok)
+        if on_token is not None:
+            on_token(step + 1, cfg.max_tokens)
         if step + 1 == cfg.max_tokens or len(done) == len(tok):
             break
         if done:  # drop finished rows: they cost nothing from now on
@@ -222,13 +224,15 @@ def _check_prompts(prompts) -> list:
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig | None = None,
                    *, samples_per_prompt: int = 1, wkv_init: torch.Tensor | None = None, logprobs: bool = False,
-                   stats: BatchStats | None = None, **overrides) -> list[Completion]:
+                   stats: BatchStats | None = None, on_token: Callable[[int, int], None] | None = None,
+                   **overrides) -> list[Completion]:
     """Generate for every prompt, ``samples_per_prompt`` independent samples each, decoded together.
 
     prompts: texts or token-id lists, of any lengths (an empty prompt starts from token 0).
     ``sampling`` (or keyword overrides named like its fields) applies to every row; each row
     stops on its own (end of text, a stop string, ``max_tokens``). ``wkv_init`` [L, H, N, N]: a
     tuned initial state for every prompt. ``logprobs=True`` fills :attr:`Completion.logprobs`.
+    ``on_token(t, max_tokens)`` is called after each decoded position (progress of a long batch).
     Returns the completions prompt by prompt, sample by sample (``prompt_index``, ``sample_index``).
     """
     cfg = resolve(sampling, overrides)
@@ -251,7 +255,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]], sam
     logits, state = _prefill(model, list(distinct), row_src, wkv_init, stats)
     t1 = time.perf_counter()
     stats.prefill_seconds += t1 - t0
-    tokens, finish, lps, texts = _decode(model, tokenizer, cfg, logits, state, logprobs, stats)
+    tokens, finish, lps, texts = _decode(model, tokenizer, cfg, logits, state, logprobs, stats, on_token)
     stats.decode_seconds += time.perf_counter() - t1
     out = []
     for r in range(len(row_src)):

@@ -435,18 +435,59 @@ def _host(c, s: Settings, inv: Inventory, save: int, offload: bool) -> int:
 
 
 # --------------------------------------------------------------------------------------- dry run
+def dry_run_problems(report: dict) -> list[str]:
+    """What would stop the run or leave it unable to start: memory beyond the device, an --out it
+    may not write, a model file not there yet."""
+    out = []
+    if report.get("memory_fix"):
+        out.append(f"too much for this device: {report['memory_fix']}")
+    if report.get("out_problem"):
+        out.append(f"the run itself would be refused: {report['out_problem']}")
+    if report.get("model_file_missing"):
+        out.append("model file not found (parameters are counted from the config): "
+                   f"{report.get('model_file_hint') or report['model_file_missing']}")
+    return out
+
+
 def dry_run_summary(report: dict) -> str:
-    """One line for people (the JSON on stdout is for tools), with what to change when the estimate
-    does not fit the device's memory."""
+    """The verdict in one line: ready or NOT READY and why, with the model, trainable parameters,
+    steps and the memory estimate against the device."""
+    return "; ".join([_verdict(report), *dry_run_problems(report)])
+
+
+def _verdict(report: dict) -> str:
     mem, avail = report["memory_estimate_gib"], report["memory_available_gib"]
-    line = (f"dry run: {report['model']['name']}, mode {report['config']['mode']}: "
+    problems, warnings = dry_run_problems(report), report.get("warnings") or []
+    verdict = "NOT READY" if problems else "ready" + (f" with {len(warnings)} warning(s)" if warnings else "")
+    line = (f"dry run: {verdict}: {report['model']['name']}, mode {report['config']['mode']}: "
             f"{report['trainable_params']:,} trainable / {report['frozen_params']:,} frozen params, "
             f"{report['total_steps']} step{'s' if report['total_steps'] != 1 else ''} of up to "
             f"{report['tokens_per_step']:,} tokens; memory estimate "
             f"{mem:.1f} GiB" + (f" of {avail:.1f} GiB available on {report['device']}" if avail else ""))
-    if report.get("memory_fix"):
-        line += f"; too much for this device: {report['memory_fix']}"
     return line
+
+
+def dry_run_text(report: dict) -> str:
+    """What ``rwkvtune train --dry-run`` prints for people: the verdict first, then the setup in a
+    few lines and the warnings the run would start with; the full report is ``--json``."""
+    cfg, m, est = report["config"], report["model"], report.get("memory_estimate") or {}
+    avail = report["memory_available_gib"]
+    lines = [_verdict(report), *(f"  problem: {p}" for p in dry_run_problems(report)),
+        f"  model     {m['name']} (n_layer {m['n_layer']}, n_embd {m['n_embd']}, vocab_size {m['vocab_size']}), "
+        f"mode {cfg['mode']}, init {cfg['init']}",
+        f"  data      {cfg['data']}: {report['train_windows']:,} {report.get('item_name', 'windows')} (ctx_len "
+        f"{cfg['ctx_len']}), batch_size {cfg['batch_size']} x grad_accum {cfg['grad_accum']} per step",
+        f"  schedule  {report['total_steps']} steps ({'--max-steps' if cfg.get('max_steps') else str(cfg['epochs']) + ' epoch(s)'}), "
+        f"lr {cfg['lr']:g} -> {cfg['lr_final']:g} (cosine), warmup {cfg['warmup_steps']} steps",
+        f"  memory    {report['memory_estimate_gib']:.1f} GiB per process"
+        + (f", peak at {est['phase']}" if est.get("phase") else "")
+        + (f", host RAM {est['host_gib']:.1f} GiB" if est.get("host_gib") and report["device"] != "cpu" else "")
+        + (f"; {avail:.1f} GiB available on {report['device']}" if avail else f"; on {report['device']}"),
+        f"  run       --out {cfg['out']}, precision {cfg['precision']}, save_every {cfg['save_every']}",
+    ]
+    lines += report.get("warnings") or []
+    lines.append("full report (every setting, the model's dims, the memory terms): add --json")
+    return "\n".join(lines)
 
 
 def dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, n_windows) -> dict:

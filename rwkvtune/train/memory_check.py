@@ -36,12 +36,41 @@ def _meminfo_available() -> int | None:
     return None
 
 
+def _meminfo_total() -> int | None:
+    """This machine's RAM: MemTotal of /proc/meminfo, else the physical pages (os.sysconf), bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def host_total() -> int | None:
+    """The RAM a run on this machine can have at most: the machine's total, or the cgroup limit of
+    this process where lower (a container's); None if unknown. (What ``rwkvtune plan`` weighs.)"""
+    values = [v for v in (_meminfo_total(), _cgroup_limits()[0]) if v is not None]
+    return min(values) if values else None
+
+
 def _cgroup_room() -> int | None:
     """Memory left under this process's cgroup limit (v2 memory.max, v1 limit_in_bytes), bytes."""
+    limit, usage = _cgroup_limits()
+    return None if limit is None or usage is None else max(0, limit - usage)
+
+
+def _cgroup_limits() -> tuple[int | None, int | None]:
+    """(limit, usage) of this process's cgroup memory (v2 memory.max, v1 limit_in_bytes), bytes;
+    (None, None) without a limit."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return None, None
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2
@@ -56,10 +85,10 @@ def _cgroup_room() -> int | None:
             raw = limit.read_text().strip()
             if raw == "max" or int(raw) >= 1 << 60:  # no limit
                 continue
-            return max(0, int(raw) - int(usage.read_text()))
+            return int(raw), int(usage.read_text())
         except (OSError, ValueError):
             continue
-    return None
+    return None, None
 
 
 def host_available() -> int | None:

@@ -1,16 +1,16 @@
-"""Metrics: metrics.jsonl, a progress bar, optional TensorBoard/wandb, and a loss-curve PNG."""
+"""Metrics: metrics.jsonl, the progress line (rwkvtune.train.progress), optional TensorBoard/wandb, and a loss-curve PNG."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from rwkvtune.errors import ConfigError
+from rwkvtune.train.progress import Progress, write
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.utils import atomic_write_text, output_error, read_error
 
@@ -106,6 +106,7 @@ class MetricsLogger:
         self.evals: dict[int, dict] = {}  # step -> eval result, those of the resumed run included
         self.tb = self.wandb = None
         self.last_loss = None
+        self.bar: Progress | None = None  # the open progress line (see progress())
         if not enabled:
             return
         # Import the optional packages first: a missing wandb stops the run at setup, before any
@@ -150,12 +151,26 @@ class MetricsLogger:
         return run
 
     def info(self, message: str) -> None:
+        """A line on stderr, above the progress line when one is open."""
         if self.enabled:
-            tqdm.write(message, file=sys.stderr)
+            write(message)
 
-    def progress(self, total: int, initial: int = 0):
-        return tqdm(total=total, initial=initial, disable=not self.enabled, unit="step", dynamic_ncols=True,
-                    file=sys.stderr)
+    def progress(self, total: int, initial: int = 0) -> Progress:
+        """The run's progress line on stderr (a no-op on processes other than the main one); what
+        :meth:`tick` reports to until it is closed."""
+        self.bar = Progress(total, initial, enabled=self.enabled, stream=sys.stderr)
+        return self.bar
+
+    def phase(self, what: str):
+        """``with logger.phase("eval"):``: names what runs between steps on the open progress line."""
+        bar = self.bar
+        return bar.phase(what) if bar is not None else contextlib.nullcontext()
+
+    def tick(self, what: str, done: int, of: int) -> None:
+        """Progress inside a step or an eval (e.g. micro-batch 3 of 8) onto the open progress line."""
+        bar = self.bar
+        if bar is not None and not bar.closed:
+            bar.tick(what, done, of)
 
     def _write(self, row: dict, path: Path | None = None) -> None:
         # One line per call, opened in append mode and closed (so flushed) at once.
@@ -172,7 +187,8 @@ class MetricsLogger:
                 f.write("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in rows))
 
     def log_step(self, row: dict, progress, advance: int = 1) -> None:
-        """Write one row of training metrics; the progress bar shows it and moves ``advance`` steps."""
+        """Write one row of training metrics; the progress line shows it and moves ``advance`` steps
+        (when stderr is not a terminal: one plain line per row)."""
         self.last_loss = row["loss"]
         if not self.enabled:
             return

@@ -9,6 +9,11 @@ Everything here is :func:`rwkvtune.train.memory.estimate_memory` over a grid; no
    ``fsdp+offload`` (also moves the sharded state over PCIe and runs AdamW on the CPU);
 3. the mode that trains the most: full > lora > state. Modes train different things, so the plan
    also names the cheapest launch of each mode, and 3. only breaks ties for the overall pick.
+
+A launch fits a machine when its per-GPU peak fits the card and, given the machine's host RAM,
+the host RAM of all its processes (one per GPU, on that one machine) fits too, each within
+FIT_FRACTION: fsdp+offload keeps the sharded weights, gradients and AdamW state in host RAM, so
+the cheapest launch for a small card can need far more RAM than the machine has.
 """
 
 from __future__ import annotations
@@ -51,12 +56,26 @@ class Launch:
         """Cheapest first: GPUs, then communication/offload, then full > lora > state."""
         return self.gpus, LAUNCHES.index((self.strategy, self.offload)), MODES.index(self.mode)
 
-    def fits(self, card_gib: float) -> bool:
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM of the whole launch: every process (one per GPU) on one machine."""
+        return self.estimate.host * self.gpus
+
+    def fits_card(self, card_gib: float) -> bool:
         return self.estimate.peak <= FIT_FRACTION * card_gib * GIB
+
+    def fits_host(self, host_gib: float | None) -> bool:
+        """Whether the launch's host RAM fits a machine of ``host_gib`` (None: not weighed)."""
+        return host_gib is None or self.host_bytes <= FIT_FRACTION * host_gib * GIB
+
+    def fits(self, card_gib: float, host_gib: float | None = None) -> bool:
+        """Fits the card and (given) the machine's host RAM."""
+        return self.fits_card(card_gib) and self.fits_host(host_gib)
 
     def describe(self) -> str:
         gpus = f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}"
-        return f"{self.mode} on {gpus} with {self.name} ({self.estimate.peak_gib:.1f} GiB per GPU)"
+        return (f"{self.mode} on {gpus} with {self.name} ({self.estimate.peak_gib:.1f} GiB per GPU, "
+                f"{self.host_bytes / GIB:.1f} GiB of host RAM)")
 
     def train_args(self) -> list[str]:
         """The ``rwkvtune train`` flags of this launch (torchrun gives the process count); flags, not
@@ -77,33 +96,49 @@ def launches(model_config, ctx_len: int, batch_size: int, modes=MODES, gpu_count
     return out
 
 
-def cheapest(rows: list[Launch], card_gib: float, mode: str | None = None) -> Launch | None:
-    """The cheapest launch (see the module docstring) that fits the card, of ``mode`` if given."""
-    fitting = [r for r in rows if r.fits(card_gib) and (mode is None or r.mode == mode)]
+def cheapest(rows: list[Launch], card_gib: float, mode: str | None = None,
+             host_gib: float | None = None) -> Launch | None:
+    """The cheapest launch (see the module docstring) that fits the card and the host RAM (when
+    ``host_gib`` is given), of ``mode`` if given."""
+    fitting = [r for r in rows if r.fits(card_gib, host_gib) and (mode is None or r.mode == mode)]
     return min(fitting, key=lambda r: r.rank) if fitting else None
 
 
-def pick(rows: list[Launch], card_gib: float) -> Launch:
+def pick(rows: list[Launch], card_gib: float, host_gib: float | None = None) -> Launch:
     """The launch for a machine: the cheapest that fits, else the one needing the least memory
     (the trainer's memory check then says what to change)."""
-    return cheapest(rows, card_gib) or min(rows, key=lambda r: (r.estimate.peak, r.rank))
+    return cheapest(rows, card_gib, host_gib=host_gib) or min(
+        rows, key=lambda r: (not r.fits_host(host_gib), r.estimate.peak, r.rank))
 
 
-def seed_dual_gpu(load) -> list[str]:
+def nothing_fits(rows: list[Launch], card_gib: float, host_gib: float | None) -> str:
+    """Why no launch of ``rows`` fits: the card, or only the host RAM (naming the card's cheapest
+    and the RAM it needs)."""
+    card_only = cheapest(rows, card_gib)
+    if card_only is None or host_gib is None:
+        return "nothing fits"
+    return (f"nothing fits {host_gib:.0f} GiB of host RAM (the card alone fits {card_only.describe()}; "
+            f"pass --host-memory to plan for a machine with more)")
+
+
+def seed_dual_gpu(load, names=None, host_gib: float | None = None) -> list[str]:
     """How the configs README's dual-GPU recommendations for 7.2B and 13.3B fit: a full fine-tune
-    (the default mode) on two GPUs at the recommended ctx_len and batch, per card."""
+    (the default mode) on two GPUs at the recommended ctx_len and batch, per card (and host RAM,
+    given ``host_gib``). ``names``: only the sizes whose model_name is among them."""
     lines = []
     for size, ctx, batch in SEED_DUAL:
         c = load(size)
+        if names is not None and c.model_name not in names:
+            continue
         two = [r for r in launches(c, ctx, batch, gpu_counts=(2,)) if r.mode == "full"]
         per = "; ".join(f"{r.name} {r.estimate.peak_gib:.0f} GiB per GPU ({_cards(r)}) and "
                         f"{r.estimate.host / GIB:.0f} GiB of host RAM per process" for r in two)
         lines.append(f"{c.model_name} (ctx_len {ctx}, batch {batch}) full fine-tune on two GPUs: {per}.")
         for card, gib in CARDS.items():
-            best = cheapest(two, gib)
-            alt = cheapest(launches(c, ctx, batch, gpu_counts=(2,)), gib)
+            best = cheapest(two, gib, host_gib=host_gib)
+            alt = cheapest(launches(c, ctx, batch, gpu_counts=(2,)), gib, host_gib=host_gib)
             fit = f"{best.name}" if best else f"does not fit (cheapest on two: {alt.describe()})" if alt else \
-                "does not fit in any mode"
+                nothing_fits(launches(c, ctx, batch, gpu_counts=(2,)), gib, host_gib)
             lines.append(f"  {card} GB cards: {fit}")
     lines.append("(ddp builds the whole model on each GPU; fsdp builds it on the meta device, shards it, and "
                  "each process reads only its shards from the model file, one tensor at a time)")
@@ -111,5 +146,5 @@ def seed_dual_gpu(load) -> list[str]:
 
 
 def _cards(r: Launch) -> str:
-    fit = [str(card) for card, gib in CARDS.items() if r.fits(gib)]
+    fit = [str(card) for card, gib in CARDS.items() if r.fits_card(gib)]
     return ("fits " + "/".join(fit) + " GB") if fit else "fits no card"

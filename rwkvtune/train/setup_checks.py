@@ -13,6 +13,7 @@ from rwkvtune.peft import get_mode
 from rwkvtune.train.memory_check import scratch_advice
 from rwkvtune.train.methods import method_class
 from rwkvtune.train.run_dir import RunDir
+import math
 
 
 def validate_config(cfg) -> None:
@@ -81,22 +82,68 @@ def data_warnings(cfg, n_windows: int, global_batch: int) -> list[str]:
     return []
 
 
-def schedule_warnings(cfg, total_steps: int) -> list[str]:
-    """Warnings about a schedule that does not do what its names say: a warmup that takes the whole
-    run (a first try with --max-steps 5 then barely moves the loss without saying why), and a
-    final lr above the peak (a resume that lowered --lr only)."""
-    from rwkvtune.train.optim import lr_at
+# Fewer optimizer steps than this learn almost nothing, whatever the lr: the first try of a
+# fine-tune on a small file (one epoch of 1-2 steps at ctx_len 1024) must say so, not look done.
+MIN_LEARNING_STEPS = 10
+# A warmup of at most this fraction of the run leaves most steps at (or near) the peak lr.
+WARMUP_FRACTION = 0.1
 
+
+def schedule_warnings(cfg, total_steps: int) -> list[str]:
+    """Warnings about a schedule that does not do what its names say: one that cannot learn (a
+    warmup that takes the whole run, or fewer than MIN_LEARNING_STEPS steps), with the
+    --warmup-steps / --epochs / --max-steps values that give one that can; and a final lr above
+    the peak (a resume that lowered --lr only)."""
     out = []
-    if cfg.warmup_steps >= total_steps:
-        reached = max(lr_at(s, cfg.lr, cfg.lr_final, cfg.warmup_steps, total_steps) for s in range(total_steps))
-        out.append(f"warning: warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning rate "
-                   f"only reaches {reached:.3g} of its peak {cfg.lr:g}, so the loss may barely move; lower "
-                   f"--warmup-steps (e.g. {total_steps // 10}) or raise --max-steps")
+    if cfg.warmup_steps >= total_steps or total_steps < MIN_LEARNING_STEPS:
+        out.append(_cannot_learn(cfg, total_steps))
     if cfg.lr_final > cfg.lr:
         out.append(f"warning: lr_final {cfg.lr_final:g} > lr {cfg.lr:g}: the cosine rises instead of decaying; "
                    f"set --lr-final below --lr")
     return out
+
+
+def _cannot_learn(cfg, total_steps: int) -> str:
+    """Why this schedule barely moves the loss and the flags of one that learns: at least
+    MIN_LEARNING_STEPS steps (more epochs, or --max-steps) with a warmup of at most
+    WARMUP_FRACTION of them; or, keeping the warmup, the steps that make it that fraction."""
+
+    from rwkvtune.train.optim import lr_at
+
+    warmup, steps = cfg.warmup_steps, total_steps
+    # Steps of one pass over the data (total_steps is a whole number of epochs without --max-steps).
+    per_epoch = None if cfg.max_steps else max(1, steps // max(1, cfg.epochs))
+
+    def steps_flag(target: int) -> tuple[str, int]:
+        """The flag that gives at least ``target`` steps, and the steps it gives."""
+        if per_epoch is None:
+            return f"--max-steps {target}", target
+        epochs = math.ceil(target / per_epoch)
+        return f"--epochs {epochs}", epochs * per_epoch
+
+    if warmup >= steps:
+        reached = max(lr_at(s, cfg.lr, cfg.lr_final, warmup, steps) for s in range(steps))
+        head = (f"warning: warmup_steps {warmup} >= the run's {steps} steps: the learning rate only reaches "
+                f"{reached:.3g} of its peak {cfg.lr:g}, so the loss may barely move")
+    else:
+        runs = f"--max-steps {steps}" if per_epoch is None else f"{cfg.epochs} epoch(s) of {per_epoch} step(s)"
+        head = (f"warning: the run has only {steps} optimizer step(s) ({runs}), too few to learn from, so the loss "
+                f"may barely move")
+    fixes = []
+    more, total = steps_flag(MIN_LEARNING_STEPS) if steps < MIN_LEARNING_STEPS else ("", steps)
+    short_warmup = int(WARMUP_FRACTION * total)
+    if warmup > short_warmup:
+        fixes.append(f"lower --warmup-steps to {short_warmup}" + (f" and pass {more}" if more else ""))
+    elif more:
+        fixes.append(f"pass {more}")
+    fixes[-1] += f" ({total} steps, {min(warmup, short_warmup)} of warmup)"
+    if warmup > short_warmup and warmup:
+        keep, kept = steps_flag(max(MIN_LEARNING_STEPS, math.ceil(warmup / WARMUP_FRACTION)))
+        fixes.append(f"keep --warmup-steps {warmup} with {keep} ({kept} steps)")
+    if per_epoch is not None and cfg.batch_size * cfg.grad_accum > 1:
+        fixes.append("a smaller --batch-size or --grad-accum (more steps per epoch)")
+    tail = "; more data also gives more steps per epoch" if per_epoch is not None else ""
+    return f"{head}; {', or '.join(fixes)}{tail}"
 
 
 def ctx_warnings(cfg, model_config) -> list[str]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
-import sys
 import threading
 from typing import Iterator
 
-from tqdm import tqdm
-
 from rwkvtune.errors import RwkvtuneError
+from rwkvtune.train.progress import write
 
 
 class Terminated(RwkvtuneError):
@@ -60,8 +58,7 @@ class GracefulStop:
         self.requested = signum
         if self.in_loop and not again:
             if signum == signal.SIGINT:
-                tqdm.write("Ctrl-C: stopping after this step to save a resumable checkpoint "
-                           "(Ctrl-C again to quit at once)", file=sys.stderr)
+                write("Ctrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again to quit at once)")
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt  # the CLI names the checkpoints already on disk

@@ -10,7 +10,6 @@ Task names and lm-eval's presence are checked at setup, before the first step.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -18,6 +17,8 @@ from rwkvtune.evaluate import require_lm_eval
 from rwkvtune.evaluate.harness import expand_tasks, task_manager
 from rwkvtune.evaluate.harness import expand_tasks, run_tasks
 from rwkvtune.evaluate.lm import RwkvLM
+
+from rwkvtune.train.progress import write
 
 
 def check_eval_tasks(cfg) -> None:
@@ -57,7 +58,7 @@ def run_eval_tasks(cfg, module, autocast, main: bool, world_size: int, batch_siz
         finally:
             module.train(was_training)
         result = flatten(summary)
-        print(f"eval_tasks: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        write(f"eval_tasks: {time.perf_counter() - t0:.1f} s")
     if world_size > 1:
         torch.distributed.barrier()
     return result

@@ -39,13 +39,14 @@ from rwkvtune.peft.base import Mode
 from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.manifest import check_step_within
-from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
+from rwkvtune.train.memory import GIB, dry_run_report
 from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
 from rwkvtune.train.objective import TrainModule, count_params
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
+from rwkvtune.train.progress import Progress
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist, agree, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
@@ -90,7 +91,7 @@ class Run:
 
     def context(self, **kw) -> StepContext:
         return StepContext(cfg=self.cfg, device=self.device, autocast=self.autocast, runner=self.runner,
-                           mode=self.mode, **kw)
+                           mode=self.mode, tick=self.logger.tick, **kw)
 
 
 def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
@@ -103,9 +104,12 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
         run = setup(cfg, dry_run, stop, cleanup)
         if isinstance(run, dict):  # a dry run's report, or a finished run's summary
             return run
-        with run.logger:  # on any error: flush TensorBoard, mark the wandb run failed
-            loop(run, stop)
-            return finish(run)
+        # On any error: flush TensorBoard, mark the wandb run failed; the progress line is closed
+        # first, so it is never redrawn after an error line.
+        with run.logger, run.logger.progress(run.total_steps, initial=run.step) as progress:
+            loop(run, stop, progress)
+            with progress.phase("finishing (final eval, outputs)"):
+                return finish(run)
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -177,7 +181,10 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                           total_steps, len(train_set), method_shape)
         if out_note:
             report["out_problem"] = out_note
-            print(f"note: the run itself would be refused: {out_note}", file=sys.stderr)
+        # What the run would warn about at its start; the CLI prints the report (memory.dry_run_text).
+        report.update(item_name=method.item_name, warnings=(
+            data_warnings(cfg, len(train_set), sampler.global_batch) + schedule_warnings(cfg, total_steps)
+            + ctx_warnings(cfg, model_config)))
         return report
     check_memory(cfg, model_config, d, device, sample_tokens, **method_shape)  # before any weights are loaded
     strategy = get_strategy(cfg, d, device)
@@ -227,10 +234,7 @@ def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per
     report.update(device=device, memory_estimate_gib=round(estimate.peak_gib, 2), memory_estimate=estimate.as_dict(),
                   memory_available_gib=round(avail / GIB, 2) if avail is not None else None, memory_fix=fix)
     if not has_weights:
-        report["model_file_missing"] = model_config.model_path
-        print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
-              file=sys.stderr)
-    print(dry_run_summary(report), file=sys.stderr)
+        report.update(model_file_missing=model_config.model_path, model_file_hint=missing_model_hint(model_config))
     return report
 
 
@@ -331,20 +335,16 @@ class _Window:
             self.grad_norm = max(grad_norm, self.grad_norm or 0.0)
 
 
-def loop(r: Run, stop: GracefulStop) -> None:
+def loop(r: Run, stop: GracefulStop, progress: Progress) -> None:
     """Optimizer steps until total_steps; logs, evaluates and saves on schedule; a signal ends it
-    after the current step with a checkpoint (:class:`Terminated`). The progress bar is closed
-    on any exit, so it is never redrawn after an error line."""
-    with r.logger.progress(r.total_steps, initial=r.step) as progress:
-        _loop(r, stop, progress)
-
-
-def _loop(r: Run, stop: GracefulStop, progress) -> None:
+    after the current step with a checkpoint (:class:`Terminated`). ``progress`` (the logger's)
+    is told each step's start, and eval and saving by name."""
     cfg, window = r.cfg, _Window()
     if cfg.eval_on_start and _has_eval(r) and r.step == 0 and 0 not in r.logger.evals:
         r.logger.log_eval(0, evaluate(r))
     stop.in_loop = True
     while r.step < r.total_steps:
+        progress.begin_step(r.step)
         t0 = time.perf_counter()
         lr = lr_at(r.step, cfg.lr, cfg.lr_final, cfg.warmup_steps, r.total_steps)
         set_lr(r.optimizer, lr)
@@ -368,7 +368,8 @@ def _loop(r: Run, stop: GracefulStop, progress) -> None:
             r.last_eval = evaluate(r)
             r.logger.log_eval(r.step, r.last_eval)
         if cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps:
-            save_checkpoint(r)
+            with progress.phase("saving checkpoint"):
+                save_checkpoint(r)
         stop_now, = all_sum([float(stop.requested is not None)], r.dist, r.device)  # all ranks stop together
         if stop_now:
             progress.close()
@@ -382,9 +383,10 @@ def _has_eval(r: Run) -> bool:
 
 def evaluate(r: Run) -> dict:
     """The method's eval on eval_data, and the eval_tasks' metrics (see rwkvtune.train.task_eval)."""
-    result = r.method.evaluate(r.module, r.eval_set, r.context()) if r.eval_set is not None else {}
-    if r.cfg.eval_tasks:
-        result.update(run_eval_tasks(r.cfg, r.module, r.autocast, r.dist.main, r.dist.world_size))
+    with r.logger.phase("eval"):
+        result = r.method.evaluate(r.module, r.eval_set, r.context()) if r.eval_set is not None else {}
+        if r.cfg.eval_tasks:
+            result.update(run_eval_tasks(r.cfg, r.module, r.autocast, r.dist.main, r.dist.world_size))
     return result
 
 
@@ -413,6 +415,7 @@ def train_step(r: Run) -> tuple[dict, float, float]:
     """Forward and backward of one optimizer step's micro-batches; returns (sums over all ranks,
     loss units, tokens processed). Gradients are those of the step's mean loss."""
     micro = []
+    tick = r.logger.tick
     if r.step % r.method.steps_per_batch == 0:  # else the method reuses an earlier step's data
         for _ in range(r.cfg.grad_accum):
             micro.append(r.method.collate([r.train_set[i] for i in r.sampler.current_batch()], r.device))
@@ -425,8 +428,10 @@ def train_step(r: Run) -> tuple[dict, float, float]:
     scale = r.dist.world_size / max(1.0, units)
     totals: dict[str, float] = {}
     for i, batch in enumerate(micro):
+        tick("micro-batch", i, len(micro))
         sums = r.method.forward_backward(r.module, batch, r.context(scale=scale, sync=i == len(micro) - 1,
                                                                     step=r.step + 1))
+        tick("micro-batch", i + 1, len(micro))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + v
     keys = sorted(totals)

@@ -25,6 +25,10 @@ from rwkvtune.train.memory_check import run_tokens
 from rwkvtune.train.runtime import gradient_sync
 
 
+def no_tick(what: str, done: int, of: int) -> None:
+    """A StepContext's ``tick`` when nothing shows progress (tests, other processes)."""
+
+
 @dataclasses.dataclass
 class StepContext:
     """What a method needs to run one micro-batch."""
@@ -37,6 +41,8 @@ class StepContext:
     sync: bool = True                          # whether this micro-batch's backward syncs gradients
     mode: Any = None                           # the run's Mode (for reference passes)
     step: int = 0                              # the optimizer step being computed (1-based)
+    # Progress inside a step or an eval for the progress line: tick("eval batch", 3, 9).
+    tick: Callable[[str, int, int], None] = no_tick
 
     def sync_context(self, sync_now: bool) -> ContextManager:
         """Under DDP or FSDP, skip the gradient reduction of a backward that is not the step's last."""

@@ -307,9 +307,10 @@ class DPO(TrainingMethod):
         was_training = module.training
         module.eval()
         totals: dict[str, float] = {}
-        for start in range(0, len(dataset), self.cfg.batch_size):
-            batch = self.collate([dataset[i] for i in range(start, min(len(dataset), start + self.cfg.batch_size))],
-                                 ctx.device)
+        bs = self.cfg.batch_size
+        for start in range(0, len(dataset), bs):
+            ctx.tick("eval batch", start // bs, -(-len(dataset) // bs))
+            batch = self.collate([dataset[i] for i in range(start, min(len(dataset), start + bs))], ctx.device)
             _, sums = self._loss(module, batch, ctx, "eval", self._nll(module, batch["input_ids"], batch["labels"], ctx))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v

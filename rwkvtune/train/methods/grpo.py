@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 
 import torch
@@ -20,6 +19,7 @@ from rwkvtune.errors import DataError
 from rwkvtune.generate import generate_batch
 from rwkvtune.train.methods.base import TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
+from rwkvtune.train.progress import write
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
     LOSS_TYPES,
     SCALE_REWARDS,
@@ -145,8 +145,9 @@ class GRPO(TrainingMethod):
             self.buffer = self._sample(module, micro_batches, ctx)
         return self.buffer
 
-    def _generate(self, module, records, G: int, greedy: bool = False):
-        """G completions per record, decoded together; returns (completions, seconds)."""
+    def _generate(self, module, records, G: int, greedy: bool = False, tick=None):
+        """G completions per record, decoded together; returns (completions, seconds). ``tick``:
+        a StepContext's, told each decoded position (a long rollout shows progress)."""
         cfg = self.cfg
         sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
         was_training = module.training
@@ -158,7 +159,8 @@ class GRPO(TrainingMethod):
             with decoding:
                 out = generate_batch(_Policy(module), self.tokenizer, [r.ids.tolist() for r in records],
                                      samples_per_prompt=G, max_tokens=cfg.max_completion_length, top_k=0,
-                                     presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.stop), **sampling)
+                                     presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.stop),
+                                     on_token=(lambda t, n: tick("rollout token", t, n)) if tick else None, **sampling)
         finally:
             module.train(was_training)
         return out, time.perf_counter() - t0
@@ -178,15 +180,15 @@ class GRPO(TrainingMethod):
             bad = int(per_fn[:, j].isnan().sum())
             if bad and func.name not in self.warned:
                 self.warned.add(func.name)
-                print(f"warning: {func.describe()} returned {bad} of {per_fn.shape[0]} values that are NaN, +-inf or "
+                write(f"warning: {func.describe()} returned {bad} of {per_fn.shape[0]} values that are NaN, +-inf or "
                       f"beyond +-{REWARD_LIMIT:g}; they count 0 in the total, and rewards/{func.name}/invalid_frac "
-                      f"counts them (said once per function)", file=sys.stderr)
+                      f"counts them (said once per function)")
 
     def _sample(self, module, micro_batches: list[dict], ctx) -> list[dict]:
         """Rollouts for every prompt of this step's micro-batches, as one rollout micro-batch each."""
         cfg, G = self.cfg, self.cfg.num_generations
         records = [rec for b in micro_batches for rec in b["records"]]
-        completions, seconds = self._generate(module, records, G)
+        completions, seconds = self._generate(module, records, G, tick=ctx.tick)
         total, per_fn = self._score(records, completions)
         advantages = _advantages(total, G, cfg.scale_rewards, self.run)
         out, start = [], 0
@@ -195,6 +197,8 @@ class GRPO(TrainingMethod):
             start += len(b["records"])
             batch = _sequences(records, completions[rows], ctx.device)
             batch["advantages"] = advantages[rows].to(ctx.device)
+            if cfg.num_iterations > 1 or self.beta != 0:
+                ctx.tick("log-prob pass", k, len(micro_batches))
             with torch.no_grad():
                 if cfg.num_iterations > 1:  # the policy that sampled, before any update on these rollouts
                     batch["old_logps"] = -_token_nll(module, batch, ctx, cfg)
@@ -231,7 +235,7 @@ class GRPO(TrainingMethod):
         """Greedy completions (one per held-out prompt) scored by the reward functions: the mean
         total reward (``eval_reward``), each function's mean, and the completion length."""
         records = [dataset[i]["record"] for i in range(len(dataset))]
-        completions, _ = self._generate(module, records, 1, greedy=True)
+        completions, _ = self._generate(module, records, 1, greedy=True, tick=ctx.tick)
         total, per_fn = self._score(records, completions)
         out = {"eval_reward": float(total.mean())}
         out.update({f"eval_rewards/{f.name}/mean": float(per_fn[:, j].nanmean()) for j, f in enumerate(self.rewards)})

@@ -62,6 +62,8 @@ class SFT(TrainingMethod):
                 else:
                     (loss * ctx.scale).backward()
                     state = state.detach()
+            if len(chunks) > 1:
+                ctx.tick("chunk", ci + 1, len(chunks))
         if graph_loss is not None:
             with ctx.sync_context(ctx.sync):
                 (graph_loss * ctx.scale).backward()
@@ -75,7 +77,9 @@ class SFT(TrainingMethod):
         module.eval()
         total, count = 0.0, 0
         bs = cfg.batch_size
+        batches = -(-len(dataset) // bs)
         for start in range(0, len(dataset), bs):
+            ctx.tick("eval batch", start // bs, batches)
             batch = collate([dataset[i] for i in range(start, min(len(dataset), start + bs))], ctx.device)
             idx, labels, starts = batch["input_ids"], batch["labels"], batch.get("doc_start")
             state = None
