@@ -18,7 +18,7 @@ from rwkvtune.errors import ConfigError
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
 from rwkvtune.train import plan
 from rwkvtune.train.memory import FIT_FRACTION, GIB
-from rwkvtune.train.memory_check import host_total
+from rwkvtune.train import memory_check
 
 # The numeric flags of `plan` (ctx_len and batch_size: those of training).
 PLAN_BOUNDS = {"ctx_len": TRAIN_BOUNDS["ctx_len"], "batch_size": TRAIN_BOUNDS["batch_size"],
@@ -80,7 +80,7 @@ def _host_memory(args) -> tuple[float | None, str]:
     if args.host_memory is not None:
         host, where = args.host_memory, "from --host-memory"
     else:
-        total = host_total()
+        total = memory_check.host_total()
         if total is None:
             return None, "host RAM: unknown on this machine, not weighed (pass --host-memory GIB)"
         host, where = total / GIB, "this machine's total; --host-memory GIB plans for another"
