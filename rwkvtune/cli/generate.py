@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from rwkvtune.cli.common import add_device, load_state
+from rwkvtune.cli.common import add_device
 from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
                                prepare_for_decoding, stream_generate)
 
@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = "Prefill the prompt in parallel, then decode token by token with the RNN state."
     p = parser
     p.add_argument("--model", required=True,
-                   help="registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint or a Hugging "
-                        "Face RWKV-7 folder")
+                   help="registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint, a Hugging "
+                        "Face RWKV-7 folder or a training run's directory (its final.pth, or its base with its state)")
     p.add_argument("--prompt", default=None,
                    help="prompt text (default: read from stdin, less one trailing newline, so that "
                         "`echo TEXT |` equals --prompt TEXT); with --chat, the user message")
@@ -82,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     Bad input raises :class:`RwkvtuneError`, which ``rwkvtune``'s main prints as one
     ``error: ...`` line (exit status 2), as for every other command.
     """
-    from rwkvtune.models.rwkv7.model import RWKV7
     from rwkvtune.tokenizer import get_tokenizer
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
@@ -116,8 +115,11 @@ def run(args: argparse.Namespace) -> int:
     precision = get("precision") or "fp32"
     if precision not in PRECISIONS:
         raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    model = prepare_for_decoding(RWKV7.from_checkpoint(get("model"), device=device, dtype=PRECISIONS[precision]))
-    wkv_init = load_state(get("state"), model) if get("state") else None
+    from rwkvtune.peft.loading import load_model
+
+    model, wkv_init = load_model(get("model"), state=get("state"), device=device, dtype=PRECISIONS[precision],
+                                 flags=True)  # a run directory brings its own state (or final.pth)
+    model = prepare_for_decoding(model)
     stats = GenerationStats()
     out = sys.stdout
     first = True

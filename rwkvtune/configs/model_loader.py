@@ -40,6 +40,7 @@ from rwkvtune.configs.checkpoint import (
     official_shapes,
 )
 from rwkvtune.configs import releases
+from rwkvtune.configs.run_source import resolve_run
 from rwkvtune.errors import ConfigError
 
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -589,6 +590,9 @@ def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
     base, spec = releases.split_spec(s)
     if spec and not Path(s).exists() and _registry_key(base) in list_available_models():
         return ModelConfig.from_name(s)  # "1.5b@rwkv7-g1a-...pth": a release by file name, not a path
+    run = resolve_run(s)  # a training run's directory: its final.pth, or the base its adapter/state is on
+    if run is not None:
+        return ModelConfig.from_checkpoint(run.model) if run.is_final else load_model_config(run.model)
     if is_model_path(s):
         return ModelConfig.from_checkpoint(s)
     if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):

@@ -25,28 +25,12 @@ PREFIXES = {"newline": "\n", "eos": None}
 
 def load_model(model: str, adapter: str | None = None, state: str | None = None, device: str = "cpu",
                dtype: torch.dtype = torch.float32):
-    """(RWKV7 in eval mode, tuned initial WKV state or None) from the names the CLI takes; each
-    problem is one :class:`~rwkvtune.errors.RwkvtuneError` line naming the flag."""
-    from rwkvtune.errors import CheckpointError
-    from rwkvtune.models.rwkv7 import RWKV7
+    """(RWKV7 in eval mode, tuned initial WKV state or None) from the names the CLI takes (a run
+    directory brings its own adapter or state); each problem is one
+    :class:`~rwkvtune.errors.RwkvtuneError` line naming the flag."""
+    from rwkvtune.peft.loading import load_model as load
 
-    net = RWKV7.from_checkpoint(model, device=device, dtype=dtype)
-    if adapter:
-        from rwkvtune.peft.lora import load_adapter
-
-        try:
-            load_adapter(net, adapter)
-        except CheckpointError as e:
-            raise CheckpointError(f"--adapter {e}") from e
-    wkv_init = None
-    if state:
-        from rwkvtune.peft.state import load_state_file
-
-        try:
-            wkv_init = load_state_file(state, net)
-        except CheckpointError as e:
-            raise CheckpointError(f"--state {e}") from e
-    return net.eval(), wkv_init
+    return load(model, adapter, state, device=device, dtype=dtype, flags=True)
 
 
 @register_model("rwkvtune")

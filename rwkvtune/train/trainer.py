@@ -227,9 +227,26 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     if cfg.resume:
         cfg = checkpointing.resumed_config(cfg.resume, cfg)
     cfg.validate()
+    cfg = _from_run_dir(cfg)
     model_config = load_model_config(cfg.model)
     # resolve() copies cfg, so the caller's config keeps the paths it gave
     return checkpointing.absolute_paths(cfg.resolve(model_config)), model_config
+
+
+def _from_run_dir(cfg: TrainConfig) -> TrainConfig:
+    """``model`` naming a training run's directory: its final.pth, as an absolute path (so the saved
+    config names the file trained from, and a resume finds it from any directory). A run that
+    left an adapter or a state on an unchanged base is refused, naming the base to train from."""
+    from rwkvtune.configs.run_source import run_weights
+    from rwkvtune.errors import ConfigError
+
+    route = "train from that base with --model (an adapter merged first: rwkvtune merge-lora BASE ADAPTER OUT)"
+    final = run_weights(cfg.model, ConfigError, route) if cfg.model else None
+    if final is None:
+        return cfg
+    out = dataclasses.replace(cfg, model=os.path.abspath(final))
+    out.sources = dict(cfg.sources)  # where each option came from, for validation messages
+    return out
 
 
 def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device: str,
