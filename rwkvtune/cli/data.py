@@ -41,7 +41,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     stats = prepare_binidx(args.input, args.out, workers=args.workers, fmt=args.data_format,
                            on_error=args.on_data_error)
     rate = stats.tokens / max(stats.seconds, 1e-9)
-    line = (f"wrote {args.out}.bin and {args.out}.idx: {stats.samples} documents, {stats.tokens} tokens "
+    from rwkvtune.utils import plural
+
+    line = (f"wrote {args.out}.bin and {args.out}.idx: {plural(stats.samples, 'document')}, "
+            f"{plural(stats.tokens, 'token')} "
             f"in {stats.seconds:.1f} s ({rate:,.0f} tokens/s)")
     if stats.skipped:
         line += f"; skipped {stats.skipped} bad records (first: {stats.skipped_examples[0]})"

@@ -41,6 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from rwkvtune.errors import DataError
+from rwkvtune.utils import plural
 
 log = logging.getLogger("rwkvtune.data")
 
@@ -91,9 +92,10 @@ class ReadStats:
             self.skipped_examples.append(message)
 
     def summary(self) -> str:
-        s = f"{self.path}: {self.samples} samples, {self.tokens} tokens from {self.records} records"
+        s = (f"{self.path}: {plural(self.samples, 'sample')}, {plural(self.tokens, 'token')} from "
+             f"{plural(self.records, 'record')}")
         if self.skipped:
-            s += f"; skipped {self.skipped} bad records (first: {self.skipped_examples[0]})"
+            s += f"; skipped {plural(self.skipped, 'bad record')} (first: {self.skipped_examples[0]})"
         return s
 
 

@@ -6,6 +6,7 @@ import os
 
 from rwkvtune.errors import ConfigError, RwkvtuneError
 from rwkvtune.train.run_dir import RunDir
+from rwkvtune.utils import plural
 
 
 def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
@@ -58,10 +59,10 @@ def out_dir_problem(run: RunDir, resuming: bool) -> str | None:
 def data_warnings(cfg, n_windows: int, global_batch: int) -> list[str]:
     """Warnings when the data is too small for the batch: every batch or step repeats windows."""
     if n_windows < global_batch:
-        return [f"warning: {cfg.data} gives {n_windows} window(s) of ctx_len {cfg.ctx_len}, fewer than one batch of "
+        return [f"warning: {cfg.data} gives {plural(n_windows, 'window')} of ctx_len {cfg.ctx_len}, fewer than one batch of "
                 f"{global_batch}: every batch repeats windows; add data or lower --batch-size"]
     if n_windows < global_batch * cfg.grad_accum:
-        return [f"warning: {cfg.data} gives {n_windows} window(s) of ctx_len {cfg.ctx_len}, fewer than the "
+        return [f"warning: {cfg.data} gives {plural(n_windows, 'window')} of ctx_len {cfg.ctx_len}, fewer than the "
                 f"{global_batch * cfg.grad_accum} one optimizer step uses ({global_batch} per batch x grad_accum "
                 f"{cfg.grad_accum}): every step repeats windows; add data or lower --grad-accum"]
     return []
@@ -76,7 +77,7 @@ def schedule_warnings(cfg, total_steps: int) -> list[str]:
     out = []
     if cfg.warmup_steps >= total_steps:
         reached = max(lr_at(s, cfg.lr, cfg.lr_final, cfg.warmup_steps, total_steps) for s in range(total_steps))
-        out.append(f"warning: warmup_steps {cfg.warmup_steps} >= the run's {total_steps} steps: the learning rate "
+        out.append(f"warning: warmup_steps {cfg.warmup_steps} >= the run's {plural(total_steps, 'step')}: the learning rate "
                    f"only reaches {reached:.3g} of its peak {cfg.lr:g}, so the loss may barely move; lower "
                    f"--warmup-steps (e.g. {total_steps // 10}) or raise --max-steps")
     if cfg.lr_final > cfg.lr:
