@@ -106,7 +106,7 @@ def _read_err(tok, tmp_path, lines, name="bad.jsonl", **kw):
     # json's message ends with "at", which must not double up with our " at column"
     ('{"text": "a\tb"}', ["malformed JSON (Invalid control character at column 12)"]),
     ('[1, 2]', ["expected a JSON object", "list"]),
-    ('{"txt": "x"}', ["expected a 'text', 'messages' or 'prompt'+'response'", "txt"]),
+    ('{"txt": "x"}', ["expected a 'text', 'messages', 'prompt'+'response', 'conversations' (ShareGPT) or 'instruction'+'output' (Alpaca)", "txt"]),
     ('{"text": 5}', ["'text' must be a string", "int"]),
     ('{"text": ""}', ["'text' is empty"]),
     ('{"text": "  \\n "}', ["'text' is empty"]),

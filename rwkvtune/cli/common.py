@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-DATA_FORMATS = ("auto", "text", "chat", "prompt_response")
+DATA_FORMATS = ("auto", "text", "chat", "prompt_response", "alpaca", "sharegpt")
 SAVE_DTYPES = ("bf16", "fp32")
 
 
