@@ -47,6 +47,6 @@ def run_prepare(args: argparse.Namespace) -> int:
             f"{plural(stats.tokens, 'token')} "
             f"in {stats.seconds:.1f} s ({rate:,.0f} tokens/s)")
     if stats.skipped:
-        line += f"; skipped {stats.skipped} bad records (first: {stats.skipped_examples[0]})"
+        line += f"; skipped {plural(stats.skipped, 'bad record')} (first: {stats.skipped_examples[0]})"
     print(line)
     return 0

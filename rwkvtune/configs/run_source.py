@@ -101,7 +101,8 @@ def resolve_run(path: str | os.PathLike, _depth: int = 0) -> RunModel | None:
         what = ("a training run that has not finished (no final.pth, adapter.pth or state.pth yet); continue it "
                 f"with `rwkvtune train --resume {run}`" if (run / "checkpoints").is_dir() or (run / RUN_CONFIG).is_file()
                 else "a directory that is neither a Hugging Face model folder (config.json) nor a training run "
-                     "(final.pth, adapter.pth or state.pth)")
+                     "(final.pth, adapter.pth or state.pth); expected a registry name (see `rwkvtune models`), a "
+                     ".pth or .safetensors checkpoint, a Hugging Face RWKV-7 folder or a finished run's directory")
         raise ConfigError(f"{run}: is {what}")
     saved = _run_config(run)
     if saved.get("init") == "scratch":
