@@ -190,8 +190,11 @@ def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool =
     if device.startswith("cuda") and d.main and not dry_run:
         _warn_host(estimate)
     if 2 * tokens <= cfg.ctx_len and d.main and not dry_run:  # far beyond the data, not a window's slack
-        print(f"note: ctx_len {cfg.ctx_len:,} is longer than the data's longest window ({tokens:,} tokens): "
-              f"windows hold at most {tokens:,} tokens and memory is planned for that", file=sys.stderr)
+        from rwkvtune.utils import plural
+
+        held = plural(tokens, "token", grouped=True)
+        print(f"note: ctx_len {cfg.ctx_len:,} is longer than the data's longest window ({held}): "
+              f"windows hold at most {held} and memory is planned for that", file=sys.stderr)
     if not fix or dry_run:
         return estimate
     where = f"{device}" + (f", shared by {local_processes()} processes" if not device.startswith("cuda")
