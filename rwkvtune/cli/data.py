@@ -7,6 +7,9 @@ import os
 
 from rwkvtune.cli import set_handler
 from rwkvtune.cli.common import add_data_options
+from rwkvtune.errors import ConfigError
+from rwkvtune.bounds import THREADS_PER_CORE, Bound, check_flag, cpu_cores, max_threads
+from rwkvtune.utils import plural
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
@@ -28,10 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Tokenize, then print one summary line; exit status 0 on success."""
-    from rwkvtune.data.prepare import prepare_binidx
-    from rwkvtune.errors import ConfigError
+    from rwkvtune.data.prepare import prepare_binidx  # numpy: not at the CLI's startup
 
-    from rwkvtune.bounds import THREADS_PER_CORE, Bound, check_flag, cpu_cores, max_threads
 
     check_flag("--workers", args.workers, Bound(int, 1, max_threads, note=f"at most {THREADS_PER_CORE}x the "
                                                 f"{cpu_cores()} CPU cores here"), ConfigError)
@@ -41,8 +42,6 @@ def run_prepare(args: argparse.Namespace) -> int:
     stats = prepare_binidx(args.input, args.out, workers=args.workers, fmt=args.data_format,
                            on_error=args.on_data_error)
     rate = stats.tokens / max(stats.seconds, 1e-9)
-    from rwkvtune.utils import plural
-
     line = (f"wrote {args.out}.bin and {args.out}.idx: {plural(stats.samples, 'document')}, "
             f"{plural(stats.tokens, 'token')} "
             f"in {stats.seconds:.1f} s ({rate:,.0f} tokens/s)")

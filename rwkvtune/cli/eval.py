@@ -8,7 +8,12 @@ import argparse
 import json
 import math
 
-from rwkvtune.cli.common import add_data_options, add_device
+from rwkvtune.bounds import check_flag
+from rwkvtune.cli.common import add_data_options, add_device, resolve_device
+from rwkvtune.cli.eval_tasks import add_task_arguments, run_tasks
+from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS, TrainConfig
+from rwkvtune.tokenizer import get_tokenizer
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
@@ -31,37 +36,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (default: fp32)")
-    from rwkvtune.cli.eval_tasks import add_task_arguments
 
     add_task_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rwkvtune.cli.common import resolve_device
-    from rwkvtune.errors import ConfigError, RwkvtuneError
-    from rwkvtune.models.rwkv7.config import TrainConfig
-    from rwkvtune.peft.base import TrainModule
-    from rwkvtune.tokenizer import get_tokenizer
+    from rwkvtune.peft.loading import load_model
+    from rwkvtune.train.objective import TrainModule
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.runtime import autocast_factory
 
     if args.tasks or args.compare:
-        from rwkvtune.cli.eval_tasks import run_tasks
 
         return run_tasks(args)
     if not args.model or not args.data:
         raise ConfigError("rwkvtune eval needs --model MODEL and --data FILE (loss and perplexity), or --tasks "
                           "TASKS (benchmarks through lm-eval)")
     args.batch_size = 4 if args.batch_size is None else args.batch_size
-    from rwkvtune.bounds import check_flag
-    from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
 
     for name in ("ctx_len", "batch_size"):  # the bounds of the training options of these names
         check_flag("--" + name.replace("_", "-"), getattr(args, name), TRAIN_BOUNDS[name], ConfigError)
     device = resolve_device(args.device)
-    from rwkvtune.peft.loading import load_model
-
     model, wkv_init = load_model(args.model, args.adapter, args.state, device=device, flags=True)
     # The model's own ctx_len unless --ctx-len: the loss depends on the window length (a longer
     # window scores more tokens with more context), so it must not follow a config.yaml that happens

@@ -20,7 +20,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from rwkvtune.errors import ConfigError
+from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.safe_yaml import read_yaml_file
 
 # The names RunDir (rwkvtune/train/run_dir.py) gives a run's outputs; configs sits below train, so
 # they are spelled here too, and a test checks that both agree.
@@ -68,9 +69,6 @@ def _output(run: Path, stem: str) -> Path | None:
 
 
 def _run_config(run: Path) -> dict:
-    from rwkvtune.errors import RwkvtuneError
-    from rwkvtune.safe_yaml import read_yaml_file
-
     path = run / RUN_CONFIG
     if not path.is_file():
         raise ConfigError(f"{run}: a training run without its {RUN_CONFIG}, which names the base model its "

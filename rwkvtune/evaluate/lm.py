@@ -15,6 +15,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from rwkvtune.evaluate import scoring
+from rwkvtune.peft.loading import load_model as load_tuned
+from rwkvtune.errors import ConfigError
+from rwkvtune.tokenizer import get_tokenizer
+from rwkvtune.generate import generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +32,7 @@ def load_model(model: str, adapter: str | None = None, state: str | None = None,
     """(RWKV7 in eval mode, tuned initial WKV state or None) from the names the CLI takes (a run
     directory brings its own adapter or state); each problem is one
     :class:`~rwkvtune.errors.RwkvtuneError` line naming the flag."""
-    from rwkvtune.peft.loading import load_model as load
-
-    return load(model, adapter, state, device=device, dtype=dtype, flags=True)
+    return load_tuned(model, adapter, state, device=device, dtype=dtype, flags=True)
 
 
 @register_model("rwkvtune")
@@ -51,8 +53,6 @@ class RwkvLM(LM):
                  precision: str = "fp32", device: str | None = None, share_prefix: bool = True, autocast=None,
                  **_ignored):
         super().__init__()
-        from rwkvtune.errors import ConfigError
-        from rwkvtune.tokenizer import get_tokenizer
 
         if isinstance(model, str):
             model, wkv_init = load_model(model, adapter, state, device or "cpu")
@@ -104,7 +104,6 @@ class RwkvLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with ``do_sample``, sampled) continuations that stop at the task's ``until``
         strings (cut before them), at end of text, or after ``max_gen_toks`` tokens."""
-        from rwkvtune.generate import generate_batch
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from rwkvtune.configs.run_source import resolve_run
 from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.models.rwkv7 import RWKV7
+from rwkvtune.peft.lora import load_adapter
+from rwkvtune.peft.state import load_state_file
 
 
 def _labelled(label: str | None, load, *args):
@@ -33,9 +37,6 @@ def load_model(model: str, adapter: str | None = None, state: str | None = None,
     obvious), and is refused. ``flags=True``: errors about these files name ``--adapter`` and
     ``--state`` (the CLI).
     """
-    from rwkvtune.configs.run_source import resolve_run
-    from rwkvtune.models.rwkv7 import RWKV7
-
     run = resolve_run(model)
     own_adapter = own_state = None
     if run is not None:
@@ -47,9 +48,6 @@ def load_model(model: str, adapter: str | None = None, state: str | None = None,
                                   f"base model {run.model} with {flag} {given}, or drop {flag}")
         model = run.model
     net = RWKV7.from_checkpoint(model, device=device, dtype=dtype)
-    from rwkvtune.peft.lora import load_adapter
-    from rwkvtune.peft.state import load_state_file
-
     for path, label in ((own_adapter, None), (adapter, "--adapter" if flags else None)):
         if path:
             _labelled(label, load_adapter, net, path)
