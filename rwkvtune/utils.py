@@ -213,3 +213,9 @@ def check_device(device: str, flag: str = "--device") -> str:
             raise ConfigError(f"{flag} {device}: only {torch.cuda.device_count()} GPU(s) here "
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def plural(n: int, noun: str, nouns: str | None = None, grouped: bool = False) -> str:
+    """A count with its noun in the right number: '1 window', '2 windows', '0 windows' (``nouns``
+    for an irregular plural; ``grouped``: thousands separators, '51,339 tokens')."""
+    return (f"{n:,}" if grouped else f"{n}") + " " + (noun if n == 1 else nouns or noun + "s")

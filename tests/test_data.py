@@ -106,7 +106,7 @@ def _read_err(tok, tmp_path, lines, name="bad.jsonl", **kw):
     # json's message ends with "at", which must not double up with our " at column"
     ('{"text": "a\tb"}', ["malformed JSON (Invalid control character at column 12)"]),
     ('[1, 2]', ["expected a JSON object", "list"]),
-    ('{"txt": "x"}', ["expected a 'text', 'messages' or 'prompt'+'response'", "txt"]),
+    ('{"txt": "x"}', ["expected a 'text', 'messages', 'prompt'+'response', 'conversations' (ShareGPT) or 'instruction'+'output' (Alpaca)", "txt"]),
     ('{"text": 5}', ["'text' must be a string", "int"]),
     ('{"text": ""}', ["'text' is empty"]),
     ('{"text": "  \\n "}', ["'text' is empty"]),
@@ -524,7 +524,7 @@ def test_cli_data_prepare_exit_status_and_bad_outputs(corpus, tmp_path):
     assert rc == 0 and "Traceback" not in err and "documents" in out, err
     assert os.path.isfile(tmp_path / "ok" / "corpus.bin")
     for key, words in (("in_file", f"{tmp_path / 'file'} is a file, not a directory"),
-                       ("workers", "--workers: found 0, expected an integer >= 1"),
+                       ("workers", "--workers: found 0, expected an integer with 1 <= --workers <= "),
                        ("dir", "expected a file prefix")):
         (_, err), rc = res[key]
         assert rc == 2 and "Traceback" not in err and words in err, (key, err)

@@ -172,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RwkvtuneError as e:
         sys.stdout.flush()
         if not e.every_rank or os.environ.get("RANK", "0") == "0":  # said once by a distributed run
-            print(f"error: {_one_line(str(_fit_advice(e, args)))}", file=sys.stderr)
+            prefix = "" if getattr(e, "deliberate", False) else "error: "  # a stop the user asked for
+            print(f"{prefix}{_one_line(str(_fit_advice(e, args)))}", file=sys.stderr)
         else:
             # the other ranks leave after rank 0 has said it: torchrun ends every process at the
             # first exit, which must not be this one's (rank 0 could be stopped mid-sentence)
@@ -180,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(e, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
     except KeyboardInterrupt as e:
         sys.stdout.flush()
-        print(f"\nerror: interrupted{'; ' + _one_line(str(e)) if str(e) else ''}", file=sys.stderr)
+        # Ctrl-C is the user's choice, not a failure: one calm line (with what is kept, if anything)
+        print(f"\nstopped by Ctrl-C{'; ' + _one_line(str(e)) if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-DATA_FORMATS = ("auto", "text", "chat", "prompt_response")
+DATA_FORMATS = ("auto", "text", "chat", "prompt_response", "alpaca", "sharegpt")
 from rwkvtune.constants import SAVE_DTYPES
 from rwkvtune.utils import check_device
 from rwkvtune.errors import CheckpointError

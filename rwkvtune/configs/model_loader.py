@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import rwkvtune.configs.releases as releases
 from rwkvtune.configs.detect import CheckpointInfo, inspect_checkpoint
+from rwkvtune.configs.run_source import resolve_run
 from rwkvtune.errors import ConfigError
 from rwkvtune.io.layout import DEFAULT_MODEL_DIR, MODEL_DIR_ENV, SHAPE_FIELDS, official_shapes
 from rwkvtune.utils import atomic_write_text, not_found, read_error
@@ -580,6 +581,9 @@ def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
     base, spec = releases.split_spec(s)
     if spec and not Path(s).exists() and _registry_key(base) in list_available_models():
         return ModelConfig.from_name(s)  # "1.5b@rwkv7-g1a-...pth": a release by file name, not a path
+    run = resolve_run(s)  # a training run's directory: its final.pth, or the base its adapter/state is on
+    if run is not None:
+        return ModelConfig.from_checkpoint(run.model) if run.is_final else load_model_config(run.model)
     if is_model_path(s):
         return ModelConfig.from_checkpoint(s)
     if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):

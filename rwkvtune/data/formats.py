@@ -14,6 +14,11 @@ record (``fmt="auto"``) or forced (``fmt="text" | "chat" | "prompt_response"``):
   "Assistant:") and the turn-ending "\\n\\n" (token 261) after each reply; the prompt side, the
   role names and the final 0 carry no loss.
 - ``{"prompt": "...", "response": "..."}``: the same as a user message then an assistant reply.
+- Alpaca ``{"instruction": "...", "input": "...", "output": "..."}`` (``input`` and ``system``
+  optional): a user message (the instruction, then the input on the next line) and the output as
+  the assistant's reply, rendered as the chat format above.
+- ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}``: the
+  same turns as chat messages (human = user, gpt = assistant).
 
 Mask convention: ``mask[i]`` is True when token i is a TARGET, i.e. the loss at the position
 whose input is ``tokens[i-1]`` (predicting ``tokens[i]``) counts. Datasets turn this into labels
@@ -42,12 +47,12 @@ import numpy as np
 
 from rwkvtune.constants import END_OF_TEXT
 from rwkvtune.errors import DataError
-from rwkvtune.utils import not_found, read_error
+from rwkvtune.utils import not_found, plural, read_error
 
 log = logging.getLogger("rwkvtune.data")
 
 TURN_END = 261  # "\n\n" in the World vocab
-FORMATS = ("text", "chat", "prompt_response")
+FORMATS = ("text", "chat", "prompt_response", "alpaca", "sharegpt")
 _FMT_ALIASES = {
     "auto": "auto",
     "text": "text",
@@ -56,7 +61,11 @@ _FMT_ALIASES = {
     "prompt_response": "prompt_response",
     "prompt": "prompt_response",
     "pr": "prompt_response",
+    "alpaca": "alpaca",
+    "sharegpt": "sharegpt",
 }
+# ShareGPT's speakers ("from") -> our roles; "user"/"assistant" appear in some exports too.
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _BLANK_LINES = re.compile(r"\n{2,}")
 
@@ -92,9 +101,10 @@ class ReadStats:
             self.skipped_examples.append(message)
 
     def summary(self) -> str:
-        s = f"{self.path}: {self.samples} samples, {self.tokens} tokens from {self.records} records"
+        s = (f"{self.path}: {plural(self.samples, 'sample')}, {plural(self.tokens, 'token')} from "
+             f"{plural(self.records, 'record')}")
         if self.skipped:
-            s += f"; skipped {self.skipped} bad records (first: {self.skipped_examples[0]})"
+            s += f"; skipped {plural(self.skipped, 'bad record')} (first: {self.skipped_examples[0]})"
         return s
 
 
@@ -213,15 +223,57 @@ def render_prompt_response(prompt, response, tokenizer) -> Sample:
     )
 
 
+def alpaca_messages(obj: dict) -> list[dict]:
+    """An Alpaca record as chat messages: [system], user (instruction + input), assistant (output)."""
+    for key in ("instruction", "output") + tuple(k for k in ("input", "system") if obj.get(k) is not None):
+        if not isinstance(obj[key], str):
+            raise RecordError(f"'{key}' must be a string, found {type(obj[key]).__name__}")
+    for key in ("instruction", "output"):
+        if not obj[key].strip():
+            raise RecordError(f"'{key}' is empty")
+    user = obj["instruction"].strip()
+    if (obj.get("input") or "").strip():
+        user += "\n" + obj["input"].strip()  # one line break: a blank line would end the turn
+    system = [{"role": "system", "content": obj["system"]}] if (obj.get("system") or "").strip() else []
+    return system + [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+
+
+def sharegpt_messages(turns) -> list[dict]:
+    """ShareGPT ``conversations`` as chat messages (speaker names checked, one line per problem)."""
+    if not isinstance(turns, list):
+        raise RecordError(f"'conversations' must be a list, found {type(turns).__name__}")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(f"conversations[{k}] must be an object, found {type(turn).__name__}")
+        who, value = turn.get("from"), turn.get("value")
+        if not isinstance(who, str) or who.lower() not in _SHAREGPT_ROLES:
+            raise RecordError(f"conversations[{k}].from must be one of 'human', 'gpt', 'system', found {who!r}")
+        if not isinstance(value, str):
+            raise RecordError(f"conversations[{k}].value must be a string, found {type(value).__name__}")
+        if not normalize_content(value):
+            raise RecordError(f"conversations[{k}].value is empty")
+        messages.append({"role": _SHAREGPT_ROLES[who.lower()], "content": value})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("'conversations' has no 'gpt' turn, so nothing to learn from" if messages
+                          else "'conversations' is an empty list")
+    return messages
+
+
 def detect_format(obj: dict) -> str:
     if "messages" in obj:
         return "chat"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj or "output" in obj:
+        return "alpaca"
     if "prompt" in obj or "response" in obj:
         return "prompt_response"
     if "text" in obj:
         return "text"
     raise RecordError(
-        f"expected a 'text', 'messages' or 'prompt'+'response' field, found keys {sorted(obj)[:8]}"
+        f"expected a 'text', 'messages', 'prompt'+'response', 'conversations' (ShareGPT) or "
+        f"'instruction'+'output' (Alpaca) field, found keys {sorted(obj)[:8]}"
     )
 
 
@@ -232,7 +284,8 @@ def encode_record(obj, tokenizer, fmt: str = "auto", vocab_size: int | None = No
             f'expected a JSON object like {{"text": ...}}, found {type(obj).__name__}'
         )
     fmt = detect_format(obj) if fmt == "auto" else fmt
-    needed = {"text": ("text",), "chat": ("messages",), "prompt_response": ("prompt", "response")}
+    needed = {"text": ("text",), "chat": ("messages",), "prompt_response": ("prompt", "response"),
+              "alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
     for key in needed[fmt]:
         if key not in obj:
             raise RecordError(f"missing field '{key}' (format {fmt}); found keys {sorted(obj)[:8]}")
@@ -240,6 +293,10 @@ def encode_record(obj, tokenizer, fmt: str = "auto", vocab_size: int | None = No
         sample = render_text(obj["text"], tokenizer)
     elif fmt == "chat":
         sample = render_chat(obj["messages"], tokenizer)
+    elif fmt == "alpaca":
+        sample = render_chat(alpaca_messages(obj), tokenizer)
+    elif fmt == "sharegpt":
+        sample = render_chat(sharegpt_messages(obj["conversations"]), tokenizer)
     else:
         sample = render_prompt_response(obj["prompt"], obj["response"], tokenizer)
     if vocab_size is not None and len(sample.tokens) and int(sample.tokens.max()) >= vocab_size:

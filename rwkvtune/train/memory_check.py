@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rwkvtune.errors import RwkvtuneError
 from rwkvtune.train.memory import FIT_FRACTION, GIB, MemoryEstimate, Settings, estimate_memory
+from rwkvtune.utils import plural
 
 
 class InsufficientMemoryError(RwkvtuneError):
@@ -219,8 +220,9 @@ def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool =
     if device.startswith("cuda") and d.main and not dry_run:
         _warn_host(estimate)
     if 2 * tokens <= cfg.ctx_len and d.main and not dry_run:  # far beyond the data, not a window's slack
-        print(f"note: ctx_len {cfg.ctx_len:,} is longer than the data's longest window ({tokens:,} tokens): "
-              f"windows hold at most {tokens:,} tokens and memory is planned for that", file=sys.stderr)
+        held = plural(tokens, "token", grouped=True)
+        print(f"note: ctx_len {cfg.ctx_len:,} is longer than the data's longest window ({held}): "
+              f"windows hold at most {held} and memory is planned for that", file=sys.stderr)
     if not fix or dry_run:
         return estimate
     where = f"{device}" + (f", shared by {local_processes()} processes" if not device.startswith("cuda")

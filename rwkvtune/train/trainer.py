@@ -29,8 +29,9 @@ import torch.nn as nn
 
 from rwkvtune.configs.detect import inspect_checkpoint
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
+from rwkvtune.configs.run_source import run_weights
 from rwkvtune.data.dataset import WindowSampler
-from rwkvtune.errors import OutputError, RwkvtuneError
+from rwkvtune.errors import ConfigError, OutputError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
@@ -55,7 +56,7 @@ from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
 from rwkvtune.train.task_eval import check_eval_tasks, run_eval_tasks
-from rwkvtune.utils import atomic_write_text
+from rwkvtune.utils import atomic_write_text, plural
 
 
 class TrainingDiverged(RwkvtuneError):
@@ -244,9 +245,23 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     if cfg.resume:
         cfg = checkpointing.resumed_config(cfg.resume, cfg)
     validate_config(cfg)
+    cfg = _from_run_dir(cfg)
     model_config = load_model_config(cfg.model)
     # resolve() copies cfg, so the caller's config keeps the paths it gave
     return checkpointing.absolute_paths(cfg.resolve(model_config)), model_config
+
+
+def _from_run_dir(cfg: TrainConfig) -> TrainConfig:
+    """``model`` naming a training run's directory: its final.pth, as an absolute path (so the saved
+    config names the file trained from, and a resume finds it from any directory). A run that
+    left an adapter or a state on an unchanged base is refused, naming the base to train from."""
+    route = "train from that base with --model (an adapter merged first: rwkvtune merge-lora BASE ADAPTER OUT)"
+    final = run_weights(cfg.model, ConfigError, route) if cfg.model else None
+    if final is None:
+        return cfg
+    out = dataclasses.replace(cfg, model=os.path.abspath(final))
+    out.sources = dict(cfg.sources)  # where each option came from, for validation messages
+    return out
 
 
 def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device: str,
@@ -290,6 +305,18 @@ def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
         return True
 
 
+def threads_origin(threads: int | None) -> str:
+    """Where torch's CPU thread count came from, for the startup line: torchrun sets
+    OMP_NUM_THREADS=1 for every process unless it is set, which silently makes a run single-threaded."""
+    if threads:
+        return "--threads"
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env is None:
+        return "torch's default; set with --threads"
+    by = " (torchrun sets it to 1 unless you do)" if "TORCHELASTIC_RUN_ID" in os.environ else ""
+    return f"from OMP_NUM_THREADS={env}{by}; set with --threads"
+
+
 def _announce(r: Run, resume_dir: str | None) -> None:
     """Save the resolved config and say what runs (main process only)."""
     if not r.dist.main:
@@ -300,10 +327,11 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     trainable, frozen, unused = count_params(r.module)
     unused_note = f" (+{unused:,} unused layer-0 v-residual params)" if unused else ""
     r.logger.info(f"model {r.model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params"
-                  f"{unused_note}, {len(r.train_set)} {r.method.item_name}, {r.total_steps} steps"
-                  + (f" of up to {r.tokens_per_step} tokens" if r.method.token_units else ""))
-    threads = "threads" if cfg.threads else "threads (torch's default; set with --threads)"
-    r.logger.info(f"device {r.device}, precision {cfg.precision}, {torch.get_num_threads()} CPU {threads}")
+                  f"{unused_note}, {plural(len(r.train_set), r.method.item_name[:-1], r.method.item_name)}, "
+                  f"{plural(r.total_steps, 'step')}"
+                  + (f" of up to {plural(r.tokens_per_step, 'token')}" if r.method.token_units else ""))
+    r.logger.info(f"device {r.device}, precision {cfg.precision}, {plural(torch.get_num_threads(), 'CPU thread')} "
+                  f"({threads_origin(cfg.threads)})")
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
                       f"{checkpointing.resume_checkpoint(resume_dir)})")
@@ -452,7 +480,7 @@ def _stop_after_step(r: Run, stop: GracefulStop) -> None:
         torch.distributed.barrier()  # no rank exits before rank 0 has saved
     path = checkpointing.latest_checkpoint(r.run.path)
     raise Terminated(f"{stop.describe()} after step {r.step} of {r.total_steps}; saved the resumable checkpoint "
-                     f"{path}; continue with: rwkvtune train --resume {r.run.path}", stop.requested)
+                     f"{path}; resume with: rwkvtune train --resume {r.run.path}", stop.requested)
 
 
 # --------------------------------------------------------------------------------------- finish
