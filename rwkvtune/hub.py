@@ -409,8 +409,8 @@ def _transfer(job: _Job, progress: bool) -> None:
                     f"cannot download {job.url}: gave up after {tries} tries, the last {stalled} without a new byte "
                     f"({_describe(last)}); check {_network_hint()}, or {job.by_hand}{_kept(job)}") from last
             time.sleep(min(BACKOFF_MAX_S, job.backoff_s * 2 ** stalled))
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"download of {job.target.name} stopped{_kept(job)}") from None
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(f"download of {job.target.name} stopped{_kept(job)}") from e
     finally:
         bar.close()
 

@@ -215,15 +215,15 @@ class ModelConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
             json.dumps(raw, ensure_ascii=False).encode("utf-8")  # JSON's "\\ud800" escapes allow lone surrogates
         except OSError as e:
-            raise read_error(path, e, ConfigError, "the config") from None
+            raise read_error(path, e, ConfigError, "the config") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); {fix}") from None
-        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON ({e}); {fix}") from e
+        except RecursionError as e:
             raise ConfigError(f"{path}: not a config: nested deeper than the JSON reader's recursion limit; "
-                              f"{fix}") from None
+                              f"{fix}") from e
         except UnicodeEncodeError as e:
             raise ConfigError(f"{path}: holds {e.object[e.start:e.end]!r}, a lone surrogate (half of a UTF-16 pair), "
-                              f"which is not valid Unicode; {fix}") from None
+                              f"which is not valid Unicode; {fix}") from e
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

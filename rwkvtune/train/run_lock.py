@@ -62,10 +62,10 @@ def _lock_path_fd(path: Path) -> int | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as e:
             holder = _holder_text(fd)
             os.close(fd)
-            raise RunDirLocked(holder) from None
+            raise RunDirLocked(holder) from e
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -110,11 +110,11 @@ def hold(run: RunDir, flag: str = "--out") -> Iterator[None]:
         fd = _lock_path_fd(run.lock)
     except RunDirLocked as e:
         raise RunDirLocked(f"{flag} {run.path}: another run is using this directory ({e}); wait for it to "
-                           f"finish or stop it, or choose another --out") from None
+                           f"finish or stop it, or choose another --out") from e
     except OutputError:  # the marker's write, already naming its file
         raise
     except OSError as e:
-        raise output_error(run.lock, e) from None
+        raise output_error(run.lock, e) from e
     if fd is None:
         print(f"warning: {run.lock}: this filesystem does not support file locks, so a second run in "
               f"{run.path} would not be refused; start one run per directory", file=sys.stderr)

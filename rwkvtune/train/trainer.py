@@ -474,7 +474,7 @@ def finish(r: Run) -> dict:
         save_checkpoint(r)
     except OutputError as e:
         saved = ", ".join(outputs.values())  # (none on the other processes of a sharded run)
-        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from None
+        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from e
     if r.dist.main:
         r.logger.finish()
         # A resume that only finishes (killed while writing the final files) logs no step itself.
