@@ -26,13 +26,13 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
 import rwkvtune.configs.releases as releases
 from rwkvtune.configs.detect import CheckpointInfo, inspect_checkpoint
+from rwkvtune import log
 from rwkvtune.errors import ConfigError
 from rwkvtune.io.layout import DEFAULT_MODEL_DIR, MODEL_DIR_ENV, SHAPE_FIELDS, official_shapes
 from rwkvtune.utils import atomic_write_text, not_found, read_error
@@ -438,8 +438,8 @@ def config_dirs() -> list[Path]:
         if not d.is_dir() and d not in _warned_missing:
             _warned_missing.add(d)
             what = "does not exist" if not d.exists() else "is not a directory"
-            warnings.warn(f"${CONFIG_PATH_ENV} entry {d} {what}, so no configs are read from it; fix or remove "
-                          f"that entry")
+            log.warn(f"${CONFIG_PATH_ENV} entry {d} {what}, so no configs are read from it; fix or remove "
+                     f"that entry")
     return extra + [PACKAGE_MODELS_DIR]
 
 

@@ -32,7 +32,6 @@ prompt; the reply " {content}" is tokenized separately and followed by the singl
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,10 +40,10 @@ from typing import Iterator
 import numpy as np
 
 from rwkvtune.constants import END_OF_TEXT
+from rwkvtune import log
 from rwkvtune.errors import DataError
 from rwkvtune.utils import not_found, read_error
 
-log = logging.getLogger("rwkvtune.data")
 
 TURN_END = 261  # "\n\n" in the World vocab
 FORMATS = ("text", "chat", "prompt_response")
@@ -345,7 +344,7 @@ def finish_stats(stats: ReadStats) -> None:
             f"(first: {stats.skipped_examples[0]}); fix the data"
         )
     if stats.skipped:
-        log.warning(stats.summary())
+        log.warn(stats.summary())
 
 
 def read_encoded(path: str, tokenizer, encode, on_error: str = "raise", vocab_size: int | None = None,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from rwkvtune import log
 from rwkvtune.errors import ConfigError, OutputError
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.utils import output_error
@@ -116,8 +117,8 @@ def hold(run: RunDir, flag: str = "--out") -> Iterator[None]:
     except OSError as e:
         raise output_error(run.lock, e) from e
     if fd is None:
-        print(f"warning: {run.lock}: this filesystem does not support file locks, so a second run in "
-              f"{run.path} would not be refused; start one run per directory", file=sys.stderr)
+        log.warn(f"{run.lock}: this filesystem does not support file locks, so a second run in "
+                 f"{run.path} would not be refused; start one run per directory")
     else:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
