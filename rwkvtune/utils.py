@@ -139,7 +139,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed:
         tmp = str(temp_path(path))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
-        raise output_error(path, e, needed) from None
+        raise output_error(path, e, needed) from e
     os.close(fd)
     try:
         write(tmp)
@@ -151,7 +151,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed:
         if written is not None:
             os.unlink(tmp)
         if is_write_failure(e) and not isinstance(e, OutputError):
-            raise output_error(path, e, needed, written) from None
+            raise output_error(path, e, needed, written) from e
         raise
 
 

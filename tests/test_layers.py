@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the root __init__: the version and lazily imported names (import_module strings), no imports
     ("root", ("rwkvtune",)),
     ("foundation", ("rwkvtune.errors", "rwkvtune.constants", "rwkvtune.utils", "rwkvtune.tensor_checks",
-                    "rwkvtune.tokenizer", "rwkvtune.bounds", "rwkvtune.safe_yaml")),
+                    "rwkvtune.tokenizer", "rwkvtune.bounds", "rwkvtune.safe_yaml",
+                    "rwkvtune.log")),
     # checkpoint files: safe readers, safetensors, adapter/state artifacts, official <-> HF key layout
     ("io", ("rwkvtune.io",)),
     # the registry, ModelConfig, detection of a checkpoint's dims

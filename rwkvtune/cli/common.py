@@ -52,4 +52,4 @@ def load_state(path: str, model):
     try:
         return load_state_file(path, model)
     except CheckpointError as e:
-        raise CheckpointError(f"--state {e}") from None
+        raise CheckpointError(f"--state {e}") from e

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             prompt = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise GenerationError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 "
-                                  f"text") from None
+                                  f"text") from e
         # `echo hi | rwkvtune generate` must equal --prompt hi: drop the line end that echo (or an
         # editor saving the file) adds; only one, so a prompt that ends in a blank line keeps it.
         if prompt.endswith("\n"):
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as surrogates
-        raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from None
+        raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from e
     chat = bool(get("chat"))
     if get("system") is not None and not chat:
         raise GenerationError("--system is a chat system message: add --chat (it has no place in a plain prompt)")

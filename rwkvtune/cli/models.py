@@ -315,7 +315,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     except RwkvtuneError:
         raise
     except OSError as e:
-        raise ConfigError(f"{out}: cannot write the config ({e.strerror or e}); choose another place with -o FILE") from None
+        raise ConfigError(f"{out}: cannot write the config ({e.strerror or e}); choose another place with -o FILE") from e
 
     # Round trip: the file must load and describe the same model.
     back = ModelConfig.from_file(out)

@@ -167,13 +167,13 @@ def run(args: argparse.Namespace) -> int:
     from rwkvtune.train.checkpointing import run_dir_of
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         run = RunDir(run_dir_of(cfg.resume) if cfg.resume else cfg.out)
         if run.checkpoint_files():
             raise KeyboardInterrupt(f"the checkpoints in {run.checkpoints} are kept; resume with: "
-                                    f"rwkvtune train --resume {run.path}") from None
+                                    f"rwkvtune train --resume {run.path}") from e
         raise KeyboardInterrupt("no checkpoint was saved yet, so there is nothing to resume; rerun the command "
-                                "to start again") from None
+                                "to start again") from e
     if not _main_rank():
         return 0
     if args.dry_run:

@@ -37,7 +37,6 @@ prompt; the reply " {content}" is tokenized separately and followed by the singl
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -46,10 +45,10 @@ from typing import Iterator
 import numpy as np
 
 from rwkvtune.constants import END_OF_TEXT
+from rwkvtune import log
 from rwkvtune.errors import DataError
 from rwkvtune.utils import not_found, plural, read_error
 
-log = logging.getLogger("rwkvtune.data")
 
 TURN_END = 261  # "\n\n" in the World vocab
 FORMATS = ("text", "chat", "prompt_response", "alpaca", "sharegpt")
@@ -335,7 +334,7 @@ def iter_raw_records(path: str) -> Iterator[RawRecord]:
                 except UnicodeDecodeError as e:
                     yield (f"{path}:{lineno}", f"byte {e.start} of the line", "bytes")
     except OSError as e:  # permission denied, or a read error mid-file
-        raise read_error(path, e, DataError) from None
+        raise read_error(path, e, DataError) from e
 
 
 def _json_array_records(path: str) -> Iterator[RawRecord]:
@@ -347,7 +346,7 @@ def _json_array_records(path: str) -> Iterator[RawRecord]:
         raise DataError(
             f"{path}: expected a JSON array of objects, but it does not parse ({problem}); "
             "fix the file or convert it to jsonl"
-        ) from None
+        ) from e
     for i, obj in enumerate(items):
         yield (f"{path}: item {i}", obj, "obj")
 
@@ -368,9 +367,9 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None,
             except json.JSONDecodeError as e:
                 # Some of json's messages end with "at" ("Invalid control character at").
                 msg = e.msg.removesuffix(" at")
-                raise RecordError(f"malformed JSON ({msg} at column {e.colno})") from None
-            except RecursionError:
-                raise RecordError(f"malformed JSON ({_NESTED})") from None
+                raise RecordError(f"malformed JSON ({msg} at column {e.colno})") from e
+            except RecursionError as e:
+                raise RecordError(f"malformed JSON ({_NESTED})") from e
         else:
             obj = payload
         try:
@@ -378,9 +377,9 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None,
         except UnicodeEncodeError as e:  # JSON may escape a lone surrogate ("\\ud800"); text cannot hold one
             bad = e.object[e.start:e.end] if isinstance(e.object, str) else "?"
             raise RecordError(f"the text holds {bad!r}, a lone surrogate (half of a UTF-16 pair), which is not "
-                              f"valid Unicode") from None
+                              f"valid Unicode") from e
     except RecordError as e:
-        raise BadRecordError(where, str(e)) from None
+        raise BadRecordError(where, str(e)) from e
 
 
 def check_on_error(on_error: str) -> str:
@@ -402,7 +401,7 @@ def finish_stats(stats: ReadStats) -> None:
             f"(first: {stats.skipped_examples[0]}); fix the data"
         )
     if stats.skipped:
-        log.warning(stats.summary())
+        log.warn(stats.summary())
 
 
 def read_encoded(path: str, tokenizer, encode, on_error: str = "raise", vocab_size: int | None = None,

@@ -8,19 +8,17 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from rwkvtune import log
 from rwkvtune.evaluate import scoring
 from rwkvtune.peft.loading import load_model as load_tuned
 from rwkvtune.errors import ConfigError
 from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.generate import generate_batch
-
-log = logging.getLogger(__name__)
 
 # What precedes every context and document (see rwkvtune.evaluate.scoring): "newline" is the token
 # RWKV's own lm-eval runs put first (the reference numbers were measured so); "eos" is token 0.
@@ -146,5 +144,5 @@ def _sampling_key(gen_kwargs) -> tuple:
         opts["temperature"] = 0.0
         kw.pop("top_p", None), kw.pop("top_k", None)
     if kw:
-        log.warning("generation options not used by rwkvtune: %s", ", ".join(sorted(kw)))
+        log.warn(f"generation options not used by rwkvtune: {', '.join(sorted(kw))}")
     return tuple(sorted(opts.items()))

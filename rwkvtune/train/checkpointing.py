@@ -160,10 +160,10 @@ def read_checkpoint_info(path: Path) -> dict:
     try:
         info = torch.load(meta, map_location="cpu", weights_only=True)
     except OSError as e:
-        raise read_error(meta, e) from None
+        raise read_error(meta, e) from e
     except Exception as e:
         raise CheckpointError(f"{meta}: cannot read ({type(e).__name__}); it holds Python objects rwkvtune never "
-                              f"unpickles, or is corrupt: move this checkpoint away") from None
+                              f"unpickles, or is corrupt: move this checkpoint away") from e
     if not isinstance(info, dict) or not {"step", "config", "sampler", "rng"} <= set(info):
         raise CheckpointError(f"{meta}: not written by rwkvtune train; move this checkpoint away")
     manifest.check_sharded_info(path, info)
@@ -190,13 +190,13 @@ def _load(path: Path, mmap: bool = False) -> dict:
         with torch.serialization.safe_globals(_numpy_globals()):
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError as e:  # unreadable, not corrupt
-        raise read_error(path, e, what="this resumable checkpoint") from None
+        raise read_error(path, e, what="this resumable checkpoint") from e
     except Exception as e:
         refused = "weights only" in str(e).lower() or "weights_only" in str(e)
         why = ("it holds Python objects other than tensors and plain values, which rwkvtune never unpickles "
                "(loading them could run code); it was not written by rwkvtune train: delete it or move it away"
                if refused else "it is corrupt: move it away to resume from the one before it")
-        raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); {why}") from None
+        raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); {why}") from e
     if not isinstance(ck, dict) or not {"step", "trainable", "optimizer", "config"} <= set(ck):
         raise CheckpointError(f"{path}: not a resumable checkpoint written by rwkvtune train; move it away")
     return ck

@@ -95,10 +95,10 @@ class SafeReader(FileSystemReader):
             with self.fs.create_stream(path, "rb") as f:
                 metadata = _IndexUnpickler(f).load()
         except OSError as e:
-            raise read_error(path, e) from None
+            raise read_error(path, e) from e
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: not a checkpoint index rwkvtune reads ({e}); rwkvtune never unpickles "
-                                  f"other objects (loading them could run code): move this checkpoint away") from None
+                                  f"other objects (loading them could run code): move this checkpoint away") from e
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         check_storage_paths(Path(self.path), metadata)  # before anything the index names is read
@@ -239,7 +239,7 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
     try:
         dcp.save(state, checkpoint_id=str(tmp))
     except CheckpointException as e:  # every process gets every process's failures
-        raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from None
+        raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from e
     if d.main:
         atomic_torch_save({"step": step, "tokens": tokens, "sampler": sampler.state_dict(),
                            "rng": checkpointing.rng_state(), "config": cfg.to_dict(), "method": method_state or {},

@@ -8,8 +8,8 @@ import socket
 import threading
 from typing import Iterator
 
+from rwkvtune import log
 from rwkvtune.errors import RwkvtuneError
-from rwkvtune.train.progress import write
 
 
 class Terminated(RwkvtuneError):
@@ -61,7 +61,7 @@ class GracefulStop:
         self.requested = signum
         if self.in_loop and not again:
             if signum == signal.SIGINT:
-                write("Ctrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again to quit at once)")
+                log.info("Ctrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again to quit at once)")
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt  # the CLI names the checkpoints already on disk

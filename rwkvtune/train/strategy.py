@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from rwkvtune import log
 from rwkvtune.errors import ConfigError, on_every_rank
 from rwkvtune.models.rwkv7.model import RWKV7
 from rwkvtune.train import checkpointing, dcp_safe
@@ -201,9 +201,9 @@ def resume_world_size(resume, cfg, d, sampler, steps_per_batch: int, tokens_per_
             f"resume on {old_ws} process(es)"))
     old_tokens = tokens_per_step // new_ws * old_ws
     if d.main:
-        print(f"{where}: samples per step (batch_size x grad_accum x processes) {before} -> {after}, tokens per "
-              f"step up to {old_tokens:,} -> {tokens_per_step:,}; kept: model and optimizer state (resharded), "
-              f"step {step}, the lr schedule and the data position (nothing skipped or repeated)", file=sys.stderr)
+        log.info(f"{where}: samples per step (batch_size x grad_accum x processes) {before} -> {after}, tokens "
+                 f"per step up to {old_tokens:,} -> {tokens_per_step:,}; kept: model and optimizer state "
+                 f"(resharded), step {step}, the lr schedule and the data position (nothing skipped or repeated)")
     return {"world_size": {"from": old_ws, "to": new_ws}, "samples_per_step": {"from": before, "to": after},
             "max_tokens_per_step": {"from": old_tokens, "to": tokens_per_step}}
 

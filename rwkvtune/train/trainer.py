@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shlex
-import sys
 import time
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ from rwkvtune.configs.detect import inspect_checkpoint
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
 from rwkvtune.configs.run_source import run_weights
 from rwkvtune.data.dataset import WindowSampler
+from rwkvtune import log
 from rwkvtune.errors import ConfigError, OutputError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.models.rwkv7.config import TrainConfig
@@ -173,8 +173,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         agree(error)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
-                print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
-                      f"--max-steps to train further)", file=sys.stderr)
+                log.info(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
+                         f"--max-steps to train further)")
             return done
 
     if dry_run:
@@ -221,8 +221,8 @@ def _lock_run_dir(run: RunDir, resume_dir: str | None, cleanup: contextlib.ExitS
     check_out_dir(run, resuming=bool(resume_dir))  # a run that finished since the first check
     removed = run.remove_stale_temp_files()
     if removed:
-        print(f"removed {len(removed)} temporary file(s) that an interrupted run left in {run.path}: "
-              f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}", file=sys.stderr)
+        log.info(f"removed {len(removed)} temporary file(s) that an interrupted run left in {run.path}: "
+                 f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}")
 
 
 def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per_step, total_steps,
@@ -502,7 +502,7 @@ def finish(r: Run) -> dict:
         save_checkpoint(r)
     except OutputError as e:
         saved = ", ".join(outputs.values())  # (none on the other processes of a sharded run)
-        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from None
+        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from e
     if r.dist.main:
         r.logger.finish()
         # A resume that only finishes (killed while writing the final files) logs no step itself.

@@ -88,7 +88,7 @@ def allocation_guard(config: ModelConfig, device, dtype: torch.dtype = torch.flo
         raise ModelAllocationError(
             f"{describe_size(config, dtype)} cannot be allocated on {device or 'cpu'} ({first[:160]}); use a smaller "
             f"config (fewer n_layer, a smaller n_embd, vocab_size or dim_ffn), a device with more memory, or "
-            f"(for LoRA and state tuning) precision bf16") from None
+            f"(for LoRA and state tuning) precision bf16") from e
 
 
 @dataclasses.dataclass
