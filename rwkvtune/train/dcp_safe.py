@@ -7,7 +7,9 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` of the run directory:
   index ``.metadata``, written by ``torch.distributed.checkpoint`` (so a run resumes on any
   number of processes: the loader reshards);
 * ``trainer.pt``: step, tokens, data position, RNG states, the config and the method's state,
-  tensors and plain values only.
+  tensors and plain values only;
+* on several processes, each one's own method state and RNGs (``rank-R-of-N.pt``, see
+  :mod:`rwkvtune.train.rank_state`).
 
 torch's own reader unpickles ``.metadata`` with plain ``pickle`` and the non-tensor entries with
 ``torch.load(weights_only=False)``: either lets a planted file run code. :class:`SafeReader`
@@ -44,7 +46,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
-from rwkvtune.train import checkpointing
+from rwkvtune.train import checkpointing, rank_state
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
 
 TRAINER_FILE = "trainer.pt"
@@ -233,10 +235,20 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
         dcp.save(state, checkpoint_id=str(tmp))
     except CheckpointException as e:  # every process gets every process's failures
         raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from None
+    rank_states, error = None, None
+    if d.world_size > 1:  # each process's own method state and RNGs, in the folder (renamed with it)
+        try:
+            rank_states = rank_state.write(tmp, d, step, nonce[0], method_state)
+        except RwkvtuneError as e:  # disk full on one process: every process stops with it, none waits
+            error = e
+        agree(error)
     if d.main:
-        atomic_torch_save({"step": step, "tokens": tokens, "sampler": sampler.state_dict(),
-                           "rng": checkpointing.rng_state(), "config": cfg.to_dict(), "method": method_state or {},
-                           "world_size": d.world_size, "shard_nonce": nonce[0]}, tmp / TRAINER_FILE)
+        meta = {"step": step, "tokens": tokens, "sampler": sampler.state_dict(), "rng": checkpointing.rng_state(),
+                "config": cfg.to_dict(), "method": method_state or {}, "world_size": d.world_size,
+                "shard_nonce": nonce[0]}
+        if rank_states:
+            meta[rank_state.KEY] = rank_states
+        atomic_torch_save(meta, tmp / TRAINER_FILE)
         shutil.rmtree(final, ignore_errors=True)  # a resumed run saving the same step again
         tmp.rename(final)
         atomic_write_text(run.latest, final.name + "\n")

@@ -1,0 +1,125 @@
+"""Each process's own part of a resumable checkpoint of a run on several processes.
+
+Weights, optimizer and data position are one for the whole run (the main process's file, or the
+shards every process reads from); what differs per process is the training method's state (GRPO with
+``num_iterations`` > 1: the rollouts of the current batch, which the next steps of the batch reuse,
+sampled by each process for its own prompts) and the RNGs. Each process saves them in its own file
+(:meth:`RunDir.rank_state_file`), written atomically, and reads back its own, so a run resumed
+on the same number of processes continues as the uninterrupted one, inside a batch too.
+
+A file is read with ``torch.load(weights_only=True)`` (tensors and plain values only, so a planted
+file cannot run code) and checked before use: its format tag, the process index and count it was
+written for (this process's), its step and the save's nonce (those of the checkpoint's main file:
+a file of another save or run is refused), then the method's state by the method itself. On another
+number of processes the main file's state (process 0's) is used, as before this file existed: the
+resume is refused inside a batch (:func:`rwkvtune.train.strategy.resume_world_size`), and at a batch
+boundary the method's state is not used.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import torch
+
+from rwkvtune.configs.checkpoint import check_pickle_size
+from rwkvtune.errors import CheckpointError, RwkvtuneError
+from rwkvtune.train import checkpointing
+from rwkvtune.train.run_dir import RunDir
+from rwkvtune.utils import atomic_torch_save, read_error
+
+FORMAT = "rwkvtune-rank-state"
+VERSION = 1
+# Main-file key recording that every process saved its own state: {"world_size": N, "nonce": int}.
+KEY = "rank_states"
+
+
+def shared_nonce(d) -> int:
+    """A random number drawn by the main process and known to every process (a collective)."""
+    nonce = [secrets.randbits(62) if d.main else None]
+    if d.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(nonce, src=0)
+    return int(nonce[0])
+
+
+def write(checkpoint: Path, d, step: int, nonce: int, method_state: dict | None) -> dict:
+    """Write this process's state for ``checkpoint`` (atomically); returns the entry the main file
+    records under :data:`KEY`."""
+    atomic_torch_save({"format": FORMAT, "version": VERSION, "rank": d.rank, "world_size": d.world_size,
+                       "step": step, "nonce": nonce, "method": method_state or {}, "rng": checkpointing.rng_state()},
+                      RunDir.rank_state_file(checkpoint, d.rank, d.world_size, nonce))
+    return {"world_size": d.world_size, "nonce": nonce}
+
+
+def saved_for(info: dict, d) -> dict | None:
+    """The main file's :data:`KEY` entry when it says every process of this run's number saved its
+    own state; None otherwise (one process, another number, or a checkpoint from before)."""
+    entry = info.get(KEY)
+    if d.world_size == 1 or not isinstance(entry, dict):
+        return None
+    if entry.get("world_size") != d.world_size or not isinstance(entry.get("nonce"), int):
+        return None
+    return entry
+
+
+def read(checkpoint: Path, d, step: int, nonce: int) -> dict:
+    """This process's state file of ``checkpoint``, checked (see the module docstring) but for the
+    method's state, which the method checks."""
+    path = RunDir.rank_state_file(checkpoint, d.rank, d.world_size, nonce)
+    fix = "move this checkpoint away to resume from the one before it"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CheckpointError(f"{path}: not a regular file (a link or a folder); rwkvtune reads only the files it "
+                              f"wrote there: {fix}")
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; the checkpoint {checkpoint.name} was saved by {d.world_size} "
+                              f"processes, each with its own state file, and this one (process {d.rank}) is not "
+                              f"there: {fix}")
+    check_pickle_size(path, "this process's checkpoint state")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise read_error(path, e, what="this process's checkpoint state") from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read this process's checkpoint state ({type(e).__name__}); it is "
+                              f"corrupt or holds Python objects rwkvtune never unpickles: {fix}") from e
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a process state file written by rwkvtune train (expected format "
+                              f"{FORMAT!r}): {fix}")
+    want = {"version": VERSION, "rank": d.rank, "world_size": d.world_size, "step": step, "nonce": nonce}
+    for key, expected in want.items():
+        found = ck.get(key)
+        if type(found) is not int or found != expected:
+            what = {"version": "format version", "rank": "process index", "world_size": "number of processes",
+                    "step": "step", "nonce": "save nonce (of the checkpoint's main file)"}[key]
+            raise CheckpointError(f"{path}: {what} {found!r}, expected {expected!r}; the file belongs to another "
+                                  f"process, save or run (copied or renamed): {fix}")
+    if not isinstance(ck.get("method"), dict) or not isinstance(ck.get("rng"), dict):
+        raise CheckpointError(f"{path}: holds no method state or RNG state (expected two dicts): {fix}")
+    return ck
+
+
+def restore(checkpoint: Path, info: dict, d, method, main_state: dict) -> None:
+    """Give ``method`` this process's state, and set this process's RNGs: from its own file when
+    every process of this number saved one (``info``: the checkpoint's main entries), else the
+    main file's ``main_state`` (whose RNGs the loader has set already). A CheckpointError names
+    the file whose state is wrong."""
+    entry = saved_for(info, d)
+    if entry is None:
+        state, rng, source = main_state, None, checkpoint
+    else:
+        own = read(checkpoint, d, int(info["step"]), entry["nonce"])
+        state, rng = own["method"], own["rng"]
+        source = RunDir.rank_state_file(checkpoint, d.rank, d.world_size, entry["nonce"])
+    try:
+        method.load_state_dict(state)
+    except RwkvtuneError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+    if rng is not None:
+        try:
+            checkpointing.set_rng_state(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{source}: its RNG state is malformed ({type(e).__name__}); move this checkpoint "
+                                  f"away to resume from the one before it") from e
