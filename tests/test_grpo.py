@@ -183,6 +183,14 @@ def test_grpo_two_processes_resumed_mid_batch_equal_the_uninterrupted_run(data, 
     assert (part / "rollouts.jsonl").read_text() == (full / "rollouts.jsonl").read_text()
     wa, wb = torch.load(full / "final.pth", weights_only=True), torch.load(part / "final.pth", weights_only=True)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    from rwkvtune.train.checkpointing import read_checkpoint_info
+    from rwkvtune.train.run_dir import RunDir
+
+    kept = RunDir(part).checkpoint_files()  # each with both processes' own files, of its own save
+    for ck in kept:
+        nonce = read_checkpoint_info(ck)["rank_states"]["nonce"]
+        assert all(RunDir.rank_state_file(ck, r, 2, nonce).is_file() for r in (0, 1))
+    assert len(RunDir(part).rank_state_files()) == (2 * len(kept) if strategy == "ddp" else 0)  # no stale ones
 
 
 def test_a_failing_reward_function_stops_with_its_name(data, tmp_path):
