@@ -154,6 +154,11 @@ class _Job:
     def by_hand(self) -> str:
         return f"download {self.url} by hand into {self.target.parent}"
 
+    def fix(self, *fields: str) -> str:
+        """Where the user sets the source ``fields`` (hf_repo, hf_revision, hf_filename), for not-found
+        errors: the config's source section here; a ``--repo`` download names its options instead."""
+        return " and ".join(f"source.{f}" for f in fields) + f" in {self.where}"
+
     def done(self) -> int:
         return self.partial.stat().st_size if self.partial.is_file() else 0
 
@@ -550,13 +555,13 @@ def _translate(job: _Job, e: Exception) -> RwkvtuneError | None:
                              f"set HF_TOKEN to a token of that account")
     if isinstance(e, errs.RepositoryNotFoundError):
         return DownloadError(f"{job.url}: repository {cfg.hf_repo} not found (or private: set HF_TOKEN); check "
-                             f"source.hf_repo in {job.where}")
+                             f"{job.fix('hf_repo')}")
     if isinstance(e, errs.RevisionNotFoundError):
         return DownloadError(f"{job.url}: revision {cfg.hf_revision!r} not found in {cfg.hf_repo}; check "
-                             f"source.hf_revision in {job.where}")
+                             f"{job.fix('hf_revision')}")
     if isinstance(e, errs.EntryNotFoundError) or status == 404:
         return DownloadError(f"{job.url}: file {cfg.hf_filename} not found in {cfg.hf_repo} (HTTP 404); check "
-                             f"source.hf_filename and source.hf_revision in {job.where}")
+                             f"{job.fix('hf_filename', 'hf_revision')}")
     if status in (401, 403):
         return DownloadError(f"{job.url}: access denied (HTTP {status}); set HF_TOKEN to a token that may read "
                              f"{cfg.hf_repo}, or {job.by_hand}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 from rwkvtune import hub
@@ -23,18 +24,22 @@ from rwkvtune.errors import CheckpointError, ConfigError, DownloadError, Rwkvtun
 
 @dataclasses.dataclass(frozen=True)
 class RepoFile:
-    """One file of a hub listing: its path, size, and LFS sha256 ("" for a file stored in git)."""
+    """One file of a hub listing: its path, size, LFS sha256 ("" for a file stored in git) and git blob
+    id (for a file stored in git: sha1 of b"blob <size>\\0" + content; for an LFS file, its pointer's)."""
 
     path: str
     size: int
     sha256: str = ""
+    git_oid: str = ""
 
 
-def list_repo_files(repo: str, revision: str = "main") -> list[RepoFile]:
-    """Every file of a hub model repository at ``revision``, with sizes and LFS checksums.
+def list_repo_files(repo: str, revision: str = "main",
+                    fields: tuple[str, str] = ("source.hf_repo", "source.hf_revision")) -> list[RepoFile]:
+    """Every file of a hub model repository at ``revision``, with sizes and checksums.
 
-    One-line DownloadError when huggingface_hub is missing, the repository or revision does not exist,
-    the network or HF_HUB_OFFLINE stops the request, or the answer is not a file listing.
+    One-line DownloadError when huggingface_hub is missing, the repository or revision does not exist
+    (naming ``fields``: where the user sets the repository and the revision), the network or
+    HF_HUB_OFFLINE stops the request, or the answer is not a file listing.
     """
     try:
         from huggingface_hub import HfApi, errors
@@ -57,9 +62,9 @@ def list_repo_files(repo: str, revision: str = "main") -> list[RepoFile]:
         if isinstance(e, getattr(errors, "OfflineModeIsEnabled", ())):
             why = "HF_HUB_OFFLINE is set, so huggingface_hub makes no network requests; unset it to ask the hub"
         elif isinstance(e, errors.RevisionNotFoundError):
-            why = f"revision {revision!r} not found; check source.hf_revision"
+            why = f"revision {revision!r} not found; check {fields[1]}"
         elif isinstance(e, errors.RepositoryNotFoundError):
-            why = "repository not found (or private or gated: set HF_TOKEN); check source.hf_repo"
+            why = f"repository not found (or private or gated: set HF_TOKEN); check {fields[0]}"
         elif status is not None:
             why = f"the server answered HTTP {status}; try again later"
         elif hub._is_transport_error(e):
@@ -72,8 +77,9 @@ def list_repo_files(repo: str, revision: str = "main") -> list[RepoFile]:
         if isinstance(entry, HfRepoFile):
             lfs = getattr(entry, "lfs", None)
             sha = str(getattr(lfs, "sha256", "") or "").lower() if lfs else ""
-            out.append(RepoFile(entry.path, int(entry.size or 0),
-                                sha if releases._SHA256_RE.fullmatch(sha) else ""))
+            oid = str(getattr(entry, "blob_id", "") or "").lower()
+            out.append(RepoFile(entry.path, int(entry.size or 0), sha if releases._SHA256_RE.fullmatch(sha) else "",
+                                oid if re.fullmatch(r"[0-9a-f]{40}", oid) else ""))
     return out
 
 

@@ -35,7 +35,7 @@ def _error(capsys, argv, status=2) -> str:
      "rwkvtune generate: error: the following arguments are required: --model (see rwkvtune generate --help)"),
     (["models", "frob"],
      "rwkvtune models: error: argument ACTION: invalid choice: 'frob' (choose from 'list', 'show', 'new', "
-     "'download', 'check') (see rwkvtune models --help)"),
+     "'download', 'releases', 'check') (see rwkvtune models --help)"),
     (["trian"],
      "rwkvtune: error: argument COMMAND: invalid choice: 'trian' (choose from 'models', 'inspect', 'generate', "
      "'train', 'eval', 'merge-lora', 'export', 'data', 'plan') (see rwkvtune --help)"),

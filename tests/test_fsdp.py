@@ -153,6 +153,9 @@ def test_sharded_checkpoint_index_runs_no_code(data, tmp_path):
     index.write_bytes(pickle.dumps(Planted()))
     from rwkvtune.errors import CheckpointError
 
+    with pytest.raises(CheckpointError, match=r"file \.metadata is \d+ bytes, expected \d+ \(its manifest\)"):
+        train(TrainConfig(resume=str(out), max_steps=3))  # its manifest refuses it before it is read
+    (index.parent / "manifest.json").unlink()  # as written before manifests existed
     with pytest.raises(CheckpointError, match="never unpickles"):
         train(TrainConfig(resume=str(out), max_steps=3))
     assert not marker.exists()

@@ -648,9 +648,11 @@ def test_cli_defaults(ckpt):
 def test_cli_refuses_nan_with_the_flag_name(ckpt, capsys):
     assert _main(ckpt, temperature="nan") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --temperature: expected a finite number >= 0, found nan;") and err.count("\n") == 1
+    assert err.startswith("error: --temperature: expected a finite number with 0 <= --temperature <= 10000, found "
+                          "nan;") and err.count("\n") == 1
     assert _main(ckpt, top_p=2) == 2
-    assert capsys.readouterr().err.startswith("error: --top-p: expected a number with 0 <= top_p <= 1, found 2.0;")
+    assert capsys.readouterr().err.startswith("error: --top-p: expected a finite number with 0 <= --top-p <= 1, found "
+                                              "2.0;")
 
 
 def test_cli_run_streams_text_and_stats(ckpt, model, tok, capsys):

@@ -45,6 +45,11 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _git_oid(data: bytes) -> str:
+    """The git blob id of a file stored in git, as the hub's listing gives it."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10  # a stuck client cannot hold a server thread for long
@@ -91,6 +96,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if (repo, name) not in fake.files:
             return self._send(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, body=body)
         data, advertised, size = fake.files[repo, name]
+        if not fake.is_lfs(name):  # a file stored in git: served by the hub itself, its ETag the git blob id
+            return self._ranged(fake, data, body, {"ETag": f'"{_git_oid(data)}"', "X-Repo-Commit": COMMIT})
         linked = {"X-Linked-Etag": f'"{advertised}"', "X-Linked-Size": str(size)} if fake.linked else {}
         if fake.redirect:
             etag = hashlib.sha1(advertised.encode()).hexdigest()  # the pointer's git oid, as the hub sends
@@ -117,9 +124,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for (r, name), (data, advertised, size) in sorted(fake.files.items()):
             if r != repo:
                 continue
-            oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-            entry = {"type": "file", "oid": oid, "size": size, "path": name}
-            if name.endswith((".pth", ".safetensors")):
+            entry = {"type": "file", "oid": fake.oids.get((r, name)) or _git_oid(data), "size": size, "path": name}
+            if fake.is_lfs(name):
                 entry["lfs"] = {"oid": advertised, "size": size, "pointerSize": 134}
             entries.append(entry)
         return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode(), body=body)
@@ -179,6 +185,7 @@ class FakeHub:
         self.linked = True  # X-Linked-Etag/X-Linked-Size (the LFS sha256 and size) in the HEAD's answer
         self.ignore_range = False  # True: every GET answers 200 with the whole file
         self.listing: bytes | None = None  # set: the tree endpoint answers these bytes instead of the files
+        self.oids: dict[tuple[str, str], str] = {}  # (repo, file) -> the git oid the listing claims, if not the data's
         self.servers = []
         for role in ("hub", "cdn"):
             server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -189,9 +196,19 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.servers[0].server_address[1]}"
         self.cdn_url = f"http://127.0.0.1:{self.servers[1].server_address[1]}"
 
-    def add(self, repo: str, name: str, data: bytes, advertise: str | None = None, size: int | None = None) -> None:
+    def add(self, repo: str, name: str, data: bytes, advertise: str | None = None, size: int | None = None,
+            oid: str | None = None) -> None:
+        """Publish ``data`` as ``repo``'s file ``name``; the listing and the LFS headers may advertise
+        another sha256 (``advertise``), size or git oid than the data's: a tampered server."""
         self.files[repo, name] = (data, advertise or _sha(data), len(data) if size is None else size)
         self.blobs[_sha(data)] = data
+        if oid:
+            self.oids[repo, name] = oid
+
+    @staticmethod
+    def is_lfs(name: str) -> bool:
+        """Weights are stored in LFS (as .gitattributes of hub repositories says), the rest in git."""
+        return name.endswith((".pth", ".safetensors", ".bin"))
 
     def requests(self, role: str | None = None, method: str | None = None) -> list:
         with self.lock:

@@ -152,7 +152,10 @@ def test_last_only_logits(tiny):
         full, s_full = tiny(idx, return_state=True)
         last, s_last = tiny(idx, return_state=True, last_only=True)
     assert last.shape == (2, 1, 256)
-    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    # The head's matmul on [B, 1, C] and on [B, T, C] takes other GEMM blockings (another summation
+    # order): fp32 rounding reaches ~1e-6 on these logits (seen 1.19e-6 under load). A wrong row
+    # would be off by O(1).
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
     assert torch.equal(s_full.wkv, s_last.wkv)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rwkvtune.errors import CheckpointError, ConfigError
-from rwkvtune.train import checkpointing, rank_state
+from rwkvtune.train import checkpointing, manifest, rank_state
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist
 from rwkvtune.train.trainer import train
@@ -45,19 +45,30 @@ def method(data, tmp_path):
 
 
 def _two_process_checkpoint(one_process, tmp_path):
-    """The checkpoint as 2 processes save it: the main file records the save, each process's own
-    file beside it (process 1's rollouts: process 0's with advantages + 0.5, to tell them apart)."""
+    """The checkpoint as 2 processes save it: each process's own file beside the main file, which
+    records them (process 1's rollouts: process 0's with advantages + 0.5, to tell them apart)."""
     run = tmp_path / "run"
     shutil.copytree(one_process, run)
     main = run / "checkpoints" / "step-0000001.pt"
     ck = torch.load(main, weights_only=True)
-    ck[rank_state.KEY] = {"world_size": 2, "nonce": NONCE}
-    torch.save(ck, main)
     own = {"buffer": [{**b, "advantages": b["advantages"] + 0.5} for b in ck["method"]["buffer"]]}
-    rank_state.write(main, Dist(0, 2), 1, NONCE, ck["method"])
+    rank_state.write_own(main, Dist(0, 2), 1, NONCE, ck["method"])
     torch.manual_seed(1234)
-    rank_state.write(main, Dist(1, 2), 1, NONCE, own)
+    rank_state.write_own(main, Dist(1, 2), 1, NONCE, own)
+    _seal(main)
     return main, ck, own
+
+
+def _seal(main):
+    """Record the process files as they are now in the main file, under its manifest (as a save
+    does): what is then refused is refused by the checks after the checksum."""
+    ck = {k: v for k, v in torch.load(main, weights_only=True).items() if k != manifest.MANIFEST_KEY}
+    files = [RunDir.rank_state_file(main, r, 2, NONCE) for r in (0, 1)]
+    ck[rank_state.KEY] = {"world_size": 2, "nonce": NONCE, "files": [
+        {"bytes": f.stat().st_size, "crc32": f"{manifest.file_crc(f):08x}"} if f.is_file() else {"bytes": 0,
+                                                                                                  "crc32": "0"}
+        for f in files]}
+    torch.save(manifest.with_manifest(ck), main)
 
 
 def _restore(main, method):
@@ -85,7 +96,7 @@ def _planted(path):
 def _other(main, **kw):
     """A well-formed file for another process/save/world, put under process 1's name."""
     d = Dist(kw.get("rank", 1), kw.get("world", 2))
-    rank_state.write(main, d, kw.get("step", 1), kw.get("nonce", NONCE), {"buffer": []})
+    rank_state.write_own(main, d, kw.get("step", 1), kw.get("nonce", NONCE), {"buffer": []})
     os.replace(RunDir.rank_state_file(main, d.rank, d.world_size, kw.get("nonce", NONCE)), _own(main))
 
 
@@ -99,38 +110,65 @@ def _rollouts(main, change):
     torch.save(ck, _own(main))
 
 
+def _bad_rng(main):
+    ck = torch.load(_own(main), weights_only=True)
+    ck["rng"]["torch"] = torch.zeros(3)
+    torch.save(ck, _own(main))
+
+
+def _swap(main):
+    shutil.copy(RunDir.rank_state_file(main, 0, 2, NONCE), _own(main))
+
+
+# attack: (harm, what is said, whether the main file's record is rewritten to match (else the
+# size or checksum it records refuses the file first))
 ATTACKS = {
-    "process 0's file as process 1's": (lambda m: shutil.copy(RunDir.rank_state_file(m, 0, 2, NONCE), _own(m)),
-                                        "process index 0, expected 1"),
-    "a file of another save": (lambda m: _other(m, nonce=NONCE + 1), "save nonce"),
-    "a file of a 3-process run": (lambda m: _other(m, world=3), "number of processes 3, expected 2"),
-    "a file of another step": (lambda m: _other(m, step=7), "step 7, expected 1"),
-    "missing": (lambda m: _own(m).unlink(), "missing; .*process 1"),
-    "code in the pickle": (lambda m: _planted(_own(m)), "cannot read .* never unpickles"),
+    "process 0's file as process 1's": (_swap, r"crc32 \w+, expected crc32 \w+ \(recorded by step-0000001.pt", False),
+    "truncated": (lambda m: _own(m).write_bytes(_own(m).read_bytes()[:300]), r"300 bytes, expected \d+ bytes", False),
+    "NaN advantages (unrecorded)": (lambda m: _rollouts(m, lambda b: b["advantages"].fill_(float("nan"))),
+                                    r"expected (crc32 \w+|\d+ bytes) \(recorded", False),
+    "missing": (lambda m: _own(m).unlink(), "missing; .*process 1", False),
     "a link": (lambda m: (_own(m).unlink(), _own(m).symlink_to(RunDir.rank_state_file(m, 0, 2, NONCE))),
-               "not a regular file"),
-    "truncated": (lambda m: _own(m).write_bytes(_own(m).read_bytes()[:300]), "cannot read"),
+               "not a regular file", False),
+    # recorded as they are: the checks behind the checksum
+    "process 0's file, recorded": (_swap, "process index 0, expected 1", True),
+    "a file of another save": (lambda m: _other(m, nonce=NONCE + 1), "save nonce", True),
+    "a file of a 3-process run": (lambda m: _other(m, world=3), "number of processes 3, expected 2", True),
+    "a file of another step": (lambda m: _other(m, step=7), "step 7, expected 1", True),
+    "code in the pickle": (lambda m: _planted(_own(m)), "cannot read .* never unpickles", True),
+    "garbage": (lambda m: _own(m).write_bytes(b"PK\x03\x04" + b"x" * 200), "cannot read", True),
     "NaN advantages": (lambda m: _rollouts(m, lambda b: b["advantages"].fill_(float("nan"))),
-                       "micro-batch 0 advantages holds non-finite"),
+                       "micro-batch 0 advantages holds non-finite", True),
     "token ids beyond the vocab": (lambda m: _rollouts(m, lambda b: b["input_ids"].fill_(70000)),
-                                   r"input_ids has token ids outside \[0, 65536\)"),
+                                   r"input_ids has token ids outside \[0, 65536\)", True),
     "float token ids": (lambda m: _rollouts(m, lambda b: b.update(input_ids=b["input_ids"].float())),
-                        "expected int64"),
-    "no old log-probs": (lambda m: _rollouts(m, lambda b: b.pop("old_logps")), "expected .*old_logps"),
-    "a bad RNG state": (lambda m: (lambda ck: (ck["rng"].update(torch=torch.zeros(3)), torch.save(ck, _own(m))))(
-        torch.load(_own(m), weights_only=True)), "RNG state is malformed"),
+                        "expected int64", True),
+    "no old log-probs": (lambda m: _rollouts(m, lambda b: b.pop("old_logps")), "expected .*old_logps", True),
+    "a bad RNG state": (_bad_rng, "RNG state is malformed", True),
 }
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_a_wrong_process_state_file_is_refused_by_name(one_process, tmp_path, method, attack):
     main, _, _ = _two_process_checkpoint(one_process, tmp_path)
-    harm, said = ATTACKS[attack]
+    harm, said, reseal = ATTACKS[attack]
     harm(main)
+    if reseal:
+        _seal(main)
     with pytest.raises(CheckpointError, match=said) as e:
         _restore(main, method)
     assert str(_own(main)) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run" / "pwned").exists()
+
+
+def test_a_changed_record_of_the_process_files_is_refused_by_the_main_manifest(one_process, tmp_path, method):
+    main, _, _ = _two_process_checkpoint(one_process, tmp_path)
+    _swap(main)
+    ck = torch.load(main, weights_only=True)
+    ck[rank_state.KEY]["files"][1] = ck[rank_state.KEY]["files"][0]  # rewritten without its manifest
+    torch.save(ck, main)
+    with pytest.raises(CheckpointError, match="values of entry 'rank_states' differ from its manifest"):
+        _restore(main, method)
 
 
 def test_a_checkpoint_of_several_processes_from_before_is_refused_inside_a_batch(data, one_process):

@@ -422,7 +422,8 @@ def test_reward_timeout_must_be_finite_and_positive(value):
     from rwkvtune.models.rwkv7.config import TrainConfig
 
     cfg = TrainConfig(model="m.pth", data="d.jsonl", method="grpo", reward=("regex:a",), reward_timeout=value)
-    with pytest.raises(ConfigError, match=rf"reward_timeout: found {value}, expected a finite number of seconds > 0"):
+    with pytest.raises(ConfigError, match=rf"reward_timeout: found {value}, expected a finite number with 0 < "
+                                         rf"reward_timeout <= 86400 \(seconds"):
         cfg.validate()
     with pytest.raises(ConfigError, match="reward_timeout: found"):
         start_rewards(parse_rewards(["regex:a"]), value)

@@ -410,7 +410,7 @@ def test_one_bad_user_config_does_not_break_models_list(tmp_path, monkeypatch, c
 
 def test_a_seed_out_of_range_is_refused_with_the_range(data, tmp_path, capsys):
     line = _error_line(capsys, _train_args(data, tmp_path / "s", "--seed", str(2 ** 70), "--dry-run"))
-    assert f"seed: found {2 ** 70}, expected an integer >= 0 and <= 4294967295" in line
+    assert f"seed: found {2 ** 70}, expected an integer with 0 <= seed <= 4294967295" in line
 
 
 def test_a_model_too_large_to_allocate_says_its_size_and_what_to_change(data, tmp_path, capsys):

@@ -94,7 +94,7 @@ COMMANDS: list[Command] = [
             arguments="add_inspect_arguments"),
     Command("generate", f"{_CLI}.generate", "generate text (streams; chat mode with --chat)"),
     Command("train", f"{_CLI}.train", "fine-tune or pretrain (full, LoRA or state tuning; sft, dpo or grpo)"),
-    Command("eval", f"{_CLI}.eval", "loss and perplexity of a model on data (prints JSON)"),
+    Command("eval", f"{_CLI}.eval", "loss and perplexity on data (JSON), or lm-eval benchmarks (--tasks)"),
     Command("merge-lora", f"{_CLI}.merge", "merge a LoRA adapter into its base model (official layout)"),
     Command("export", f"{_CLI}.export", "write a model in the Hugging Face RWKV-7 layout (safetensors)"),
     Command("data", f"{_CLI}.data", "prepare training data", run=None),

@@ -31,8 +31,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     from rwkvtune.data.prepare import prepare_binidx
     from rwkvtune.errors import ConfigError
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers: found {args.workers}, expected an integer >= 1")
+    from rwkvtune.bounds import THREADS_PER_CORE, Bound, check_flag, cpu_cores, max_threads
+
+    check_flag("--workers", args.workers, Bound(int, 1, max_threads, note=f"at most {THREADS_PER_CORE}x the "
+                                                f"{cpu_cores()} CPU cores here"), ConfigError)
     if not args.out or args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out!r}: expected a file prefix such as data/corpus (writes data/corpus.bin "
                           f"and data/corpus.idx), not a directory")

@@ -1,5 +1,6 @@
 """``rwkvtune eval``: loss and perplexity of a model (optionally with an adapter or a tuned state)
-on data, printed as one JSON object."""
+on data, printed as one JSON object; with ``--tasks``/``--compare``, lm-eval benchmarks
+(:mod:`rwkvtune.cli.eval_tasks`)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,23 @@ BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad re
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry name or .pth checkpoint")
-    p.add_argument("--data", required=True, help=".jsonl or binidx prefix")
+    p.add_argument("--model", help="registry name, .pth checkpoint or run directory")
+    p.add_argument("--data", help=".jsonl or binidx prefix (loss and perplexity; or use --tasks)")
     p.add_argument("--state", help="state-tuning file to start from (rwkvtune train --mode state)")
     p.add_argument("--adapter", help="LoRA adapter file to apply (rwkvtune train --mode lora)")
     p.add_argument("--ctx-len", type=int, default=None,
                    help="window length (default: the training run's, from config.yaml beside --adapter, --state or "
                         "--model; else the model's recommended)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default: 4); with --tasks, rows per forward (default: 32)")
     p.add_argument("--long-context", action="store_true", help="score whole samples in ctx-len chunks with state")
     add_data_options(p)
     add_device(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (default: fp32)")
+    from rwkvtune.cli.eval_tasks import add_task_arguments
+
+    add_task_arguments(p)
 
 
 def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
@@ -37,8 +42,9 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
     of the run which wrote the base), else the model's recommended_ctx_len; with where it came from."""
     if args.ctx_len is not None:
         return args.ctx_len, "--ctx-len"
-    import yaml
-
+    from rwkvtune.errors import RwkvtuneError
+    from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+    from rwkvtune.safe_yaml import read_yaml_file
     from rwkvtune.train.run_dir import RunDir
 
     for path in (args.adapter, args.state, args.model):
@@ -46,11 +52,11 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
         if run_config is None or not run_config.is_file():
             continue
         try:
-            saved = yaml.safe_load(run_config.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            saved = read_yaml_file(run_config, "run config", "")
+        except RwkvtuneError:
             continue  # not a run's config after all: fall back to the model's
         ctx_len = saved.get("ctx_len") if isinstance(saved, dict) else None
-        if isinstance(ctx_len, int) and not isinstance(ctx_len, bool) and ctx_len >= 1:
+        if TRAIN_BOUNDS["ctx_len"].accepts(ctx_len) and ctx_len is not None:
             return ctx_len, f"the run's {run_config}"
     return model.config.recommended_ctx_len, f"recommended_ctx_len of {model.config.model_name}"
 
@@ -66,9 +72,19 @@ def run(args: argparse.Namespace) -> int:
     from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.runtime import autocast_factory
 
-    for flag, value in (("--ctx-len", args.ctx_len), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag}: found {value}, expected an integer >= 1")
+    if args.tasks or args.compare:
+        from rwkvtune.cli.eval_tasks import run_tasks
+
+        return run_tasks(args)
+    if not args.model or not args.data:
+        raise ConfigError("rwkvtune eval needs --model MODEL and --data FILE (loss and perplexity), or --tasks "
+                          "TASKS (benchmarks through lm-eval)")
+    args.batch_size = 4 if args.batch_size is None else args.batch_size
+    from rwkvtune.bounds import check_flag
+    from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+
+    for name in ("ctx_len", "batch_size"):  # the bounds of the training options of these names
+        check_flag("--" + name.replace("_", "-"), getattr(args, name), TRAIN_BOUNDS[name], ConfigError)
     device = resolve_device(args.device)
     model = RWKV7.from_checkpoint(args.model, device=device)
     if args.adapter:

@@ -51,7 +51,7 @@ def sampling_from_args(args: argparse.Namespace, extra_stops: tuple[str, ...] = 
         return SamplingConfig(**values)
     except GenerationError as e:
         name = str(e).split(":", 1)[0]
-        raise GenerationError(_flag(name) + str(e)[len(name):]) from None
+        raise GenerationError(_flag(name) + str(e)[len(name):].replace(f" {name} ", f" {_flag(name)} ")) from e
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -46,11 +46,16 @@ _ACTIONS = {
     "new": ("write a config JSON for a checkpoint",
             "Detect a checkpoint's dims and write a registry config for it. Default output: rwkv7-NAME.json in "
             "the first $RWKVTUNE_CONFIG_PATH directory if set, else the current directory."),
-    "download": ("download a model file from its source (Hugging Face) into the models directory",
+    "download": ("download a model file from its source (Hugging Face), or a Hugging Face model folder "
+                 "(--repo), into the models directory",
                  "Download the model file of a config from the Hugging Face repository its \"source\" names, into "
                  "the models directory ($RWKVTUNE_MODEL_DIR, default ~/.rwkvtune/models). Resumes an interrupted "
-                 "download, verifies the sha256, and does nothing if the file is already there. Honours "
-                 "HF_ENDPOINT and HF_TOKEN. Needs huggingface_hub: pip install \"rwkvtune[hub]\"."),
+                 "download, verifies the sha256, and does nothing if the file is already there. With --repo "
+                 "OWNER/NAME instead of NAME: an RWKV-7 repository in the Hugging Face layout (e.g. RWKV/RWKV7-*-HF, "
+                 "fla-hub/rwkv7-*) becomes the folder MODELS_DIR/OWNER/NAME (config.json, safetensors weights, "
+                 "tokenizer files; every file verified against the hub's listing; pickle .bin files and code are "
+                 "never downloaded), loadable with --model MODELS_DIR/OWNER/NAME. Honours HF_ENDPOINT and HF_TOKEN. "
+                 "Needs huggingface_hub: pip install \"rwkvtune[hub]\"."),
     "releases": ("the releases of a size: which are known, which are present, which one the name means",
                  "The releases of a registry size (files named rwkv7-<release>-<size>-<date>-ctx<N>.pth): the "
                  "pinned one, those recorded by `models download --latest/--release`, and those present in the "
@@ -75,9 +80,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a["new"].add_argument("--name", required=True, help="registry name for it, e.g. my-1.5b (file rwkv7-NAME.json)")
     a["new"].add_argument("-o", "--output", metavar="FILE", help="where to write the .json (default: see above)")
     a["new"].add_argument("--force", action="store_true", help="overwrite an existing output file")
-    a["download"].add_argument("name", metavar="NAME",
-                               help='registry name ("1.5b", "rwkv7-1.5b", "1.5b@g1a") or .json config')
-    a["download"].add_argument("--force", action="store_true", help="download again even if the file is present")
+    a["download"].add_argument("name", metavar="NAME", nargs="?", default=None,
+                               help='registry name ("1.5b", "rwkv7-1.5b", "1.5b@g1a") or .json config; '
+                                    'not with --repo')
+    a["download"].add_argument("--force", action="store_true",
+                               help="download again even if the file (or --repo folder) is present; a present "
+                                    "folder is replaced once the new one is complete")
+    a["download"].add_argument("--repo", metavar="OWNER/NAME", default=None,
+                               help="a Hugging Face repository in the RWKV-7 HF layout, downloaded as the folder "
+                                    "MODELS_DIR/OWNER/NAME and recorded there (a later call finds it offline); "
+                                    "instead of NAME, --release and --latest")
+    a["download"].add_argument("--revision", metavar="REV", default=None,
+                               help="with --repo: branch, tag or commit (default main)")
     which = a["download"].add_mutually_exclusive_group()
     which.add_argument("--release", metavar="R", default="",
                        help="this release of the size (g1a, g1a-20250922 or the file name); asks the hub's file "
@@ -325,9 +339,46 @@ def cmd_new(args: argparse.Namespace) -> int:
 # ---- models download -----------------------------------------------------------------------
 
 
+def _download_repo(args: argparse.Namespace) -> int:
+    """``models download --repo OWNER/NAME``: the HF folder, verified, recorded (rwkvtune.hub_repos)."""
+    from rwkvtune.hub_repos import download_repo
+
+    got = download_repo(args.repo, revision=args.revision or "main", models_dir=args.models_dir, force=args.force,
+                        progress=sys.stderr.isatty())
+    rec = got.record
+    at = f"revision {rec.revision}" + (f", commit {rec.commit}" if rec.commit and rec.commit != rec.revision else "")
+    if got.fresh:
+        print(f"saved {rec.repo} ({at}) as {got.folder}: {len(rec.files)} files, {got.nbytes:,} bytes, each "
+              f"verified against the hub's listing (LFS sha256 or git blob id)")
+        if got.skipped_pickles:
+            print(f"  not downloaded: {', '.join(got.skipped_pickles)} (pickle files, which rwkvtune never loads; "
+                  f"the safetensors weights hold the same model)")
+        if got.skipped_other:
+            more = f" (+{len(got.skipped_other) - 6})" if len(got.skipped_other) > 6 else ""
+            print(f"  left out: {', '.join(got.skipped_other[:6])}{more} (not weights, config or tokenizer files)")
+    else:
+        print(f"already present: {got.folder} ({rec.repo}, {at}; nothing downloaded; --force downloads it again)")
+    print(f"  use it: rwkvtune generate --model {got.folder} --prompt \"...\"")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from rwkvtune.hub import download_model, target_path
 
+    if args.repo is not None:
+        given = [flag for flag, on in (("NAME", args.name is not None), ("--release", args.release),
+                                       ("--latest", args.latest)) if on]
+        if given:
+            raise ConfigError(f"--repo {args.repo} downloads a Hugging Face folder; {' and '.join(given)} "
+                              f"{'name' if len(given) > 1 else 'names'} a registry model file: give one of them, "
+                              f"not both")
+        return _download_repo(args)
+    if args.revision is not None:
+        raise ConfigError("--revision goes with --repo; a registry entry's revision is source.hf_revision in its "
+                          "config")
+    if args.name is None:
+        raise ConfigError("models download: give NAME (a registry name or .json config, e.g. 1.5b) or "
+                          "--repo OWNER/NAME (a Hugging Face RWKV-7 folder)")
     if args.latest or args.release or "@" in args.name:
         from rwkvtune.hub_releases import download_release
 

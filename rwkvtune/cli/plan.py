@@ -10,7 +10,15 @@ import argparse
 import json
 import sys
 
+from rwkvtune.bounds import Bound
 from rwkvtune.errors import ConfigError
+from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+
+# The numeric flags of `plan` (ctx_len and batch_size: those of training).
+PLAN_BOUNDS = {"ctx_len": TRAIN_BOUNDS["ctx_len"], "batch_size": TRAIN_BOUNDS["batch_size"],
+               "gpus": Bound(int, 1, 2 ** 16, optional=True),
+               "gpu_memory": Bound(float, 0, 1e6, lo_open=True, optional=True, each=True,
+                                   note="card sizes in GB, e.g. 24 80")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,12 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rwkvtune.train import plan
 
-    for name in ("ctx_len", "batch_size", "gpus"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: found {value}, expected an integer >= 1")
-    if args.gpu_memory and min(args.gpu_memory) <= 0:
-        raise ConfigError(f"--gpu-memory: found {min(args.gpu_memory)}, expected card sizes in GB > 0 (e.g. 24 80)")
+    from rwkvtune.bounds import check_flag
+
+    for name, bound in PLAN_BOUNDS.items():
+        check_flag("--" + name.replace("_", "-"), getattr(args, name), bound, ConfigError)
     if args.pick:
         return _pick(args)
     if args.train_args:

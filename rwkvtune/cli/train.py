@@ -7,11 +7,14 @@ import json
 import os
 import sys
 
+from rwkvtune.bounds import THREADS_PER_CORE
+
 # Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
 TRAIN_FLAGS = [
     ("--model", str, "registry name (0.1b), .pth checkpoint or .json config"),
     ("--data", str, "training data: .jsonl (text/chat/prompt-response) or binidx prefix"),
-    ("--out", str, "output directory (default: out)"),
+    ("--out", str, "run directory (default: out); must be new, empty, or a run of this tool (it holds "
+                   "rwkvtune-run.json): any other directory is refused, never overwritten"),
     ("--init", str, "pretrained (load the model file) or scratch (official init)"),
     ("--mode", str, "full, lora or state"),
     ("--ctx-len", int, "tokens per window (default: model's recommended)"),
@@ -36,7 +39,8 @@ TRAIN_FLAGS = [
     ("--train-parts", str, "LoRA mode: also train ln, emb and/or head (comma-separated)"),
     ("--bptt", str, "long samples: truncated (default) or full backprop through chunks"),
     ("--wandb", str, "log to this wandb project"),
-    ("--threads", int, "CPU threads of torch's ops (default: torch's own, usually the number of cores)"),
+    ("--threads", int, f"CPU threads of torch's ops, at most {THREADS_PER_CORE}x the cores (default: torch's own, usually the number "
+                       "of cores)"),
     ("--method", str, "training objective: sft (default), dpo (preference pairs) or grpo (rewards on samples)"),
     ("--strategy", str, "under torchrun: ddp (default) or fsdp (sharded parameters, gradients, optimizer)"),
 ]
@@ -73,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in backward (default: off)")
     p.add_argument("--long-context", action="store_true", default=None,
                    help="keep samples whole; train long ones in ctx-len chunks carrying the state (default: off)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="sft on jsonl: pack short documents into shared windows with the RNN state reset at each "
+                        "document's start, exactly as if each ran alone; --no-packing: one document per window, "
+                        "padded (default: packing)")
     p.add_argument("--reward", action="append", metavar="SPEC",
                    help="method grpo: a reward function, repeatable: exact_match:FIELD, regex:PATTERN, format:REGEX, "
                         "length_penalty:N or path/to/file.py:function (see rwkvtune/train/rewards.py)")
@@ -80,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fsdp on GPU: keep sharded parameters, gradients and optimizer state in host memory")
     p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
                    help="run even when the memory estimate exceeds the device's memory (recipe: memory_check: false)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved setup and exit; writes nothing (also "
+                                                          "not into --out)")
     p.add_argument("--help-all", action=_HelpAll, help="show this help and every option settable as key=value (or "
                                                        "in a recipe), with its default and meaning, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any TrainConfig option, e.g. lr=1e-4")
@@ -98,7 +107,7 @@ def _with_default(help_: str, default) -> str:
 def _flag_names() -> set[str]:
     """TrainConfig fields that have a flag of their own."""
     return {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context", "reward", "memory_check", "cpu_offload"}
+        "resume", "grad_checkpoint", "long_context", "packing", "reward", "memory_check", "cpu_offload"}
 
 
 def _unflagged() -> list[str]:
@@ -152,11 +161,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # a bad recipe or override fails before torch is imported
     from rwkvtune.train import trainer
     from rwkvtune.train.checkpointing import run_dir_of
     from rwkvtune.train.run_dir import RunDir
 
-    cfg = config_from_args(args)
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt:
@@ -177,13 +186,15 @@ def next_steps(summary: dict) -> str:
     """One line for people at the end of a run: where the result is and the command to try next."""
     import shlex
 
-    import yaml
-
+    from rwkvtune.errors import RwkvtuneError
+    from rwkvtune.safe_yaml import read_yaml_file
     from rwkvtune.train.run_dir import RunDir
 
     try:
-        saved = yaml.safe_load(RunDir(summary["out"]).config.read_text(encoding="utf-8")) or {}
-    except (OSError, ValueError, yaml.YAMLError):
+        saved = read_yaml_file(RunDir(summary["out"]).config, "run config", "") or {}
+    except RwkvtuneError:
+        saved = {}
+    if not isinstance(saved, dict):
         saved = {}
     q = shlex.quote
     data = saved.get("eval_data") or saved.get("data") or "DATA.jsonl"

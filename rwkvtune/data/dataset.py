@@ -12,6 +12,8 @@ are ``w[1:]``. Each item is a dict of torch tensors::
                                 the final RNN state of window i-1 into window i equals
                                 processing the whole document at once
     num_targets  int            labels that are not -100
+    doc_start    BoolTensor[T]  (packing only) True where a document's first input token lies:
+                                the model restarts there from the initial state
 
 Document boundaries (:class:`PackedDataset`, from jsonl): every document ends with token 0
 (end of text) and a fresh window starts with an inserted 0, so every document is preceded by a 0
@@ -19,6 +21,13 @@ that acts as beginning-of-text. The first token of a document is predicted from 
 document's mask says it is a target (plain text: yes; chat: no, its first token is "User" or
 "System"). This is what RWKV-LM does over binidx data, where each document's first token is
 predicted from the previous document's trailing 0. No target is ever taken from padding.
+
+Packing (``packing=True``, the default): short documents share a window, and ``doc_start``
+marks where each begins, so the model resets its state there and every document is trained
+exactly as if it ran alone from a fresh window. A document packed after another starts at that
+document's trailing 0, which is its beginning-of-text token (a document that does not end with 0
+gets an inserted one). ``packing=False``: every document starts a fresh window and the rest of
+the window is padding.
 """
 
 from __future__ import annotations
@@ -60,10 +69,11 @@ def _make_item(w: np.ndarray, targets: np.ndarray | None, T: int, meta: dict) ->
 class PackedDataset:
     """Pack documents into windows of ``ctx_len`` targets, in order.
 
-    - Documents that fit are packed back to back into the current window and are never cut:
-      a document that does not fit the space left starts a new window and the rest of the
-      current window is padding (labels -100). This keeps every short chat sample whole in one
-      window, at the cost of some padding (see ``efficiency``).
+    - With ``packing``, documents that fit are packed back to back into the current window and
+      are never cut: a document that does not fit the space left starts a new window and the rest
+      of the current window is padding (labels -100). This keeps every short chat sample whole in
+      one window, at the cost of some padding (see ``efficiency``). Without ``packing`` every
+      document starts a new window.
     - A document longer than ctx_len is cut into consecutive windows (pieces 0, 1, ...), one
       after another in index order; following documents may fill the space after its last
       piece. Window i with ``starts_doc == False`` continues window i-1 token for token.
@@ -71,10 +81,12 @@ class PackedDataset:
     For zero-padding pretraining on long text, prepare a binidx file and use BinIdxWindows.
     """
 
-    def __init__(self, samples: Sequence[Sample], ctx_len: int):
+    def __init__(self, samples: Sequence[Sample], ctx_len: int, packing: bool = True):
         T = self.ctx_len = _check_ctx_len(ctx_len)
+        self.packing = bool(packing)
         tok_parts: list[np.ndarray] = []
         tgt_parts: list[np.ndarray] = []
+        starts: list[int] = []  # layout positions of each document's first input token
         pos = 0  # length of the layout so far
         windows: list[tuple[int, int, int, int]] = []  # (start, targets, doc_id, piece_index)
         cur = None  # open window: [start, targets used, doc_id, piece_index]
@@ -87,16 +99,23 @@ class PackedDataset:
                 raise DataError(f"sample {d}: {n} tokens but {len(s.mask)} mask entries")
             t = np.asarray(s.tokens, dtype=np.int32)
             m = np.asarray(s.mask, dtype=bool)
-            if cur is not None and cur[1] + n <= T:
+            # The previous document's trailing 0 is this one's beginning of text; else insert one.
+            bos = int(tok_parts[-1][-1] != 0) if tok_parts else 1
+            if self.packing and cur is not None and cur[1] + bos + n <= T:
+                if bos:
+                    tok_parts.append(bos_t)
+                    tgt_parts.append(bos_m)
+                starts.append(pos - 1 + bos)
                 tok_parts.append(t)
                 tgt_parts.append(m)
-                pos += n
-                cur[1] += n
+                pos += bos + n
+                cur[1] += bos + n
                 continue
             if cur is not None:
                 windows.append(tuple(cur))
             # A fresh window: the inserted 0 is input only (mask False), then the document.
             s0 = pos
+            starts.append(s0)
             tok_parts += [bos_t, t]
             tgt_parts += [bos_m, m]
             pos += 1 + n
@@ -112,6 +131,8 @@ class PackedDataset:
             raise DataError("no samples to pack: the dataset is empty")
         self._tok = np.concatenate(tok_parts)
         self._tgt = np.concatenate(tgt_parts)
+        self._start = np.zeros(len(self._tok), dtype=bool)
+        self._start[starts] = True
         table = np.asarray(windows, dtype=np.int64)
         self.starts, self.counts, self.doc_ids, self.piece_index = table.T.copy()
         self.num_docs = len(samples)
@@ -140,7 +161,15 @@ class PackedDataset:
         w, targets = self.window(i)
         k = int(self.piece_index[i])
         meta = {"doc_id": int(self.doc_ids[i]), "piece_index": k, "starts_doc": k == 0}
-        return _make_item(w, targets, self.item_len, meta)
+        item = _make_item(w, targets, self.item_len, meta)
+        if self.packing:
+            import torch
+
+            s, n = int(self.starts[i]), int(self.counts[i])
+            doc_start = np.zeros(self.item_len, dtype=bool)
+            doc_start[:n] = self._start[s: s + n]
+            item["doc_start"] = torch.from_numpy(doc_start)
+        return item
 
 
 class BinIdxWindows:
@@ -309,8 +338,9 @@ class WindowSampler:
 
 
 def load_dataset(path: str, tokenizer, ctx_len: int, fmt: str = "auto", on_error: str = "raise",
-                 vocab_size: int | None = 65536):
-    """Open training data: a .jsonl/.json file (tokenized and packed) or a binidx prefix."""
+                 vocab_size: int | None = 65536, packing: bool = True):
+    """Open training data: a .jsonl/.json file (tokenized, and packed with document resets when
+    ``packing``) or a binidx prefix (a stream of windows across documents, as RWKV-LM trains)."""
     path = os.fspath(path)
     if path.endswith((".jsonl", ".json")):
         if tokenizer is None:
@@ -319,7 +349,7 @@ def load_dataset(path: str, tokenizer, ctx_len: int, fmt: str = "auto", on_error
             tokenizer = get_tokenizer()
         samples, _ = read_samples(path, tokenizer, fmt=fmt, on_error=on_error,
                                   vocab_size=vocab_size)
-        return PackedDataset(samples, ctx_len)
+        return PackedDataset(samples, ctx_len, packing=packing)
     prefix = strip_suffix(path)
     if os.path.isfile(idx_path(prefix)) or os.path.isfile(bin_path(prefix)):
         return BinIdxWindows(prefix, ctx_len, vocab_size=vocab_size)

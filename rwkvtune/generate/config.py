@@ -8,10 +8,9 @@ it from here, so a default is written exactly once.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from typing import Any, Callable
+from typing import Callable
 
+from rwkvtune.bounds import Bound, shown
 from rwkvtune.errors import RwkvtuneError
 
 
@@ -25,42 +24,36 @@ def _field(default, help: str, cli: str | None = None):
     return dataclasses.field(default=default, metadata={"help": help, "cli": cli})
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def _seed(v):
-    return None if v is None else int(v)
-
-
-# name -> (accepts the value, what is expected, what to do, conversion). Finite numbers only: a nan
-# temperature or penalty would silently turn every logit into nan.
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str, str, Callable]] = {
-    "max_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", "pass e.g. 200", int),
-    "temperature": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0",
-                    "use 0 for greedy decoding or e.g. 1.0 to sample", float),
-    "top_p": (lambda v: _is_real(v) and 0 <= v <= 1, "a number with 0 <= top_p <= 1", "use 1 to turn it off",
-              float),
-    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0", "use 0 to turn it off", int),
-    "presence_penalty": (_is_real, "a finite number", "use 0 to turn it off", float),
-    "frequency_penalty": (_is_real, "a finite number", "use 0 to turn it off", float),
-    "penalty_decay": (lambda v: _is_real(v) and 0 < v <= 1, "a number with 0 < penalty_decay <= 1",
-                      "use 1 to never forget earlier tokens", float),
-    "seed": (lambda v: v is None or _is_int(v), "an integer or None", "pass e.g. 0, or None for a random seed",
-             _seed),
-    "penalize_whitespace": (lambda v: isinstance(v, bool), "True or False", "pass a bool", bool),
+# The bounds of the numeric settings (see rwkvtune/bounds.py: finite, of the field's type, in
+# range), with what to do and the conversion. A nan temperature or penalty would silently turn
+# every logit into nan; an inf or 1e308 penalty overflows them (0 * inf) and ends the text at once;
+# a seed beyond 63 bits overflows torch's generator.
+MAX_SEED = 2 ** 63 - 1
+_CHECKS: dict[str, tuple[Bound, str, Callable]] = {
+    "max_tokens": (Bound(int, 0, 2 ** 31 - 1), "pass e.g. 200", int),
+    "temperature": (Bound(float, 0, 1e4), "use 0 for greedy decoding or e.g. 1.0 to sample", float),
+    "top_p": (Bound(float, 0, 1), "use 1 to turn it off", float),
+    "top_k": (Bound(int, 0, 2 ** 31 - 1), "use 0 to turn it off", int),
+    "presence_penalty": (Bound(float, -1e4, 1e4), "use 0 to turn it off (a penalty of 100 already bans a token)",
+                         float),
+    "frequency_penalty": (Bound(float, -1e4, 1e4), "use 0 to turn it off (a penalty of 100 already bans a token)",
+                          float),
+    "penalty_decay": (Bound(float, 0, 1, lo_open=True), "use 1 to never forget earlier tokens", float),
+    "seed": (Bound(int, 0, MAX_SEED, optional=True), "pass e.g. 0, or None for a random seed",
+             lambda v: None if v is None else int(v)),
 }
 
 
 def check_option(name: str, value):
     """``value`` converted to the option's type, or :class:`GenerationError` in one line."""
-    ok, expected, todo, convert = _CHECKS[name]
-    if not ok(value):
-        raise GenerationError(f"{name}: expected {expected}, found {value!r}; {todo}")
+    if name == "penalize_whitespace":
+        if not isinstance(value, bool):
+            raise GenerationError(f"{name}: expected True or False, found {shown(value)}; pass a bool")
+        return value
+    bound, todo, convert = _CHECKS[name]
+    if not bound.accepts(value):
+        # flag=True: no "(or null ...)"; the advice says what None does where it is accepted
+        raise GenerationError(f"{name}: expected {bound.expected(name, flag=True)}, found {shown(value)}; {todo}")
     return convert(value)
 
 
@@ -71,7 +64,7 @@ def _check_stop(stop) -> tuple[str, ...]:
     except TypeError:
         stops = None
     if stops is None or any(not isinstance(s, str) or not s for s in stops):
-        raise GenerationError(f"stop: expected a non-empty string or a list of them, found {stop!r}; "
+        raise GenerationError(f"stop: expected a non-empty string or a list of them, found {shown(stop)}; "
                               f"pass e.g. stop=['\\n\\n']")
     return stops
 

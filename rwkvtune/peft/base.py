@@ -34,6 +34,8 @@ class TrainModule(nn.Module):
     ``reduce="sequence"``: (summed negative log-likelihood of each sequence [B], state); with
     ``reduce="token"``: (each scored token's negative log-likelihood [B, T] at ``temperature``, state).
     ``hidden=True``: (final hidden states [B, T, C], state), for losses that use the head themselves.
+    ``doc_start`` [B, T] bool: packed documents; each restarts at its first token from the initial
+    state (``wkv_init``, also when a ``state`` is carried in, or zeros).
     """
 
     def __init__(self, model: nn.Module, wkv_init: torch.Tensor | None = None):
@@ -43,11 +45,13 @@ class TrainModule(nn.Module):
         self.reference_active = False  # True inside Mode.reference(): the initial state is zeros
 
     def forward(self, idx, state=None, labels=None, l2wrap: float = 0.0, hidden: bool = False,
-                reduce: str = "sum", temperature: float = 1.0, last_only: bool = False):
-        init = self.wkv_init if state is None and not self.reference_active else None
+                reduce: str = "sum", temperature: float = 1.0, last_only: bool = False, doc_start=None):
+        # The model reads wkv_init only without a carried state, or as the reset state at doc_start.
+        init = self.wkv_init if (state is None or doc_start is not None) and not self.reference_active else None
         if labels is None:
-            return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden, last_only=last_only)
-        h, state = self.model(idx, state=state, return_state=True, wkv_init=init, hidden=True)
+            return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden, last_only=last_only,
+                              doc_start=doc_start)
+        h, state = self.model(idx, state=state, return_state=True, wkv_init=init, hidden=True, doc_start=doc_start)
         if reduce == "sequence":
             return loss_lib.chunked_sequence_nll(h, self.model.head, labels), state
         if reduce == "token":

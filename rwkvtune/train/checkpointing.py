@@ -5,7 +5,8 @@ A checkpoint (``checkpoints/step-NNNNNNN.pt`` in the run directory, see
 training method's state and every RNG, as tensors and plain values only: it loads with
 ``torch.load(weights_only=True)``, so a file planted there cannot run code. Every file is written
 to a temporary name and renamed, so a process killed at any moment leaves either the previous or
-the new checkpoint, never a torn one.
+the new checkpoint, never a torn one. Each carries a manifest (every tensor's shape, dtype and
+checksum, the step), checked before a resume loads anything (:mod:`rwkvtune.train.manifest`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from rwkvtune.configs.checkpoint import check_pickle_size
 from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.train import manifest
 from rwkvtune.train.run_dir import CHECKPOINT_NAME, RANK_STATE_NAME, RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error
 
@@ -63,7 +65,7 @@ def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, m
           "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(), "method": method_state or {}}
     if rank_states:
         ck["rank_states"] = rank_states
-    atomic_torch_save(ck, path)
+    atomic_torch_save(manifest.with_manifest(ck), path)  # one file with its manifest: complete or absent
     atomic_write_text(run.latest, path.name + "\n")
     prune(run, step, cfg.keep_checkpoints, rank_states["nonce"] if rank_states else None)
     return path
@@ -156,9 +158,12 @@ def checkpoint_step(path: Path) -> int:
 
 def read_checkpoint_info(path: Path) -> dict:
     """A checkpoint's step, config and other small entries, without reading its tensor data: of a
-    ``.pt`` file (memory-mapped) or of a sharded folder's ``trainer.pt``."""
+    ``.pt`` file (memory-mapped) or of a sharded folder's ``trainer.pt``, checked against the
+    checkpoint's manifest (:mod:`rwkvtune.train.manifest`)."""
     if not Path(path).is_dir():
-        return _load(path, mmap=True)
+        info = _load(path, mmap=True)
+        manifest.check_values(path, info)
+        return info
     meta = Path(path) / "trainer.pt"
     if not meta.is_file():
         raise CheckpointError(f"{path}: sharded checkpoint without trainer.pt; it is incomplete: move it away to "
@@ -173,6 +178,7 @@ def read_checkpoint_info(path: Path) -> dict:
                               f"unpickles, or is corrupt: move this checkpoint away") from None
     if not isinstance(info, dict) or not {"step", "config", "sampler", "rng"} <= set(info):
         raise CheckpointError(f"{meta}: not written by rwkvtune train; move this checkpoint away")
+    manifest.check_sharded_info(path, info)
     return info
 
 
@@ -214,7 +220,7 @@ def _load(path: Path, mmap: bool = False) -> dict:
 SCHEDULE_FIELDS = ("lr", "lr_final", "warmup_steps")
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "save_every", "keep_checkpoints", "eval_every", "log_every",
                      "tensorboard", "wandb", "device", "eval_data", "cpu_offload", "eval_on_start",
-                     "threads", "memory_check") + SCHEDULE_FIELDS
+                     "threads", "memory_check", "eval_tasks", "eval_tasks_limit") + SCHEDULE_FIELDS
 
 # Options that name files. A run saves them absolute, so `--resume` works from any directory, and
 # compares them as paths, so a relative path on the command line equals the saved absolute one.
@@ -303,15 +309,11 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, 
     if path.is_dir():
         raise CheckpointError(f"{path}: a sharded checkpoint (strategy fsdp); resume it with strategy fsdp")
     ck = _load(path)
+    # Nothing goes into the model or the optimizer before every tensor matches the manifest and
+    # this run's model (a NaN saved by a diverging step is named here, not met as a NaN loss).
+    manifest.verify_pt(path, ck)
+    manifest.check_fits(path, ck, module, optimizer)
     params = dict(module.named_parameters())
-    missing = [n for n in ck["trainable"] if n not in params]
-    if missing:
-        raise CheckpointError(f"{path}: parameters {missing[:3]} do not exist in this model; resume with the "
-                              f"same model and mode")
-    from rwkvtune.tensor_checks import check_tensor
-
-    for n, t in ck["trainable"].items():  # a NaN saved by a diverging step: named here, not as a NaN loss
-        check_tensor(n, t, path, what="trainable tensor")
     with torch.no_grad():
         for n, t in ck["trainable"].items():
             params[n].copy_(t)

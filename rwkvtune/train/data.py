@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rwkvtune.data.dataset import IGNORE, load_dataset
+from rwkvtune.data.dataset import IGNORE, PackedDataset, load_dataset
 from rwkvtune.data.formats import read_samples
 from rwkvtune.errors import DataError
 
@@ -38,9 +38,14 @@ def build_dataset(path: str, tokenizer, cfg, vocab_size: int):
             raise DataError(f"{path}: long_context needs jsonl data (binidx has no sample boundaries)")
         samples, _ = read_samples(path, tokenizer, fmt=cfg.data_format, on_error=cfg.on_data_error,
                                   vocab_size=vocab_size)
+        if cfg.packing and samples:
+            # Rows as long as the longest sample, each holding whole samples back to back with a
+            # state reset at each one's start: no sample is cut, and the rows run in ctx_len chunks
+            # carrying the state like whole samples do.
+            return PackedDataset(samples, max(1, max(len(s.tokens) for s in samples)), packing=True)
         return WholeSamples(samples)
     return load_dataset(path, tokenizer, cfg.ctx_len, fmt=cfg.data_format, on_error=cfg.on_data_error,
-                        vocab_size=vocab_size)
+                        vocab_size=vocab_size, packing=cfg.packing)
 
 
 def _used_len(item: dict) -> int:
@@ -52,12 +57,20 @@ def _used_len(item: dict) -> int:
 
 def collate(items: list[dict], device) -> dict:
     """Stack items, padding to the longest (input 0, label -100). Columns after the batch's last
-    target are dropped, so a ctx_len much longer than the data costs nothing."""
+    target are dropped, so a ctx_len much longer than the data costs nothing. Packed items'
+    ``doc_start`` (document starts) come along as a bool [B, T]."""
     T = max(_used_len(it) for it in items)
     idx = torch.zeros(len(items), T, dtype=torch.long)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    packed = all("doc_start" in it for it in items)
+    doc_start = torch.zeros(len(items), T, dtype=torch.bool) if packed else None
     for r, it in enumerate(items):
         n = min(T, len(it["input_ids"]))
         idx[r, :n] = it["input_ids"][:n]
         labels[r, :n] = it["labels"][:n]
-    return {"input_ids": idx.to(device), "labels": labels.to(device)}
+        if packed:
+            doc_start[r, :n] = it["doc_start"][:n]
+    batch = {"input_ids": idx.to(device), "labels": labels.to(device)}
+    if packed:
+        batch["doc_start"] = doc_start.to(device)
+    return batch

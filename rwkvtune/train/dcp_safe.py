@@ -9,7 +9,9 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` of the run directory:
 * ``trainer.pt``: step, tokens, data position, RNG states, the config and the method's state,
   tensors and plain values only;
 * on several processes, each one's own method state and RNGs (``rank-R-of-N.pt``, see
-  :mod:`rwkvtune.train.rank_state`).
+  :mod:`rwkvtune.train.rank_state`);
+* ``manifest.json``: every file's size and CRC-32, checked before a resume reads any of them
+  (:mod:`rwkvtune.train.manifest`).
 
 torch's own reader unpickles ``.metadata`` with plain ``pickle`` and the non-tensor entries with
 ``torch.load(weights_only=False)``: either lets a planted file run code. :class:`SafeReader`
@@ -46,7 +48,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
-from rwkvtune.train import checkpointing, rank_state
+from rwkvtune.train import checkpointing, manifest, rank_state
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
 
 TRAINER_FILE = "trainer.pt"
@@ -235,13 +237,9 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
         dcp.save(state, checkpoint_id=str(tmp))
     except CheckpointException as e:  # every process gets every process's failures
         raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from None
-    rank_states, error = None, None
+    rank_states = None
     if d.world_size > 1:  # each process's own method state and RNGs, in the folder (renamed with it)
-        try:
-            rank_states = rank_state.write(tmp, d, step, nonce[0], method_state)
-        except RwkvtuneError as e:  # disk full on one process: every process stops with it, none waits
-            error = e
-        agree(error)
+        rank_states = rank_state.write(tmp, d, step, nonce[0], method_state)  # a collective
     if d.main:
         meta = {"step": step, "tokens": tokens, "sampler": sampler.state_dict(), "rng": checkpointing.rng_state(),
                 "config": cfg.to_dict(), "method": method_state or {}, "world_size": d.world_size,
@@ -249,6 +247,8 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
         if rank_states:
             meta[rank_state.KEY] = rank_states
         atomic_torch_save(meta, tmp / TRAINER_FILE)
+    manifest.seal_sharded(tmp, step)  # every process: manifest.json (process files included) before the rename
+    if d.main:
         shutil.rmtree(final, ignore_errors=True)  # a resumed run saving the same step again
         tmp.rename(final)
         atomic_write_text(run.latest, final.name + "\n")
@@ -296,13 +296,22 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
             raise CheckpointError(f"{path}: a checkpoint of a run without sharding; resume it with strategy ddp "
                                   f"(drop strategy=fsdp)")
         meta = checkpointing.read_checkpoint_info(path)
+    except RwkvtuneError as e:
+        error = e
+    except Exception as e:  # anything else met reading the checkpoint: said, and by every process
+        error = _read_error(path, e)
+    agree(error)
+    try:  # a collective: each file's size and checksum against manifest.json before any file is parsed
+        manifest.verify_sharded(path)
+    except RwkvtuneError as e:  # every process raises the same line
+        raise on_every_rank(e) from e.__cause__
+    try:
         check_files(path, SafeReader(path).read_metadata(), meta.get("shard_nonce"))
         sampler.load_state_dict(meta["sampler"])
     except RwkvtuneError as e:
         error = e
-    except Exception as e:  # anything else met reading the checkpoint: said, and by every process
-        error = CheckpointError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: {_first_line(e)})")
-        error.__cause__ = e
+    except Exception as e:
+        error = _read_error(path, e)
     agree(error)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
@@ -312,6 +321,10 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
         raise on_every_rank(_load_error(path, e)) from e
     except Exception as e:
         raise _load_error(path, e) from e
+    try:
+        manifest.check_loaded_finite(path, state)  # a collective: every process raises the same line
+    except RwkvtuneError as e:
+        raise on_every_rank(e) from e.__cause__
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=LOAD_OPTIONS)
     checkpointing.set_rng_state(meta["rng"])
@@ -334,6 +347,12 @@ def agree(error: RwkvtuneError | None) -> None:
     if error is not None and str(error) == first:
         raise on_every_rank(error)
     raise on_every_rank(CheckpointError(first)) from error
+
+
+def _read_error(path: Path, e: Exception) -> CheckpointError:
+    error = CheckpointError(f"{path}: cannot read this sharded checkpoint ({type(e).__name__}: {_first_line(e)})")
+    error.__cause__ = e
+    return error
 
 
 def _first_line(e: BaseException) -> str:

@@ -83,6 +83,17 @@ def _read_lines(path: Path) -> list[str]:
         raise read_error(path, e) from None
 
 
+def _task_series(evals: dict[int, dict]) -> dict[str, list[tuple[int, float]]]:
+    """eval_tasks metrics (``eval_<task>/<metric>``) whose every value lies in [0, 1], by name:
+    (step, value) points. Perplexities and other unbounded metrics stay in metrics.jsonl/TensorBoard."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step, e in sorted(evals.items()):
+        for k, v in e.items():
+            if k.startswith("eval_") and "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
+                series.setdefault(k.removeprefix("eval_"), []).append((step, float(v)))
+    return {k: pts for k, pts in series.items() if all(0.0 <= v <= 1.0 for _, v in pts)}
+
+
 class MetricsLogger:
     """Logs of the main process. ``resume_step`` (the checkpoint's step on --resume) continues the
     run's logs: metrics.jsonl keeps its rows up to that step, TensorBoard hides the later events of
@@ -266,7 +277,16 @@ class MetricsLogger:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles = ax.get_legend_handles_labels()
+        tasks = _task_series(self.evals)
+        if tasks:  # eval_tasks scores (accuracies and the like, all in [0, 1]) on a second axis
+            ax2 = ax.twinx()
+            for name, pts in tasks.items():
+                ax2.plot(*zip(*pts), "s--", label=name)
+            ax2.set_ylabel("task score")
+            h2 = ax2.get_legend_handles_labels()
+            handles = (handles[0] + h2[0], handles[1] + h2[1])
+        ax.legend(*handles, fontsize="small")
         fig.tight_layout()
         path = self.run.loss_plot
         try:

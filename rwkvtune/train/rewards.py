@@ -191,7 +191,8 @@ def _format(spec: str, pattern: str) -> Callable:
 
 
 def _length_penalty(spec: str, target_text: str) -> Callable:
-    if not target_text.isdigit() or int(target_text) < 1:
+    # ASCII digits, at most 9 ("²".isdigit() is true, and int() refuses it or 5000 digits)
+    if not re.fullmatch(r"[0-9]{1,9}", target_text) or int(target_text) < 1:
         raise ConfigError(f"--reward {spec!r}: length_penalty needs a target length in characters, an integer >= 1, "
                           f"found {target_text!r}; e.g. length_penalty:1000")
     target = int(target_text)

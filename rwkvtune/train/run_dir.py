@@ -11,7 +11,7 @@
     tb/                          TensorBoard event files
     wandb-run-id                 the wandb run a resume continues
     checkpoints/step-0000050.pt  resumable: trainable weights, optimizer, data position, RNGs
-    checkpoints/step-0000050/    the same, sharded over processes (strategy fsdp)
+    checkpoints/step-0000050/    the same, sharded over processes (strategy fsdp), with manifest.json
     checkpoints/step-0000050.rank-1-of-2.HEX.pt
                                  several processes (ddp): process 1's own state (the method's, e.g.
                                  GRPO's rollouts, and its RNGs); HEX: the save's nonce, also in
@@ -21,6 +21,14 @@
     adapter.pth / state.pth      LoRA adapter / tuned initial state
     state.rwkv-peft.pth          the tuned state in the layout RWKV-PEFT and RWKV Runner load
     run.lock                     while a run trains here: locked by it, naming its pid, host, command
+    rwkvtune-run.json            the marker, written first (before run.lock) when a run takes the directory
+
+The marker says "a run of this tool": ``--out`` writes only into a directory that is missing, empty,
+or marked (a directory holding anything else, e.g. a user's own config.yaml or loss.png, is refused,
+since a run would overwrite those names). Runs of versions before the marker have none: a directory
+with resumable checkpoints under checkpoints/ (step-NNNNNNN.pt files or sharded folders) is
+recognised as such an older run, which ``--resume`` continues (marking it then) and a new run refuses
+as any finished run. A ``--dry-run`` writes nothing, marker included.
 
 With ``save_format: safetensors`` the model, adapter and state are ``.safetensors`` instead.
 
@@ -31,12 +39,15 @@ of atomic writes (:data:`rwkvtune.utils.TEMP_NAME`) here and in checkpoints/, an
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
-from rwkvtune.utils import TEMP_NAME
+from rwkvtune.bounds import clip
+from rwkvtune.utils import TEMP_NAME, atomic_write_text
 
 # step-NNNNNNN.pt: one file (one process, DDP); step-NNNNNNN/: a sharded folder (FSDP)
 CHECKPOINT_NAME = re.compile(r"step-(\d{7})(\.pt)?")
@@ -46,6 +57,9 @@ CHECKPOINT_NAME = re.compile(r"step-(\d{7})(\.pt)?")
 RANK_STATE_NAME = re.compile(r"step-(?P<step>\d{7})\.rank-(?P<rank>\d+)-of-(?P<world>\d+)\.(?P<nonce>[0-9a-f]{16})\.pt")
 SHARDED_TEMP_NAME = re.compile(r"\.step-\d{7}\.tmp")
 LOCK_NAME = "run.lock"
+MARKER_NAME = "rwkvtune-run.json"
+MARKER_TOOL = "rwkvtune"
+_MARKER_MAX_BYTES = 4096  # the marker is one short JSON line; a larger file is not one
 
 
 def _alive(pid: int) -> bool:
@@ -84,6 +98,54 @@ class RunDir:
     state = property(lambda self: self.path / f"state{self.suffix}")
     state_peft = property(lambda self: self.path / "state.rwkv-peft.pth")
     lock = property(lambda self: self.path / LOCK_NAME)
+    marker = property(lambda self: self.path / MARKER_NAME)
+
+    # ---- whose directory it is (see the module docstring)
+    def is_marked(self) -> bool:
+        """Whether the run marker is here and is this tool's: a regular file (not a link), at most
+        a few KB, holding a JSON object with "tool": "rwkvtune"."""
+        p = self.marker
+        if p.is_symlink() or not p.is_file():
+            return False
+        try:
+            with open(p, "rb") as f:
+                raw = f.read(_MARKER_MAX_BYTES + 1)
+            info = json.loads(raw.decode("utf-8")) if len(raw) <= _MARKER_MAX_BYTES else None
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(info, dict) and info.get("tool") == MARKER_TOOL
+
+    def mark(self) -> None:
+        """Write the marker (atomically), creating the directory if needed."""
+        from rwkvtune import __version__
+
+        info = {"tool": MARKER_TOOL, "version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_text(self.marker, json.dumps(info) + "\n")
+
+    def entries(self) -> list[str]:
+        """Names in the directory, sorted ([] when it is missing or not a directory)."""
+        try:
+            return sorted(os.listdir(self.path))
+        except OSError:
+            return []
+
+    def ownership(self) -> str:
+        """"missing" (no directory), "empty", "own" (marked), "legacy" (unmarked, with resumable
+        checkpoints: a run of a version before the marker) or "foreign" (anything else)."""
+        if not self.path.is_dir():
+            return "missing"
+        if not self.entries():
+            return "empty"
+        if self.is_marked():
+            return "own"
+        return "legacy" if self.checkpoint_files() else "foreign"
+
+    def foreign_problem(self, flag: str = "--out") -> str:
+        """The one-line refusal for a directory that holds files no run of this tool wrote."""
+        names = self.entries()
+        listed = ", ".join(clip(repr(n)[1:-1], 40) for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return (f"{flag} {self.path}: the directory holds files that are not a rwkvtune run's ({listed}; no "
+                f"{MARKER_NAME}), which a run would overwrite; choose a new or empty directory for {flag}")
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}.pt"

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from rwkvtune.errors import ConfigError
+from rwkvtune.errors import ConfigError, OutputError
 from rwkvtune.train.run_dir import RunDir
 
 try:
@@ -91,18 +91,27 @@ def _created_dirs(path: Path) -> list[Path]:
 @contextlib.contextmanager
 def hold(run: RunDir, flag: str = "--out") -> Iterator[None]:
     """Hold the run directory's lock while the block runs (``flag`` names the option that chose
-    the directory, for the error). Directories created only for the lock are removed again when
-    the block leaves them empty (a run that failed at setup leaves nothing behind)."""
+    the directory, for the error), after marking the directory as a run's (RunDir.mark) unless it
+    is. Directories created only for the lock, and a marker written only for it, are removed again
+    when the block leaves nothing else there (a run that failed at setup leaves nothing behind)."""
     if fcntl is None:
         yield
         return
     created = _created_dirs(run.path)
+    marked = False
     try:
         run.path.mkdir(parents=True, exist_ok=True)
+        if not run.is_marked():  # the marker first: a directory a run writes in is always recognisably one
+            if run.ownership() == "foreign":  # filled since the caller's check: never mark someone's files
+                raise ConfigError(run.foreign_problem(flag))
+            run.mark()
+            marked = True
         fd = _lock_path_fd(run.lock)
     except RunDirLocked as e:
         raise RunDirLocked(f"{flag} {run.path}: another run is using this directory ({e}); wait for it to "
                            f"finish or stop it, or choose another --out") from None
+    except OutputError:  # the marker's write, already naming its file
+        raise
     except OSError as e:
         from rwkvtune.utils import output_error
 
@@ -122,6 +131,9 @@ def hold(run: RunDir, flag: str = "--out") -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.unlink(run.lock)  # while still locked (see the module docstring)
             os.close(fd)
+        if marked and run.entries() == [run.marker.name]:  # a run that failed at setup leaves nothing
+            with contextlib.suppress(OSError):
+                run.marker.unlink()
         for d in created:
             try:
                 d.rmdir()  # only when empty

@@ -28,18 +28,31 @@ def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
 
 
 def check_out_dir(run: RunDir, resuming: bool) -> None:
-    """Fail before any work when --out cannot hold a run, or holds another run (never overwrite it)."""
+    """Fail before any work when --out cannot hold a run, holds another run, or holds files that no
+    run of this tool wrote (never overwrite either; see rwkvtune.train.run_dir)."""
+    problem = out_dir_problem(run, resuming)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def out_dir_problem(run: RunDir, resuming: bool) -> str | None:
+    """Why a run may not write into ``run``'s directory (one line), or None. The directory must be
+    missing, empty or this tool's run (marked; or, to resume, an unmarked older run with
+    checkpoints); a new run also needs one without checkpoints or final outputs."""
     out = run.path
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise ConfigError(f"--out {out}: {blocker} is a file, not a directory; choose another --out")
+        return f"--out {out}: {blocker} is a file, not a directory; choose another --out"
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {existing} is not writable (read-only or no permission); choose another "
-                          f"--out")
+        return f"--out {out}: {existing} is not writable (read-only or no permission); choose another --out"
+    owner = run.ownership()
+    if owner == "foreign":
+        return run.foreign_problem("--resume" if resuming else "--out")
     if not resuming and run.holds_run():
-        raise ConfigError(f"--out {out}: already holds a run (checkpoints or final outputs); continue it with "
-                          f"--resume {out}, or choose another --out (or delete that directory)")
+        return (f"--out {out}: already holds a run (checkpoints or final outputs); continue it with --resume {out}, "
+                f"or choose another --out (or delete that directory)")
+    return None
 
 
 def data_warnings(cfg, n_windows: int, global_batch: int) -> list[str]:

@@ -63,14 +63,9 @@ class Strategy:
         """The main process writes the checkpoint; on several processes each first writes its own
         state beside it (:mod:`rwkvtune.train.rank_state`: GRPO's rollouts differ per process)."""
         rank_states = None
-        if self.dist.world_size > 1:
-            error = None
+        if self.dist.world_size > 1:  # a collective: a failed write stops every process
             nonce = rank_state.shared_nonce(self.dist)
-            try:
-                rank_states = rank_state.write(run.checkpoint(step), self.dist, step, nonce, method_state)
-            except RwkvtuneError as e:  # disk full on one process: every process stops with it, none waits
-                error = e
-            self.agree(error)
+            rank_states = rank_state.write(run.checkpoint(step), self.dist, step, nonce, method_state)
         if not self.dist.main:
             return None
         return checkpointing.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, rank_states)
@@ -225,7 +220,7 @@ def resume_world_size(resume, cfg, d, sampler, steps_per_batch: int, tokens_per_
         old_gb = info["world_size"] * cfg.batch_size
     if not isinstance(old_gb, int) or old_gb <= 0 or old_gb == sampler.global_batch:
         step = int(info["step"])
-        if d.world_size > 1 and step % steps_per_batch and rank_state.saved_for(info, d) is None:
+        if d.world_size > 1 and step % steps_per_batch and rank_state.saved_for(info, d, path) is None:
             # Saved before each process kept its own state: the file holds process 0's rollouts only.
             raise on_every_rank(ConfigError(
                 f"--resume {resume}: the checkpoint of step {step} is inside a batch whose rollouts the next steps "

@@ -33,6 +33,7 @@ from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode, TrainModule, count_params
 from rwkvtune.train import checkpointing, run_lock
+from rwkvtune.train.manifest import check_step_within
 from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
 from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
@@ -42,10 +43,11 @@ from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
-                                           schedule_warnings)
+                                         out_dir_problem, schedule_warnings)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
+from rwkvtune.train.task_eval import check_eval_tasks, run_eval_tasks
 from rwkvtune.utils import atomic_write_text
 
 
@@ -111,9 +113,11 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         torch.set_num_threads(cfg.threads)
     has_weights = check_model_file(cfg, model_config, dry_run)
     run = RunDir(cfg.out, cfg.save_format)
-    check_out_dir(run, resuming=bool(resume_dir))
+    # A dry run writes nothing, so it is never refused for --out: it says what the run would meet.
+    out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
     stop.run_dir = run
     check_packages(cfg)
+    check_eval_tasks(cfg)
     d = setup_distributed(cfg.device)
     if d.main and not dry_run:
         _lock_run_dir(run, resume_dir, cleanup)
@@ -141,19 +145,25 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     tokens_per_step = cfg.batch_size * rows * cfg.grad_accum * d.world_size * sample_tokens
     world_change = None
     if resume_dir and not dry_run:
-        step = checkpointing.checkpoint_step(checkpointing.resume_checkpoint(resume_dir))
+        resume_path = checkpointing.resume_checkpoint(resume_dir)
+        step = checkpointing.checkpoint_step(resume_path)
         done = checkpointing.completed_summary(run.path, step, total_steps)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
                 print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
                       f"--max-steps to train further)", file=sys.stderr)
             return done
+        check_step_within(resume_path, step, total_steps)
         # another number of processes: said (or refused where undefined) before any weight is read
         world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch, tokens_per_step)
 
     if dry_run:
-        return _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
-                        total_steps, len(train_set), method_shape)
+        report = _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
+                          total_steps, len(train_set), method_shape)
+        if out_note:
+            report["out_problem"] = out_note
+            print(f"note: the run itself would be refused: {out_note}", file=sys.stderr)
+        return report
     check_memory(cfg, model_config, d, device, sample_tokens, **method_shape)  # before any weights are loaded
     strategy = get_strategy(cfg, d, device)
     # FSDP: built on meta, sharded, then each process fills only its shards (file or seeded init)
@@ -319,8 +329,8 @@ def loop(r: Run, stop: GracefulStop) -> None:
 
 def _loop(r: Run, stop: GracefulStop, progress) -> None:
     cfg, window = r.cfg, _Window()
-    if cfg.eval_on_start and r.eval_set is not None and r.step == 0 and 0 not in r.logger.evals:
-        r.logger.log_eval(0, r.method.evaluate(r.module, r.eval_set, r.context()))
+    if cfg.eval_on_start and _has_eval(r) and r.step == 0 and 0 not in r.logger.evals:
+        r.logger.log_eval(0, evaluate(r))
     stop.in_loop = True
     while r.step < r.total_steps:
         t0 = time.perf_counter()
@@ -342,8 +352,8 @@ def _loop(r: Run, stop: GracefulStop, progress) -> None:
                    "tokens_per_s": window.tokens_in / window.seconds, "grad_norm": window.grad_norm}
             r.logger.log_step(row, progress, advance=window.steps)
             window = _Window()
-        if r.eval_set is not None and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
-            r.last_eval = r.method.evaluate(r.module, r.eval_set, r.context())
+        if _has_eval(r) and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
+            r.last_eval = evaluate(r)
             r.logger.log_eval(r.step, r.last_eval)
         if cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps:
             save_checkpoint(r)
@@ -352,6 +362,18 @@ def _loop(r: Run, stop: GracefulStop, progress) -> None:
             progress.close()
             _stop_after_step(r, stop)
     stop.in_loop = False
+
+
+def _has_eval(r: Run) -> bool:
+    return r.eval_set is not None or bool(r.cfg.eval_tasks)
+
+
+def evaluate(r: Run) -> dict:
+    """The method's eval on eval_data, and the eval_tasks' metrics (see rwkvtune.train.task_eval)."""
+    result = r.method.evaluate(r.module, r.eval_set, r.context()) if r.eval_set is not None else {}
+    if r.cfg.eval_tasks:
+        result.update(run_eval_tasks(r.cfg, r.module, r.autocast, r.dist.main, r.dist.world_size))
+    return result
 
 
 def diverged_message(r: Run, loss: float) -> str:
@@ -422,11 +444,11 @@ def _stop_after_step(r: Run, stop: GracefulStop) -> None:
 def finish(r: Run) -> dict:
     """Final eval, the mode's outputs, a last resumable checkpoint, the plot, then summary.json
     (written last: its presence marks the run complete)."""
-    if r.eval_set is not None:
+    if _has_eval(r):
         # A resume that only finishes (killed after the final eval) already has its result.
         r.last_eval = r.logger.evals.get(r.step) if r.dist.main else None
         if r.last_eval is None:
-            r.last_eval = r.method.evaluate(r.module, r.eval_set, r.context())
+            r.last_eval = evaluate(r)
             r.logger.log_eval(r.step, r.last_eval)
     summary = {"steps": r.step, "tokens": r.tokens, "out": str(r.run.path)}
     # The model first: the resumable checkpoint is several times larger, and a full disk must not

@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from rwkvtune.bounds import THREADS_PER_CORE, Bound, bound_problems, cpu_cores, max_threads
+from rwkvtune.bounds import clip, shown as show_value
 from rwkvtune.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
@@ -26,6 +28,52 @@ SAVE_FORMATS = ("pth", "safetensors")
 SAVE_DTYPES = ("bf16", "fp32")
 MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding takes 0..2**32-1, torch's 64 bits: the common range
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+MAX_STEPS = 10 ** 9  # steps, step intervals: far beyond any run, so that a typo is refused
+
+# The accepted values of every numeric option, checked by ``validate`` (see rwkvtune/bounds.py:
+# finite, of the field's type, in range). Upper limits are far beyond useful values; they catch a
+# typo (1e23, extra zeros) before it overflows in the maths. A method adds its own stricter rules
+# (dpo: beta > 0; grpo: epsilon_high >= epsilon) in its ``problems``.
+TRAIN_BOUNDS: dict[str, Bound] = {
+    "ctx_len": Bound(int, 1, 2 ** 24, optional=True),
+    "batch_size": Bound(int, 1, 2 ** 16, optional=True),
+    "grad_accum": Bound(int, 1, 2 ** 16),
+    "lr": Bound(float, 0, 10, hi_open=True, optional=True),
+    "lr_final": Bound(float, 0, 10, hi_open=True, optional=True),
+    "warmup_steps": Bound(int, 0, MAX_STEPS),
+    "max_steps": Bound(int, 1, MAX_STEPS, optional=True),
+    "epochs": Bound(int, 1, 10 ** 6),
+    "weight_decay": Bound(float, 0, 10),
+    "betas": Bound(float, 0, 1, hi_open=True, each=True),
+    "adam_eps": Bound(float, 0, 1, lo_open=True),
+    "grad_clip": Bound(float, 0, 1e9, note="0 disables clipping"),
+    "seed": Bound(int, 0, MAX_SEED, note="the range numpy's and torch's seeds share"),
+    "lora_r": Bound(int, 1, 2 ** 16),
+    "lora_alpha": Bound(float, 0, 1e6, lo_open=True, note="the LoRA scaling is lora_alpha / lora_r"),
+    "lora_dropout": Bound(float, 0, 1, hi_open=True),
+    "beta": Bound(float, 0, 1e4, optional=True),
+    "label_smoothing": Bound(float, 0, 0.5, hi_open=True),
+    "simpo_gamma": Bound(float, 0, 1e4),
+    "reward_weights": Bound(float, -1e6, 1e6, each=True),
+    "num_generations": Bound(int, 2, 2 ** 16, note="advantages compare a group"),
+    "max_completion_length": Bound(int, 1, 2 ** 24),
+    "temperature": Bound(float, 0, 1e4, lo_open=True, note="rollouts are sampled"),
+    "top_p": Bound(float, 0, 1, lo_open=True),
+    "epsilon": Bound(float, 0, 1, lo_open=True, hi_open=True),
+    "epsilon_high": Bound(float, 0, 1e4, lo_open=True, optional=True),
+    "num_iterations": Bound(int, 1, 10 ** 4),
+    "eval_tasks_limit": Bound(float, 0, 1e9, lo_open=True, optional=True,
+                              note="items per task, or a fraction if < 1"),
+    "reward_timeout": Bound(float, 0, 86400, lo_open=True,
+                            note="seconds a reward function may take per call; at most a day"),
+    "threads": Bound(int, 1, max_threads, optional=True,
+                     note=f"at most {THREADS_PER_CORE}x the {cpu_cores()} CPU cores here: more only contend, and "
+                          f"very many crash torch"),
+    "save_every": Bound(int, 0, MAX_STEPS, note="0: only at the end"),
+    "keep_checkpoints": Bound(int, 1, 10 ** 6),
+    "eval_every": Bound(int, 0, MAX_STEPS, note="0: only at the end"),
+    "log_every": Bound(int, 1, MAX_STEPS),
+}
 
 
 @dataclasses.dataclass
@@ -58,6 +106,7 @@ class TrainConfig:
     # ---- long samples (infinite context) -----------------------------------------------------
     long_context: bool = False  # keep samples whole; train them in ctx_len chunks carrying state
     bptt: str = "truncated"  # "truncated": backprop within a chunk; "full": through all chunks
+    packing: bool = True  # sft jsonl: short documents share windows, the state reset at each one's start (exact); false: one per window, padded
     # ---- PEFT --------------------------------------------------------------------------------
     lora_r: int = 16  # LoRA rank
     lora_alpha: float = 32.0  # LoRA scaling = lora_alpha / lora_r
@@ -97,6 +146,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
     eval_on_start: bool = False  # also evaluate before the first step (the starting point of the curves)
+    eval_tasks: tuple[str, ...] = ()  # lm-eval tasks (or a suite) run with the evals on rank 0; needs lm-eval
+    eval_tasks_limit: float | None = None  # items per eval task (a fraction if < 1); None: every item
     log_every: int = 1  # steps per metrics row (loss averaged over them, token-weighted)
     save_dtype: str = "bf16"  # dtype of final.pth ("bf16" like released files, or "fp32")
     save_format: str = "pth"  # final model, adapter and state as "pth" or "safetensors" (no pickle)
@@ -120,10 +171,13 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         problems = []
         for key, raw in values.items():
+            if not isinstance(key, str):  # YAML reads `1: x` with an int key
+                problems.append(f"{show_value(key)}: expected an option name (a string)")
+                continue
             key = key.replace("-", "_")
             if key not in hints:
                 close = _suggest(key, self.field_names())
-                problems.append(f"{key}: unknown option" + (f" (did you mean {close!r}?)" if close else ""))
+                problems.append(f"{clip(key)}: unknown option" + (f" (did you mean {close!r}?)" if close else ""))
                 continue
             try:
                 setattr(self, key, _coerce(raw, hints[key]))
@@ -153,46 +207,23 @@ class TrainConfig:
             problems.append(f"save_format: found {self.save_format!r}, expected 'pth' or 'safetensors'")
         if self.save_dtype not in SAVE_DTYPES:
             problems.append(f"save_dtype: found {self.save_dtype!r}, expected 'bf16' or 'fp32'")
-        for name in ("ctx_len", "batch_size", "grad_accum", "max_steps", "epochs", "lora_r"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name}: found {value}, expected >= 1")
-        for name in ("lr", "lr_final"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < 10:
-                problems.append(f"{name}: found {value}, expected 0 <= {name} < 10")
-        for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not value >= 0:  # also catches nan
-                problems.append(f"{name}: found {value}, expected >= 0")
-        for name in ("keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: found {getattr(self, name)}, expected >= 1")
-        if not 0 <= self.seed <= MAX_SEED:
-            problems.append(f"seed: found {self.seed}, expected an integer >= 0 and <= {MAX_SEED} (the range numpy's "
-                            f"and torch's seeds share)")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"threads: found {self.threads}, expected an integer >= 1 (or leave it unset for torch's "
-                            f"default)")
+        out_of_bounds = bound_problems(self, TRAIN_BOUNDS)  # every numeric option
+        problems += out_of_bounds
         # Problems of several fields, already naming their sources; the mode knows its own rules.
         conflicts = [self._conflict(shown, why) for shown, why in
                      (get_mode(self.mode).conflicts(self) if self.mode in MODES else [])]
-        if not self.lora_alpha > 0:
-            problems.append(f"lora_alpha: found {self.lora_alpha}, expected > 0")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout: found {self.lora_dropout}, expected 0 <= lora_dropout < 1")
-        if not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"betas: found {list(self.betas)}, expected two numbers in [0, 1)")
-        if not self.adam_eps > 0:
-            problems.append(f"adam_eps: found {self.adam_eps}, expected > 0")
         from rwkvtune.train.methods import METHODS, method_class
 
         if self.method not in METHODS:
             problems.append(f"method: found {self.method!r}, expected one of {', '.join(METHODS)}")
-        else:
+        elif not out_of_bounds:  # a method's rules compare numbers that are in their bounds
             problems += method_class(self.method).problems(self)
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
+        elif self.eval_tasks and self.strategy == "fsdp":
+            conflicts.append(self._conflict({"eval_tasks": repr(list(self.eval_tasks)), "strategy": "'fsdp'"},
+                                            "a sharded model cannot run the tasks on one process; use strategy "
+                                            "ddp, or rwkvtune eval --tasks on the saved checkpoints"))
         elif self.cpu_offload and self.strategy != "fsdp":
             conflicts.append(self._conflict({"cpu_offload": "true", "strategy": repr(self.strategy)},
                                             "offloading applies to sharded state; set strategy=fsdp"))
@@ -295,70 +326,15 @@ class TrainConfig:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _recipe_loader():
-    """A SafeLoader that refuses duplicate keys: PyYAML keeps the last one, so a recipe with ``lr``
-    twice would silently train with whichever comes later."""
-    import yaml
-
-    class RecipeLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            lines: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # "<<: *base" keys may be overridden by the mapping's own
-                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-                try:
-                    first = lines.get(key)
-                except TypeError:
-                    continue  # an unhashable key: SafeLoader reports it below
-                if first is not None:
-                    raise ConfigError(f"duplicate key {key!r} on lines {first} and {line}; keep only one of them")
-                lines[key] = line
-            return super().construct_mapping(node, deep)
-
-    return RecipeLoader
-
-
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``)."""
-    import yaml
+    """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``), through the
+    project's one YAML reader (no tags, bounded aliases and size, no duplicate keys)."""
+    from rwkvtune.safe_yaml import read_yaml_file
 
-    from rwkvtune.utils import not_found, read_error
-
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{p}: is a directory; pass an existing YAML file to --config")
-    if not p.is_file():
-        raise ConfigError(not_found(p, "recipe", "pass an existing YAML file to --config"))
-    try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_recipe_loader()) or {}
-    except OSError as e:
-        raise read_error(p, e, ConfigError, "the recipe") from None
-    except RecursionError:
-        raise ConfigError(f"{p}: nested deeper than the YAML reader's recursion limit; a recipe is a flat mapping "
-                          f"of option: value") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start}); save the recipe as UTF-8 text") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML{_yaml_problem(e)}; fix the file") from None
-    except ConfigError as e:  # from the loader, which does not know the file name
-        raise ConfigError(f"{p}: {e}") from None
+    data = read_yaml_file(path, "recipe", "pass an existing YAML file to --config") or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: found a {type(data).__name__}, expected a mapping of option: value")
+        raise ConfigError(f"{path}: found a {type(data).__name__}, expected a mapping of option: value")
     return data
-
-
-def _yaml_problem(e) -> str:
-    """" at line L, column C: problem (context)" from PyYAML's marks (0-based; shown 1-based)."""
-    mark = getattr(e, "problem_mark", None)
-    if mark is None or not getattr(e, "problem", None):
-        return f" ({str(e).splitlines()[0]})"
-    text = f" at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
-    if e.context:
-        start = e.context_mark
-        where = f" that starts at line {start.line + 1}, column {start.column + 1}" if start else ""
-        text += f" ({e.context}{where})"
-    return text
 
 
 # Names that other trainers give these options (RWKV-LM, Hugging Face); difflib cannot guess
@@ -383,14 +359,16 @@ def _suggest(key: str, names: list[str]) -> str | None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr=1e-4", "lora_targets=[att.key,ffn.key]"]`` -> dict; values parsed as YAML scalars."""
-    import yaml
+    from rwkvtune.safe_yaml import load_yaml
 
     out = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. lr=1e-4)")
+            raise ConfigError(f"override {show_value(item)}: expected key=value (e.g. lr=1e-4)")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value else None
+        key = key.strip()
+        out[key] = load_yaml(value, f"command line (key=value): {clip(key)}",
+                             "write a plain value (quote text that YAML would misread)") if value else None
     return out
 
 
@@ -406,7 +384,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"found {value!r}, expected a list")
+            raise TypeError(f"found {show_value(value)}, expected a list")
         if args and args[-1] is Ellipsis:
             return tuple(_coerce(v, args[0]) for v in value)
         if len(value) != len(args):
@@ -417,18 +395,18 @@ def _coerce(value: Any, hint: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise TypeError(f"found {value!r}, expected true or false")
+        raise TypeError(f"found {show_value(value)}, expected true or false")
     if hint in (int, float):
         # An int field takes ints and numeric strings (not 1e3 or 2.5); a float field also floats.
         accepted, what = ((int, str), "an integer") if hint is int else ((int, float, str), "a number")
         if isinstance(value, bool) or not isinstance(value, accepted):
-            raise TypeError(f"found {value!r}, expected {what}")
+            raise TypeError(f"found {show_value(value)}, expected {what}")
         try:
             return hint(value)
-        except ValueError:
-            raise TypeError(f"found {value!r}, expected {what}") from None
+        except (ValueError, OverflowError) as e:  # OverflowError: an int beyond a double, for a float field
+            raise TypeError(f"found {show_value(value)}, expected {what}") from e
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TypeError(f"found {value!r}, expected a string")
+            raise TypeError(f"found {show_value(value)}, expected a string")
         return str(value)
     return value

@@ -13,6 +13,10 @@ Two ways to run the same maths:
 * RNN mode (decoding): pass ``state=`` and ``return_state=True``; the state carries per layer
   the TimeMix previous input, the WKV matrix [H, N, N] (fp32) and the ChannelMix previous input.
 A sequence fed whole, token by token, or in chunks gives the same logits.
+
+Packed documents: ``doc_start`` [B, T] bool marks where a document begins. There the token shift
+sees zeros (as at t = 0) and every layer's WKV state restarts from its initial state (zeros, or
+``wkv_init`` in state tuning), so each document's logits equal those of the document run alone.
 """
 
 from __future__ import annotations
@@ -135,6 +139,14 @@ def _orthogonal_(w: torch.Tensor, gain: float) -> None:
     nn.init.orthogonal_(w, gain=gain)
 
 
+def _shifted(x, x_prev, doc_start):
+    """Token shift: each position's previous input [B, T, C]; zeros (or the carried ``x_prev``) at
+    t = 0, and zeros where ``doc_start`` begins a document (a document sees nothing before it)."""
+    prev = torch.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].to(x.dtype)
+    shifted = torch.cat([prev, x[:, :-1]], dim=1)
+    return shifted if doc_start is None else shifted.masked_fill(doc_start[..., None], 0.0)
+
+
 class TimeMix(nn.Module):
     """Attention replacement: token shift, low-rank decay/ICLR/value-residual/gate, WKV-7."""
 
@@ -170,12 +182,10 @@ class TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
         self.wkv_backend = "auto"
 
-    def forward(self, x, v_first, x_prev=None, wkv_state=None):
+    def forward(self, x, v_first, x_prev=None, wkv_state=None, doc_start=None, wkv_reset=None):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        # Token shift: previous token's input (zeros, or the carried state, at t = 0).
-        prev = torch.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].to(x.dtype)
-        xx = torch.cat([prev, x[:, :-1]], dim=1) - x
+        xx = _shifted(x, x_prev, doc_start) - x
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
@@ -200,7 +210,8 @@ class TimeMix(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             y, new_state = wkv7(r.view(B, T, H, N), log_decay.view(B, T, H, N), k.view(B, T, H, N),
                                 v.view(B, T, H, N), -kk, kk * a4, wkv_state, backend=self.wkv_backend,
-                                w_bound=DECAY_SCALE)
+                                w_bound=DECAY_SCALE, doc_start=doc_start,
+                                reset_state=wkv_reset if doc_start is not None else None)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
         y = y + bonus.view(B, T, C)
@@ -217,10 +228,8 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.dim_ffn, bias=False)
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
 
-    def forward(self, x, x_prev=None):
-        prev = torch.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].to(x.dtype)
-        xx = torch.cat([prev, x[:, :-1]], dim=1) - x
-        h = x + xx * self.x_k
+    def forward(self, x, x_prev=None, doc_start=None):
+        h = x + (_shifted(x, x_prev, doc_start) - x) * self.x_k
         return self.value(torch.relu(self.key(h)) ** 2), x[:, -1]
 
 
@@ -236,12 +245,13 @@ class Block(nn.Module):
         self.att = TimeMix(config, layer_id, has_v)
         self.ffn = ChannelMix(config)
 
-    def forward(self, x, v_first, state: LayerState):
+    def forward(self, x, v_first, state: LayerState, doc_start=None, wkv_reset=None):
         if self.layer_id == 0:  # inside the block's forward, so a sharded block 0 has its ln0 gathered
             x = self.ln0(x)
-        dx, v_first, att_last, wkv_state = self.att(self.ln1(x), v_first, state.att_x_prev, state.wkv)
+        dx, v_first, att_last, wkv_state = self.att(self.ln1(x), v_first, state.att_x_prev, state.wkv, doc_start,
+                                                    wkv_reset)
         x = x + dx
-        dx, ffn_last = self.ffn(self.ln2(x), state.ffn_x_prev)
+        dx, ffn_last = self.ffn(self.ln2(x), state.ffn_x_prev, doc_start)
         # What leaves the block is tensors of its own, not views into activations: a sharded
         # (FSDP2) block hooks its outputs, and a view's hooks are lost to in-place ops.
         own = lambda t: t.clone() if t._is_view() else t  # noqa: E731
@@ -302,7 +312,8 @@ class RWKV7(nn.Module):
                 raise ModelInputError(f"state is on {state.wkv.device} but the model is on {dev}")
 
     def forward(self, idx: torch.Tensor, state: RWKV7State | None = None, return_state: bool = False,
-                wkv_init: torch.Tensor | None = None, last_only: bool = False, hidden: bool = False):
+                wkv_init: torch.Tensor | None = None, last_only: bool = False, hidden: bool = False,
+                doc_start: torch.Tensor | None = None):
         """Logits [B, T, V]; with ``return_state=True`` also the state after the last token.
 
         ``wkv_init`` [L, H, N, N] or [L, B, H, N, N]: a (trainable) initial WKV state used when
@@ -310,8 +321,12 @@ class RWKV7(nn.Module):
         [B, 1, V] (prefill for generation: skips the head over the prompt, a V x C matmul per token).
         ``hidden=True``: the final hidden states ``ln_out(x)`` [B, T, C] instead of logits, for a
         loss that applies ``self.head`` in slices of the sequence (never all [B, T, V] logits at once).
+        ``doc_start`` [B, T] bool: packed documents, each restarting at its True position from the
+        initial state (``wkv_init``, also when a carried ``state`` is given, or zeros).
         """
         self._check_inputs(idx, state)
+        if doc_start is not None:
+            self._check_doc_start(idx, doc_start)
         x = self.emb(idx)
         B = idx.shape[0]
         v_first = None
@@ -323,10 +338,13 @@ class RWKV7(nn.Module):
                 layer_state = LayerState(wkv=wkv_init[i] if wkv_init.dim() == 5 else wkv_init[i].expand(B, -1, -1, -1))
             else:
                 layer_state = LayerState()
+            reset = None
+            if doc_start is not None and wkv_init is not None:
+                reset = wkv_init[i] if wkv_init.dim() == 5 else wkv_init[i].expand(B, -1, -1, -1)
             if self.grad_checkpoint and torch.is_grad_enabled():
-                x, v_first, final = checkpoint(block, x, v_first, layer_state, use_reentrant=False)
+                x, v_first, final = checkpoint(block, x, v_first, layer_state, doc_start, reset, use_reentrant=False)
             else:
-                x, v_first, final = block(x, v_first, layer_state)
+                x, v_first, final = block(x, v_first, layer_state, doc_start, reset)
             if return_state:
                 finals.append(final)
         if last_only:
@@ -335,6 +353,15 @@ class RWKV7(nn.Module):
         if not return_state:
             return logits
         return logits, RWKV7State(*(torch.stack(parts) for parts in zip(*finals)))
+
+    def _check_doc_start(self, idx: torch.Tensor, doc_start) -> None:
+        if not isinstance(doc_start, torch.Tensor) or doc_start.dtype != torch.bool or doc_start.shape != idx.shape:
+            found = (f"{doc_start.dtype} {list(doc_start.shape)}" if isinstance(doc_start, torch.Tensor)
+                     else type(doc_start).__name__)
+            raise ModelInputError(f"doc_start: expected a bool tensor shaped like idx {list(idx.shape)} (True where "
+                                  f"a packed document begins), found {found}")
+        if doc_start.device != idx.device:
+            raise ModelInputError(f"doc_start is on {doc_start.device} but idx is on {idx.device}")
 
     def zero_state(self, batch_size: int = 1) -> RWKV7State:
         w = self.emb.weight

@@ -193,8 +193,6 @@ class DPO(TrainingMethod):
         beta = cls.DEFAULTS["beta"] if cfg.beta is None else cfg.beta
         if not beta > 0:
             out.append(f"beta: found {beta}, expected > 0 for method dpo (the strength of the preference)")
-        if not 0 <= cfg.label_smoothing < 0.5:
-            out.append(f"label_smoothing: found {cfg.label_smoothing}, expected 0 <= label_smoothing < 0.5")
         if loss_type != "simpo":
             out += reference_problems(cfg, "method dpo")
         if loss_type == "ipo" and cfg.label_smoothing:

@@ -6,6 +6,11 @@ trainer's L2Wrap; the trainer divides by the target count of the whole global ba
 Samples longer than ctx_len (``long_context``) run in ctx_len chunks carrying the RNN state:
 truncated BPTT runs backward per chunk (memory bounded by ctx_len); ``bptt=full`` keeps one graph
 through every chunk.
+
+Packed batches (``packing``) carry ``doc_start``: each document restarts from the initial state
+at its first token, also inside a chunk and across chunks (a document spanning chunks carries
+the state as a whole sample does), so a packed batch's losses and gradients are those of its
+documents run one by one.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class SFT(TrainingMethod):
 
     def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
         cfg = ctx.cfg
-        idx, labels = batch["input_ids"], batch["labels"]
+        idx, labels, starts = batch["input_ids"], batch["labels"], batch.get("doc_start")
         T = idx.shape[1]
         chunks = [(s, min(T, s + cfg.ctx_len)) for s in range(0, T, cfg.ctx_len)]
         runner = ctx.runner or module
@@ -45,7 +50,8 @@ class SFT(TrainingMethod):
             last = ci == len(chunks) - 1
             with ctx.sync_context(ctx.sync and (last or cfg.bptt == "full")):
                 with ctx.autocast():
-                    loss, state = runner(idx[:, s:e], state, labels=labels[:, s:e], l2wrap=l2)
+                    loss, state = runner(idx[:, s:e], state, labels=labels[:, s:e], l2wrap=l2,
+                                         **({} if starts is None else {"doc_start": starts[:, s:e]}))
                 if not loss.requires_grad:
                     # State tuning under truncated BPTT: only the first chunk reaches the initial
                     # state. A zero term keeps backward (and DDP's gradient sync) well defined.
@@ -71,11 +77,13 @@ class SFT(TrainingMethod):
         bs = cfg.batch_size
         for start in range(0, len(dataset), bs):
             batch = collate([dataset[i] for i in range(start, min(len(dataset), start + bs))], ctx.device)
-            idx, labels = batch["input_ids"], batch["labels"]
+            idx, labels, starts = batch["input_ids"], batch["labels"], batch.get("doc_start")
             state = None
             for s in range(0, idx.shape[1], cfg.ctx_len):
+                part = {} if starts is None else {"doc_start": starts[:, s:s + cfg.ctx_len]}
                 with ctx.autocast():
-                    loss, state = module(idx[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len])
+                    loss, state = module(idx[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len],
+                                         **part)
                 total += float(loss)
             count += int((labels != -100).sum())
         module.train(was_training)
