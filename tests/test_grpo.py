@@ -190,6 +190,8 @@ def test_grpo_two_processes_resumed_mid_batch_equal_the_uninterrupted_run(data, 
     for ck in kept:
         nonce = read_checkpoint_info(ck)["rank_states"]["nonce"]
         assert all(RunDir.rank_state_file(ck, r, 2, nonce).is_file() for r in (0, 1))
+        if ck.is_dir():  # sealed with the folder: in its manifest
+            assert {"rank-0-of-2.pt", "rank-1-of-2.pt"} <= set(json.loads((ck / "manifest.json").read_text())["files"])
     assert len(RunDir(part).rank_state_files()) == (2 * len(kept) if strategy == "ddp" else 0)  # no stale ones
 
 
