@@ -40,7 +40,7 @@ from rwkvtune.models.rwkv7 import RWKV7  # noqa: E402
 from rwkvtune.models.rwkv7.config import TrainConfig  # noqa: E402
 from rwkvtune.models.rwkv7.wkv import wkv7  # noqa: E402
 from rwkvtune.peft import get_mode  # noqa: E402
-from rwkvtune.peft.base import count_params  # noqa: E402
+from rwkvtune.train.objective import TrainModule, count_params  # noqa: E402
 from rwkvtune.train.methods.base import StepContext  # noqa: E402
 from rwkvtune.train.methods.sft import SFT  # noqa: E402
 from rwkvtune.train.optim import param_groups  # noqa: E402
@@ -141,7 +141,7 @@ def train_step_timing(size: str, mode: str, device: str, T: int, warmup: int, st
                       precision="bf16" if cuda else "fp32", strategy=strategy, lr=1e-5, lr_final=1e-6)
     torch.manual_seed(0)
     base_dtype = torch.bfloat16 if (mode != "full" and cuda) else torch.float32
-    module = get_mode(mode).prepare(_random_model(config, device, base_dtype).train(), cfg)
+    module = TrainModule.for_mode(get_mode(mode), _random_model(config, device, base_dtype).train(), cfg)
     runner = module
     if strategy == "fsdp":
         join_single_process_group(device)

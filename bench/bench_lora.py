@@ -77,7 +77,7 @@ def worker_step(a) -> dict:
     from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.optim import param_groups
     from rwkvtune.train.runtime import autocast_factory
-    from rwkvtune.peft.base import count_params
+    from rwkvtune.train.objective import count_params
     from rwkvtune.train.trainer import build_module
 
     mc = load_model_config(a.ckpt)

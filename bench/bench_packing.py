@@ -91,6 +91,7 @@ def main() -> None:
     from rwkvtune.models.rwkv7 import RWKV7
     from rwkvtune.models.rwkv7.config import TrainConfig
     from rwkvtune.peft import get_mode
+    from rwkvtune.train.objective import TrainModule
     from rwkvtune.train.data import collate
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
@@ -112,7 +113,7 @@ def main() -> None:
         torch.save(make_state_dict(**(TINY_SHAPE if a.quick else SHAPE), seed=0), path)
         model = RWKV7.from_checkpoint(path)
     cfg = TrainConfig(model=path, ctx_len=a.ctx_len, batch_size=a.batch_size).resolve(model.config)
-    module = get_mode("full").prepare(model.train(), cfg)
+    module = TrainModule.for_mode(get_mode("full"), model.train(), cfg)
     sft = SFT(cfg)
     ctx = StepContext(cfg=cfg, device="cpu", autocast=contextlib.nullcontext, scale=1e-3)
     rates = {}

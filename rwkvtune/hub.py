@@ -49,6 +49,7 @@ from urllib.parse import urljoin, urlsplit
 from rwkvtune.configs import model_loader
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
 from rwkvtune.errors import ConfigError, DownloadError, OutputError, RwkvtuneError
+from rwkvtune import __version__
 
 INSTALL_HINT = 'pip install "rwkvtune[hub]"'
 WORK_DIR = ".downloads"  # next to the final file, so the last step is a rename on one filesystem
@@ -238,8 +239,6 @@ def _make_work_dir(job: _Job) -> None:
 
 
 def _headers(job: _Job) -> dict[str, str]:
-    from rwkvtune import __version__
-
     headers = dict(job.hf.build_hf_headers(library_name="rwkvtune", library_version=__version__))
     headers["Accept-Encoding"] = "identity"  # sizes count the file's bytes, not a compressed stream's
     return headers

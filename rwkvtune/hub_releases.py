@@ -20,6 +20,9 @@ from rwkvtune import hub
 from rwkvtune.configs import model_loader, releases
 from rwkvtune.configs.model_loader import ModelConfig
 from rwkvtune.errors import CheckpointError, ConfigError, DownloadError, RwkvtuneError
+from rwkvtune import __version__
+from rwkvtune.io.checkpoint import read_shapes
+from rwkvtune.io.variants import refusal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,6 @@ def list_repo_files(repo: str, revision: str = "main",
     except ImportError as e:
         raise DownloadError(f"asking the hub for releases needs the huggingface_hub package, which is not "
                             f"installed; install it with: {hub.INSTALL_HINT}") from e
-    from rwkvtune import __version__
 
     endpoint = (os.environ.get(model_loader.HF_ENDPOINT_ENV) or model_loader.DEFAULT_HF_ENDPOINT).rstrip("/")
     where = f"{endpoint}/{repo} (revision {revision})"
@@ -165,8 +167,6 @@ def pick(name: str, release: str = "", latest: bool = False) -> tuple[ModelConfi
 
 def _check_variant(path: Path) -> None:
     """A downloaded file must be plain RWKV-7: name another variant in one line (shapes only, no data)."""
-    from rwkvtune.configs.checkpoint import read_shapes
-    from rwkvtune.configs.variants import refusal
 
     shapes, _, _ = read_shapes(path)
     problem = refusal(str(path), shapes)

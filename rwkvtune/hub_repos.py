@@ -48,11 +48,14 @@ from urllib.parse import quote, urlsplit
 from rwkvtune import hub
 from rwkvtune.configs import model_loader, repo_records
 from rwkvtune.configs.repo_records import RepoFileRecord, RepoRecord
-from rwkvtune.configs.variants import hf_model_type_refusal
+from rwkvtune.io.variants import hf_model_type_refusal
 from rwkvtune.errors import CheckpointError, ConfigError, DownloadError, OutputError, RwkvtuneError
 from rwkvtune.hub_releases import RepoFile, list_repo_files
+from rwkvtune.configs.detect import detect
+from rwkvtune.io.layout import LAYER0_V_KEYS
+from rwkvtune.configs.model_loader import ModelConfig
 
-# The names of rwkvtune.convert.hf_layout, which imports torch: this module must not at import.
+# The names of rwkvtune.io.hf_layout, which imports torch: this module must not at import.
 CONFIG_NAME = "config.json"
 HF_MODEL_TYPE = "rwkv7"
 WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
@@ -257,9 +260,7 @@ def _check_config(path: Path, where: str) -> None:
 def _check_model(staging: Path, where: str) -> None:
     """The staged folder must be a complete RWKV-7 model in the HF layout: every tensor name known, every
     key of its detected dims present with its shape (headers only; no tensor data is read)."""
-    from rwkvtune.configs.checkpoint import LAYER0_V_KEYS, detect
-    from rwkvtune.configs.model_loader import ModelConfig
-    from rwkvtune.convert.hf_layout import hf_shapes
+    from rwkvtune.io.hf_layout import hf_shapes
 
     try:
         shapes = hf_shapes(staging)

@@ -24,6 +24,7 @@ import yaml
 
 from rwkvtune.bounds import clip as _short
 from rwkvtune.errors import ConfigError
+from rwkvtune.utils import not_found, read_error
 
 MAX_BYTES = 1 << 20  # 1 MiB of YAML text: recipes are a few KB
 MAX_NODES = 100_000  # values (scalars, lists, mappings) with every alias expanded
@@ -161,7 +162,6 @@ def load_yaml(text: str, where: str, advice: str = "fix it") -> Any:
 def read_yaml_file(path: str | os.PathLike, what: str, advice: str) -> Any:
     """The YAML data of the file ``path`` (``what`` it is, e.g. "recipe"; ``advice``: what to do
     when it is missing or unreadable), read with the limits of :func:`load_yaml`."""
-    from rwkvtune.utils import not_found, read_error
 
     p = Path(path)
     if p.is_dir():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import importlib.util
 import os
 import threading
 from typing import Iterable, Sequence
@@ -30,8 +31,6 @@ def _default_vocab_file() -> str:
     The ``rwkv`` package ships the same entries (with CRLF line ends); the tests check that both
     give identical ids.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("pyrwkv_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from rwkvtune.errors import OutputError
+from rwkvtune.errors import CheckpointError, ConfigError, OutputError
 
 # The temporary name of an atomic write: ".NAME.PID.HEX.tmp" next to the target, renamed over it
 # when complete. A process killed mid-write leaves one behind; the pid tells whether its writer is
@@ -91,8 +91,6 @@ def output_error(path: str | os.PathLike, e: BaseException, needed: int | None =
 def read_error(path: str | os.PathLike, e: OSError, error: type | None = None, what: str = "") -> Exception:
     """A one-line error (``error``, CheckpointError by default) for an OSError met while reading
     ``path``, so that an unreadable input is never reported as a corrupt one or a failing output."""
-    from rwkvtune.errors import CheckpointError
-
     error = error or CheckpointError
     if isinstance(e, PermissionError):
         why = "permission denied; make it readable (chmod/chown) or run as its owner"
@@ -200,8 +198,6 @@ def tensor_bytes(obj: Any) -> int:
 def check_device(device: str, flag: str = "--device") -> str:
     """``device`` if it is cpu, cuda or cuda:N and usable here; else a one-line ConfigError."""
     import torch
-
-    from rwkvtune.errors import ConfigError
 
     try:
         dev = torch.device(device)

@@ -12,15 +12,12 @@ import pytest
 import torch
 from helpers import make_state_dict, write_checkpoint
 
-from rwkvtune.configs import checkpoint as ck
+from rwkvtune.configs import detect as det
 from rwkvtune.configs.check import check_config_against, mismatch_error
-from rwkvtune.configs.checkpoint import (
-    CheckpointInfo,
-    compare_shapes,
-    detect,
-    inspect_checkpoint,
-    load_state_dict,
-)
+from rwkvtune.configs.detect import CheckpointInfo, compare_shapes, detect, inspect_checkpoint
+from rwkvtune.io import checkpoint as ck
+from rwkvtune.io.checkpoint import load_state_dict
+from rwkvtune.io.layout import SHAPE_FIELDS
 from rwkvtune.configs.model_loader import (
     ModelConfig,
     list_available_models,
@@ -124,7 +121,7 @@ def test_detect_full_size_shapes_of_every_release(key, layer0_v):
     shapes = cfg.param_shapes(layer0_v=layer0_v)
     shapes = dict(reversed(list(shapes.items())))  # released files' key order differs; must not matter
     info = detect(shapes, {k: "bfloat16" for k in shapes})
-    for f in ck.SHAPE_FIELDS:
+    for f in SHAPE_FIELDS:
         assert getattr(info, f) == getattr(cfg, f), f
     assert info.n_params == sum(math.prod(s) for s in shapes.values())
     if layer0_v:
@@ -258,7 +255,7 @@ def test_compare_shapes_and_format():
     diffs = compare_shapes(exp, found)
     assert ("blocks.0.x", (4,), (5,)) in diffs and ("gone", (1,), None) in diffs and ("new", None, (7,)) in diffs
     assert compare_shapes(exp, {"a": (2, 3), "blocks.0.x": (4,), "blocks.1.x": (4,)}, optional=("gone",)) == []
-    text = ck.format_mismatches(diffs)
+    text = det.format_mismatches(diffs)
     assert "blocks.0-1.x: expected [4], found [5]" in text
     assert "gone: missing (expected [1])" in text and "new: unexpected key (shape [7])" in text
 

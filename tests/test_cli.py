@@ -139,8 +139,9 @@ def test_conflict_blames_the_flag_and_names_the_recipe(capsys, tmp_path):
 def test_conflict_within_one_source_names_it_once():
     from rwkvtune.errors import ConfigError
     from rwkvtune.models.rwkv7.config import TrainConfig
+    from rwkvtune.train.setup_checks import validate_config
 
     cfg = TrainConfig(model="m", data="d").update({"mode": "lora", "init": "scratch"}, source="recipe r.yaml")
     with pytest.raises(ConfigError) as e:
-        cfg.validate()
+        validate_config(cfg)
     assert str(e.value).startswith("recipe r.yaml: init: 'scratch' with mode 'lora': lora mode trains")

@@ -223,7 +223,7 @@ def test_readme_is_true_about_this_implementation():
     for path in re.findall(r"(?<![\w.~])/(?:[\w.-]+/)+[\w.-]*", text):
         assert path.startswith("/path/to/"), path
     # Every file path mentioned that this component owns exists.
-    for name in ("model_loader.py", "checkpoint.py", "check.py", "__init__.py", "README.md"):
+    for name in ("model_loader.py", "detect.py", "check.py", "__init__.py", "README.md"):
         assert f"├── {name}" in text or f"└── {name}" in text, name
         assert (README.parent / name).is_file(), name
     for rel in ("examples/test_model_configs.py", "rwkvtune/cli/models.py"):

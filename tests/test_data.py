@@ -359,10 +359,33 @@ def test_sampler_refuses_a_position_outside_the_epoch():
 
 
 def test_dataloader_integration():
-    ds = PackedDataset([S([1, 2, 3, 0]), S([4, 5, 0]), S([6, 0])], ctx_len=4)
-    s = WindowSampler(len(ds), seed=0, batch_size=2)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, sampler=s)))
-    assert batch["input_ids"].shape == (2, 4) and batch["labels"].dtype == torch.long
+    """Through torch's DataLoader, an epoch holds every window (the sampler's order, padded to whole
+    batches), and the windows' targets, read in dataset order, are the source documents token for
+    token."""
+    docs = [[1, 2, 3, 0], [4, 5, 0], [6, 0]]
+    ds = PackedDataset([S(d) for d in docs], ctx_len=4)
+    order = list(WindowSampler(len(ds), seed=0, batch_size=2))
+    assert set(order) == set(range(len(ds))) and len(order) % 2 == 0
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=WindowSampler(len(ds), seed=0, batch_size=2))
+    rows = {}
+    for batch in loader:
+        assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+        assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[1] == 4
+        for r in range(len(batch["input_ids"])):
+            rows[len(rows)] = (batch["input_ids"][r], batch["labels"][r])
+    assert len(rows) == len(order)
+    by_index = {}
+    for pos, i in enumerate(order):  # each row is the sampler's window, unchanged by the loader
+        x, y = rows[pos]
+        assert torch.equal(x, ds[i]["input_ids"]) and torch.equal(y, ds[i]["labels"]), (pos, i)
+        by_index[i] = (x, y)
+    targets = [int(t) for i in range(len(ds)) for t in by_index[i][1] if t != -100]
+    assert targets == [t for d in docs for t in d]
+    for x, y in by_index.values():  # a target is the next input token wherever both exist
+        for t in range(len(x) - 1):
+            if y[t] != -100 and (t + 1 < len(x)) and y[t + 1] != -100:
+                assert int(y[t]) == int(x[t + 1])
+        assert int(x[0]) == 0  # every window here starts a document: the inserted end-of-text
 
 
 # --- prepare_binidx and load_dataset ------------------------------------------------------------

@@ -736,11 +736,24 @@ def test_cli_prompt_from_stdin_loses_one_trailing_newline(ckpt, monkeypatch, cap
 
 
 def test_log_vocab_sanity(model, tok):
-    """A random tiny model still gives a proper distribution over the full vocab."""
+    """A random tiny model still gives a proper distribution over the full vocab: the last
+    position's logits are the head applied to the final hidden state, one finite value per id,
+    their log-softmax normalised, every id possible and none certain, and generation's own
+    log-probs (raw_logprobs) equal to it."""
+    from rwkvtune.generate import raw_logprobs
+
+    ids = torch.tensor([tok.encode("x")])
     with torch.no_grad():
-        logits = model(torch.tensor([tok.encode("x")]))[0, -1]
-    p = torch.softmax(logits, -1)
-    assert math.isclose(p.sum().item(), 1.0, rel_tol=1e-4) and logits.shape == (V,)
+        logits = model(ids)[0, -1]
+        again = model.head(model(ids, hidden=True)[0, -1])
+    assert logits.shape == (V,) and torch.isfinite(logits).all()
+    assert torch.allclose(logits, again, rtol=0, atol=1e-6)
+    logp = torch.log_softmax(logits.double(), -1)
+    assert abs(torch.logsumexp(logp, -1).item()) < 1e-9
+    assert torch.isfinite(logp).all() and logp.max() < 0 and logp.std() > 0
+    some = torch.arange(0, V, 257)  # ids across the whole vocab, as if each had been sampled
+    ours = raw_logprobs(logits.expand(len(some), V), some).double()
+    assert torch.allclose(ours, logp[some], atol=1e-5)
 
 
 def test_cli_bad_device_state_dir_and_non_utf8_prompt(ckpt, tmp_path, capsys):

@@ -21,8 +21,11 @@ import pytest
 import torch
 
 from helpers import make_state_dict, write_checkpoint
-from rwkvtune.configs.checkpoint import LAYER0_V_KEYS, detect, load_state_dict, read_shapes
-from rwkvtune.convert import hf, hf_layout as hfl, safetensors_io as st, state_formats as sf
+from rwkvtune.configs.detect import detect
+from rwkvtune.io.checkpoint import load_state_dict, read_shapes
+from rwkvtune.io.layout import LAYER0_V_KEYS
+from rwkvtune.convert import hf, state_formats as sf
+from rwkvtune.io import hf_layout as hfl, safetensors_io as st
 from rwkvtune.errors import CheckpointError, OutputError
 from rwkvtune.models.rwkv7 import RWKV7
 
@@ -272,7 +275,7 @@ def test_json_depth_counts_brackets_outside_strings_only():
 
 
 def test_deeply_nested_artifact_metadata_is_one_line(tmp_path):
-    from rwkvtune.convert.artifacts import load_artifact
+    from rwkvtune.io.artifacts import load_artifact
 
     p = tmp_path / "adapter.safetensors"
     st.save_safetensors({"x": torch.zeros(2)}, p, metadata={st.ARTIFACT_META: "[" * 200_000 + "]" * 200_000})
@@ -587,7 +590,7 @@ def test_every_command_takes_an_hf_folder(tmp_path, capsys):
 
 
 def test_save_format_safetensors_outputs_equal_pth(tmp_path):
-    from rwkvtune.configs.checkpoint import load_state_dict as load
+    from rwkvtune.io.checkpoint import load_state_dict as load
     from rwkvtune.models.rwkv7.config import TrainConfig
     from rwkvtune.peft.lora import load_adapter
     from rwkvtune.peft.state import load_state_file

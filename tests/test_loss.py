@@ -92,7 +92,7 @@ def test_trainer_micro_batch_gives_reference_gradient(tmp_path):
     trainer's gradient: (softmax - onehot + 1e-4 * max at argmax) / n_tok, through ln_out's output."""
     from rwkvtune.models.rwkv7 import RWKV7
     from rwkvtune.models.rwkv7.config import TrainConfig
-    from rwkvtune.peft.base import TrainModule
+    from rwkvtune.train.objective import TrainModule
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
 

@@ -27,6 +27,7 @@ from rwkvtune.configs.model_loader import load_model_config
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.train import memory_check
 from rwkvtune.train.memory import GIB, Settings, estimate_memory, inventory, saved_per_token_layer
+from rwkvtune.train.objective import TrainModule
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "memory_probe.py"
@@ -193,7 +194,7 @@ def test_inventory_counts_what_the_mode_builds(size, mode, precision, parts):
     c = load_model_config(size)
     cfg = TrainConfig(model=size, data="x", mode=mode, precision=precision, train_parts=parts)
     with torch.device("meta"):
-        module = get_mode(mode).prepare(RWKV7(c), cfg)
+        module = TrainModule.for_mode(get_mode(mode), RWKV7(c), cfg)
     params = list(module.parameters())
     inv = inventory(c, Settings(mode=mode, precision=precision, train_parts=parts))
     assert inv.n_params == sum(p.numel() for p in params)
@@ -209,7 +210,7 @@ def _saved_bytes(c, mode, precision, T, bf16_weights=False) -> int:
     from rwkvtune.peft import get_mode
 
     torch.manual_seed(0)
-    module = get_mode(mode).prepare(RWKV7.from_config(c, seed=0).train(), TrainConfig(model="x", data="x", mode=mode,
+    module = TrainModule.for_mode(get_mode(mode), RWKV7.from_config(c, seed=0).train(), TrainConfig(model="x", data="x", mode=mode,
                                                                                       precision=precision))
     if bf16_weights:
         module.to(torch.bfloat16)
@@ -224,7 +225,7 @@ def _saved_bytes(c, mode, precision, T, bf16_weights=False) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        module(torch.randint(0, c.vocab_size, (1, T)), hidden=True)
+        module.hidden(torch.randint(0, c.vocab_size, (1, T)))
     return sum(seen.values())
 
 

@@ -21,6 +21,7 @@ from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import ModelInputError
 from rwkvtune.models.rwkv7.wkv import wkv7
 from rwkvtune.peft import get_mode
+from rwkvtune.train.objective import TrainModule
 from rwkvtune.train.data import WholeSamples, build_dataset, collate
 from rwkvtune.train.methods.base import StepContext
 from rwkvtune.train.methods.sft import SFT
@@ -51,7 +52,7 @@ def _samples(lengths, seed=0, eot=True):
 def _module(ckpt, mode, **kw):
     model = RWKV7.from_checkpoint(ckpt)
     cfg = TrainConfig(model=ckpt, mode=mode, lora_r=4, batch_size=1, **kw).resolve(model.config)
-    module = get_mode(mode).prepare(model, cfg)
+    module = TrainModule.for_mode(get_mode(mode), model, cfg)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # trained-looking extras, so that a reset to them is visible
         for name, p in module.named_parameters():
@@ -72,8 +73,7 @@ def _run(module, cfg, batches):
             idx, labels, starts = batch["input_ids"], batch["labels"], batch.get("doc_start")
             for s in range(0, idx.shape[1], cfg.ctx_len):
                 part = {} if starts is None else {"doc_start": starts[:, s:s + cfg.ctx_len]}
-                t, state = module(idx[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len],
-                                  reduce="token", **part)
+                t, state = module.token_nll(idx[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state, **part)
                 tok.append(t)
             tok = torch.cat(tok, 1)
         nll += [tok[r][labels[r] != -100] for r in range(len(idx))]

@@ -16,6 +16,7 @@ from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.peft.lora import apply_lora, load_adapter
+from rwkvtune.train.objective import TrainModule
 from rwkvtune.train.trainer import train
 
 SMALL = dict(n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8, d_mv=8, d_gate=8)
@@ -104,11 +105,11 @@ def test_lora_target_matching_nothing_is_an_error(data):
 
 def test_lora_only_adapters_train_and_custom_targets(data, tmp_path):
     from rwkvtune.peft import get_mode
-    from rwkvtune.peft.base import count_params
+    from rwkvtune.train.objective import count_params
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="lora", lora_r=2, lora_targets=("att.key",), train_parts=("head",))
-    module = get_mode("lora").prepare(model, cfg.resolve(model.config))
+    module = TrainModule.for_mode(get_mode("lora"), model, cfg.resolve(model.config))
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     assert all(".lora_" in n or n == "model.head.weight" for n in names)
     assert sum(".lora_A" in n for n in names) == 2  # one att.key per layer
@@ -124,7 +125,7 @@ def test_lora_bf16_base_stays_frozen_and_identical(data, tmp_path):
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="lora", precision="bf16").resolve(model.config)
-    module = get_mode("lora").prepare(model, cfg)
+    module = TrainModule.for_mode(get_mode("lora"), model, cfg)
     before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     assert all(t.dtype == torch.bfloat16 for t in before.values())
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
@@ -184,8 +185,22 @@ def test_state_tuning_base_bit_identical(data, tmp_path):
 
     model = RWKV7.from_checkpoint(data["ckpt"])
     cfg = _cfg(data, tmp_path, mode="state").resolve(model.config)
-    module = get_mode("state").prepare(model, cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    module = TrainModule.for_mode(get_mode("state"), model, cfg)
     assert [n for n, p in module.named_parameters() if p.requires_grad] == ["wkv_init"]
+    # a few real steps (weight decay on, as a misrouted group would show) must move only the state
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.1)
+    idx = torch.randint(1, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        loss, _ = module.loss_sum(idx[:, :-1], idx[:, 1:], l2wrap=1e-4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert module.wkv_init.detach().abs().max() > 0  # trained away from zeros
+    after = model.state_dict()
+    assert list(after) == list(base)
+    for k, v in base.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k  # bit for bit
 
 
 def test_state_file_roundtrip_eval_and_generate(data, tmp_path):
@@ -225,7 +240,6 @@ def test_chunked_long_sample_loss_equals_whole_sequence(data):
     from rwkvtune.data.formats import read_samples
     from rwkvtune.tokenizer import get_tokenizer
     from rwkvtune.train.loss import loss_sum
-    from rwkvtune.peft.base import TrainModule
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
     import contextlib
@@ -290,7 +304,7 @@ def test_merge_lora_never_overwrites_its_inputs(data, tmp_path):
 
 
 def test_adapter_and_state_paths_that_are_not_files(data, tmp_path):
-    from rwkvtune.configs.checkpoint import load_state_dict
+    from rwkvtune.io.checkpoint import load_state_dict
     from rwkvtune.peft.lora import save_adapter
     from rwkvtune.peft.state import load_state_file, save_state_file
 

@@ -279,7 +279,7 @@ def test_deepembed_checkpoint_is_named_in_one_line(tmp_path, deepembed_bytes, ca
 
 
 def test_rwkv7b_keys_are_named():
-    from rwkvtune.configs.variants import other_model
+    from rwkvtune.io.variants import other_model
 
     keys = ["emb.weight", "blocks.0.ffn.s_emb.weight", "blocks.0.qkv.qq.weight"]
     assert other_model(keys).startswith("an RWKV-7b checkpoint")

@@ -430,7 +430,7 @@ def test_a_model_too_large_to_allocate_says_its_size_and_what_to_change(data, tm
 def test_a_pickle_that_inflates_far_beyond_any_model_is_not_read(tmp_path):
     import tracemalloc
 
-    from rwkvtune.configs.checkpoint import inspect_checkpoint
+    from rwkvtune.configs.detect import inspect_checkpoint
     from rwkvtune.peft.state import load_state_file
 
     bomb = tmp_path / "bomb.pth"

@@ -18,6 +18,7 @@ from helpers import train_losses as _losses, write_checkpoint
 from rwkvtune.errors import RwkvtuneError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.train.setup_checks import validate_config
 from rwkvtune.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,7 +282,7 @@ def test_shipped_recipes_load_and_dry_run(recipe, data, tmp_path):
     from rwkvtune.models.rwkv7.config import load_recipe
 
     cfg = TrainConfig().update(load_recipe(recipe), source=str(recipe))
-    cfg.validate()
+    validate_config(cfg)
     # Dry-run each on the tiny checkpoint (the release files are not on this machine).
     res = subprocess.run([sys.executable, "-m", "rwkvtune", "train", "--config", str(recipe), "--model", data["ckpt"],
                           "--init", "pretrained", "--out", str(tmp_path / "o"), "--dry-run"],
@@ -348,7 +349,7 @@ def test_out_of_range_options_are_refused(override, words):
     from rwkvtune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
-        TrainConfig(model="x", data="y", **override).validate()
+        validate_config(TrainConfig(model="x", data="y", **override))
 
 
 def test_unparsable_numbers_and_non_utf8_recipe(tmp_path):

@@ -30,9 +30,11 @@ import dataclasses
 import importlib
 import os
 import sys
+import time
 from typing import Callable, Sequence
 
 from rwkvtune import __version__
+from rwkvtune.errors import RwkvtuneError
 
 PROG = "rwkvtune"
 
@@ -146,7 +148,7 @@ def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
     module = sys.modules.get(getattr(args, "_command_module", ""))
     advice = getattr(module, "BAD_RECORD_ADVICE", None)
     if advice:
-        from rwkvtune.data.formats import BadRecordError
+        from rwkvtune.data.formats import BadRecordError  # numpy: not at the CLI's startup
 
         if isinstance(error, BadRecordError):
             return error.with_advice(advice)
@@ -156,8 +158,6 @@ def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 a check failed, 2 usage or user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from rwkvtune.errors import RwkvtuneError
-
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
@@ -176,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             # the other ranks leave after rank 0 has said it: torchrun ends every process at the
             # first exit, which must not be this one's (rank 0 could be stopped mid-sentence)
-            import time
-
             time.sleep(RANK0_FIRST_S)
         return getattr(e, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
     except KeyboardInterrupt as e:

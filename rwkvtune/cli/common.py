@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 
 DATA_FORMATS = ("auto", "text", "chat", "prompt_response")
-SAVE_DTYPES = ("bf16", "fp32")
+from rwkvtune.constants import SAVE_DTYPES
+from rwkvtune.utils import check_device
+from rwkvtune.errors import CheckpointError
 
 
 def add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
@@ -21,8 +23,6 @@ def add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None
 def resolve_device(device: str | None) -> str:
     """``auto`` -> cuda when available else cpu; then checked (one-line error if unusable)."""
     import torch
-
-    from rwkvtune.utils import check_device
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,7 +47,6 @@ def add_save_dtype(p: argparse.ArgumentParser, default: str | None = "bf16") -> 
 def load_state(path: str, model):
     """``--state PATH`` through the one state reader (:func:`rwkvtune.peft.state.load_state_file`),
     its errors naming the flag."""
-    from rwkvtune.errors import CheckpointError
     from rwkvtune.peft.state import load_state_file
 
     try:

@@ -7,6 +7,8 @@ import os
 
 from rwkvtune.cli import set_handler
 from rwkvtune.cli.common import add_data_options
+from rwkvtune.errors import ConfigError
+from rwkvtune.bounds import THREADS_PER_CORE, Bound, check_flag, cpu_cores, max_threads
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
@@ -28,10 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Tokenize, then print one summary line; exit status 0 on success."""
-    from rwkvtune.data.prepare import prepare_binidx
-    from rwkvtune.errors import ConfigError
+    from rwkvtune.data.prepare import prepare_binidx  # numpy: not at the CLI's startup
 
-    from rwkvtune.bounds import THREADS_PER_CORE, Bound, check_flag, cpu_cores, max_threads
 
     check_flag("--workers", args.workers, Bound(int, 1, max_threads, note=f"at most {THREADS_PER_CORE}x the "
                                                 f"{cpu_cores()} CPU cores here"), ConfigError)

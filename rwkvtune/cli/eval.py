@@ -10,7 +10,17 @@ import math
 import os
 import sys
 
-from rwkvtune.cli.common import add_data_options, add_device
+
+from rwkvtune.cli.common import add_data_options, add_device, load_state, resolve_device
+from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS, TrainConfig
+from rwkvtune.safe_yaml import read_yaml_file
+from rwkvtune.tokenizer import get_tokenizer
+from rwkvtune.train.run_dir import RunDir
+from rwkvtune.cli.eval_tasks import add_task_arguments
+from rwkvtune.bounds import check_flag
+from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+from rwkvtune.cli.eval_tasks import run_tasks
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
@@ -31,7 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (default: fp32)")
-    from rwkvtune.cli.eval_tasks import add_task_arguments
 
     add_task_arguments(p)
 
@@ -42,11 +51,6 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
     of the run which wrote the base), else the model's recommended_ctx_len; with where it came from."""
     if args.ctx_len is not None:
         return args.ctx_len, "--ctx-len"
-    from rwkvtune.errors import RwkvtuneError
-    from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
-    from rwkvtune.safe_yaml import read_yaml_file
-    from rwkvtune.train.run_dir import RunDir
-
     for path in (args.adapter, args.state, args.model):
         run_config = RunDir(os.path.dirname(os.path.abspath(path))).config if path and os.path.isfile(path) else None
         if run_config is None or not run_config.is_file():
@@ -62,26 +66,19 @@ def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rwkvtune.cli.common import resolve_device
-    from rwkvtune.errors import ConfigError, RwkvtuneError
-    from rwkvtune.models.rwkv7 import RWKV7
-    from rwkvtune.models.rwkv7.config import TrainConfig
-    from rwkvtune.peft.base import TrainModule
-    from rwkvtune.tokenizer import get_tokenizer
+    from rwkvtune.models.rwkv7.model import RWKV7
+    from rwkvtune.train.objective import TrainModule
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
     from rwkvtune.train.runtime import autocast_factory
 
     if args.tasks or args.compare:
-        from rwkvtune.cli.eval_tasks import run_tasks
 
         return run_tasks(args)
     if not args.model or not args.data:
         raise ConfigError("rwkvtune eval needs --model MODEL and --data FILE (loss and perplexity), or --tasks "
                           "TASKS (benchmarks through lm-eval)")
     args.batch_size = 4 if args.batch_size is None else args.batch_size
-    from rwkvtune.bounds import check_flag
-    from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
 
     for name in ("ctx_len", "batch_size"):  # the bounds of the training options of these names
         check_flag("--" + name.replace("_", "-"), getattr(args, name), TRAIN_BOUNDS[name], ConfigError)
@@ -93,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
         load_adapter(model, args.adapter)
     wkv_init = None
     if args.state:
-        from rwkvtune.cli.common import load_state
-
         wkv_init = load_state(args.state, model)
     ctx_len, origin = _eval_ctx_len(args, model)
     print(f"ctx_len {ctx_len} (from {origin})", file=sys.stderr)

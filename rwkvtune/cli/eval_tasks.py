@@ -15,6 +15,13 @@ import time
 
 from rwkvtune.bounds import Bound
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+from rwkvtune.errors import ConfigError
+from rwkvtune.bounds import check_flag
+from rwkvtune.evaluate.harness import run_tasks
+from rwkvtune.utils import atomic_write_text
+from rwkvtune.cli.common import resolve_device
+from rwkvtune.evaluate import require_lm_eval
+from rwkvtune.evaluate.harness import compare_table, expand_tasks, read_result, result_table, task_manager
 
 
 # The numeric flags of the benchmarks (see rwkvtune/bounds.py); batch_size: as in training.
@@ -50,12 +57,9 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from rwkvtune.errors import ConfigError
-
     if args.data:
         raise ConfigError("--data and --tasks/--compare: pass one (--data scores loss on a file, --tasks runs "
                           "benchmarks)")
-    from rwkvtune.bounds import check_flag
 
     for name, bound in TASK_BOUNDS.items():  # finite and in range first: int(inf) below would overflow
         check_flag("--" + name.replace("_", "-"), getattr(args, name), bound, ConfigError)
@@ -67,7 +71,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _evaluate_model(args, name: str, device: str, adapter=None, state=None) -> dict:
-    from rwkvtune.evaluate.harness import run_tasks
     from rwkvtune.evaluate.lm import RwkvLM
 
     t0 = time.perf_counter()
@@ -83,8 +86,6 @@ def _evaluate_model(args, name: str, device: str, adapter=None, state=None) -> d
 
 
 def _write(path: str, data: dict, table: str) -> None:
-    from rwkvtune.utils import atomic_write_text
-
     stem, ext = os.path.splitext(path)
     json_path = path if ext == ".json" else path + ".json"
     atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
@@ -93,13 +94,8 @@ def _write(path: str, data: dict, table: str) -> None:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    from rwkvtune.cli.common import resolve_device
-    from rwkvtune.errors import ConfigError
-    from rwkvtune.evaluate import require_lm_eval
-
     _check(args)
     require_lm_eval()
-    from rwkvtune.evaluate.harness import compare_table, expand_tasks, read_result, result_table, task_manager
 
     items = ([args.model] if args.model else []) + list(args.compare or [])
     if not items:

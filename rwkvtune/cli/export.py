@@ -11,6 +11,12 @@ import os
 import re
 import sys
 
+from rwkvtune.bounds import clip
+from rwkvtune.configs.model_loader import is_model_path, load_model_config
+from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.hub import missing_model_hint
+from rwkvtune.train.run_dir import RunDir
+
 FORMATS = ("hf", "gguf")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE | re.ASCII)
 
@@ -40,9 +46,6 @@ def _bytes(text: str) -> int:
     unit = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}[m.group(2).upper()] if m else 0
     size = float(m.group(1)) * unit if m else 0.0  # inf for 400 digits: refused below
     if not 1 <= size <= 10 ** 15:
-        from rwkvtune.bounds import clip
-        from rwkvtune.errors import ConfigError
-
         raise ConfigError(f"--max-shard-size {clip(text)!r}: expected a size from 1 byte to 1000TB, such as 5GB, "
                           f"500MB or 1000000")
     return int(size)
@@ -50,10 +53,6 @@ def _bytes(text: str) -> int:
 
 def resolve_source(model: str):
     """(path of the model to read, the config it must fit or None) for a name, file, folder or run."""
-    from rwkvtune.configs.model_loader import is_model_path, load_model_config
-    from rwkvtune.errors import ConfigError
-    from rwkvtune.train.run_dir import RunDir
-
     if os.path.isdir(model) and not is_model_path(model):
         for save_format in ("pth", "safetensors"):
             run = RunDir(model, save_format)
@@ -72,14 +71,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rwkvtune.convert.hf import export_hf
-    from rwkvtune.errors import CheckpointError, ConfigError
-
     # a bad flag fails before anything is read
     max_shard_bytes = _bytes(args.max_shard_size or "5GB")
     path, expect = resolve_source(args.model)
     if expect is not None and not os.path.exists(path):
-        from rwkvtune.hub import missing_model_hint
-
         raise CheckpointError(f"model file not found: {missing_model_hint(expect)}")
     fmt = args.format or ("gguf" if args.out.endswith(".gguf") else "hf")
     if fmt == "gguf":

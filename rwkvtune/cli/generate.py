@@ -15,9 +15,11 @@ import sys
 
 import torch
 
-from rwkvtune.cli.common import add_device, load_state
+from rwkvtune.cli.common import add_device, load_state, resolve_device
 from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
                                prepare_for_decoding, stream_generate)
+from rwkvtune.models.rwkv7.model import RWKV7
+from rwkvtune.tokenizer import get_tokenizer
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,9 +84,6 @@ def run(args: argparse.Namespace) -> int:
     Bad input raises :class:`RwkvtuneError`, which ``rwkvtune``'s main prints as one
     ``error: ...`` line (exit status 2), as for every other command.
     """
-    from rwkvtune.models.rwkv7.model import RWKV7
-    from rwkvtune.tokenizer import get_tokenizer
-
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     prompt = get("prompt")
     if prompt is None:
@@ -110,8 +109,6 @@ def run(args: argparse.Namespace) -> int:
     if chat:
         prompt = format_chat(prompt, system=get("system"))
     sampling = sampling_from_args(args, (CHAT_TURN_END,) if chat else ())  # refused before the model loads
-    from rwkvtune.cli.common import resolve_device
-
     device = resolve_device(get("device"))
     precision = get("precision") or "fp32"
     if precision not in PRECISIONS:

@@ -7,6 +7,8 @@ import os
 import sys
 
 from rwkvtune.cli.common import add_save_dtype
+from rwkvtune.errors import ConfigError
+from rwkvtune.io.checkpoint import save_state_dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,9 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rwkvtune.configs.checkpoint import save_state_dict
-    from rwkvtune.errors import ConfigError
-    from rwkvtune.models.rwkv7 import RWKV7
+    from rwkvtune.models.rwkv7.model import RWKV7
     from rwkvtune.peft.lora import load_adapter, merged_state_dict
 
     for name, path in (("BASE", args.base), ("ADAPTER", args.adapter)):

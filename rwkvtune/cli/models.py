@@ -1,7 +1,7 @@
 """Handlers of ``rwkvtune models [list|show|new|download|check]`` and ``rwkvtune inspect``.
 
 Imported lazily by :mod:`rwkvtune.cli`. Listing and showing configs needs only the standard
-library; torch is imported (by :mod:`rwkvtune.configs.checkpoint`) only when a checkpoint is read,
+library; torch is imported (by :mod:`rwkvtune.io.checkpoint`) only when a checkpoint is read,
 and huggingface_hub (by :mod:`rwkvtune.hub`) only when a file is downloaded.
 Handlers return an exit status and raise :class:`rwkvtune.errors.RwkvtuneError` for user errors.
 """
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rwkvtune.cli import set_handler
+from rwkvtune.configs.check import check_all
+from rwkvtune.configs.detect import inspect_checkpoint
 from rwkvtune.configs.model_loader import (
     CONFIG_PATH_ENV,
     MODEL_DIR_ENV,
@@ -32,8 +34,13 @@ from rwkvtune.configs.model_loader import (
     resolve_release,
 )
 from rwkvtune.errors import ConfigError, RwkvtuneError
-from rwkvtune.hub import download_command
+from rwkvtune.hub import download_command, download_model, target_path
+from rwkvtune.io.layout import SHAPE_FIELDS
 from rwkvtune.utils import human_count
+from rwkvtune.hub_repos import download_repo
+from rwkvtune.configs import model_loader, releases
+from rwkvtune.hub_releases import download_release
+from rwkvtune.hub_releases import ask_hub
 
 _HERE = "rwkvtune.cli.models"
 
@@ -229,8 +236,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.checkpoint import inspect_checkpoint
-
     info = inspect_checkpoint(args.checkpoint)
     if args.json:
         print(json.dumps(info.summary(), indent=2))
@@ -273,8 +278,6 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.checkpoint import SHAPE_FIELDS, inspect_checkpoint
-
     name = args.name.strip()
     if name.lower().startswith("rwkv7-"):
         name = name[len("rwkv7-"):]
@@ -341,7 +344,6 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 def _download_repo(args: argparse.Namespace) -> int:
     """``models download --repo OWNER/NAME``: the HF folder, verified, recorded (rwkvtune.hub_repos)."""
-    from rwkvtune.hub_repos import download_repo
 
     got = download_repo(args.repo, revision=args.revision or "main", models_dir=args.models_dir, force=args.force,
                         progress=sys.stderr.isatty())
@@ -363,8 +365,6 @@ def _download_repo(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from rwkvtune.hub import download_model, target_path
-
     if args.repo is not None:
         given = [flag for flag, on in (("NAME", args.name is not None), ("--release", args.release),
                                        ("--latest", args.latest)) if on]
@@ -380,7 +380,6 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise ConfigError("models download: give NAME (a registry name or .json config, e.g. 1.5b) or "
                           "--repo OWNER/NAME (a Hugging Face RWKV-7 folder)")
     if args.latest or args.release or "@" in args.name:
-        from rwkvtune.hub_releases import download_release
 
         path, cfg, fresh = download_release(args.name, release=args.release, latest=args.latest,
                                             models_dir=args.models_dir, force=args.force,
@@ -411,8 +410,6 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_releases(args: argparse.Namespace) -> int:
-    from rwkvtune.configs import model_loader, releases
-
     base, spec = releases.split_spec(args.name)
     if spec:
         raise ConfigError(f"{args.name!r}: `models releases` takes a size without a release, e.g. {base!r}")
@@ -423,7 +420,6 @@ def cmd_releases(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_file(path)
     extra, variants = [], []
     if args.hub:
-        from rwkvtune.hub_releases import ask_hub
 
         extra, _, variants = ask_hub(cfg, key)
     size, default, known = model_loader.entry_releases(cfg, key, extra)
@@ -466,8 +462,6 @@ def cmd_releases(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from rwkvtune.configs.check import check_all
-
     results, warnings = check_all()
     for w in warnings:
         print(f"WARN  {w}")

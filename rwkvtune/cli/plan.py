@@ -10,9 +10,14 @@ import argparse
 import json
 import sys
 
-from rwkvtune.bounds import Bound
+from rwkvtune.bounds import Bound, check_flag
+from rwkvtune.cli import _Parser
+from rwkvtune.cli.train import add_arguments as add_train_arguments, config_from_args
+from rwkvtune.configs.model_loader import load_model_config
 from rwkvtune.errors import ConfigError
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+from rwkvtune.train import plan
+from rwkvtune.train.memory import FIT_FRACTION, GIB
 
 # The numeric flags of `plan` (ctx_len and batch_size: those of training).
 PLAN_BOUNDS = {"ctx_len": TRAIN_BOUNDS["ctx_len"], "batch_size": TRAIN_BOUNDS["batch_size"],
@@ -40,10 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rwkvtune.train import plan
-
-    from rwkvtune.bounds import check_flag
-
     for name, bound in PLAN_BOUNDS.items():
         check_flag("--" + name.replace("_", "-"), getattr(args, name), bound, ConfigError)
     if args.pick:
@@ -52,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--train-args: only with --pick (it plans one run on this machine's GPUs)")
     cards = {g: plan.card_gib(g) for g in args.gpu_memory} if args.gpu_memory else plan.CARDS
     sizes = [args.size] if args.size else list(plan.SIZES)
-    from rwkvtune.configs.model_loader import load_model_config
-
     if args.json:
         out = {s: [_row_json(r) for r in _rows(load_model_config(s), args)] for s in sizes}
         print(json.dumps(out, indent=1))
@@ -68,15 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _seed_names() -> set[str]:
-    from rwkvtune.configs.model_loader import load_model_config
-    from rwkvtune.train import plan
-
     return {load_model_config(s).model_name for s, _, _ in plan.SEED_DUAL}
 
 
 def _rows(c, args):
-    from rwkvtune.train import plan
-
     return plan.launches(c, args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size)
 
 
@@ -89,9 +83,6 @@ def _row_json(r) -> dict:
 
 def _table(c, rows, args, cards: dict) -> list[str]:
     """The size's launches, what fits each card, and the cheapest launch per card."""
-    from rwkvtune.train import plan
-    from rwkvtune.train.memory import FIT_FRACTION, GIB
-
     ctx, batch = args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size
     lines = [f"{c.model_name}: {c.n_params:,} params; ctx_len {ctx}, batch_size {batch} per GPU, bf16 autocast, AdamW",
              f"per-GPU peak memory and host RAM per process (GiB); a card fits when the peak is at most "
@@ -117,9 +108,6 @@ def _short(r) -> str:
 
 def _pick(args) -> int:
     """The train flags of the cheapest launch that fits this machine (stdout), and why (stderr)."""
-    from rwkvtune.configs.model_loader import load_model_config
-    from rwkvtune.train import plan
-
     if not args.size:
         raise ConfigError("--pick needs a SIZE (e.g. rwkvtune plan 7.2b --pick)")
     cfg = _train_config(args)
@@ -143,9 +131,6 @@ def _pick(args) -> int:
 
 def _train_config(args):
     """The TrainConfig that `rwkvtune train` would build from --train-args."""
-    from rwkvtune.cli import _Parser
-    from rwkvtune.cli.train import add_arguments as add_train_arguments, config_from_args
-
     parser = _Parser(prog="rwkvtune plan --pick --train-args")
     add_train_arguments(parser)
     return config_from_args(parser.parse_args(args.train_args))

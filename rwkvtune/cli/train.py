@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from rwkvtune.bounds import THREADS_PER_CORE
+from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
+from rwkvtune.errors import RwkvtuneError
+from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, parse_overrides
+from rwkvtune.safe_yaml import read_yaml_file
+from rwkvtune.train.run_dir import RunDir
 
 # Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
 TRAIN_FLAGS = [
@@ -57,9 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "
                      "defaults < --config recipe < flags < key=value overrides. Runs under torchrun for DDP or FSDP: "
                      "torchrun --nproc-per-node N -m rwkvtune train ...")
-    from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
-    from rwkvtune.models.rwkv7.config import TrainConfig
-
     defaults, choices = TrainConfig().to_dict(), TrainConfig.choices()
     for flag, typ, help_ in TRAIN_FLAGS:
         name = flag.lstrip("-").replace("-", "_")
@@ -111,16 +114,12 @@ def _flag_names() -> set[str]:
 
 
 def _unflagged() -> list[str]:
-    from rwkvtune.models.rwkv7.config import TrainConfig
-
     return [name for name in TrainConfig.field_names() if name not in _flag_names()]
 
 
 def options_help() -> str:
     """Every TrainConfig option by section, with its default, its flag if any, and the comment that
     documents it in the dataclass: the text of ``rwkvtune train --help-all``."""
-    from rwkvtune.models.rwkv7.config import TrainConfig
-
     defaults, flags = TrainConfig().to_dict(), _flag_names()
     lines = ["All options (recipe keys; on the command line as key=value, or with the flag shown):"]
     section = None
@@ -150,8 +149,6 @@ class _HelpAll(argparse.Action):
 
 
 def config_from_args(args: argparse.Namespace):
-    from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, parse_overrides
-
     cfg = TrainConfig()
     if args.config:
         cfg.update(load_recipe(args.config), source=f"recipe {args.config}")
@@ -164,8 +161,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # a bad recipe or override fails before torch is imported
     from rwkvtune.train import trainer
     from rwkvtune.train.checkpointing import run_dir_of
-    from rwkvtune.train.run_dir import RunDir
-
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt:
@@ -184,12 +179,6 @@ def run(args: argparse.Namespace) -> int:
 
 def next_steps(summary: dict) -> str:
     """One line for people at the end of a run: where the result is and the command to try next."""
-    import shlex
-
-    from rwkvtune.errors import RwkvtuneError
-    from rwkvtune.safe_yaml import read_yaml_file
-    from rwkvtune.train.run_dir import RunDir
-
     try:
         saved = read_yaml_file(RunDir(summary["out"]).config, "run config", "") or {}
     except RwkvtuneError:

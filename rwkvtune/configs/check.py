@@ -11,16 +11,10 @@ import dataclasses
 from pathlib import Path
 from typing import Mapping
 
-from rwkvtune.configs.checkpoint import (
-    LAYER0_V_KEYS,
-    SHAPE_FIELDS,
-    CheckpointInfo,
-    compare_shapes,
-    detect,
-    format_mismatches,
-    read_shapes,
-)
-from rwkvtune.configs import releases
+import rwkvtune.configs.releases as releases
+from rwkvtune.configs.detect import CheckpointInfo, compare_shapes, detect, format_mismatches
+from rwkvtune.io.checkpoint import read_shapes
+from rwkvtune.io.layout import LAYER0_V_KEYS, SHAPE_FIELDS
 from rwkvtune.configs.model_loader import (
     ModelConfig,
     all_config_files,
@@ -31,7 +25,7 @@ from rwkvtune.configs.model_loader import (
     CONFIG_PATH_ENV,
     PACKAGE_MODELS_DIR,
 )
-from rwkvtune.configs.variants import refusal
+from rwkvtune.io.variants import refusal
 from rwkvtune.utils import human_count
 from rwkvtune.errors import CheckpointError, RwkvtuneError
 

@@ -31,16 +31,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from rwkvtune.configs.checkpoint import (
-    DEFAULT_MODEL_DIR,
-    MODEL_DIR_ENV,
-    SHAPE_FIELDS,
-    CheckpointInfo,
-    inspect_checkpoint,
-    official_shapes,
-)
-from rwkvtune.configs import releases
+import rwkvtune.configs.releases as releases
+from rwkvtune.configs.detect import CheckpointInfo, inspect_checkpoint
 from rwkvtune.errors import ConfigError
+from rwkvtune.io.layout import DEFAULT_MODEL_DIR, MODEL_DIR_ENV, SHAPE_FIELDS, official_shapes
+from rwkvtune.utils import atomic_write_text, not_found, read_error
 
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONFIG_PATH_ENV = "RWKVTUNE_CONFIG_PATH"
@@ -211,8 +206,6 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
         """A JSON config in the registry format; every problem in the file is reported at once."""
-        from rwkvtune.utils import not_found, read_error
-
         path = Path(path)
         if not path.is_file():
             raise ConfigError(not_found(path, "config file", "check the path or run `rwkvtune models` to list "
@@ -313,8 +306,6 @@ class ModelConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON config atomically."""
-        from rwkvtune.utils import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from rwkvtune.errors import ConfigError
+from rwkvtune.utils import atomic_write_text
 
 RECORDS_NAME = "rwkvtune-releases.json"
 RECORDS_FORMAT = "rwkvtune-releases-v1"
@@ -157,7 +158,6 @@ def read_records(directory: str | os.PathLike) -> list[Release]:
 
 def record(directory: str | os.PathLike, rel: Release) -> Path:
     """Add (or replace, by file name) one release in ``directory``'s records file, atomically."""
-    from rwkvtune.utils import atomic_write_text
 
     kept = [r for r in read_records(directory) if r.file != rel.file]
     entries = [{k: getattr(r, k) for k in _RECORD_FIELDS} for r in sorted(kept + [rel], key=Release.newness)]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rwkvtune.configs.model_loader import _source_problem
 from rwkvtune.errors import ConfigError
+from rwkvtune.utils import atomic_write_text
 
 RECORDS_NAME = "rwkvtune-repos.json"
 RECORDS_FORMAT = "rwkvtune-repos-v1"
@@ -130,7 +131,6 @@ def find(directory: str | os.PathLike, repo: str) -> RepoRecord | None:
 
 def record(directory: str | os.PathLike, rec: RepoRecord) -> Path:
     """Add (or replace, by repository) one record in ``directory``'s records file, atomically."""
-    from rwkvtune.utils import atomic_write_text
 
     kept = [r for r in read_records(directory) if r.repo.lower() != rec.repo.lower()]
     entries = [{"repo": r.repo, "revision": r.revision, "commit": r.commit,

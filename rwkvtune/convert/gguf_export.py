@@ -69,6 +69,7 @@ from rwkvtune.errors import CheckpointError, ConfigError, OutputError
 from rwkvtune.tensor_checks import check_tensor
 from rwkvtune.tokenizer import _default_vocab_file, _parse_vocab
 from rwkvtune.utils import _atomic_write
+import struct
 
 ARCH = "rwkv7"
 CONTEXT_LENGTH = 1 << 20  # RWKV is not context limited; the converter writes 1048576
@@ -360,7 +361,6 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict, list[tuple[str, tup
     """({key: value}, [(tensor name, row-major shape, GGML type id, offset)], data start) of a GGUF
     v3 file, parsed here from the format's spec (little-endian), apart from the ``gguf`` package
     that wrote it: a second reading of what the writer produced. ValueError if malformed."""
-    import struct
 
     with open(path, "rb") as f:
         buf = f.read(_HEADER_CAP)

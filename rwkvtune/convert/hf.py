@@ -59,17 +59,21 @@ from typing import Callable
 import torch
 
 from rwkvtune.configs.check import compare_config, mismatch_error
-from rwkvtune.configs.checkpoint import LAYER0_V_KEYS, detect, load_state_dict
+from rwkvtune.configs.detect import detect
 from rwkvtune.configs.model_loader import ModelConfig
-from rwkvtune.convert.hf_layout import (
+from rwkvtune.convert.sources import TensorSource, open_official
+from rwkvtune.errors import CheckpointError, OutputError
+from rwkvtune.io.checkpoint import load_state_dict
+from rwkvtune.io.hf_layout import (
     CONFIG_NAME, EXTRA_NAME, HF_MODEL_TYPE, VOCAB_NAME, _official, _refs, is_hf_folder, official_to_hf,
     hf_shape, to_hf_tensor,
 )
-from rwkvtune.convert.safetensors_io import (
+from rwkvtune.io.layout import LAYER0_V_KEYS
+from rwkvtune.io.safetensors_io import (
     DEFAULT_SHARD_BYTES, SafetensorsReader, TensorSpec, save_safetensors, write_safetensors, write_shards,
 )
-from rwkvtune.convert.sources import TensorSource, open_official
-from rwkvtune.errors import CheckpointError, OutputError
+from rwkvtune.tensor_checks import check_tensor, count_non_finite
+from rwkvtune.tokenizer import _default_vocab_file
 from rwkvtune.utils import atomic_torch_save, output_error
 
 class HFSource(TensorSource):
@@ -191,8 +195,6 @@ def _checked(key: str, t: torch.Tensor, path, dtype: torch.dtype) -> torch.Tenso
     """``t`` in ``dtype``, refused (naming it) unless dense, floating point and finite, before and
     after the cast: an export must not turn a damaged model into a clean-looking folder, nor a
     value beyond the range of a narrower dtype into an inf that only a later load would find."""
-    from rwkvtune.tensor_checks import check_tensor, count_non_finite
-
     check_tensor(key, t, path)
     if t.dtype == dtype:
         return t
@@ -269,8 +271,6 @@ def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, model_config: 
     ``dtype`` casts every tensor (default: keep the source's, fp8 upcast, see :data:`_FP8`). Returns the
     folder path.
     """
-    from rwkvtune.tokenizer import _default_vocab_file
-
     with open_model_source(src) as source:
         config = _check_source(source, model_config)
         out_dtypes = _out_dtypes(source, dtype)

@@ -11,9 +11,9 @@ touched, so streaming through a mapped 26 GB file shows 26 GB RSS at the end (me
 ``.pth`` files are ``torch.save`` zip archives: ``<dir>/data.pkl`` (the pickled dict, whose
 tensors refer to storages by key) plus one uncompressed record ``<dir>/data/<key>`` per storage.
 The pickle is read by the checkpoint reader's restricted unpickler (``read_archive`` in
-``rwkvtune.configs.checkpoint``), which builds references (storage key, offset, shape, stride), never objects; so an
+``rwkvtune.io.checkpoint``), which builds references (storage key, offset, shape, stride), never objects; so an
 untrusted file cannot run code. Anything else (legacy pre-zip files, unknown pickle content,
-big-endian archives) goes through ``rwkvtune.configs.checkpoint.load_state_dict``
+big-endian archives) goes through ``rwkvtune.io.checkpoint.load_state_dict``
 (``torch.load(weights_only=True, mmap=True)``), which also words the errors for files that
 are not state dicts.
 """
@@ -28,8 +28,9 @@ from typing import Mapping
 
 import torch
 
-from rwkvtune.configs.checkpoint import TensorMeta, load_state_dict, read_archive, strip_prefix
-from rwkvtune.convert.safetensors_io import SafetensorsReader, read_bytes_into
+from rwkvtune.io.checkpoint import TensorMeta, load_state_dict, read_archive
+from rwkvtune.io.layout import strip_prefix
+from rwkvtune.io.safetensors_io import SafetensorsReader, read_bytes_into
 from rwkvtune.errors import CheckpointError
 
 class TensorSource:

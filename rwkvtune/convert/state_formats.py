@@ -29,9 +29,12 @@ from typing import Any, Mapping
 
 import torch
 
-from rwkvtune.configs.layout import strip_prefix
 from rwkvtune.errors import CheckpointError
+from rwkvtune.io.artifacts import load_artifact
+from rwkvtune.io.layout import strip_prefix
+from rwkvtune.io.safetensors_io import load_safetensors
 from rwkvtune.tensor_checks import check_stored
+from rwkvtune.utils import atomic_torch_save
 
 STATE_FORMAT = "rwkvtune-state-v1"  # rwkvtune.peft.state.STATE_FORMAT
 PEFT_KEY = "blocks.{}.att.time_state"
@@ -104,11 +107,7 @@ def to_wkv_init(obj: Any, source: str = "<state>") -> torch.Tensor:
 def load_state_any(path: str | os.PathLike) -> torch.Tensor:
     """``wkv_init`` from a state file of either layout: ``.pth`` (``weights_only`` torch.load)
     or ``.safetensors`` (RWKV-PEFT keys, or ``wkv_init``)."""
-    from rwkvtune.convert.artifacts import load_artifact
-
     if str(path).endswith(".safetensors"):
-        from rwkvtune.convert.safetensors_io import load_safetensors
-
         obj: Any = load_safetensors(path, mmap_file=False)
     else:
         obj = load_artifact(path, "state file", "state.pth from --mode state, or an RWKV-PEFT state .pth")
@@ -117,6 +116,4 @@ def load_state_any(path: str | os.PathLike) -> torch.Tensor:
 
 def save_peft_state(path: str | os.PathLike, wkv_init: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
     """Write ``wkv_init`` as an RWKV-PEFT / RWKV Runner state ``.pth``, atomically."""
-    from rwkvtune.utils import atomic_torch_save
-
     atomic_torch_save(wkv_init_to_peft(wkv_init, dtype), path)

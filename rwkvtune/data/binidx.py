@@ -25,6 +25,7 @@ import struct
 import numpy as np
 
 from rwkvtune.errors import DataError
+from rwkvtune.utils import output_error, read_error
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -84,8 +85,6 @@ class BinIdxDataset:
         try:
             self._open_pair(ip, bp)
         except OSError as e:  # permission denied on either file: one line naming it
-            from rwkvtune.utils import read_error
-
             raise read_error(e.filename or ip, e, DataError) from None
 
     def _open_pair(self, ip: str, bp: str) -> None:
@@ -276,8 +275,6 @@ class BinIdxWriter:
                 os.makedirs(parent, exist_ok=True)
             self._bin = open(self._tmp_bin, "wb")
         except OSError as e:
-            from rwkvtune.utils import output_error
-
             raise output_error(bin_path(self.prefix), e) from None
         self._sizes: list[int] = []
         self.num_tokens = 0
@@ -350,8 +347,6 @@ class BinIdxWriter:
         return {"docs": n, "tokens": self.num_tokens}
 
     def _write_error(self, path: str, e: OSError, needed: int | None = None):
-        from rwkvtune.utils import output_error
-
         written = os.path.getsize(self._tmp_bin) if os.path.exists(self._tmp_bin) else None
         return output_error(path, e, needed, written)
 

@@ -38,11 +38,12 @@ from typing import Sequence
 
 import numpy as np
 
+from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.data.binidx import BinIdxDataset, bin_path, idx_path, strip_suffix
 from rwkvtune.data.formats import Sample, read_samples
 from rwkvtune.errors import ConfigError, DataError
+from rwkvtune.tokenizer import get_tokenizer
 
-IGNORE = -100  # label value that cross-entropy ignores (torch's default ignore_index)
 
 
 def _check_ctx_len(ctx_len) -> int:
@@ -57,9 +58,9 @@ def _make_item(w: np.ndarray, targets: np.ndarray | None, T: int, meta: dict) ->
 
     n = len(w) - 1
     inp = np.zeros(T, dtype=np.int64)
-    lab = np.full(T, IGNORE, dtype=np.int64)
+    lab = np.full(T, IGNORE_INDEX, dtype=np.int64)
     inp[:n] = w[:n]
-    lab[:n] = w[1:] if targets is None else np.where(targets, w[1:], IGNORE)
+    lab[:n] = w[1:] if targets is None else np.where(targets, w[1:], IGNORE_INDEX)
     item = {"input_ids": torch.from_numpy(inp), "labels": torch.from_numpy(lab)}
     item.update(meta)
     item["num_targets"] = int(n if targets is None else targets.sum())
@@ -344,8 +345,6 @@ def load_dataset(path: str, tokenizer, ctx_len: int, fmt: str = "auto", on_error
     path = os.fspath(path)
     if path.endswith((".jsonl", ".json")):
         if tokenizer is None:
-            from rwkvtune.tokenizer import get_tokenizer
-
             tokenizer = get_tokenizer()
         samples, _ = read_samples(path, tokenizer, fmt=fmt, on_error=on_error,
                                   vocab_size=vocab_size)

@@ -40,11 +40,12 @@ from typing import Iterator
 
 import numpy as np
 
+from rwkvtune.constants import END_OF_TEXT
 from rwkvtune.errors import DataError
+from rwkvtune.utils import not_found, read_error
 
 log = logging.getLogger("rwkvtune.data")
 
-EOT = 0  # end of text
 TURN_END = 261  # "\n\n" in the World vocab
 FORMATS = ("text", "chat", "prompt_response")
 _FMT_ALIASES = {
@@ -156,7 +157,7 @@ def render_text(text, tokenizer) -> Sample:
         raise RecordError(f"'text' must be a string, found {type(text).__name__}")
     if not text.strip():
         raise RecordError("'text' is empty")
-    tokens = np.array(tokenizer.encode(text) + [EOT], dtype=np.int32)
+    tokens = np.array(tokenizer.encode(text) + [END_OF_TEXT], dtype=np.int32)
     return Sample(tokens, np.ones(len(tokens), dtype=bool))
 
 
@@ -196,7 +197,7 @@ def render_chat(messages, tokenizer) -> Sample:
         raise RecordError("'messages' has no assistant message, so nothing to learn from")
     if prompt:  # trailing user/system turns after the last reply: context only
         parts.append((tokenizer.encode(prompt), False))
-    parts.append(([EOT], False))
+    parts.append(([END_OF_TEXT], False))
     return _pack(parts)
 
 
@@ -257,8 +258,6 @@ RawRecord = tuple
 
 def iter_raw_records(path: str) -> Iterator[RawRecord]:
     """Yield the raw records of a jsonl file (blank lines are ignored) or a .json array."""
-    from rwkvtune.utils import not_found, read_error
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(not_found(path, "file", "expected a .jsonl file with one JSON object per line"))

@@ -19,10 +19,9 @@ import dataclasses
 
 import numpy as np
 
-from rwkvtune.data.formats import EOT, TURN_END, ReadStats, RecordError, _ROLES, normalize_content, read_encoded
+from rwkvtune.constants import END_OF_TEXT, IGNORE_INDEX
+from rwkvtune.data.formats import TURN_END, ReadStats, RecordError, _ROLES, normalize_content, read_encoded
 from rwkvtune.errors import DataError
-
-IGNORE = -100
 
 
 @dataclasses.dataclass
@@ -121,9 +120,9 @@ class PreferenceDataset:
 
     @staticmethod
     def _sequence(prompt: np.ndarray, reply: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        w = np.concatenate([[EOT], prompt, reply]).astype(np.int64)
+        w = np.concatenate([[END_OF_TEXT], prompt, reply]).astype(np.int64)
         labels = w[1:].copy()
-        labels[: len(prompt)] = IGNORE  # the prompt's tokens are predicted from the prompt: no loss
+        labels[: len(prompt)] = IGNORE_INDEX  # the prompt's tokens are predicted from the prompt: no loss
         return w[:-1], labels
 
     def __getitem__(self, i: int) -> dict:
@@ -135,14 +134,10 @@ class PreferenceDataset:
 def collate_pairs(items: list[dict], device) -> dict:
     """[2B, T]: the B chosen sequences, then the B rejected ones, right-padded (input 0, label -100;
     the model is causal, so padding after a sequence changes nothing before it)."""
-    import torch
+    import torch  # torch-free until a batch is built
 
-    seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-    T = max(len(x) for x, _ in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    for r, (x, y) in enumerate(seqs):
-        idx[r, :len(x)] = torch.from_numpy(x)
-        labels[r, :len(y)] = torch.from_numpy(y)
-    index = torch.tensor([it["index"] for it in items], dtype=torch.long)
-    return {"input_ids": idx.to(device), "labels": labels.to(device), "index": index}
+    from rwkvtune.data.collate import right_pad
+
+    batch = right_pad([it["chosen"] for it in items] + [it["rejected"] for it in items], device)
+    batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    return batch

@@ -20,6 +20,7 @@ import os
 import time
 
 import numpy as np
+import tqdm
 
 from rwkvtune.data.binidx import BinIdxWriter
 from rwkvtune.data.formats import (
@@ -32,6 +33,8 @@ from rwkvtune.data.formats import (
     normalize_fmt,
 )
 from rwkvtune.errors import DataError
+from rwkvtune.tokenizer import get_tokenizer
+from rwkvtune.utils import not_found
 
 log = logging.getLogger("rwkvtune.data")
 
@@ -116,18 +119,12 @@ def prepare_binidx(
     (samples = documents written, tokens, skipped records, seconds);
     with ``on_error="skip"`` bad records are counted there and logged in a one-line summary.
     """
-    from tqdm import tqdm
-
     if tokenizer is None:
-        from rwkvtune.tokenizer import get_tokenizer
-
         tokenizer = get_tokenizer()
     fmt = normalize_fmt(fmt)
     check_on_error(on_error)
     in_jsonl = os.fspath(in_jsonl)
     if not os.path.isfile(in_jsonl):
-        from rwkvtune.utils import not_found
-
         raise DataError(not_found(in_jsonl, "input file", "expected a .jsonl file"))
     size = os.path.getsize(in_jsonl)
     if workers is None:
@@ -144,7 +141,7 @@ def prepare_binidx(
     else:
         _init_worker(*init)
         results = map(_encode_chunk, _chunks(in_jsonl))
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    bar = tqdm.tqdm(total=size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     writer = BinIdxWriter(out_prefix, dtype=np.uint16)
     try:
         with writer:

@@ -15,6 +15,13 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from rwkvtune.evaluate import scoring
+from rwkvtune.errors import CheckpointError
+from rwkvtune.models.rwkv7 import RWKV7
+from rwkvtune.peft.lora import load_adapter
+from rwkvtune.peft.state import load_state_file
+from rwkvtune.errors import ConfigError
+from rwkvtune.tokenizer import get_tokenizer
+from rwkvtune.generate import generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +34,9 @@ def load_model(model: str, adapter: str | None = None, state: str | None = None,
                dtype: torch.dtype = torch.float32):
     """(RWKV7 in eval mode, tuned initial WKV state or None) from the names the CLI takes; each
     problem is one :class:`~rwkvtune.errors.RwkvtuneError` line naming the flag."""
-    from rwkvtune.errors import CheckpointError
-    from rwkvtune.models.rwkv7 import RWKV7
 
     net = RWKV7.from_checkpoint(model, device=device, dtype=dtype)
     if adapter:
-        from rwkvtune.peft.lora import load_adapter
 
         try:
             load_adapter(net, adapter)
@@ -40,7 +44,6 @@ def load_model(model: str, adapter: str | None = None, state: str | None = None,
             raise CheckpointError(f"--adapter {e}") from e
     wkv_init = None
     if state:
-        from rwkvtune.peft.state import load_state_file
 
         try:
             wkv_init = load_state_file(state, net)
@@ -67,8 +70,6 @@ class RwkvLM(LM):
                  precision: str = "fp32", device: str | None = None, share_prefix: bool = True, autocast=None,
                  **_ignored):
         super().__init__()
-        from rwkvtune.errors import ConfigError
-        from rwkvtune.tokenizer import get_tokenizer
 
         if isinstance(model, str):
             model, wkv_init = load_model(model, adapter, state, device or "cpu")
@@ -120,7 +121,6 @@ class RwkvLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with ``do_sample``, sampled) continuations that stop at the task's ``until``
         strings (cut before them), at end of text, or after ``max_gen_toks`` tokens."""
-        from rwkvtune.generate import generate_batch
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

@@ -32,7 +32,7 @@ import dataclasses
 from typing import Callable, ContextManager, Sequence
 
 import torch
-import torch.nn.functional as F
+from rwkvtune.models.rwkv7.model import RWKV7State
 
 # Tokens per forward (rows x segment length): bounds the activations of one forward. The head's
 # logits are taken in slices of HEAD_ROWS positions (HEAD_ROWS x V fp32 = 128 MB at V = 65536).
@@ -75,8 +75,6 @@ def _cat_rows(parts: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tens
 
 
 def _cat_states(parts: list, n: int):
-    from rwkvtune.models.rwkv7.model import RWKV7State
-
     fields = {}
     for f in ("att_x_prev", "wkv", "ffn_x_prev"):
         fields[f] = _cat_rows([(idx, getattr(s, f).transpose(0, 1)) for idx, s in parts], n).transpose(0, 1)

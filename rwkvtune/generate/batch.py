@@ -30,6 +30,7 @@ from rwkvtune.generate.decoding import check_wkv_init, model_device
 from rwkvtune.generate.rnn import BatchDecoder
 from rwkvtune.generate.sampling import UNIFORMS_PER_ROW, apply_penalties, raw_logprobs, sample_rows
 from rwkvtune.generate.text import END_OF_TEXT, encode_prompt, find_stop
+from rwkvtune.tokenizer import StreamDecoder
 
 # Tokens per prefill forward when grouping equal-length prompts: bounds the activations of one
 # forward (about 40 KB per token for the 0.1B shape in fp32) without costing speed.
@@ -122,8 +123,6 @@ class _RowTexts:
     """Incremental text of each row, for stop strings: a row stops at the first stop string."""
 
     def __init__(self, tokenizer, stops: Sequence[str], rows: int):
-        from rwkvtune.tokenizer import StreamDecoder
-
         self.stops = stops
         self.decoders = [StreamDecoder(tokenizer) for _ in range(rows)]
         self.texts = [""] * rows

@@ -22,10 +22,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from rwkvtune.generate.batch import generate_batch
 from rwkvtune.generate.config import GenerationError, SamplingConfig, resolve
 from rwkvtune.generate.decoding import check_wkv_init, model_device
 from rwkvtune.generate.sampling import apply_penalties, sample_logits, update_counts
 from rwkvtune.generate.text import CHAT_TURN_END, END_OF_TEXT, encode_prompt, format_chat, split_stop
+from rwkvtune.tokenizer import StreamDecoder
 
 
 @dataclasses.dataclass
@@ -87,8 +89,6 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], sampling: Sam
     if wkv_init is not None and state is None:
         check_wkv_init(model, wkv_init)
     stats = stats if stats is not None else GenerationStats()
-    from rwkvtune.tokenizer import StreamDecoder
-
     ids = encode_prompt(tokenizer, prompt)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     stats.prompt_tokens = len(ids)
@@ -156,8 +156,6 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | Sequence[str | Sequ
         if state is not None or stream is not None or stats is not None:
             raise GenerationError("generate: state=, stream= and stats= work with one prompt, found a list of "
                                   "prompts; use generate_batch (its stats=) or one prompt at a time")
-        from rwkvtune.generate.batch import generate_batch
-
         done = generate_batch(model, tokenizer, prompt, sampling, samples_per_prompt=samples_per_prompt,
                               wkv_init=wkv_init, **overrides)
         return [c.text for c in done]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from rwkvtune.constants import END_OF_TEXT
 from rwkvtune.generate.config import GenerationError
 
-END_OF_TEXT = 0
 CHAT_TURN_END = "\n\n"
 
 

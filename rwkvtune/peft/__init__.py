@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-MODES = ("full", "lora", "state")
+from rwkvtune.constants import MODES
+from rwkvtune.errors import ConfigError
 
 
 def get_mode(name: str):
@@ -20,6 +21,4 @@ def get_mode(name: str):
         from rwkvtune.peft.state import StateMode
 
         return StateMode()
-    from rwkvtune.errors import ConfigError
-
     raise ConfigError(f"mode: found {name!r}, expected one of {', '.join(MODES)}")

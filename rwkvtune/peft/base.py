@@ -2,14 +2,18 @@
 
 A mode (full, lora, state; see :func:`rwkvtune.peft.get_mode`) decides
 
-* which of the model's tensors the optimizer sees (:meth:`Mode.prepare` returns a
-  :class:`TrainModule`),
+* which of the model's tensors the optimizer sees (:meth:`Mode.prepare` freezes or adapts the
+  model in place and returns the tensor the mode adds, which the trainer's
+  :class:`rwkvtune.train.objective.TrainModule` holds),
 * which files a finished run holds besides its logs (:meth:`Mode.save_outputs`),
 * how the trained parts are switched off to get the untouched base back
   (:meth:`Mode.reference`, which preference training uses as its reference model),
-* its own configuration rules and defaults.
+* its own configuration rules (:meth:`Mode.conflicts`; its default learning rate, where it has one,
+  is in :data:`rwkvtune.constants.MODE_DEFAULT_LR`).
 
-The trainer, the CLI and the run directory call these; nothing else branches on the mode.
+The trainer, the CLI and the run directory call these; nothing else branches on the mode. A mode
+works on the model and on the training module (``module.model``, ``module.wkv_init``,
+``module.reference_active``) without importing the trainer: peft sits below train.
 """
 
 from __future__ import annotations
@@ -19,44 +23,6 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-
-from rwkvtune.train import loss as loss_lib
-
-
-class TrainModule(nn.Module):
-    """What the optimizer sees: the model plus, in state mode, the trainable initial WKV state.
-
-    ``forward(idx, state)`` runs the model in RNN-state form: (logits, the state after the last
-    token); without a carried ``state`` a sequence starts from ``wkv_init`` (zeros when None).
-    With ``labels``: (summed next-token loss, state), the head and the loss computed in slices of
-    the sequence (:func:`rwkvtune.train.loss.chunked_loss_sum`), never all [B, T, V] logits at once;
-    inside this forward, so a sharded (FSDP) head is gathered like every other layer. With
-    ``reduce="sequence"``: (summed negative log-likelihood of each sequence [B], state); with
-    ``reduce="token"``: (each scored token's negative log-likelihood [B, T] at ``temperature``, state).
-    ``hidden=True``: (final hidden states [B, T, C], state), for losses that use the head themselves.
-    ``doc_start`` [B, T] bool: packed documents; each restarts at its first token from the initial
-    state (``wkv_init``, also when a ``state`` is carried in, or zeros).
-    """
-
-    def __init__(self, model: nn.Module, wkv_init: torch.Tensor | None = None):
-        super().__init__()
-        self.model = model
-        self.wkv_init = nn.Parameter(wkv_init) if wkv_init is not None else None
-        self.reference_active = False  # True inside Mode.reference(): the initial state is zeros
-
-    def forward(self, idx, state=None, labels=None, l2wrap: float = 0.0, hidden: bool = False,
-                reduce: str = "sum", temperature: float = 1.0, last_only: bool = False, doc_start=None):
-        # The model reads wkv_init only without a carried state, or as the reset state at doc_start.
-        init = self.wkv_init if (state is None or doc_start is not None) and not self.reference_active else None
-        if labels is None:
-            return self.model(idx, state=state, return_state=True, wkv_init=init, hidden=hidden, last_only=last_only,
-                              doc_start=doc_start)
-        h, state = self.model(idx, state=state, return_state=True, wkv_init=init, hidden=True, doc_start=doc_start)
-        if reduce == "sequence":
-            return loss_lib.chunked_sequence_nll(h, self.model.head, labels), state
-        if reduce == "token":
-            return loss_lib.chunked_token_nll(h, self.model.head, labels, temperature), state
-        return loss_lib.chunked_loss_sum(h, self.model.head, labels, l2wrap), state
 
 
 class Mode:
@@ -73,30 +39,28 @@ class Mode:
                      f"or mode 'full'")]
         return []
 
-    def default_lr(self) -> float | None:
-        """A learning rate this mode needs whatever the model recommends, or None."""
-        return None
-
-    def prepare(self, model: nn.Module, cfg) -> TrainModule:
+    def prepare(self, model: nn.Module, cfg) -> torch.Tensor | None:
+        """Freeze or adapt ``model`` in place for this mode; returns the initial value of the
+        tensor the mode trains besides the model's own (state mode: the WKV state), else None."""
         raise NotImplementedError
 
-    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+    def initial_values(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors this mode added to the model (not in the model file), by parameter name, with
         the values :meth:`prepare` gives them, drawn from the random stream in the same order: a
         module built on the meta device and filled shard by shard (FSDP) equals one built whole."""
         return {}
 
-    def base_loaded(self, module: TrainModule, base: dict[str, torch.Tensor]) -> None:
+    def base_loaded(self, module: nn.Module, base: dict[str, torch.Tensor]) -> None:
         """Called once a meta-built ``module`` holds its weights, with the model file's tensors
         (official names, memory-mapped): what :meth:`prepare` records of the base, recorded now."""
 
-    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+    def save_outputs(self, run, module: nn.Module, cfg) -> dict[str, str]:
         """Write final.pth and/or the mode's artifact into the run directory ``run``
         (:class:`rwkvtune.train.run_dir.RunDir`); returns {kind: path}."""
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def reference(self, module: TrainModule) -> Iterator[None]:
+    def reference(self, module: nn.Module) -> Iterator[None]:
         """Inside: ``module`` computes what the untouched base model computes."""
         raise NotImplementedError(f"{self.name} mode has no built-in reference model (keep a frozen copy)")
         yield  # pragma: no cover
@@ -109,13 +73,3 @@ class Mode:
             p.requires_grad_(False)
         if bf16_base:
             model.to(torch.bfloat16)
-
-
-def count_params(module: nn.Module) -> tuple[int, int, int]:
-    """(trainable, frozen, unused) parameter counts. Unused: layer 0's value-residual v0/v1/v2,
-    which released files carry (and final.pth keeps) although layer 0 defines v_first instead."""
-    att = module.model.blocks[0].att
-    unused = sum(getattr(att, n).numel() for n in ("v0", "v1", "v2")) if att.has_v else 0
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad) - unused
-    return trainable, frozen, unused

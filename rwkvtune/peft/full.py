@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from rwkvtune.peft.base import Mode, TrainModule
+from rwkvtune.peft.base import Mode
 
 
 class FullMode(Mode):
     name = "full"
     trains_base = True
 
-    def prepare(self, model, cfg) -> TrainModule:
-        return TrainModule(model)
+    def prepare(self, model, cfg) -> None:
+        return None  # every weight stays trainable
 
-    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+    def save_outputs(self, run, module, cfg) -> dict[str, str]:
         dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
         module.model.save_checkpoint(run.final, dtype=dtype)
         return {"final": str(run.final)}

@@ -22,7 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rwkvtune.errors import CheckpointError, ConfigError
-from rwkvtune.peft.base import Mode, TrainModule
+from rwkvtune.io.artifacts import load_artifact, save_artifact
+from rwkvtune.io.checkpoint import save_state_dict
+from rwkvtune.peft.base import Mode
+from rwkvtune.tensor_checks import check_tensor
 
 ADAPTER_FORMAT = "rwkvtune-lora-v1"
 PART_PATTERNS = {
@@ -214,16 +217,16 @@ class LoraMode(Mode):
                         "lora_targets=[att.key,ffn.value]) or use the default"))
         return out
 
-    def prepare(self, model, cfg) -> TrainModule:
+    def prepare(self, model, cfg) -> None:
         self.freeze(model, cfg.precision == "bf16")
         apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         unfreeze_parts(model, cfg.train_parts)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trained tensors are fp32 even over a bf16 base
-        return TrainModule(model)
+        return None
 
-    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+    def initial_values(self, module) -> dict[str, torch.Tensor]:
         out = {}
         # apply_lora wraps layers in sorted name order: A's draws come in that order
         for name, m in sorted(_lora_modules(module).items()):
@@ -231,35 +234,29 @@ class LoraMode(Mode):
             out[f"{name}.lora_B"] = torch.zeros(m.base.out_features, m.r)
         return out
 
-    def base_loaded(self, module: TrainModule, base: dict[str, torch.Tensor]) -> None:
+    def base_loaded(self, module, base: dict[str, torch.Tensor]) -> None:
         model = module.model
         model.lora_base_fingerprint = fingerprint(base)
         params = dict(model.named_parameters())
         model.lora_part_originals = {n: params[n].detach().clone() for n in getattr(model, "lora_part_originals", {})}
 
-    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
-        from rwkvtune.configs.checkpoint import save_state_dict
-
+    def save_outputs(self, run, module, cfg) -> dict[str, str]:
         dtype = torch.bfloat16 if cfg.save_dtype == "bf16" else torch.float32
         save_adapter(run.adapter, module.model)
         save_state_dict(merged_state_dict(module.model, dtype), run.final)
         return {"adapter": str(run.adapter), "final": str(run.final)}
 
-    def reference(self, module: TrainModule):
+    def reference(self, module):
         return lora_disabled(module.model)
 
 
 def save_adapter(path, model: nn.Module) -> None:
     """Write the adapter atomically (``.safetensors`` or a torch file, by the suffix)."""
-    from rwkvtune.convert.artifacts import save_artifact
-
     save_artifact(adapter_state(model), path)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Apply a saved adapter to a freshly loaded base model; refuses another base."""
-    from rwkvtune.convert.artifacts import load_artifact
-
     state = load_artifact(path, "adapter", "adapter.pth from --mode lora")
     if not isinstance(state, dict) or state.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path}: not an rwkvtune LoRA adapter (expected format {ADAPTER_FORMAT!r})")
@@ -268,8 +265,6 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise CheckpointError(f"{path}: adapter was trained on another base model (fingerprint "
                               f"{state['base_fingerprint']}, this base has {found}); load the base it was "
                               f"trained on")
-    from rwkvtune.tensor_checks import check_tensor
-
     for group in ("lora", "parts"):
         for n, t in state.get(group, {}).items():
             check_tensor(n, t, path, what="adapter tensor")  # small: a full pass costs nothing

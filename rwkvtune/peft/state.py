@@ -12,8 +12,11 @@ from typing import Iterator
 
 import torch
 
+from rwkvtune.convert.state_formats import PEFT, detect_state_layout, peft_to_wkv_init, save_peft_state
 from rwkvtune.errors import CheckpointError
-from rwkvtune.peft.base import Mode, TrainModule
+from rwkvtune.io.artifacts import load_artifact, save_artifact
+from rwkvtune.peft.base import Mode
+from rwkvtune.tensor_checks import check_tensor
 
 STATE_FORMAT = "rwkvtune-state-v1"
 MADE_BY = "state.pth from --mode state"
@@ -28,8 +31,6 @@ def expected_shape(config) -> tuple[int, int, int, int]:
 
 def save_state_file(path, wkv_init: torch.Tensor, model) -> None:
     """Write the state atomically (``.safetensors`` or a torch file, by the suffix)."""
-    from rwkvtune.convert.artifacts import save_artifact
-
     save_artifact({"format": STATE_FORMAT, "wkv_init": wkv_init.detach().float().cpu().contiguous(),
                    "n_embd": model.config.n_embd}, path)
 
@@ -43,10 +44,6 @@ def load_state_file(path, model) -> torch.Tensor:
     Refuses, in one line naming the file: a file that is not a state, another model's shape,
     non-float or non-finite values, and magnitudes no training produces.
     """
-    from rwkvtune.convert.state_formats import PEFT, detect_state_layout, peft_to_wkv_init
-    from rwkvtune.convert.artifacts import load_artifact
-    from rwkvtune.tensor_checks import check_tensor
-
     obj = load_artifact(path, "state file", MADE_BY)
     if isinstance(obj, dict) and "wkv_init" not in obj and detect_state_layout(obj, str(path)) == PEFT:
         obj = peft_to_wkv_init(obj, str(path))
@@ -77,28 +74,21 @@ class StateMode(Mode):
 
     name = "state"
 
-    def default_lr(self) -> float | None:
-        return 1e-2  # the state is a few numbers per head that must move far from zero
-
-    def prepare(self, model, cfg) -> TrainModule:
+    def prepare(self, model, cfg) -> torch.Tensor:
         self.freeze(model, cfg.precision == "bf16")
-        c = model.config
-        init = torch.zeros(expected_shape(c), device=model.emb.weight.device)
-        return TrainModule(model, init)
+        return torch.zeros(expected_shape(model.config), device=model.emb.weight.device)
 
-    def initial_values(self, module: TrainModule) -> dict[str, torch.Tensor]:
+    def initial_values(self, module) -> dict[str, torch.Tensor]:
         return {"wkv_init": torch.zeros(module.wkv_init.shape)}
 
-    def save_outputs(self, run, module: TrainModule, cfg) -> dict[str, str]:
+    def save_outputs(self, run, module, cfg) -> dict[str, str]:
         """state.pth (ours), and the same state in the layout RWKV-PEFT and RWKV Runner load."""
-        from rwkvtune.convert.state_formats import save_peft_state
-
         save_state_file(run.state, module.wkv_init.detach(), module.model)
         save_peft_state(run.state_peft, module.wkv_init.detach())
         return {"state": str(run.state), "state_rwkv_peft": str(run.state_peft)}
 
     @contextlib.contextmanager
-    def reference(self, module: TrainModule) -> Iterator[None]:
+    def reference(self, module) -> Iterator[None]:
         module.reference_active = True  # start from zeros: exactly the base model
         try:
             yield

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rwkvtune.configs.checkpoint import check_pickle_size
+from rwkvtune.data.binidx import bin_path, idx_path, strip_suffix
 from rwkvtune.errors import CheckpointError, ConfigError
+from rwkvtune.io.checkpoint import check_pickle_size
+from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.train import manifest
 from rwkvtune.train.run_dir import CHECKPOINT_NAME, RANK_STATE_NAME, RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error
@@ -232,8 +234,6 @@ def _names_file(field: str, value: str) -> bool:
     if field == "model":
         # load_model_config reads a name with these suffixes as a path (when it exists), others as names
         return value.lower().endswith((".pth", ".pt", ".json")) and os.path.exists(value)
-    from rwkvtune.data.binidx import bin_path, idx_path, strip_suffix
-
     prefix = strip_suffix(value)  # a binidx prefix names PREFIX.idx + PREFIX.bin, not itself
     return os.path.exists(value) or os.path.isfile(idx_path(prefix)) or os.path.isfile(bin_path(prefix))
 
@@ -263,8 +263,6 @@ def resumed_config(out: str | Path, cfg):
     ignored), except those in RESUME_MAY_CHANGE. ``out`` is the run directory or one of its
     checkpoints (see :func:`resume_checkpoint`).
     """
-    from rwkvtune.models.rwkv7.config import TrainConfig
-
     path = resume_checkpoint(out)
     ck = read_checkpoint_info(path)
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rwkvtune.data.dataset import IGNORE, PackedDataset, load_dataset
+from rwkvtune.constants import END_OF_TEXT, IGNORE_INDEX
+from rwkvtune.data.collate import right_pad
+from rwkvtune.data.dataset import PackedDataset, load_dataset
 from rwkvtune.data.formats import read_samples
 from rwkvtune.errors import DataError
 
@@ -27,8 +29,8 @@ class WholeSamples:
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        w = np.concatenate([[0], s.tokens]).astype(np.int64)
-        labels = np.where(s.mask, w[1:], IGNORE)
+        w = np.concatenate([[END_OF_TEXT], s.tokens]).astype(np.int64)
+        labels = np.where(s.mask, w[1:], IGNORE_INDEX)
         return {"input_ids": torch.from_numpy(w[:-1].copy()), "labels": torch.from_numpy(labels)}
 
 
@@ -51,7 +53,7 @@ def build_dataset(path: str, tokenizer, cfg, vocab_size: int):
 def _used_len(item: dict) -> int:
     """Length up to the item's last target: later positions (padding, or input that nothing is
     predicted from) cannot change any loss, since the model is causal."""
-    hits = (item["labels"] != IGNORE).nonzero()
+    hits = (item["labels"] != IGNORE_INDEX).nonzero()
     return int(hits[-1]) + 1 if len(hits) else 1
 
 
@@ -60,17 +62,6 @@ def collate(items: list[dict], device) -> dict:
     target are dropped, so a ctx_len much longer than the data costs nothing. Packed items'
     ``doc_start`` (document starts) come along as a bool [B, T]."""
     T = max(_used_len(it) for it in items)
-    idx = torch.zeros(len(items), T, dtype=torch.long)
-    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
     packed = all("doc_start" in it for it in items)
-    doc_start = torch.zeros(len(items), T, dtype=torch.bool) if packed else None
-    for r, it in enumerate(items):
-        n = min(T, len(it["input_ids"]))
-        idx[r, :n] = it["input_ids"][:n]
-        labels[r, :n] = it["labels"][:n]
-        if packed:
-            doc_start[r, :n] = it["doc_start"][:n]
-    batch = {"input_ids": idx.to(device), "labels": labels.to(device)}
-    if packed:
-        batch["doc_start"] = doc_start.to(device)
-    return batch
+    return right_pad([(it["input_ids"], it["labels"]) for it in items], device, length=T,
+                     doc_start=[it["doc_start"] for it in items] if packed else None)

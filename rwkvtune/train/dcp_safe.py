@@ -49,7 +49,16 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
 from rwkvtune.train import checkpointing, manifest, rank_state
-from rwkvtune.utils import atomic_torch_save, atomic_write_text, is_write_failure, output_error, tensor_bytes
+from rwkvtune.train.runtime import agree
+from rwkvtune.utils import (
+    atomic_torch_save,
+    atomic_write_text,
+    is_write_failure,
+    output_error,
+    read_error,
+    tensor_bytes,
+)
+from rwkvtune.utils import read_error
 
 TRAINER_FILE = "trainer.pt"
 # The shard tag: an int64 [world_size, 2] tensor sharded by rows, row r = (r, the save's nonce), so
@@ -88,8 +97,6 @@ class SafeReader(FileSystemReader):
             with self.fs.create_stream(path, "rb") as f:
                 metadata = _IndexUnpickler(f).load()
         except OSError as e:
-            from rwkvtune.utils import read_error
-
             raise read_error(path, e) from None
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: not a checkpoint index rwkvtune reads ({e}); rwkvtune never unpickles "
@@ -159,7 +166,6 @@ def check_files(folder: Path, metadata, nonce: int | None) -> None:
             raise CheckpointError(f"{folder}: shard file {rel} is missing (the index lists it); the checkpoint is "
                                   f"incomplete: move it away to resume from the one before it") from e
         except OSError as e:
-            from rwkvtune.utils import read_error
 
             raise read_error(folder / rel, e) from e
     _check_tags(folder, metadata, nonce, sizes)
@@ -189,7 +195,6 @@ def _check_tags(folder: Path, metadata, nonce: int | None, sizes: dict[str, int]
                 row = torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
             writer, saved_nonce = (int(v) for v in row.reshape(-1).tolist())
         except OSError as e:
-            from rwkvtune.utils import read_error
 
             raise read_error(folder / rel, e) from e
         except Exception as e:  # not a tag at that place: the bytes are not the ones the index means
@@ -329,24 +334,6 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
                    options=LOAD_OPTIONS)
     checkpointing.set_rng_state(meta["rng"])
     return int(meta["step"]), int(meta["tokens"]), meta.get("method", {})
-
-
-def agree(error: RwkvtuneError | None) -> None:
-    """Raise the first (lowest rank's) of the processes' errors on every process, marked as said by
-    rank 0 alone (see RwkvtuneError.every_rank); nothing when none has one. A collective: every
-    process must call it at the same point."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error is not None:
-            raise on_every_rank(error)
-        return
-    found: list = [None] * dist.get_world_size()
-    dist.all_gather_object(found, None if error is None else str(error))  # our own strings, not a file's
-    first = next((m for m in found if m), None)
-    if first is None:
-        return
-    if error is not None and str(error) == first:
-        raise on_every_rank(error)
-    raise on_every_rank(CheckpointError(first)) from error
 
 
 def _read_error(path: Path, e: Exception) -> CheckpointError:

@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.errors import ConfigError
 
-IGNORE_INDEX = -100
 
 # Rows (positions, summed over the batch) of logits alive at once in chunked_loss_sum. Measured with
 # bench/bench_loss.py on the 0.1B head (C=768, V=65536), B=1, T=4096, fp32: what head + loss add to

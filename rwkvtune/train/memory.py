@@ -75,7 +75,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from rwkvtune.configs.layout import LAYER0_V_KEYS
+from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.models.rwkv7.config import DEFAULT_LORA_TARGETS
 
 GIB = 2 ** 30
@@ -115,7 +115,6 @@ SAVED = {
     ("bf16", "full"): (58, 4, 2, 2, 2, 2, 10, 8),
     ("bf16", "state"): (34, 2, 2, 0, 0, 2, 10, 8),
 }
-MODES = ("full", "lora", "state")
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -452,7 +451,7 @@ def dry_run_summary(report: dict) -> str:
 
 def dry_run_report(cfg, model_config, module, tokens_per_step, total_steps, n_windows) -> dict:
     """Resolved config, dims, parameter counts (of the meta-device module) and tokens per step."""
-    from rwkvtune.peft.base import count_params
+    from rwkvtune.train.objective import count_params
 
     trainable, frozen, unused = count_params(module)
     c = model_config

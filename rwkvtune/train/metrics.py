@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from rwkvtune.errors import ConfigError
+from rwkvtune.train.run_dir import RunDir
+from rwkvtune.utils import atomic_write_text, output_error, read_error
 
 
 
@@ -31,8 +36,6 @@ def _restart_jsonl(path: Path, resume_step: int | None) -> list[dict]:
             continue
         if isinstance(row, dict) and row.get("step", 0) <= resume_step:
             kept.append(row)
-    from rwkvtune.utils import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(_json_safe(r)) + "\n" for r in kept))
     return kept
 
@@ -53,10 +56,6 @@ TB_MISSING = "tensorboard=true needs the tensorboard package{why}: pip install t
 
 def check_packages(cfg) -> None:
     """Fail at setup, before any data or model work, when a logger asked for is not installed."""
-    import importlib.util
-
-    from rwkvtune.errors import ConfigError
-
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError(WANDB_MISSING)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -67,16 +66,12 @@ def _import_wandb():
     try:
         import wandb
     except ImportError:
-        from rwkvtune.errors import ConfigError
-
         raise ConfigError(WANDB_MISSING) from None
     return wandb
 
 
 def _read_lines(path: Path) -> list[str]:
     """The lines of a run's own log, or a one-line error when it cannot be read (permissions)."""
-    from rwkvtune.utils import read_error
-
     try:
         return path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as e:
@@ -104,8 +99,6 @@ class MetricsLogger:
     """
 
     def __init__(self, run, cfg, enabled: bool = True, resume_step: int | None = None):
-        from rwkvtune.train.run_dir import RunDir
-
         self.run = run if isinstance(run, RunDir) else RunDir(run)
         self.out, self.enabled = self.run.path, enabled
         self.path = self.run.metrics
@@ -120,8 +113,6 @@ class MetricsLogger:
         SummaryWriter, tb_error = _import_summary_writer() if cfg.tensorboard is not False else (None, None)
         wandb = _import_wandb() if cfg.wandb else None
         if SummaryWriter is None and cfg.tensorboard:  # asked for (true), not the default (None: if installed)
-            from rwkvtune.errors import ConfigError
-
             raise ConfigError(TB_MISSING.format(why=f" ({tb_error})"))
         self.out.mkdir(parents=True, exist_ok=True)
         kept = _restart_jsonl(self.path, resume_step)
@@ -140,9 +131,6 @@ class MetricsLogger:
             self.wandb = self._init_wandb(wandb, cfg, resume_step)
 
     def _init_wandb(self, wandb, cfg, resume_step: int | None):
-        from rwkvtune.errors import ConfigError
-        from rwkvtune.utils import atomic_write_text
-
         id_path = self.run.wandb_id
         kwargs = {}
         if resume_step is not None and id_path.exists():
@@ -175,8 +163,6 @@ class MetricsLogger:
             with open(path or self.path, "a") as f:
                 f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
         except OSError as e:  # disk full: one line, not a traceback (the checkpoints are intact)
-            from rwkvtune.utils import output_error
-
             raise output_error(path or self.path, e) from None
 
     def log_rollouts(self, rows: list[dict]) -> None:
@@ -292,8 +278,6 @@ class MetricsLogger:
         try:
             fig.savefig(path, dpi=100)
         except OSError as e:
-            from rwkvtune.utils import output_error
-
             raise output_error(path, e) from None
         finally:
             plt.close(fig)

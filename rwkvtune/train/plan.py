@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from rwkvtune.constants import MODES
 from rwkvtune.train.memory import FIT_FRACTION, GIB, MemoryEstimate, Settings, estimate_memory
 
 SIZES = ("0.1b", "0.4b", "1.5b", "2.9b", "7.2b", "13.3b")
 GPU_COUNTS = (1, 2, 8)
 LAUNCHES = (("ddp", False), ("fsdp", False), ("fsdp", True))  # (strategy, cpu_offload), cheapest first
-MODES = ("full", "lora", "state")
 # Cards by their marketed size (GB) and the total memory torch reports for them (GiB): RTX 4090
 # 24564 MiB, RTX 6000 Ada / L40S 49140 MiB, A100 / H100 80 GB 81559 MiB, H200 143771 MiB.
 CARDS = {24: 24564 / 1024, 48: 49140 / 1024, 80: 81559 / 1024, 141: 143771 / 1024}

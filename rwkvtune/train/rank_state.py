@@ -24,11 +24,10 @@ import secrets
 from pathlib import Path
 
 import torch
-
-from rwkvtune.configs.checkpoint import check_pickle_size
 import torch.distributed as dist
 
 from rwkvtune.errors import CheckpointError, OutputError, RwkvtuneError, on_every_rank
+from rwkvtune.io.checkpoint import check_pickle_size
 from rwkvtune.train import checkpointing, manifest
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.utils import atomic_torch_save, read_error

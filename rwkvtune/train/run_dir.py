@@ -48,6 +48,7 @@ from pathlib import Path
 
 from rwkvtune.bounds import clip
 from rwkvtune.utils import TEMP_NAME, atomic_write_text
+from rwkvtune import __version__
 
 # step-NNNNNNN.pt: one file (one process, DDP); step-NNNNNNN/: a sharded folder (FSDP)
 CHECKPOINT_NAME = re.compile(r"step-(\d{7})(\.pt)?")
@@ -117,7 +118,6 @@ class RunDir:
 
     def mark(self) -> None:
         """Write the marker (atomically), creating the directory if needed."""
-        from rwkvtune import __version__
 
         info = {"tool": MARKER_TOOL, "version": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_text(self.marker, json.dumps(info) + "\n")

@@ -27,6 +27,7 @@ from typing import Iterator
 
 from rwkvtune.errors import ConfigError, OutputError
 from rwkvtune.train.run_dir import RunDir
+from rwkvtune.utils import output_error
 
 try:
     import fcntl
@@ -113,8 +114,6 @@ def hold(run: RunDir, flag: str = "--out") -> Iterator[None]:
     except OutputError:  # the marker's write, already naming its file
         raise
     except OSError as e:
-        from rwkvtune.utils import output_error
-
         raise output_error(run.lock, e) from None
     if fd is None:
         print(f"warning: {run.lock}: this filesystem does not support file locks, so a second run in "

@@ -10,6 +10,8 @@ from typing import Callable, ContextManager
 import torch
 import torch.distributed as dist
 
+from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
+
 
 @dataclasses.dataclass
 class Dist:
@@ -85,3 +87,21 @@ def gradient_sync(runner: torch.nn.Module, sync: bool):
             runner.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def agree(error: RwkvtuneError | None) -> None:
+    """Raise the first (lowest rank's) of the processes' errors on every process, marked as said by
+    rank 0 alone (see RwkvtuneError.every_rank); nothing when none has one. A collective: every
+    process must call it at the same point."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise on_every_rank(error)
+        return
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, None if error is None else str(error))  # our own strings, not a file's
+    first = next((m for m in found if m), None)
+    if first is None:
+        return
+    if error is not None and str(error) == first:
+        raise on_every_rank(error)
+    raise on_every_rank(CheckpointError(first)) from error

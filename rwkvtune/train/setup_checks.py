@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import os
 
+from rwkvtune.bounds import bound_problems
+from rwkvtune.constants import METHODS, MODES
 from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.hub import missing_model_hint
+from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
+from rwkvtune.peft import get_mode
+from rwkvtune.train.memory_check import scratch_advice
+from rwkvtune.train.methods import method_class
 from rwkvtune.train.run_dir import RunDir
+
+
+def validate_config(cfg) -> None:
+    """``cfg.validate()`` with the rules of its mode and of its training method: TrainConfig is
+    plain data in the models layer and knows neither (raises one ConfigError naming every problem)."""
+    mode_conflicts = get_mode(cfg.mode).conflicts(cfg) if cfg.mode in MODES else []
+    # a method's rules compare numbers: only once every number is within its bound
+    in_bounds = not bound_problems(cfg, TRAIN_BOUNDS)
+    method_problems = method_class(cfg.method).problems(cfg) if cfg.method in METHODS and in_bounds else []
+    cfg.validate(mode_conflicts, method_problems)
 
 
 def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
@@ -18,9 +35,6 @@ def check_model_file(cfg, model_config, dry_run: bool = False) -> bool:
     if cfg.init == "pretrained" and (not path or not os.path.exists(path)):
         if dry_run and path:
             return False
-        from rwkvtune.hub import missing_model_hint
-        from rwkvtune.train.memory_check import scratch_advice
-
         # From scratch is a full fine-tune's memory: the advice carries settings that fit this machine.
         raise RwkvtuneError(f"model file not found: {missing_model_hint(model_config)}; or pass --model PATH.pth, "
                             f"{scratch_advice(cfg, model_config)}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from rwkvtune.errors import CheckpointError
+from rwkvtune.models.rwkv7.model import allocation_guard, initial_tensors, loaded_tensor, open_checkpoint
 
 
 def fill_shards(module: nn.Module, mode, model_config, cfg, device: str) -> None:
@@ -28,8 +29,6 @@ def fill_shards(module: nn.Module, mode, model_config, cfg, device: str) -> None
     Allocates its shards (in host memory with ``cpu_offload``, as FSDP's offload expects) and
     copies each one's slice of the starting weights in: the model file's (checked as they are
     read) or the seeded official init's."""
-    from rwkvtune.models.rwkv7.model import allocation_guard, initial_tensors, loaded_tensor, open_checkpoint
-
     fresh = mode.initial_values(module)  # first: drawn as the eager build's prepare draws them
     with allocation_guard(model_config, device):
         module.to_empty(device="cpu" if cfg.cpu_offload else device)

@@ -32,7 +32,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rwkvtune.errors import ConfigError, RwkvtuneError, on_every_rank
-from rwkvtune.train import checkpointing, rank_state
+from rwkvtune.models.rwkv7.model import RWKV7
+from rwkvtune.train import checkpointing, dcp_safe, rank_state
+from rwkvtune.train.objective import TrainModule
+from rwkvtune.train.runtime import agree
+from rwkvtune.train.sharded_load import fill_shards
 
 
 class Strategy:
@@ -85,18 +89,7 @@ class Strategy:
             rank_state.restore(path, checkpointing.read_checkpoint_info(path), self.dist, method, main_state)
         except RwkvtuneError as e:
             error = e
-        self.agree(error)
-
-    def agree(self, error: RwkvtuneError | None) -> None:
-        """Raise the first process's error on every process (rank 0 says it in one line), so none
-        waits for the others in a collective; nothing when no process has one. A collective."""
-        if self.dist.world_size == 1:
-            if error is not None:
-                raise error
-            return
-        from rwkvtune.train.dcp_safe import agree
-
-        agree(error)
+        agree(error)  # one line from rank 0, every process out
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         return mode.save_outputs(run, module, self.cfg) if self.dist.main else {}
@@ -111,8 +104,6 @@ class FSDPStrategy(Strategy):
     def fill(self, module: nn.Module, mode, model_config) -> None:
         """Allocate the meta-built, sharded ``module``'s shards and fill them with the starting
         weights (the model file's, or the seeded init's), one tensor at a time."""
-        from rwkvtune.train.sharded_load import fill_shards
-
         fill_shards(module, mode, model_config, self.cfg, self.device)
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -153,13 +144,9 @@ class FSDPStrategy(Strategy):
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path:
-        from rwkvtune.train import dcp_safe
-
         return dcp_safe.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, self.dist)
 
     def load_checkpoint(self, out, module, optimizer, sampler, method) -> tuple[int, int]:
-        from rwkvtune.train import dcp_safe
-
         step, tokens, state = dcp_safe.load_latest(out, module, optimizer, sampler)
         self.restore_own_state(out, method, state)
         return step, tokens
@@ -175,13 +162,11 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
     """A plain (unsharded) module equal to the sharded ``module``, on the CPU of the process with
     ``keep`` (None elsewhere). Tensors are gathered one at a time, and frozen base weights are kept
     in bf16 when saving bf16, so host memory stays near one copy of the model in its saved dtype."""
-    from rwkvtune.models.rwkv7.model import RWKV7
-
     # The model file's own key set: a file without layer 0's unused v0/v1/v2 (many RWKV-7 releases)
     # is sharded without them, and final.pth is written without them (the rwkv package ignores them)
     layer0_v = module.model.layer0_v
     with torch.device("meta"):
-        shadow = mode.prepare(RWKV7(model_config, layer0_v=layer0_v), cfg) if keep else None
+        shadow = TrainModule.for_mode(mode, RWKV7(model_config, layer0_v=layer0_v), cfg) if keep else None
     save_bf16 = cfg.save_dtype == "bf16"
     full = {}
     for name, tensor in module.state_dict().items():

@@ -14,16 +14,18 @@ import sys
 import time
 
 import torch
+from rwkvtune.evaluate import require_lm_eval
+from rwkvtune.evaluate.harness import expand_tasks, task_manager
+from rwkvtune.evaluate.harness import expand_tasks, run_tasks
+from rwkvtune.evaluate.lm import RwkvLM
 
 
 def check_eval_tasks(cfg) -> None:
     """At setup: lm-eval installed and every task name known (one line otherwise)."""
     if not cfg.eval_tasks:
         return
-    from rwkvtune.evaluate import require_lm_eval
 
     require_lm_eval("eval_tasks")
-    from rwkvtune.evaluate.harness import expand_tasks, task_manager
 
     task_manager(expand_tasks(list(cfg.eval_tasks)))
 
@@ -42,8 +44,6 @@ def run_eval_tasks(cfg, module, autocast, main: bool, world_size: int, batch_siz
     """The task metrics of ``module`` (a TrainModule) on the main process ({} on the others)."""
     result: dict[str, float] = {}
     if main:
-        from rwkvtune.evaluate.harness import expand_tasks, run_tasks
-        from rwkvtune.evaluate.lm import RwkvLM
 
         t0 = time.perf_counter()
         was_training = module.training

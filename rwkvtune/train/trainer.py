@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Any, Callable
@@ -26,12 +27,16 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from rwkvtune.configs.detect import inspect_checkpoint
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
+from rwkvtune.data.dataset import WindowSampler
 from rwkvtune.errors import OutputError, RwkvtuneError
+from rwkvtune.hub import missing_model_hint
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.peft import get_mode
-from rwkvtune.peft.base import Mode, TrainModule, count_params
+from rwkvtune.peft.base import Mode
+from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.train import checkpointing, run_lock
 from rwkvtune.train.manifest import check_step_within
 from rwkvtune.train.memory import GIB, dry_run_report, dry_run_summary
@@ -39,11 +44,12 @@ from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
+from rwkvtune.train.objective import TrainModule, count_params
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
 from rwkvtune.train.run_dir import RunDir
-from rwkvtune.train.runtime import Dist, all_sum, autocast_factory, select_device, setup_distributed
+from rwkvtune.train.runtime import Dist, agree, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
-                                         out_dir_problem, schedule_warnings)
+                                         out_dir_problem, schedule_warnings, validate_config)
 from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
@@ -106,19 +112,23 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
 def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextlib.ExitStack) -> Run | dict:
     """Resolve the config, check every input, build data, model, optimizer and logger
     (``cleanup`` takes what must be undone when train() returns)."""
-    resume_dir = cfg.resume
-    cfg, model_config = _resolve(cfg)
-    if cfg.threads:  # restored when train() returns: a library call leaves the process as it was
-        cleanup.callback(torch.set_num_threads, torch.get_num_threads())
-        torch.set_num_threads(cfg.threads)
-    has_weights = check_model_file(cfg, model_config, dry_run)
-    run = RunDir(cfg.out, cfg.save_format)
-    # A dry run writes nothing, so it is never refused for --out: it says what the run would meet.
-    out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
-    stop.run_dir = run
-    check_packages(cfg)
-    check_eval_tasks(cfg)
-    d = setup_distributed(cfg.device)
+    resume_dir, device_asked, error = cfg.resume, cfg.device, None
+    try:  # checks of the files every process reads alike; under torchrun they agree below
+        cfg, model_config = _resolve(cfg)
+        if cfg.threads:  # restored when train() returns: a library call leaves the process as it was
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(cfg.threads)
+        has_weights = check_model_file(cfg, model_config, dry_run)
+        run = RunDir(cfg.out, cfg.save_format)
+        # A dry run writes nothing, so it is never refused for --out: it says what the run would meet.
+        out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
+        stop.run_dir = run
+        check_packages(cfg)
+        check_eval_tasks(cfg)
+    except RwkvtuneError as e:
+        error = e
+    d = setup_distributed(device_asked if error else cfg.device)
+    agree(error)  # the first process's refusal on every process, said once (rank 0)
     if d.main and not dry_run:
         _lock_run_dir(run, resume_dir, cleanup)
     device = select_device(cfg.device, d)
@@ -128,9 +138,6 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     torch.manual_seed(cfg.seed)
     mode, method = get_mode(cfg.mode), get_method(cfg)
     cleanup.callback(method.close)  # e.g. GRPO's reward worker process
-
-    from rwkvtune.data.dataset import WindowSampler
-    from rwkvtune.tokenizer import get_tokenizer
 
     train_set, eval_set = method.build_datasets(get_tokenizer(), model_config.vocab_size)
     sampler = WindowSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=d.rank, world_size=d.world_size,
@@ -145,17 +152,25 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     tokens_per_step = cfg.batch_size * rows * cfg.grad_accum * d.world_size * sample_tokens
     world_change = None
     if resume_dir and not dry_run:
-        resume_path = checkpointing.resume_checkpoint(resume_dir)
-        step = checkpointing.checkpoint_step(resume_path)
-        done = checkpointing.completed_summary(run.path, step, total_steps)
+        # Every process reads the same checkpoint: they agree on the first refusal (rank 0 says it).
+        done, error = None, None
+        try:
+            resume_path = checkpointing.resume_checkpoint(resume_dir)
+            step = checkpointing.checkpoint_step(resume_path)
+            done = checkpointing.completed_summary(run.path, step, total_steps)
+            if done is None:
+                check_step_within(resume_path, step, total_steps)
+                # another number of processes: said (or refused where undefined) before any weight is read
+                world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch,
+                                                 tokens_per_step)
+        except RwkvtuneError as e:
+            error = e
+        agree(error)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
                 print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
                       f"--max-steps to train further)", file=sys.stderr)
             return done
-        check_step_within(resume_path, step, total_steps)
-        # another number of processes: said (or refused where undefined) before any weight is read
-        world_change = resume_world_size(resume_dir, cfg, d, sampler, method.steps_per_batch, tokens_per_step)
 
     if dry_run:
         report = _dry_run(cfg, model_config, d, device, mode, has_weights, sample_tokens, tokens_per_step,
@@ -212,8 +227,6 @@ def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per
                   memory_available_gib=round(avail / GIB, 2) if avail is not None else None, memory_fix=fix)
     if not has_weights:
         report["model_file_missing"] = model_config.model_path
-        from rwkvtune.hub import missing_model_hint
-
         print(f"note: parameters are counted from the config; before training: {missing_model_hint(model_config)}",
               file=sys.stderr)
     print(dry_run_summary(report), file=sys.stderr)
@@ -225,7 +238,7 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     fields filled from the model's recommendations and existing paths made absolute."""
     if cfg.resume:
         cfg = checkpointing.resumed_config(cfg.resume, cfg)
-    cfg.validate()
+    validate_config(cfg)
     model_config = load_model_config(cfg.model)
     # resolve() copies cfg, so the caller's config keeps the paths it gave
     return checkpointing.absolute_paths(cfg.resolve(model_config)), model_config
@@ -240,7 +253,7 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
             model = RWKV7(model_config, layer0_v=_file_has_layer0_v(cfg, model_config))
             model.set_wkv_backend(cfg.wkv_backend)
             model.grad_checkpoint = cfg.grad_checkpoint
-            return mode.prepare(model.train(), cfg)
+            return TrainModule.for_mode(mode, model.train(), cfg)
     with allocation_guard(model_config, device):  # a config in range can still be too large to hold
         return _build_module(cfg, mode, model_config, device)
 
@@ -257,7 +270,7 @@ def _build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, devic
                                       dtype=torch.bfloat16 if bf16_base else torch.float32)
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
-    return mode.prepare(model.to(device).train(), cfg).to(device)
+    return TrainModule.for_mode(mode, model.to(device).train(), cfg).to(device)
 
 
 def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
@@ -266,8 +279,6 @@ def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
     path = model_config.model_path
     if cfg.init != "pretrained" or not path or not os.path.isfile(path):
         return True
-    from rwkvtune.configs.checkpoint import inspect_checkpoint
-
     try:
         return inspect_checkpoint(path).has_layer0_v
     except RwkvtuneError:
@@ -380,8 +391,6 @@ def diverged_message(r: Run, loss: float) -> str:
     """What to do when the loss of the next step is not finite: resume with a lower lr from a
     checkpoint at least one update before that step (the weights of the step just before it
     already give this loss on this batch, whatever the lr), named with the exact command."""
-    import shlex
-
     step, lr = r.step + 1, r.cfg.lr
     head = f"loss is {loss} at step {step}; stopped without saving"
     kept = r.run.checkpoint_files()

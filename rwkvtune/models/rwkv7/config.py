@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rwkvtune.bounds import THREADS_PER_CORE, Bound, bound_problems, cpu_cores, max_threads
 from rwkvtune.bounds import clip, shown as show_value
+from rwkvtune.constants import METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES
 from rwkvtune.errors import ConfigError
+from rwkvtune.safe_yaml import load_yaml, read_yaml_file
+from rwkvtune.utils import atomic_write_text, check_device
 
 PRECISIONS = ("fp32", "bf16")
 WKV_BACKENDS = ("auto", "chunked", "reference", "fla")
@@ -25,7 +32,6 @@ INITS = ("pretrained", "scratch")
 BPTT_MODES = ("truncated", "full")
 DATA_ERROR_POLICIES = ("raise", "skip")
 SAVE_FORMATS = ("pth", "safetensors")
-SAVE_DTYPES = ("bf16", "fp32")
 MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding takes 0..2**32-1, torch's 64 bits: the common range
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 MAX_STEPS = 10 ** 9  # steps, step intervals: far beyond any run, so that a typo is refused
@@ -189,9 +195,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: " + "; ".join(problems) + "; run `rwkvtune train --help` for the options")
         return self
 
-    def validate(self) -> None:
-        from rwkvtune.peft import MODES, get_mode
-
+    def validate(self, mode_conflicts=(), method_problems=()) -> None:
+        """Raise one ConfigError naming every problem. This class is plain data: the rules of its
+        mode (``mode_conflicts``: (fields as they read, why) pairs) and of its method
+        (``method_problems``: "field: ..." lines) come from rwkvtune.train.setup_checks.validate_config,
+        which is what the trainer calls."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode: found {self.mode!r}, expected one of {', '.join(MODES)}")
@@ -210,14 +218,11 @@ class TrainConfig:
         out_of_bounds = bound_problems(self, TRAIN_BOUNDS)  # every numeric option
         problems += out_of_bounds
         # Problems of several fields, already naming their sources; the mode knows its own rules.
-        conflicts = [self._conflict(shown, why) for shown, why in
-                     (get_mode(self.mode).conflicts(self) if self.mode in MODES else [])]
-        from rwkvtune.train.methods import METHODS, method_class
-
+        conflicts = [self._conflict(shown, why) for shown, why in mode_conflicts]
         if self.method not in METHODS:
             problems.append(f"method: found {self.method!r}, expected one of {', '.join(METHODS)}")
         elif not out_of_bounds:  # a method's rules compare numbers that are in their bounds
-            problems += method_class(self.method).problems(self)
+            problems += method_problems
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy: found {self.strategy!r}, expected one of {', '.join(STRATEGIES)}")
         elif self.eval_tasks and self.strategy == "fsdp":
@@ -264,15 +269,11 @@ class TrainConfig:
         c.ctx_len = c.ctx_len or min(model_config.recommended_ctx_len, model_config.ctx_len or math.inf)
         c.batch_size = c.batch_size or model_config.recommended_batch_size
         if c.lr is None:
-            from rwkvtune.peft import get_mode
-
-            c.lr = get_mode(c.mode).default_lr() or (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
+            c.lr = MODE_DEFAULT_LR.get(c.mode) or (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
         if c.lr_final is None:
             c.lr_final = c.lr / 10
         if c.device == "auto":
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
-        from rwkvtune.utils import check_device
-
         check_device(c.device)
         if c.wkv_backend == "fla" and not c.device.startswith("cuda"):
             raise ConfigError(self._conflict({"wkv_backend": "'fla'", "device": repr(c.device)},
@@ -285,9 +286,6 @@ class TrainConfig:
     def choices() -> dict[str, tuple[str, ...]]:
         """The values of each option that takes one of a fixed set (``validate`` checks them,
         ``rwkvtune train --help`` shows them)."""
-        from rwkvtune.peft import MODES
-        from rwkvtune.train.methods import METHODS
-
         return {"mode": MODES, "method": METHODS, "init": INITS, "precision": PRECISIONS, "bptt": BPTT_MODES,
                 "on_data_error": DATA_ERROR_POLICIES, "save_format": SAVE_FORMATS, "save_dtype": SAVE_DTYPES,
                 "strategy": STRATEGIES, "wkv_backend": WKV_BACKENDS}
@@ -297,9 +295,6 @@ class TrainConfig:
         """(section, field, comment) for every field, in order, from this class's source: the
         comments above are the one documentation of every option (``rwkvtune train --help-all``).
         Empty comments where the source cannot be read (a build without .py files)."""
-        import inspect
-        import re
-
         try:
             lines = inspect.getsource(cls).splitlines()
         except (OSError, TypeError):
@@ -319,18 +314,12 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def save_yaml(self, path: str | Path) -> None:
-        import yaml
-
-        from rwkvtune.utils import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe into a dict of TrainConfig fields (validated by ``update``), through the
     project's one YAML reader (no tags, bounded aliases and size, no duplicate keys)."""
-    from rwkvtune.safe_yaml import read_yaml_file
-
     data = read_yaml_file(path, "recipe", "pass an existing YAML file to --config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: found a {type(data).__name__}, expected a mapping of option: value")
@@ -359,8 +348,6 @@ def _suggest(key: str, names: list[str]) -> str | None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr=1e-4", "lora_targets=[att.key,ffn.key]"]`` -> dict; values parsed as YAML scalars."""
-    from rwkvtune.safe_yaml import load_yaml
-
     out = {}
     for item in items:
         if "=" not in item:

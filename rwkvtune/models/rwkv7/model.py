@@ -32,10 +32,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkvtune.configs.checkpoint import LAYER0_V_KEYS
-from rwkvtune.configs.model_loader import ModelConfig
+from rwkvtune.configs.check import compare_config, mismatch_error
+from rwkvtune.configs.detect import detect
+from rwkvtune.configs.model_loader import ModelConfig, is_model_path, load_model_config
 from rwkvtune.errors import CheckpointError, RwkvtuneError
+from rwkvtune.hub import missing_model_hint
+from rwkvtune.io.checkpoint import load_state_dict, save_state_dict
+from rwkvtune.io.layout import LAYER0_V_KEYS, strip_prefix
 from rwkvtune.models.rwkv7.wkv import wkv7
+from rwkvtune.tensor_checks import check_finite, check_stored
+from rwkvtune.utils import human_bytes, human_count
 
 # decay = exp(-DECAY_SCALE * sigmoid(d)) lies in (exp(-0.6065), 1); 0.606531 = exp(-0.5).
 DECAY_SCALE = 0.606531
@@ -63,8 +69,6 @@ def _is_allocation_failure(e: BaseException) -> bool:
 
 def describe_size(config: ModelConfig, dtype: torch.dtype = torch.float32) -> str:
     """"model NAME (n_layer L, n_embd C, vocab_size V, dim_ffn F: P parameters, B in float32)"."""
-    from rwkvtune.utils import human_bytes, human_count
-
     n = config.n_params
     return (f"model {config.model_name} (n_layer {config.n_layer}, n_embd {config.n_embd}, vocab_size "
             f"{config.vocab_size}, dim_ffn {config.dim_ffn}: {human_count(n)} parameters, "
@@ -390,15 +394,10 @@ class RWKV7(nn.Module):
 
     def save_checkpoint(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16) -> None:
         """Write an official-layout ``.pth`` (bf16 by default, like released files), atomically."""
-        from rwkvtune.configs.checkpoint import save_state_dict
-
         save_state_dict(self.official_state_dict(dtype), path)
 
     def load_official_state_dict(self, sd: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
         """Strict load with an error listing every mismatching key (and the registry entry that fits)."""
-        from rwkvtune.configs.check import mismatch_error
-        from rwkvtune.configs.checkpoint import strip_prefix
-
         sd, _ = strip_prefix(sd)
         has_v = all(k in sd for k in LAYER0_V_KEYS)
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -514,16 +513,10 @@ def open_checkpoint(path_or_name: str | os.PathLike, expect: ModelConfig | None 
     checked against ``expect`` or the registry entry a name stands for: (tensors, the file's path,
     its config, whether it stores layer 0's unused v0/v1/v2). Each tensor is checked as it is read
     (:func:`loaded_tensor`)."""
-    from rwkvtune.configs.check import compare_config, mismatch_error
-    from rwkvtune.configs.checkpoint import detect, load_state_dict
-    from rwkvtune.configs.model_loader import is_model_path, load_model_config
-
     path = str(path_or_name)
     if not (is_model_path(path) or os.path.exists(path)):
         expect = expect or load_model_config(path)
         if expect.model_path.endswith((".pth", ".pt")) and not os.path.exists(expect.model_path):
-            from rwkvtune.hub import missing_model_hint
-
             raise CheckpointError(f"model {path!r}: model file not found: {missing_model_hint(expect)}; or pass "
                                   f"the .pth path")
         path = expect.model_path
@@ -542,8 +535,6 @@ def loaded_tensor(key: str, stored: torch.Tensor, source: str, device, dtype: to
     """One tensor of a model file on ``device`` in ``dtype``, checked: dense floating point as stored
     (an int64 or complex weight would be cast silently), and finite in the copy the model keeps (one
     NaN makes every logit NaN), so no second copy is ever made."""
-    from rwkvtune.tensor_checks import check_finite, check_stored
-
     check_stored(key, stored, source)
     out = stored.to(device=device, dtype=dtype, copy=True)
     check_finite(key, out, source)

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-METHODS = ("sft", "dpo", "grpo")
+from rwkvtune.constants import METHODS
+from rwkvtune.errors import ConfigError
 
 
 def method_class(name: str):
@@ -24,8 +25,6 @@ def method_class(name: str):
         from rwkvtune.train.methods.grpo import GRPO
 
         return GRPO
-    from rwkvtune.errors import ConfigError
-
     raise ConfigError(f"method: found {name!r}, expected one of {', '.join(METHODS)}")
 
 

@@ -21,6 +21,9 @@ from typing import Any, Callable, ContextManager
 
 import torch.nn as nn
 
+from rwkvtune.train.memory_check import run_tokens
+from rwkvtune.train.runtime import gradient_sync
+
 
 @dataclasses.dataclass
 class StepContext:
@@ -39,8 +42,6 @@ class StepContext:
         """Under DDP or FSDP, skip the gradient reduction of a backward that is not the step's last."""
         if self.runner is None:
             return contextlib.nullcontext()
-        from rwkvtune.train.runtime import gradient_sync
-
         return gradient_sync(self.runner, sync_now)
 
 
@@ -79,8 +80,6 @@ class TrainingMethod:
         """For the memory estimate: (sequences per dataset item that run through the model in one
         graph, the most tokens such a sequence holds). SFT: one window, at most ctx_len (less when
         the data's longest window is shorter)."""
-        from rwkvtune.train.memory_check import run_tokens
-
         return 1, run_tokens(dataset, self.cfg)
 
     def keeps_reference_copy(self, mode) -> bool:

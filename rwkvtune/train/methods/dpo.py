@@ -18,9 +18,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from rwkvtune.constants import IGNORE_INDEX
+from rwkvtune.data.preference import PreferenceDataset, collate_pairs, read_pairs
 from rwkvtune.errors import ConfigError
+from rwkvtune.io.safetensors_io import load_safetensors, save_safetensors
 from rwkvtune.train.methods.base import TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
+from rwkvtune.train.runtime import all_sum_tensor
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
@@ -45,7 +49,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Per-sequence summed log-probabilities of ``labels`` under ``logits``, and token counts.
 
     ``logits`` [B, T, V] (any float dtype, computed in fp32), ``labels`` [B, T]: already the next
-    tokens (this project's datasets shift them), position t scored against ``labels[t]``; -100
+    tokens (this project's datasets shift them), position t scored against ``labels[t]``; IGNORE_INDEX
     marks positions that are not scored (the prompt, padding). Returns ``(sum_logps [B] fp32,
     n_tokens [B] int64)``. log p = logit[label] - logsumexp(logits), which never builds the full
     [B, T, V] log-softmax (only the fp32 upcast of bf16 logits, as the cross-entropy does).
@@ -54,7 +58,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         raise ConfigError(f"sequence_logps: expected logits [B, T, V] and labels [B, T], found logits "
                           f"{list(logits.shape)} and labels {list(labels.shape)}; pass one batch's logits and labels")
     x = logits.float()
-    scored = labels != -100
+    scored = labels != IGNORE_INDEX
     picked = x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]; -100 -> any token, masked below
     token_logps = (picked - torch.logsumexp(x, dim=-1)) * scored
     return token_logps.sum(-1), scored.sum(-1)
@@ -202,14 +206,10 @@ class DPO(TrainingMethod):
 
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
-        from rwkvtune.data.preference import PreferenceDataset, read_pairs
-
         return self.splits(lambda path: PreferenceDataset(read_pairs(path, tokenizer, self.cfg.on_data_error,
                                                                      vocab_size)[0]))
 
     def collate(self, items: list, device) -> dict:
-        from rwkvtune.data.preference import collate_pairs
-
         return collate_pairs(items, device)
 
     def count(self, batch: dict) -> tuple[float, float]:
@@ -232,14 +232,15 @@ class DPO(TrainingMethod):
         else:
             self.reference.setup(r)
 
-    def _nll(self, module, ids, labels, ctx) -> torch.Tensor:
+    def _nll(self, module, ids, labels, ctx, via=None) -> torch.Tensor:
         """Summed negative log-likelihood of every sequence's scored tokens [2B], run in ctx_len
-        chunks that carry the RNN state (one graph through all chunks: the loss needs the total)."""
+        chunks that carry the RNN state (one graph through all chunks: the loss needs the total).
+        ``via``: the wrapped module to call (DDP), see TrainModule."""
         state, total = None, 0.0
         for s in range(0, ids.shape[1], self.cfg.ctx_len):
             with ctx.autocast():
-                nll, state = module(ids[:, s:s + self.cfg.ctx_len], state, labels=labels[:, s:s + self.cfg.ctx_len],
-                                    reduce="sequence")
+                nll, state = module.sequence_nll(ids[:, s:s + self.cfg.ctx_len], labels[:, s:s + self.cfg.ctx_len],
+                                                 state, via=via)
             total = total + nll
         return total
 
@@ -257,12 +258,8 @@ class DPO(TrainingMethod):
     def _precompute(self, r) -> None:
         """Reference log-probs of every pair, once, cached in the run directory; a resumed run reads
         them back (its model has moved on since)."""
-        from rwkvtune.train.runtime import all_sum_tensor
-
         path = r.run.ref_logps
         if path.is_file():
-            from rwkvtune.convert.safetensors_io import load_safetensors
-
             self.ref_cache = {k: v.clone() for k, v in load_safetensors(path, mmap_file=False).items()}
             return
         ctx = r.context()
@@ -278,14 +275,12 @@ class DPO(TrainingMethod):
                 table[batch["index"].to(r.device)] = torch.stack([logps[:B], logps[B:]], 1)
             self.ref_cache[split] = all_sum_tensor(table, r.dist).float().cpu()
         if r.dist.main:
-            from rwkvtune.convert.safetensors_io import save_safetensors
-
             save_safetensors(self.ref_cache, path, metadata={"format": "rwkvtune-dpo-ref-logps"})
 
     # -- the loss
     def _loss(self, module, batch, ctx, split, policy_nll) -> tuple[torch.Tensor, dict]:
         labels = batch["labels"]
-        n = (labels != -100).sum(-1)
+        n = (labels != IGNORE_INDEX).sum(-1)
         B = labels.shape[0] // 2
         logps = -policy_nll
         ref = self._reference(module, batch, ctx, split)
@@ -300,9 +295,8 @@ class DPO(TrainingMethod):
         return loss, {"loss": float(loss.detach()), **preference_sums(result), "policy_accuracy": mine}
 
     def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
-        runner = ctx.runner or module
         with ctx.sync_context(ctx.sync):
-            nll = self._nll(runner, batch["input_ids"], batch["labels"], ctx)
+            nll = self._nll(module, batch["input_ids"], batch["labels"], ctx, via=ctx.runner)
             loss, sums = self._loss(module, batch, ctx, "train", nll)
             (loss * ctx.scale).backward()
         return sums

@@ -13,6 +13,11 @@ import time
 
 import torch
 
+from rwkvtune.constants import END_OF_TEXT, IGNORE_INDEX
+from rwkvtune.data.collate import right_pad
+from rwkvtune.data.prompts import PromptDataset, read_prompts
+from rwkvtune.errors import CheckpointError, DataError
+from rwkvtune.generate import generate_batch
 from rwkvtune.train.methods.base import TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
@@ -23,6 +28,9 @@ from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths 
     reward_metrics,
     token_logps,
 )
+from rwkvtune.train.reward_worker import start_rewards
+from rwkvtune.train.rewards import compute_rewards, parse_rewards, reserved_field_problem
+from rwkvtune.train.rewards import REWARD_LIMIT
 
 class _Policy:
     """The training module as :func:`rwkvtune.generate.generate_batch` calls a model: every call
@@ -36,7 +44,7 @@ class _Policy:
         return self.module.parameters()
 
     def __call__(self, idx, state=None, return_state=False, wkv_init=None, last_only=False):
-        logits, state = self.module(idx, state, last_only=last_only)
+        logits, state = self.module.logits(idx, state, last_only=last_only)
         return (logits, state) if return_state else logits
 
 
@@ -59,9 +67,6 @@ class GRPO(TrainingMethod):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        from rwkvtune.train.reward_worker import start_rewards
-        from rwkvtune.train.rewards import parse_rewards
-
         self.rewards = parse_rewards(cfg.reward) if cfg.reward else []
         # Every reward runs in a worker process, started now so that a reward file that fails (or
         # hangs) at import stops the run before the model loads; closed by close().
@@ -102,10 +107,6 @@ class GRPO(TrainingMethod):
 
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
-        from rwkvtune.data.prompts import PromptDataset, read_prompts
-        from rwkvtune.errors import DataError
-        from rwkvtune.train.rewards import reserved_field_problem
-
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
 
         def read(path):
@@ -121,7 +122,7 @@ class GRPO(TrainingMethod):
         return {"records": [it["record"] for it in items], "index": torch.tensor([it["index"] for it in items])}
 
     def count(self, batch: dict) -> tuple[float, float]:
-        mask = batch["labels"] != -100
+        mask = batch["labels"] != IGNORE_INDEX
         units = mask.sum() if self.loss_type == "dapo" else mask.shape[0]
         return float(units), float(batch["input_ids"].numel())
 
@@ -151,8 +152,6 @@ class GRPO(TrainingMethod):
 
     def _generate(self, module, records, G: int, greedy: bool = False):
         """G completions per record, decoded together; returns (completions, seconds)."""
-        from rwkvtune.generate import generate_batch
-
         cfg = self.cfg
         sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
         was_training = module.training
@@ -170,8 +169,6 @@ class GRPO(TrainingMethod):
         return out, time.perf_counter() - t0
 
     def _score(self, records, completions) -> tuple[torch.Tensor, torch.Tensor]:
-        from rwkvtune.train.rewards import compute_rewards
-
         prompts = [records[c.prompt_index].text for c in completions]
         fields = {k: [records[c.prompt_index].fields[k] for c in completions] for k in records[0].fields}
         weights = list(self.cfg.reward_weights) or [1.0] * len(self.rewards)
@@ -181,7 +178,6 @@ class GRPO(TrainingMethod):
 
     def _warn_invalid(self, per_fn: torch.Tensor) -> None:
         """Once per function: its first invalid values (NaN in per_fn), on stderr."""
-        from rwkvtune.train.rewards import REWARD_LIMIT
 
         for j, func in enumerate(self.rewards):
             bad = int(per_fn[:, j].isnan().sum())
@@ -251,10 +247,9 @@ class GRPO(TrainingMethod):
         return out
 
     def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
-        runner = ctx.runner or module
         with ctx.sync_context(ctx.sync):
-            logps = -_token_nll(runner, batch, ctx, self.cfg)
-            mask = batch["labels"] != -100
+            logps = -_token_nll(module, batch, ctx, self.cfg, via=ctx.runner)
+            mask = batch["labels"] != IGNORE_INDEX
             B = mask.shape[0]
             loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
                                       self.cfg.epsilon, self.cfg.epsilon_high, self.beta, self.loss_type,
@@ -282,8 +277,6 @@ class GRPO(TrainingMethod):
 
     def load_state_dict(self, state: dict) -> None:
         """The stored rollouts, checked: read from a file, they must be what :meth:`_sample` makes."""
-        from rwkvtune.errors import CheckpointError
-
         buffer = state.get("buffer", []) if isinstance(state, dict) else None
         problem = _buffer_problem(buffer, self.cfg, self.beta, getattr(self, "vocab_size", None))
         if problem:
@@ -299,27 +292,21 @@ def _sequences(records, completions, device) -> dict:
     seqs = []
     for c in completions:
         prompt = records[c.prompt_index].ids.tolist()
-        w = [0] + prompt + list(c.token_ids)
-        labels = [-100] * len(prompt) + list(c.token_ids)
+        w = [END_OF_TEXT] + prompt + list(c.token_ids)
+        labels = [IGNORE_INDEX] * len(prompt) + list(c.token_ids)
         seqs.append((w[:-1], labels))
-    T = max(len(x) for x, _ in seqs)
-    idx = torch.zeros(len(seqs), T, dtype=torch.long)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for r, (x, y) in enumerate(seqs):
-        idx[r, :len(x)] = torch.tensor(x)
-        labels[r, :len(y)] = torch.tensor(y)
-    return {"input_ids": idx.to(device), "labels": labels.to(device)}
+    return right_pad(seqs, device)
 
 
-def _token_nll(module, batch: dict, ctx, cfg) -> torch.Tensor:
+def _token_nll(module, batch: dict, ctx, cfg, via=None) -> torch.Tensor:
     """Negative log-likelihood [R, T] of every completion token at the sampling temperature, run in
     ctx_len chunks carrying the RNN state (one graph through all of them)."""
     ids, labels = batch["input_ids"], batch["labels"]
     state, parts = None, []
     for s in range(0, ids.shape[1], cfg.ctx_len):
         with ctx.autocast():
-            nll, state = module(ids[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len], reduce="token",
-                                temperature=cfg.temperature)
+            nll, state = module.token_nll(ids[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state,
+                                          temperature=cfg.temperature, via=via)
         parts.append(nll)
     return torch.cat(parts, 1)
 
@@ -379,8 +366,8 @@ def _buffer_problem(buffer, cfg, beta, vocab_size: int | None) -> str | None:
         top = vocab_size if vocab_size is not None else 2 ** 62
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= top):
             return f"{where} input_ids has token ids outside [0, {top})"
-        if bool(((labels != -100) & ((labels < 0) | (labels >= top))).any()):
-            return f"{where} labels has values other than -100 and token ids in [0, {top})"
+        if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= top))).any()):
+            return f"{where} labels has values other than {IGNORE_INDEX} and token ids in [0, {top})"
         for name, shape in [("advantages", [rows])] + [(k, list(ids.shape)) for k in sorted(required) if k.endswith("_logps")]:
             t = b[name]
             if not t.is_floating_point() or list(t.shape) != shape:

@@ -14,6 +14,9 @@ from typing import Iterator
 
 import torch
 
+from rwkvtune.models.rwkv7.model import RWKV7
+from rwkvtune.train.objective import TrainModule
+
 
 class Reference:
     def __init__(self):
@@ -51,9 +54,6 @@ def reference_problems(cfg, what: str) -> list[str]:
 def _starting_model(r):
     """The model the run started from, as a TrainModule on the run's device (sharded under fsdp).
     Rebuilding a seeded init must not move the run's own random stream: the draws are forked."""
-    from rwkvtune.models.rwkv7.model import RWKV7
-    from rwkvtune.peft.base import TrainModule
-
     cfg, config = r.cfg, r.model_config
     cuda = str(r.device).startswith("cuda")
     kept = torch.random.fork_rng(devices=[torch.device(r.device).index or 0] if cuda else [])

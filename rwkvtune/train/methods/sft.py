@@ -1,6 +1,6 @@
 """``sft``: the language-model objective (pretraining, supervised fine-tuning, long context).
 
-Loss: next-token cross-entropy summed over target tokens (labels != -100), plus the reference
+Loss: next-token cross-entropy summed over target tokens (labels != IGNORE_INDEX), plus the reference
 trainer's L2Wrap; the trainer divides by the target count of the whole global batch.
 
 Samples longer than ctx_len (``long_context``) run in ctx_len chunks carrying the RNN state:
@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.train.data import build_dataset, collate
 from rwkvtune.train.methods.base import StepContext, TrainingMethod
 
@@ -35,14 +36,13 @@ class SFT(TrainingMethod):
         return collate(items, device)
 
     def count(self, batch: dict) -> tuple[float, float]:
-        return float(int((batch["labels"] != -100).sum())), float(batch["input_ids"].numel())
+        return float(int((batch["labels"] != IGNORE_INDEX).sum())), float(batch["input_ids"].numel())
 
     def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
         cfg = ctx.cfg
         idx, labels, starts = batch["input_ids"], batch["labels"], batch.get("doc_start")
         T = idx.shape[1]
         chunks = [(s, min(T, s + cfg.ctx_len)) for s in range(0, T, cfg.ctx_len)]
-        runner = ctx.runner or module
         # L2Wrap's per-token coefficient: the 1/(loss units) reaches it through the scaled loss.
         l2 = L2WRAP if cfg.l2wrap else 0.0
         state, total, graph_loss = None, 0.0, None
@@ -50,8 +50,8 @@ class SFT(TrainingMethod):
             last = ci == len(chunks) - 1
             with ctx.sync_context(ctx.sync and (last or cfg.bptt == "full")):
                 with ctx.autocast():
-                    loss, state = runner(idx[:, s:e], state, labels=labels[:, s:e], l2wrap=l2,
-                                         **({} if starts is None else {"doc_start": starts[:, s:e]}))
+                    loss, state = module.loss_sum(idx[:, s:e], labels[:, s:e], state, l2wrap=l2, via=ctx.runner,
+                                                  doc_start=None if starts is None else starts[:, s:e])
                 if not loss.requires_grad:
                     # State tuning under truncated BPTT: only the first chunk reaches the initial
                     # state. A zero term keeps backward (and DDP's gradient sync) well defined.
@@ -82,10 +82,10 @@ class SFT(TrainingMethod):
             for s in range(0, idx.shape[1], cfg.ctx_len):
                 part = {} if starts is None else {"doc_start": starts[:, s:s + cfg.ctx_len]}
                 with ctx.autocast():
-                    loss, state = module(idx[:, s:s + cfg.ctx_len], state, labels=labels[:, s:s + cfg.ctx_len],
-                                         **part)
+                    loss, state = module.loss_sum(idx[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state,
+                                                  **part)
                 total += float(loss)
-            count += int((labels != -100).sum())
+            count += int((labels != IGNORE_INDEX).sum())
         module.train(was_training)
         loss = total / max(1, count)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}

@@ -40,9 +40,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from rwkvtune.errors import CheckpointError
-from rwkvtune.utils import _atomic_write
+from rwkvtune.utils import _atomic_write, read_error as _read_error
 
-# rwkvtune's small files in safetensors (adapters, states; rwkvtune.convert.artifacts): the header
+# rwkvtune's small files in safetensors (adapters, states; rwkvtune.io.artifacts): the header
 # entry that holds their non-tensor values as JSON, and how that JSON marks a tensor's place.
 ARTIFACT_META, TENSOR_MARK = "rwkvtune", "__tensor__"
 
@@ -281,8 +281,6 @@ def _no_duplicates(pairs: list) -> dict:
 def read_error(path, e: OSError) -> CheckpointError:
     """A one-line CheckpointError for an OSError met while reading ``path`` (so that a failing
     source is never reported as a failing output)."""
-    from rwkvtune.utils import read_error as _read_error
-
     return _read_error(path, e, CheckpointError)
 
 

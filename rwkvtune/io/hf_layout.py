@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from rwkvtune.configs.layout import LAYER0_V_KEYS
-from rwkvtune.configs.variants import hf_model_type_refusal
-from rwkvtune.convert.safetensors_io import folder_entries, load_safetensors, safetensors_specs
 from rwkvtune.errors import CheckpointError
+from rwkvtune.io.layout import LAYER0_V_KEYS
+from rwkvtune.io.safetensors_io import folder_entries, load_safetensors, safetensors_specs
+from rwkvtune.io.variants import hf_model_type_refusal
+from rwkvtune.utils import read_error
 
 CONFIG_NAME = "config.json"
 VOCAB_NAME = "rwkv_vocab_v20230424.txt"
@@ -126,8 +127,6 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        from rwkvtune.utils import read_error
-
         raise read_error(path, e, CheckpointError, "the model folder's config") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}); expected the JSON config of a Hugging Face "
@@ -190,7 +189,7 @@ def _refs(folder: str | os.PathLike) -> dict[str, _Ref]:
 
 def hf_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """{official key: shape} of an HF folder, from headers only (no tensor data read); feed it
-    to ``rwkvtune.configs.checkpoint.detect`` for the dims."""
+    to ``rwkvtune.io.checkpoint.detect`` for the dims."""
     return {k: r.shape for k, r in _refs(folder).items()}
 
 

@@ -4,9 +4,15 @@ back without unpickling anything but tensors."""
 
 from __future__ import annotations
 
+import json
 import os
 
-from rwkvtune.convert.safetensors_io import ARTIFACT_META, TENSOR_MARK
+import torch
+
+from rwkvtune.errors import CheckpointError
+from rwkvtune.io.checkpoint import check_pickle_size
+from rwkvtune.io.safetensors_io import (ARTIFACT_META, TENSOR_MARK, artifact_tree, load_safetensors, read_header,
+                                       save_safetensors)
 from rwkvtune.utils import atomic_torch_save, not_found, read_error
 
 
@@ -16,12 +22,6 @@ def save_artifact(obj: dict, path) -> None:
     if not str(path).endswith(".safetensors"):
         atomic_torch_save(obj, path)
         return
-    import json
-
-    import torch
-
-    from rwkvtune.convert.safetensors_io import save_safetensors  # noqa: PLC0415
-
     tensors: dict = {}
 
     def skeleton(node, where: tuple):
@@ -44,11 +44,6 @@ def load_artifact(path, what: str, made_by: str):
     ``what`` names the file kind ("adapter", "state file") and ``made_by`` where it comes from
     ("adapter.pth from --mode lora"), so the message says what was expected.
     """
-    import torch
-
-    from rwkvtune.configs.checkpoint import check_pickle_size
-    from rwkvtune.errors import CheckpointError
-
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, expected the {made_by}")
     if not os.path.exists(path):
@@ -66,9 +61,6 @@ def load_artifact(path, what: str, made_by: str):
 
 
 def _load_safetensors_artifact(path):
-    from rwkvtune.convert.safetensors_io import artifact_tree, load_safetensors, read_header
-    from rwkvtune.errors import CheckpointError
-
     _, metadata = read_header(path)
     tensors = load_safetensors(path, mmap_file=False)
     if ARTIFACT_META not in metadata:
