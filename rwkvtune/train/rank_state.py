@@ -12,10 +12,12 @@ before the file is parsed, as every other file of a checkpoint. The file is then
 ``torch.load(weights_only=True)`` (tensors and plain values only, so a planted file cannot run code)
 and checked: its format tag, the process index and count it was written for (this process's), its
 step and the save's nonce (those of the main file: a file of another save or run is refused), then
-the method's state by the method itself. On another
-number of processes the main file's state (process 0's) is used, as before this file existed: the
-resume is refused inside a batch (:func:`rwkvtune.train.strategy.resume_world_size`), and at a batch
-boundary the method's state is not used.
+the method's state by the method itself.
+
+On another number of processes the main file's state (process 0's) is used, as before these files
+existed: such a resume is refused inside a batch (:func:`rwkvtune.train.strategy.resume_world_size`),
+and at a batch boundary the method's state is not used. (Process 0's state is also kept in the main
+file, which one process reads; the few MB of rollouts twice cost nothing beside the optimizer state.)
 """
 
 from __future__ import annotations

@@ -281,7 +281,8 @@ class GRPO(TrainingMethod):
         problem = _buffer_problem(buffer, self.cfg, self.beta, getattr(self, "vocab_size", None))
         if problem:
             raise CheckpointError(f"stored GRPO rollouts (method state): {problem}; the file is damaged or was not "
-                                  f"written by rwkvtune train: move this checkpoint away to resume from the one before it")
+                                  f"written by rwkvtune train: move this checkpoint away to resume from the one "
+                                  f"before it")
         self.buffer = list(buffer)
 
 
@@ -368,14 +369,16 @@ def _buffer_problem(buffer, cfg, beta, vocab_size: int | None) -> str | None:
             return f"{where} input_ids has token ids outside [0, {top})"
         if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= top))).any()):
             return f"{where} labels has values other than {IGNORE_INDEX} and token ids in [0, {top})"
-        for name, shape in [("advantages", [rows])] + [(k, list(ids.shape)) for k in sorted(required) if k.endswith("_logps")]:
+        logps = [(k, list(ids.shape)) for k in sorted(required) if k.endswith("_logps")]
+        for name, shape in [("advantages", [rows])] + logps:
             t = b[name]
             if not t.is_floating_point() or list(t.shape) != shape:
                 return f"{where} {name} is {t.dtype} {list(t.shape)}, expected floating point {shape}"
             if not bool(torch.isfinite(t).all()):
                 return f"{where} {name} holds non-finite values (NaN or inf)"
         sums = b.get("rollout_sums", {})
-        if not isinstance(sums, dict) or not all(isinstance(k, str) and type(v) in (int, float) for k, v in sums.items()):
+        if not isinstance(sums, dict) or not all(isinstance(k, str) and type(v) in (int, float)
+                                                 for k, v in sums.items()):
             return f"{where} rollout_sums is not a table of names to numbers"
     return None
 
