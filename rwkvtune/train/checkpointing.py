@@ -25,7 +25,7 @@ from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.io.checkpoint import check_pickle_size
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.train import manifest
-from rwkvtune.train.run_dir import CHECKPOINT_NAME, RunDir
+from rwkvtune.train.run_dir import CHECKPOINT_NAME, RANK_STATE_NAME, RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error
 
 
@@ -54,27 +54,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, method_state=None) -> Path:
-    """Write the checkpoint of ``step``, point ``latest`` at it, keep the newest keep_checkpoints."""
+def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, method_state=None,
+         rank_states: dict | None = None) -> Path:
+    """Write the checkpoint of ``step``, point ``latest`` at it, keep the newest keep_checkpoints.
+
+    ``rank_states``: a run on several processes, each of which has written its own state file
+    (:mod:`rwkvtune.train.rank_state`); recorded here, so the resume reads those files. This file's
+    rename is what makes them part of the checkpoint."""
     path = run.checkpoint(step)
     trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-    atomic_torch_save(manifest.with_manifest({  # one file with its manifest: complete or absent
-        "step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
-        "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
-        "method": method_state or {},
-    }), path)
+    ck = {"step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
+          "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(), "method": method_state or {}}
+    if rank_states:
+        ck["rank_states"] = rank_states
+    atomic_torch_save(manifest.with_manifest(ck), path)  # one file with its manifest: complete or absent
     atomic_write_text(run.latest, path.name + "\n")
-    prune(run, step, cfg.keep_checkpoints)
+    prune(run, step, cfg.keep_checkpoints, rank_states["nonce"] if rank_states else None)
     return path
 
 
-def prune(run: RunDir, step: int, keep: int) -> None:
+def prune(run: RunDir, step: int, keep: int, nonce: int | None = None) -> None:
     """Keep the newest ``keep`` checkpoints up to ``step`` (the one just saved). Newer ones are
     left alone: they belong to the run a resume from an earlier checkpoint branched off (it lowers
-    the lr after a divergence) and are replaced when this run saves the same steps."""
+    the lr after a divergence) and are replaced when this run saves the same steps.
+
+    Per-process state files up to ``step`` go with their checkpoint, and those of ``step`` itself
+    from another save than this one's ``nonce`` (a branch's, or a save killed before its main file)."""
     upto = [p for p in run.checkpoint_files() if run.checkpoint_step_of(p) <= step]
     for old in upto[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    kept = {run.checkpoint_step_of(p) for p in run.checkpoint_files() if p.suffix == ".pt"}
+    for f in run.rank_state_files():
+        m = RANK_STATE_NAME.fullmatch(f.name)
+        s = int(m["step"])
+        if s <= step and (s not in kept or (s == step and int(m["nonce"], 16) != nonce)):
+            f.unlink(missing_ok=True)
 
 
 def latest_checkpoint(out: str | Path) -> Path:

@@ -31,10 +31,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rwkvtune import log
-from rwkvtune.errors import ConfigError, on_every_rank
+from rwkvtune.errors import ConfigError, RwkvtuneError, on_every_rank
 from rwkvtune.models.rwkv7.model import RWKV7
-from rwkvtune.train import checkpointing, dcp_safe
+from rwkvtune.train import checkpointing, dcp_safe, rank_state
 from rwkvtune.train.objective import TrainModule
+from rwkvtune.train.runtime import agree
 from rwkvtune.train.sharded_load import fill_shards
 
 
@@ -63,12 +64,32 @@ class Strategy:
         return float(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm))
 
     def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path | None:
+        """The main process writes the checkpoint; on several processes each first writes its own
+        state beside it (:mod:`rwkvtune.train.rank_state`: GRPO's rollouts differ per process)."""
+        rank_states = None
+        if self.dist.world_size > 1:  # a collective: a failed write stops every process
+            nonce = rank_state.shared_nonce(self.dist)
+            rank_states = rank_state.write(run.checkpoint(step), self.dist, step, nonce, method_state)
         if not self.dist.main:
             return None
-        return checkpointing.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state)
+        return checkpointing.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, rank_states)
 
-    def load_checkpoint(self, out, module, optimizer, sampler):
-        return checkpointing.load_latest(out, module, optimizer, sampler)
+    def load_checkpoint(self, out, module, optimizer, sampler, method) -> tuple[int, int]:
+        """Restore the checkpoint ``--resume out`` names into the run and ``method``; returns (step, tokens)."""
+        step, tokens, state = checkpointing.load_latest(out, module, optimizer, sampler)
+        self.restore_own_state(out, method, state)
+        return step, tokens
+
+    def restore_own_state(self, out, method, main_state: dict) -> None:
+        """Every process: the method's state and the RNGs from its own state file of the checkpoint
+        (else from the main file: ``main_state``). A collective."""
+        error = None
+        try:
+            path = checkpointing.resume_checkpoint(out)
+            rank_state.restore(path, checkpointing.read_checkpoint_info(path), self.dist, method, main_state)
+        except RwkvtuneError as e:
+            error = e
+        agree(error)  # one line from rank 0, every process out
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         return mode.save_outputs(run, module, self.cfg) if self.dist.main else {}
@@ -125,8 +146,10 @@ class FSDPStrategy(Strategy):
     def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path:
         return dcp_safe.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, self.dist)
 
-    def load_checkpoint(self, out, module, optimizer, sampler):
-        return dcp_safe.load_latest(out, module, optimizer, sampler)
+    def load_checkpoint(self, out, module, optimizer, sampler, method) -> tuple[int, int]:
+        step, tokens, state = dcp_safe.load_latest(out, module, optimizer, sampler)
+        self.restore_own_state(out, method, state)
+        return step, tokens
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         """Gather every tensor onto the main process into a plain copy of the module, then let the
@@ -181,6 +204,13 @@ def resume_world_size(resume, cfg, d, sampler, steps_per_batch: int, tokens_per_
     if old_gb is None and isinstance(info.get("world_size"), int):  # sharded checkpoints before the sampler kept it
         old_gb = info["world_size"] * cfg.batch_size
     if not isinstance(old_gb, int) or old_gb <= 0 or old_gb == sampler.global_batch:
+        step = int(info["step"])
+        if d.world_size > 1 and step % steps_per_batch and rank_state.saved_for(info, d, path) is None:
+            # Saved before each process kept its own state: the file holds process 0's rollouts only.
+            raise on_every_rank(ConfigError(
+                f"--resume {resume}: the checkpoint of step {step} is inside a batch whose rollouts the next steps "
+                f"reuse (num_iterations {steps_per_batch}), and it holds process 0's rollouts only (saved by an "
+                f"older rwkvtune); resume from a checkpoint at a multiple of {steps_per_batch} steps"))
         return None
     old_ws, new_ws = old_gb // cfg.batch_size, d.world_size
     step, accum = int(info["step"]), cfg.grad_accum

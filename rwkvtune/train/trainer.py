@@ -196,10 +196,9 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         strategy.fill(module, mode, model_config)
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
-    step, tokens, method_state = 0, 0, {}
+    step, tokens = 0, 0
     if resume_dir:
-        step, tokens, method_state = strategy.load_checkpoint(resume_dir, module, optimizer, sampler)
-        method.load_state_dict(method_state)
+        step, tokens = strategy.load_checkpoint(resume_dir, module, optimizer, sampler, method)
     logger = MetricsLogger(run, cfg, enabled=d.main, resume_step=step if resume_dir else None)
     if resume_dir:
         changes = checkpointing.schedule_changes(resume_dir, cfg)
