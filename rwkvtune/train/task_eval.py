@@ -17,7 +17,6 @@ import torch
 from rwkvtune import log
 from rwkvtune.evaluate import require_lm_eval
 from rwkvtune.evaluate.harness import expand_tasks, run_tasks, task_manager
-from rwkvtune.evaluate.lm import RwkvLM
 
 
 def check_eval_tasks(cfg) -> None:
@@ -44,6 +43,7 @@ def run_eval_tasks(cfg, module, autocast, main: bool, world_size: int, batch_siz
     """The task metrics of ``module`` (a TrainModule) on the main process ({} on the others)."""
     result: dict[str, float] = {}
     if main:
+        from rwkvtune.evaluate.lm import RwkvLM  # imports lm_eval, an optional package
 
         t0 = time.perf_counter()
         was_training = module.training
