@@ -20,4 +20,16 @@ METHODS = ("sft", "dpo", "grpo")  # --method: rwkvtune.train.methods.method_clas
 # unset). State tuning: the state is a few numbers per head that must move far from zero.
 MODE_DEFAULT_LR = {"state": 1e-2}
 
-SAVE_DTYPES = ("bf16", "fp32")  # --save-dtype: dtype of the base weights in a saved model
+SAVE_DTYPES = ("bf16", "fp32")
+
+# data_format / --data-format: each name a jsonl reader takes -> the record format it reads
+# (rwkvtune.data.formats); TrainConfig.validate refuses any other before the data is read.
+DATA_FORMAT_ALIASES = {
+    "auto": "auto",
+    "text": "text",
+    "chat": "chat",
+    "messages": "chat",
+    "prompt_response": "prompt_response",
+    "prompt": "prompt_response",
+    "pr": "prompt_response",
+}  # --save-dtype: dtype of the base weights in a saved model

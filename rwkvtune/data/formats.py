@@ -40,7 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
-from rwkvtune.constants import END_OF_TEXT
+from rwkvtune.constants import DATA_FORMAT_ALIASES, END_OF_TEXT
 from rwkvtune.errors import DataError
 from rwkvtune.utils import not_found, read_error
 
@@ -48,15 +48,7 @@ log = logging.getLogger("rwkvtune.data")
 
 TURN_END = 261  # "\n\n" in the World vocab
 FORMATS = ("text", "chat", "prompt_response")
-_FMT_ALIASES = {
-    "auto": "auto",
-    "text": "text",
-    "chat": "chat",
-    "messages": "chat",
-    "prompt_response": "prompt_response",
-    "prompt": "prompt_response",
-    "pr": "prompt_response",
-}
+_FMT_ALIASES = DATA_FORMAT_ALIASES  # the names of --data-format (TrainConfig.validate checks them too)
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _BLANK_LINES = re.compile(r"\n{2,}")
 
