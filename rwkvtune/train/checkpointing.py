@@ -252,8 +252,9 @@ def resumed_config(out: str | Path, cfg):
     path = resume_checkpoint(out)
     ck = read_checkpoint_info(path)
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
-    default, given = TrainConfig().to_dict(), cfg.to_dict()
-    saved_d = saved.to_dict()
+    # key by key, a method option as "grpo.epsilon"
+    default, given = TrainConfig().flat_dict(), cfg.flat_dict()
+    saved_d = saved.flat_dict()
     changed = [k for k, v in given.items()
                if k not in RESUME_MAY_CHANGE and v != default[k] and not _same(k, v, saved_d[k])]
     if changed:

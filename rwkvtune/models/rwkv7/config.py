@@ -184,6 +184,10 @@ class TrainConfig:
             if key in METHOD_SECTIONS:
                 problems += _read_section(key, raw, sectioned)
                 continue
+            if key.partition(".")[0] in METHOD_SECTIONS:  # grpo.beta=0.04 on the command line
+                section, _, name = key.partition(".")
+                problems += _read_section(section, {name: raw}, sectioned)
+                continue
             if key in FLAT_KEYS:
                 try:
                     flat[key] = _option_value(FLAT_KEYS[key][0], key, raw)

@@ -54,7 +54,7 @@ class DPOConfig:
             out.append(f"beta: found {self.beta!r}, expected > 0 for method dpo (the strength of the preference; "
                        f"TRL's default is 0.1)")
         if self.loss_type == "ipo" and self.label_smoothing:
-            out.append(f"label_smoothing: found {self.label_smoothing!r} with loss_type 'ipo', which has no label "
+            out.append(f"label_smoothing: found {self.label_smoothing!r}, but loss_type 'ipo' has no label "
                        f"smoothing (TRL ignores it); set label_smoothing 0 or use loss_type 'sigmoid'")
         return out
 

@@ -57,20 +57,15 @@ class TrainingMethod:
     name = ""
     item_name = "windows"  # what one dataset item is, for people ("pairs", "prompts")
     token_units = True  # whether a loss unit is a token (then the logged token count is the units)
-    DEFAULTS: dict = {}  # defaults of shared options that differ per method (beta, loss_type)
 
     def __init__(self, cfg):
         self.cfg = cfg
 
     @property
-    def beta(self):
-        """The ``beta`` option: the config's, else this method's default (DEFAULTS)."""
-        return self.DEFAULTS.get("beta") if self.cfg.beta is None else self.cfg.beta
-
-    @property
-    def loss_type(self):
-        """The ``loss_type`` option: the config's, else this method's default (DEFAULTS)."""
-        return self.cfg.loss_type or self.DEFAULTS.get("loss_type")
+    def opts(self):
+        """This method's own options (``cfg.dpo``, ``cfg.grpo``; rwkvtune.models.rwkv7.method_config),
+        or None (sft has none)."""
+        return self.cfg.method_options()
 
     @property
     def steps_per_batch(self) -> int:
@@ -79,7 +74,8 @@ class TrainingMethod:
 
     @classmethod
     def problems(cls, cfg) -> list[str]:
-        """This method's configuration problems, each "field: found X, expected Y"."""
+        """This method's problems with the rest of the run (mode, strategy), each "field: found X,
+        expected Y"; its own options' rules are their class's (DPOConfig.problems, ...)."""
         return []
 
     def memory_shape(self, dataset) -> tuple[int, int]:

@@ -63,14 +63,13 @@ class GRPO(TrainingMethod):
     name = "grpo"
     item_name = "prompts"
     token_units = False
-    DEFAULTS = {"beta": 0.0, "loss_type": "dapo"}
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.rewards = parse_rewards(cfg.reward) if cfg.reward else []
+        self.rewards = parse_rewards(cfg.grpo.reward) if cfg.grpo.reward else []
         # Every reward runs in a worker process, started now so that a reward file that fails (or
         # hangs) at import stops the run before the model loads; closed by close().
-        self.worker = start_rewards(self.rewards, cfg.reward_timeout) if self.rewards else None
+        self.worker = start_rewards(self.rewards, cfg.grpo.reward_timeout) if self.rewards else None
         self.warned: set[str] = set()  # reward functions whose invalid values were reported
         self.reference = Reference()
         self.buffer: list[dict] = []  # rollout micro-batches of the current batch of prompts
@@ -79,27 +78,13 @@ class GRPO(TrainingMethod):
 
     @classmethod
     def problems(cls, cfg) -> list[str]:
-        out = []
-        if not cfg.reward:
-            out.append("reward: missing; method grpo needs at least one --reward SPEC (e.g. exact_match:answer)")
-        if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
-            out.append(f"reward_weights: found {len(cfg.reward_weights)} weight(s) for {len(cfg.reward)} reward(s), "
-                       f"expected one per --reward")
-        if (cfg.loss_type or cls.DEFAULTS["loss_type"]) not in LOSS_TYPES:
-            out.append(f"loss_type: found {cfg.loss_type!r}, expected one of {', '.join(LOSS_TYPES)} for method grpo")
-        if cfg.scale_rewards not in SCALE_REWARDS:
-            out.append(f"scale_rewards: found {cfg.scale_rewards!r}, expected one of {', '.join(SCALE_REWARDS)}")
-        # num_generations, temperature, top_p, epsilon, beta, ...: their ranges are TrainConfig's
-        # TRAIN_BOUNDS (checked before this); what is left depends on several fields.
-        if cfg.beta:
-            out += reference_problems(cfg, "method grpo with beta > 0")
-        if cfg.epsilon_high is not None and not cfg.epsilon_high >= cfg.epsilon:
-            out.append(f"epsilon_high: found {cfg.epsilon_high}, expected >= epsilon ({cfg.epsilon})")
-        return out
+        # The options' own rules (reward, bounds, epsilon_high >= epsilon, ...) are GRPOConfig's,
+        # checked by TrainConfig.validate; what is left depends on the mode and strategy.
+        return reference_problems(cfg, "method grpo with beta > 0") if cfg.grpo.beta else []
 
     @property
     def steps_per_batch(self) -> int:
-        return self.cfg.num_iterations
+        return self.opts.num_iterations
 
     def close(self) -> None:
         if self.worker is not None:
@@ -123,19 +108,19 @@ class GRPO(TrainingMethod):
 
     def count(self, batch: dict) -> tuple[float, float]:
         mask = batch["labels"] != IGNORE_INDEX
-        units = mask.sum() if self.loss_type == "dapo" else mask.shape[0]
+        units = mask.sum() if self.opts.loss_type == "dapo" else mask.shape[0]
         return float(units), float(batch["input_ids"].numel())
 
     def memory_shape(self, dataset) -> tuple[int, int]:
         # a prompt's G completions train together, each prompt + completion in one graph
-        return self.cfg.num_generations, max(len(r.ids) for r in dataset.records) + self.cfg.max_completion_length
+        return self.opts.num_generations, max(len(r.ids) for r in dataset.records) + self.opts.max_completion_length
 
     def keeps_reference_copy(self, mode) -> bool:
-        return mode.trains_base and self.beta != 0
+        return mode.trains_base and self.opts.beta != 0
 
     def setup(self, r) -> None:
         self.run = r
-        if self.beta != 0:
+        if self.opts.beta != 0:
             self.reference.setup(r)
 
     # -- rollouts
@@ -149,7 +134,7 @@ class GRPO(TrainingMethod):
         """G completions per record, decoded together; returns (completions, seconds). ``tick``:
         a StepContext's, told each decoded position (a long rollout shows progress)."""
         cfg = self.cfg
-        sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
+        sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p)
         was_training = module.training
         module.eval()  # no dropout while sampling
         t0 = time.perf_counter()
@@ -158,8 +143,8 @@ class GRPO(TrainingMethod):
         try:
             with decoding:
                 out = generate_batch(_Policy(module), self.tokenizer, [r.ids.tolist() for r in records],
-                                     samples_per_prompt=G, max_tokens=cfg.max_completion_length, top_k=0,
-                                     presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.stop),
+                                     samples_per_prompt=G, max_tokens=cfg.grpo.max_completion_length, top_k=0,
+                                     presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.grpo.stop),
                                      on_token=(lambda t, n: tick("rollout token", t, n)) if tick else None, **sampling)
         finally:
             module.train(was_training)
@@ -168,7 +153,7 @@ class GRPO(TrainingMethod):
     def _score(self, records, completions) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [records[c.prompt_index].text for c in completions]
         fields = {k: [records[c.prompt_index].fields[k] for c in completions] for k in records[0].fields}
-        weights = list(self.cfg.reward_weights) or [1.0] * len(self.rewards)
+        weights = list(self.opts.reward_weights) or [1.0] * len(self.rewards)
         total, per_fn = compute_rewards(self.rewards, weights, prompts, [c.text for c in completions], fields)
         self._warn_invalid(per_fn)
         return total, per_fn
@@ -186,28 +171,28 @@ class GRPO(TrainingMethod):
 
     def _sample(self, module, micro_batches: list[dict], ctx) -> list[dict]:
         """Rollouts for every prompt of this step's micro-batches, as one rollout micro-batch each."""
-        cfg, G = self.cfg, self.cfg.num_generations
+        cfg, G = self.cfg, self.opts.num_generations
         records = [rec for b in micro_batches for rec in b["records"]]
         completions, seconds = self._generate(module, records, G, tick=ctx.tick)
         total, per_fn = self._score(records, completions)
-        advantages = _advantages(total, G, cfg.scale_rewards, self.run)
+        advantages = _advantages(total, G, cfg.grpo.scale_rewards, self.run)
         out, start = [], 0
         for k, b in enumerate(micro_batches):
             rows = slice(start * G, (start + len(b["records"])) * G)
             start += len(b["records"])
             batch = _sequences(records, completions[rows], ctx.device)
             batch["advantages"] = advantages[rows].to(ctx.device)
-            if cfg.num_iterations > 1 or self.beta != 0:
+            if cfg.grpo.num_iterations > 1 or self.opts.beta != 0:
                 ctx.tick("log-prob pass", k, len(micro_batches))
             with torch.no_grad():
-                if cfg.num_iterations > 1:  # the policy that sampled, before any update on these rollouts
+                if cfg.grpo.num_iterations > 1:  # the policy that sampled, before any update on these rollouts
                     batch["old_logps"] = -_token_nll(module, batch, ctx, cfg)
-                if self.beta != 0:
+                if self.opts.beta != 0:
                     with self.reference.active(module, ctx.mode) as ref:
                         batch["ref_logps"] = -_token_nll(ref, batch, ctx, cfg)
             out.append(batch)
         out[0]["rollout_sums"] = _rollout_sums(total, per_fn, [f.name for f in self.rewards], completions, G,
-                                               cfg.scale_rewards, seconds)
+                                               cfg.grpo.scale_rewards, seconds)
         self._log_rollouts(ctx.step, records, completions, total, per_fn, advantages)
         return out
 
@@ -250,11 +235,13 @@ class GRPO(TrainingMethod):
             logps = -_token_nll(module, batch, ctx, self.cfg, via=ctx.runner)
             mask = batch["labels"] != IGNORE_INDEX
             B = mask.shape[0]
-            loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
-                                      self.cfg.epsilon, self.cfg.epsilon_high, self.beta, self.loss_type,
-                                      self.cfg.max_completion_length, num_items_in_batch=1.0)
+            o = self.opts
+            loss, metrics = grpo_loss(logps=logps, old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
+                                      advantages=batch["advantages"], mask=mask, epsilon=o.epsilon,
+                                      epsilon_high=o.epsilon_high, beta=o.beta, loss_type=o.loss_type,
+                                      max_completion_length=o.max_completion_length, num_items_in_batch=1.0)
             # The trainer divides by the loss units of the whole global batch: hand it a sum.
-            loss_sum = loss if self.loss_type == "dapo" else loss * B
+            loss_sum = loss if self.opts.loss_type == "dapo" else loss * B
             (loss_sum * ctx.scale).backward()
         n_tok = float(mask.sum())
         sums = {"loss": float(loss_sum.detach()), "_tokens": n_tok, "_completions": float(B)}
@@ -272,7 +259,7 @@ class GRPO(TrainingMethod):
     def state_dict(self) -> dict:
         # Rollouts still to be used by later steps of this batch (num_iterations > 1) must survive a
         # kill: a resumed run continues with the same rollouts, as the uninterrupted one.
-        return {"buffer": self.buffer} if self.cfg.num_iterations > 1 else {}
+        return {"buffer": self.buffer} if self.opts.num_iterations > 1 else {}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = list(state.get("buffer", []))
@@ -299,7 +286,7 @@ def _token_nll(module, batch: dict, ctx, cfg, via=None) -> torch.Tensor:
     for s in range(0, ids.shape[1], cfg.ctx_len):
         with ctx.autocast():
             nll, state = module.token_nll(ids[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state,
-                                          temperature=cfg.temperature, via=via)
+                                          temperature=cfg.grpo.temperature, via=via)
         parts.append(nll)
     return torch.cat(parts, 1)
 
