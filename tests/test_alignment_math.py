@@ -295,7 +295,7 @@ def test_the_epsilon_rule_is_one_rule(epsilon, ok):
     from rwkvtune.models.rwkv7.method_config import GRPOConfig
 
     cfg = TrainConfig(model="m", data="d", method="grpo", reward=("exact_match:a",), epsilon=epsilon)
-    problems = GRPOConfig(epsilon=epsilon).problems()
+    problems = GRPOConfig(epsilon=epsilon, reward=("exact_match:a",)).problems()
     assert (problems == []) is ok
     if ok:
         cfg.validate()
