@@ -189,8 +189,8 @@ class TrainConfig:
                 problems += _read_section(section, {name: raw}, sectioned)
                 continue
             if key in FLAT_KEYS:
-                try:
-                    flat[key] = _option_value(FLAT_KEYS[key][0], key, raw)
+                try:  # None: the default, of the section a shared key (beta) goes to
+                    flat[key] = None if raw is None else _option_value(FLAT_KEYS[key][0], key, raw)
                 except (TypeError, ValueError) as e:
                     problems.append(f"{key}: {e}")
                 continue
@@ -209,6 +209,7 @@ class TrainConfig:
         for key, value in flat.items():
             sections = FLAT_KEYS[key] if len(FLAT_KEYS[key]) == 1 else (method,)
             for section in sections:
+                value = _default_if_none(section, key, value) if section else value
                 if (section, key) in sectioned and sectioned[section, key] != value:
                     problems.append(f"{key}: found {show_value(value)} as a flat key and "
                                     f"{show_value(sectioned[section, key])} in the {section} section, expected one "
