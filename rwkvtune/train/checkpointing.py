@@ -11,6 +11,7 @@ checksum, the step), checked before a resume loads anything (:mod:`rwkvtune.trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -54,17 +55,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, method_state=None) -> Path:
-    """Write the checkpoint of ``step``, point ``latest`` at it, keep the newest keep_checkpoints."""
-    path = run.checkpoint(step)
+@dataclasses.dataclass
+class CheckpointState:
+    """A checkpoint's counters beside its tensors: what ``save`` writes and ``load_latest`` returns."""
+
+    step: int  # optimizer steps done
+    tokens: int  # tokens the model has processed (the metrics' running total)
+    method_state: dict = dataclasses.field(default_factory=dict)  # the method's state_dict (GRPO's rollouts)
+
+    def fields(self) -> dict:
+        """The checkpoint file's keys for these counters."""
+        return {"step": self.step, "tokens": self.tokens, "method": self.method_state or {}}
+
+    @classmethod
+    def read(cls, ck: dict) -> "CheckpointState":
+        """From a checkpoint file's (or trainer.pt's) mapping, already verified."""
+        return cls(step=int(ck["step"]), tokens=int(ck["tokens"]), method_state=ck.get("method", {}))
+
+
+def save(run: RunDir, state: CheckpointState, *, module, optimizer, sampler, cfg) -> Path:
+    """Write the checkpoint of ``state.step``, point ``latest`` at it, keep the newest keep_checkpoints."""
+    path = run.checkpoint(state.step)
     trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
     atomic_torch_save(manifest.with_manifest({  # one file with its manifest: complete or absent
-        "step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
+        **state.fields(), "trainable": trainable, "optimizer": optimizer.state_dict(),
         "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
-        "method": method_state or {},
     }), path)
     atomic_write_text(run.latest, path.name + "\n")
-    prune(run, step, cfg.keep_checkpoints)
+    prune(run, state.step, cfg.keep_checkpoints)
     return path
 
 
@@ -287,9 +305,9 @@ def schedule_changes(out: str | Path, cfg) -> dict[str, dict]:
             if k in saved and saved[k] != getattr(cfg, k)}
 
 
-def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, dict]:
+def load_latest(out: str | Path, *, module, optimizer, sampler) -> CheckpointState:
     """Restore the checkpoint ``--resume out`` names (the run's newest, or the one given) into the
-    run; returns (step, tokens, method state)."""
+    run; returns its counters."""
     path = resume_checkpoint(out)
     if path.is_dir():
         raise CheckpointError(f"{path}: a sharded checkpoint (strategy fsdp); resume it with strategy fsdp")
@@ -305,4 +323,4 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, 
     optimizer.load_state_dict(ck["optimizer"])
     sampler.load_state_dict(ck["sampler"])
     set_rng_state(ck["rng"])
-    return int(ck["step"]), int(ck["tokens"]), ck.get("method", {})
+    return CheckpointState.read(ck)

@@ -62,13 +62,14 @@ class Strategy:
     def clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm))
 
-    def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path | None:
+    def save_checkpoint(self, run, state: checkpointing.CheckpointState, *, module, optimizer,
+                        sampler) -> Path | None:
         if not self.dist.main:
             return None
-        return checkpointing.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state)
+        return checkpointing.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg)
 
-    def load_checkpoint(self, out, module, optimizer, sampler):
-        return checkpointing.load_latest(out, module, optimizer, sampler)
+    def load_checkpoint(self, out, *, module, optimizer, sampler) -> checkpointing.CheckpointState:
+        return checkpointing.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         return mode.save_outputs(run, module, self.cfg) if self.dist.main else {}
@@ -122,11 +123,12 @@ class FSDPStrategy(Strategy):
         norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path:
-        return dcp_safe.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, self.dist)
+    def save_checkpoint(self, run, state: checkpointing.CheckpointState, *, module, optimizer, sampler) -> Path:
+        return dcp_safe.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg,
+                             d=self.dist)
 
-    def load_checkpoint(self, out, module, optimizer, sampler):
-        return dcp_safe.load_latest(out, module, optimizer, sampler)
+    def load_checkpoint(self, out, *, module, optimizer, sampler) -> checkpointing.CheckpointState:
+        return dcp_safe.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         """Gather every tensor onto the main process into a plain copy of the module, then let the

@@ -38,6 +38,7 @@ from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode
 from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.train import checkpointing, run_lock
+from rwkvtune.train.checkpointing import CheckpointState
 from rwkvtune.train.manifest import check_step_within
 from rwkvtune.train.memory import GIB, dry_run_report
 from rwkvtune.train.memory_check import check_memory, memory_report
@@ -62,7 +63,7 @@ class TrainingDiverged(RwkvtuneError):
     """The loss became NaN or inf."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Run:
     """Everything setup() builds and the loop and finish() use."""
 
@@ -195,10 +196,11 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         strategy.fill(module, mode, model_config)
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
-    step, tokens, method_state = 0, 0, {}
+    state = CheckpointState(step=0, tokens=0)
     if resume_dir:
-        step, tokens, method_state = strategy.load_checkpoint(resume_dir, module, optimizer, sampler)
-        method.load_state_dict(method_state)
+        state = strategy.load_checkpoint(resume_dir, module=module, optimizer=optimizer, sampler=sampler)
+        method.load_state_dict(state.method_state)
+    step = state.step
     logger = MetricsLogger(run, cfg, enabled=d.main, resume_step=step if resume_dir else None)
     if resume_dir:
         changes = checkpointing.schedule_changes(resume_dir, cfg)
@@ -206,8 +208,10 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
             logger.log_event(step, {"resumed": True, "schedule_changed": changes})
         if world_change:
             logger.log_event(step, {"resumed": True, "world_size_changed": world_change})
-    r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
-            optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
+    r = Run(cfg=cfg, model_config=model_config, dist=d, device=device, run=run, mode=mode, method=method,
+            train_set=train_set, eval_set=eval_set, sampler=sampler, module=module, runner=runner, strategy=strategy,
+            optimizer=optimizer, logger=logger, autocast=autocast_factory(device, cfg.precision),
+            total_steps=total_steps, tokens_per_step=tokens_per_step, step=state.step, tokens=state.tokens)
     _announce(r, resume_dir)
     method.setup(r)
     return r
@@ -422,7 +426,7 @@ def train_step(r: Run) -> tuple[dict, float, float]:
             r.sampler.advance(1)
     micro = r.method.begin_step(r.module, micro, r.context(step=r.step + 1))
     counts = [r.method.count(b) for b in micro]
-    units, tokens_in = all_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], r.dist, r.device)
+    units, tokens_in = all_sum([sum(c.units for c in counts), sum(c.tokens for c in counts)], r.dist, r.device)
     # DDP averages gradients over ranks: undo that, then divide by the global loss units. (A step
     # without any, e.g. chat windows holding only prompt tokens, has a zero loss and zero gradients.)
     scale = r.dist.world_size / max(1.0, units)
@@ -441,8 +445,8 @@ def train_step(r: Run) -> tuple[dict, float, float]:
 def save_checkpoint(r: Run):
     """A resumable checkpoint of this step (every process calls it; the strategy decides who writes)."""
     r.saved_step = r.step
-    return r.strategy.save_checkpoint(r.run, r.step, r.tokens, r.module, r.optimizer, r.sampler,
-                                      r.method.state_dict())
+    state = CheckpointState(step=r.step, tokens=r.tokens, method_state=r.method.state_dict())
+    return r.strategy.save_checkpoint(r.run, state, module=r.module, optimizer=r.optimizer, sampler=r.sampler)
 
 
 def _stop_after_step(r: Run, stop: GracefulStop) -> None:

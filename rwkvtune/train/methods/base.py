@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, NamedTuple
 
 import torch.nn as nn
 
 from rwkvtune.train.memory_check import run_tokens
 from rwkvtune.train.runtime import gradient_sync
+
+
+class BatchCount(NamedTuple):
+    """What :meth:`TrainingMethod.count` says of a batch."""
+
+    units: float  # loss units: the denominator of the step's loss (tokens, pairs or completions)
+    tokens: float  # tokens the model processes for it (throughput)
 
 
 def no_tick(what: str, done: int, of: int) -> None:
@@ -108,8 +115,8 @@ class TrainingMethod:
     def collate(self, items: list, device) -> dict:
         raise NotImplementedError
 
-    def count(self, batch: dict) -> tuple[float, float]:
-        """(loss units in the batch, tokens the model processes for it: throughput)."""
+    def count(self, batch: dict) -> BatchCount:
+        """The batch's loss units and the tokens the model processes for it."""
         raise NotImplementedError
 
     def begin_step(self, module, micro_batches: list[dict], ctx: StepContext) -> list[dict]:

@@ -23,7 +23,7 @@ from rwkvtune.data.preference import PreferenceDataset, collate_pairs, read_pair
 from rwkvtune.errors import ConfigError
 from rwkvtune.io.safetensors_io import load_safetensors, save_safetensors
 from rwkvtune.models.rwkv7.method_config import DPO_LOSS_TYPES, DPOConfig
-from rwkvtune.train.methods.base import TrainingMethod
+from rwkvtune.train.methods.base import BatchCount, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.runtime import all_sum_tensor
 
@@ -196,8 +196,8 @@ class DPO(TrainingMethod):
     def collate(self, items: list, device) -> dict:
         return collate_pairs(items, device)
 
-    def count(self, batch: dict) -> tuple[float, float]:
-        return float(batch["input_ids"].shape[0] // 2), float(batch["input_ids"].numel())
+    def count(self, batch: dict) -> BatchCount:
+        return BatchCount(units=float(batch["input_ids"].shape[0] // 2), tokens=float(batch["input_ids"].numel()))
 
     def memory_shape(self, dataset) -> tuple[int, int]:
         # chosen and rejected run together, each whole (one graph through every ctx_len chunk)

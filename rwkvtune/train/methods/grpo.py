@@ -17,7 +17,7 @@ from rwkvtune.data.collate import right_pad
 from rwkvtune.data.prompts import PromptDataset, read_prompts
 from rwkvtune.errors import DataError
 from rwkvtune.generate import generate_batch
-from rwkvtune.train.methods.base import TrainingMethod
+from rwkvtune.train.methods.base import BatchCount, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.progress import write
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
@@ -106,10 +106,10 @@ class GRPO(TrainingMethod):
     def collate(self, items: list, device) -> dict:
         return {"records": [it["record"] for it in items], "index": torch.tensor([it["index"] for it in items])}
 
-    def count(self, batch: dict) -> tuple[float, float]:
+    def count(self, batch: dict) -> BatchCount:
         mask = batch["labels"] != IGNORE_INDEX
         units = mask.sum() if self.opts.loss_type == "dapo" else mask.shape[0]
-        return float(units), float(batch["input_ids"].numel())
+        return BatchCount(units=float(units), tokens=float(batch["input_ids"].numel()))
 
     def memory_shape(self, dataset) -> tuple[int, int]:
         # a prompt's G completions train together, each prompt + completion in one graph

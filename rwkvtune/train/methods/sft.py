@@ -21,7 +21,7 @@ import torch
 
 from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.train.data import build_dataset, collate
-from rwkvtune.train.methods.base import StepContext, TrainingMethod
+from rwkvtune.train.methods.base import BatchCount, StepContext, TrainingMethod
 
 L2WRAP = 1e-4  # the reference trainer's L2Wrap coefficient
 
@@ -35,8 +35,9 @@ class SFT(TrainingMethod):
     def collate(self, items: list, device) -> dict:
         return collate(items, device)
 
-    def count(self, batch: dict) -> tuple[float, float]:
-        return float(int((batch["labels"] != IGNORE_INDEX).sum())), float(batch["input_ids"].numel())
+    def count(self, batch: dict) -> BatchCount:
+        return BatchCount(units=float(int((batch["labels"] != IGNORE_INDEX).sum())),
+                          tokens=float(batch["input_ids"].numel()))
 
     def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
         cfg = ctx.cfg
