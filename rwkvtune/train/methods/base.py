@@ -8,8 +8,9 @@ accumulation, DDP, resume, logging and outputs. A method says
 * how many loss units a batch holds (:meth:`count`): the denominator of the step's loss over
   every micro-batch of every process, so accumulation and DDP equal one big batch,
 * how one micro-batch's loss is computed and back-propagated (:meth:`forward_backward`), returning
-  sums that the trainer adds up over micro-batches and processes,
-* what to log from those sums (:meth:`step_metrics`) and how to evaluate (:meth:`evaluate`),
+  its :class:`MetricSums` (the method's own subclass: what each logged value is a mean over), which
+  the trainer adds up over micro-batches, processes and steps, then asks for the logged rows,
+* how to evaluate (:meth:`evaluate`),
 * what it must keep in a resumable checkpoint (:meth:`state_dict`).
 """
 
@@ -30,6 +31,46 @@ class BatchCount(NamedTuple):
 
     units: float  # loss units: the denominator of the step's loss (tokens, pairs or completions)
     tokens: float  # tokens the model processes for it (throughput)
+
+
+class MetricSums:
+    """A method's metrics accumulated over micro-batches, processes and the steps of one metrics
+    row. Every entry is a sum: ``sums`` are logged (as means, by :meth:`rows`), ``counts`` are the
+    denominators a method counts itself (GRPO: completion tokens), added up alike but never logged.
+    This default (sft, dpo): every sum is a mean per loss unit of the row (sft: target tokens, dpo:
+    pairs), ``"loss"`` among them. A method whose values are means over something else subclasses
+    it and says so in its :meth:`rows`."""
+
+    def __init__(self, sums: dict[str, float] | None = None, counts: dict[str, float] | None = None):
+        self.sums = dict(sums or {})
+        self.counts = dict(counts or {})
+
+    @property
+    def loss(self) -> float:
+        """The summed loss (what the finiteness check watches)."""
+        return self.sums.get("loss", 0.0)
+
+    def __getitem__(self, name: str) -> float:
+        return self.sums[name]
+
+    def add(self, other: "MetricSums") -> "MetricSums":
+        for mine, theirs in ((self.sums, other.sums), (self.counts, other.counts)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
+        return self
+
+    def reduced(self, all_sum: Callable[[list[float]], list[float]]) -> "MetricSums":
+        """These sums added over every process; ``all_sum`` sums a list of floats over them (every
+        process holds the same names: the same steps sample, the same options apply)."""
+        sums, counts = sorted(self.sums), sorted(self.counts)
+        total = all_sum([self.sums[k] for k in sums] + [self.counts[k] for k in counts])
+        out = type(self)()
+        out.sums, out.counts = dict(zip(sums, total[:len(sums)])), dict(zip(counts, total[len(sums):]))
+        return out
+
+    def rows(self, units: float) -> dict[str, float | None]:
+        """The logged values: each sum per loss unit (None for a row without any)."""
+        return {k: v / units if units else None for k, v in self.sums.items()}
 
 
 def no_tick(what: str, done: int, of: int) -> None:
@@ -125,14 +166,14 @@ class TrainingMethod:
         (:attr:`steps_per_batch` > 1). Returns the micro-batches to run."""
         return micro_batches
 
-    def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
-        """Forward and backward of one micro-batch; returns sums, ``"loss"`` among them (the summed
-        loss whose gradient was taken, scaled by ``ctx.scale``)."""
+    def forward_backward(self, module, batch: dict, ctx: StepContext) -> MetricSums:
+        """Forward and backward of one micro-batch; returns its metric sums, ``"loss"`` among them
+        (the summed loss whose gradient was taken before scaling by ``ctx.scale``)."""
         raise NotImplementedError
 
-    def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
-        """Logged values from sums over a step (or several): by default every sum per loss unit."""
-        return {k: v / units for k, v in sums.items()}
+    def new_metrics(self) -> MetricSums:
+        """An empty accumulator of this method's metric sums (the trainer adds each micro-batch's)."""
+        return MetricSums()
 
     def evaluate(self, module, dataset, ctx: StepContext) -> dict:
         raise NotImplementedError

@@ -23,7 +23,7 @@ from rwkvtune.data.preference import PreferenceDataset, collate_pairs, read_pair
 from rwkvtune.errors import ConfigError
 from rwkvtune.io.safetensors_io import load_safetensors, save_safetensors
 from rwkvtune.models.rwkv7.method_config import DPO_LOSS_TYPES, DPOConfig
-from rwkvtune.train.methods.base import BatchCount, TrainingMethod
+from rwkvtune.train.methods.base import BatchCount, MetricSums, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.runtime import all_sum_tensor
 
@@ -278,12 +278,12 @@ class DPO(TrainingMethod):
         mine = float((per_token[:B] > per_token[B:]).float().sum())
         return loss, {"loss": float(loss.detach()), **preference_sums(result), "policy_accuracy": mine}
 
-    def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
+    def forward_backward(self, module, batch: dict, ctx) -> MetricSums:
         with ctx.sync_context(ctx.sync):
             nll = self._nll(module, batch["input_ids"], batch["labels"], ctx, via=ctx.runner)
             loss, sums = self._loss(module, batch, ctx, "train", nll)
             (loss * ctx.scale).backward()
-        return sums
+        return MetricSums(sums)  # every value a mean per pair
 
     @torch.no_grad()
     def evaluate(self, module, dataset, ctx) -> dict:

@@ -17,7 +17,7 @@ from rwkvtune.data.collate import right_pad
 from rwkvtune.data.prompts import PromptDataset, read_prompts
 from rwkvtune.errors import DataError
 from rwkvtune.generate import generate_batch
-from rwkvtune.train.methods.base import BatchCount, TrainingMethod
+from rwkvtune.train.methods.base import BatchCount, MetricSums, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.progress import write
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
@@ -230,7 +230,7 @@ class GRPO(TrainingMethod):
         out["eval_prompts"] = len(records)
         return out
 
-    def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
+    def forward_backward(self, module, batch: dict, ctx) -> GRPOMetrics:
         with ctx.sync_context(ctx.sync):
             logps = -_token_nll(module, batch, ctx, self.cfg, via=ctx.runner)
             mask = batch["labels"] != IGNORE_INDEX
@@ -244,13 +244,14 @@ class GRPO(TrainingMethod):
             loss_sum = loss if self.opts.loss_type == "dapo" else loss * B
             (loss_sum * ctx.scale).backward()
         n_tok = float(mask.sum())
-        sums = {"loss": float(loss_sum.detach()), "_tokens": n_tok, "_completions": float(B)}
-        sums.update({k: v * n_tok for k, v in metrics.items() if k.endswith("_mean") or k == "kl"})
-        sums.update(batch.get("rollout_sums", {}))
-        return sums
+        out = GRPOMetrics({"loss": float(loss_sum.detach())}, {"tokens": n_tok, "completions": float(B)})
+        out.sums.update({k: metrics[k] * n_tok for k in GRPOMetrics.TOKEN_MEANS if k in metrics})
+        if "rollout_sums" in batch:  # the first micro-batch of a step that sampled
+            out.add(_rollout_metrics(batch["rollout_sums"]))
+        return out
 
-    def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
-        return _step_metrics(sums, units, [f.name for f in self.rewards])
+    def new_metrics(self) -> GRPOMetrics:
+        return GRPOMetrics()
 
     @torch.no_grad()
     def evaluate(self, module, dataset, ctx) -> dict:
@@ -304,40 +305,76 @@ def _advantages(total: torch.Tensor, G: int, scale_rewards: str, run) -> torch.T
     return centred / (everyone.std() + 1e-4)
 
 
+class GRPOMetrics(MetricSums):
+    """GRPO's metric sums and what each logged value is a mean over (TRL's names):
+
+    * ``loss``: per loss unit of the row (completion tokens for dapo, completions otherwise);
+    * ``kl``, ``clip_ratio/*_mean``: token means, weighted by the count ``tokens`` (completion
+      tokens trained on, on every step);
+    * per batch of rollouts (the steps that sample, every num_iterations): ``reward``,
+      ``frac_reward_zero_std``, ``completion_length`` and ``rewards/NAME/invalid_frac`` per sampled
+      completion (count ``rollout_completions``), ``reward_std`` per group (``rollout_groups``),
+      ``rewards/NAME/mean`` per valid value of that function (``valid/NAME``), and
+      ``rollout_tokens_per_s``: completion tokens per second of sampling (``rollout_seconds``).
+    """
+
+    TOKEN_MEANS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+    PER_COMPLETION = ("reward", "frac_reward_zero_std", "completion_length")
+
+    def rows(self, units: float) -> dict[str, float | None]:
+        s, c = self.sums, self.counts
+        out = {"loss": s.get("loss", 0.0) / units if units else None}
+        tokens = max(c.get("tokens", 0.0), 1.0)
+        out.update({k: s[k] / tokens for k in self.TOKEN_MEANS if k in s})
+        n = c.get("rollout_completions", 0.0)
+        if n:  # steps that sampled
+            out.update({k: s[k] / n for k in self.PER_COMPLETION if k in s})
+            out["reward_std"] = s["reward_std"] / max(c.get("rollout_groups", 0.0), 1.0)
+            for name in [k[len("rewards/"):-len("/mean")] for k in s if k.startswith("rewards/") and
+                         k.endswith("/mean")]:
+                valid = c.get(f"valid/{name}", n)  # absent in rollouts stored by an older version
+                out[f"rewards/{name}/mean"] = s[f"rewards/{name}/mean"] / valid if valid else None
+                out[f"rewards/{name}/invalid_frac"] = s.get(f"rewards/{name}/invalid_frac", 0.0) / n
+            out["rollout_tokens_per_s"] = s["completion_length"] / max(c.get("rollout_seconds", 0.0), 1e-9)
+        return out
+
+
 def _rollout_sums(total, per_fn, names, completions, G: int, scale_rewards: str, seconds: float) -> dict:
-    """Sums (over completions or groups) of what TRL logs per batch of rollouts."""
+    """Sums (over completions or groups) of what TRL logs per batch of rollouts, and their counts
+    (see GRPOMetrics), as plain data: they travel with the stored rollouts into a checkpoint."""
     grouped = total.view(-1, G)
-    sums = {"_r_completions": float(total.numel()), "_r_groups": float(grouped.shape[0]),
-            "reward": float(total.sum()), "reward_std": float(grouped.std(1).sum()) if G > 1 else 0.0,
+    sums = {"reward": float(total.sum()), "reward_std": float(grouped.std(1).sum()) if G > 1 else 0.0,
             "frac_reward_zero_std": float(reward_metrics(total, G, scale_rewards)["frac_reward_zero_std"]
                                           * total.numel()),
-            "completion_length": float(sum(len(c.token_ids) for c in completions)),
-            "_r_seconds": seconds}
+            "completion_length": float(sum(len(c.token_ids) for c in completions))}
+    counts = {"rollout_completions": float(total.numel()), "rollout_groups": float(grouped.shape[0]),
+              "rollout_seconds": seconds}
     for j, name in enumerate(names):  # invalid values (NaN) are out of the mean, and counted
         sums[f"rewards/{name}/mean"] = float(per_fn[:, j].nansum())
-        sums[f"_r_valid/{name}"] = float((~per_fn[:, j].isnan()).sum())
+        counts[f"valid/{name}"] = float((~per_fn[:, j].isnan()).sum())
         sums[f"rewards/{name}/invalid_frac"] = float(per_fn[:, j].isnan().sum())
-    return sums
+    return {"sums": sums, "counts": counts}
+
+
+# The counts of rollouts stored by an older version (one flat mapping, counts marked "_r_").
+_OLD_COUNTS = {"_r_completions": "rollout_completions", "_r_groups": "rollout_groups", "_r_seconds": "rollout_seconds"}
+
+
+def _rollout_metrics(stored: dict) -> GRPOMetrics:
+    """The GRPOMetrics of a batch's rollouts, from :func:`_rollout_sums` (or an older checkpoint's
+    flat mapping)."""
+    if "sums" in stored:
+        return GRPOMetrics(stored["sums"], stored["counts"])
+    sums, counts = {}, {}
+    for k, v in stored.items():
+        if k in _OLD_COUNTS:
+            counts[_OLD_COUNTS[k]] = v
+        elif k.startswith("_r_valid/"):
+            counts["valid/" + k[len("_r_valid/"):]] = v
+        else:
+            sums[k] = v
+    return GRPOMetrics(sums, counts)
 
 
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-def _step_metrics(sums: dict[str, float], units: float, names: list[str]) -> dict[str, float]:
-    """Logged values: the loss per unit, token means of the KL and clip ratios, rollout means."""
-    out = {"loss": sums["loss"] / units}
-    tokens = max(sums.get("_tokens", 0.0), 1.0)
-    out.update({k: v / tokens for k, v in sums.items() if k == "kl" or k.startswith("clip_ratio/")})
-    n, groups = sums.get("_r_completions", 0.0), sums.get("_r_groups", 0.0)
-    if n:  # steps that sampled (every num_iterations)
-        out["reward"] = sums["reward"] / n
-        out["reward_std"] = sums["reward_std"] / max(groups, 1.0)
-        for name in names:
-            valid = sums.get(f"_r_valid/{name}", n)  # absent in rollouts stored by an older version
-            out[f"rewards/{name}/mean"] = sums[f"rewards/{name}/mean"] / valid if valid else None
-            out[f"rewards/{name}/invalid_frac"] = sums.get(f"rewards/{name}/invalid_frac", 0.0) / n
-        out["frac_reward_zero_std"] = sums["frac_reward_zero_std"] / n
-        out["completion_length"] = sums["completion_length"] / n
-        out["rollout_tokens_per_s"] = sums["completion_length"] / max(sums["_r_seconds"], 1e-9)
-    return out
