@@ -21,6 +21,7 @@ _EXPORTS = {
     "TrainConfig": "rwkvtune.models.rwkv7.config",
     "DPOConfig": "rwkvtune.models.rwkv7.method_config",
     "GRPOConfig": "rwkvtune.models.rwkv7.method_config",
+    "load_model": "rwkvtune.peft.loading",  # (model, wkv_init) of any model name, run directories included
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -20,7 +20,7 @@ METHODS = ("sft", "dpo", "grpo")  # --method: rwkvtune.train.methods.method_clas
 # unset). State tuning: the state is a few numbers per head that must move far from zero.
 MODE_DEFAULT_LR = {"state": 1e-2}
 
-SAVE_DTYPES = ("bf16", "fp32")
+SAVE_DTYPES = ("bf16", "fp32")  # --save-dtype: dtype of the base weights in a saved model
 
 # data_format / --data-format: each name a jsonl reader takes -> the record format it reads
 # (rwkvtune.data.formats); TrainConfig.validate refuses any other before the data is read.
@@ -32,4 +32,6 @@ DATA_FORMAT_ALIASES = {
     "prompt_response": "prompt_response",
     "prompt": "prompt_response",
     "pr": "prompt_response",
-}  # --save-dtype: dtype of the base weights in a saved model
+    "alpaca": "alpaca",
+    "sharegpt": "sharegpt",
+}

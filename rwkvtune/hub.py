@@ -39,13 +39,13 @@ import hashlib
 import os
 import shlex
 import shutil
-import sys
 import time
 import types
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
+from rwkvtune import log
 from rwkvtune.configs import model_loader
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
 from rwkvtune.errors import ConfigError, DownloadError, OutputError, RwkvtuneError
@@ -208,7 +208,7 @@ def download_model(name_or_config: str | os.PathLike | ModelConfig, models_dir: 
 
 def _say(progress: bool, message: str) -> None:
     if progress:
-        print(message, file=sys.stderr, flush=True)
+        log.info(message)
 
 
 def _import_hub(config: ModelConfig, target: Path) -> types.SimpleNamespace:
@@ -409,8 +409,8 @@ def _transfer(job: _Job, progress: bool) -> None:
                     f"cannot download {job.url}: gave up after {tries} tries, the last {stalled} without a new byte "
                     f"({_describe(last)}); check {_network_hint()}, or {job.by_hand}{_kept(job)}") from last
             time.sleep(min(BACKOFF_MAX_S, job.backoff_s * 2 ** stalled))
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"download of {job.target.name} stopped{_kept(job)}") from None
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(f"download of {job.target.name} stopped{_kept(job)}") from e
     finally:
         bar.close()
 

@@ -139,7 +139,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed:
         tmp = str(temp_path(path))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
-        raise output_error(path, e, needed) from None
+        raise output_error(path, e, needed) from e
     os.close(fd)
     try:
         write(tmp)
@@ -151,7 +151,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed:
         if written is not None:
             os.unlink(tmp)
         if is_write_failure(e) and not isinstance(e, OutputError):
-            raise output_error(path, e, needed, written) from None
+            raise output_error(path, e, needed, written) from e
         raise
 
 
@@ -213,3 +213,9 @@ def check_device(device: str, flag: str = "--device") -> str:
             raise ConfigError(f"{flag} {device}: only {torch.cuda.device_count()} GPU(s) here "
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def plural(n: int, noun: str, nouns: str | None = None, grouped: bool = False) -> str:
+    """A count with its noun in the right number: '1 window', '2 windows', '0 windows' (``nouns``
+    for an irregular plural; ``grouped``: thousands separators, '51,339 tokens')."""
+    return (f"{n:,}" if grouped else f"{n}") + " " + (noun if n == 1 else nouns or noun + "s")

@@ -67,7 +67,7 @@ def test_bad_record_advice_data_prepare(capsys, tmp_path, bad_jsonl):
     # With --on-data-error skip given, the report names the bad record without advising to skip.
     assert main(["data", "prepare", bad_jsonl, "--out", out, "--workers", "1", "--on-data-error", "skip"]) == 0
     printed = capsys.readouterr().out
-    assert printed.endswith(f"skipped 1 bad records (first: {bad_jsonl}:2: malformed JSON (Invalid control "
+    assert printed.endswith(f"skipped 1 bad record (first: {bad_jsonl}:2: malformed JSON (Invalid control "
                             f"character at column 12))\n"), printed
 
 

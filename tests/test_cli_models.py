@@ -476,7 +476,8 @@ def test_inspect_says_what_a_non_checkpoint_file_is(world, tmp_path):
 def test_a_path_that_is_a_directory_or_unknown_file_is_named(tmp_path):
     from rwkvtune.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=f"{tmp_path}: is a directory without config.json .*; expected a registry name"):
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a directory that is neither a Hugging Face model folder "
+                       r"\(config.json\) nor a training run .*; expected a registry name"):
         load_model_config(str(tmp_path))
     (tmp_path / "model.bin").write_bytes(b"x")
     with pytest.raises(ConfigError, match="model.bin: is a file that is neither .pth/.pt/.safetensors nor .json"):

@@ -1,7 +1,6 @@
 """jsonl formats and masks, packing into windows, the sampler, prepare_binidx and load_dataset."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -106,7 +105,7 @@ def _read_err(tok, tmp_path, lines, name="bad.jsonl", **kw):
     # json's message ends with "at", which must not double up with our " at column"
     ('{"text": "a\tb"}', ["malformed JSON (Invalid control character at column 12)"]),
     ('[1, 2]', ["expected a JSON object", "list"]),
-    ('{"txt": "x"}', ["expected a 'text', 'messages' or 'prompt'+'response'", "txt"]),
+    ('{"txt": "x"}', ["expected a 'text', 'messages', 'prompt'+'response', 'conversations' (ShareGPT) or 'instruction'+'output' (Alpaca)", "txt"]),
     ('{"text": 5}', ["'text' must be a string", "int"]),
     ('{"text": ""}', ["'text' is empty"]),
     ('{"text": "  \\n "}', ["'text' is empty"]),
@@ -151,16 +150,16 @@ def test_vocab_size_check(tok, tmp_path):
     assert "bad.jsonl:2:" in msg and "vocab" in msg and "300" in msg  # "a" is id 98
 
 
-def test_skip_counts_and_logs(tok, tmp_path, caplog):
+def test_skip_counts_and_logs(tok, tmp_path, capsys):
     path = write_lines(tmp_path / "some.jsonl",
                        ['{"text": "a"}', '{"text": ""}', "not json", '{"text": "b"}'])
-    with caplog.at_level(logging.WARNING, logger="rwkvtune.data"):
-        samples, stats = read_samples(path, tok, on_error="skip")
+    samples, stats = read_samples(path, tok, on_error="skip")
     assert len(samples) == 2 and stats.skipped == 2 and stats.records == 4
     assert stats.skipped_examples == [f"{path}:2: 'text' is empty",
                                       f"{path}:3: malformed JSON (Expecting value at column 1)"]
-    logged = [r.getMessage() for r in caplog.records]
-    assert len(logged) == 1 and "skipped 2" in logged[0] and "some.jsonl:2" in logged[0]
+    logged = capsys.readouterr().err.splitlines()  # one warning line on stderr (rwkvtune.log)
+    assert len(logged) == 1 and logged[0].startswith("warning: ") and "skipped 2" in logged[0]
+    assert "some.jsonl:2" in logged[0]
     assert "on_error" not in logged[0] and "fix the record" not in logged[0]  # it skips already
     # all bad -> error even when skipping
     msg = _read_err(tok, tmp_path, ["x", "y"], on_error="skip")
@@ -524,7 +523,7 @@ def test_cli_data_prepare_exit_status_and_bad_outputs(corpus, tmp_path):
     assert rc == 0 and "Traceback" not in err and "documents" in out, err
     assert os.path.isfile(tmp_path / "ok" / "corpus.bin")
     for key, words in (("in_file", f"{tmp_path / 'file'} is a file, not a directory"),
-                       ("workers", "--workers: found 0, expected an integer >= 1"),
+                       ("workers", "--workers: found 0, expected an integer with 1 <= --workers <= "),
                        ("dir", "expected a file prefix")):
         (_, err), rc = res[key]
         assert rc == 2 and "Traceback" not in err and words in err, (key, err)

@@ -154,7 +154,9 @@ DAMAGE = {
     # bytes of a tensor garbled: no check before dcp.load sees it; its CheckpointException is said
     "garbled": (lambda f: _garble(f / "__1_0.distcp"), r"cannot read this sharded checkpoint \(\w+"),
     "trainer.pt of another save": (lambda f: shutil.copy(f.parent / "step-0000001" / "trainer.pt", f / "trainer.pt"),
-                                   r"written by another save than this checkpoint's trainer\.pt"),
+                                   # step 1's: its step refuses it first (a same-step one: the save's nonce)
+                                   r"step differs from its name|written by another save than this checkpoint's "
+                                   r"trainer\.pt"),
 }
 
 

@@ -105,29 +105,38 @@ def test_grpo_resume_mid_iterations_continues_identically(data, tmp_path, monkey
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def torchrun_runs(data, tmp_path_factory):
-    """run(strategy): the same 2-process GRPO run under ddp or fsdp, made once per module; full mode
-    with a KL term, so each keeps a reference copy of the starting model (sharded under fsdp)."""
+def _torchrun(data, out, strategy: str, *extra: str) -> None:
+    """A 2-process GRPO run (num_iterations 2: the rollouts of step 1 serve step 2 too) in full mode
+    with a KL term; ``extra`` options are added, and "--resume" continues the run in ``out``."""
     import socket
 
+    with socket.socket() as sock:  # a fixed port clashes with another suite running at once
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+           "-m", "rwkvtune", "train"]
+    if extra[:1] == ("--resume",):
+        cmd += ["--resume", str(out), *extra[1:]]
+    else:
+        cmd += ["--model", data["ckpt"], "--data", data["prompts"], "--out", str(out),
+                "--method", "grpo", "--reward", data["reward"], "--reward", "exact_match:answer", "--ctx-len", "32",
+                "--batch-size", "2", "--max-steps", "2", "--save-every", "0", "--strategy", strategy,
+                "--save-dtype", "fp32", "num_generations=4", "max_completion_length=4", "tensorboard=false",
+                "reward_weights=[1.0,0.5]", "num_iterations=2", "adam_eps=1e-6", "beta=0.04", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(data, tmp_path_factory):
+    """run(strategy): the same 2-process GRPO run (2 steps) under ddp or fsdp, made once per module;
+    full mode with a KL term, so each keeps a reference copy of the starting model (sharded under fsdp)."""
     runs = {}
 
     def run(strategy: str) -> Path:
         if strategy not in runs:
             out = tmp_path_factory.mktemp("grpo-torchrun") / strategy
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = str(sock.getsockname()[1])
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-                   "-m", "rwkvtune", "train", "--model", data["ckpt"], "--data", data["prompts"], "--out", str(out),
-                   "--method", "grpo", "--reward", data["reward"], "--reward", "exact_match:answer", "--ctx-len", "32",
-                   "--batch-size", "2", "--max-steps", "2", "--save-every", "0", "--strategy", strategy,
-                   "--save-dtype", "fp32", "num_generations=4", "max_completion_length=4", "tensorboard=false",
-                   "reward_weights=[1.0,0.5]", "num_iterations=2", "adam_eps=1e-6", "beta=0.04"]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
-                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
-            assert res.returncode == 0, res.stderr[-3000:]
+            _torchrun(data, out, strategy)
             runs[strategy] = out
         return runs[strategy]
 
@@ -160,6 +169,30 @@ def test_grpo_fsdp_equals_ddp(data, torchrun_runs):
     assert any(not torch.equal(wa[k], base[k]) for k in wa)  # the two steps did train
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_two_processes_resumed_mid_batch_equal_the_uninterrupted_run(data, torchrun_runs, tmp_path, strategy):
+    """Stopped after step 1 (its rollouts still serve step 2) and resumed on the same 2 processes:
+    each process continues with its own rollouts (and RNG), so losses and weights equal the
+    uninterrupted run's exactly. (Each process once got process 0's rollouts.)"""
+    full, part = torchrun_runs(strategy), tmp_path / "part"
+    _torchrun(data, part, strategy, "--max-steps", "1")
+    _torchrun(data, part, strategy, "--resume", "--max-steps", "2")
+    assert [r["loss"] for r in _rows(part)] == [r["loss"] for r in _rows(full)]
+    assert (part / "rollouts.jsonl").read_text() == (full / "rollouts.jsonl").read_text()
+    wa, wb = torch.load(full / "final.pth", weights_only=True), torch.load(part / "final.pth", weights_only=True)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    from rwkvtune.train.checkpointing import read_checkpoint_info
+    from rwkvtune.train.run_dir import RunDir
+
+    kept = RunDir(part).checkpoint_files()  # each with both processes' own files, of its own save
+    for ck in kept:
+        nonce = read_checkpoint_info(ck)["rank_states"]["nonce"]
+        assert all(RunDir.rank_state_file(ck, r, 2, nonce).is_file() for r in (0, 1))
+        if ck.is_dir():  # sealed with the folder: in its manifest
+            assert {"rank-0-of-2.pt", "rank-1-of-2.pt"} <= set(json.loads((ck / "manifest.json").read_text())["files"])
+    assert len(RunDir(part).rank_state_files()) == (2 * len(kept) if strategy == "ddp" else 0)  # no stale ones
 
 
 def test_a_failing_reward_function_stops_with_its_name(data, tmp_path):

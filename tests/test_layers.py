@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the root __init__: the version and lazily imported names (import_module strings), no imports
     ("root", ("rwkvtune",)),
     ("foundation", ("rwkvtune.errors", "rwkvtune.constants", "rwkvtune.utils", "rwkvtune.tensor_checks",
-                    "rwkvtune.tokenizer", "rwkvtune.bounds", "rwkvtune.safe_yaml")),
+                    "rwkvtune.tokenizer", "rwkvtune.bounds", "rwkvtune.safe_yaml",
+                    "rwkvtune.log")),
     # checkpoint files: safe readers, safetensors, adapter/state artifacts, official <-> HF key layout
     ("io", ("rwkvtune.io",)),
     # the registry, ModelConfig, detection of a checkpoint's dims
@@ -248,13 +249,16 @@ def local_import_problems(graph: dict[str, list[Edge]], optional=OPTIONAL) -> li
     """A function-local import must keep a torch-free module free of torch and numpy (the target
     imports them, the importer does not) or reach an optional package; any other belongs at the top."""
     heavy = {m: _heavy_in(top_level_closure(graph, m)) for m in graph}
+    # our modules that need an optional package at import (e.g. evaluate.lm: lm_eval) count as optional
+    needs = {m: {p for p in optional for n in top_level_closure(graph, m) if n == p or n.startswith(p + ".")}
+             for m in graph}
 
-    def justified(e: Edge) -> bool:  # the target brings a heavy package the importer does not have
+    def justified(e: Edge) -> bool:  # the target brings a heavy or optional package the importer does not have
         if not e.internal:
             if any(e.target == p or e.target.startswith(p + ".") for p in optional):
                 return True
             return bool(_heavy_in([e.target]) - heavy[e.source])
-        return bool(heavy.get(e.target, set()) - heavy[e.source])
+        return bool(heavy.get(e.target, set()) - heavy[e.source]) or bool(needs.get(e.target, set()) - needs[e.source])
 
     out = []
     for m, edges in graph.items():

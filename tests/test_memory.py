@@ -323,8 +323,8 @@ def test_cli_refusal_is_one_line_and_the_flag_overrides(small, tmp_path, monkeyp
 
 
 def test_a_machine_with_enough_memory_runs_and_no_window_is_ctx_len_long(small, tmp_path, capsys):
-    """ctx_len 1e9 over 64k tokens of data: windows hold the data's longest window, memory is planned for
-    it, and nothing of ctx_len is ever allocated (issue 14)."""
+    """ctx_len 2**24 (the largest the bounds allow) over 64k tokens of data: windows hold the data's
+    longest window, memory is planned for it, and nothing of ctx_len is ever allocated (issue 14)."""
     from rwkvtune.data.dataset import BinIdxWindows, PackedDataset
     from rwkvtune.data.formats import Sample
     from rwkvtune.train.trainer import train
@@ -334,8 +334,8 @@ def test_a_machine_with_enough_memory_runs_and_no_window_is_ctx_len_long(small, 
     assert PackedDataset(docs, 10 ** 9)[0]["input_ids"].shape == (6,)  # 0 5 6 7 0 8 (targets 5 6 7 0 8 0)
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"text": "red blue green cat dog bird."}) + "\n")
-    assert train(_cfg(small, tmp_path / "o", data=str(one), ctx_len=10 ** 9, batch_size=1))["steps"] == 1
-    assert "ctx_len 1,000,000,000 is longer than the data's longest window" in capsys.readouterr().err
+    assert train(_cfg(small, tmp_path / "o", data=str(one), ctx_len=2 ** 24, batch_size=1))["steps"] == 1
+    assert "ctx_len 16,777,216 is longer than the data's longest window" in capsys.readouterr().err
 
 
 def test_a_ctx_len_the_memory_cannot_hold_is_refused_naming_one_that_fits(small, tmp_path, monkeypatch):
@@ -343,7 +343,7 @@ def test_a_ctx_len_the_memory_cannot_hold_is_refused_naming_one_that_fits(small,
 
     _with_memory(monkeypatch, 1.5)
     with pytest.raises(memory_check.InsufficientMemoryError, match=r"--ctx-len \d+ \("):
-        train(_cfg(small, tmp_path / "o", ctx_len=10 ** 9, batch_size=1))  # one window of 65536 tokens
+        train(_cfg(small, tmp_path / "o", ctx_len=2 ** 24, batch_size=1))  # one window of 65536 tokens
 
 
 @pytest.mark.parametrize("gib,fits", [(1024.0, True), (12.0, False)])

@@ -514,10 +514,10 @@ def test_warmup_longer_than_the_run_warns_threads_show_and_the_end_says_what_nex
     err = captured.err
     assert ("warning: warmup_steps 10 >= the run's 3 steps: the learning rate only reaches 0.000208 of its peak "
             "0.001, so the loss may barely move; lower --warmup-steps") in err
-    assert "device cpu, precision fp32, 1 CPU threads" in err
+    assert "device cpu, precision fp32, 1 CPU thread (--threads)" in err
     assert err.rstrip().splitlines()[-1] == (
-        f"done: the model is in {out / 'final.pth'}; try it: rwkvtune generate --model {out / 'final.pth'} --prompt "
-        f"'Hello'  or score it: rwkvtune eval --model {out / 'final.pth'} --data {data['text']}")
+        f"done: the model is in {out / 'final.pth'}; try it: rwkvtune generate --model {out} --prompt "
+        f"'Hello'  or score it: rwkvtune eval --model {out} --data {data['text']}")
     assert torch.get_num_threads() != 1 or os.cpu_count() == 1  # restored after the run
 
 

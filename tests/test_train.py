@@ -521,8 +521,8 @@ def test_ctx_len_beyond_data_trims_padding_and_warns(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum,status,stopped", [
-    (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-    (signal.SIGTERM, 143, "terminated by SIGTERM"),
+    (signal.SIGINT, 130, "stopped by Ctrl-C"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM"),
 ])
 def test_signal_finishes_the_step_saves_and_exits(data, tmp_path, signum, status, stopped):
     out = tmp_path / "run"
@@ -539,12 +539,12 @@ def test_signal_finishes_the_step_saves_and_exits(data, tmp_path, signum, status
     assert proc.returncode == status and "Traceback" not in err, err[-2000:]
     if signum == signal.SIGINT:
         assert "Ctrl-C: stopping after this step to save a resumable checkpoint" in err
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    lines = [l for l in err.splitlines() if l.startswith("stopped by ")]
     saved = sorted((out / "checkpoints").glob("step-*.pt"))
     assert len(saved) == 1 and len(lines) == 1, err[-2000:]
-    assert lines[0].startswith(f"error: {stopped} after step ")
+    assert lines[0].startswith(f"{stopped} after step ") and "error: " not in err
     assert f"saved the resumable checkpoint {saved[0]}" in lines[0]
-    assert lines[0].endswith(f"continue with: rwkvtune train --resume {out}")
+    assert lines[0].endswith(f"resume with: rwkvtune train --resume {out}")
     assert not (out / "final.pth").exists()
 
 
@@ -562,8 +562,9 @@ def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(data, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     # Either the second Ctrl-C cut the step short (the checkpoints on disk are named), or the
     # step had already ended and its checkpoint was saved: both leave a resumable run.
-    assert (f"error: interrupted; the checkpoints in {out / 'checkpoints'} are kept" in err
-            or "error: interrupted (Ctrl-C) after step " in err), err[-2000:]
+    assert (f"stopped by Ctrl-C; the checkpoints in {out / 'checkpoints'} are kept" in err
+            or "stopped by Ctrl-C after step " in err), err[-2000:]
+    assert "error: " not in err, err[-2000:]
     assert f"--resume {out}" in err and any((out / "checkpoints").glob("step-*.pt"))
 
 
@@ -781,23 +782,32 @@ def test_ctrl_c_before_any_checkpoint_says_nothing_to_resume(data, tmp_path, mon
     monkeypatch.setattr(trainer_mod, "train", interrupted)
     assert main(["train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
-    assert "error: interrupted; no checkpoint was saved yet, so there is nothing to resume; rerun" in err
+    assert err.strip() == ("stopped by Ctrl-C; no checkpoint was saved yet, so there is nothing to resume; rerun "
+                           "the command to start again")
 
 
-def test_eval_ctx_len_comes_from_the_run_or_the_model(data, tmp_path, capsys):
+def test_eval_ctx_len_is_the_flag_or_the_models_never_a_config_beside_the_file(data, tmp_path, capsys):
+    """A config.yaml beside --model (here the run's, ctx_len 16) no longer decides the window: the
+    same model scored at another window length would compare unfairly with its base."""
     from rwkvtune.cli import main
+    from rwkvtune.models.rwkv7 import RWKV7
 
     out = tmp_path / "run"
     train(_cfg(data, out, max_steps=1))
     capsys.readouterr()
+    own = RWKV7.from_checkpoint(out / "final.pth").config.ctx_len
+    assert own != 16
     assert main(["eval", "--model", str(out / "final.pth"), "--data", data["text"]]) == 0
-    cap = capsys.readouterr()
-    assert f"ctx_len 16 (from the run's {out / 'config.yaml'})" in cap.err
+    beside = json.loads(capsys.readouterr().out)
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "final.pth"
+    moved.write_bytes((out / "final.pth").read_bytes())  # the same model, no config.yaml beside it
+    assert main(["eval", "--model", str(moved), "--data", data["text"]]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert beside == alone and beside["ctx_len"] == own
     assert main(["eval", "--model", str(out / "final.pth"), "--data", data["text"], "--ctx-len", "16"]) == 0
-    explicit = capsys.readouterr()
-    assert json.loads(explicit.out) == json.loads(cap.out) and "ctx_len 16 (from --ctx-len)" in explicit.err
-    assert main(["eval", "--model", data["ckpt"], "--data", data["text"]]) == 0
-    assert "ctx_len 1024 (from recommended_ctx_len of " in capsys.readouterr().err
+    short = json.loads(capsys.readouterr().out)
+    assert short["ctx_len"] == 16 and short["eval_loss"] != beside["eval_loss"]
 
 
 def test_run_and_checkpoint_counters_are_built_by_keyword():

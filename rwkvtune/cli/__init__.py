@@ -19,7 +19,9 @@ their own handlers with :func:`set_handler`. Options shared by several commands 
 format, bad-record policy, output dtype) are defined once in :mod:`rwkvtune.cli.common`.
 Handlers raise :class:`rwkvtune.errors.RwkvtuneError` for anything the user can fix;
 :func:`main` prints it as one ``error: ...`` line on stderr and returns 2 (or the error's
-``exit_status``), without a traceback. Usage errors are one ``rwkvtune CMD: error: ...`` line
+``exit_status``), without a traceback. This is the only place an error becomes that one line: the
+library raises with the cause kept (``raise ... from e``), and ``--debug`` (before or after the
+command) or ``RWKVTUNE_DEBUG=1`` prints the traceback with every cause after the line. Usage errors are one ``rwkvtune CMD: error: ...`` line
 (see :class:`_Parser`).
 """
 
@@ -31,12 +33,15 @@ import importlib
 import os
 import sys
 import time
+import traceback
 from typing import Callable, Sequence
 
 from rwkvtune import __version__
 from rwkvtune.errors import RwkvtuneError
 
 PROG = "rwkvtune"
+DEBUG_ENV = "RWKVTUNE_DEBUG"  # set to 1: as --debug
+DEBUG_FLAG = "--debug"
 
 @dataclasses.dataclass(frozen=True)
 class Command:
@@ -76,6 +81,9 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
+        if DEBUG_FLAG in extras:  # the global flag given after the command (`rwkvtune train --debug`)
+            extras = [a for a in extras if a != DEBUG_FLAG]
+            parsed.debug = True
         if extras:
             getattr(parsed, "_command_parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
@@ -120,6 +128,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         epilog="Run `rwkvtune COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"after an error's one line, print its traceback with every cause (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     selected = _selected(argv)
     for cmd in COMMANDS:
@@ -155,6 +165,16 @@ def _fit_advice(error: Exception, args: argparse.Namespace) -> Exception:
     return error
 
 
+def _debug(args: argparse.Namespace | None) -> bool:
+    """Whether to print an error's full chain: --debug, or RWKVTUNE_DEBUG set to anything but 0/empty."""
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _print_chain(error: BaseException) -> None:
+    """The traceback of ``error`` with its causes (``raise ... from e``), for --debug."""
+    print("".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip(), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 a check failed, 2 usage or user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -172,7 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RwkvtuneError as e:
         sys.stdout.flush()
         if not e.every_rank or os.environ.get("RANK", "0") == "0":  # said once by a distributed run
-            print(f"error: {_one_line(str(_fit_advice(e, args)))}", file=sys.stderr)
+            prefix = "" if getattr(e, "deliberate", False) else "error: "  # a stop the user asked for
+            print(f"{prefix}{_one_line(str(_fit_advice(e, args)))}", file=sys.stderr)
+            if _debug(args):
+                _print_chain(e)
         else:
             # the other ranks leave after rank 0 has said it: torchrun ends every process at the
             # first exit, which must not be this one's (rank 0 could be stopped mid-sentence)
@@ -180,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(e, "exit_status", 2)  # e.g. 143 for training stopped by SIGTERM
     except KeyboardInterrupt as e:
         sys.stdout.flush()
-        print(f"\nerror: interrupted{'; ' + _one_line(str(e)) if str(e) else ''}", file=sys.stderr)
+        # Ctrl-C is the user's choice, not a failure: one calm line (with what is kept, if anything)
+        print(f"\nstopped by Ctrl-C{'; ' + _one_line(str(e)) if str(e) else ''}", file=sys.stderr)
+        if _debug(args):
+            _print_chain(e)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         devnull = os.open(os.devnull, os.O_WRONLY)

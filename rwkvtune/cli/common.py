@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-DATA_FORMATS = ("auto", "text", "chat", "prompt_response")
+DATA_FORMATS = ("auto", "text", "chat", "prompt_response", "alpaca", "sharegpt")
 from rwkvtune.constants import SAVE_DTYPES
 from rwkvtune.utils import check_device
 from rwkvtune.errors import CheckpointError
@@ -52,4 +52,4 @@ def load_state(path: str, model):
     try:
         return load_state_file(path, model)
     except CheckpointError as e:
-        raise CheckpointError(f"--state {e}") from None
+        raise CheckpointError(f"--state {e}") from e

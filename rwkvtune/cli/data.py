@@ -9,6 +9,7 @@ from rwkvtune.cli import set_handler
 from rwkvtune.cli.common import add_data_options
 from rwkvtune.errors import ConfigError
 from rwkvtune.bounds import THREADS_PER_CORE, Bound, check_flag, cpu_cores, max_threads
+from rwkvtune.utils import plural
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
@@ -41,9 +42,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     stats = prepare_binidx(args.input, args.out, workers=args.workers, fmt=args.data_format,
                            on_error=args.on_data_error)
     rate = stats.tokens / max(stats.seconds, 1e-9)
-    line = (f"wrote {args.out}.bin and {args.out}.idx: {stats.samples} documents, {stats.tokens} tokens "
+    line = (f"wrote {args.out}.bin and {args.out}.idx: {plural(stats.samples, 'document')}, "
+            f"{plural(stats.tokens, 'token')} "
             f"in {stats.seconds:.1f} s ({rate:,.0f} tokens/s)")
     if stats.skipped:
-        line += f"; skipped {stats.skipped} bad records (first: {stats.skipped_examples[0]})"
+        line += f"; skipped {plural(stats.skipped, 'bad record')} (first: {stats.skipped_examples[0]})"
     print(line)
     return 0

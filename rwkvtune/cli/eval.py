@@ -7,33 +7,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 
-
-from rwkvtune.cli.common import add_data_options, add_device, load_state, resolve_device
+from rwkvtune.bounds import check_flag
+from rwkvtune.cli.common import add_data_options, add_device, resolve_device
+from rwkvtune.cli.eval_tasks import add_task_arguments, run_tasks
 from rwkvtune.errors import ConfigError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS, TrainConfig
-from rwkvtune.safe_yaml import read_yaml_file
 from rwkvtune.tokenizer import get_tokenizer
-from rwkvtune.train.run_dir import RunDir
-from rwkvtune.cli.eval_tasks import add_task_arguments
-from rwkvtune.bounds import check_flag
-from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
-from rwkvtune.cli.eval_tasks import run_tasks
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad records"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registry name, .pth checkpoint or run directory")
+    p.add_argument("--model", help="registry name, .pth checkpoint or a training run's directory (its final.pth, or "
+                                   "its base with its adapter or state)")
     p.add_argument("--data", help=".jsonl or binidx prefix (loss and perplexity; or use --tasks)")
     p.add_argument("--state", help="state-tuning file to start from (rwkvtune train --mode state)")
     p.add_argument("--adapter", help="LoRA adapter file to apply (rwkvtune train --mode lora)")
     p.add_argument("--ctx-len", type=int, default=None,
-                   help="window length (default: the training run's, from config.yaml beside --adapter, --state or "
-                        "--model; else the model's recommended)")
+                   help="window length in tokens (default: the model's ctx_len, as `rwkvtune inspect`/`models show` "
+                        "report it; never taken from a config.yaml nearby, so scores of two models compare); "
+                        "printed in the result")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per forward pass (default: 4); with --tasks, rows per forward (default: 32)")
     p.add_argument("--long-context", action="store_true", help="score whole samples in ctx-len chunks with state")
@@ -45,28 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_task_arguments(p)
 
 
-def _eval_ctx_len(args: argparse.Namespace, model) -> tuple[int, str]:
-    """--ctx-len, else that of the run which wrote --adapter, --state or --model (the config.yaml
-    beside it, in that order: an adapter or state was trained at its own run's ctx_len, not at that
-    of the run which wrote the base), else the model's recommended_ctx_len; with where it came from."""
-    if args.ctx_len is not None:
-        return args.ctx_len, "--ctx-len"
-    for path in (args.adapter, args.state, args.model):
-        run_config = RunDir(os.path.dirname(os.path.abspath(path))).config if path and os.path.isfile(path) else None
-        if run_config is None or not run_config.is_file():
-            continue
-        try:
-            saved = read_yaml_file(run_config, "run config", "")
-        except RwkvtuneError:
-            continue  # not a run's config after all: fall back to the model's
-        ctx_len = saved.get("ctx_len") if isinstance(saved, dict) else None
-        if TRAIN_BOUNDS["ctx_len"].accepts(ctx_len) and ctx_len is not None:
-            return ctx_len, f"the run's {run_config}"
-    return model.config.recommended_ctx_len, f"recommended_ctx_len of {model.config.model_name}"
-
-
 def run(args: argparse.Namespace) -> int:
-    from rwkvtune.models.rwkv7.model import RWKV7
+    from rwkvtune.peft.loading import load_model
     from rwkvtune.train.objective import TrainModule
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
@@ -83,16 +58,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("ctx_len", "batch_size"):  # the bounds of the training options of these names
         check_flag("--" + name.replace("_", "-"), getattr(args, name), TRAIN_BOUNDS[name], ConfigError)
     device = resolve_device(args.device)
-    model = RWKV7.from_checkpoint(args.model, device=device)
-    if args.adapter:
-        from rwkvtune.peft.lora import load_adapter
-
-        load_adapter(model, args.adapter)
-    wkv_init = None
-    if args.state:
-        wkv_init = load_state(args.state, model)
-    ctx_len, origin = _eval_ctx_len(args, model)
-    print(f"ctx_len {ctx_len} (from {origin})", file=sys.stderr)
+    model, wkv_init = load_model(args.model, args.adapter, args.state, device=device, flags=True)
+    # The model's own ctx_len unless --ctx-len: the loss depends on the window length (a longer
+    # window scores more tokens with more context), so it must not follow a config.yaml that happens
+    # to sit beside a file; it is printed in the result.
+    ctx_len = model.config.ctx_len if args.ctx_len is None else args.ctx_len
     cfg = TrainConfig(model=args.model, data=args.data, ctx_len=ctx_len, batch_size=args.batch_size,
                       long_context=args.long_context, data_format=args.data_format, on_data_error=args.on_data_error)
     method = SFT(cfg)
@@ -102,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(result["eval_loss"]):
         raise RwkvtuneError(f"eval loss is {result['eval_loss']} on {args.data}: the model overflows on this data "
                             f"(try --precision fp32, or check the model file)")
-    print(json.dumps(result))
+    print(json.dumps({**result, "ctx_len": ctx_len}))
     return 0

@@ -17,10 +17,10 @@ from rwkvtune.bounds import Bound
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS
 from rwkvtune.errors import ConfigError
 from rwkvtune.bounds import check_flag
-from rwkvtune.evaluate.harness import run_tasks
 from rwkvtune.utils import atomic_write_text
 from rwkvtune.cli.common import resolve_device
 from rwkvtune.evaluate import require_lm_eval
+from rwkvtune.evaluate import harness
 from rwkvtune.evaluate.harness import compare_table, expand_tasks, read_result, result_table, task_manager
 
 
@@ -77,7 +77,7 @@ def _evaluate_model(args, name: str, device: str, adapter=None, state=None) -> d
     lm = RwkvLM(name, adapter=adapter, state=state, device=device, batch_size=args.batch_size or 32,
                 prefix=args.prefix, precision=args.precision)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    summary = run_tasks(lm, args.task_names, include_paths=args.include_path, limit=limit,
+    summary = harness.run_tasks(lm, args.task_names, include_paths=args.include_path, limit=limit,
                         trust_code=args.trust_task_code,
                         num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters)
     label = name if not (adapter or state) else f"{name} + {adapter or state}"

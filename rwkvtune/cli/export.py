@@ -13,9 +13,9 @@ import sys
 
 from rwkvtune.bounds import clip
 from rwkvtune.configs.model_loader import is_model_path, load_model_config
+from rwkvtune.configs.run_source import run_weights
 from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.hub import missing_model_hint
-from rwkvtune.train.run_dir import RunDir
 
 FORMATS = ("hf", "gguf")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE | re.ASCII)
@@ -53,14 +53,10 @@ def _bytes(text: str) -> int:
 
 def resolve_source(model: str):
     """(path of the model to read, the config it must fit or None) for a name, file, folder or run."""
-    if os.path.isdir(model) and not is_model_path(model):
-        for save_format in ("pth", "safetensors"):
-            run = RunDir(model, save_format)
-            if run.final.is_file():
-                return str(run.final), None
-        what = "a state-tuning run (it trains no model: use its state.pth with --state)" if run.state.is_file() else \
-            "neither a model folder (config.json) nor a finished run (final.pth)"
-        raise ConfigError(f"{model}: is {what}")
+    final = run_weights(model, ConfigError, "export writes model weights only: export the base model, and use "
+                                            "the run directory itself as --model with generate and eval")
+    if final is not None:
+        return final, None
     if is_model_path(model):
         return model, None
     config = load_model_config(model)

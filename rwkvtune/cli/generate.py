@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from rwkvtune.cli.common import add_device, load_state, resolve_device
+from rwkvtune.cli.common import add_device, resolve_device
 from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
                                prepare_for_decoding, stream_generate)
-from rwkvtune.models.rwkv7.model import RWKV7
+from rwkvtune.peft.loading import load_model
 from rwkvtune.tokenizer import get_tokenizer
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = "Prefill the prompt in parallel, then decode token by token with the RNN state."
     p = parser
     p.add_argument("--model", required=True,
-                   help="registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint or a Hugging "
-                        "Face RWKV-7 folder")
+                   help="registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint, a Hugging "
+                        "Face RWKV-7 folder or a training run's directory (its final.pth, or its base with its state)")
     p.add_argument("--prompt", default=None,
                    help="prompt text (default: read from stdin, less one trailing newline, so that "
                         "`echo TEXT |` equals --prompt TEXT); with --chat, the user message")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             prompt = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise GenerationError(f"the prompt on stdin is not valid UTF-8 (byte {e.start}); pass UTF-8 "
-                                  f"text") from None
+                                  f"text") from e
         # `echo hi | rwkvtune generate` must equal --prompt hi: drop the line end that echo (or an
         # editor saving the file) adds; only one, so a prompt that ends in a blank line keeps it.
         if prompt.endswith("\n"):
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as surrogates
-        raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from None
+        raise GenerationError(f"--prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text") from e
     chat = bool(get("chat"))
     if get("system") is not None and not chat:
         raise GenerationError("--system is a chat system message: add --chat (it has no place in a plain prompt)")
@@ -113,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
     precision = get("precision") or "fp32"
     if precision not in PRECISIONS:
         raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    model = prepare_for_decoding(RWKV7.from_checkpoint(get("model"), device=device, dtype=PRECISIONS[precision]))
-    wkv_init = load_state(get("state"), model) if get("state") else None
+    model, wkv_init = load_model(get("model"), state=get("state"), device=device, dtype=PRECISIONS[precision],
+                                 flags=True)  # a run directory brings its own state (or final.pth)
+    model = prepare_for_decoding(model)
     stats = GenerationStats()
     out = sys.stdout
     first = True

@@ -33,6 +33,7 @@ from rwkvtune.configs.model_loader import (
     models_dir,
     resolve_release,
 )
+from rwkvtune.configs.run_source import resolve_run
 from rwkvtune.errors import ConfigError, RwkvtuneError
 from rwkvtune.hub import download_command, download_model, target_path
 from rwkvtune.io.layout import SHAPE_FIELDS
@@ -118,7 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Detect every dimension of an RWKV-7 .pth from its tensor shapes, without loading tensor "
                      "data, and name the registry entry it matches.")
-    p.add_argument("checkpoint", metavar="CKPT", help="the .pth file")
+    p.add_argument("checkpoint", metavar="CKPT", help="the .pth file (or a training run's directory: the model it "
+                                                      "holds or is based on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -236,7 +238,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = inspect_checkpoint(args.checkpoint)
+    run = resolve_run(args.checkpoint)  # a run directory: the weights file it uses (and what it adds)
+    path = args.checkpoint if run is None else run.model
+    if run is not None and not run.is_final:
+        print(f"{args.checkpoint}: a training run: {run.describe()}", file=sys.stderr)
+        path = load_model_config(run.model).model_path  # the base may be a registry name
+    info = inspect_checkpoint(path)
     if args.json:
         print(json.dumps(info.summary(), indent=2))
         return 0
@@ -308,7 +315,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     except RwkvtuneError:
         raise
     except OSError as e:
-        raise ConfigError(f"{out}: cannot write the config ({e.strerror or e}); choose another place with -o FILE") from None
+        raise ConfigError(f"{out}: cannot write the config ({e.strerror or e}); choose another place with -o FILE") from e
 
     # Round trip: the file must load and describe the same model.
     back = ModelConfig.from_file(out)

@@ -183,13 +183,13 @@ def run(args: argparse.Namespace) -> int:
     from rwkvtune.train.checkpointing import run_dir_of
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         run = RunDir(run_dir_of(cfg.resume) if cfg.resume else cfg.out)
         if run.checkpoint_files():
-            raise KeyboardInterrupt(f"the checkpoints in {run.checkpoints} are kept; continue with: "
-                                    f"rwkvtune train --resume {run.path}") from None
+            raise KeyboardInterrupt(f"the checkpoints in {run.checkpoints} are kept; resume with: "
+                                    f"rwkvtune train --resume {run.path}") from e
         raise KeyboardInterrupt("no checkpoint was saved yet, so there is nothing to resume; rerun the command "
-                                "to start again") from None
+                                "to start again") from e
     if not _main_rank():
         return 0
     if args.dry_run:
@@ -204,7 +204,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def next_steps(summary: dict) -> str:
-    """One line for people at the end of a run: where the result is and the command to try next."""
+    """One line for people at the end of a run: where the result is and commands that run on it.
+
+    The run's directory is the model name (final.pth, or the base with the run's adapter or state).
+    ``eval`` scores SFT data only, so it is offered after an SFT run, on the run's own (eval) data;
+    after DPO (preference pairs) and GRPO (prompts) only ``generate`` is, in chat form, as those
+    methods train replies to prompts."""
     try:
         saved = read_yaml_file(RunDir(summary["out"]).config, "run config", "") or {}
     except RwkvtuneError:
@@ -212,19 +217,21 @@ def next_steps(summary: dict) -> str:
     if not isinstance(saved, dict):
         saved = {}
     q = shlex.quote
-    data = saved.get("eval_data") or saved.get("data") or "DATA.jsonl"
     if "final" in summary:
-        model = q(summary["final"])
         where = f"the model is in {summary['final']}" + (f" (LoRA adapter: {summary['adapter']})"
                                                           if "adapter" in summary else "")
-        use = f"--model {model}"
     elif "state" in summary:
-        where = f"the tuned state is in {summary['state']}"
-        use = f"--model {q(str(saved.get('model') or 'MODEL'))} --state {q(summary['state'])}"
+        where = f"the tuned state is in {summary['state']} (on the base model {saved.get('model') or '?'})"
     else:
         return f"done: the run is in {summary['out']}"
+    use = f"--model {q(str(summary['out']))}"
+    if saved.get("method", "sft") != "sft":
+        return f"done: {where}; try it: rwkvtune generate {use} --chat --prompt 'Hello'"
+    data = saved.get("eval_data") or saved.get("data") or "DATA.jsonl"
+    fmt = saved.get("data_format")
+    data_format = f" --data-format {q(fmt)}" if isinstance(fmt, str) and fmt != "auto" else ""
     return (f"done: {where}; try it: rwkvtune generate {use} --prompt 'Hello'  or score it: rwkvtune eval {use} "
-            f"--data {q(str(data))}")
+            f"--data {q(str(data))}{data_format}")
 
 
 def _main_rank() -> bool:

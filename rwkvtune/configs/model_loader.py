@@ -26,13 +26,14 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
 import rwkvtune.configs.releases as releases
 from rwkvtune.configs.detect import CheckpointInfo, inspect_checkpoint
+from rwkvtune import log
+from rwkvtune.configs.run_source import resolve_run
 from rwkvtune.errors import ConfigError
 from rwkvtune.io.layout import DEFAULT_MODEL_DIR, MODEL_DIR_ENV, SHAPE_FIELDS, official_shapes
 from rwkvtune.utils import atomic_write_text, not_found, read_error
@@ -215,15 +216,15 @@ class ModelConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
             json.dumps(raw, ensure_ascii=False).encode("utf-8")  # JSON's "\\ud800" escapes allow lone surrogates
         except OSError as e:
-            raise read_error(path, e, ConfigError, "the config") from None
+            raise read_error(path, e, ConfigError, "the config") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); {fix}") from None
-        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON ({e}); {fix}") from e
+        except RecursionError as e:
             raise ConfigError(f"{path}: not a config: nested deeper than the JSON reader's recursion limit; "
-                              f"{fix}") from None
+                              f"{fix}") from e
         except UnicodeEncodeError as e:
             raise ConfigError(f"{path}: holds {e.object[e.start:e.end]!r}, a lone surrogate (half of a UTF-16 pair), "
-                              f"which is not valid Unicode; {fix}") from None
+                              f"which is not valid Unicode; {fix}") from e
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -438,8 +439,8 @@ def config_dirs() -> list[Path]:
         if not d.is_dir() and d not in _warned_missing:
             _warned_missing.add(d)
             what = "does not exist" if not d.exists() else "is not a directory"
-            warnings.warn(f"${CONFIG_PATH_ENV} entry {d} {what}, so no configs are read from it; fix or remove "
-                          f"that entry")
+            log.warn(f"${CONFIG_PATH_ENV} entry {d} {what}, so no configs are read from it; fix or remove "
+                     f"that entry")
     return extra + [PACKAGE_MODELS_DIR]
 
 
@@ -580,6 +581,9 @@ def load_model_config(name_or_path: str | os.PathLike) -> ModelConfig:
     base, spec = releases.split_spec(s)
     if spec and not Path(s).exists() and _registry_key(base) in list_available_models():
         return ModelConfig.from_name(s)  # "1.5b@rwkv7-g1a-...pth": a release by file name, not a path
+    run = resolve_run(s)  # a training run's directory: its final.pth, or the base its adapter/state is on
+    if run is not None:
+        return ModelConfig.from_checkpoint(run.model) if run.is_final else load_model_config(run.model)
     if is_model_path(s):
         return ModelConfig.from_checkpoint(s)
     if low.endswith(".json") and (os.sep in s or (os.altsep or os.sep) in s or Path(s).exists()):

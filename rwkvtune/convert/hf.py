@@ -246,7 +246,7 @@ def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None], need
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
-        raise output_error(out, e) from None
+        raise output_error(out, e) from e
     try:
         fill(tmp)
         _fsync_tree(tmp)
@@ -257,7 +257,7 @@ def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None], need
         written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) if tmp.is_dir() else None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, OutputError):
-            raise output_error(out, e, needed, written) from None
+            raise output_error(out, e, needed, written) from e
         raise
     return out
 

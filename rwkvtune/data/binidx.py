@@ -85,7 +85,7 @@ class BinIdxDataset:
         try:
             self._open_pair(ip, bp)
         except OSError as e:  # permission denied on either file: one line naming it
-            raise read_error(e.filename or ip, e, DataError) from None
+            raise read_error(e.filename or ip, e, DataError) from e
 
     def _open_pair(self, ip: str, bp: str) -> None:
         idx_size = os.path.getsize(ip)
@@ -275,7 +275,7 @@ class BinIdxWriter:
                 os.makedirs(parent, exist_ok=True)
             self._bin = open(self._tmp_bin, "wb")
         except OSError as e:
-            raise output_error(bin_path(self.prefix), e) from None
+            raise output_error(bin_path(self.prefix), e) from e
         self._sizes: list[int] = []
         self.num_tokens = 0
         self._done = False
@@ -307,7 +307,7 @@ class BinIdxWriter:
         try:
             self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
         except OSError as e:  # disk full: one line with what was written so far (the target is untouched)
-            raise self._write_error(bin_path(self.prefix), e) from None
+            raise self._write_error(bin_path(self.prefix), e) from e
         self._sizes.append(int(arr.size))
         self.num_tokens += int(arr.size)
 
@@ -321,7 +321,7 @@ class BinIdxWriter:
         try:
             self._bin.close()  # flushes the last buffered tokens: may meet a full disk too
         except OSError as e:
-            raise self._write_error(bin_path(self.prefix), e) from None
+            raise self._write_error(bin_path(self.prefix), e) from e
         n = len(self._sizes)
         sizes = np.asarray(self._sizes, dtype="<i4")
         pointers = np.zeros(n, dtype="<i8")
@@ -342,7 +342,7 @@ class BinIdxWriter:
             os.replace(self._tmp_idx, idx_path(self.prefix))
         except OSError as e:
             raise self._write_error(idx_path(self.prefix), e,
-                                    needed=HEADER.size + 4 * n + 8 * n + 8 * (n + 1)) from None
+                                    needed=HEADER.size + 4 * n + 8 * n + 8 * (n + 1)) from e
         self._done = True
         return {"docs": n, "tokens": self.num_tokens}
 

@@ -14,6 +14,11 @@ record (``fmt="auto"``) or forced (``fmt="text" | "chat" | "prompt_response"``):
   "Assistant:") and the turn-ending "\\n\\n" (token 261) after each reply; the prompt side, the
   role names and the final 0 carry no loss.
 - ``{"prompt": "...", "response": "..."}``: the same as a user message then an assistant reply.
+- Alpaca ``{"instruction": "...", "input": "...", "output": "..."}`` (``input`` and ``system``
+  optional): a user message (the instruction, then the input on the next line) and the output as
+  the assistant's reply, rendered as the chat format above.
+- ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}``: the
+  same turns as chat messages (human = user, gpt = assistant).
 
 Mask convention: ``mask[i]`` is True when token i is a TARGET, i.e. the loss at the position
 whose input is ``tokens[i-1]`` (predicting ``tokens[i]``) counts. Datasets turn this into labels
@@ -32,7 +37,6 @@ prompt; the reply " {content}" is tokenized separately and followed by the singl
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,14 +45,16 @@ from typing import Iterator
 import numpy as np
 
 from rwkvtune.constants import DATA_FORMAT_ALIASES, END_OF_TEXT
+from rwkvtune import log
 from rwkvtune.errors import DataError
-from rwkvtune.utils import not_found, read_error
+from rwkvtune.utils import not_found, plural, read_error
 
-log = logging.getLogger("rwkvtune.data")
 
 TURN_END = 261  # "\n\n" in the World vocab
-FORMATS = ("text", "chat", "prompt_response")
+FORMATS = ("text", "chat", "prompt_response", "alpaca", "sharegpt")
 _FMT_ALIASES = DATA_FORMAT_ALIASES  # the names of --data-format (TrainConfig.validate checks them too)
+# ShareGPT's speakers ("from") -> our roles; "user"/"assistant" appear in some exports too.
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _BLANK_LINES = re.compile(r"\n{2,}")
 
@@ -84,9 +90,10 @@ class ReadStats:
             self.skipped_examples.append(message)
 
     def summary(self) -> str:
-        s = f"{self.path}: {self.samples} samples, {self.tokens} tokens from {self.records} records"
+        s = (f"{self.path}: {plural(self.samples, 'sample')}, {plural(self.tokens, 'token')} from "
+             f"{plural(self.records, 'record')}")
         if self.skipped:
-            s += f"; skipped {self.skipped} bad records (first: {self.skipped_examples[0]})"
+            s += f"; skipped {plural(self.skipped, 'bad record')} (first: {self.skipped_examples[0]})"
         return s
 
 
@@ -205,15 +212,57 @@ def render_prompt_response(prompt, response, tokenizer) -> Sample:
     )
 
 
+def alpaca_messages(obj: dict) -> list[dict]:
+    """An Alpaca record as chat messages: [system], user (instruction + input), assistant (output)."""
+    for key in ("instruction", "output") + tuple(k for k in ("input", "system") if obj.get(k) is not None):
+        if not isinstance(obj[key], str):
+            raise RecordError(f"'{key}' must be a string, found {type(obj[key]).__name__}")
+    for key in ("instruction", "output"):
+        if not obj[key].strip():
+            raise RecordError(f"'{key}' is empty")
+    user = obj["instruction"].strip()
+    if (obj.get("input") or "").strip():
+        user += "\n" + obj["input"].strip()  # one line break: a blank line would end the turn
+    system = [{"role": "system", "content": obj["system"]}] if (obj.get("system") or "").strip() else []
+    return system + [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+
+
+def sharegpt_messages(turns) -> list[dict]:
+    """ShareGPT ``conversations`` as chat messages (speaker names checked, one line per problem)."""
+    if not isinstance(turns, list):
+        raise RecordError(f"'conversations' must be a list, found {type(turns).__name__}")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(f"conversations[{k}] must be an object, found {type(turn).__name__}")
+        who, value = turn.get("from"), turn.get("value")
+        if not isinstance(who, str) or who.lower() not in _SHAREGPT_ROLES:
+            raise RecordError(f"conversations[{k}].from must be one of 'human', 'gpt', 'system', found {who!r}")
+        if not isinstance(value, str):
+            raise RecordError(f"conversations[{k}].value must be a string, found {type(value).__name__}")
+        if not normalize_content(value):
+            raise RecordError(f"conversations[{k}].value is empty")
+        messages.append({"role": _SHAREGPT_ROLES[who.lower()], "content": value})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("'conversations' has no 'gpt' turn, so nothing to learn from" if messages
+                          else "'conversations' is an empty list")
+    return messages
+
+
 def detect_format(obj: dict) -> str:
     if "messages" in obj:
         return "chat"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj or "output" in obj:
+        return "alpaca"
     if "prompt" in obj or "response" in obj:
         return "prompt_response"
     if "text" in obj:
         return "text"
     raise RecordError(
-        f"expected a 'text', 'messages' or 'prompt'+'response' field, found keys {sorted(obj)[:8]}"
+        f"expected a 'text', 'messages', 'prompt'+'response', 'conversations' (ShareGPT) or "
+        f"'instruction'+'output' (Alpaca) field, found keys {sorted(obj)[:8]}"
     )
 
 
@@ -224,7 +273,8 @@ def encode_record(obj, tokenizer, fmt: str = "auto", vocab_size: int | None = No
             f'expected a JSON object like {{"text": ...}}, found {type(obj).__name__}'
         )
     fmt = detect_format(obj) if fmt == "auto" else fmt
-    needed = {"text": ("text",), "chat": ("messages",), "prompt_response": ("prompt", "response")}
+    needed = {"text": ("text",), "chat": ("messages",), "prompt_response": ("prompt", "response"),
+              "alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
     for key in needed[fmt]:
         if key not in obj:
             raise RecordError(f"missing field '{key}' (format {fmt}); found keys {sorted(obj)[:8]}")
@@ -232,6 +282,10 @@ def encode_record(obj, tokenizer, fmt: str = "auto", vocab_size: int | None = No
         sample = render_text(obj["text"], tokenizer)
     elif fmt == "chat":
         sample = render_chat(obj["messages"], tokenizer)
+    elif fmt == "alpaca":
+        sample = render_chat(alpaca_messages(obj), tokenizer)
+    elif fmt == "sharegpt":
+        sample = render_chat(sharegpt_messages(obj["conversations"]), tokenizer)
     else:
         sample = render_prompt_response(obj["prompt"], obj["response"], tokenizer)
     if vocab_size is not None and len(sample.tokens) and int(sample.tokens.max()) >= vocab_size:
@@ -270,7 +324,7 @@ def iter_raw_records(path: str) -> Iterator[RawRecord]:
                 except UnicodeDecodeError as e:
                     yield (f"{path}:{lineno}", f"byte {e.start} of the line", "bytes")
     except OSError as e:  # permission denied, or a read error mid-file
-        raise read_error(path, e, DataError) from None
+        raise read_error(path, e, DataError) from e
 
 
 def _json_array_records(path: str) -> Iterator[RawRecord]:
@@ -282,7 +336,7 @@ def _json_array_records(path: str) -> Iterator[RawRecord]:
         raise DataError(
             f"{path}: expected a JSON array of objects, but it does not parse ({problem}); "
             "fix the file or convert it to jsonl"
-        ) from None
+        ) from e
     for i, obj in enumerate(items):
         yield (f"{path}: item {i}", obj, "obj")
 
@@ -303,9 +357,9 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None,
             except json.JSONDecodeError as e:
                 # Some of json's messages end with "at" ("Invalid control character at").
                 msg = e.msg.removesuffix(" at")
-                raise RecordError(f"malformed JSON ({msg} at column {e.colno})") from None
-            except RecursionError:
-                raise RecordError(f"malformed JSON ({_NESTED})") from None
+                raise RecordError(f"malformed JSON ({msg} at column {e.colno})") from e
+            except RecursionError as e:
+                raise RecordError(f"malformed JSON ({_NESTED})") from e
         else:
             obj = payload
         try:
@@ -313,9 +367,9 @@ def encode_raw(record: RawRecord, tokenizer, fmt: str = "auto", vocab_size=None,
         except UnicodeEncodeError as e:  # JSON may escape a lone surrogate ("\\ud800"); text cannot hold one
             bad = e.object[e.start:e.end] if isinstance(e.object, str) else "?"
             raise RecordError(f"the text holds {bad!r}, a lone surrogate (half of a UTF-16 pair), which is not "
-                              f"valid Unicode") from None
+                              f"valid Unicode") from e
     except RecordError as e:
-        raise BadRecordError(where, str(e)) from None
+        raise BadRecordError(where, str(e)) from e
 
 
 def check_on_error(on_error: str) -> str:
@@ -337,7 +391,7 @@ def finish_stats(stats: ReadStats) -> None:
             f"(first: {stats.skipped_examples[0]}); fix the data"
         )
     if stats.skipped:
-        log.warning(stats.summary())
+        log.warn(stats.summary())
 
 
 def read_encoded(path: str, tokenizer, encode, on_error: str = "raise", vocab_size: int | None = None,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import logging
 import multiprocessing as mp
 import os
 import time
@@ -35,8 +34,6 @@ from rwkvtune.data.formats import (
 from rwkvtune.errors import DataError
 from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.utils import not_found
-
-log = logging.getLogger("rwkvtune.data")
 
 CHUNK_RECORDS = 256  # records per task: large enough to amortise pickling, small for a smooth bar
 SMALL_FILE = 4 << 20  # bytes; below this, workers=None means 1 (process start-up ~1 s costs more)

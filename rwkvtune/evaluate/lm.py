@@ -8,22 +8,17 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from rwkvtune import log
 from rwkvtune.evaluate import scoring
-from rwkvtune.errors import CheckpointError
-from rwkvtune.models.rwkv7 import RWKV7
-from rwkvtune.peft.lora import load_adapter
-from rwkvtune.peft.state import load_state_file
+from rwkvtune.peft.loading import load_model as load_tuned
 from rwkvtune.errors import ConfigError
 from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.generate import generate_batch
-
-log = logging.getLogger(__name__)
 
 # What precedes every context and document (see rwkvtune.evaluate.scoring): "newline" is the token
 # RWKV's own lm-eval runs put first (the reference numbers were measured so); "eos" is token 0.
@@ -32,24 +27,10 @@ PREFIXES = {"newline": "\n", "eos": None}
 
 def load_model(model: str, adapter: str | None = None, state: str | None = None, device: str = "cpu",
                dtype: torch.dtype = torch.float32):
-    """(RWKV7 in eval mode, tuned initial WKV state or None) from the names the CLI takes; each
-    problem is one :class:`~rwkvtune.errors.RwkvtuneError` line naming the flag."""
-
-    net = RWKV7.from_checkpoint(model, device=device, dtype=dtype)
-    if adapter:
-
-        try:
-            load_adapter(net, adapter)
-        except CheckpointError as e:
-            raise CheckpointError(f"--adapter {e}") from e
-    wkv_init = None
-    if state:
-
-        try:
-            wkv_init = load_state_file(state, net)
-        except CheckpointError as e:
-            raise CheckpointError(f"--state {e}") from e
-    return net.eval(), wkv_init
+    """(RWKV7 in eval mode, tuned initial WKV state or None) from the names the CLI takes (a run
+    directory brings its own adapter or state); each problem is one
+    :class:`~rwkvtune.errors.RwkvtuneError` line naming the flag."""
+    return load_tuned(model, adapter, state, device=device, dtype=dtype, flags=True)
 
 
 @register_model("rwkvtune")
@@ -163,5 +144,5 @@ def _sampling_key(gen_kwargs) -> tuple:
         opts["temperature"] = 0.0
         kw.pop("top_p", None), kw.pop("top_k", None)
     if kw:
-        log.warning("generation options not used by rwkvtune: %s", ", ".join(sorted(kw)))
+        log.warn(f"generation options not used by rwkvtune: {', '.join(sorted(kw))}")
     return tuple(sorted(opts.items()))

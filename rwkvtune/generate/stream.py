@@ -28,6 +28,7 @@ from rwkvtune.generate.decoding import check_wkv_init, model_device
 from rwkvtune.generate.sampling import apply_penalties, sample_logits, update_counts
 from rwkvtune.generate.text import CHAT_TURN_END, END_OF_TEXT, encode_prompt, format_chat, split_stop
 from rwkvtune.tokenizer import StreamDecoder
+from rwkvtune.utils import plural
 
 
 @dataclasses.dataclass
@@ -55,7 +56,8 @@ class GenerationStats:
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"[{self.generated_tokens} tokens ({self.finish_reason}) | prompt {self.prompt_tokens} tokens, "
+        return (f"[{plural(self.generated_tokens, 'token')} ({self.finish_reason}) | prompt "
+                f"{plural(self.prompt_tokens, 'token')}, "
                 f"prefill {self.prefill_tokens_per_s:.1f} tok/s | decode {self.decode_tokens_per_s:.1f} tok/s]")
 
 

@@ -79,7 +79,7 @@ def encode_prompt(tokenizer, prompt, what: str = "prompt") -> list[int]:
     else:
         try:
             ids = [int(i) for i in prompt]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as e:
             raise GenerationError(f"{what}: expected text or a list of token ids, found "
-                                  f"{type(prompt).__name__}; pass a str or a list of ints") from None
+                                  f"{type(prompt).__name__}; pass a str or a list of ints") from e
     return ids or [END_OF_TEXT]

@@ -54,10 +54,10 @@ def load_artifact(path, what: str, made_by: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
-        raise read_error(path, e, CheckpointError, what) from None
+        raise read_error(path, e, CheckpointError, what) from e
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read {what} ({type(e).__name__}); expected "
-                              f"{made_by} (another kind of file, or corrupt)") from None
+                              f"{made_by} (another kind of file, or corrupt)") from e
 
 
 def _load_safetensors_artifact(path):

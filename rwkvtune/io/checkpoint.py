@@ -55,7 +55,7 @@ def check_pickle_size(path: str | os.PathLike, what: str = "") -> None:
         with zipfile.ZipFile(path) as zf:
             big = [i for i in zf.infolist() if i.filename.endswith("data.pkl") and i.file_size > MAX_PICKLE_BYTES]
     except OSError as e:
-        raise read_error(path, e, CheckpointError, what) from None
+        raise read_error(path, e, CheckpointError, what) from e
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
         return  # not a readable archive: torch.load says what is wrong with it
     if big:
@@ -81,7 +81,7 @@ def _torch_load(p: Path, mmap: bool) -> Any:
                         return torch.load(p, map_location="cpu", weights_only=True)
             raise
     except OSError as e:  # unreadable (permission denied): not a corrupt file
-        raise read_error(p, e) from None
+        raise read_error(p, e) from e
     except Exception as e:  # RuntimeError (zip reader), pickle errors, EOF, weights_only refusals
         with open(p, "rb") as f:
             head = f.read(4)
@@ -97,7 +97,7 @@ def _torch_load(p: Path, mmap: bool) -> Any:
         else:
             why = "it is not a file written by torch.save, or it is truncated or corrupt"
         raise CheckpointError(f"{p}: cannot read as a torch checkpoint ({type(e).__name__}: {_first_line(e)}); "
-                              f"{why}") from None
+                              f"{why}") from e
 
 
 def _check_path(path: str | os.PathLike) -> Path:
@@ -282,12 +282,12 @@ def read_archive(p: Path) -> tuple[Any, str] | None:
         raise CheckpointError(f"{p}: cannot read as a torch checkpoint ({type(e).__name__}: {_first_line(e)}); "
                               f"it is a torch zip archive but cannot be read, so it is probably truncated or "
                               f"corrupt (an incomplete download or an interrupted save): download or save it "
-                              f"again") from None
+                              f"again") from e
     prefix = pkls[0][: -len("data.pkl")]
     try:
         return _ShapeUnpickler(data, set(names), prefix).load(), prefix
     except CheckpointError as e:
-        raise CheckpointError(f"{p}: corrupt torch archive: {e}; download or save it again") from None
+        raise CheckpointError(f"{p}: corrupt torch archive: {e}; download or save it again") from e
     except _Unsupported:
         return None
     except Exception:  # malformed pickle: let torch.load produce its verdict

@@ -127,10 +127,10 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise read_error(path, e, CheckpointError, "the model folder's config") from None
+        raise read_error(path, e, CheckpointError, "the model folder's config") from e
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}); expected the JSON config of a Hugging Face "
-                              f"model folder") from None
+                              f"model folder") from e
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
     if cfg.get("model_type") != HF_MODEL_TYPE:
@@ -172,10 +172,10 @@ def _refs(folder: str | os.PathLike) -> dict[str, _Ref]:
             continue
         try:
             key, how = hf_to_official(name)
-        except KeyError:
+        except KeyError as e:
             raise CheckpointError(f"{folder}: tensor {name!r} is not part of the RWKV-7 Hugging Face layout "
                                   f"(expected model.embeddings.weight, model.layers.N.attn.*/ffn.*, model.norm.*, "
-                                  f"lm_head.weight); the folder holds another model or variant") from None
+                                  f"lm_head.weight); the folder holds another model or variant") from e
         refs[key] = _Ref(file, name, how, None, _official_shape(name, spec.shape, how, folder), spec.dtype)
     extra = folder / EXTRA_NAME
     if extra.is_file():

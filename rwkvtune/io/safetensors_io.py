@@ -298,7 +298,7 @@ def _read_header_raw(path: Path) -> tuple[bytes, int, int]:
                                  f"{MAX_HEADER_BYTES}-byte limit")
             raw = f.read(n)
     except OSError as e:
-        raise read_error(path, e) from None
+        raise read_error(path, e) from e
     return raw, 8 + n, size
 
 
@@ -315,9 +315,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, _Entry], dict[str, s
                           f"({{name: {{\"shape\": [...]}}}})")
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(p, f"header is not UTF-8 JSON ({type(e).__name__})") from None
+        raise _bad(p, f"header is not UTF-8 JSON ({type(e).__name__})") from e
     except _Duplicate as e:
-        raise _bad(p, f"header names tensor {e.args[0]!r} twice") from None
+        raise _bad(p, f"header names tensor {e.args[0]!r} twice") from e
     if not isinstance(header, dict):
         raise _bad(p, f"header is a JSON {type(header).__name__}, expected an object")
     metadata = header.pop("__metadata__", None) or {}
@@ -404,7 +404,7 @@ def read_bytes_into(f, offset: int, nbytes: int, path) -> torch.Tensor:
                 break
             done += got
     except OSError as e:
-        raise read_error(path, e) from None
+        raise read_error(path, e) from e
     if done < nbytes:
         raise CheckpointError(f"{path}: file ends inside tensor data (offset {offset + done}); the file is "
                               f"truncated: download or write it again")
@@ -429,7 +429,7 @@ def read_index(folder: str | os.PathLike) -> dict[str, Path]:
         obj = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{index}: cannot read the shard index ({type(e).__name__}); expected JSON with a "
-                              f"weight_map: download or write it again") from None
+                              f"weight_map: download or write it again") from e
     wmap = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise CheckpointError(f"{index}: expected a JSON object with a non-empty 'weight_map' {{tensor: file}}; "

@@ -26,7 +26,7 @@ from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.io.checkpoint import check_pickle_size
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.train import manifest
-from rwkvtune.train.run_dir import CHECKPOINT_NAME, RunDir
+from rwkvtune.train.run_dir import CHECKPOINT_NAME, RANK_STATE_NAME, RunDir
 from rwkvtune.utils import atomic_torch_save, atomic_write_text, read_error
 
 
@@ -73,26 +73,41 @@ class CheckpointState:
         return cls(step=int(ck["step"]), tokens=int(ck["tokens"]), method_state=ck.get("method", {}))
 
 
-def save(run: RunDir, state: CheckpointState, *, module, optimizer, sampler, cfg) -> Path:
-    """Write the checkpoint of ``state.step``, point ``latest`` at it, keep the newest keep_checkpoints."""
+def save(run: RunDir, state: CheckpointState, *, module, optimizer, sampler, cfg,
+         rank_states: dict | None = None) -> Path:
+    """Write the checkpoint of ``state.step``, point ``latest`` at it, keep the newest keep_checkpoints.
+
+    ``rank_states``: a run on several processes, each of which has written its own state file
+    (:mod:`rwkvtune.train.rank_state`); recorded here, so the resume reads those files. This file's
+    rename is what makes them part of the checkpoint."""
     path = run.checkpoint(state.step)
     trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-    atomic_torch_save(manifest.with_manifest({  # one file with its manifest: complete or absent
-        **state.fields(), "trainable": trainable, "optimizer": optimizer.state_dict(),
-        "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(),
-    }), path)
+    ck = {**state.fields(), "trainable": trainable, "optimizer": optimizer.state_dict(),
+          "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict()}
+    if rank_states:
+        ck["rank_states"] = rank_states
+    atomic_torch_save(manifest.with_manifest(ck), path)  # one file with its manifest: complete or absent
     atomic_write_text(run.latest, path.name + "\n")
-    prune(run, state.step, cfg.keep_checkpoints)
+    prune(run, state.step, cfg.keep_checkpoints, rank_states["nonce"] if rank_states else None)
     return path
 
 
-def prune(run: RunDir, step: int, keep: int) -> None:
+def prune(run: RunDir, step: int, keep: int, nonce: int | None = None) -> None:
     """Keep the newest ``keep`` checkpoints up to ``step`` (the one just saved). Newer ones are
     left alone: they belong to the run a resume from an earlier checkpoint branched off (it lowers
-    the lr after a divergence) and are replaced when this run saves the same steps."""
+    the lr after a divergence) and are replaced when this run saves the same steps.
+
+    Per-process state files up to ``step`` go with their checkpoint, and those of ``step`` itself
+    from another save than this one's ``nonce`` (a branch's, or a save killed before its main file)."""
     upto = [p for p in run.checkpoint_files() if run.checkpoint_step_of(p) <= step]
     for old in upto[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    kept = {run.checkpoint_step_of(p) for p in run.checkpoint_files() if p.suffix == ".pt"}
+    for f in run.rank_state_files():
+        m = RANK_STATE_NAME.fullmatch(f.name)
+        s = int(m["step"])
+        if s <= step and (s not in kept or (s == step and int(m["nonce"], 16) != nonce)):
+            f.unlink(missing_ok=True)
 
 
 def latest_checkpoint(out: str | Path) -> Path:
@@ -178,10 +193,10 @@ def read_checkpoint_info(path: Path) -> dict:
     try:
         info = torch.load(meta, map_location="cpu", weights_only=True)
     except OSError as e:
-        raise read_error(meta, e) from None
+        raise read_error(meta, e) from e
     except Exception as e:
         raise CheckpointError(f"{meta}: cannot read ({type(e).__name__}); it holds Python objects rwkvtune never "
-                              f"unpickles, or is corrupt: move this checkpoint away") from None
+                              f"unpickles, or is corrupt: move this checkpoint away") from e
     if not isinstance(info, dict) or not {"step", "config", "sampler", "rng"} <= set(info):
         raise CheckpointError(f"{meta}: not written by rwkvtune train; move this checkpoint away")
     manifest.check_sharded_info(path, info)
@@ -208,13 +223,13 @@ def _load(path: Path, mmap: bool = False) -> dict:
         with torch.serialization.safe_globals(_numpy_globals()):
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError as e:  # unreadable, not corrupt
-        raise read_error(path, e, what="this resumable checkpoint") from None
+        raise read_error(path, e, what="this resumable checkpoint") from e
     except Exception as e:
         refused = "weights only" in str(e).lower() or "weights_only" in str(e)
         why = ("it holds Python objects other than tensors and plain values, which rwkvtune never unpickles "
                "(loading them could run code); it was not written by rwkvtune train: delete it or move it away"
                if refused else "it is corrupt: move it away to resume from the one before it")
-        raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); {why}") from None
+        raise CheckpointError(f"{path}: cannot read this resumable checkpoint ({type(e).__name__}); {why}") from e
     if not isinstance(ck, dict) or not {"step", "trainable", "optimizer", "config"} <= set(ck):
         raise CheckpointError(f"{path}: not a resumable checkpoint written by rwkvtune train; move it away")
     return ck

@@ -8,6 +8,8 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` of the run directory:
   number of processes: the loader reshards);
 * ``trainer.pt``: step, tokens, data position, RNG states, the config and the method's state,
   tensors and plain values only;
+* on several processes, each one's own method state and RNGs (``rank-R-of-N.pt``, see
+  :mod:`rwkvtune.train.rank_state`);
 * ``manifest.json``: every file's size and CRC-32, checked before a resume reads any of them
   (:mod:`rwkvtune.train.manifest`).
 
@@ -46,7 +48,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
-from rwkvtune.train import checkpointing, manifest
+from rwkvtune.train import checkpointing, manifest, rank_state
 from rwkvtune.train.runtime import agree
 from rwkvtune.utils import (
     atomic_torch_save,
@@ -95,10 +97,10 @@ class SafeReader(FileSystemReader):
             with self.fs.create_stream(path, "rb") as f:
                 metadata = _IndexUnpickler(f).load()
         except OSError as e:
-            raise read_error(path, e) from None
+            raise read_error(path, e) from e
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CheckpointError(f"{path}: not a checkpoint index rwkvtune reads ({e}); rwkvtune never unpickles "
-                                  f"other objects (loading them could run code): move this checkpoint away") from None
+                                  f"other objects (loading them could run code): move this checkpoint away") from e
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         check_storage_paths(Path(self.path), metadata)  # before anything the index names is read
@@ -240,12 +242,17 @@ def save(run, state: checkpointing.CheckpointState, *, module, optimizer, sample
     try:
         dcp.save(shards, checkpoint_id=str(tmp))
     except CheckpointException as e:  # every process gets every process's failures
-        raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from None
+        raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from e
+    rank_states = None
+    if d.world_size > 1:  # each process's own method state and RNGs, in the folder (renamed with it)
+        rank_states = rank_state.write(tmp, d, step, nonce[0], state.method_state)  # a collective
     if d.main:
-        atomic_torch_save({**state.fields(), "sampler": sampler.state_dict(), "rng": checkpointing.rng_state(),
-                           "config": cfg.to_dict(), "world_size": d.world_size, "shard_nonce": nonce[0]},
-                          tmp / TRAINER_FILE)
-    manifest.seal_sharded(tmp, step)  # every process: manifest.json in the folder before it is renamed
+        meta = {**state.fields(), "sampler": sampler.state_dict(), "rng": checkpointing.rng_state(),
+                "config": cfg.to_dict(), "world_size": d.world_size, "shard_nonce": nonce[0]}
+        if rank_states:
+            meta[rank_state.KEY] = rank_states
+        atomic_torch_save(meta, tmp / TRAINER_FILE)
+    manifest.seal_sharded(tmp, step)  # every process: manifest.json (process files included) before the rename
     if d.main:
         shutil.rmtree(final, ignore_errors=True)  # a resumed run saving the same step again
         tmp.rename(final)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rwkvtune import log
 from rwkvtune.errors import CheckpointError
 from rwkvtune.tensor_checks import count_non_finite
 from rwkvtune.train.run_dir import CHECKPOINT_NAME, RunDir
@@ -154,8 +154,8 @@ def damaged(path: Path, what: str) -> CheckpointError:
 def _warn_legacy(path: Path) -> None:
     if not _is_main():
         return
-    print(f"warning: {path} has no manifest (written before rwkvtune checked checkpoints): its checksums "
-          f"cannot be verified; names, shapes, dtypes, finiteness and the step are still checked", file=sys.stderr)
+    log.warn(f"{path} has no manifest (written before rwkvtune checked checkpoints): its checksums "
+             f"cannot be verified; names, shapes, dtypes, finiteness and the step are still checked")
 
 
 def _is_main() -> bool:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
+from rwkvtune import log
 from rwkvtune.errors import RwkvtuneError
 from rwkvtune.train.memory import FIT_FRACTION, GIB, MemoryEstimate, Settings, estimate_memory
+from rwkvtune.utils import plural
 
 
 class InsufficientMemoryError(RwkvtuneError):
@@ -219,8 +220,9 @@ def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool =
     if device.startswith("cuda") and d.main and not dry_run:
         _warn_host(estimate)
     if 2 * tokens <= cfg.ctx_len and d.main and not dry_run:  # far beyond the data, not a window's slack
-        print(f"note: ctx_len {cfg.ctx_len:,} is longer than the data's longest window ({tokens:,} tokens): "
-              f"windows hold at most {tokens:,} tokens and memory is planned for that", file=sys.stderr)
+        held = plural(tokens, "token", grouped=True)
+        log.note(f"ctx_len {cfg.ctx_len:,} is longer than the data's longest window ({held}): "
+                 f"windows hold at most {held} and memory is planned for that")
     if not fix or dry_run:
         return estimate
     where = f"{device}" + (f", shared by {local_processes()} processes" if not device.startswith("cuda")
@@ -231,7 +233,7 @@ def check_memory(cfg, model_config, d, device: str, tokens: int, dry_run: bool =
     if cfg.memory_check:
         raise InsufficientMemoryError(message + "; or pass --no-memory-check (memory_check: false) to run anyway")
     if d.main:
-        print(f"warning: {message}; running anyway (memory_check: false)", file=sys.stderr)
+        log.warn(f"{message}; running anyway (memory_check: false)")
     return estimate
 
 
@@ -242,10 +244,9 @@ def _warn_host(estimate: MemoryEstimate) -> None:
     host = host_available()
     need = estimate.host * local_processes()
     if host is not None and need > FIT_FRACTION * host:
-        print(f"warning: memory: this run's {local_processes()} process(es) on this machine need about "
-              f"{need / GIB:.1f} GiB of host RAM, "
-              f"{host / GIB:.1f} GiB is available; expect swapping or use fewer processes per machine",
-              file=sys.stderr)
+        log.warn(f"memory: this run's {local_processes()} process(es) on this machine need about "
+                 f"{need / GIB:.1f} GiB of host RAM, "
+                 f"{host / GIB:.1f} GiB is available; expect swapping or use fewer processes per machine")
 
 
 def scratch_advice(cfg, model_config) -> str:

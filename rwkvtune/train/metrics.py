@@ -65,8 +65,8 @@ def check_packages(cfg) -> None:
 def _import_wandb():
     try:
         import wandb
-    except ImportError:
-        raise ConfigError(WANDB_MISSING) from None
+    except ImportError as e:
+        raise ConfigError(WANDB_MISSING) from e
     return wandb
 
 
@@ -75,7 +75,7 @@ def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as e:
-        raise read_error(path, e) from None
+        raise read_error(path, e) from e
 
 
 def _task_series(evals: dict[int, dict]) -> dict[str, list[tuple[int, float]]]:
@@ -144,7 +144,7 @@ class MetricsLogger:
             run = wandb.init(project=cfg.wandb, config=cfg.to_dict(), dir=str(self.out), **kwargs)
         except Exception as e:  # no API key, no network, bad project name: one line at setup
             raise ConfigError(f"--wandb {cfg.wandb}: wandb.init failed ({type(e).__name__}: {e}); run `wandb "
-                              f"login`, or set WANDB_MODE=offline to log locally and `wandb sync` later") from None
+                              f"login`, or set WANDB_MODE=offline to log locally and `wandb sync` later") from e
         run_id = getattr(run, "id", None)
         if isinstance(run_id, str) and run_id:
             atomic_write_text(id_path, run_id + "\n")
@@ -178,7 +178,7 @@ class MetricsLogger:
             with open(path or self.path, "a") as f:
                 f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
         except OSError as e:  # disk full: one line, not a traceback (the checkpoints are intact)
-            raise output_error(path or self.path, e) from None
+            raise output_error(path or self.path, e) from e
 
     def log_rollouts(self, rows: list[dict]) -> None:
         """Append sampled completions (method grpo) to rollouts.jsonl, one JSON object each."""
@@ -294,7 +294,7 @@ class MetricsLogger:
         try:
             fig.savefig(path, dpi=100)
         except OSError as e:
-            raise output_error(path, e) from None
+            raise output_error(path, e) from e
         finally:
             plt.close(fig)
         return path

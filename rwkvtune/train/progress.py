@@ -22,20 +22,19 @@ import threading
 import time
 from typing import Callable, Iterator, TextIO
 
+from rwkvtune import log
+
 MIN_INTERVAL = 1.0  # seconds between redraws of the terminal line
 HEARTBEAT = 60.0  # seconds without a line in a log file before a "still running" line
 STEP_LEVEL = "micro-batch"  # the level inside a step whose fraction the ETA counts
 
-_active: "Progress | None" = None  # the open progress line, for write() (signal handlers, warnings)
 
 
 def write(message: str) -> None:
-    """Print ``message`` on stderr without breaking the open progress line (if any)."""
-    bar = _active
-    if bar is not None and not bar.closed:
-        bar.write(message)
-    else:
-        print(message, file=sys.stderr, flush=True)
+    """Print ``message`` on stderr on this process without breaking the open progress line (if any).
+    Messages for the user go through :mod:`rwkvtune.log` (rank 0 only), which an open progress line
+    receives too: it is the log's sink while it is open."""
+    log.emit(message)
 
 
 def duration(seconds: float) -> str:
@@ -77,9 +76,9 @@ class Progress:
         self._lock = threading.RLock()  # the ticker thread and signal handlers write too
         self._stop = threading.Event()
         self._thread = None
+        self._previous_sink: log.Sink | None = None
         if enabled:
-            global _active
-            _active = self
+            self._previous_sink = log.set_sink(self._sink_write)
             if ticker:
                 self._thread = threading.Thread(target=self._tick_loop, name="rwkvtune-progress", daemon=True)
                 self._thread.start()
@@ -145,6 +144,13 @@ class Progress:
                 self._draw()
             self.last_line = self.clock()
 
+    def _sink_write(self, message: str) -> None:
+        """The log's sink while this line is open (a message during training)."""
+        if self.closed:  # closed by another thread since the log read its sink
+            print(message, file=sys.stderr, flush=True)
+        else:
+            self.write(message)
+
     def poll(self) -> None:
         """What the ticker thread does each ``min_interval``: redraw the terminal line (the elapsed
         time moves), or in a log file a "still running" line after ``heartbeat`` quiet seconds."""
@@ -158,7 +164,6 @@ class Progress:
 
     def close(self) -> None:
         """Stop the ticker; on a terminal draw the last state and end its line. Safe to call twice."""
-        global _active
         if self.closed:
             return
         self._stop.set()
@@ -170,8 +175,8 @@ class Progress:
                 self.stream.write("\n")
                 self.stream.flush()
             self.closed = True
-            if _active is self:
-                _active = None
+            if log.sink() == self._sink_write:  # not replaced by a later progress line since
+                log.set_sink(self._previous_sink)
 
     def __enter__(self) -> "Progress":
         return self

@@ -12,6 +12,10 @@
     wandb-run-id                 the wandb run a resume continues
     checkpoints/step-0000050.pt  resumable: trainable weights, optimizer, data position, RNGs
     checkpoints/step-0000050/    the same, sharded over processes (strategy fsdp), with manifest.json
+    checkpoints/step-0000050.rank-1-of-2.HEX.pt
+                                 several processes (ddp): process 1's own state (the method's, e.g.
+                                 GRPO's rollouts, and its RNGs); HEX: the save's nonce, also in
+                                 step-0000050.pt. Under fsdp: step-0000050/rank-1-of-2.pt
     checkpoints/latest           name of the newest checkpoint
     final.pth                    official-layout model (full and LoRA modes, merged)
     adapter.pth / state.pth      LoRA adapter / tuned initial state
@@ -48,6 +52,10 @@ from rwkvtune import __version__
 
 # step-NNNNNNN.pt: one file (one process, DDP); step-NNNNNNN/: a sharded folder (FSDP)
 CHECKPOINT_NAME = re.compile(r"step-(\d{7})(\.pt)?")
+# One process's own state beside a checkpoint of several processes (rwkvtune.train.rank_state): in a
+# sharded folder rank-R-of-N.pt; beside a ddp file step-NNNNNNN.rank-R-of-N.HEX.pt, named by the
+# save's nonce, so a save killed before its main file leaves the previous save's files in place.
+RANK_STATE_NAME = re.compile(r"step-(?P<step>\d{7})\.rank-(?P<rank>\d+)-of-(?P<world>\d+)\.(?P<nonce>[0-9a-f]{16})\.pt")
 SHARDED_TEMP_NAME = re.compile(r"\.step-\d{7}\.tmp")
 LOCK_NAME = "run.lock"
 MARKER_NAME = "rwkvtune-run.json"
@@ -148,6 +156,22 @@ class RunDir:
     def checkpoint_temp_dir(self, step: int) -> Path:
         """Where a sharded checkpoint is written before it is renamed into place."""
         return self.checkpoints / f".step-{step:07d}.tmp"
+
+    @staticmethod
+    def rank_state_file(checkpoint: Path, rank: int, world_size: int, nonce: int) -> Path:
+        """Where process ``rank`` of ``world_size`` keeps its own state for ``checkpoint`` (a
+        sharded folder or a ``.pt`` file) saved with ``nonce``."""
+        checkpoint = Path(checkpoint)
+        if checkpoint.suffix != ".pt":  # a sharded folder (or its temporary name)
+            return checkpoint / f"rank-{rank}-of-{world_size}.pt"
+        return checkpoint.with_name(f"{checkpoint.stem}.rank-{rank}-of-{world_size}.{nonce:016x}.pt")
+
+    def rank_state_files(self) -> list[Path]:
+        """The per-process state files beside this run's ddp checkpoints (not the sharded ones':
+        those live and go with their folder)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.glob("step-*.rank-*.pt") if RANK_STATE_NAME.fullmatch(p.name))
 
     @staticmethod
     def checkpoint_step_of(path: Path) -> int:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from rwkvtune import log
 from rwkvtune.errors import ConfigError, OutputError
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.utils import output_error
@@ -62,10 +63,10 @@ def _lock_path_fd(path: Path) -> int | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as e:
             holder = _holder_text(fd)
             os.close(fd)
-            raise RunDirLocked(holder) from None
+            raise RunDirLocked(holder) from e
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
@@ -110,14 +111,14 @@ def hold(run: RunDir, flag: str = "--out") -> Iterator[None]:
         fd = _lock_path_fd(run.lock)
     except RunDirLocked as e:
         raise RunDirLocked(f"{flag} {run.path}: another run is using this directory ({e}); wait for it to "
-                           f"finish or stop it, or choose another --out") from None
+                           f"finish or stop it, or choose another --out") from e
     except OutputError:  # the marker's write, already naming its file
         raise
     except OSError as e:
-        raise output_error(run.lock, e) from None
+        raise output_error(run.lock, e) from e
     if fd is None:
-        print(f"warning: {run.lock}: this filesystem does not support file locks, so a second run in "
-              f"{run.path} would not be refused; start one run per directory", file=sys.stderr)
+        log.warn(f"{run.lock}: this filesystem does not support file locks, so a second run in "
+                 f"{run.path} would not be refused; start one run per directory")
     else:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}

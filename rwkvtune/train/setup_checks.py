@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from rwkvtune.bounds import bound_problems
@@ -13,7 +14,7 @@ from rwkvtune.peft import get_mode
 from rwkvtune.train.memory_check import scratch_advice
 from rwkvtune.train.methods import method_class
 from rwkvtune.train.run_dir import RunDir
-import math
+from rwkvtune.utils import plural
 
 
 def validate_config(cfg) -> None:
@@ -73,10 +74,10 @@ def out_dir_problem(run: RunDir, resuming: bool) -> str | None:
 def data_warnings(cfg, n_windows: int, global_batch: int) -> list[str]:
     """Warnings when the data is too small for the batch: every batch or step repeats windows."""
     if n_windows < global_batch:
-        return [f"warning: {cfg.data} gives {n_windows} window(s) of ctx_len {cfg.ctx_len}, fewer than one batch of "
+        return [f"warning: {cfg.data} gives {plural(n_windows, 'window')} of ctx_len {cfg.ctx_len}, fewer than one batch of "
                 f"{global_batch}: every batch repeats windows; add data or lower --batch-size"]
     if n_windows < global_batch * cfg.grad_accum:
-        return [f"warning: {cfg.data} gives {n_windows} window(s) of ctx_len {cfg.ctx_len}, fewer than the "
+        return [f"warning: {cfg.data} gives {plural(n_windows, 'window')} of ctx_len {cfg.ctx_len}, fewer than the "
                 f"{global_batch * cfg.grad_accum} one optimizer step uses ({global_batch} per batch x grad_accum "
                 f"{cfg.grad_accum}): every step repeats windows; add data or lower --grad-accum"]
     return []

@@ -8,13 +8,16 @@ import socket
 import threading
 from typing import Iterator
 
+from rwkvtune import log
 from rwkvtune.errors import RwkvtuneError
-from rwkvtune.train.progress import write
 
 
 class Terminated(RwkvtuneError):
     """A signal stopped training after a step (and its checkpoint). The CLI exits 128 + the signal
-    number, what a shell reports for it: 143 for SIGTERM, 130 for Ctrl-C."""
+    number, what a shell reports for it: 143 for SIGTERM, 130 for Ctrl-C. A stop the user asked for
+    is no error: the CLI prints the message as it is, without ``error:``."""
+
+    deliberate = True
 
     def __init__(self, message: str, signum: int = signal.SIGTERM):
         super().__init__(message)
@@ -51,20 +54,20 @@ class GracefulStop:
         return max(1, count)
 
     def describe(self) -> str:
-        return "terminated by SIGTERM" if self.requested == signal.SIGTERM else "interrupted (Ctrl-C)"
+        return "stopped by SIGTERM" if self.requested == signal.SIGTERM else "stopped by Ctrl-C"
 
     def __call__(self, signum, frame):
         again = self.requested is not None or self._deliveries() > 1
         self.requested = signum
         if self.in_loop and not again:
             if signum == signal.SIGINT:
-                write("Ctrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again to quit at once)")
+                log.info("Ctrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again to quit at once)")
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt  # the CLI names the checkpoints already on disk
         message = self.describe()
         if self.run_dir is not None and self.run_dir.checkpoint_files():
-            message += (f"; the checkpoints in {self.run_dir.checkpoints} are kept; continue with: "
+            message += (f"; the checkpoints in {self.run_dir.checkpoints} are kept; resume with: "
                         f"rwkvtune train --resume {self.run_dir.path}")
         raise Terminated(message, signum)
 

@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,10 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rwkvtune.errors import ConfigError, on_every_rank
+from rwkvtune import log
+from rwkvtune.errors import ConfigError, RwkvtuneError, on_every_rank
 from rwkvtune.models.rwkv7.model import RWKV7
-from rwkvtune.train import checkpointing, dcp_safe
+from rwkvtune.train import checkpointing, dcp_safe, rank_state
 from rwkvtune.train.objective import TrainModule
+from rwkvtune.train.runtime import agree
 from rwkvtune.train.sharded_load import fill_shards
 
 
@@ -64,12 +65,34 @@ class Strategy:
 
     def save_checkpoint(self, run, state: checkpointing.CheckpointState, *, module, optimizer,
                         sampler) -> Path | None:
+        """The main process writes the checkpoint; on several processes each first writes its own
+        state beside it (:mod:`rwkvtune.train.rank_state`: GRPO's rollouts differ per process)."""
+        rank_states = None
+        if self.dist.world_size > 1:  # a collective: a failed write stops every process
+            nonce = rank_state.shared_nonce(self.dist)
+            rank_states = rank_state.write(run.checkpoint(state.step), self.dist, state.step, nonce,
+                                           state.method_state)
         if not self.dist.main:
             return None
-        return checkpointing.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg)
+        return checkpointing.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg,
+                                  rank_states=rank_states)
 
-    def load_checkpoint(self, out, *, module, optimizer, sampler) -> checkpointing.CheckpointState:
-        return checkpointing.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
+    def load_checkpoint(self, out, *, module, optimizer, sampler, method) -> checkpointing.CheckpointState:
+        """Restore the checkpoint ``--resume out`` names into the run and ``method``; returns its counters."""
+        state = checkpointing.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
+        self.restore_own_state(out, method, state.method_state)
+        return state
+
+    def restore_own_state(self, out, method, main_state: dict) -> None:
+        """Every process: the method's state and the RNGs from its own state file of the checkpoint
+        (else from the main file: ``main_state``). A collective."""
+        error = None
+        try:
+            path = checkpointing.resume_checkpoint(out)
+            rank_state.restore(path, checkpointing.read_checkpoint_info(path), self.dist, method, main_state)
+        except RwkvtuneError as e:
+            error = e
+        agree(error)  # one line from rank 0, every process out
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         return mode.save_outputs(run, module, self.cfg) if self.dist.main else {}
@@ -127,8 +150,10 @@ class FSDPStrategy(Strategy):
         return dcp_safe.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg,
                              d=self.dist)
 
-    def load_checkpoint(self, out, *, module, optimizer, sampler) -> checkpointing.CheckpointState:
-        return dcp_safe.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
+    def load_checkpoint(self, out, *, module, optimizer, sampler, method) -> checkpointing.CheckpointState:
+        state = dcp_safe.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
+        self.restore_own_state(out, method, state.method_state)
+        return state
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         """Gather every tensor onto the main process into a plain copy of the module, then let the
@@ -183,6 +208,13 @@ def resume_world_size(resume, cfg, d, sampler, steps_per_batch: int, tokens_per_
     if old_gb is None and isinstance(info.get("world_size"), int):  # sharded checkpoints before the sampler kept it
         old_gb = info["world_size"] * cfg.batch_size
     if not isinstance(old_gb, int) or old_gb <= 0 or old_gb == sampler.global_batch:
+        step = int(info["step"])
+        if d.world_size > 1 and step % steps_per_batch and rank_state.saved_for(info, d, path) is None:
+            # Saved before each process kept its own state: the file holds process 0's rollouts only.
+            raise on_every_rank(ConfigError(
+                f"--resume {resume}: the checkpoint of step {step} is inside a batch whose rollouts the next steps "
+                f"reuse (num_iterations {steps_per_batch}), and it holds process 0's rollouts only (saved by an "
+                f"older rwkvtune); resume from a checkpoint at a multiple of {steps_per_batch} steps"))
         return None
     old_ws, new_ws = old_gb // cfg.batch_size, d.world_size
     step, accum = int(info["step"]), cfg.grad_accum
@@ -203,9 +235,9 @@ def resume_world_size(resume, cfg, d, sampler, steps_per_batch: int, tokens_per_
             f"resume on {old_ws} process(es)"))
     old_tokens = tokens_per_step // new_ws * old_ws
     if d.main:
-        print(f"{where}: samples per step (batch_size x grad_accum x processes) {before} -> {after}, tokens per "
-              f"step up to {old_tokens:,} -> {tokens_per_step:,}; kept: model and optimizer state (resharded), "
-              f"step {step}, the lr schedule and the data position (nothing skipped or repeated)", file=sys.stderr)
+        log.info(f"{where}: samples per step (batch_size x grad_accum x processes) {before} -> {after}, tokens "
+                 f"per step up to {old_tokens:,} -> {tokens_per_step:,}; kept: model and optimizer state "
+                 f"(resharded), step {step}, the lr schedule and the data position (nothing skipped or repeated)")
     return {"world_size": {"from": old_ws, "to": new_ws}, "samples_per_step": {"from": before, "to": after},
             "max_tokens_per_step": {"from": old_tokens, "to": tokens_per_step}}
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 import time
 
 import torch
-from rwkvtune.evaluate import require_lm_eval
-from rwkvtune.evaluate.harness import expand_tasks, task_manager
-from rwkvtune.evaluate.harness import expand_tasks, run_tasks
-from rwkvtune.evaluate.lm import RwkvLM
 
-from rwkvtune.train.progress import write
+from rwkvtune import log
+from rwkvtune.evaluate import require_lm_eval
+from rwkvtune.evaluate.harness import expand_tasks, run_tasks, task_manager
 
 
 def check_eval_tasks(cfg) -> None:
@@ -45,6 +43,7 @@ def run_eval_tasks(cfg, module, autocast, main: bool, world_size: int, batch_siz
     """The task metrics of ``module`` (a TrainModule) on the main process ({} on the others)."""
     result: dict[str, float] = {}
     if main:
+        from rwkvtune.evaluate.lm import RwkvLM  # imports lm_eval, an optional package
 
         t0 = time.perf_counter()
         was_training = module.training
@@ -58,7 +57,7 @@ def run_eval_tasks(cfg, module, autocast, main: bool, world_size: int, batch_siz
         finally:
             module.train(was_training)
         result = flatten(summary)
-        write(f"eval_tasks: {time.perf_counter() - t0:.1f} s")
+        log.info(f"eval_tasks: {time.perf_counter() - t0:.1f} s")
     if world_size > 1:
         torch.distributed.barrier()
     return result

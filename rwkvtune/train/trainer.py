@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shlex
-import sys
 import time
 from typing import Any, Callable
 
@@ -29,8 +28,10 @@ import torch.nn as nn
 
 from rwkvtune.configs.detect import inspect_checkpoint
 from rwkvtune.configs.model_loader import ModelConfig, load_model_config
+from rwkvtune.configs.run_source import run_weights
 from rwkvtune.data.dataset import WindowSampler
-from rwkvtune.errors import OutputError, RwkvtuneError
+from rwkvtune import log
+from rwkvtune.errors import ConfigError, OutputError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
@@ -56,7 +57,7 @@ from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
 from rwkvtune.train.task_eval import check_eval_tasks, run_eval_tasks
-from rwkvtune.utils import atomic_write_text
+from rwkvtune.utils import atomic_write_text, plural
 
 
 class TrainingDiverged(RwkvtuneError):
@@ -173,8 +174,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         agree(error)
         if done is not None:  # finishing again would rewrite final.pth and the logs for no training
             if d.main:
-                print(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
-                      f"--max-steps to train further)", file=sys.stderr)
+                log.info(f"run {resume_dir} is complete ({step}/{total_steps} steps); nothing to do (raise "
+                         f"--max-steps to train further)")
             return done
 
     if dry_run:
@@ -197,9 +198,9 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
     state = CheckpointState(step=0, tokens=0)
-    if resume_dir:
-        state = strategy.load_checkpoint(resume_dir, module=module, optimizer=optimizer, sampler=sampler)
-        method.load_state_dict(state.method_state)
+    if resume_dir:  # the method's state too (each process its own)
+        state = strategy.load_checkpoint(resume_dir, module=module, optimizer=optimizer, sampler=sampler,
+                                         method=method)
     step = state.step
     logger = MetricsLogger(run, cfg, enabled=d.main, resume_step=step if resume_dir else None)
     if resume_dir:
@@ -224,8 +225,8 @@ def _lock_run_dir(run: RunDir, resume_dir: str | None, cleanup: contextlib.ExitS
     check_out_dir(run, resuming=bool(resume_dir))  # a run that finished since the first check
     removed = run.remove_stale_temp_files()
     if removed:
-        print(f"removed {len(removed)} temporary file(s) that an interrupted run left in {run.path}: "
-              f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}", file=sys.stderr)
+        log.info(f"removed {len(removed)} temporary file(s) that an interrupted run left in {run.path}: "
+                 f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}")
 
 
 def _dry_run(cfg, model_config, d, device, mode, has_weights, tokens, tokens_per_step, total_steps,
@@ -248,9 +249,23 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig]:
     if cfg.resume:
         cfg = checkpointing.resumed_config(cfg.resume, cfg)
     validate_config(cfg)
+    cfg = _from_run_dir(cfg)
     model_config = load_model_config(cfg.model)
     # resolve() copies cfg, so the caller's config keeps the paths it gave
     return checkpointing.absolute_paths(cfg.resolve(model_config)), model_config
+
+
+def _from_run_dir(cfg: TrainConfig) -> TrainConfig:
+    """``model`` naming a training run's directory: its final.pth, as an absolute path (so the saved
+    config names the file trained from, and a resume finds it from any directory). A run that
+    left an adapter or a state on an unchanged base is refused, naming the base to train from."""
+    route = "train from that base with --model (an adapter merged first: rwkvtune merge-lora BASE ADAPTER OUT)"
+    final = run_weights(cfg.model, ConfigError, route) if cfg.model else None
+    if final is None:
+        return cfg
+    out = dataclasses.replace(cfg, model=os.path.abspath(final))
+    out.sources = dict(cfg.sources)  # where each option came from, for validation messages
+    return out
 
 
 def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device: str,
@@ -294,6 +309,18 @@ def _file_has_layer0_v(cfg: TrainConfig, model_config: ModelConfig) -> bool:
         return True
 
 
+def threads_origin(threads: int | None) -> str:
+    """Where torch's CPU thread count came from, for the startup line: torchrun sets
+    OMP_NUM_THREADS=1 for every process unless it is set, which silently makes a run single-threaded."""
+    if threads:
+        return "--threads"
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env is None:
+        return "torch's default; set with --threads"
+    by = " (torchrun sets it to 1 unless you do)" if "TORCHELASTIC_RUN_ID" in os.environ else ""
+    return f"from OMP_NUM_THREADS={env}{by}; set with --threads"
+
+
 def _announce(r: Run, resume_dir: str | None) -> None:
     """Save the resolved config and say what runs (main process only)."""
     if not r.dist.main:
@@ -304,10 +331,11 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     trainable, frozen, unused = count_params(r.module)
     unused_note = f" (+{unused:,} unused layer-0 v-residual params)" if unused else ""
     r.logger.info(f"model {r.model_config.model_name}: {trainable:,} trainable / {frozen:,} frozen params"
-                  f"{unused_note}, {len(r.train_set)} {r.method.item_name}, {r.total_steps} steps"
-                  + (f" of up to {r.tokens_per_step} tokens" if r.method.token_units else ""))
-    threads = "threads" if cfg.threads else "threads (torch's default; set with --threads)"
-    r.logger.info(f"device {r.device}, precision {cfg.precision}, {torch.get_num_threads()} CPU {threads}")
+                  f"{unused_note}, {plural(len(r.train_set), r.method.item_name[:-1], r.method.item_name)}, "
+                  f"{plural(r.total_steps, 'step')}"
+                  + (f" of up to {plural(r.tokens_per_step, 'token')}" if r.method.token_units else ""))
+    r.logger.info(f"device {r.device}, precision {cfg.precision}, {plural(torch.get_num_threads(), 'CPU thread')} "
+                  f"({threads_origin(cfg.threads)})")
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
                       f"{checkpointing.resume_checkpoint(resume_dir)})")
@@ -453,7 +481,7 @@ def _stop_after_step(r: Run, stop: GracefulStop) -> None:
         torch.distributed.barrier()  # no rank exits before rank 0 has saved
     path = checkpointing.latest_checkpoint(r.run.path)
     raise Terminated(f"{stop.describe()} after step {r.step} of {r.total_steps}; saved the resumable checkpoint "
-                     f"{path}; continue with: rwkvtune train --resume {r.run.path}", stop.requested)
+                     f"{path}; resume with: rwkvtune train --resume {r.run.path}", stop.requested)
 
 
 # --------------------------------------------------------------------------------------- finish
@@ -475,7 +503,7 @@ def finish(r: Run) -> dict:
         save_checkpoint(r)
     except OutputError as e:
         saved = ", ".join(outputs.values())  # (none on the other processes of a sharded run)
-        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from None
+        raise OutputError(f"{e}; the trained model is saved: {saved}" if saved else str(e)) from e
     if r.dist.main:
         r.logger.finish()
         # A resume that only finishes (killed while writing the final files) logs no step itself.

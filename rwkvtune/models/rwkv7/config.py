@@ -83,7 +83,7 @@ class TrainConfig:
     # ---- data --------------------------------------------------------------------------------
     data: str = ""  # .jsonl ({"text"} / {"messages"} / {"prompt","response"}) or a binidx prefix
     eval_data: str | None = None  # same formats; evaluated every eval_every steps and at the end
-    data_format: str = "auto"  # "auto", "text", "chat", "prompt_response"
+    data_format: str = "auto"  # "auto", "text", "chat", "prompt_response", "alpaca", "sharegpt"
     on_data_error: str = "raise"  # "raise": stop at the first bad line; "skip": skip, count, report
     # ---- shapes and schedule -----------------------------------------------------------------
     ctx_len: int | None = None  # tokens per window; None -> model's recommended_ctx_len

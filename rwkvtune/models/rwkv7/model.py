@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from rwkvtune.configs.check import compare_config, mismatch_error
 from rwkvtune.configs.detect import detect
 from rwkvtune.configs.model_loader import ModelConfig, is_model_path, load_model_config
+from rwkvtune.configs.run_source import run_weights
 from rwkvtune.errors import CheckpointError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.io.checkpoint import load_state_dict, save_state_dict
@@ -87,7 +88,7 @@ def allocation_guard(config: ModelConfig, device, dtype: torch.dtype = torch.flo
         raise ModelAllocationError(
             f"{describe_size(config, dtype)} cannot be allocated on {device or 'cpu'} ({first[:160]}); use a smaller "
             f"config (fewer n_layer, a smaller n_embd, vocab_size or dim_ffn), a device with more memory, or "
-            f"(for LoRA and state tuning) precision bf16") from None
+            f"(for LoRA and state tuning) precision bf16") from e
 
 
 @dataclasses.dataclass
@@ -415,7 +416,8 @@ class RWKV7(nn.Module):
     @classmethod
     def from_checkpoint(cls, path_or_name: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
                         wkv_backend: str = "auto", expect: ModelConfig | None = None) -> "RWKV7":
-        """Load a ``.pth`` (dims detected from the file) or a registry name (its model_path).
+        """Load a ``.pth`` (dims detected from the file), a registry name (its model_path), or a
+        training run's directory (its final.pth; a state or adapter run: see ``rwkvtune.load_model``).
 
         A registry name (or ``expect``) also states the dims the file must have: a file of another
         shape is refused with every difference listed, instead of silently loading other dims.
@@ -514,6 +516,7 @@ def open_checkpoint(path_or_name: str | os.PathLike, expect: ModelConfig | None 
     its config, whether it stores layer 0's unused v0/v1/v2). Each tensor is checked as it is read
     (:func:`loaded_tensor`)."""
     path = str(path_or_name)
+    path = run_weights(path, CheckpointError) or path  # a training run's directory: its final.pth
     if not (is_model_path(path) or os.path.exists(path)):
         expect = expect or load_model_config(path)
         if expect.model_path.endswith((".pth", ".pt")) and not os.path.exists(expect.model_path):

@@ -15,7 +15,7 @@ import torch
 from rwkvtune.constants import END_OF_TEXT, IGNORE_INDEX
 from rwkvtune.data.collate import right_pad
 from rwkvtune.data.prompts import PromptDataset, read_prompts
-from rwkvtune.errors import DataError
+from rwkvtune.errors import CheckpointError, DataError
 from rwkvtune.generate import generate_batch
 from rwkvtune.train.methods.base import BatchCount, MetricSums, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
@@ -92,7 +92,7 @@ class GRPO(TrainingMethod):
 
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
 
         def read(path):
             dataset = PromptDataset(read_prompts(path, tokenizer, self.cfg.on_data_error, vocab_size)[0])
@@ -128,6 +128,11 @@ class GRPO(TrainingMethod):
         """Fresh prompts (every num_iterations steps): sample and score; else the stored rollouts."""
         if micro_batches:
             self.buffer = self._sample(module, micro_batches, ctx)
+        elif not self.buffer:  # load_state_dict checks the stored rollouts; none inside a batch is a bug
+            raise RuntimeError(f"step {ctx.step} reuses the rollouts of its batch, but none are stored")
+        else:  # rollouts restored from a checkpoint are read to the CPU
+            self.buffer = [{k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                           for b in self.buffer]
         return self.buffer
 
     def _generate(self, module, records, G: int, greedy: bool = False, tick=None):
@@ -263,7 +268,14 @@ class GRPO(TrainingMethod):
         return {"buffer": self.buffer} if self.opts.num_iterations > 1 else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer = list(state.get("buffer", []))
+        """The stored rollouts, checked: read from a file, they must be what :meth:`_sample` makes."""
+        buffer = state.get("buffer", []) if isinstance(state, dict) else None
+        problem = _buffer_problem(buffer, self.cfg, self.opts.beta, getattr(self, "vocab_size", None))
+        if problem:
+            raise CheckpointError(f"stored GRPO rollouts (method state): {problem}; the file is damaged or was not "
+                                  f"written by rwkvtune train: move this checkpoint away to resume from the one "
+                                  f"before it")
+        self.buffer = list(buffer)
 
 
 
@@ -374,6 +386,55 @@ def _rollout_metrics(stored: dict) -> GRPOMetrics:
         else:
             sums[k] = v
     return GRPOMetrics(sums, counts)
+
+
+def _buffer_problem(buffer, cfg, beta, vocab_size: int | None) -> str | None:
+    """What is wrong with stored rollouts (None: nothing): a list of cfg.grad_accum micro-batches
+    (or none) as :meth:`GRPO._sample` makes them, finite, with token ids inside the vocab."""
+    if not isinstance(buffer, list) or len(buffer) not in (0, cfg.grad_accum):
+        found = f"{len(buffer)} micro-batches" if isinstance(buffer, list) else type(buffer).__name__
+        return f"found {found}, expected a list of {cfg.grad_accum} (grad_accum) micro-batches"
+    required = {"input_ids", "labels", "advantages", "old_logps"} | ({"ref_logps"} if beta else set())
+    for i, b in enumerate(buffer):
+        where = f"micro-batch {i}"
+        if not isinstance(b, dict) or not required <= set(b) or not set(b) <= required | {"rollout_sums"}:
+            keys = sorted(b) if isinstance(b, dict) else type(b).__name__
+            return f"{where} holds {keys}, expected {sorted(required)} (and rollout_sums)"
+        ids, labels = b["input_ids"], b["labels"]
+        for name in required:
+            t = b[name]
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                return f"{where} {name} is a {type(t).__name__}, expected a dense tensor"
+        if ids.dtype != torch.long or labels.dtype != torch.long or ids.dim() != 2 or labels.shape != ids.shape:
+            return (f"{where} input_ids {ids.dtype} {list(ids.shape)} and labels {labels.dtype} {list(labels.shape)}, "
+                    f"expected int64 [rows, tokens] of the same shape")
+        rows = ids.shape[0]
+        if rows == 0 or rows % cfg.grpo.num_generations:
+            return (f"{where} holds {rows} rollouts, expected a multiple of num_generations "
+                    f"{cfg.grpo.num_generations}")
+        top = vocab_size if vocab_size is not None else 2 ** 62
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= top):
+            return f"{where} input_ids has token ids outside [0, {top})"
+        if bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= top))).any()):
+            return f"{where} labels has values other than {IGNORE_INDEX} and token ids in [0, {top})"
+        logps = [(k, list(ids.shape)) for k in sorted(required) if k.endswith("_logps")]
+        for name, shape in [("advantages", [rows])] + logps:
+            t = b[name]
+            if not t.is_floating_point() or list(t.shape) != shape:
+                return f"{where} {name} is {t.dtype} {list(t.shape)}, expected floating point {shape}"
+            if not bool(torch.isfinite(t).all()):
+                return f"{where} {name} holds non-finite values (NaN or inf)"
+        stored = b.get("rollout_sums", {})
+        # {"sums": table, "counts": table} (_rollout_sums), or one table (an older version's)
+        tables = [stored.get("sums"), stored.get("counts")] if isinstance(stored, dict) and set(stored) == {
+            "sums", "counts"} else [stored]
+        if not all(_number_table(t) for t in tables):
+            return f"{where} rollout_sums is not a table of names to numbers"
+    return None
+
+
+def _number_table(t) -> bool:
+    return isinstance(t, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in t.items())
 
 
 def _finite_or_none(x: float) -> float | None:
