@@ -19,6 +19,8 @@ _EXPORTS = {
     "load_model_config": "rwkvtune.configs.model_loader",
     "list_available_models": "rwkvtune.configs.model_loader",
     "TrainConfig": "rwkvtune.models.rwkv7.config",
+    "DPOConfig": "rwkvtune.models.rwkv7.method_config",
+    "GRPOConfig": "rwkvtune.models.rwkv7.method_config",
     "load_model": "rwkvtune.peft.loading",  # (model, wkv_init) of any model name, run directories included
 }
 

@@ -21,3 +21,17 @@ METHODS = ("sft", "dpo", "grpo")  # --method: rwkvtune.train.methods.method_clas
 MODE_DEFAULT_LR = {"state": 1e-2}
 
 SAVE_DTYPES = ("bf16", "fp32")  # --save-dtype: dtype of the base weights in a saved model
+
+# data_format / --data-format: each name a jsonl reader takes -> the record format it reads
+# (rwkvtune.data.formats); TrainConfig.validate refuses any other before the data is read.
+DATA_FORMAT_ALIASES = {
+    "auto": "auto",
+    "text": "text",
+    "chat": "chat",
+    "messages": "chat",
+    "prompt_response": "prompt_response",
+    "prompt": "prompt_response",
+    "pr": "prompt_response",
+    "alpaca": "alpaca",
+    "sharegpt": "sharegpt",
+}

@@ -142,9 +142,9 @@ def test_metrics_accuracy_counts_ties_as_wrong_and_logps_are_sums():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(loss_type="kto"), "dpo loss_type: expected one of sigmoid, ipo, simpo, found 'kto'"),
-    (dict(beta=0.0), "dpo beta: expected a number > 0, found 0.0"),
-    (dict(label_smoothing=0.5), "dpo label_smoothing: expected 0 <= value < 0.5"),
+    (dict(loss_type="kto"), "dpo loss_type: found 'kto', expected one of sigmoid, ipo, simpo"),
+    (dict(beta=0.0), "dpo beta: found 0.0, expected > 0 for method dpo"),
+    (dict(label_smoothing=0.5), "dpo label_smoothing: found 0.5, expected a finite number with 0 <= label_smoothing < 0.5"),
     (dict(loss_type="ipo", label_smoothing=0.1), "loss_type 'ipo' has no label smoothing"),
     (dict(loss_type="ipo"), "loss_type 'ipo' needs chosen_n_tokens, found None"),
 ])
@@ -277,11 +277,32 @@ def test_k3_kl_term_and_metric():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(loss_type="bnpo"), "grpo loss_type: expected one of grpo, dapo, dr_grpo, found 'bnpo'"),
+    (dict(loss_type="bnpo"), "grpo loss_type: found 'bnpo', expected one of grpo, dapo, dr_grpo"),
     (dict(beta=0.1), "grpo_loss: beta 0.1 needs ref_logps .* found None"),
     (dict(loss_type="dr_grpo"), "grpo max_completion_length: loss_type 'dr_grpo' .* found None"),
-    (dict(beta=-1.0), "grpo beta: expected a KL coefficient >= 0, found -1.0"),
+    (dict(beta=-1.0), "grpo beta: found -1.0, expected a finite number with 0 <= beta"),
 ])
 def test_grpo_loss_refuses_bad_options(kw, match):
     with pytest.raises(ConfigError, match=match):
         grpo_loss(torch.zeros(2, 4), None, None, ADV, MASK, **kw)
+
+
+@pytest.mark.parametrize("epsilon, ok", [(0.0, False), (1e-6, True), (0.2, True), (0.999, True), (1.0, False)])
+def test_the_epsilon_rule_is_one_rule(epsilon, ok):
+    """0 < epsilon < 1 in the config (GRPOConfig.BOUNDS) and in grpo_loss alike: a value one of them
+    takes, the other takes; the loss's refusal is the config's line."""
+    from rwkvtune.models.rwkv7.config import TrainConfig
+    from rwkvtune.models.rwkv7.method_config import GRPOConfig
+
+    cfg = TrainConfig(model="m", data="d", method="grpo", reward=("exact_match:a",), epsilon=epsilon)
+    problems = GRPOConfig(epsilon=epsilon, reward=("exact_match:a",)).problems()
+    assert (problems == []) is ok
+    if ok:
+        cfg.validate()
+        grpo_loss(torch.zeros(2, 4), None, None, ADV, MASK, epsilon=epsilon)
+        return
+    with pytest.raises(ConfigError, match="epsilon: found") as from_config:
+        cfg.validate()
+    with pytest.raises(ConfigError) as from_loss:
+        grpo_loss(torch.zeros(2, 4), None, None, ADV, MASK, epsilon=epsilon)
+    assert problems[0] in str(from_config.value) and str(from_loss.value).startswith(f"grpo {problems[0]}")

@@ -15,6 +15,7 @@ from rwkvtune.cli import main
 from rwkvtune.errors import ConfigError
 from rwkvtune.generate import GenerationError, SamplingConfig
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS, TrainConfig
+from rwkvtune.models.rwkv7.method_config import DPOConfig, GRPOConfig
 
 NAN, INF = float("nan"), float("inf")
 GRPO = dict(method="grpo", reward=("exact_match:answer",))
@@ -33,10 +34,15 @@ def _numeric_fields(cls) -> list[str]:
 
 def test_every_numeric_training_option_has_a_bound_and_its_default_passes():
     fields = _numeric_fields(TrainConfig)
-    assert {"lr", "seed", "threads", "betas", "reward_weights", "adam_eps"} <= set(fields)
+    assert {"lr", "seed", "threads", "betas", "adam_eps"} <= set(fields)
     assert sorted(set(fields) - set(TRAIN_BOUNDS)) == []  # a new numeric option needs its bound
     assert sorted(set(TRAIN_BOUNDS) - set(fields)) == []
     assert bound_problems(TrainConfig(), TRAIN_BOUNDS) == []
+    # each method's options: their own table, beside them
+    assert "reward_weights" in _numeric_fields(GRPOConfig) and "beta" in _numeric_fields(DPOConfig)
+    for cls in (DPOConfig, GRPOConfig):
+        assert sorted(_numeric_fields(cls)) == sorted(cls.BOUNDS), cls
+        assert bound_problems(cls(), cls.BOUNDS) == []
 
 
 def _bad_values(bound: Bound) -> list:
@@ -52,11 +58,18 @@ def _bad_values(bound: Bound) -> list:
     return [[v] if bound.each else v for v in bad]
 
 
-@pytest.mark.parametrize("name", sorted(TRAIN_BOUNDS))
-def test_every_bound_refuses_what_is_outside_it_naming_the_option(name):
-    for value in _bad_values(TRAIN_BOUNDS[name]):
+BOUNDED = ([(name, TRAIN_BOUNDS[name], {}) for name in sorted(TRAIN_BOUNDS)]
+           + [(name, GRPOConfig.BOUNDS[name], {}) for name in sorted(GRPOConfig.BOUNDS)]
+           + [(name, DPOConfig.BOUNDS[name], DPO) for name in sorted(DPOConfig.BOUNDS)])
+
+
+@pytest.mark.parametrize("name, bound, method", BOUNDED, ids=[f"{m.get('method', 'grpo')}-{n}" for n, _, m in BOUNDED])
+def test_every_bound_refuses_what_is_outside_it_naming_the_option(name, bound, method):
+    for value in _bad_values(bound):
+        if value is None and bound is not TRAIN_BOUNDS.get(name):
+            continue  # a method option given as None (a recipe's `beta: null`) takes its default
         with pytest.raises(ConfigError) as e:
-            TrainConfig(model="m", data="d", **GRPO, **{name: value}).validate()
+            TrainConfig(model="m", data="d", **(method or GRPO), **{name: value}).validate()
         msg = str(e.value)
         assert f"{name}: found {shown(value)}, expected " in msg and "\n" not in msg, (value, msg)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -20,6 +21,8 @@ from rwkvtune.configs.model_loader import (
     validate_config_dict,
 )
 from rwkvtune.errors import ConfigError, RwkvtuneError
+from rwkvtune.models.rwkv7.config import TrainConfig
+from rwkvtune.models.rwkv7.method_config import DPOConfig, GRPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "rwkvtune" / "configs" / "README.md"
@@ -455,3 +458,87 @@ def test_public_api_is_lazy_and_complete():
             "                                 'list_available_models'}\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ---- method options: sections and flat keys (issue 21) --------------------------------------------
+def test_method_options_from_flat_keys_and_from_sections_are_equal(tmp_path):
+    from rwkvtune.models.rwkv7.config import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "examples" / "recipes" / "grpo.yaml")
+    flat = TrainConfig().update(recipe, "recipe")
+    keys = set(GRPOConfig.__dataclass_fields__)
+    sectioned = {k: v for k, v in recipe.items() if k not in keys} | {"grpo": {k: v for k, v in recipe.items()
+                                                                             if k in keys}}
+    assert "grpo" not in recipe and len(sectioned["grpo"]) >= 8
+    assert TrainConfig().update(sectioned, "recipe").to_dict() == flat.to_dict()
+    assert flat.grpo.num_generations == 8 and flat.grpo.stop == (".",) and flat.dpo == DPOConfig()
+    # in Python too, and through dataclasses.replace
+    assert TrainConfig(method="grpo", num_generations=4, beta=0.04).grpo == GRPOConfig(num_generations=4, beta=0.04)
+    assert dataclasses.replace(flat, reward=("regex:a",)).grpo.reward == ("regex:a",)
+    assert flat.grpo.reward == ("exact_match:answer",)  # replace copied the section, never shared it
+
+
+def test_shared_flat_keys_belong_to_the_method_set_last():
+    """beta and loss_type mean different things per method: a flat one goes to the section of the
+    run's method, also when the method comes from a later source (a recipe's beta, --method)."""
+    cfg = TrainConfig().update({"beta": 0.3, "loss_type": "ipo"}, "recipe r.yaml")
+    assert cfg.dpo == DPOConfig() and cfg.grpo == GRPOConfig()  # sft: neither, yet
+    cfg.update({"method": "dpo"}, "command line")
+    assert (cfg.dpo.beta, cfg.dpo.loss_type, cfg.grpo.beta) == (0.3, "ipo", 0.0)
+    assert cfg.sources["dpo.beta"] == "recipe r.yaml"
+    cfg.update({"method": "grpo"}, "command line (key=value)")
+    assert cfg.dpo == DPOConfig() and (cfg.grpo.beta, cfg.grpo.loss_type) == (0.3, "ipo")
+    with pytest.raises(ConfigError, match=r"recipe r.yaml: loss_type: found 'ipo', expected one of grpo, dapo"):
+        cfg.validate()
+    # an explicit section value replaces a flat one given earlier; null means the default
+    cfg.update({"grpo": {"loss_type": "grpo"}, "beta": None}, "command line (key=value)")
+    assert (cfg.grpo.loss_type, cfg.grpo.beta) == ("grpo", 0.0)
+    assert TrainConfig().update({"grpo.epsilon": 0.3}, "command line (key=value)").grpo.epsilon == 0.3
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"method": "dpo", "beta": 0.2, "dpo": {"beta": 0.3}}, "beta: found 0.2 as a flat key and 0.3 in the dpo section"),
+    ({"num_generations": 4, "grpo": {"num_generations": 6}},
+     "num_generations: found 4 as a flat key and 6 in the grpo section"),
+    ({"grpo": {"num_generation": 4}}, "grpo.num_generation: unknown grpo option (did you mean 'num_generations'?)"),
+    ({"dpo": [0.1]}, "dpo: found [0.1], expected a mapping of dpo options"),
+    ({"grpo": {"epsilon": "wide"}}, "grpo.epsilon: found 'wide', expected a number"),
+])
+def test_a_method_option_given_two_ways_or_badly_is_one_line(values, words):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig().update(values, "recipe r.yaml")
+    assert str(e.value).startswith("recipe r.yaml: ") and words in str(e.value) and "\n" not in str(e.value)
+    TrainConfig().update({"method": "dpo", "beta": 0.2, "dpo": {"beta": 0.2}}, "recipe r.yaml")  # agreeing: fine
+
+
+def test_method_rules_live_with_their_options():
+    base = dict(model="m", data="d")
+    with pytest.raises(ConfigError, match=r"training config: beta: found 0.0, expected > 0 for method dpo"):
+        TrainConfig(**base, method="dpo", beta=0.0).validate()
+    TrainConfig(**base, method="grpo", reward=("regex:a",), beta=0.0).validate()  # grpo: 0 = no KL term
+    with pytest.raises(ConfigError, match=r"epsilon_high: found 0.1, expected >= epsilon \(0.2\)"):
+        TrainConfig(**base, method="grpo", reward=("regex:a",), epsilon_high=0.1).validate()
+    # another method's bad value is named with its section
+    with pytest.raises(ConfigError, match=r"dpo.label_smoothing: found 0.7"):
+        TrainConfig(**base, label_smoothing=0.7).validate()
+
+
+def test_data_format_is_checked_at_validation():
+    with pytest.raises(ConfigError, match=r"recipe r.yaml: data_format: found 'jsonl', expected one of auto, text"):
+        TrainConfig(model="m", data="d").update({"data_format": "jsonl"}, "recipe r.yaml").validate()
+    for name in ("auto", "text", "chat", "messages", "prompt_response", "pr"):  # the readers' names
+        TrainConfig(model="m", data="d", data_format=name).validate()
+
+
+def test_help_all_shows_each_methods_defaults_from_its_options_class(capsys):
+    from rwkvtune.cli import main
+
+    assert main(["train", "--help-all"]) == 0
+    text = capsys.readouterr().out
+    for section, cls in (("dpo", DPOConfig), ("grpo", GRPOConfig)):
+        for f in dataclasses.fields(cls):
+            default = f.default
+            shown = ("null" if default is None else "[]" if default == () else str(default).lower()
+                     if isinstance(default, bool) else str(default))
+            assert f"\n    {section}.{f.name}={shown}" in text, (section, f.name)
+    assert "dpo.beta=0.1\n" in text and "grpo.beta=0.0\n" in text and "grpo.loss_type=dapo\n" in text

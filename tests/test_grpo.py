@@ -296,3 +296,36 @@ def test_invalid_rewards_are_counted_in_the_metrics(data, tmp_path, capsys):
         assert row["rewards/hostile.half_nan/mean"] == pytest.approx(sum(valid) / len(valid))  # valid values only
         assert row["reward"] == pytest.approx(sum(valid) / len(step))  # invalid ones count 0 in the total
     assert capsys.readouterr().err.count("warning: reward 'hostile.half_nan'") == 1
+
+
+def test_grpo_metrics_say_what_each_value_is_a_mean_over():
+    """GRPOMetrics (issue 21): the loss per loss unit, the KL and clip ratios per completion token,
+    rollout values per sampled completion, per group, per valid reward; summed over micro-batches
+    and processes, the means stay those of all the data, and rollouts stored by an older version
+    (one flat mapping with "_r_" counts) log the same."""
+    import torch as _torch
+
+    from rwkvtune.train.methods.grpo import GRPOMetrics, _rollout_metrics, _rollout_sums
+
+    class C:
+        def __init__(self, n):
+            self.token_ids = [1] * n
+
+    total = _torch.tensor([1.0, 0.0, 1.0, 1.0])  # two groups of two
+    per_fn = _torch.tensor([[1.0], [float("nan")], [1.0], [1.0]])
+    stored = _rollout_sums(total, per_fn, ["f"], [C(2), C(4), C(1), C(1)], 2, "group", 2.0)
+    a = GRPOMetrics({"loss": 6.0, "kl": 0.5 * 3}, {"tokens": 3.0}).add(_rollout_metrics(stored))
+    b = GRPOMetrics({"loss": 2.0, "kl": 0.1 * 1}, {"tokens": 1.0})  # a micro-batch without rollouts
+    acc = GRPOMetrics().add(a).add(b)
+    rows = acc.rows(units=4.0)
+    assert rows["loss"] == 2.0 and rows["kl"] == pytest.approx((1.5 + 0.1) / 4)
+    assert rows["reward"] == 0.75 and rows["completion_length"] == 2.0 and rows["rollout_tokens_per_s"] == 4.0
+    assert rows["rewards/f/mean"] == 1.0 and rows["rewards/f/invalid_frac"] == 0.25  # NaN out of the mean, counted
+    assert rows["reward_std"] == pytest.approx(float(_torch.tensor([1.0, 0.0]).std()) / 2)
+    assert not any(k.startswith("_") or k in ("tokens", "rollout_completions") for k in rows)  # counts: not logged
+    # over two processes holding the same: the same means
+    assert acc.reduced(lambda xs: [2 * x for x in xs]).rows(units=8.0) == pytest.approx(rows)
+    # an older checkpoint's stored rollouts
+    old = {**stored["sums"], "_r_completions": 4.0, "_r_groups": 2.0, "_r_seconds": 2.0, "_r_valid/f": 3.0}
+    assert GRPOMetrics().add(_rollout_metrics(old)).rows(1.0) == GRPOMetrics().add(_rollout_metrics(stored)).rows(1.0)
+    assert GRPOMetrics({"loss": 0.0}).rows(units=0.0)["loss"] is None  # a row without loss units

@@ -808,3 +808,25 @@ def test_eval_ctx_len_is_the_flag_or_the_models_never_a_config_beside_the_file(d
     assert main(["eval", "--model", str(out / "final.pth"), "--data", data["text"], "--ctx-len", "16"]) == 0
     short = json.loads(capsys.readouterr().out)
     assert short["ctx_len"] == 16 and short["eval_loss"] != beside["eval_loss"]
+
+
+def test_run_and_checkpoint_counters_are_built_by_keyword():
+    """Issue 21: Run takes keywords only (20 positional arguments read wrong silently when two of
+    the same type swap); a checkpoint's counters travel as one CheckpointState, read back equal;
+    a method's count() is named (units, tokens)."""
+    import dataclasses
+
+    from rwkvtune.train.checkpointing import CheckpointState
+    from rwkvtune.train.methods.base import BatchCount
+    from rwkvtune.train.methods.sft import SFT
+    from rwkvtune.train.trainer import Run
+
+    assert all(f.kw_only for f in dataclasses.fields(Run))
+    with pytest.raises(TypeError):
+        Run(TrainConfig(), None)
+    state = CheckpointState(step=3, tokens=120, method_state={"buffer": [{"a": 1}]})
+    assert CheckpointState.read(state.fields()) == state
+    assert CheckpointState.read({"step": 2, "tokens": 5}) == CheckpointState(step=2, tokens=5, method_state={})
+    labels = torch.tensor([[-100, 1, 2], [3, -100, -100]])
+    count = SFT(TrainConfig()).count({"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": labels})
+    assert isinstance(count, BatchCount) and (count.units, count.tokens) == (3.0, 6.0)

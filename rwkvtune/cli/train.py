@@ -11,7 +11,8 @@ import sys
 from rwkvtune.bounds import THREADS_PER_CORE
 from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
 from rwkvtune.errors import RwkvtuneError
-from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, parse_overrides
+from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, option_docs, parse_overrides
+from rwkvtune.models.rwkv7.method_config import METHOD_SECTIONS
 from rwkvtune.safe_yaml import read_yaml_file
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.memory import dry_run_text
@@ -118,25 +119,40 @@ def _flag_names() -> set[str]:
 
 
 def _unflagged() -> list[str]:
-    return [name for name in TrainConfig.field_names() if name not in _flag_names()]
+    return [name for name in TrainConfig.option_names() if name not in _flag_names()]
 
 
 def options_help() -> str:
     """Every TrainConfig option by section, with its default, its flag if any, and the comment that
-    documents it in the dataclass: the text of ``rwkvtune train --help-all``."""
+    documents it in the dataclass: the text of ``rwkvtune train --help-all``. The options of a
+    method (DPOConfig, GRPOConfig) show their section's defaults, from those classes alone."""
     defaults, flags = TrainConfig().to_dict(), _flag_names()
     lines = ["All options (recipe keys; on the command line as key=value, or with the flag shown):"]
     section = None
     for sec, name, comment in TrainConfig.field_docs():
+        if name in METHOD_SECTIONS:
+            lines.append(f"\n  method {name} (recipe section `{name}:` or flat keys, e.g. "
+                         f"{FLAT_EXAMPLE[name]}; beta and loss_type belong to the run's method; key=value as "
+                         f"{name}.NAME=VALUE or NAME=VALUE):")
+            for _, sub, doc in option_docs(METHOD_SECTIONS[name]):
+                flag = f"  [--{sub.replace('_', '-')}]" if sub in flags else ""
+                lines.append(f"    {name}.{sub}={_shown(defaults[name][sub])}{flag}" + (f"\n        {doc}" if doc else ""))
+            section = None
+            continue
         if sec != section:
             section = sec
             lines.append(f"\n  {sec}:" if sec else "")
-        value = defaults[name]
-        shown = "null" if value is None else ("[" + ",".join(map(str, value)) + "]" if isinstance(value, list)
-                                               else str(value).lower() if isinstance(value, bool) else str(value))
         flag = f"  [--{name.replace('_', '-')}]" if name in flags else ""
-        lines.append(f"    {name}={shown}{flag}" + (f"\n        {comment}" if comment else ""))
+        lines.append(f"    {name}={_shown(defaults[name])}{flag}" + (f"\n        {comment}" if comment else ""))
     return "\n".join(lines)
+
+
+FLAT_EXAMPLE = {"dpo": "dpo: {beta: 0.1} or beta: 0.1", "grpo": "grpo: {num_generations: 8} or num_generations: 8"}
+
+
+def _shown(value) -> str:
+    return "null" if value is None else ("[" + ",".join(map(str, value)) + "]" if isinstance(value, list)
+                                         else str(value).lower() if isinstance(value, bool) else str(value))
 
 
 class _HelpAll(argparse.Action):

@@ -44,7 +44,7 @@ from typing import Iterator
 
 import numpy as np
 
-from rwkvtune.constants import END_OF_TEXT
+from rwkvtune.constants import DATA_FORMAT_ALIASES, END_OF_TEXT
 from rwkvtune import log
 from rwkvtune.errors import DataError
 from rwkvtune.utils import not_found, plural, read_error
@@ -52,17 +52,7 @@ from rwkvtune.utils import not_found, plural, read_error
 
 TURN_END = 261  # "\n\n" in the World vocab
 FORMATS = ("text", "chat", "prompt_response", "alpaca", "sharegpt")
-_FMT_ALIASES = {
-    "auto": "auto",
-    "text": "text",
-    "chat": "chat",
-    "messages": "chat",
-    "prompt_response": "prompt_response",
-    "prompt": "prompt_response",
-    "pr": "prompt_response",
-    "alpaca": "alpaca",
-    "sharegpt": "sharegpt",
-}
+_FMT_ALIASES = DATA_FORMAT_ALIASES  # the names of --data-format (TrainConfig.validate checks them too)
 # ShareGPT's speakers ("from") -> our roles; "user"/"assistant" appear in some exports too.
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}

@@ -11,6 +11,7 @@ checksum, the step), checked before a resume loads anything (:mod:`rwkvtune.trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -54,22 +55,40 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run: RunDir, step: int, tokens: int, module, optimizer, sampler, cfg, method_state=None,
+@dataclasses.dataclass
+class CheckpointState:
+    """A checkpoint's counters beside its tensors: what ``save`` writes and ``load_latest`` returns."""
+
+    step: int  # optimizer steps done
+    tokens: int  # tokens the model has processed (the metrics' running total)
+    method_state: dict = dataclasses.field(default_factory=dict)  # the method's state_dict (GRPO's rollouts)
+
+    def fields(self) -> dict:
+        """The checkpoint file's keys for these counters."""
+        return {"step": self.step, "tokens": self.tokens, "method": self.method_state or {}}
+
+    @classmethod
+    def read(cls, ck: dict) -> "CheckpointState":
+        """From a checkpoint file's (or trainer.pt's) mapping, already verified."""
+        return cls(step=int(ck["step"]), tokens=int(ck["tokens"]), method_state=ck.get("method", {}))
+
+
+def save(run: RunDir, state: CheckpointState, *, module, optimizer, sampler, cfg,
          rank_states: dict | None = None) -> Path:
-    """Write the checkpoint of ``step``, point ``latest`` at it, keep the newest keep_checkpoints.
+    """Write the checkpoint of ``state.step``, point ``latest`` at it, keep the newest keep_checkpoints.
 
     ``rank_states``: a run on several processes, each of which has written its own state file
     (:mod:`rwkvtune.train.rank_state`); recorded here, so the resume reads those files. This file's
     rename is what makes them part of the checkpoint."""
-    path = run.checkpoint(step)
+    path = run.checkpoint(state.step)
     trainable = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-    ck = {"step": step, "tokens": tokens, "trainable": trainable, "optimizer": optimizer.state_dict(),
-          "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict(), "method": method_state or {}}
+    ck = {**state.fields(), "trainable": trainable, "optimizer": optimizer.state_dict(),
+          "sampler": sampler.state_dict(), "rng": rng_state(), "config": cfg.to_dict()}
     if rank_states:
         ck["rank_states"] = rank_states
     atomic_torch_save(manifest.with_manifest(ck), path)  # one file with its manifest: complete or absent
     atomic_write_text(run.latest, path.name + "\n")
-    prune(run, step, cfg.keep_checkpoints, rank_states["nonce"] if rank_states else None)
+    prune(run, state.step, cfg.keep_checkpoints, rank_states["nonce"] if rank_states else None)
     return path
 
 
@@ -266,8 +285,9 @@ def resumed_config(out: str | Path, cfg):
     path = resume_checkpoint(out)
     ck = read_checkpoint_info(path)
     saved = TrainConfig().update(ck["config"], source=f"{out}/checkpoints")
-    default, given = TrainConfig().to_dict(), cfg.to_dict()
-    saved_d = saved.to_dict()
+    # key by key, a method option as "grpo.epsilon"
+    default, given = TrainConfig().flat_dict(), cfg.flat_dict()
+    saved_d = saved.flat_dict()
     changed = [k for k, v in given.items()
                if k not in RESUME_MAY_CHANGE and v != default[k] and not _same(k, v, saved_d[k])]
     if changed:
@@ -300,9 +320,9 @@ def schedule_changes(out: str | Path, cfg) -> dict[str, dict]:
             if k in saved and saved[k] != getattr(cfg, k)}
 
 
-def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, dict]:
+def load_latest(out: str | Path, *, module, optimizer, sampler) -> CheckpointState:
     """Restore the checkpoint ``--resume out`` names (the run's newest, or the one given) into the
-    run; returns (step, tokens, method state)."""
+    run; returns its counters."""
     path = resume_checkpoint(out)
     if path.is_dir():
         raise CheckpointError(f"{path}: a sharded checkpoint (strategy fsdp); resume it with strategy fsdp")
@@ -318,4 +338,4 @@ def load_latest(out: str | Path, module, optimizer, sampler) -> tuple[int, int, 
     optimizer.load_state_dict(ck["optimizer"])
     sampler.load_state_dict(ck["sampler"])
     set_rng_state(ck["rng"])
-    return int(ck["step"]), int(ck["tokens"]), ck.get("method", {})
+    return CheckpointState.read(ck)

@@ -224,9 +224,10 @@ class SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) -> Path:
+def save(run, state: checkpointing.CheckpointState, *, module, optimizer, sampler, cfg, d) -> Path:
     """Every process writes its shard into a temporary folder; the main process adds trainer.pt,
     renames the folder into place, points ``latest`` at it and prunes old checkpoints."""
+    step = state.step
     final, tmp = run.checkpoint_dir(step), run.checkpoint_temp_dir(step)
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,21 +235,20 @@ def save(run, step, tokens, module, optimizer, sampler, cfg, method_state, d) ->
     nonce = [secrets.randbits(62) if d.main else None]
     dist.broadcast_object_list(nonce, src=0)  # also the barrier: the folder exists before anyone writes
     model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
-    state = {"model": model_sd, "optim": optim_sd}
+    shards = {"model": model_sd, "optim": optim_sd}
     tag = _shard_tag(module, nonce[0])
     if tag is not None:
-        state[SHARD_TAG] = tag
+        shards[SHARD_TAG] = tag
     try:
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(shards, checkpoint_id=str(tmp))
     except CheckpointException as e:  # every process gets every process's failures
         raise _save_error(e, final, tmp, d, needed=tensor_bytes([model_sd, optim_sd]) * d.world_size) from e
     rank_states = None
     if d.world_size > 1:  # each process's own method state and RNGs, in the folder (renamed with it)
-        rank_states = rank_state.write(tmp, d, step, nonce[0], method_state)  # a collective
+        rank_states = rank_state.write(tmp, d, step, nonce[0], state.method_state)  # a collective
     if d.main:
-        meta = {"step": step, "tokens": tokens, "sampler": sampler.state_dict(), "rng": checkpointing.rng_state(),
-                "config": cfg.to_dict(), "method": method_state or {}, "world_size": d.world_size,
-                "shard_nonce": nonce[0]}
+        meta = {**state.fields(), "sampler": sampler.state_dict(), "rng": checkpointing.rng_state(),
+                "config": cfg.to_dict(), "world_size": d.world_size, "shard_nonce": nonce[0]}
         if rank_states:
             meta[rank_state.KEY] = rank_states
         atomic_torch_save(meta, tmp / TRAINER_FILE)
@@ -287,7 +287,7 @@ def _save_error(e: CheckpointException, final, tmp, d, needed: int) -> BaseExcep
     return output_error(final, cause, needed, written)
 
 
-def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
+def load_latest(out, *, module, optimizer, sampler) -> checkpointing.CheckpointState:
     """Restore the checkpoint ``--resume out`` names (resharded to this run's processes).
 
     First every process checks the checkpoint alike without collectives (trainer.pt, the index, the
@@ -333,7 +333,7 @@ def load_latest(out, module, optimizer, sampler) -> tuple[int, int, dict]:
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=LOAD_OPTIONS)
     checkpointing.set_rng_state(meta["rng"])
-    return int(meta["step"]), int(meta["tokens"]), meta.get("method", {})
+    return checkpointing.CheckpointState.read(meta)
 
 
 def _read_error(path: Path, e: Exception) -> CheckpointError:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 
 from rwkvtune.errors import ConfigError
+from rwkvtune.models.rwkv7.method_config import GRPO_LOSS_TYPES, SCALE_REWARDS, GRPOConfig
 
 # Added to the standard deviation before dividing (TRL's constant): a group whose completions all
 # got the same reward has std 0 and advantage 0, not a division by zero.
 STD_EPS = 1e-4
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+LOSS_TYPES = GRPO_LOSS_TYPES
 
 
 def _scale_option(scale_rewards) -> str:
@@ -98,14 +98,12 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.
 
 
 def _check_loss_options(loss_type, epsilon, epsilon_high, beta, max_completion_length, ref_logps):
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(f"grpo loss_type: expected one of {', '.join(LOSS_TYPES)}, found {loss_type!r}; "
-                          f"'dapo' is TRL's default")
-    if not 0 <= epsilon < 1 or not epsilon_high >= 0:
-        raise ConfigError(f"grpo epsilon/epsilon_high: expected 0 <= epsilon < 1 and epsilon_high >= 0, found "
-                          f"{epsilon!r}/{epsilon_high!r}; TRL's defaults are 0.2 and epsilon (DAPO: 0.28)")
-    if beta < 0:
-        raise ConfigError(f"grpo beta: expected a KL coefficient >= 0, found {beta!r}; 0 turns the KL term off")
+    # The options' rules are GRPOConfig's (one set: the config's and this function's).
+    problems = GRPOConfig(loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta).problems(
+        active=False)
+    if problems:
+        raise ConfigError(f"grpo {problems[0]}; pass values that a grpo run's config accepts (TRL's defaults: "
+                          f"epsilon 0.2, epsilon_high epsilon, beta 0)")
     if beta != 0 and ref_logps is None:
         raise ConfigError(f"grpo_loss: beta {beta} needs ref_logps (the reference model's token log-probs), found "
                           f"None; pass them or set beta 0")

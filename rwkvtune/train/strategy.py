@@ -63,22 +63,25 @@ class Strategy:
     def clip_grad_norm(self, module: nn.Module, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm))
 
-    def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path | None:
+    def save_checkpoint(self, run, state: checkpointing.CheckpointState, *, module, optimizer,
+                        sampler) -> Path | None:
         """The main process writes the checkpoint; on several processes each first writes its own
         state beside it (:mod:`rwkvtune.train.rank_state`: GRPO's rollouts differ per process)."""
         rank_states = None
         if self.dist.world_size > 1:  # a collective: a failed write stops every process
             nonce = rank_state.shared_nonce(self.dist)
-            rank_states = rank_state.write(run.checkpoint(step), self.dist, step, nonce, method_state)
+            rank_states = rank_state.write(run.checkpoint(state.step), self.dist, state.step, nonce,
+                                           state.method_state)
         if not self.dist.main:
             return None
-        return checkpointing.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, rank_states)
+        return checkpointing.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg,
+                                  rank_states=rank_states)
 
-    def load_checkpoint(self, out, module, optimizer, sampler, method) -> tuple[int, int]:
-        """Restore the checkpoint ``--resume out`` names into the run and ``method``; returns (step, tokens)."""
-        step, tokens, state = checkpointing.load_latest(out, module, optimizer, sampler)
-        self.restore_own_state(out, method, state)
-        return step, tokens
+    def load_checkpoint(self, out, *, module, optimizer, sampler, method) -> checkpointing.CheckpointState:
+        """Restore the checkpoint ``--resume out`` names into the run and ``method``; returns its counters."""
+        state = checkpointing.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
+        self.restore_own_state(out, method, state.method_state)
+        return state
 
     def restore_own_state(self, out, method, main_state: dict) -> None:
         """Every process: the method's state and the RNGs from its own state file of the checkpoint
@@ -143,13 +146,14 @@ class FSDPStrategy(Strategy):
         norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def save_checkpoint(self, run, step, tokens, module, optimizer, sampler, method_state) -> Path:
-        return dcp_safe.save(run, step, tokens, module, optimizer, sampler, self.cfg, method_state, self.dist)
+    def save_checkpoint(self, run, state: checkpointing.CheckpointState, *, module, optimizer, sampler) -> Path:
+        return dcp_safe.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg,
+                             d=self.dist)
 
-    def load_checkpoint(self, out, module, optimizer, sampler, method) -> tuple[int, int]:
-        step, tokens, state = dcp_safe.load_latest(out, module, optimizer, sampler)
-        self.restore_own_state(out, method, state)
-        return step, tokens
+    def load_checkpoint(self, out, *, module, optimizer, sampler, method) -> checkpointing.CheckpointState:
+        state = dcp_safe.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
+        self.restore_own_state(out, method, state.method_state)
+        return state
 
     def save_outputs(self, run, mode, module, model_config) -> dict[str, str]:
         """Gather every tensor onto the main process into a plain copy of the module, then let the

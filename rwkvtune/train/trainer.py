@@ -39,11 +39,12 @@ from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode
 from rwkvtune.tokenizer import get_tokenizer
 from rwkvtune.train import checkpointing, run_lock
+from rwkvtune.train.checkpointing import CheckpointState
 from rwkvtune.train.manifest import check_step_within
 from rwkvtune.train.memory import GIB, dry_run_report
 from rwkvtune.train.memory_check import check_memory, memory_report
 from rwkvtune.train.methods import get_method
-from rwkvtune.train.methods.base import StepContext, TrainingMethod
+from rwkvtune.train.methods.base import MetricSums, StepContext, TrainingMethod
 from rwkvtune.train.metrics import MetricsLogger, check_packages
 from rwkvtune.train.objective import TrainModule, count_params
 from rwkvtune.train.optim import lr_at, param_groups, set_lr
@@ -63,7 +64,7 @@ class TrainingDiverged(RwkvtuneError):
     """The loss became NaN or inf."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Run:
     """Everything setup() builds and the loop and finish() use."""
 
@@ -196,9 +197,11 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         strategy.fill(module, mode, model_config)
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
-    step, tokens = 0, 0
-    if resume_dir:
-        step, tokens = strategy.load_checkpoint(resume_dir, module, optimizer, sampler, method)
+    state = CheckpointState(step=0, tokens=0)
+    if resume_dir:  # the method's state too (each process its own)
+        state = strategy.load_checkpoint(resume_dir, module=module, optimizer=optimizer, sampler=sampler,
+                                         method=method)
+    step = state.step
     logger = MetricsLogger(run, cfg, enabled=d.main, resume_step=step if resume_dir else None)
     if resume_dir:
         changes = checkpointing.schedule_changes(resume_dir, cfg)
@@ -206,8 +209,10 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
             logger.log_event(step, {"resumed": True, "schedule_changed": changes})
         if world_change:
             logger.log_event(step, {"resumed": True, "world_size_changed": world_change})
-    r = Run(cfg, model_config, d, device, run, mode, method, train_set, eval_set, sampler, module, runner, strategy,
-            optimizer, logger, autocast_factory(device, cfg.precision), total_steps, tokens_per_step, step, tokens)
+    r = Run(cfg=cfg, model_config=model_config, dist=d, device=device, run=run, mode=mode, method=method,
+            train_set=train_set, eval_set=eval_set, sampler=sampler, module=module, runner=runner, strategy=strategy,
+            optimizer=optimizer, logger=logger, autocast=autocast_factory(device, cfg.precision),
+            total_steps=total_steps, tokens_per_step=tokens_per_step, step=state.step, tokens=state.tokens)
     _announce(r, resume_dir)
     method.setup(r)
     return r
@@ -348,16 +353,15 @@ class _Window:
     """Sums since the last metrics row (log_every steps): the method's sums, loss units, tokens
     run through the model, seconds, and the largest grad norm (the one that shows a spike)."""
 
-    def __init__(self):
+    def __init__(self, sums: MetricSums):
         self.steps, self.grad_norm = 0, None
         self.units = self.tokens_in = self.seconds = 0.0
-        self.sums: dict[str, float] = {}
+        self.sums = sums  # the method's accumulator: it knows what each logged value is a mean over
 
-    def add(self, sums: dict, units: float, tokens_in: float, seconds: float, grad_norm: float | None) -> None:
+    def add(self, sums: MetricSums, units: float, tokens_in: float, seconds: float, grad_norm: float | None) -> None:
         self.steps += 1
         self.units, self.tokens_in, self.seconds = self.units + units, self.tokens_in + tokens_in, self.seconds + seconds
-        for k, v in sums.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums.add(sums)
         if grad_norm is not None:
             self.grad_norm = max(grad_norm, self.grad_norm or 0.0)
 
@@ -366,7 +370,7 @@ def loop(r: Run, stop: GracefulStop, progress: Progress) -> None:
     """Optimizer steps until total_steps; logs, evaluates and saves on schedule; a signal ends it
     after the current step with a checkpoint (:class:`Terminated`). ``progress`` (the logger's)
     is told each step's start, and eval and saving by name."""
-    cfg, window = r.cfg, _Window()
+    cfg, window = r.cfg, _Window(r.method.new_metrics())
     if cfg.eval_on_start and _has_eval(r) and r.step == 0 and 0 not in r.logger.evals:
         r.logger.log_eval(0, evaluate(r))
     stop.in_loop = True
@@ -376,8 +380,8 @@ def loop(r: Run, stop: GracefulStop, progress: Progress) -> None:
         lr = lr_at(r.step, cfg.lr, cfg.lr_final, cfg.warmup_steps, r.total_steps)
         set_lr(r.optimizer, lr)
         sums, units, tokens_in = train_step(r)
-        if not math.isfinite(sums["loss"]):
-            raise TrainingDiverged(diverged_message(r, sums["loss"]))
+        if not math.isfinite(sums.loss):
+            raise TrainingDiverged(diverged_message(r, sums.loss))
         grad_norm = r.strategy.clip_grad_norm(r.module, cfg.grad_clip) if cfg.grad_clip > 0 else None
         r.optimizer.step()
         r.optimizer.zero_grad(set_to_none=True)
@@ -386,11 +390,11 @@ def loop(r: Run, stop: GracefulStop, progress: Progress) -> None:
         window.add(sums, units, tokens_in, time.perf_counter() - t0, grad_norm)
         if r.step % cfg.log_every == 0 or r.step == r.total_steps or stop.requested:
             # Means over the window's loss units; none (null) when the window had no loss units.
-            metrics = r.method.step_metrics(window.sums, window.units) if window.units else dict.fromkeys(window.sums)
+            metrics = window.sums.rows(window.units)
             row = {"step": r.step, **metrics, "lr": lr, "tokens": r.tokens,
                    "tokens_per_s": window.tokens_in / window.seconds, "grad_norm": window.grad_norm}
             r.logger.log_step(row, progress, advance=window.steps)
-            window = _Window()
+            window = _Window(r.method.new_metrics())
         if _has_eval(r) and cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
             r.last_eval = evaluate(r)
             r.logger.log_eval(r.step, r.last_eval)
@@ -438,8 +442,8 @@ def diverged_message(r: Run, loss: float) -> str:
             f"with a lower --lr (this run's peak lr is {lr:g}, e.g. --lr {lr / 2:g})")
 
 
-def train_step(r: Run) -> tuple[dict, float, float]:
-    """Forward and backward of one optimizer step's micro-batches; returns (sums over all ranks,
+def train_step(r: Run) -> tuple[MetricSums, float, float]:
+    """Forward and backward of one optimizer step's micro-batches; returns (metric sums over all ranks,
     loss units, tokens processed). Gradients are those of the step's mean loss."""
     micro = []
     tick = r.logger.tick
@@ -449,27 +453,25 @@ def train_step(r: Run) -> tuple[dict, float, float]:
             r.sampler.advance(1)
     micro = r.method.begin_step(r.module, micro, r.context(step=r.step + 1))
     counts = [r.method.count(b) for b in micro]
-    units, tokens_in = all_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], r.dist, r.device)
+    units, tokens_in = all_sum([sum(c.units for c in counts), sum(c.tokens for c in counts)], r.dist, r.device)
     # DDP averages gradients over ranks: undo that, then divide by the global loss units. (A step
     # without any, e.g. chat windows holding only prompt tokens, has a zero loss and zero gradients.)
     scale = r.dist.world_size / max(1.0, units)
-    totals: dict[str, float] = {}
+    totals = r.method.new_metrics()
     for i, batch in enumerate(micro):
         tick("micro-batch", i, len(micro))
         sums = r.method.forward_backward(r.module, batch, r.context(scale=scale, sync=i == len(micro) - 1,
                                                                     step=r.step + 1))
         tick("micro-batch", i + 1, len(micro))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + v
-    keys = sorted(totals)
-    return dict(zip(keys, all_sum([totals[k] for k in keys], r.dist, r.device))), units, tokens_in
+        totals.add(sums)
+    return totals.reduced(lambda values: all_sum(values, r.dist, r.device)), units, tokens_in
 
 
 def save_checkpoint(r: Run):
     """A resumable checkpoint of this step (every process calls it; the strategy decides who writes)."""
     r.saved_step = r.step
-    return r.strategy.save_checkpoint(r.run, r.step, r.tokens, r.module, r.optimizer, r.sampler,
-                                      r.method.state_dict())
+    state = CheckpointState(step=r.step, tokens=r.tokens, method_state=r.method.state_dict())
+    return r.strategy.save_checkpoint(r.run, state, module=r.module, optimizer=r.optimizer, sampler=r.sampler)
 
 
 def _stop_after_step(r: Run, stop: GracefulStop) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import re
@@ -20,8 +21,9 @@ import yaml
 
 from rwkvtune.bounds import THREADS_PER_CORE, Bound, bound_problems, cpu_cores, max_threads
 from rwkvtune.bounds import clip, shown as show_value
-from rwkvtune.constants import METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES
+from rwkvtune.constants import DATA_FORMAT_ALIASES, METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES
 from rwkvtune.errors import ConfigError
+from rwkvtune.models.rwkv7.method_config import METHOD_SECTIONS, DPOConfig, GRPOConfig, flat_keys
 from rwkvtune.safe_yaml import load_yaml, read_yaml_file
 from rwkvtune.utils import atomic_write_text, check_device
 
@@ -32,14 +34,16 @@ INITS = ("pretrained", "scratch")
 BPTT_MODES = ("truncated", "full")
 DATA_ERROR_POLICIES = ("raise", "skip")
 SAVE_FORMATS = ("pth", "safetensors")
+DATA_FORMATS = tuple(DATA_FORMAT_ALIASES)  # the names data_format takes (aliases of the readers' formats)
+FLAT_KEYS = flat_keys()  # flat recipe key of a method option -> its section(s): beta -> (dpo, grpo)
 MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding takes 0..2**32-1, torch's 64 bits: the common range
 DEFAULT_LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 MAX_STEPS = 10 ** 9  # steps, step intervals: far beyond any run, so that a typo is refused
 
 # The accepted values of every numeric option, checked by ``validate`` (see rwkvtune/bounds.py:
 # finite, of the field's type, in range). Upper limits are far beyond useful values; they catch a
-# typo (1e23, extra zeros) before it overflows in the maths. A method adds its own stricter rules
-# (dpo: beta > 0; grpo: epsilon_high >= epsilon) in its ``problems``.
+# typo (1e23, extra zeros) before it overflows in the maths. The options of a method (dpo, grpo) have
+# their own table and rules beside them, in method_config.py.
 TRAIN_BOUNDS: dict[str, Bound] = {
     "ctx_len": Bound(int, 1, 2 ** 24, optional=True),
     "batch_size": Bound(int, 1, 2 ** 16, optional=True),
@@ -57,21 +61,8 @@ TRAIN_BOUNDS: dict[str, Bound] = {
     "lora_r": Bound(int, 1, 2 ** 16),
     "lora_alpha": Bound(float, 0, 1e6, lo_open=True, note="the LoRA scaling is lora_alpha / lora_r"),
     "lora_dropout": Bound(float, 0, 1, hi_open=True),
-    "beta": Bound(float, 0, 1e4, optional=True),
-    "label_smoothing": Bound(float, 0, 0.5, hi_open=True),
-    "simpo_gamma": Bound(float, 0, 1e4),
-    "reward_weights": Bound(float, -1e6, 1e6, each=True),
-    "num_generations": Bound(int, 2, 2 ** 16, note="advantages compare a group"),
-    "max_completion_length": Bound(int, 1, 2 ** 24),
-    "temperature": Bound(float, 0, 1e4, lo_open=True, note="rollouts are sampled"),
-    "top_p": Bound(float, 0, 1, lo_open=True),
-    "epsilon": Bound(float, 0, 1, lo_open=True, hi_open=True),
-    "epsilon_high": Bound(float, 0, 1e4, lo_open=True, optional=True),
-    "num_iterations": Bound(int, 1, 10 ** 4),
     "eval_tasks_limit": Bound(float, 0, 1e9, lo_open=True, optional=True,
                               note="items per task, or a fraction if < 1"),
-    "reward_timeout": Bound(float, 0, 86400, lo_open=True,
-                            note="seconds a reward function may take per call; at most a day"),
     "threads": Bound(int, 1, max_threads, optional=True,
                      note=f"at most {THREADS_PER_CORE}x the {cpu_cores()} CPU cores here: more only contend, and "
                           f"very many crash torch"),
@@ -119,24 +110,9 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes to wrap
     train_parts: tuple[str, ...] = ()  # also train: "ln", "emb", "head" (lora mode)
-    # ---- preference and reinforcement training (method dpo / grpo; TRL's names) ---------------
-    beta: float | None = None  # dpo: strength of the reference (default 0.1); grpo: KL weight (default 0: no reference pass)
-    loss_type: str | None = None  # dpo: sigmoid, ipo, simpo (default sigmoid); grpo: grpo, dapo, dr_grpo (default dapo)
-    label_smoothing: float = 0.0  # dpo sigmoid: conservative DPO (assumed probability of a flipped label)
-    simpo_gamma: float = 0.5  # dpo simpo: the target reward margin
-    precompute_ref: bool = False  # dpo: reference log-probs computed once before training, cached in the run
-    reward: tuple[str, ...] = ()  # grpo: reward functions (repeatable --reward SPEC; see rwkvtune/train/rewards.py)
-    reward_weights: tuple[float, ...] = ()  # grpo: one weight per reward (default: all 1)
-    reward_timeout: float = 60.0  # grpo: seconds per reward call (and reward file import); past it the run stops
-    num_generations: int = 8  # grpo: completions sampled per prompt (the group)
-    max_completion_length: int = 128  # grpo: most tokens per completion
-    temperature: float = 1.0  # grpo: sampling temperature of the rollouts
-    top_p: float = 1.0  # grpo: nucleus sampling of the rollouts
-    stop: tuple[str, ...] = ()  # grpo: a completion ends at any of these strings (kept in its tokens, cut from its text)
-    epsilon: float = 0.2  # grpo: clipping of the probability ratio (lower side)
-    epsilon_high: float | None = None  # grpo: upper side (DAPO's clip-higher; default: epsilon)
-    num_iterations: int = 1  # grpo: optimizer steps per batch of rollouts (old log-probs stored)
-    scale_rewards: str = "group"  # grpo: advantages divided by the group's std, the batch's, or none
+    # ---- method options (rwkvtune/models/rwkv7/method_config.py) ------------------------------
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)  # method dpo (recipe section dpo:, or flat keys)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)  # method grpo (recipe section grpo:, or flat keys)
     # ---- runtime -----------------------------------------------------------------------------
     device: str = "auto"  # "auto" -> cuda if available else cpu
     strategy: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (sharded, FSDP2)
@@ -165,35 +141,123 @@ class TrainConfig:
         # Where each field set by ``update`` came from ("recipe r.yaml", "command line"), so that
         # ``validate`` can name it; not a dataclass field, so never saved with the config. Kept in
         # the order the fields were last set, so a problem of several fields can blame the one
-        # set last (the command line over a recipe).
+        # set last (the command line over a recipe). A method option is keyed "dpo.beta".
         self.sources: dict[str, str] = {}
+        # The flat keys that two methods share (beta, loss_type) as last given: key -> (value,
+        # source). Each belongs to the section of the run's method, which a later source may still
+        # change (a recipe's beta with --method on the command line): see _place.
+        self._shared: dict[str, tuple[Any, str | None]] = {}
+        self._placed: dict[str, tuple[str, Any]] = {}  # key -> (section it went into, the value it replaced)
+        # Own copies: dataclasses.replace (resolve, tests) passes the same section objects.
+        self.dpo = dataclasses.replace(self.dpo) if isinstance(self.dpo, DPOConfig) else self.dpo
+        self.grpo = dataclasses.replace(self.grpo) if isinstance(self.grpo, GRPOConfig) else self.grpo
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Every key a recipe may use: the fields, and each method option's flat key."""
+        return [n for n in cls.field_names() if n not in METHOD_SECTIONS] + list(FLAT_KEYS)
+
+    def method_options(self):
+        """The options of the run's method (a DPOConfig or GRPOConfig), or None (sft)."""
+        return getattr(self, self.method) if self.method in METHOD_SECTIONS else None
+
     def update(self, values: dict[str, Any], source: str) -> "TrainConfig":
-        """Set fields from a mapping (YAML or overrides); unknown keys and bad types are errors."""
+        """Set fields from a mapping (YAML or overrides); unknown keys and bad types are errors.
+
+        A method option comes as its section (``grpo: {num_generations: 4}``) or as its flat key
+        (``num_generations: 4``); ``beta`` and ``loss_type``, which both methods have, belong to
+        the run's method. The same option given both ways in one mapping with two values is an
+        error; across sources, the later one wins, as for every field."""
         hints = typing.get_type_hints(type(self))
         problems = []
+        sectioned: dict[tuple[str, str], Any] = {}  # (section, name) -> value, given as a section
+        flat: dict[str, Any] = {}  # flat key of a method option -> value
         for key, raw in values.items():
             if not isinstance(key, str):  # YAML reads `1: x` with an int key
                 problems.append(f"{show_value(key)}: expected an option name (a string)")
                 continue
             key = key.replace("-", "_")
+            if key in METHOD_SECTIONS:
+                problems += _read_section(key, raw, sectioned)
+                continue
+            if key.partition(".")[0] in METHOD_SECTIONS:  # grpo.beta=0.04 on the command line
+                section, _, name = key.partition(".")
+                problems += _read_section(section, {name: raw}, sectioned)
+                continue
+            if key in FLAT_KEYS:
+                try:  # None: the default, of the section a shared key (beta) goes to
+                    flat[key] = None if raw is None else _option_value(FLAT_KEYS[key][0], key, raw)
+                except (TypeError, ValueError) as e:
+                    problems.append(f"{key}: {e}")
+                continue
             if key not in hints:
-                close = _suggest(key, self.field_names())
+                close = _suggest(key, self.option_names())
                 problems.append(f"{clip(key)}: unknown option" + (f" (did you mean {close!r}?)" if close else ""))
                 continue
             try:
                 setattr(self, key, _coerce(raw, hints[key]))
-                self.sources.pop(key, None)  # re-inserted last: the most recently set
-                self.sources[key] = source
+                self._mark(key, source)
             except (TypeError, ValueError) as e:
                 problems.append(f"{key}: {e}")
+        # One option given flat and in its section (the section of the run's method, for beta and
+        # loss_type) with two values: which was meant is unknowable.
+        method = self.method if self.method in METHOD_SECTIONS else None
+        for key, value in flat.items():
+            sections = FLAT_KEYS[key] if len(FLAT_KEYS[key]) == 1 else (method,)
+            for section in sections:
+                value = _default_if_none(section, key, value) if section else value
+                if (section, key) in sectioned and sectioned[section, key] != value:
+                    problems.append(f"{key}: found {show_value(value)} as a flat key and "
+                                    f"{show_value(sectioned[section, key])} in the {section} section, expected one "
+                                    f"value; keep one of them")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems) + "; run `rwkvtune train --help` for the options")
+        for (section, name), value in sectioned.items():
+            setattr(getattr(self, section), name, value)
+            self._mark(f"{section}.{name}", source)
+            if self._placed.get(name, (None,))[0] == section:  # an explicit section value replaces a flat one
+                self._shared.pop(name, None)
+                self._placed.pop(name, None)
+        self._set_flat(flat, source)
         return self
+
+    def _mark(self, key: str, source: str | None) -> None:
+        self.sources.pop(key, None)  # re-inserted last: the most recently set
+        if source is not None:
+            self.sources[key] = source
+
+    def _set_flat(self, flat: dict[str, Any], source: str | None) -> None:
+        """Flat method options into their section; the shared ones (beta, loss_type) wait in
+        ``_shared`` and go into the section of the run's method (:meth:`_place`)."""
+        for key, value in flat.items():
+            sections = FLAT_KEYS[key]
+            if len(sections) == 1:
+                setattr(getattr(self, sections[0]), key, _default_if_none(sections[0], key, value))
+                self._mark(f"{sections[0]}.{key}", source)
+            else:
+                self._shared[key] = (value, source)
+        self._place()
+
+    def _place(self) -> None:
+        """Each shared flat key (beta, loss_type) into the section of the current method; one put
+        into another method's section before the method changed is taken back out of it."""
+        target = self.method if self.method in METHOD_SECTIONS else None
+        for key, (value, source) in self._shared.items():
+            placed = self._placed.get(key)
+            if placed is not None and placed[0] != target:
+                setattr(getattr(self, placed[0]), key, placed[1])
+                self.sources.pop(f"{placed[0]}.{key}", None)
+                del self._placed[key]
+            if target is not None:
+                section = getattr(self, target)
+                if key not in self._placed:
+                    self._placed[key] = (target, getattr(section, key))
+                setattr(section, key, _default_if_none(target, key, value))
+                self._mark(f"{target}.{key}", source)
 
     def validate(self, mode_conflicts=(), method_problems=()) -> None:
         """Raise one ConfigError naming every problem. This class is plain data: the rules of its
@@ -215,10 +279,24 @@ class TrainConfig:
             problems.append(f"save_format: found {self.save_format!r}, expected 'pth' or 'safetensors'")
         if self.save_dtype not in SAVE_DTYPES:
             problems.append(f"save_dtype: found {self.save_dtype!r}, expected 'bf16' or 'fp32'")
+        if self.data_format not in DATA_FORMATS:
+            problems.append(f"data_format: found {show_value(self.data_format)}, expected one of "
+                            f"{', '.join(DATA_FORMATS)}")
         out_of_bounds = bound_problems(self, TRAIN_BOUNDS)  # every numeric option
         problems += out_of_bounds
         # Problems of several fields, already naming their sources; the mode knows its own rules.
         conflicts = [self._conflict(shown, why) for shown, why in mode_conflicts]
+        # The method options: every section's values are checked (a bad one is bad whatever the
+        # method), the rules of a method only for its own run. Problems of the run's method's
+        # section read as the flat key ("beta: ..."), the others with their section ("dpo.beta: ...").
+        for section in METHOD_SECTIONS:
+            active = self.method == section
+            found = getattr(self, section).problems(active)
+            out_of_bounds = out_of_bounds or found
+            for p in found:
+                name = p.split(":", 1)[0]
+                where = self.sources.get(f"{section}.{name}", "training config")
+                conflicts.append(f"{where}: {p}" if active else f"{where}: {section}.{p}")
         if self.method not in METHODS:
             problems.append(f"method: found {self.method!r}, expected one of {', '.join(METHODS)}")
         elif not out_of_bounds:  # a method's rules compare numbers that are in their bounds
@@ -293,28 +371,119 @@ class TrainConfig:
     @classmethod
     def field_docs(cls) -> list[tuple[str, str, str]]:
         """(section, field, comment) for every field, in order, from this class's source: the
-        comments above are the one documentation of every option (``rwkvtune train --help-all``).
-        Empty comments where the source cannot be read (a build without .py files)."""
-        try:
-            lines = inspect.getsource(cls).splitlines()
-        except (OSError, TypeError):
-            lines = []
-        section, comments = "", {}
-        for line in lines:
-            head = re.match(r"\s+# -+ (.+?) -+$", line)
-            field = re.match(r"\s{4}(\w+): [^#]*?(?:#\s*(.*))?$", line)
-            if head:
-                section = head.group(1)
-            elif field and not line.lstrip().startswith("def "):
-                comments[field.group(1)] = (section, field.group(2) or "")
-        return [(comments.get(n, ("", ""))[0], n, comments.get(n, ("", ""))[1]) for n in cls.field_names()]
+        comments are the one documentation of every option (``rwkvtune train --help-all``); the
+        method options (:func:`option_docs` of DPOConfig, GRPOConfig) are listed by their own."""
+        return option_docs(cls)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        """Plain data for YAML and JSON: tuples as lists, each method's options as its section."""
+        return _plain(dataclasses.asdict(self))
+
+    def flat_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with each method option as "section.name" (to compare configs key by key)."""
+        out = {}
+        for k, v in self.to_dict().items():
+            if k in METHOD_SECTIONS:
+                out.update({f"{k}.{name}": value for name, value in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    def get(self, key: str) -> Any:
+        """The value of a :meth:`flat_dict` key ("lr", "grpo.epsilon")."""
+        section, _, name = key.rpartition(".")
+        return getattr(getattr(self, section), name) if section else getattr(self, key)
+
+    def set(self, key: str, value: Any) -> None:
+        section, _, name = key.rpartition(".")
+        setattr(getattr(self, section) if section else self, name, value)
 
     def save_yaml(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_flat_options(self, *args, **kwargs) -> None:
+    """TrainConfig(...) also takes the method options by their flat names, as a recipe does
+    (``TrainConfig(method="grpo", num_generations=4)``, ``dataclasses.replace(cfg, beta=0.1)``):
+    each goes into its section (beta and loss_type: the run's method's)."""
+    flat = {k: kwargs.pop(k) for k in list(kwargs) if k in FLAT_KEYS}
+    _dataclass_init(self, *args, **kwargs)
+    if flat:
+        self._set_flat(flat, source=None)
+
+
+TrainConfig.__init__ = _init_with_flat_options
+
+
+def option_docs(cls) -> list[tuple[str, str, str]]:
+    """(section, field, comment) of every field of the dataclass ``cls``, from its source: the
+    ``# ---- name ----`` lines start a section, a field's trailing comment documents it. Empty
+    comments where the source cannot be read (a build without .py files)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    section, comments = "", {}
+    for line in lines:
+        head = re.match(r"\s+# -+ (.+?) -+$", line)
+        field = re.match(r"\s{4}(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if head:
+            section = head.group(1)
+        elif field and not line.lstrip().startswith("def "):
+            comments[field.group(1)] = (section, field.group(2) or "")
+    names = [f.name for f in dataclasses.fields(cls)]
+    return [(comments.get(n, ("", ""))[0], n, comments.get(n, ("", ""))[1]) for n in names]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _default_if_none(section: str, name: str, value: Any) -> Any:
+    """None for a method option that takes no None means its default (``beta: null``, as before
+    the options had sections)."""
+    if value is not None:
+        return value
+    hint = typing.get_type_hints(METHOD_SECTIONS[section])[name]
+    if type(None) in typing.get_args(hint):
+        return None
+    return {f.name: f for f in dataclasses.fields(METHOD_SECTIONS[section])}[name].default
+
+
+def _option_value(section: str, name: str, raw: Any) -> Any:
+    """``raw`` (YAML, command line) as the type of the method option ``section.name``."""
+    if raw is None:
+        return _default_if_none(section, name, None)
+    return _coerce(raw, typing.get_type_hints(METHOD_SECTIONS[section])[name])
+
+
+def _read_section(section: str, raw: Any, into: dict) -> list[str]:
+    """The options of a ``dpo:`` / ``grpo:`` section into ``into[(section, name)]``; returns the
+    problems (unknown names, bad types)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        return [f"{section}: found {show_value(raw)}, expected a mapping of {section} options (e.g. {section}: "
+                f"{{beta: 0.1}})"]
+    names, problems = [f.name for f in dataclasses.fields(METHOD_SECTIONS[section])], []
+    for key, value in raw.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            problems.append(f"{section}.{clip(str(name))}: unknown {section} option"
+                            + (f" (did you mean {close[0]!r}?)" if close else f"; expected one of {', '.join(names)}"))
+            continue
+        try:
+            into[section, name] = _option_value(section, name, value)
+        except (TypeError, ValueError) as e:
+            problems.append(f"{section}.{name}: {e}")
+    return problems
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -8,8 +8,9 @@ accumulation, DDP, resume, logging and outputs. A method says
 * how many loss units a batch holds (:meth:`count`): the denominator of the step's loss over
   every micro-batch of every process, so accumulation and DDP equal one big batch,
 * how one micro-batch's loss is computed and back-propagated (:meth:`forward_backward`), returning
-  sums that the trainer adds up over micro-batches and processes,
-* what to log from those sums (:meth:`step_metrics`) and how to evaluate (:meth:`evaluate`),
+  its :class:`MetricSums` (the method's own subclass: what each logged value is a mean over), which
+  the trainer adds up over micro-batches, processes and steps, then asks for the logged rows,
+* how to evaluate (:meth:`evaluate`),
 * what it must keep in a resumable checkpoint (:meth:`state_dict`).
 """
 
@@ -17,12 +18,59 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, NamedTuple
 
 import torch.nn as nn
 
 from rwkvtune.train.memory_check import run_tokens
 from rwkvtune.train.runtime import gradient_sync
+
+
+class BatchCount(NamedTuple):
+    """What :meth:`TrainingMethod.count` says of a batch."""
+
+    units: float  # loss units: the denominator of the step's loss (tokens, pairs or completions)
+    tokens: float  # tokens the model processes for it (throughput)
+
+
+class MetricSums:
+    """A method's metrics accumulated over micro-batches, processes and the steps of one metrics
+    row. Every entry is a sum: ``sums`` are logged (as means, by :meth:`rows`), ``counts`` are the
+    denominators a method counts itself (GRPO: completion tokens), added up alike but never logged.
+    This default (sft, dpo): every sum is a mean per loss unit of the row (sft: target tokens, dpo:
+    pairs), ``"loss"`` among them. A method whose values are means over something else subclasses
+    it and says so in its :meth:`rows`."""
+
+    def __init__(self, sums: dict[str, float] | None = None, counts: dict[str, float] | None = None):
+        self.sums = dict(sums or {})
+        self.counts = dict(counts or {})
+
+    @property
+    def loss(self) -> float:
+        """The summed loss (what the finiteness check watches)."""
+        return self.sums.get("loss", 0.0)
+
+    def __getitem__(self, name: str) -> float:
+        return self.sums[name]
+
+    def add(self, other: "MetricSums") -> "MetricSums":
+        for mine, theirs in ((self.sums, other.sums), (self.counts, other.counts)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
+        return self
+
+    def reduced(self, all_sum: Callable[[list[float]], list[float]]) -> "MetricSums":
+        """These sums added over every process; ``all_sum`` sums a list of floats over them (every
+        process holds the same names: the same steps sample, the same options apply)."""
+        sums, counts = sorted(self.sums), sorted(self.counts)
+        total = all_sum([self.sums[k] for k in sums] + [self.counts[k] for k in counts])
+        out = type(self)()
+        out.sums, out.counts = dict(zip(sums, total[:len(sums)])), dict(zip(counts, total[len(sums):]))
+        return out
+
+    def rows(self, units: float) -> dict[str, float | None]:
+        """The logged values: each sum per loss unit (None for a row without any)."""
+        return {k: v / units if units else None for k, v in self.sums.items()}
 
 
 def no_tick(what: str, done: int, of: int) -> None:
@@ -57,20 +105,15 @@ class TrainingMethod:
     name = ""
     item_name = "windows"  # what one dataset item is, for people ("pairs", "prompts")
     token_units = True  # whether a loss unit is a token (then the logged token count is the units)
-    DEFAULTS: dict = {}  # defaults of shared options that differ per method (beta, loss_type)
 
     def __init__(self, cfg):
         self.cfg = cfg
 
     @property
-    def beta(self):
-        """The ``beta`` option: the config's, else this method's default (DEFAULTS)."""
-        return self.DEFAULTS.get("beta") if self.cfg.beta is None else self.cfg.beta
-
-    @property
-    def loss_type(self):
-        """The ``loss_type`` option: the config's, else this method's default (DEFAULTS)."""
-        return self.cfg.loss_type or self.DEFAULTS.get("loss_type")
+    def opts(self):
+        """This method's own options (``cfg.dpo``, ``cfg.grpo``; rwkvtune.models.rwkv7.method_config),
+        or None (sft has none)."""
+        return self.cfg.method_options()
 
     @property
     def steps_per_batch(self) -> int:
@@ -79,7 +122,8 @@ class TrainingMethod:
 
     @classmethod
     def problems(cls, cfg) -> list[str]:
-        """This method's configuration problems, each "field: found X, expected Y"."""
+        """This method's problems with the rest of the run (mode, strategy), each "field: found X,
+        expected Y"; its own options' rules are their class's (DPOConfig.problems, ...)."""
         return []
 
     def memory_shape(self, dataset) -> tuple[int, int]:
@@ -112,8 +156,8 @@ class TrainingMethod:
     def collate(self, items: list, device) -> dict:
         raise NotImplementedError
 
-    def count(self, batch: dict) -> tuple[float, float]:
-        """(loss units in the batch, tokens the model processes for it: throughput)."""
+    def count(self, batch: dict) -> BatchCount:
+        """The batch's loss units and the tokens the model processes for it."""
         raise NotImplementedError
 
     def begin_step(self, module, micro_batches: list[dict], ctx: StepContext) -> list[dict]:
@@ -122,14 +166,14 @@ class TrainingMethod:
         (:attr:`steps_per_batch` > 1). Returns the micro-batches to run."""
         return micro_batches
 
-    def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
-        """Forward and backward of one micro-batch; returns sums, ``"loss"`` among them (the summed
-        loss whose gradient was taken, scaled by ``ctx.scale``)."""
+    def forward_backward(self, module, batch: dict, ctx: StepContext) -> MetricSums:
+        """Forward and backward of one micro-batch; returns its metric sums, ``"loss"`` among them
+        (the summed loss whose gradient was taken before scaling by ``ctx.scale``)."""
         raise NotImplementedError
 
-    def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
-        """Logged values from sums over a step (or several): by default every sum per loss unit."""
-        return {k: v / units for k, v in sums.items()}
+    def new_metrics(self) -> MetricSums:
+        """An empty accumulator of this method's metric sums (the trainer adds each micro-batch's)."""
+        return MetricSums()
 
     def evaluate(self, module, dataset, ctx: StepContext) -> dict:
         raise NotImplementedError

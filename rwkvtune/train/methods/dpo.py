@@ -22,11 +22,12 @@ from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.data.preference import PreferenceDataset, collate_pairs, read_pairs
 from rwkvtune.errors import ConfigError
 from rwkvtune.io.safetensors_io import load_safetensors, save_safetensors
-from rwkvtune.train.methods.base import TrainingMethod
+from rwkvtune.models.rwkv7.method_config import DPO_LOSS_TYPES, DPOConfig
+from rwkvtune.train.methods.base import BatchCount, MetricSums, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.runtime import all_sum_tensor
 
-LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+LOSS_TYPES = DPO_LOSS_TYPES
 
 
 class PreferenceLoss(NamedTuple):
@@ -64,18 +65,12 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return token_logps.sum(-1), scored.sum(-1)
 
 
-def _check_options(loss_type: str, beta: float, label_smoothing: float) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ConfigError(f"dpo loss_type: expected one of {', '.join(LOSS_TYPES)}, found {loss_type!r}; pick one")
-    if not beta > 0:
-        raise ConfigError(f"dpo beta: expected a number > 0, found {beta!r}; TRL's default is 0.1 (simpo: 2.0 "
-                          f"in the SimPO paper)")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ConfigError(f"dpo label_smoothing: expected 0 <= value < 0.5 (the probability that a preference "
-                          f"label is wrong), found {label_smoothing!r}; use 0 to turn it off")
-    if loss_type == "ipo" and label_smoothing > 0:
-        raise ConfigError(f"dpo label_smoothing: loss_type 'ipo' has no label smoothing (TRL ignores it), found "
-                          f"{label_smoothing!r}; set label_smoothing 0 or use loss_type 'sigmoid'")
+def _check_options(loss_type: str, beta: float, label_smoothing: float, simpo_gamma: float) -> None:
+    """The rules of a dpo run's options (DPOConfig's: one set, the config's and this function's)."""
+    problems = DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                         simpo_gamma=simpo_gamma).problems()
+    if problems:
+        raise ConfigError(f"dpo {problems[0]}; pass values that a dpo run's config accepts")
 
 
 def _need(name: str, loss_type: str, value):
@@ -114,7 +109,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     Token counts below 1 count as 1 (a pair with an empty completion does not divide by zero).
     """
-    _check_options(loss_type, beta, label_smoothing)
+    _check_options(loss_type, beta, label_smoothing, simpo_gamma)
     pi_c, pi_r = policy_chosen_logps, policy_rejected_logps
     if loss_type == "simpo":
         n_c = _need("chosen_n_tokens", loss_type, chosen_n_tokens).to(pi_c.dtype).clamp(min=1.0)
@@ -180,7 +175,6 @@ class DPO(TrainingMethod):
     name = "dpo"
     item_name = "pairs"
     token_units = False  # a loss unit is a pair; the logged token count is the tokens processed
-    DEFAULTS = {"beta": 0.1, "loss_type": "sigmoid"}
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -190,19 +184,9 @@ class DPO(TrainingMethod):
     # -- configuration
     @classmethod
     def problems(cls, cfg) -> list[str]:
-        out = []
-        loss_type = cfg.loss_type or cls.DEFAULTS["loss_type"]
-        if loss_type not in LOSS_TYPES:
-            out.append(f"loss_type: found {loss_type!r}, expected one of {', '.join(LOSS_TYPES)} for method dpo")
-        beta = cls.DEFAULTS["beta"] if cfg.beta is None else cfg.beta
-        if not beta > 0:
-            out.append(f"beta: found {beta}, expected > 0 for method dpo (the strength of the preference)")
-        if loss_type != "simpo":
-            out += reference_problems(cfg, "method dpo")
-        if loss_type == "ipo" and cfg.label_smoothing:
-            out.append("label_smoothing: ipo has no label smoothing (TRL ignores it); set it to 0 or use loss_type "
-                       "sigmoid")
-        return out
+        # The options' own rules (beta > 0, loss_type, label_smoothing with ipo) are DPOConfig's,
+        # checked by TrainConfig.validate; what is left depends on the mode and strategy.
+        return reference_problems(cfg, "method dpo") if cfg.dpo.loss_type != "simpo" else []
 
     # -- data
     def build_datasets(self, tokenizer, vocab_size: int):
@@ -212,22 +196,22 @@ class DPO(TrainingMethod):
     def collate(self, items: list, device) -> dict:
         return collate_pairs(items, device)
 
-    def count(self, batch: dict) -> tuple[float, float]:
-        return float(batch["input_ids"].shape[0] // 2), float(batch["input_ids"].numel())
+    def count(self, batch: dict) -> BatchCount:
+        return BatchCount(units=float(batch["input_ids"].shape[0] // 2), tokens=float(batch["input_ids"].numel()))
 
     def memory_shape(self, dataset) -> tuple[int, int]:
         # chosen and rejected run together, each whole (one graph through every ctx_len chunk)
         return 2, max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in dataset.pairs)
 
     def keeps_reference_copy(self, mode) -> bool:
-        return mode.trains_base and self.loss_type != "simpo" and not self.cfg.precompute_ref
+        return mode.trains_base and self.opts.loss_type != "simpo" and not self.opts.precompute_ref
 
     # -- the reference
     def setup(self, r) -> None:
         """Prepare the reference before the first step (see the class docstring)."""
-        if self.loss_type == "simpo":
+        if self.opts.loss_type == "simpo":
             return
-        if self.cfg.precompute_ref:
+        if self.opts.precompute_ref:
             self._precompute(r)
         else:
             self.reference.setup(r)
@@ -247,7 +231,7 @@ class DPO(TrainingMethod):
     @torch.no_grad()
     def _reference(self, module, batch: dict, ctx, split: str) -> torch.Tensor | None:
         """Reference log-probs [2B] (chosen, then rejected), or None for simpo."""
-        if self.loss_type == "simpo":
+        if self.opts.loss_type == "simpo":
             return None
         if split in self.ref_cache:
             rows = self.ref_cache[split][batch["index"]]  # [B, 2]
@@ -285,8 +269,8 @@ class DPO(TrainingMethod):
         logps = -policy_nll
         ref = self._reference(module, batch, ctx, split)
         result = dpo_loss(logps[:B], logps[B:], None if ref is None else ref[:B], None if ref is None else ref[B:],
-                          self.beta, self.loss_type, self.cfg.label_smoothing, chosen_n_tokens=n[:B],
-                          rejected_n_tokens=n[B:], simpo_gamma=self.cfg.simpo_gamma)
+                          self.opts.beta, self.opts.loss_type, self.opts.label_smoothing, chosen_n_tokens=n[:B],
+                          rejected_n_tokens=n[B:], simpo_gamma=self.opts.simpo_gamma)
         loss = result.losses.sum()
         # Beside TRL's metrics: pairs whose chosen completion the policy alone finds more likely per
         # token (no reference): chance for an untrained model, whatever the reward accuracy says.
@@ -294,12 +278,12 @@ class DPO(TrainingMethod):
         mine = float((per_token[:B] > per_token[B:]).float().sum())
         return loss, {"loss": float(loss.detach()), **preference_sums(result), "policy_accuracy": mine}
 
-    def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
+    def forward_backward(self, module, batch: dict, ctx) -> MetricSums:
         with ctx.sync_context(ctx.sync):
             nll = self._nll(module, batch["input_ids"], batch["labels"], ctx, via=ctx.runner)
             loss, sums = self._loss(module, batch, ctx, "train", nll)
             (loss * ctx.scale).backward()
-        return sums
+        return MetricSums(sums)  # every value a mean per pair
 
     @torch.no_grad()
     def evaluate(self, module, dataset, ctx) -> dict:

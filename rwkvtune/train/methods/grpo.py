@@ -17,7 +17,7 @@ from rwkvtune.data.collate import right_pad
 from rwkvtune.data.prompts import PromptDataset, read_prompts
 from rwkvtune.errors import CheckpointError, DataError
 from rwkvtune.generate import generate_batch
-from rwkvtune.train.methods.base import TrainingMethod
+from rwkvtune.train.methods.base import BatchCount, MetricSums, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.progress import write
 from rwkvtune.train.policy_loss import (  # noqa: F401  (re-exported: the maths under the method's name)
@@ -63,14 +63,13 @@ class GRPO(TrainingMethod):
     name = "grpo"
     item_name = "prompts"
     token_units = False
-    DEFAULTS = {"beta": 0.0, "loss_type": "dapo"}
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.rewards = parse_rewards(cfg.reward) if cfg.reward else []
+        self.rewards = parse_rewards(cfg.grpo.reward) if cfg.grpo.reward else []
         # Every reward runs in a worker process, started now so that a reward file that fails (or
         # hangs) at import stops the run before the model loads; closed by close().
-        self.worker = start_rewards(self.rewards, cfg.reward_timeout) if self.rewards else None
+        self.worker = start_rewards(self.rewards, cfg.grpo.reward_timeout) if self.rewards else None
         self.warned: set[str] = set()  # reward functions whose invalid values were reported
         self.reference = Reference()
         self.buffer: list[dict] = []  # rollout micro-batches of the current batch of prompts
@@ -79,27 +78,13 @@ class GRPO(TrainingMethod):
 
     @classmethod
     def problems(cls, cfg) -> list[str]:
-        out = []
-        if not cfg.reward:
-            out.append("reward: missing; method grpo needs at least one --reward SPEC (e.g. exact_match:answer)")
-        if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
-            out.append(f"reward_weights: found {len(cfg.reward_weights)} weight(s) for {len(cfg.reward)} reward(s), "
-                       f"expected one per --reward")
-        if (cfg.loss_type or cls.DEFAULTS["loss_type"]) not in LOSS_TYPES:
-            out.append(f"loss_type: found {cfg.loss_type!r}, expected one of {', '.join(LOSS_TYPES)} for method grpo")
-        if cfg.scale_rewards not in SCALE_REWARDS:
-            out.append(f"scale_rewards: found {cfg.scale_rewards!r}, expected one of {', '.join(SCALE_REWARDS)}")
-        # num_generations, temperature, top_p, epsilon, beta, ...: their ranges are TrainConfig's
-        # TRAIN_BOUNDS (checked before this); what is left depends on several fields.
-        if cfg.beta:
-            out += reference_problems(cfg, "method grpo with beta > 0")
-        if cfg.epsilon_high is not None and not cfg.epsilon_high >= cfg.epsilon:
-            out.append(f"epsilon_high: found {cfg.epsilon_high}, expected >= epsilon ({cfg.epsilon})")
-        return out
+        # The options' own rules (reward, bounds, epsilon_high >= epsilon, ...) are GRPOConfig's,
+        # checked by TrainConfig.validate; what is left depends on the mode and strategy.
+        return reference_problems(cfg, "method grpo with beta > 0") if cfg.grpo.beta else []
 
     @property
     def steps_per_batch(self) -> int:
-        return self.cfg.num_iterations
+        return self.opts.num_iterations
 
     def close(self) -> None:
         if self.worker is not None:
@@ -121,21 +106,21 @@ class GRPO(TrainingMethod):
     def collate(self, items: list, device) -> dict:
         return {"records": [it["record"] for it in items], "index": torch.tensor([it["index"] for it in items])}
 
-    def count(self, batch: dict) -> tuple[float, float]:
+    def count(self, batch: dict) -> BatchCount:
         mask = batch["labels"] != IGNORE_INDEX
-        units = mask.sum() if self.loss_type == "dapo" else mask.shape[0]
-        return float(units), float(batch["input_ids"].numel())
+        units = mask.sum() if self.opts.loss_type == "dapo" else mask.shape[0]
+        return BatchCount(units=float(units), tokens=float(batch["input_ids"].numel()))
 
     def memory_shape(self, dataset) -> tuple[int, int]:
         # a prompt's G completions train together, each prompt + completion in one graph
-        return self.cfg.num_generations, max(len(r.ids) for r in dataset.records) + self.cfg.max_completion_length
+        return self.opts.num_generations, max(len(r.ids) for r in dataset.records) + self.opts.max_completion_length
 
     def keeps_reference_copy(self, mode) -> bool:
-        return mode.trains_base and self.beta != 0
+        return mode.trains_base and self.opts.beta != 0
 
     def setup(self, r) -> None:
         self.run = r
-        if self.beta != 0:
+        if self.opts.beta != 0:
             self.reference.setup(r)
 
     # -- rollouts
@@ -154,7 +139,7 @@ class GRPO(TrainingMethod):
         """G completions per record, decoded together; returns (completions, seconds). ``tick``:
         a StepContext's, told each decoded position (a long rollout shows progress)."""
         cfg = self.cfg
-        sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
+        sampling = dict(temperature=0.0) if greedy else dict(temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p)
         was_training = module.training
         module.eval()  # no dropout while sampling
         t0 = time.perf_counter()
@@ -163,8 +148,8 @@ class GRPO(TrainingMethod):
         try:
             with decoding:
                 out = generate_batch(_Policy(module), self.tokenizer, [r.ids.tolist() for r in records],
-                                     samples_per_prompt=G, max_tokens=cfg.max_completion_length, top_k=0,
-                                     presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.stop),
+                                     samples_per_prompt=G, max_tokens=cfg.grpo.max_completion_length, top_k=0,
+                                     presence_penalty=0.0, frequency_penalty=0.0, stop=tuple(cfg.grpo.stop),
                                      on_token=(lambda t, n: tick("rollout token", t, n)) if tick else None, **sampling)
         finally:
             module.train(was_training)
@@ -173,7 +158,7 @@ class GRPO(TrainingMethod):
     def _score(self, records, completions) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [records[c.prompt_index].text for c in completions]
         fields = {k: [records[c.prompt_index].fields[k] for c in completions] for k in records[0].fields}
-        weights = list(self.cfg.reward_weights) or [1.0] * len(self.rewards)
+        weights = list(self.opts.reward_weights) or [1.0] * len(self.rewards)
         total, per_fn = compute_rewards(self.rewards, weights, prompts, [c.text for c in completions], fields)
         self._warn_invalid(per_fn)
         return total, per_fn
@@ -191,28 +176,28 @@ class GRPO(TrainingMethod):
 
     def _sample(self, module, micro_batches: list[dict], ctx) -> list[dict]:
         """Rollouts for every prompt of this step's micro-batches, as one rollout micro-batch each."""
-        cfg, G = self.cfg, self.cfg.num_generations
+        cfg, G = self.cfg, self.opts.num_generations
         records = [rec for b in micro_batches for rec in b["records"]]
         completions, seconds = self._generate(module, records, G, tick=ctx.tick)
         total, per_fn = self._score(records, completions)
-        advantages = _advantages(total, G, cfg.scale_rewards, self.run)
+        advantages = _advantages(total, G, cfg.grpo.scale_rewards, self.run)
         out, start = [], 0
         for k, b in enumerate(micro_batches):
             rows = slice(start * G, (start + len(b["records"])) * G)
             start += len(b["records"])
             batch = _sequences(records, completions[rows], ctx.device)
             batch["advantages"] = advantages[rows].to(ctx.device)
-            if cfg.num_iterations > 1 or self.beta != 0:
+            if cfg.grpo.num_iterations > 1 or self.opts.beta != 0:
                 ctx.tick("log-prob pass", k, len(micro_batches))
             with torch.no_grad():
-                if cfg.num_iterations > 1:  # the policy that sampled, before any update on these rollouts
+                if cfg.grpo.num_iterations > 1:  # the policy that sampled, before any update on these rollouts
                     batch["old_logps"] = -_token_nll(module, batch, ctx, cfg)
-                if self.beta != 0:
+                if self.opts.beta != 0:
                     with self.reference.active(module, ctx.mode) as ref:
                         batch["ref_logps"] = -_token_nll(ref, batch, ctx, cfg)
             out.append(batch)
         out[0]["rollout_sums"] = _rollout_sums(total, per_fn, [f.name for f in self.rewards], completions, G,
-                                               cfg.scale_rewards, seconds)
+                                               cfg.grpo.scale_rewards, seconds)
         self._log_rollouts(ctx.step, records, completions, total, per_fn, advantages)
         return out
 
@@ -250,25 +235,28 @@ class GRPO(TrainingMethod):
         out["eval_prompts"] = len(records)
         return out
 
-    def forward_backward(self, module, batch: dict, ctx) -> dict[str, float]:
+    def forward_backward(self, module, batch: dict, ctx) -> GRPOMetrics:
         with ctx.sync_context(ctx.sync):
             logps = -_token_nll(module, batch, ctx, self.cfg, via=ctx.runner)
             mask = batch["labels"] != IGNORE_INDEX
             B = mask.shape[0]
-            loss, metrics = grpo_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"], mask,
-                                      self.cfg.epsilon, self.cfg.epsilon_high, self.beta, self.loss_type,
-                                      self.cfg.max_completion_length, num_items_in_batch=1.0)
+            o = self.opts
+            loss, metrics = grpo_loss(logps=logps, old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
+                                      advantages=batch["advantages"], mask=mask, epsilon=o.epsilon,
+                                      epsilon_high=o.epsilon_high, beta=o.beta, loss_type=o.loss_type,
+                                      max_completion_length=o.max_completion_length, num_items_in_batch=1.0)
             # The trainer divides by the loss units of the whole global batch: hand it a sum.
-            loss_sum = loss if self.loss_type == "dapo" else loss * B
+            loss_sum = loss if self.opts.loss_type == "dapo" else loss * B
             (loss_sum * ctx.scale).backward()
         n_tok = float(mask.sum())
-        sums = {"loss": float(loss_sum.detach()), "_tokens": n_tok, "_completions": float(B)}
-        sums.update({k: v * n_tok for k, v in metrics.items() if k.endswith("_mean") or k == "kl"})
-        sums.update(batch.get("rollout_sums", {}))
-        return sums
+        out = GRPOMetrics({"loss": float(loss_sum.detach())}, {"tokens": n_tok, "completions": float(B)})
+        out.sums.update({k: metrics[k] * n_tok for k in GRPOMetrics.TOKEN_MEANS if k in metrics})
+        if "rollout_sums" in batch:  # the first micro-batch of a step that sampled
+            out.add(_rollout_metrics(batch["rollout_sums"]))
+        return out
 
-    def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
-        return _step_metrics(sums, units, [f.name for f in self.rewards])
+    def new_metrics(self) -> GRPOMetrics:
+        return GRPOMetrics()
 
     @torch.no_grad()
     def evaluate(self, module, dataset, ctx) -> dict:
@@ -277,12 +265,12 @@ class GRPO(TrainingMethod):
     def state_dict(self) -> dict:
         # Rollouts still to be used by later steps of this batch (num_iterations > 1) must survive a
         # kill: a resumed run continues with the same rollouts, as the uninterrupted one.
-        return {"buffer": self.buffer} if self.cfg.num_iterations > 1 else {}
+        return {"buffer": self.buffer} if self.opts.num_iterations > 1 else {}
 
     def load_state_dict(self, state: dict) -> None:
         """The stored rollouts, checked: read from a file, they must be what :meth:`_sample` makes."""
         buffer = state.get("buffer", []) if isinstance(state, dict) else None
-        problem = _buffer_problem(buffer, self.cfg, self.beta, getattr(self, "vocab_size", None))
+        problem = _buffer_problem(buffer, self.cfg, self.opts.beta, getattr(self, "vocab_size", None))
         if problem:
             raise CheckpointError(f"stored GRPO rollouts (method state): {problem}; the file is damaged or was not "
                                   f"written by rwkvtune train: move this checkpoint away to resume from the one "
@@ -311,7 +299,7 @@ def _token_nll(module, batch: dict, ctx, cfg, via=None) -> torch.Tensor:
     for s in range(0, ids.shape[1], cfg.ctx_len):
         with ctx.autocast():
             nll, state = module.token_nll(ids[:, s:s + cfg.ctx_len], labels[:, s:s + cfg.ctx_len], state,
-                                          temperature=cfg.temperature, via=via)
+                                          temperature=cfg.grpo.temperature, via=via)
         parts.append(nll)
     return torch.cat(parts, 1)
 
@@ -329,20 +317,75 @@ def _advantages(total: torch.Tensor, G: int, scale_rewards: str, run) -> torch.T
     return centred / (everyone.std() + 1e-4)
 
 
+class GRPOMetrics(MetricSums):
+    """GRPO's metric sums and what each logged value is a mean over (TRL's names):
+
+    * ``loss``: per loss unit of the row (completion tokens for dapo, completions otherwise);
+    * ``kl``, ``clip_ratio/*_mean``: token means, weighted by the count ``tokens`` (completion
+      tokens trained on, on every step);
+    * per batch of rollouts (the steps that sample, every num_iterations): ``reward``,
+      ``frac_reward_zero_std``, ``completion_length`` and ``rewards/NAME/invalid_frac`` per sampled
+      completion (count ``rollout_completions``), ``reward_std`` per group (``rollout_groups``),
+      ``rewards/NAME/mean`` per valid value of that function (``valid/NAME``), and
+      ``rollout_tokens_per_s``: completion tokens per second of sampling (``rollout_seconds``).
+    """
+
+    TOKEN_MEANS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+    PER_COMPLETION = ("reward", "frac_reward_zero_std", "completion_length")
+
+    def rows(self, units: float) -> dict[str, float | None]:
+        s, c = self.sums, self.counts
+        out = {"loss": s.get("loss", 0.0) / units if units else None}
+        tokens = max(c.get("tokens", 0.0), 1.0)
+        out.update({k: s[k] / tokens for k in self.TOKEN_MEANS if k in s})
+        n = c.get("rollout_completions", 0.0)
+        if n:  # steps that sampled
+            out.update({k: s[k] / n for k in self.PER_COMPLETION if k in s})
+            out["reward_std"] = s["reward_std"] / max(c.get("rollout_groups", 0.0), 1.0)
+            for name in [k[len("rewards/"):-len("/mean")] for k in s if k.startswith("rewards/") and
+                         k.endswith("/mean")]:
+                valid = c.get(f"valid/{name}", n)  # absent in rollouts stored by an older version
+                out[f"rewards/{name}/mean"] = s[f"rewards/{name}/mean"] / valid if valid else None
+                out[f"rewards/{name}/invalid_frac"] = s.get(f"rewards/{name}/invalid_frac", 0.0) / n
+            out["rollout_tokens_per_s"] = s["completion_length"] / max(c.get("rollout_seconds", 0.0), 1e-9)
+        return out
+
+
 def _rollout_sums(total, per_fn, names, completions, G: int, scale_rewards: str, seconds: float) -> dict:
-    """Sums (over completions or groups) of what TRL logs per batch of rollouts."""
+    """Sums (over completions or groups) of what TRL logs per batch of rollouts, and their counts
+    (see GRPOMetrics), as plain data: they travel with the stored rollouts into a checkpoint."""
     grouped = total.view(-1, G)
-    sums = {"_r_completions": float(total.numel()), "_r_groups": float(grouped.shape[0]),
-            "reward": float(total.sum()), "reward_std": float(grouped.std(1).sum()) if G > 1 else 0.0,
+    sums = {"reward": float(total.sum()), "reward_std": float(grouped.std(1).sum()) if G > 1 else 0.0,
             "frac_reward_zero_std": float(reward_metrics(total, G, scale_rewards)["frac_reward_zero_std"]
                                           * total.numel()),
-            "completion_length": float(sum(len(c.token_ids) for c in completions)),
-            "_r_seconds": seconds}
+            "completion_length": float(sum(len(c.token_ids) for c in completions))}
+    counts = {"rollout_completions": float(total.numel()), "rollout_groups": float(grouped.shape[0]),
+              "rollout_seconds": seconds}
     for j, name in enumerate(names):  # invalid values (NaN) are out of the mean, and counted
         sums[f"rewards/{name}/mean"] = float(per_fn[:, j].nansum())
-        sums[f"_r_valid/{name}"] = float((~per_fn[:, j].isnan()).sum())
+        counts[f"valid/{name}"] = float((~per_fn[:, j].isnan()).sum())
         sums[f"rewards/{name}/invalid_frac"] = float(per_fn[:, j].isnan().sum())
-    return sums
+    return {"sums": sums, "counts": counts}
+
+
+# The counts of rollouts stored by an older version (one flat mapping, counts marked "_r_").
+_OLD_COUNTS = {"_r_completions": "rollout_completions", "_r_groups": "rollout_groups", "_r_seconds": "rollout_seconds"}
+
+
+def _rollout_metrics(stored: dict) -> GRPOMetrics:
+    """The GRPOMetrics of a batch's rollouts, from :func:`_rollout_sums` (or an older checkpoint's
+    flat mapping)."""
+    if "sums" in stored:
+        return GRPOMetrics(stored["sums"], stored["counts"])
+    sums, counts = {}, {}
+    for k, v in stored.items():
+        if k in _OLD_COUNTS:
+            counts[_OLD_COUNTS[k]] = v
+        elif k.startswith("_r_valid/"):
+            counts["valid/" + k[len("_r_valid/"):]] = v
+        else:
+            sums[k] = v
+    return GRPOMetrics(sums, counts)
 
 
 def _buffer_problem(buffer, cfg, beta, vocab_size: int | None) -> str | None:
@@ -366,8 +409,9 @@ def _buffer_problem(buffer, cfg, beta, vocab_size: int | None) -> str | None:
             return (f"{where} input_ids {ids.dtype} {list(ids.shape)} and labels {labels.dtype} {list(labels.shape)}, "
                     f"expected int64 [rows, tokens] of the same shape")
         rows = ids.shape[0]
-        if rows == 0 or rows % cfg.num_generations:
-            return f"{where} holds {rows} rollouts, expected a multiple of num_generations {cfg.num_generations}"
+        if rows == 0 or rows % cfg.grpo.num_generations:
+            return (f"{where} holds {rows} rollouts, expected a multiple of num_generations "
+                    f"{cfg.grpo.num_generations}")
         top = vocab_size if vocab_size is not None else 2 ** 62
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= top):
             return f"{where} input_ids has token ids outside [0, {top})"
@@ -380,31 +424,18 @@ def _buffer_problem(buffer, cfg, beta, vocab_size: int | None) -> str | None:
                 return f"{where} {name} is {t.dtype} {list(t.shape)}, expected floating point {shape}"
             if not bool(torch.isfinite(t).all()):
                 return f"{where} {name} holds non-finite values (NaN or inf)"
-        sums = b.get("rollout_sums", {})
-        if not isinstance(sums, dict) or not all(isinstance(k, str) and type(v) in (int, float)
-                                                 for k, v in sums.items()):
+        stored = b.get("rollout_sums", {})
+        # {"sums": table, "counts": table} (_rollout_sums), or one table (an older version's)
+        tables = [stored.get("sums"), stored.get("counts")] if isinstance(stored, dict) and set(stored) == {
+            "sums", "counts"} else [stored]
+        if not all(_number_table(t) for t in tables):
             return f"{where} rollout_sums is not a table of names to numbers"
     return None
 
 
+def _number_table(t) -> bool:
+    return isinstance(t, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in t.items())
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-def _step_metrics(sums: dict[str, float], units: float, names: list[str]) -> dict[str, float]:
-    """Logged values: the loss per unit, token means of the KL and clip ratios, rollout means."""
-    out = {"loss": sums["loss"] / units}
-    tokens = max(sums.get("_tokens", 0.0), 1.0)
-    out.update({k: v / tokens for k, v in sums.items() if k == "kl" or k.startswith("clip_ratio/")})
-    n, groups = sums.get("_r_completions", 0.0), sums.get("_r_groups", 0.0)
-    if n:  # steps that sampled (every num_iterations)
-        out["reward"] = sums["reward"] / n
-        out["reward_std"] = sums["reward_std"] / max(groups, 1.0)
-        for name in names:
-            valid = sums.get(f"_r_valid/{name}", n)  # absent in rollouts stored by an older version
-            out[f"rewards/{name}/mean"] = sums[f"rewards/{name}/mean"] / valid if valid else None
-            out[f"rewards/{name}/invalid_frac"] = sums.get(f"rewards/{name}/invalid_frac", 0.0) / n
-        out["frac_reward_zero_std"] = sums["frac_reward_zero_std"] / n
-        out["completion_length"] = sums["completion_length"] / n
-        out["rollout_tokens_per_s"] = sums["completion_length"] / max(sums["_r_seconds"], 1e-9)
-    return out

@@ -21,7 +21,7 @@ import torch
 
 from rwkvtune.constants import IGNORE_INDEX
 from rwkvtune.train.data import build_dataset, collate
-from rwkvtune.train.methods.base import StepContext, TrainingMethod
+from rwkvtune.train.methods.base import BatchCount, MetricSums, StepContext, TrainingMethod
 
 L2WRAP = 1e-4  # the reference trainer's L2Wrap coefficient
 
@@ -35,10 +35,11 @@ class SFT(TrainingMethod):
     def collate(self, items: list, device) -> dict:
         return collate(items, device)
 
-    def count(self, batch: dict) -> tuple[float, float]:
-        return float(int((batch["labels"] != IGNORE_INDEX).sum())), float(batch["input_ids"].numel())
+    def count(self, batch: dict) -> BatchCount:
+        return BatchCount(units=float(int((batch["labels"] != IGNORE_INDEX).sum())),
+                          tokens=float(batch["input_ids"].numel()))
 
-    def forward_backward(self, module, batch: dict, ctx: StepContext) -> dict[str, float]:
+    def forward_backward(self, module, batch: dict, ctx: StepContext) -> MetricSums:
         cfg = ctx.cfg
         idx, labels, starts = batch["input_ids"], batch["labels"], batch.get("doc_start")
         T = idx.shape[1]
@@ -67,7 +68,7 @@ class SFT(TrainingMethod):
         if graph_loss is not None:
             with ctx.sync_context(ctx.sync):
                 (graph_loss * ctx.scale).backward()
-        return {"loss": total}
+        return MetricSums({"loss": total})
 
     @torch.no_grad()
     def evaluate(self, module, dataset, ctx: StepContext) -> dict:
