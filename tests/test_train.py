@@ -757,7 +757,7 @@ def test_header_says_up_to_and_counts_layer0_v_as_unused(data, tmp_path, capsys)
     err = capsys.readouterr().err
     trainable = sum(p.numel() for p in RWKV7.from_checkpoint(data["ckpt"]).parameters()) - 544
     assert (f"{trainable:,} trainable / 0 frozen params (+544 unused layer-0 v-residual params)" in err
-            and "1 steps of up to 32 tokens" in err), err
+            and "1 step of up to 32 tokens" in err), err
     res = _cli("train", "--model", data["ckpt"], "--data", data["text"], "--out", str(tmp_path / "d"), "--ctx-len",
                "16", "--batch-size", "2", "--dry-run", "--json")
     report = json.loads(res.stdout)
