@@ -10,6 +10,7 @@ import sys
 
 from rwkvtune.bounds import THREADS_PER_CORE
 from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
+from rwkvtune.constants import MODE_DEFAULT_LR, SCRATCH_LR
 from rwkvtune.errors import RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, parse_overrides
 from rwkvtune.safe_yaml import read_yaml_file
@@ -20,14 +21,17 @@ from rwkvtune.train.memory import dry_run_text
 TRAIN_FLAGS = [
     ("--model", str, "registry name (0.1b), .pth checkpoint or .json config"),
     ("--data", str, "training data: .jsonl (text/chat/prompt-response) or binidx prefix"),
-    ("--out", str, "run directory (default: out); must be new, empty, or a run of this tool (it holds "
-                   "rwkvtune-run.json): any other directory is refused, never overwritten"),
+    ("--out", str, "run directory (default: a new runs/<model>-<mode>-<method>-<YYYYmmdd-HHMMSS>, said at the "
+                   "start); must be new, empty, or a run of this tool (it holds rwkvtune-run.json): any other "
+                   "directory is refused, never overwritten"),
     ("--init", str, "pretrained (load the model file) or scratch (official init)"),
     ("--mode", str, "full, lora or state"),
     ("--ctx-len", int, "tokens per window (default: model's recommended)"),
     ("--batch-size", int, "micro-batch per process (default: model's recommended)"),
     ("--grad-accum", int, "micro-batches per optimizer step"),
-    ("--lr", float, "peak learning rate (default: model's recommended)"),
+    ("--lr", float, f"peak learning rate (default by --mode: lora {MODE_DEFAULT_LR['lora']:g}, state "
+                    f"{MODE_DEFAULT_LR['state']:g}, full the model's recommended_lr, or {SCRATCH_LR:g} with --init "
+                    f"scratch; the run says which it used)"),
     ("--lr-final", float, "final learning rate of the cosine (default: lr/10)"),
     ("--warmup-steps", int, "linear warmup steps"),
     ("--max-steps", int, "optimizer steps (default: --epochs over the data)"),
@@ -165,15 +169,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # a bad recipe or override fails before torch is imported
     from rwkvtune.train import trainer
     from rwkvtune.train.checkpointing import run_dir_of
+    from rwkvtune.train.signals import interrupted_message
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt as e:
-        run = RunDir(run_dir_of(cfg.resume) if cfg.resume else cfg.out)
-        if run.checkpoint_files():
-            raise KeyboardInterrupt(f"the checkpoints in {run.checkpoints} are kept; resume with: "
-                                    f"rwkvtune train --resume {run.path}") from e
-        raise KeyboardInterrupt("no checkpoint was saved yet, so there is nothing to resume; rerun the command "
-                                "to start again") from e
+        if str(e):  # train() named the run's directory (a default --out is only known there)
+            raise
+        out = run_dir_of(cfg.resume) if cfg.resume else cfg.out
+        raise KeyboardInterrupt(interrupted_message(RunDir(out) if out else None)) from e
     if not _main_rank():
         return 0
     if args.dry_run:
