@@ -1,6 +1,7 @@
 """Defaults of ``rwkvtune train`` that work the first time (issue 22): a learning rate per mode that
 learns, said with where it came from, and a fresh run directory when --out is not given."""
 
+import argparse
 import json
 import os
 import re
@@ -136,3 +137,50 @@ def test_default_out_under_torchrun_is_refused_naming_out(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"^out: missing under torchrun.*pass --out DIR"):
         default_out(TrainConfig(), ModelConfig.from_name("0.1b"))
+
+
+# ---- flags: no abbreviations, a guess for a typo, key=value anywhere --------------------------------
+@pytest.mark.parametrize("argv, line", [
+    # a prefix was silently taken for the flag; now it is an unknown flag, with the one it looks like
+    (["train", "--max-step", "5"], "rwkvtune train: error: unrecognized arguments: --max-step (did you mean "
+                                   "--max-steps?) (see rwkvtune train --help)"),
+    (["train", "--lerning-rate", "1"], "rwkvtune train: error: unrecognized arguments: --lerning-rate "
+                                       "(see rwkvtune train --help)"),  # nothing close: no guess
+    (["train", "--ctx-lne", "8", "--mdoe", "lora"], "rwkvtune train: error: unrecognized arguments: --ctx-lne "
+     "--mdoe lora (did you mean --ctx-len for --ctx-lne, --mode for --mdoe?) (see rwkvtune train --help)"),
+    (["generate", "--model", "x.pth", "--promt", "p"], "rwkvtune generate: error: unrecognized arguments: --promt "
+                                                       "p (did you mean --prompt?) (see rwkvtune generate --help)"),
+    (["models", "show", "0.1b", "--jsn"], "rwkvtune models show: error: unrecognized arguments: --jsn (did you "
+                                          "mean --json?) (see rwkvtune models show --help)"),
+    (["--vers"], "rwkvtune: error: unrecognized arguments: --vers (did you mean --version?) (see rwkvtune --help)"),
+])
+def test_unknown_and_abbreviated_flags_are_refused_with_a_guess(capsys, argv, line):
+    from rwkvtune.cli import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_no_parser_takes_abbreviations():
+    from rwkvtune.cli import COMMANDS, build_parser
+
+    for cmd in COMMANDS:
+        parser = build_parser([cmd.name])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        todo = [parser, sub.choices[cmd.name]]
+        while todo:
+            p = todo.pop()
+            assert p.allow_abbrev is False, p.prog
+            todo += [q for a in p._actions if isinstance(a, argparse._SubParsersAction)
+                     for q in a.choices.values()]
+
+
+def test_key_value_is_taken_after_flags_too(data, tmp_path, capsys):
+    from rwkvtune.cli import main
+
+    assert main(["train", "--model", data["ckpt"], "lr=3e-3", "--data", data["text"], "--out", str(tmp_path / "o"),
+                 "warmup_steps=0", "--mode", "lora", "lora_r=4", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    c = report["config"]
+    assert (c["lr"], c["warmup_steps"], c["lora_r"], c["mode"]) == (3e-3, 0, 4, "lora")
+    assert report["origins"] == {"lr": "lr=... on the command line", "out": "--out"}

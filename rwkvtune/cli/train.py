@@ -15,6 +15,7 @@ from rwkvtune.errors import RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, parse_overrides
 from rwkvtune.safe_yaml import read_yaml_file
 from rwkvtune.train.run_dir import RunDir
+from rwkvtune.train.signals import interrupted_message
 from rwkvtune.train.memory import dry_run_text
 
 # Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
@@ -169,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # a bad recipe or override fails before torch is imported
     from rwkvtune.train import trainer
     from rwkvtune.train.checkpointing import run_dir_of
-    from rwkvtune.train.signals import interrupted_message
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt as e:
