@@ -184,3 +184,29 @@ def test_key_value_is_taken_after_flags_too(data, tmp_path, capsys):
     c = report["config"]
     assert (c["lr"], c["warmup_steps"], c["lora_r"], c["mode"]) == (3e-3, 0, 4, "lora")
     assert report["origins"] == {"lr": "lr=... on the command line", "out": "--out"}
+
+
+def test_ctrl_c_in_a_run_without_out_names_its_default_directory(data, tmp_path, monkeypatch, capsys):
+    """Only train() knows a default run directory: an immediate Ctrl-C after a checkpoint names it
+    and the command that resumes it (the CLI knew only --out)."""
+    import rwkvtune.train.trainer as trainer_mod
+    from rwkvtune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    real_lr_at = trainer_mod.lr_at
+
+    def interrupt_at_third_step(step, *a):
+        if step == 2:
+            raise KeyboardInterrupt  # a second Ctrl-C: no step to finish
+        return real_lr_at(step, *a)
+
+    monkeypatch.setattr(trainer_mod, "lr_at", interrupt_at_third_step)
+    assert main(["train", "--model", data["ckpt"], "--data", data["text"], "--ctx-len", "8", "--batch-size", "2",
+                 "--max-steps", "4", "--save-every", "2", "--warmup-steps", "0", "tensorboard=false"]) == 130
+    [run] = (tmp_path / "runs").iterdir()
+    err = capsys.readouterr().err
+    assert (f"stopped by Ctrl-C; the checkpoints in runs/{run.name}/checkpoints are kept; resume with: rwkvtune "
+            f"train --resume runs/{run.name}") in err, err[-1000:]
+    monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
+    assert main(["train", "--resume", f"runs/{run.name}"]) == 0
+    assert len(train_losses(run)) == 4

@@ -356,7 +356,8 @@ def default_out(cfg: TrainConfig, model_config, now: float | None = None) -> str
     with -2, -3, ... added when that exists (two runs in one second). Under torchrun every process
     would pick its own name (clocks straddle a second; one sees the other's directory), so there
     --out is required."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    world = os.environ.get("WORLD_SIZE", "1").strip()  # set by torchrun
+    if world.isdigit() and int(world) > 1:
         raise ConfigError("out: missing under torchrun, where each process would name its own default run "
                           "directory; pass --out DIR (the same on every process)")
     model = re.sub(r"[^a-z0-9._]+", "-", str(model_config.model_name).lower()).strip("-.") or "model"
