@@ -65,6 +65,11 @@ def test_help_all_states_the_real_rule(capsys):
     assert "lr=null  [--lr]" in text
     assert "lora 1e-4, state 1e-2, full the model's recommended_lr (init scratch: 6e-4)" in text
     assert "recommended_lr (state mode: 1e-2)" not in text  # the old rule, which left out LoRA and scratch
+    from rwkvtune.cli import main
+
+    assert main(["train", "--help"]) == 0
+    assert ("--lr LR peak learning rate (default by --mode: lora 1e-4, state 1e-2, full the model's recommended_lr, "
+            "or 6e-4 with --init scratch; the run says which it used)") in " ".join(capsys.readouterr().out.split())
 
 
 def test_tiny_lora_run_with_the_default_lr_learns_where_the_old_default_barely_moved(data, tmp_path, capsys):

@@ -18,6 +18,11 @@ from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.signals import interrupted_message
 from rwkvtune.train.memory import dry_run_text
 
+def _e(lr: float) -> str:
+    """A learning rate as people write it: 1e-4, 6e-4."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
 # Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
 TRAIN_FLAGS = [
     ("--model", str, "registry name (0.1b), .pth checkpoint or .json config"),
@@ -30,9 +35,9 @@ TRAIN_FLAGS = [
     ("--ctx-len", int, "tokens per window (default: model's recommended)"),
     ("--batch-size", int, "micro-batch per process (default: model's recommended)"),
     ("--grad-accum", int, "micro-batches per optimizer step"),
-    ("--lr", float, f"peak learning rate (default by --mode: lora {MODE_DEFAULT_LR['lora']:g}, state "
-                    f"{MODE_DEFAULT_LR['state']:g}, full the model's recommended_lr, or {SCRATCH_LR:g} with --init "
-                    f"scratch; the run says which it used)"),
+    ("--lr", float, f"peak learning rate (default by --mode: lora {_e(MODE_DEFAULT_LR['lora'])}, state "
+                    f"{_e(MODE_DEFAULT_LR['state'])}, full the model's recommended_lr, or {_e(SCRATCH_LR)} with "
+                    f"--init scratch; the run says which it used)"),
     ("--lr-final", float, "final learning rate of the cosine (default: lr/10)"),
     ("--warmup-steps", int, "linear warmup steps"),
     ("--max-steps", int, "optimizer steps (default: --epochs over the data)"),
