@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import os
+import re
 import sys
 import time
 import traceback
@@ -77,21 +79,59 @@ class _Parser(argparse.ArgumentParser):
     which would name ``rwkvtune`` for ``rwkvtune train --bogus``; the innermost parser that was
     used is in the namespace as ``_command_parser``. Sub-parsers are of this class too
     (``add_subparsers`` makes its parsers with the type of the parser it is called on).
+
+    A prefix of a flag is not taken for the flag (``allow_abbrev=False``: ``--max-step 5`` was
+    silently ``--max-steps``, and a new flag would change what a prefix means); an unknown flag is
+    refused with the closest flag of its command. ``key=value`` overrides (a command's positional
+    ``overrides``) are taken anywhere on the line, also after a flag, where argparse leaves them over.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if DEBUG_FLAG in extras:  # the global flag given after the command (`rwkvtune train --debug`)
             extras = [a for a in extras if a != DEBUG_FLAG]
             parsed.debug = True
+        if extras and "overrides" in vars(parsed):
+            # argparse gives a `nargs="*"` positional its turn once, before the first flag when the
+            # line starts with one: key=value items after a flag come back unparsed
+            overrides = [a for a in extras if _KEY_VALUE.match(a)]
+            parsed.overrides = list(parsed.overrides or []) + overrides
+            extras = [a for a in extras if not _KEY_VALUE.match(a)]
         if extras:
-            getattr(parsed, "_command_parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+            parser = getattr(parsed, "_command_parser", self)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{_guess_flags(parser, extras)}")
         return parsed
 
     def error(self, message):
         # argparse prints the whole usage first (20 lines for train), which buries the one line
         # that matters; the usage is one --help away.
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+_KEY_VALUE = re.compile(r"[A-Za-z_][\w.-]*=")  # an override such as lr=1e-4 (never a flag or a path)
+
+
+def _guess_flags(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """The guess for the unknown flags in ``extras`` that are close to one of
+    ``parser``'s (typos, a dropped letter): " (did you mean --max-steps?)", or "" when none is."""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    guesses = []
+    for arg in extras:
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        if close:
+            guesses.append((flag, close[0]))
+    if not guesses:
+        return ""
+    if len(guesses) == 1:
+        return f" (did you mean {guesses[0][1]}?)"
+    return " (did you mean " + ", ".join(f"{c} for {f}" for f, c in guesses) + "?)"
 
 
 # Handlers and argument definitions live in one module per command group under rwkvtune/cli/;

@@ -10,25 +10,35 @@ import sys
 
 from rwkvtune.bounds import THREADS_PER_CORE
 from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
+from rwkvtune.constants import MODE_DEFAULT_LR, SCRATCH_LR
 from rwkvtune.errors import RwkvtuneError
 from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, option_docs, parse_overrides
 from rwkvtune.models.rwkv7.method_config import METHOD_SECTIONS
 from rwkvtune.safe_yaml import read_yaml_file
 from rwkvtune.train.run_dir import RunDir
+from rwkvtune.train.signals import interrupted_message
 from rwkvtune.train.memory import dry_run_text
+
+def _e(lr: float) -> str:
+    """A learning rate as people write it: 1e-4, 6e-4."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
 
 # Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
 TRAIN_FLAGS = [
     ("--model", str, "registry name (0.1b), .pth checkpoint or .json config"),
     ("--data", str, "training data: .jsonl (text/chat/prompt-response) or binidx prefix"),
-    ("--out", str, "run directory (default: out); must be new, empty, or a run of this tool (it holds "
-                   "rwkvtune-run.json): any other directory is refused, never overwritten"),
+    ("--out", str, "run directory (default: a new runs/<model>-<mode>-<method>-<YYYYmmdd-HHMMSS>, said at the "
+                   "start); must be new, empty, or a run of this tool (it holds rwkvtune-run.json): any other "
+                   "directory is refused, never overwritten"),
     ("--init", str, "pretrained (load the model file) or scratch (official init)"),
     ("--mode", str, "full, lora or state"),
     ("--ctx-len", int, "tokens per window (default: model's recommended)"),
     ("--batch-size", int, "micro-batch per process (default: model's recommended)"),
     ("--grad-accum", int, "micro-batches per optimizer step"),
-    ("--lr", float, "peak learning rate (default: model's recommended)"),
+    ("--lr", float, f"peak learning rate (default by --mode: lora {_e(MODE_DEFAULT_LR['lora'])}, state "
+                    f"{_e(MODE_DEFAULT_LR['state'])}, full the model's recommended_lr, or {_e(SCRATCH_LR)} with "
+                    f"--init scratch; the run says which it used)"),
     ("--lr-final", float, "final learning rate of the cosine (default: lr/10)"),
     ("--warmup-steps", int, "linear warmup steps"),
     ("--max-steps", int, "optimizer steps (default: --epochs over the data)"),
@@ -184,12 +194,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.train(cfg, dry_run=args.dry_run)
     except KeyboardInterrupt as e:
-        run = RunDir(run_dir_of(cfg.resume) if cfg.resume else cfg.out)
-        if run.checkpoint_files():
-            raise KeyboardInterrupt(f"the checkpoints in {run.checkpoints} are kept; resume with: "
-                                    f"rwkvtune train --resume {run.path}") from e
-        raise KeyboardInterrupt("no checkpoint was saved yet, so there is nothing to resume; rerun the command "
-                                "to start again") from e
+        if str(e):  # train() named the run's directory (a default --out is only known there)
+            raise
+        out = run_dir_of(cfg.resume) if cfg.resume else cfg.out
+        raise KeyboardInterrupt(interrupted_message(RunDir(out) if out else None)) from e
     if not _main_rank():
         return 0
     if args.dry_run:

@@ -467,6 +467,12 @@ def _verdict(report: dict) -> str:
     return line
 
 
+def _origin(report: dict, field: str) -> str:
+    """Where a value of the dry run came from, as " (LoRA default)", or "" when the report does not say."""
+    origin = (report.get("origins") or {}).get(field)
+    return f" ({origin})" if origin else ""
+
+
 def dry_run_text(report: dict) -> str:
     """What ``rwkvtune train --dry-run`` prints for people: the verdict first, then the setup in a
     few lines and the warnings the run would start with; the full report is ``--json``."""
@@ -478,12 +484,12 @@ def dry_run_text(report: dict) -> str:
         f"  data      {cfg['data']}: {report['train_windows']:,} {report.get('item_name', 'windows')} (ctx_len "
         f"{cfg['ctx_len']}), batch_size {cfg['batch_size']} x grad_accum {cfg['grad_accum']} per step",
         f"  schedule  {report['total_steps']} steps ({'--max-steps' if cfg.get('max_steps') else str(cfg['epochs']) + ' epoch(s)'}), "
-        f"lr {cfg['lr']:g} -> {cfg['lr_final']:g} (cosine), warmup {cfg['warmup_steps']} steps",
+        f"lr {cfg['lr']:g}{_origin(report, 'lr')} -> {cfg['lr_final']:g} (cosine), warmup {cfg['warmup_steps']} steps",
         f"  memory    {report['memory_estimate_gib']:.1f} GiB per process"
         + (f", peak at {est['phase']}" if est.get("phase") else "")
         + (f", host RAM {est['host_gib']:.1f} GiB" if est.get("host_gib") and report["device"] != "cpu" else "")
         + (f"; {avail:.1f} GiB available on {report['device']}" if avail else f"; on {report['device']}"),
-        f"  run       --out {cfg['out']}, precision {cfg['precision']}, save_every {cfg['save_every']}",
+        f"  run       --out {cfg['out']}{_origin(report, 'out')}, precision {cfg['precision']}, save_every {cfg['save_every']}",
     ]
     lines += report.get("warnings") or []
     lines.append("full report (every setting, the model's dims, the memory terms): add --json")

@@ -72,6 +72,14 @@ class GracefulStop:
         raise Terminated(message, signum)
 
 
+def interrupted_message(run_dir) -> str:
+    """What an immediate Ctrl-C leaves: the checkpoints of ``run_dir`` (a RunDir, None when the run's
+    directory is not known yet) and the command that resumes them, or that there is nothing to resume."""
+    if run_dir is not None and run_dir.checkpoint_files():
+        return f"the checkpoints in {run_dir.checkpoints} are kept; resume with: rwkvtune train --resume {run_dir.path}"
+    return "no checkpoint was saved yet, so there is nothing to resume; rerun the command to start again"
+
+
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[GracefulStop]:
     """Install a :class:`GracefulStop` for SIGTERM and SIGINT while the block runs (main thread

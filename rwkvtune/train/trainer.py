@@ -53,7 +53,7 @@ from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.runtime import Dist, agree, all_sum, autocast_factory, select_device, setup_distributed
 from rwkvtune.train.setup_checks import (check_model_file, check_out_dir, ctx_warnings, data_warnings,
                                          out_dir_problem, schedule_warnings, validate_config)
-from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop
+from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop, interrupted_message
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
 from rwkvtune.train.task_eval import check_eval_tasks, run_eval_tasks
@@ -103,15 +103,20 @@ def train(cfg: TrainConfig, dry_run: bool = False) -> dict:
     :class:`Terminated` (see :class:`rwkvtune.train.signals.GracefulStop`).
     """
     with graceful_stop() as stop, contextlib.ExitStack() as cleanup:
-        run = setup(cfg, dry_run, stop, cleanup)
-        if isinstance(run, dict):  # a dry run's report, or a finished run's summary
-            return run
-        # On any error: flush TensorBoard, mark the wandb run failed; the progress line is closed
-        # first, so it is never redrawn after an error line.
-        with run.logger, run.logger.progress(run.total_steps, initial=run.step) as progress:
-            loop(run, stop, progress)
-            with progress.phase("finishing (final eval, outputs)"):
-                return finish(run)
+        try:
+            run = setup(cfg, dry_run, stop, cleanup)
+            if isinstance(run, dict):  # a dry run's report, or a finished run's summary
+                return run
+            # On any error: flush TensorBoard, mark the wandb run failed; the progress line is closed
+            # first, so it is never redrawn after an error line.
+            with run.logger, run.logger.progress(run.total_steps, initial=run.step) as progress:
+                loop(run, stop, progress)
+                with progress.phase("finishing (final eval, outputs)"):
+                    return finish(run)
+        except KeyboardInterrupt as e:  # an immediate Ctrl-C: only here is the run's directory known
+            if str(e):
+                raise
+            raise KeyboardInterrupt(interrupted_message(stop.run_dir)) from e
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -183,6 +188,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
                           total_steps, len(train_set), method_shape)
         if out_note:
             report["out_problem"] = out_note
+        report["origins"] = dict(cfg.origins)  # where lr and out came from (e.g. "LoRA default")
         # What the run would warn about at its start; the CLI prints the report (memory.dry_run_text).
         report.update(item_name=method.item_name, warnings=(
             data_warnings(cfg, len(train_set), sampler.global_batch) + schedule_warnings(cfg, total_steps)
@@ -321,6 +327,13 @@ def threads_origin(threads: int | None) -> str:
     return f"from OMP_NUM_THREADS={env}{by}; set with --threads"
 
 
+def run_origins(cfg: TrainConfig) -> str:
+    """The learning rate and run directory with where each came from (a default is said as one)."""
+    origins = getattr(cfg, "origins", {})
+    lr = f"lr {cfg.lr:g}" + (f" ({origins['lr']})" if "lr" in origins else "") + f", lr_final {cfg.lr_final:g}"
+    return f"{lr}; run directory {cfg.out}" + (f" ({origins['out']})" if "out" in origins else "")
+
+
 def _announce(r: Run, resume_dir: str | None) -> None:
     """Save the resolved config and say what runs (main process only)."""
     if not r.dist.main:
@@ -336,6 +349,7 @@ def _announce(r: Run, resume_dir: str | None) -> None:
                   + (f" of up to {plural(r.tokens_per_step, 'token')}" if r.method.token_units else ""))
     r.logger.info(f"device {r.device}, precision {cfg.precision}, {plural(torch.get_num_threads(), 'CPU thread')} "
                   f"({threads_origin(cfg.threads)})")
+    r.logger.info(run_origins(cfg))
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
                       f"{checkpointing.resume_checkpoint(resume_dir)})")

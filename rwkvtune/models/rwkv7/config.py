@@ -12,7 +12,9 @@ import difflib
 import functools
 import inspect
 import math
+import os
 import re
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import yaml
 
 from rwkvtune.bounds import THREADS_PER_CORE, Bound, bound_problems, cpu_cores, max_threads
 from rwkvtune.bounds import clip, shown as show_value
-from rwkvtune.constants import DATA_FORMAT_ALIASES, METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES
+from rwkvtune.constants import DATA_FORMAT_ALIASES, METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES, SCRATCH_LR
 from rwkvtune.errors import ConfigError
 from rwkvtune.models.rwkv7.method_config import METHOD_SECTIONS, DPOConfig, GRPOConfig, flat_keys
 from rwkvtune.safe_yaml import load_yaml, read_yaml_file
@@ -89,7 +91,7 @@ class TrainConfig:
     ctx_len: int | None = None  # tokens per window; None -> model's recommended_ctx_len
     batch_size: int | None = None  # micro-batch per process; None -> recommended_batch_size
     grad_accum: int = 1  # micro-batches per optimizer step (same result as a batch that large)
-    lr: float | None = None  # peak learning rate; None -> recommended_lr (state mode: 1e-2)
+    lr: float | None = None  # peak learning rate; None -> the mode's default: lora 1e-4, state 1e-2, full the model's recommended_lr (init scratch: 6e-4)
     lr_final: float | None = None  # end of the cosine; None -> lr / 10
     warmup_steps: int = 10  # linear warmup from 0.01*lr (reference trainer's multiplier)
     max_steps: int | None = None  # optimizer steps; None -> epochs over the data
@@ -123,7 +125,7 @@ class TrainConfig:
     wkv_backend: str = "auto"  # WKV kernel: "auto" (fla on CUDA when installed, else chunked), or one by name
     threads: int | None = None  # CPU threads of torch's ops (torch.set_num_threads); None: torch's default
     # ---- outputs -----------------------------------------------------------------------------
-    out: str = "out"  # the run directory (see rwkvtune/train/run_dir.py); never overwritten
+    out: str | None = None  # the run directory (see rwkvtune/train/run_dir.py), never overwritten; None -> a new runs/<model>-<mode>-<method>-<time>
     save_every: int = 50  # optimizer steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     eval_every: int = 0  # 0: evaluate only at the end (if eval_data)
@@ -151,6 +153,8 @@ class TrainConfig:
         # Own copies: dataclasses.replace (resolve, tests) passes the same section objects.
         self.dpo = dataclasses.replace(self.dpo) if isinstance(self.dpo, DPOConfig) else self.dpo
         self.grpo = dataclasses.replace(self.grpo) if isinstance(self.grpo, GRPOConfig) else self.grpo
+        # Where resolve() took lr and out from, said at the start of a run ("--lr", "LoRA default").
+        self.origins: dict[str, str] = {}
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -346,8 +350,12 @@ class TrainConfig:
         # The recommendation, but never beyond the context the model was trained with (its release's ctx<N>).
         c.ctx_len = c.ctx_len or min(model_config.recommended_ctx_len, model_config.ctx_len or math.inf)
         c.batch_size = c.batch_size or model_config.recommended_batch_size
-        if c.lr is None:
-            c.lr = MODE_DEFAULT_LR.get(c.mode) or (model_config.recommended_lr if c.init == "pretrained" else 6e-4)
+        c.sources = dict(self.sources)
+        c.lr, c.origins["lr"] = default_lr(c, model_config) if c.lr is None else (c.lr, _given(self, "lr", "--lr"))
+        if c.out is None:
+            c.out, c.origins["out"] = default_out(c, model_config), "default: a new directory; --out names one"
+        else:
+            c.origins["out"] = _given(self, "out", "--out")
         if c.lr_final is None:
             c.lr_final = c.lr / 10
         if c.device == "auto":
@@ -484,6 +492,51 @@ def _read_section(section: str, raw: Any, into: dict) -> list[str]:
         except (TypeError, ValueError) as e:
             problems.append(f"{section}.{name}: {e}")
     return problems
+
+
+def default_lr(cfg: TrainConfig, model_config) -> tuple[float, str]:
+    """The peak lr of a run that sets none, and what it is: the mode's entry of MODE_DEFAULT_LR, or
+    for a full fine-tune the model's recommended_lr (SCRATCH_LR from scratch)."""
+    lr = MODE_DEFAULT_LR.get(cfg.mode)
+    if lr is not None:
+        return lr, {"lora": "LoRA default", "state": "state-tuning default"}.get(cfg.mode, f"{cfg.mode} default")
+    if cfg.init == "scratch":
+        return SCRATCH_LR, "default for init scratch"
+    return model_config.recommended_lr, f"{model_config.model_name}'s recommended_lr"
+
+
+def _given(cfg: TrainConfig, field: str, flag: str) -> str:
+    """Where a field the user set came from, as a run's first lines say it."""
+    source = cfg.sources.get(field)
+    if source == "command line":
+        return flag
+    if source == "command line (key=value)":
+        return f"{field}=... on the command line"
+    if source is None:
+        return "set in the config"
+    return source if source.startswith("recipe ") else f"from {source}"  # e.g. a resumed run's checkpoints
+
+
+RUNS_DIR = "runs"  # where runs without --out go, under the current directory
+
+
+def default_out(cfg: TrainConfig, model_config, now: float | None = None) -> str:
+    """A new run directory for a run without --out: runs/<model>-<mode>-<method>-<YYYYmmdd-HHMMSS>,
+    with -2, -3, ... added when that exists (two runs in one second). Under torchrun every process
+    would pick its own name (clocks straddle a second; one sees the other's directory), so there
+    --out is required."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()  # set by torchrun
+    if world.isdigit() and int(world) > 1:
+        raise ConfigError("out: missing under torchrun, where each process would name its own default run "
+                          "directory; pass --out DIR (the same on every process)")
+    model = re.sub(r"[^a-z0-9._]+", "-", str(model_config.model_name).lower()).strip("-.") or "model"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = os.path.join(RUNS_DIR, f"{model[:64]}-{cfg.mode}-{cfg.method}-{stamp}")
+    path, n = base, 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
