@@ -124,7 +124,7 @@ def _cannot_learn(cfg, total_steps: int) -> str:
 
     if warmup >= steps:
         reached = max(lr_at(s, cfg.lr, cfg.lr_final, warmup, steps) for s in range(steps))
-        head = (f"warning: warmup_steps {warmup} >= the run's {steps} steps: the learning rate only reaches "
+        head = (f"warning: warmup_steps {warmup} >= the run's {plural(steps, 'step')}: the learning rate only reaches "
                 f"{reached:.3g} of its peak {cfg.lr:g}, so the loss may barely move")
     else:
         runs = f"--max-steps {steps}" if per_epoch is None else f"{cfg.epochs} epoch(s) of {per_epoch} step(s)"
