@@ -5,3 +5,17 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("RWKV_V7_ON", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _messages_to_stderr():
+    """Every test starts with messages going to stderr: a progress line a test left open (its run
+    raised, or it built one by hand) must not swallow the next test's messages."""
+    from rwkvtune import log
+
+    log.set_sink(None)
+    yield
+    log.set_sink(None)

@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 from rwkvtune.errors import ConfigError
@@ -158,7 +157,7 @@ class MetricsLogger:
     def progress(self, total: int, initial: int = 0) -> Progress:
         """The run's progress line on stderr (a no-op on processes other than the main one); what
         :meth:`tick` reports to until it is closed."""
-        self.bar = Progress(total, initial, enabled=self.enabled, stream=sys.stderr)
+        self.bar = Progress(total, initial, enabled=self.enabled)
         return self.bar
 
     def phase(self, what: str):

@@ -63,7 +63,7 @@ class Progress:
                  unit: str = "step"):
         self.total, self.initial, self.n, self.current = total, initial, initial, initial
         self.enabled, self.unit = enabled, unit
-        self.stream = stream if stream is not None else sys.stderr
+        self._stream = stream  # None: sys.stderr as it is at each write (a test, or a redirect, may replace it)
         self.tty = bool(tty) if tty is not None else _isatty(self.stream)
         self.clock, self.min_interval, self.heartbeat = clock, min_interval, heartbeat
         self.start = self.step_start = self.last_line = clock()
@@ -143,6 +143,10 @@ class Progress:
             if self.tty and not self.closed:
                 self._draw()
             self.last_line = self.clock()
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
 
     def _sink_write(self, message: str) -> None:
         """The log's sink while this line is open (a message during training)."""
