@@ -54,6 +54,7 @@ from rwkvtune.hub_releases import RepoFile, list_repo_files
 from rwkvtune.configs.detect import detect
 from rwkvtune.io.layout import LAYER0_V_KEYS
 from rwkvtune.configs.model_loader import ModelConfig
+from rwkvtune.utils import fsync_tree
 
 # The names of rwkvtune.io.hf_layout, which imports torch: this module must not at import.
 CONFIG_NAME = "config.json"
@@ -276,17 +277,6 @@ def _check_model(staging: Path, where: str) -> None:
                               f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _locked(work: Path, slug: str, folder: Path) -> Iterator[None]:
     import filelock
@@ -408,7 +398,7 @@ def _install(base: Path, staging: Path, folder: Path, record: RepoRecord, aside:
     with --force, is moved aside first and deleted once the new one is in place). Recording first: a
     record without its folder only means "download again"."""
     try:
-        _fsync_tree(staging)
+        fsync_tree(staging)
         repo_records.record(base, record)
         folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists() or folder.is_symlink():

@@ -4,6 +4,7 @@ one-line errors of failed reads and writes."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import secrets
@@ -219,3 +220,35 @@ def plural(n: int, noun: str, nouns: str | None = None, grouped: bool = False) -
     """A count with its noun in the right number: '1 window', '2 windows', '0 windows' (``nouns``
     for an irregular plural; ``grouped``: thousands separators, '51,339 tokens')."""
     return (f"{n:,}" if grouped else f"{n}") + " " + (noun if n == 1 else nouns or noun + "s")
+
+
+def read_json_records(path: Path, fmt: str, key: str, what: str, fix: str) -> list | None:
+    """The ``key`` list of a records file written by rwkvtune (a JSON object with ``"format": fmt``),
+    or None when the file does not exist. Unreadable, invalid or differently shaped: one ConfigError
+    naming ``path`` (``what``: e.g. "the release records"; ``fix``: what to do). The entries are the
+    caller's to check."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror or type(e).__name__}); {fix}") from e
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from e
+    if not isinstance(raw, dict) or raw.get("format") != fmt or not isinstance(raw.get(key), list):
+        raise ConfigError(f"{path}: expected a JSON object with \"format\": {fmt!r} and a \"{key}\" list; {fix}")
+    return raw[key]
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk, before a rename makes them visible."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

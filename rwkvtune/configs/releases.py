@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from rwkvtune.errors import ConfigError
-from rwkvtune.utils import atomic_write_text
+from rwkvtune.utils import atomic_write_text, read_json_records
 
 RECORDS_NAME = "rwkvtune-releases.json"
 RECORDS_FORMAT = "rwkvtune-releases-v1"
@@ -119,21 +119,11 @@ def read_records(directory: str | os.PathLike) -> list[Release]:
     sha256 is a one-line ConfigError naming the file and entry."""
     path = records_path(directory)
     fix = "fix or delete it (it is rewritten by `rwkvtune models download SIZE --latest`)"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    entries = read_json_records(path, RECORDS_FORMAT, "releases", "the release records", fix)
+    if entries is None:
         return []
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the release records ({e.strerror or type(e).__name__}); {fix}") from e
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from e
-    if not isinstance(raw, dict) or raw.get("format") != RECORDS_FORMAT or not isinstance(raw.get("releases"), list):
-        raise ConfigError(f"{path}: expected a JSON object with \"format\": {RECORDS_FORMAT!r} and a \"releases\" "
-                          f"list; {fix}")
     out = []
-    for i, entry in enumerate(raw["releases"]):
+    for i, entry in enumerate(entries):
         where = f"{path}: releases[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: found {type(entry).__name__}, expected an object; {fix}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rwkvtune.configs.model_loader import _source_problem
 from rwkvtune.errors import ConfigError
-from rwkvtune.utils import atomic_write_text
+from rwkvtune.utils import atomic_write_text, read_json_records
 
 RECORDS_NAME = "rwkvtune-repos.json"
 RECORDS_FORMAT = "rwkvtune-repos-v1"
@@ -91,22 +91,11 @@ def read_records(directory: str | os.PathLike) -> list[RepoRecord]:
     type, an invalid repository id or commit, an unsafe file name or a malformed checksum is a
     one-line ConfigError naming the file and entry."""
     path = records_path(directory)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    entries = read_json_records(path, RECORDS_FORMAT, "repos", "the repository records", _FIX)
+    if entries is None:
         return []
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the repository records ({e.strerror or type(e).__name__}); "
-                          f"{_FIX}") from e
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}); {_FIX}") from e
-    if not isinstance(raw, dict) or raw.get("format") != RECORDS_FORMAT or not isinstance(raw.get("repos"), list):
-        raise ConfigError(f"{path}: expected a JSON object with \"format\": {RECORDS_FORMAT!r} and a \"repos\" "
-                          f"list; {_FIX}")
     out = []
-    for i, entry in enumerate(raw["repos"]):
+    for i, entry in enumerate(entries):
         where = f"{path}: repos[{i}]"
         if not isinstance(entry, dict) or set(entry) != {"repo", "revision", "commit", "files"}:
             raise ConfigError(f"{where}: expected an object with repo, revision, commit, files; {_FIX}")

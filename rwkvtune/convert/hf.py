@@ -74,7 +74,7 @@ from rwkvtune.io.safetensors_io import (
 )
 from rwkvtune.tensor_checks import check_tensor, count_non_finite
 from rwkvtune.tokenizer import _default_vocab_file
-from rwkvtune.utils import atomic_torch_save, output_error
+from rwkvtune.utils import atomic_torch_save, fsync_tree, output_error
 
 class HFSource(TensorSource):
     """An HF folder as a TensorSource in the official layout (one tensor read at a time)."""
@@ -220,18 +220,6 @@ def _main_dtype(specs) -> str:
     return str(max(counts, key=counts.get)).replace("torch.", "")
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and the folder itself to disk before the rename makes them visible."""
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None], needed: int | None = None) -> Path:
     """Run ``fill(tmp)`` on a new temporary folder next to ``out_dir``, then rename it to
     ``out_dir``: a failure (or Ctrl-C) leaves no half-written folder behind. A failed write (disk
@@ -249,7 +237,7 @@ def _write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None], need
         raise output_error(out, e) from e
     try:
         fill(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above): rename cannot replace it on every platform
         os.replace(tmp, out)

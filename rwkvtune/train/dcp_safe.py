@@ -14,7 +14,7 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` of the run directory:
   (:mod:`rwkvtune.train.manifest`).
 
 torch's own reader unpickles ``.metadata`` with plain ``pickle`` and the non-tensor entries with
-``torch.load(weights_only=False)``: either lets a planted file run code. :class:`SafeReader`
+an unrestricted ``torch.load``: either lets a planted file run code. :class:`SafeReader`
 unpickles the index with an allow-list of the checkpoint's own index classes, and
 :class:`SafePlanner` loads every other entry with ``weights_only=True``.
 
@@ -58,7 +58,6 @@ from rwkvtune.utils import (
     read_error,
     tensor_bytes,
 )
-from rwkvtune.utils import read_error
 
 TRAINER_FILE = "trainer.pt"
 # The shard tag: an int64 [world_size, 2] tensor sharded by rows, row r = (r, the save's nonce), so
