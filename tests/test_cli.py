@@ -33,12 +33,22 @@ def _error(capsys, argv, status=2) -> str:
      "rwkvtune train: error: argument --lr: invalid float value: 'abc' (see rwkvtune train --help)"),
     (["generate", "--prompt", "x"],
      "rwkvtune generate: error: the following arguments are required: --model (see rwkvtune generate --help)"),
+    # an unknown command or action: the closest name when one is close, then every name
     (["models", "frob"],
-     "rwkvtune models: error: argument ACTION: invalid choice: 'frob' (choose from 'list', 'show', 'new', "
-     "'download', 'releases', 'check') (see rwkvtune models --help)"),
+     "rwkvtune models: error: unknown action 'frob' (actions: list, show, new, download, releases, check) "
+     "(see rwkvtune models --help)"),
+    (["models", "shwo"],
+     "rwkvtune models: error: unknown action 'shwo'; did you mean 'show'? (actions: list, show, new, download, "
+     "releases, check) (see rwkvtune models --help)"),
     (["trian"],
-     "rwkvtune: error: argument COMMAND: invalid choice: 'trian' (choose from 'models', 'inspect', 'generate', "
-     "'train', 'eval', 'merge-lora', 'export', 'data', 'plan') (see rwkvtune --help)"),
+     "rwkvtune: error: unknown command 'trian'; did you mean 'train'? (commands: models, inspect, generate, train, "
+     "eval, merge-lora, export, data, plan) (see rwkvtune --help)"),
+    (["--debug", "evl", "--model", "x"],
+     "rwkvtune: error: unknown command 'evl'; did you mean 'eval'? (commands: models, inspect, generate, train, "
+     "eval, merge-lora, export, data, plan) (see rwkvtune --help)"),
+    (["data", "prepar", "x.jsonl"],
+     "rwkvtune data: error: unknown action 'prepar'; did you mean 'prepare'? (actions: prepare) "
+     "(see rwkvtune data --help)"),
 ])
 def test_usage_errors_are_one_line(capsys, argv, line):
     assert _error(capsys, argv) == line

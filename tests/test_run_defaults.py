@@ -149,8 +149,13 @@ def test_default_out_under_torchrun_is_refused_naming_out(monkeypatch):
     # a prefix was silently taken for the flag; now it is an unknown flag, with the one it looks like
     (["train", "--max-step", "5"], "rwkvtune train: error: unrecognized arguments: --max-step (did you mean "
                                    "--max-steps?) (see rwkvtune train --help)"),
+    # another trainer's name (TRL's learning_rate), or a typo of it: ours
     (["train", "--lerning-rate", "1"], "rwkvtune train: error: unrecognized arguments: --lerning-rate "
-                                       "(see rwkvtune train --help)"),  # nothing close: no guess
+                                       "(did you mean --lr?) (see rwkvtune train --help)"),
+    (["train", "--gradient-accumulation-steps", "2"], "rwkvtune train: error: unrecognized arguments: "
+     "--gradient-accumulation-steps (did you mean --grad-accum?) (see rwkvtune train --help)"),
+    (["train", "--zzz", "1"], "rwkvtune train: error: unrecognized arguments: --zzz "
+                              "(see rwkvtune train --help)"),  # nothing close: no guess
     (["train", "--ctx-lne", "8", "--mdoe", "lora"], "rwkvtune train: error: unrecognized arguments: --ctx-lne "
      "--mdoe lora (did you mean --ctx-len for --ctx-lne, --mode for --mdoe?) (see rwkvtune train --help)"),
     (["generate", "--model", "x.pth", "--promt", "p"], "rwkvtune generate: error: unrecognized arguments: --promt "

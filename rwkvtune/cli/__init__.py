@@ -106,27 +106,45 @@ class _Parser(argparse.ArgumentParser):
             parser.error(f"unrecognized arguments: {' '.join(extras)}{_guess_flags(parser, extras)}")
         return parsed
 
+    def _check_value(self, action, value):
+        # An unknown command or action: the closest name, then all of them (argparse's "invalid
+        # choice: 'trian' (choose from ...)" leaves the reader to spot the typo).
+        if isinstance(action, argparse._SubParsersAction) and value not in action.choices:
+            raise argparse.ArgumentError(None, _unknown_command(self, value, list(action.choices)))
+        super()._check_value(action, value)
+
     def error(self, message):
         # argparse prints the whole usage first (20 lines for train), which buries the one line
         # that matters; the usage is one --help away.
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
+def _unknown_command(parser: argparse.ArgumentParser, value: str, names: list[str]) -> str:
+    """"unknown command 'trian'; did you mean 'train'? (commands: models, ...)"; an action of a
+    command (``models shwo``) is called one."""
+    what = "action" if parser.prog != PROG else "command"
+    close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {value!r}{guess} ({what}s: {', '.join(names)})"
+
+
 _KEY_VALUE = re.compile(r"[A-Za-z_][\w.-]*=")  # an override such as lr=1e-4 (never a flag or a path)
 
 
 def _guess_flags(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
-    """The guess for the unknown flags in ``extras`` that are close to one of
-    ``parser``'s (typos, a dropped letter): " (did you mean --max-steps?)", or "" when none is."""
+    """The guess for the unknown flags in ``extras`` that are close to one of ``parser``'s (typos,
+    a dropped letter) or to another trainer's name for one (the parser's ``flag_aliases``):
+    " (did you mean --max-steps?)", or "" when none is."""
     known = [o for o in parser._option_string_actions if o.startswith("--")]
+    aliases = getattr(parser, "flag_aliases", {})  # another trainer's name -> ours (train: --learning-rate)
     guesses = []
     for arg in extras:
         if not arg.startswith("--"):
             continue
         flag = arg.split("=", 1)[0]
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(flag.lower(), known + list(aliases), n=1, cutoff=0.75)
         if close:
-            guesses.append((flag, close[0]))
+            guesses.append((flag, aliases.get(close[0], close[0])))
     if not guesses:
         return ""
     if len(guesses) == 1:

@@ -32,9 +32,17 @@ def resolve_device(device: str | None) -> str:
 def add_data_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     """``--data-format`` and ``--on-data-error``; ``defaults=False`` leaves them None (train: the
     recipe or the config's default decides)."""
-    p.add_argument("--data-format", choices=DATA_FORMATS, default="auto" if defaults else None,
+    add_data_format(p, "auto" if defaults else None)
+    add_on_data_error(p, "raise" if defaults else None)
+
+
+def add_data_format(p, default: str | None = "auto") -> None:
+    p.add_argument("--data-format", choices=DATA_FORMATS, default=default,
                    help="record format of jsonl data (default: auto, detected per record)")
-    p.add_argument("--on-data-error", choices=("raise", "skip"), default="raise" if defaults else None,
+
+
+def add_on_data_error(p, default: str | None = "raise") -> None:
+    p.add_argument("--on-data-error", choices=("raise", "skip"), default=default,
                    help="raise: stop at the first bad record; skip: skip, count and report bad records "
                         "(default: raise)")
 

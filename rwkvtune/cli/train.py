@@ -1,4 +1,8 @@
-"""``rwkvtune train``: flags onto TrainConfig fields, recipes, overrides, the run."""
+"""``rwkvtune train``: flags onto TrainConfig options, recipes, overrides, the run.
+
+The flags are built from rwkvtune.models.rwkv7.flags (which options have one; name, type, choices,
+default and help section from the option itself); this module only turns each into argparse.
+"""
 
 from __future__ import annotations
 
@@ -8,64 +12,22 @@ import os
 import shlex
 import sys
 
-from rwkvtune.bounds import THREADS_PER_CORE
-from rwkvtune.cli.common import add_data_options, add_device, add_save_dtype
-from rwkvtune.constants import MODE_DEFAULT_LR, SCRATCH_LR
+from rwkvtune.cli.common import add_data_format, add_device, add_on_data_error, add_save_dtype
 from rwkvtune.errors import RwkvtuneError
-from rwkvtune.models.rwkv7.config import TrainConfig, load_recipe, option_docs, parse_overrides
+from rwkvtune.models.rwkv7.config import ALIASES, TrainConfig, load_recipe, option_docs, parse_overrides
+from rwkvtune.models.rwkv7.flags import TRAIN_FLAGS, FlagOption, flag_options
 from rwkvtune.models.rwkv7.method_config import METHOD_SECTIONS
 from rwkvtune.safe_yaml import read_yaml_file
 from rwkvtune.train.run_dir import RunDir
 from rwkvtune.train.signals import interrupted_message
 from rwkvtune.train.memory import dry_run_text
 
-def _e(lr: float) -> str:
-    """A learning rate as people write it: 1e-4, 6e-4."""
-    return f"{lr:.0e}".replace("e-0", "e-")
-
-
-# Flags of `rwkvtune train` that map 1:1 onto TrainConfig fields (dest == field name).
-TRAIN_FLAGS = [
-    ("--model", str, "registry name (0.1b), .pth checkpoint or .json config"),
-    ("--data", str, "training data: .jsonl (text/chat/prompt-response) or binidx prefix"),
-    ("--out", str, "run directory (default: a new runs/<model>-<mode>-<method>-<YYYYmmdd-HHMMSS>, said at the "
-                   "start); must be new, empty, or a run of this tool (it holds rwkvtune-run.json): any other "
-                   "directory is refused, never overwritten"),
-    ("--init", str, "pretrained (load the model file) or scratch (official init)"),
-    ("--mode", str, "full, lora or state"),
-    ("--ctx-len", int, "tokens per window (default: model's recommended)"),
-    ("--batch-size", int, "micro-batch per process (default: model's recommended)"),
-    ("--grad-accum", int, "micro-batches per optimizer step"),
-    ("--lr", float, f"peak learning rate (default by --mode: lora {_e(MODE_DEFAULT_LR['lora'])}, state "
-                    f"{_e(MODE_DEFAULT_LR['state'])}, full the model's recommended_lr, or {_e(SCRATCH_LR)} with "
-                    f"--init scratch; the run says which it used)"),
-    ("--lr-final", float, "final learning rate of the cosine (default: lr/10)"),
-    ("--warmup-steps", int, "linear warmup steps"),
-    ("--max-steps", int, "optimizer steps (default: --epochs over the data)"),
-    ("--epochs", int, "passes over the data when --max-steps is not given"),
-    ("--seed", int, "random seed (data order, init, dropout), 0..4294967295"),
-    ("--save-every", int, "steps between resumable checkpoints (0: end only)"),
-    ("--eval-every", int, "steps between evaluations on --eval-data (0: end only)"),
-    ("--eval-data", str, "evaluation data (same formats as --data)"),
-    ("--precision", str, "fp32 or bf16 (default: fp32 on CPU, bf16 autocast on GPU)"),
-    ("--weight-decay", float, "AdamW weight decay on 2-D weight matrices"),
-    ("--grad-clip", float, "max gradient norm (0 disables)"),
-    ("--lora-r", int, "LoRA rank"),
-    ("--lora-alpha", float, "LoRA alpha (scaling = alpha / r)"),
-    ("--lora-dropout", float, "dropout on the LoRA input"),
-    ("--lora-targets", str, "comma-separated Linear names to adapt (e.g. att.key,ffn.value)"),
-    ("--train-parts", str, "LoRA mode: also train ln, emb and/or head (comma-separated)"),
-    ("--bptt", str, "long samples: truncated (default) or full backprop through chunks"),
-    ("--wandb", str, "log to this wandb project"),
-    ("--threads", int, f"CPU threads of torch's ops, at most {THREADS_PER_CORE}x the cores (default: torch's own, usually the number "
-                       "of cores)"),
-    ("--method", str, "training objective: sft (default), dpo (preference pairs) or grpo (rewards on samples)"),
-    ("--strategy", str, "under torchrun: ddp (default) or fsdp (sharded parameters, gradients, optimizer)"),
-]
-
-
-# Flags shared with other commands (rwkvtune.cli.common), also TrainConfig fields.
-SHARED_FLAGS = ("device", "data_format", "on_data_error", "save_dtype")
+# Options whose flag other commands share, defined once in rwkvtune.cli.common (same spelling and
+# help everywhere); every other flag of TRAIN_FLAGS is built here from its option.
+SHARED = {"device": lambda g: add_device(g, default=None),
+          "data_format": lambda g: add_data_format(g, default=None),
+          "on_data_error": lambda g: add_on_data_error(g, default=None),
+          "save_dtype": lambda g: add_save_dtype(g, default=None)}
 
 
 BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip (recipe: on_data_error: skip) to skip bad records"
@@ -75,34 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Train an RWKV-7 model. Defaults come from the model config's recommended values; precedence: "
                      "defaults < --config recipe < flags < key=value overrides. Runs under torchrun for DDP or FSDP: "
                      "torchrun --nproc-per-node N -m rwkvtune train ...")
-    defaults, choices = TrainConfig().to_dict(), TrainConfig.choices()
-    for flag, typ, help_ in TRAIN_FLAGS:
-        name = flag.lstrip("-").replace("-", "_")
-        # default None: a recipe's value stands unless the flag is given; the help shows the
-        # config's own default and, for a fixed set of values, the set.
-        metavar = "{" + ",".join(choices[name]) + "}" if name in choices else None
-        p.add_argument(flag, type=typ, default=None, metavar=metavar, help=_with_default(help_, defaults.get(name)))
-    add_device(p, default=None)
-    add_data_options(p, defaults=False)
-    add_save_dtype(p, default=None)
+    # the usage line names what a run needs; every flag is in its section below
+    p.usage = "%(prog)s [--config RECIPE.yaml] [--model MODEL] [--data DATA] [FLAG ...] [key=value ...]"
     p.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe of TrainConfig options (flags override it)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (or from "
-                                                   "DIR/checkpoints/step-N.pt: that one)")
-    p.add_argument("--grad-checkpoint", action="store_true", default=None,
-                   help="recompute activations in backward (default: off)")
-    p.add_argument("--long-context", action="store_true", default=None,
-                   help="keep samples whole; train long ones in ctx-len chunks carrying the state (default: off)")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                   help="sft on jsonl: pack short documents into shared windows with the RNN state reset at each "
-                        "document's start, exactly as if each ran alone; --no-packing: one document per window, "
-                        "padded (default: packing)")
-    p.add_argument("--reward", action="append", metavar="SPEC",
-                   help="method grpo: a reward function, repeatable: exact_match:FIELD, regex:PATTERN, format:REGEX, "
-                        "length_penalty:N or path/to/file.py:function (see rwkvtune/train/rewards.py)")
-    p.add_argument("--cpu-offload", action="store_true", default=None,
-                   help="fsdp on GPU: keep sharded parameters, gradients and optimizer state in host memory")
-    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
-                   help="run even when the memory estimate exceeds the device's memory (recipe: memory_check: false)")
     p.add_argument("--dry-run", action="store_true", help="print a verdict (ready or what would stop the run) and the "
                                                           "resolved setup, then exit; writes nothing (also not into "
                                                           "--out)")
@@ -111,21 +48,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--help-all", action=_HelpAll, help="show this help and every option settable as key=value (or "
                                                        "in a recipe), with its default and meaning, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any TrainConfig option, e.g. lr=1e-4")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in flag_options():
+        if opt.group not in groups:
+            groups[opt.group] = p.add_argument_group(opt.group)
+        add_flag(groups[opt.group], opt)
     p.epilog = (f"Options without a flag, set as key=value or in a recipe: {', '.join(_unflagged())}; "
-                f"`rwkvtune train --help-all` says what each one does.")
+                f"`rwkvtune train --help-all` says what each one does. Another trainer's name for an option "
+                f"(--learning-rate, --gradient-accumulation-steps) is answered with ours.")
+    p.flag_aliases = {"--" + other.replace("_", "-"): "--" + ours.replace("_", "-")
+                      for other, ours in ALIASES.items() if ours in TRAIN_FLAGS}
 
 
-def _with_default(help_: str, default) -> str:
-    if "default" in help_ or default in (None, ""):
-        return help_
-    shown = (",".join(map(str, default)) or "none") if isinstance(default, (list, tuple)) else default
-    return f"{help_} (default: {shown})"
+def add_flag(group, opt: FlagOption) -> None:
+    """The argparse option of one flag. Every default is None, so that a recipe's value stands
+    unless the flag is given; the help shows the option's own default. A value outside the
+    choices is refused by TrainConfig.validate, naming the option and where it was set."""
+    if opt.name in SHARED:
+        SHARED[opt.name](group)
+        return
+    metavar = opt.metavar or ("{" + ",".join(opt.choices) + "}" if opt.choices else None)
+    help_ = _with_default(opt.help, opt.default).replace("%", "%%")  # argparse formats help with %
+    if opt.kind is bool:  # --x and --no-x: a flag can also turn off what a recipe turned on
+        group.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    elif opt.kind == "repeat":
+        group.add_argument(opt.flag, action="append", default=None, metavar=metavar, help=help_)
+    else:  # a list is one comma-separated value, split by the config (as lora_targets=a,b)
+        typ = opt.kind if opt.kind in (int, float) else str
+        group.add_argument(opt.flag, type=typ, default=None, metavar=metavar, help=help_)
+
+
+def _with_default(help_: str, default: str) -> str:
+    return help_ if "default" in help_ or not default else f"{help_} (default: {default})"
 
 
 def _flag_names() -> set[str]:
-    """TrainConfig fields that have a flag of their own."""
-    return {flag.lstrip("-").replace("-", "_") for flag, *_ in TRAIN_FLAGS} | set(SHARED_FLAGS) | {
-        "resume", "grad_checkpoint", "long_context", "packing", "reward", "memory_check", "cpu_offload"}
+    """The options that have a flag of their own."""
+    return set(TRAIN_FLAGS)
 
 
 def _unflagged() -> list[str]:
@@ -136,7 +95,8 @@ def options_help() -> str:
     """Every TrainConfig option by section, with its default, its flag if any, and the comment that
     documents it in the dataclass: the text of ``rwkvtune train --help-all``. The options of a
     method (DPOConfig, GRPOConfig) show their section's defaults, from those classes alone."""
-    defaults, flags = TrainConfig().to_dict(), _flag_names()
+    defaults = TrainConfig().to_dict()
+    flags = {o.name: o.flag + (f"/--no-{o.flag[2:]}" if o.kind is bool else "") for o in flag_options()}
     lines = ["All options (recipe keys; on the command line as key=value, or with the flag shown):"]
     section = None
     for sec, name, comment in TrainConfig.field_docs():
@@ -145,14 +105,14 @@ def options_help() -> str:
                          f"{FLAT_EXAMPLE[name]}; beta and loss_type belong to the run's method; key=value as "
                          f"{name}.NAME=VALUE or NAME=VALUE):")
             for _, sub, doc in option_docs(METHOD_SECTIONS[name]):
-                flag = f"  [--{sub.replace('_', '-')}]" if sub in flags else ""
+                flag = f"  [{flags[sub]}]" if sub in flags else ""
                 lines.append(f"    {name}.{sub}={_shown(defaults[name][sub])}{flag}" + (f"\n        {doc}" if doc else ""))
             section = None
             continue
         if sec != section:
             section = sec
             lines.append(f"\n  {sec}:" if sec else "")
-        flag = f"  [--{name.replace('_', '-')}]" if name in flags else ""
+        flag = f"  [{flags[name]}]" if name in flags else ""
         lines.append(f"    {name}={_shown(defaults[name])}{flag}" + (f"\n        {comment}" if comment else ""))
     return "\n".join(lines)
 

@@ -548,24 +548,26 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# Names that other trainers give these options (RWKV-LM, Hugging Face); difflib cannot guess
-# them (learning_rate is nothing like lr).
-_ALIASES = {
+# Names that other trainers give these options (RWKV-LM, Hugging Face TRL); difflib cannot guess
+# them (learning_rate is nothing like lr). `rwkvtune train --learning-rate` is guessed from them too.
+ALIASES = {
     "learning_rate": "lr", "lr_init": "lr", "micro_bsz": "batch_size", "per_device_train_batch_size": "batch_size",
     "gradient_accumulation_steps": "grad_accum", "accumulate_grad_batches": "grad_accum",
     "num_train_epochs": "epochs", "epoch_count": "epochs", "max_seq_length": "ctx_len", "context_length": "ctx_len",
     "gradient_checkpointing": "grad_checkpoint", "grad_cp": "grad_checkpoint", "max_grad_norm": "grad_clip",
     "gradient_clip_val": "grad_clip", "output_dir": "out", "proj_dir": "out", "lora_rank": "lora_r",
+    "max_length": "ctx_len", "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
+    "save_total_limit": "keep_checkpoints", "adam_epsilon": "adam_eps",
 }
 
 
 def _suggest(key: str, names: list[str]) -> str | None:
     """The option an unknown key probably meant: a known alias, or the closest name (typos)."""
     key = key.lower()
-    close = difflib.get_close_matches(key, names + list(_ALIASES), n=1)
+    close = difflib.get_close_matches(key, names + list(ALIASES), n=1)
     if not close:
         return None
-    return _ALIASES.get(close[0], close[0])
+    return ALIASES.get(close[0], close[0])
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
