@@ -1,5 +1,7 @@
 """Options shared by several commands, defined once so that every command spells them alike.
 
+* the model a command loads (:func:`add_model_arguments`): ``--model``, ``--adapter``, ``--state``,
+  ``--precision`` and ``--device``, the same for ``generate`` and ``eval``;
 * ``--device``: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``;
 * ``--data-format`` and ``--on-data-error``: how data files are read (train, eval, data prepare);
 * ``--save-dtype``: the storage dtype of a written model (train's final.pth, merge-lora's OUT).
@@ -18,6 +20,38 @@ from rwkvtune.errors import CheckpointError
 def add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     p.add_argument("--device", default=default, help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N "
                                                      "(default: auto)")
+
+
+PRECISIONS = ("fp32", "bf16")
+MODEL_HELP = ("registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint, a Hugging Face "
+              "RWKV-7 folder or a training run's directory (its final.pth, or its base with its adapter or state)")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """The model a command loads and what tunes it: one set of flags for every command that loads
+    a model to run it (generate, eval), read back by :func:`load_model_from_args`. A flag added
+    here is one line, and every such command has it."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required, help=MODEL_HELP)
+    g.add_argument("--adapter", metavar="FILE|RUN", help="a LoRA adapter to apply: adapter.pth (or .safetensors) "
+                                                         "from `rwkvtune train --mode lora`, or that run's directory")
+    g.add_argument("--state", metavar="FILE|RUN", help="a tuned initial state: state.pth (or .safetensors) from "
+                                                       "`rwkvtune train --mode state`, that run's directory, or a "
+                                                       "state in RWKV-PEFT's layout")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or bf16 compute (default: fp32; the WKV state stays fp32)")
+    add_device(g)
+
+
+def load_model_from_args(args: argparse.Namespace, dtype=None):
+    """(model in eval mode, tuned initial WKV state or None) as :func:`add_model_arguments`'s flags
+    name them, on the flags' device; ``dtype``: of the weights (default fp32). Errors name the flag."""
+    import torch
+
+    from rwkvtune.peft.loading import load_model  # torch: not at the CLI's startup
+
+    return load_model(args.model, args.adapter, args.state, device=resolve_device(args.device),
+                      dtype=dtype or torch.float32, flags=True)
 
 
 def resolve_device(device: str | None) -> str:

@@ -9,7 +9,7 @@ import json
 import math
 
 from rwkvtune.bounds import check_flag
-from rwkvtune.cli.common import add_data_options, add_device, resolve_device
+from rwkvtune.cli.common import add_data_options, add_model_arguments, load_model_from_args, resolve_device
 from rwkvtune.cli.eval_tasks import add_task_arguments, run_tasks
 from rwkvtune.errors import ConfigError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS, TrainConfig
@@ -20,11 +20,8 @@ BAD_RECORD_ADVICE = "fix the record, or pass --on-data-error skip to skip bad re
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="registry name, .pth checkpoint or a training run's directory (its final.pth, or "
-                                   "its base with its adapter or state)")
+    add_model_arguments(p)  # not required: --compare names the models instead
     p.add_argument("--data", help=".jsonl or binidx prefix (loss and perplexity; or use --tasks)")
-    p.add_argument("--state", help="state-tuning file to start from (rwkvtune train --mode state)")
-    p.add_argument("--adapter", help="LoRA adapter file to apply (rwkvtune train --mode lora)")
     p.add_argument("--ctx-len", type=int, default=None,
                    help="window length in tokens (default: the model's ctx_len, as `rwkvtune inspect`/`models show` "
                         "report it; never taken from a config.yaml nearby, so scores of two models compare); "
@@ -33,15 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="windows per forward pass (default: 4); with --tasks, rows per forward (default: 32)")
     p.add_argument("--long-context", action="store_true", help="score whole samples in ctx-len chunks with state")
     add_data_options(p)
-    add_device(p)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32, or bf16 autocast (default: fp32)")
 
     add_task_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rwkvtune.peft.loading import load_model
     from rwkvtune.train.objective import TrainModule
     from rwkvtune.train.methods.base import StepContext
     from rwkvtune.train.methods.sft import SFT
@@ -58,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("ctx_len", "batch_size"):  # the bounds of the training options of these names
         check_flag("--" + name.replace("_", "-"), getattr(args, name), TRAIN_BOUNDS[name], ConfigError)
     device = resolve_device(args.device)
-    model, wkv_init = load_model(args.model, args.adapter, args.state, device=device, flags=True)
+    model, wkv_init = load_model_from_args(args)  # fp32 weights; --precision bf16 autocasts
     # The model's own ctx_len unless --ctx-len: the loss depends on the window length (a longer
     # window scores more tokens with more context), so it must not follow a config.yaml that happens
     # to sit beside a file; it is printed in the result.

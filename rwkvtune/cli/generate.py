@@ -2,6 +2,7 @@
 
     rwkvtune generate --model 0.1b --prompt "The Eiffel tower is in" --max-tokens 100
     rwkvtune generate --model my.pth --chat --prompt "Hello!" --state tuned-state.pth
+    rwkvtune generate --model 0.1b --adapter runs/my-lora --prompt "Hello"
 
 Text streams to stdout as it is generated; a stats line (tokens, prefill and decode speed) goes
 to stderr at the end.
@@ -15,13 +16,12 @@ import sys
 
 import torch
 
-from rwkvtune.cli.common import add_device, resolve_device
+from rwkvtune.cli.common import add_model_arguments, load_model_from_args
 from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
                                prepare_for_decoding, stream_generate)
-from rwkvtune.peft.loading import load_model
 from rwkvtune.tokenizer import get_tokenizer
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision: the weights' and activations' dtype
 
 
 def _flag(name: str) -> str:
@@ -59,9 +59,7 @@ def sampling_from_args(args: argparse.Namespace, extra_stops: tuple[str, ...] = 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = "Prefill the prompt in parallel, then decode token by token with the RNN state."
     p = parser
-    p.add_argument("--model", required=True,
-                   help="registry name (e.g. 0.1b; see `rwkvtune models`), a .pth/.safetensors checkpoint, a Hugging "
-                        "Face RWKV-7 folder or a training run's directory (its final.pth, or its base with its state)")
+    add_model_arguments(p, required=True)
     p.add_argument("--prompt", default=None,
                    help="prompt text (default: read from stdin, less one trailing newline, so that "
                         "`echo TEXT |` equals --prompt TEXT); with --chat, the user message")
@@ -69,12 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help='wrap the prompt as "User: ...\\n\\nAssistant:" and stop at the turn end "\\n\\n"')
     p.add_argument("--system", default=None, help="with --chat: a system message before the user turn")
-    p.add_argument("--state", default=None, metavar="FILE",
-                   help="a tuned initial state: state.pth (or .safetensors) from `rwkvtune train --mode state`, or "
-                        "a state in RWKV-PEFT's layout")
-    add_device(p)
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="weights and activations dtype (default fp32; the WKV state is always fp32)")
     return parser
 
 
@@ -109,12 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if chat:
         prompt = format_chat(prompt, system=get("system"))
     sampling = sampling_from_args(args, (CHAT_TURN_END,) if chat else ())  # refused before the model loads
-    device = resolve_device(get("device"))
     precision = get("precision") or "fp32"
-    if precision not in PRECISIONS:
-        raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    model, wkv_init = load_model(get("model"), state=get("state"), device=device, dtype=PRECISIONS[precision],
-                                 flags=True)  # a run directory brings its own state (or final.pth)
+    if precision not in DTYPES:
+        raise GenerationError(f"--precision {precision}: expected one of {', '.join(DTYPES)}")
+    # a run directory brings its own adapter or state (or final.pth)
+    model, wkv_init = load_model_from_args(args, dtype=DTYPES[precision])
     model = prepare_for_decoding(model)
     stats = GenerationStats()
     out = sys.stdout

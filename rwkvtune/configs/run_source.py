@@ -121,6 +121,20 @@ def resolve_run(path: str | os.PathLike, _depth: int = 0) -> RunModel | None:
     return RunModel(str(run), base, adapter=None if state else str(adapter), state=str(state) if state else None)
 
 
+def run_part(path: str | os.PathLike, stem: str) -> str:
+    """What ``--adapter``/``--state`` names (``stem`` "adapter" or "state"): a file as given, or a
+    training run's directory, meaning its ``<stem>.pth`` (or ``.safetensors``). A run without one
+    is refused in one line."""
+    if not is_run_dir(path):
+        return os.fspath(path)
+    found = _output(Path(os.fspath(path)), stem)
+    if found is None:
+        raise ConfigError(f"{os.fspath(path)}: is a directory without {stem}.pth or {stem}.safetensors; expected "
+                          f"the {stem} file, or the directory of a run of `rwkvtune train --mode "
+                          f"{'lora' if stem == 'adapter' else 'state'}`")
+    return str(found)
+
+
 def run_weights(path: str | os.PathLike, error: type = ConfigError, route: str = "") -> str | None:
     """The model file a run directory trained (its final.pth), or None when ``path`` is not a run
     directory. A run whose result is an adapter or a tuned state on an unchanged base has no such

@@ -9,9 +9,11 @@ through here, so a run directory means the same model everywhere.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from rwkvtune.configs.run_source import resolve_run
+from rwkvtune.configs.run_source import resolve_run, run_part
 from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.peft.lora import load_adapter
@@ -28,17 +30,32 @@ def _labelled(label: str | None, load, *args):
         raise CheckpointError(f"{label} {e}") from e
 
 
+def _labelled_config(label: str, resolve, *args):
+    """``resolve(*args)`` with its one-line error naming the flag (or argument) it is about."""
+    try:
+        return resolve(*args)
+    except ConfigError as e:
+        raise ConfigError(f"{label} {e}") from e
+
+
 def load_model(model: str, adapter: str | None = None, state: str | None = None, device="cpu",
                dtype: torch.dtype = torch.float32, flags: bool = False):
     """(RWKV7 in eval mode, tuned initial WKV state [L, H, N, N] or None).
 
-    ``adapter``/``state``: files to apply besides the model's own; a run directory that brings
-    its own adapter or state cannot take another of the same kind (which one would win is not
-    obvious), and is refused. ``flags=True``: errors about these files name ``--adapter`` and
+    ``adapter``/``state``: files to apply besides the model's own, or a LoRA / state-tuning run's
+    directory for its adapter or state; a run directory that brings its own adapter or state
+    cannot take another of the same kind (which one would win is not obvious), nor a run's
+    final.pth its own adapter again (it is merged in): both are refused. ``flags=True``: errors about these files name ``--adapter`` and
     ``--state`` (the CLI).
     """
     run = resolve_run(model)
+    adapter = _labelled_config("--adapter" if flags else "adapter", run_part, adapter, "adapter") if adapter else None
+    state = _labelled_config("--state" if flags else "state", run_part, state, "state") if state else None
     own_adapter = own_state = None
+    if run is not None and run.is_final and adapter and Path(adapter).resolve().parent == Path(run.run).resolve():
+        flag = "--adapter" if flags else "adapter"
+        raise ConfigError(f"{flag} {adapter}: is the adapter of the run {run.run}, already merged into its "
+                          f"{Path(run.model).name}; pass that run's base model with {flag}, or drop {flag}")
     if run is not None:
         own_adapter, own_state = run.adapter, run.state
         for given, own, name in ((adapter, own_adapter, "adapter"), (state, own_state, "state")):
