@@ -541,4 +541,6 @@ def test_help_all_shows_each_methods_defaults_from_its_options_class(capsys):
             shown = ("null" if default is None else "[]" if default == () else str(default).lower()
                      if isinstance(default, bool) else str(default))
             assert f"\n    {section}.{f.name}={shown}" in text, (section, f.name)
-    assert "dpo.beta=0.1\n" in text and "grpo.beta=0.0\n" in text and "grpo.loss_type=dapo\n" in text
+    # beta and loss_type: one flag each, for the run's method's section
+    assert ("dpo.beta=0.1  [--beta]\n" in text and "grpo.beta=0.0  [--beta]\n" in text
+            and "grpo.loss_type=dapo  [--loss-type]\n" in text)
