@@ -206,7 +206,7 @@ def test_inventory_counts_what_the_mode_builds(size, mode, precision, parts):
     assert inv.originals == sum(t.numel() * t.element_size() for t in kept.values())
 
 
-def _saved_bytes(c, mode, precision, T, bf16_weights=False) -> int:
+def _saved_bytes(c, mode, precision, T, bf16_weights=False, packed=False) -> int:
     """Bytes autograd keeps for backward (saved-tensor hooks, each storage once, parameters excluded)."""
     from rwkvtune.models.rwkv7.model import RWKV7
     from rwkvtune.peft import get_mode
@@ -227,15 +227,20 @@ def _saved_bytes(c, mode, precision, T, bf16_weights=False) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        module.hidden(torch.randint(0, c.vocab_size, (1, T)))
+        doc_start = None
+        if packed:  # documents of 7, 20, 33, ... tokens: starts inside chunks and on their edges
+            doc_start = torch.zeros(1, T, dtype=torch.bool)
+            doc_start[0, torch.tensor([0, 7, 27, 32, 60, 64, 71]) % T] = True
+        module.hidden(torch.randint(0, c.vocab_size, (1, T)), doc_start=doc_start)
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("mode,precision,fsdp", [("full", "fp32", False), ("lora", "fp32", False),
-                                                 ("state", "fp32", False), ("full", "bf16", False),
-                                                 ("full", "bf16", True), ("lora", "bf16", False),
-                                                 ("state", "bf16", False)])
-def test_saved_activations_per_layer_match_autograd(mode, precision, fsdp):
+@pytest.mark.parametrize("mode,precision,fsdp,packed", [("full", "fp32", False, False), ("lora", "fp32", False, False),
+                                                        ("state", "fp32", False, False), ("full", "bf16", False, False),
+                                                        ("full", "bf16", True, False), ("lora", "bf16", False, False),
+                                                        ("state", "bf16", False, False), ("full", "fp32", False, True),
+                                                        ("lora", "fp32", False, True)])
+def test_saved_activations_per_layer_match_autograd(mode, precision, fsdp, packed):
     """One more layer adds saved_per_token_layer x T bytes (+ autocast's bf16 copies of its matrices),
     measured with saved-tensor hooks on a shape unlike any the coefficients were fitted on."""
     import dataclasses
@@ -246,9 +251,10 @@ def test_saved_activations_per_layer_match_autograd(mode, precision, fsdp):
     # T = 96: whole WKV chunks (exact); T = 80: padded to 96 inside the kernel (a few more padded
     # tensors than the formula counts: within 3%)
     for T, rel in ((96, 1e-9), (80, 0.03)):
-        measured = _saved_bytes(three, mode, precision, T, fsdp) - _saved_bytes(two, mode, precision, T, fsdp)
+        measured = (_saved_bytes(three, mode, precision, T, fsdp, packed)
+                    - _saved_bytes(two, mode, precision, T, fsdp, packed))
         s = Settings(mode=mode, precision=precision, ctx_len=T, wkv="chunked", device="gpu" if fsdp else "cpu",
-                     strategy="fsdp" if fsdp else "ddp")
+                     strategy="fsdp" if fsdp else "ddp", packing=packed)
         inv = inventory(three, s)
         expected = saved_per_token_layer(three, s, inv) * T
         fewer = inventory(two, s)

@@ -140,6 +140,7 @@ class Settings:
     wkv: str = "auto"  # whose saved tensors: "chunked", "fla"; auto: fla on GPU, chunked on CPU
     init: str = "pretrained"
     file_bytes: int | None = None  # size of the model file (CPU load); None: 2 B per parameter
+    packing: bool = False  # documents packed into windows: the WKV kernel also keeps per-chunk segment masks
 
     @classmethod
     def from_config(cls, cfg, world_size: int = 1, tokens: int | None = None, **kw) -> "Settings":
@@ -149,7 +150,8 @@ class Settings:
                    batch_size=cfg.batch_size, ctx_len=tokens or cfg.ctx_len, grad_checkpoint=cfg.grad_checkpoint,
                    strategy=cfg.strategy, world_size=world_size, cpu_offload=cfg.cpu_offload, device=device,
                    lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets), train_parts=tuple(cfg.train_parts),
-                   save_dtype=cfg.save_dtype, init=cfg.init, **kw)
+                   save_dtype=cfg.save_dtype, init=cfg.init,
+                   packing=bool(cfg.packing) and cfg.method == "sft", **kw)
 
     def replace(self, **kw) -> "Settings":
         return dataclasses.replace(self, **kw)
@@ -267,12 +269,16 @@ def _wkv_saved(c, s: Settings) -> float:
     multiple of the chunk Lc = 32 (1,062 floats at N = 64). fla (chunk_rwkv7, fla-core 0.6.0) saves
     only its six inputs r, w, k, v, a, b in the compute dtype and recomputes the rest in backward
     (read from its source; not measured: no GPU).
+    Packed documents add the chunk's segment tables (``wkv._Seg``): the [2Lc, 2Lc] same-segment
+    mask (bool: Lc floats' worth per token) and one per-token float column (the others are shared or
+    recomputed), measured with saved-tensor hooks.
     """
     N, H = c.head_size_a, c.n_head
     if s.wkv_backend == "fla":
         return 6 * c.n_embd * (2 if s.precision == "bf16" else 4)
     pad = math.ceil(s.ctx_len / WKV_CHUNK) * WKV_CHUNK / s.ctx_len
-    return 4 * H * (12 * N + 5 * WKV_CHUNK + (N * N + 3 * N) / WKV_CHUNK) * pad
+    packed = (WKV_CHUNK + 1) if s.packing else 0
+    return 4 * H * (12 * N + 5 * WKV_CHUNK + (N * N + 3 * N) / WKV_CHUNK + packed) * pad
 
 
 def activations(c, s: Settings, inv: Inventory) -> tuple[int, int]:
