@@ -33,3 +33,10 @@ if python3 -c "import pyrwkv_tokenizer" 2>/dev/null; then
       | grep -v "step/s" | tail -n 12 | tee -a "${OUT:-/tmp}/bench_gpu.log"
   done
 fi
+
+# RWKV7.compile_elementwise() on/off (training step and prefill of the 0.1B shape, fla WKV when installed,
+# warm-up reported). Guarded: a failed compile (no Triton, an inductor error) prints and moves on.
+for prec in bf16 fp32; do
+  timeout 300 python3 bench/bench_compile.py --device cuda --T "${T:-1024}" --precision $prec 2>&1 | tail -n 4 \
+    | tee -a "${OUT:-/tmp}/bench_gpu.log" || echo "bench_compile.py ($prec) failed" | tee -a "${OUT:-/tmp}/bench_gpu.log"
+done

@@ -16,6 +16,8 @@ Models that are not :class:`RWKV7` (wrappers, test doubles) are stepped with the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,43 +34,59 @@ def _linear(mod, x: torch.Tensor) -> torch.Tensor:
     return mod(x)
 
 
-def _time_mix(att, x: torch.Tensor, v_first, x_prev: torch.Tensor, S: torch.Tensor):
+class _Consts(NamedTuple):
+    """One layer's per-channel parameters, rearranged once per decoder so a step needs fewer ops:
+    the six TimeMix token-shift mixes stacked (one addcmul instead of six), and 1 - k_a."""
+
+    mix: torch.Tensor       # [6, C]: x_r, x_w, x_k, x_v, x_a, x_g
+    one_m_ka: torch.Tensor  # [C]: 1 - k_a, so k * (1 + (a - 1) k_a) = k * addcmul(1 - k_a, a, k_a)
+
+
+def _consts(att) -> _Consts:
+    C = att.x_r.shape[-1]
+    mix = torch.cat([p.detach().view(1, C) for p in (att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g)])
+    return _Consts(mix, 1 - att.k_a.detach().view(C))
+
+
+def _time_mix(att, cst: _Consts, x: torch.Tensor, v_first, x_prev: torch.Tensor, S: torch.Tensor):
     """TimeMix of one token per row: x [B, C]; x_prev [B, C] and S [B, H, N, N] (fp32) are
     updated in place. Returns (output [B, C], v_first)."""
     B, C = x.shape
     H, N = att.n_head, att.head_size
+    G = B * H
     xx = x_prev - x
     x_prev.copy_(x)
-    xr, xw, xk = (torch.addcmul(x, xx, p.view(C)) for p in (att.x_r, att.x_w, att.x_k))
-    xv, xa, xg = (torch.addcmul(x, xx, p.view(C)) for p in (att.x_v, att.x_a, att.x_g))
+    xr, xw, xk, xv, xa, xg = torch.addcmul(x[:, None], xx[:, None], cst.mix).unbind(1)  # 6 x [B, C]
     r = _linear(att.receptance, xr)
     d = att.w0.view(C) + torch.tanh(xw @ att.w1) @ att.w2
     k = _linear(att.key, xk)
     v = _linear(att.value, xv)
     a = torch.sigmoid(att.a0.view(C) + (xa @ att.a1) @ att.a2)
     g = torch.sigmoid(xg @ att.g1) @ att.g2
-    kk = F.normalize((k * att.k_k.view(C)).view(B, H, N), dim=-1, p=2.0, eps=1e-12)
-    k = k * (1 + (a - 1) * att.k_a.view(C))
+    kk = F.normalize((k * att.k_k.view(C)).view(G, N), dim=-1, p=2.0, eps=1e-12)
+    k = k * torch.addcmul(cst.one_m_ka, a, att.k_a.view(C))
     if att.layer_id == 0:
         v_first = v
     else:
-        v = v + (v_first - v) * torch.sigmoid(att.v0.view(C) + (xv @ att.v1) @ att.v2)
-    decay = torch.exp(-DECAY_SCALE * torch.sigmoid(d.float()))
+        v = torch.lerp(v, v_first, torch.sigmoid(att.v0.view(C) + (xv @ att.v1) @ att.v2))
+    decay = torch.exp(torch.sigmoid(d.float()).mul_(-DECAY_SCALE)).view(G, N)
     # WKV (fp32): S' = S diag(decay) + (S alpha) beta^T + v k^T, alpha = -kk, beta = kk * a, y = S' r.
-    # y is taken from the old S: S' r = S (decay * r) + (S alpha)(beta . r) + v (k . r), so one
-    # bmm reads S for both vectors; then S is updated in place (scale, one rank-2 batched GEMM).
-    G = B * H
+    # With RV = [S alpha, v] [G, N, 2] and BK = [beta; k] [G, 2, N]: S' = S diag(decay) + RV BK,
+    # so y = S (decay * r) + RV (BK r). One bmm reads the old S for both S alpha and S (decay r);
+    # then S is updated in place (scale, one rank-2 batched GEMM) and y needs two tiny bmms.
     S = S.view(G, N, N)
     rf, kf, vf = r.float().view(G, N), k.float().view(G, N), v.float().view(G, N)
-    beta = (kk * a.view(B, H, N)).float().view(G, N)
-    both = torch.bmm(S, torch.stack([(-kk).float().view(G, N), decay.view(G, N) * rf], 2))  # [G, N, 2]
-    removal = both[:, :, :1]  # S alpha
-    y = both[:, :, 1] + removal[:, :, 0] * (beta * rf).sum(-1, keepdim=True) + vf * (kf * rf).sum(-1, keepdim=True)
+    kkf = kk.float()
+    BK = torch.stack([(kk * a.view(G, N)).float(), kf], 1)                                   # [G, 2, N]
+    both = torch.bmm(S, torch.stack([kkf.neg(), decay * rf], 2))                              # [G, N, 2]
+    RV = torch.cat([both[:, :, :1], vf.view(G, N, 1)], 2)                                     # [G, N, 2]
+    y = torch.baddbmm(both[:, :, 1:], RV, torch.bmm(BK, rf.view(G, N, 1)))                   # [G, N, 1]
     S.mul_(decay.view(G, 1, N))
-    S.baddbmm_(torch.cat([removal, vf.view(G, N, 1)], 2), torch.stack([beta, kf], 1))  # [G, N, 2] @ [G, 2, N]
-    y = y.view(B, C).to(x.dtype)
-    y = att.ln_x(y)
-    y = y + ((r * k).view(B, H, N) * att.r_k).sum(-1, keepdim=True).mul(v.view(B, H, N)).view(B, C)
+    S.baddbmm_(RV, BK)
+    y = att.ln_x(y.view(B, C).to(x.dtype))
+    # bonus: per head (r . (k * r_k)) v
+    bonus = (r * k).view(B, H, N).mul_(att.r_k).sum(-1, keepdim=True)
+    y = torch.addcmul(y.view(B, H, N), bonus, v.view(B, H, N)).view(B, C)
     return _linear(att.output, y * g), v_first
 
 
@@ -76,7 +94,8 @@ def _channel_mix(ffn, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
     """ChannelMix of one token per row; x_prev [B, C] is updated in place."""
     h = torch.addcmul(x, x_prev - x, ffn.x_k.view(-1))
     x_prev.copy_(x)
-    return _linear(ffn.value, torch.relu(_linear(ffn.key, h)) ** 2)
+    k = torch.relu_(_linear(ffn.key, h))
+    return _linear(ffn.value, k.mul_(k))
 
 
 class BatchDecoder:
@@ -89,6 +108,8 @@ class BatchDecoder:
         self.model = model
         self.state = state
         self.fast = isinstance(model, RWKV7)
+        # Built once: the weights do not change while one generation runs.
+        self.consts = [_consts(b.att) for b in model.blocks] if self.fast else None
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped and cost nothing afterwards)."""
@@ -106,7 +127,7 @@ class BatchDecoder:
         for i, block in enumerate(m.blocks):
             if i == 0:
                 x = block.ln0(x)
-            dx, v_first = _time_mix(block.att, block.ln1(x), v_first, s.att_x_prev[i], s.wkv[i])
+            dx, v_first = _time_mix(block.att, self.consts[i], block.ln1(x), v_first, s.att_x_prev[i], s.wkv[i])
             x = x + dx
             x = x + _channel_mix(block.ffn, block.ln2(x), s.ffn_x_prev[i])
         return _linear(m.head, m.ln_out(x)).float()

@@ -3,9 +3,10 @@ collects it (or hands a list of prompts to batched generation); :func:`chat` wra
 
 * The prompt is run through the model in one parallel forward (the chunked WKV path), which
   returns the RNN state after the prompt.
-* Then one token at a time: ``model(last_token, state=state, return_state=True)`` (T = 1, so the
-  WKV "auto" backend uses the per-token recurrence). The work per token is constant, whatever
-  the length of the text so far.
+* Then one token at a time through :class:`~rwkvtune.generate.rnn.BatchDecoder` (batch 1): the
+  same maths as ``model(last_token, state=state, return_state=True)`` with the state updated in
+  place (no new state tensors per token, fewer ops). The work per token is constant, whatever the
+  length of the text so far.
 * Text is decoded with :class:`~rwkvtune.tokenizer.StreamDecoder`, so a character split over
   several byte-level tokens is emitted whole; stop strings are held back until they can be ruled
   out, and never emitted.
@@ -25,6 +26,7 @@ import torch
 from rwkvtune.generate.batch import generate_batch
 from rwkvtune.generate.config import GenerationError, SamplingConfig, resolve
 from rwkvtune.generate.decoding import check_wkv_init, model_device
+from rwkvtune.generate.rnn import BatchDecoder
 from rwkvtune.generate.sampling import apply_penalties, sample_logits, update_counts
 from rwkvtune.generate.text import CHAT_TURN_END, END_OF_TEXT, encode_prompt, format_chat, split_stop
 from rwkvtune.tokenizer import StreamDecoder
@@ -103,6 +105,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], sampling: Sam
     decoder = StreamDecoder(tokenizer)
     tokenizer.id_to_bytes(END_OF_TEXT)  # build the lazy id -> bytes table outside the decode timing
     pending = ""
+    rnn = BatchDecoder(model, state)  # takes the prefill's (fresh) state over, updating it in place
+    device = model_device(model)
     t1 = time.perf_counter()
     stats.finish_reason = "length"
     try:
@@ -123,10 +127,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], sampling: Sam
                 stats.finish_reason = "stop"
                 return
             if step + 1 < cfg.max_tokens:
-                out, state = model(torch.tensor([[token]], dtype=torch.long, device=model_device(model)),
-                                   state=state, return_state=True)
-                logits = out[0, -1].float().cpu()
-                stats.state = state
+                logits = rnn.step(torch.tensor([token], dtype=torch.long, device=device))[0].cpu()
+                stats.state = rnn.state
         emit, pending, stopped = split_stop(pending + decoder.flush(), cfg.stop)
         if stopped:
             stats.finish_reason = "stop"
