@@ -20,6 +20,13 @@ def add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None
                                                      "(default: auto)")
 
 
+def add_base_quant(p: argparse.ArgumentParser) -> None:
+    """--base-quant of generate and eval (train's is a TrainConfig field of the same name)."""
+    p.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"],
+                   help="store the model's big matrices as int8 (per-channel) or nf4 (QLoRA; CPU needs torchao, "
+                        "CUDA bitsandbytes), quantized at load: less memory, int8 decodes faster on CPU (default: none)")
+
+
 def resolve_device(device: str | None) -> str:
     """``auto`` -> cuda when available else cpu; then checked (one-line error if unusable)."""
     import torch

@@ -9,7 +9,7 @@ import json
 import math
 
 from rwkvtune.bounds import check_flag
-from rwkvtune.cli.common import add_data_options, add_device, resolve_device
+from rwkvtune.cli.common import add_base_quant, add_data_options, add_device, resolve_device
 from rwkvtune.cli.eval_tasks import add_task_arguments, run_tasks
 from rwkvtune.errors import ConfigError, RwkvtuneError
 from rwkvtune.models.rwkv7.config import TRAIN_BOUNDS, TrainConfig
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-context", action="store_true", help="score whole samples in ctx-len chunks with state")
     add_data_options(p)
     add_device(p)
+    add_base_quant(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast (default: fp32)")
 
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("ctx_len", "batch_size"):  # the bounds of the training options of these names
         check_flag("--" + name.replace("_", "-"), getattr(args, name), TRAIN_BOUNDS[name], ConfigError)
     device = resolve_device(args.device)
-    model, wkv_init = load_model(args.model, args.adapter, args.state, device=device, flags=True)
+    model, wkv_init = load_model(args.model, args.adapter, args.state, device=device, flags=True,
+                                 base_quant=args.base_quant)
     # The model's own ctx_len unless --ctx-len: the loss depends on the window length (a longer
     # window scores more tokens with more context), so it must not follow a config.yaml that happens
     # to sit beside a file; it is printed in the result.

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from rwkvtune.cli.common import add_device, resolve_device
+from rwkvtune.cli.common import add_base_quant, add_device, resolve_device
 from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
                                prepare_for_decoding, stream_generate)
 from rwkvtune.peft.loading import load_model
@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a tuned initial state: state.pth (or .safetensors) from `rwkvtune train --mode state`, or "
                         "a state in RWKV-PEFT's layout")
     add_device(p)
+    add_base_quant(p)
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="weights and activations dtype (default fp32; the WKV state is always fp32)")
     return parser
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if precision not in PRECISIONS:
         raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     model, wkv_init = load_model(get("model"), state=get("state"), device=device, dtype=PRECISIONS[precision],
-                                 flags=True)  # a run directory brings its own state (or final.pth)
+                                 flags=True, base_quant=get("base_quant") or "none")  # a run directory brings its own state (or final.pth)
     model = prepare_for_decoding(model)
     stats = GenerationStats()
     out = sys.stdout

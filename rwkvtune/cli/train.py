@@ -55,6 +55,8 @@ TRAIN_FLAGS = [
     ("--lora-dropout", float, "dropout on the LoRA input"),
     ("--lora-targets", str, "comma-separated Linear names to adapt (e.g. att.key,ffn.value)"),
     ("--train-parts", str, "LoRA mode: also train ln, emb and/or head (comma-separated)"),
+    ("--base-quant", str, "lora/state modes: store the frozen base's big matrices (att r/k/v/o, ffn, head) as int8 "
+                          "(per-channel) or nf4 (QLoRA; CPU needs torchao, CUDA bitsandbytes), quantized at load"),
     ("--bptt", str, "long samples: truncated (default) or full backprop through chunks"),
     ("--wandb", str, "log to this wandb project"),
     ("--threads", int, f"CPU threads of torch's ops, at most {THREADS_PER_CORE}x the cores (default: torch's own, usually the number "
