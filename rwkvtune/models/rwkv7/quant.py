@@ -99,8 +99,10 @@ def require_backend(kind: str, device) -> None:
     check_kind(kind)
     dev = torch.device(device)
     try:
-        if kind == "nf4":
-            importlib.import_module("bitsandbytes" if dev.type == "cuda" else "torchao")
+        if kind == "nf4" and dev.type == "cuda":
+            importlib.import_module("bitsandbytes")
+        elif kind == "nf4":
+            _torchao_double_quantize()
     except ImportError as e:
         raise (_missing("bitsandbytes", kind, "CUDA", "quant-gpu") if dev.type == "cuda"
                else _missing("torchao", kind, "CPU", "quant")) from e
@@ -120,17 +122,19 @@ def _torchao_double_quantize():
     import logging
     import warnings
 
-    # torchao logs a warning per CUDA-only extension it cannot load on a CPU build, and torch warns
-    # about one of its enums: noise on every CLI run, not a problem of ours.
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    # torchao logs a warning per CUDA-only extension it cannot load on a CPU build, and torch's
+    # pytree one about an enum torchao registers: noise on every CLI run, not a problem of ours.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torchao.quantization import NF4Tensor
     finally:
-        log.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
     return NF4Tensor.double_quantize_scalers
 
 
@@ -159,7 +163,7 @@ def quantize_nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
     scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
     # Nearest level (ties to the lower one, as torchao's argmin): bucketize on the midpoints.
-    codes = torch.bucketize(scaled.reshape(-1), (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
+    codes = torch.bucketize(scaled.reshape(-1), (levels[1:] + levels[:-1]) / 2, out_int32=True).to(torch.uint8)
     packed = (codes[0::2] << 4) | codes[1::2]
     return {"codes": packed.contiguous(), "qscalers": qscalers.to(torch.int8).contiguous(),
             "factor": factor.float().contiguous(), "mean": mean.float().reshape(()).clone()}
