@@ -148,7 +148,7 @@ def runs(files):
 
 def test_lora_on_a_quantized_base_learns_like_fp32(runs):
     """Over each quantized base the loss starts where the fp32 base's does (B = 0: the quantized base's
-    own loss, within 0.05) and falls at least 90% as far (measured: 97-101%)."""
+    own loss, within 0.05) and falls at least 90% as far (measured: 99.6% nf4, 99.9% int8)."""
     losses = {kind: run[1] for kind, run in runs.items()}
     drop = losses["none"][0] - losses["none"][-1]
     assert drop > 2.5, losses["none"]

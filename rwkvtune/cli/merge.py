@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from importlib import resources
 
 from rwkvtune.cli.common import add_save_dtype
 from rwkvtune.errors import ConfigError
 from rwkvtune.io.checkpoint import save_state_dict
+from rwkvtune.tokenizer import get_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,15 +69,11 @@ def quant_report(merged, base: str, adapter: str, kind: str) -> str:
     quantized base + adapter (the model training optimised) and of the merged full-precision model
     (``merged``: the base with the adapter applied, which equals the merged file's maths), the
     mean KL between them and their top-1 agreement."""
-    import json
-    from importlib import resources
-
     import torch
     import torch.nn.functional as F
 
     from rwkvtune.models.rwkv7.model import RWKV7
     from rwkvtune.peft.lora import load_adapter
-    from rwkvtune.tokenizer import get_tokenizer
 
     V = merged.config.vocab_size
     text = resources.files("rwkvtune").joinpath("assets/sample.jsonl").read_text(encoding="utf-8")

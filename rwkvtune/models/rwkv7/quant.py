@@ -45,6 +45,8 @@ and a missing one is a one-line :class:`QuantError` naming the pip command.
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 
 import torch
 import torch.nn as nn
@@ -119,9 +121,6 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _torchao_double_quantize():
-    import logging
-    import warnings
-
     # torchao logs a warning per CUDA-only extension it cannot load on a CPU build, and torch's
     # pytree one about an enum torchao registers: noise on every CLI run, not a problem of ours.
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
