@@ -21,10 +21,14 @@ shapes, best of 7; ``bench/bench_quant.py`` gives the whole-model figures):
 
 * CPU int8: torch's own ``torch._weight_int8pack_mm`` (int8 weight-only GEMV/GEMM kernel) for
   up to :data:`INT8_KERNEL_ROWS` rows without autograd (decoding); it reads 1 B per weight where
-  fp32 reads 4 (65536x768 head, one row, bf16: 27-40 ms against fp32's 24-33 ms on the shared,
-  loaded machine). For more rows it has no blocked kernel in fp32 (256 rows: 20 s against 0.4 s
-  for the dense product), so there the layer is dequantized to the compute dtype (one layer at a
-  time) and multiplied by MKL/oneDNN: training and prefill cost one extra pass over the weight.
+  fp32 reads 4. Its input is bf16 whatever the model's dtype: with fp32 input the kernel is not
+  vectorised (65536x768 head, one row: 58-85 ms, against 13-40 ms with bf16 input and 24-33 ms for
+  the dense fp32 product, on this shared, loaded machine), so decoding an fp32 model over an int8
+  base rounds each big layer's input and output to bf16 (a relative 2^-9, below int8's own error
+  of up to 1/254 of a row's largest weight; tests/test_quant.py bounds the decoded logits). For
+  more rows it has no blocked kernel in fp32 (256 rows: 20 s against 0.4 s for the dense
+  product), so there the layer is dequantized to the compute dtype (one layer at a time) and
+  multiplied by MKL/oneDNN: training and prefill cost one extra pass over the weight.
 * CPU nf4: torchao's NF4 double quantization of the scales (``NF4Tensor.double_quantize_scalers``,
   QLoRA's definition) with torchao's NF4 levels; the 4-bit codes and the dequantization are done
   here with the same arithmetic, because torchao's eager code is 10-50x slower than need be on
@@ -271,8 +275,11 @@ class QuantLinear(nn.Module):
         rows = x.numel() // max(1, x.shape[-1])
         if (self.kind == "int8" and dev == "cpu" and rows <= INT8_KERNEL_ROWS and dtype in (torch.float32, torch.bfloat16)
                 and not (torch.is_grad_enabled() and x.requires_grad)):
-            y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(dtype), self.qweight, self.scale.to(dtype))
-            return y.view(*x.shape[:-1], self.out_features)
+            # bf16 in and out whatever the model's dtype: the kernel's fp32-input path is not
+            # vectorised (2-4x slower than the dense fp32 product); see the module docstring.
+            y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.qweight,
+                                          self.scale.to(torch.bfloat16))
+            return y.to(dtype).view(*x.shape[:-1], self.out_features)
         return _DequantLinear.apply(x, self, dtype)
 
     def _apply(self, fn, recurse=True):
