@@ -267,5 +267,5 @@ def test_plan_knows_quantized_bytes_and_lora_nf4_fits_7b_on_24_gb():
     full = memory.estimate_memory(c, memory.Settings(mode="full", precision="bf16", device="gpu", base_quant="nf4"))
     assert full.peak == memory.estimate_memory(c, memory.Settings(mode="full", precision="bf16", device="gpu")).peak
     res = _cli("plan", "7.2b", "--host-memory", "64")
-    row = [line.split() for line in res.stdout.splitlines() if line.split()[:2] == ["lora", "nf4"]]
+    row = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["lora+nf4"]]
     assert res.returncode == 0 and row and row[0][-4:] == ["yes", "yes", "yes", "yes"], res.stdout[-1500:]

@@ -132,14 +132,14 @@ def _quant_table(c, args, cards: dict, host: float | None) -> list[str]:
     """LoRA and state on one GPU (ddp) with the frozen base quantized (--base-quant int8 / nf4)."""
     ctx, batch = args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size
     lines = ["", "with a quantized frozen base (--base-quant; lora and state, 1 GPU, ddp):",
-             f"{'mode':<6}{'base':>5}  {'':<13}{'per GPU':>8}{'host':>8}   fits (GB): "
+             f"{'mode+base':<11}{'strategy':<13}{'per GPU':>8}{'host':>8}   fits (GB): "
              + " ".join(f"{g:>4g}" for g in cards)]
     for quant in ("int8", "nf4"):
         for r in plan.launches(c, ctx, batch, modes=("lora", "state"), gpu_counts=(1,), base_quant=quant):
             if r.strategy != "ddp":
                 continue
             marks = " ".join(f"{_mark(r, gib, host):>4}" for gib in cards.values())
-            lines.append(f"{r.mode:<6}{quant:>5}  {r.name:<13}{r.estimate.peak / GIB:>8.1f}"
+            lines.append(f"{r.mode + '+' + quant:<11}{r.name:<13}{r.estimate.peak / GIB:>8.1f}"
                          f"{r.estimate.host / GIB:>8.1f}               {marks}")
     return lines
 
