@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks as ONE call on a lent device machine (see bench/bench_gpu.py): fla vs chunked in fp32
-# and bf16, WKV timings, timed train steps (0.1B and 1.5B, full and LoRA), an FSDP step, a 7.2B LoRA step.
+# and bf16, WKV timings, timed train steps (0.1B and 1.5B, full and LoRA), an FSDP step, a 7.2B LoRA step,
+# LoRA over an int8 / nf4 base (bench/bench_quant.py --gpu).
 #
 # That machine has PyTorch, Triton, einops, PyYAML and tqdm but no network, so fla-core travels
 # as a wheel. Here, once, from the repository root:
@@ -40,3 +41,13 @@ for prec in bf16 fp32; do
   timeout 300 python3 bench/bench_compile.py --device cuda --T "${T:-1024}" --precision $prec 2>&1 | tail -n 4 \
     | tee -a "${OUT:-/tmp}/bench_gpu.log" || echo "bench_compile.py ($prec) failed" | tee -a "${OUT:-/tmp}/bench_gpu.log"
 done
+# The quantized frozen base (--base-quant) on this GPU: a LoRA step over a none / int8 / nf4 base,
+# tok/s and peak memory against the planner (bench/bench_quant.py --gpu). nf4 needs bitsandbytes,
+# which travels as a wheel like fla-core (here, once: python3 -m pip download --no-deps -d .whl
+# bitsandbytes); without it only none and int8 run. SKIP_QUANT=1 leaves this out.
+if [ -z "${SKIP_QUANT:-}" ]; then
+  ls .whl/bitsandbytes*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/site .whl/bitsandbytes*.whl
+  python3 bench/bench_quant.py --gpu --size "${QUANT_SIZE:-1.5b}" --T "${T:-1024}" --runs 3 2>&1 \
+    | tee -a "${OUT:-/tmp}/bench_gpu.log"
+fi

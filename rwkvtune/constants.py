@@ -44,3 +44,6 @@ DATA_FORMAT_ALIASES = {
     "alpaca": "alpaca",
     "sharegpt": "sharegpt",
 }
+
+# The frozen base's weight formats (--base-quant): rwkvtune.models.rwkv7.quant.QUANT_KINDS (a test keeps them equal).
+BASE_QUANTS = ("none", "int8", "nf4")

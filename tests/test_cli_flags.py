@@ -138,7 +138,7 @@ def _model_group(name: str) -> dict[str, tuple]:
 
 def test_generate_and_eval_take_the_same_model_flags():
     generate, evaluate = _model_group("generate"), _model_group("eval")
-    assert set(generate) == {"--model", "--adapter", "--state", "--precision", "--device"}
+    assert set(generate) == {"--model", "--adapter", "--state", "--precision", "--base-quant", "--device"}
     assert generate.keys() == evaluate.keys()
     assert {k: v for k, v in generate.items() if k != "--model"} == {k: v for k, v in evaluate.items() if k != "--model"}
 

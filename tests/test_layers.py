@@ -47,7 +47,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # imported where they are used, so the rest works without them and a missing one is a one-line
 # error. pyrwkv_tokenizer is required, but its absence is reported in one line by tokenizer.py.
 OPTIONAL = ("fla", "matplotlib", "wandb", "huggingface_hub", "filelock", "torch.distributed",
-            "torch.utils.tensorboard", "pyrwkv_tokenizer", "lm_eval", "datasets", "gguf")
+            "torch.utils.tensorboard", "pyrwkv_tokenizer", "lm_eval", "datasets", "gguf", "torchao",
+            "bitsandbytes")
 # What the CLI's startup (argument parsing, `models`, `inspect`) and the configs must not import.
 HEAVY = ("torch", "numpy")
 

@@ -531,3 +531,13 @@ def test_estimate_gib_is_what_the_dry_run_reports(small, tmp_path):
     c = load_model_config(small["ckpt"])
     gib = estimate_gib(c, cfg.resolve(c), tokens=report["memory_estimate"]["settings"]["ctx_len"])
     assert round(gib, 2) == report["memory_estimate_gib"]
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_lora_with_a_quantized_base_estimate_within_20_percent(files, kind):
+    """LoRA over a quantized base (--base-quant) on the quickstart shape: the quantized head, its
+    dequantized copy per product and the quantization temporaries at load are in the estimate."""
+    results = measure(files, f"tiny-lora-{kind}", files["tiny"], batch=4, ctx=128,
+                      extra=("--mode", "lora", "--base-quant", kind))
+    _assert_within(results, f"tiny-lora-{kind}")
+    assert results[0][1]["terms"]["dequant"] > 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 DATA_FORMATS = ("auto", "text", "chat", "prompt_response", "alpaca", "sharegpt")
-from rwkvtune.constants import SAVE_DTYPES
+from rwkvtune.constants import BASE_QUANTS, SAVE_DTYPES
 from rwkvtune.utils import check_device
 from rwkvtune.errors import CheckpointError
 
@@ -40,6 +40,9 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = False) -> N
                                                        "state in RWKV-PEFT's layout")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or bf16 compute (default: fp32; the WKV state stays fp32)")
+    g.add_argument("--base-quant", default="none", choices=BASE_QUANTS,
+                   help="store the model's big matrices as int8 (per-channel) or nf4 (QLoRA; CPU needs torchao, "
+                        "CUDA bitsandbytes), quantized at load: less memory, int8 decodes faster on CPU (default: none)")
     add_device(g)
 
 
@@ -51,7 +54,7 @@ def load_model_from_args(args: argparse.Namespace, dtype=None):
     from rwkvtune.peft.loading import load_model  # torch: not at the CLI's startup
 
     return load_model(args.model, args.adapter, args.state, device=resolve_device(args.device),
-                      dtype=dtype or torch.float32, flags=True)
+                      dtype=dtype or torch.float32, flags=True, base_quant=getattr(args, "base_quant", "none"))
 
 
 def resolve_device(device: str | None) -> str:

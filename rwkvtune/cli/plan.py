@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for i, size in enumerate(sizes):
         c = load_model_config(size)
         print(("\n" if i else "") + "\n".join(_table(c, _rows(c, args), args, cards, host)))
+        print("\n".join(_quant_table(c, args, cards, host)))
     if names & _seed_names():  # only the sizes asked for (plan 7.2b: not 13.3B)
         print("\nThe configs README's recommendations are for dual-GPU training; on two GPUs:")
         print("\n".join(plan.seed_dual_gpu(load_model_config, names, host_gib=host)))
@@ -127,6 +128,22 @@ def _table(c, rows, args, cards: dict, host: float | None = None) -> list[str]:
     return lines
 
 
+def _quant_table(c, args, cards: dict, host: float | None) -> list[str]:
+    """LoRA and state on one GPU (ddp) with the frozen base quantized (--base-quant int8 / nf4)."""
+    ctx, batch = args.ctx_len or c.recommended_ctx_len, args.batch_size or c.recommended_batch_size
+    lines = ["", "with a quantized frozen base (--base-quant; lora and state, 1 GPU, ddp):",
+             f"{'mode+base':<11}{'strategy':<13}{'per GPU':>8}{'host':>8}   fits (GB): "
+             + " ".join(f"{g:>4g}" for g in cards)]
+    for quant in ("int8", "nf4"):
+        for r in plan.launches(c, ctx, batch, modes=("lora", "state"), gpu_counts=(1,), base_quant=quant):
+            if r.strategy != "ddp":
+                continue
+            marks = " ".join(f"{_mark(r, gib, host):>4}" for gib in cards.values())
+            lines.append(f"{r.mode + '+' + quant:<11}{r.name:<13}{r.estimate.peak / GIB:>8.1f}"
+                         f"{r.estimate.host / GIB:>8.1f}               {marks}")
+    return lines
+
+
 def _mark(r, card_gib: float, host: float | None) -> str:
     if not r.fits_card(card_gib):
         return "-"
@@ -150,7 +167,7 @@ def _pick(args) -> int:
     if not gpus or not card:
         raise ConfigError("--pick: no CUDA GPU visible; pass --gpus N --gpu-memory GB to plan for another machine")
     settings = dict(grad_checkpoint=bool(cfg.grad_checkpoint), lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets),
-                    train_parts=tuple(cfg.train_parts))
+                    train_parts=tuple(cfg.train_parts), base_quant=cfg.base_quant)
     rows = plan.launches(c, cfg.ctx_len or c.recommended_ctx_len, cfg.batch_size or c.recommended_batch_size,
                          modes=(cfg.mode,), gpu_counts=(gpus,), precision=cfg.precision or "bf16", **settings)
     host, host_note = _host_memory(args)

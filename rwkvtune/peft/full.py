@@ -11,6 +11,14 @@ class FullMode(Mode):
     name = "full"
     trains_base = True
 
+    def conflicts(self, cfg) -> list[tuple[dict[str, str], str]]:
+        out = super().conflicts(cfg)
+        if getattr(cfg, "base_quant", "none") != "none":
+            out.append(({"base_quant": repr(cfg.base_quant), "mode": repr(cfg.mode)},
+                        "a full fine-tune updates every weight, and a quantized base is frozen; use mode lora or "
+                        "state, or base_quant none"))
+        return out
+
     def prepare(self, model, cfg) -> None:
         return None  # every weight stays trainable
 

@@ -39,14 +39,16 @@ def _labelled_config(label: str, resolve, *args):
 
 
 def load_model(model: str, adapter: str | None = None, state: str | None = None, device="cpu",
-               dtype: torch.dtype = torch.float32, flags: bool = False):
+               dtype: torch.dtype = torch.float32, flags: bool = False, base_quant: str = "none"):
     """(RWKV7 in eval mode, tuned initial WKV state [L, H, N, N] or None).
 
     ``adapter``/``state``: files to apply besides the model's own, or a LoRA / state-tuning run's
     directory for its adapter or state; a run directory that brings its own adapter or state
     cannot take another of the same kind (which one would win is not obvious), nor a run's
-    final.pth its own adapter again (it is merged in): both are refused. ``flags=True``: errors about these files name ``--adapter`` and
-    ``--state`` (the CLI).
+    final.pth its own adapter again (it is merged in): both are refused. ``flags=True``: errors
+    about these files name ``--adapter`` and ``--state`` (the CLI). ``base_quant`` "int8" or
+    "nf4": the base's big matrices quantized at load (:mod:`rwkvtune.models.rwkv7.quant`); an
+    adapter applies on top as in training.
     """
     run = resolve_run(model)
     adapter = _labelled_config("--adapter" if flags else "adapter", run_part, adapter, "adapter") if adapter else None
@@ -64,7 +66,7 @@ def load_model(model: str, adapter: str | None = None, state: str | None = None,
                 raise ConfigError(f"{flag} {given}: the run {run.run} brings its own {name} ({own}); pass the "
                                   f"base model {run.model} with {flag} {given}, or drop {flag}")
         model = run.model
-    net = RWKV7.from_checkpoint(model, device=device, dtype=dtype)
+    net = RWKV7.from_checkpoint(model, device=device, dtype=dtype, quant=base_quant)
     for path, label in ((own_adapter, None), (adapter, "--adapter" if flags else None)):
         if path:
             _labelled(label, load_adapter, net, path)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.io.artifacts import load_artifact, save_artifact
 from rwkvtune.io.checkpoint import save_state_dict
+from rwkvtune.models.rwkv7.model import open_checkpoint
+from rwkvtune.models.rwkv7.quant import QuantLinear, base_quant_of, fingerprint_sample, quantized_layers
 from rwkvtune.peft.base import Mode
 from rwkvtune.tensor_checks import check_tensor
 
@@ -36,18 +38,20 @@ PART_PATTERNS = {
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update."""
+    """A frozen ``nn.Linear`` (or quantized :class:`QuantLinear`) plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        device = base.device if isinstance(base, QuantLinear) else base.weight.device
         # Adapters are fp32 even over a bf16 base: their updates are small relative to W.
-        self.lora_A = nn.Parameter(self.initial_A(r, base.in_features, base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        self.lora_A = nn.Parameter(self.initial_A(r, base.in_features, device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True  # False: exactly the base layer (the reference model of preference training)
-        base.weight.requires_grad_(False)
+        if not isinstance(base, QuantLinear):  # (a quantized layer has no parameters)
+            base.weight.requires_grad_(False)
 
     @staticmethod
     def initial_A(r: int, in_features: int, device=None) -> torch.Tensor:
@@ -60,13 +64,21 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return self.base(x)
         delta = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        if isinstance(self.base, QuantLinear):  # computes in x's dtype (autocast's) itself
+            return self.base(x) + delta * self.scaling
         w = self.base.weight
         base = self.base(x) if x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type) else F.linear(x.to(w.dtype), w).to(x.dtype)
         return base + delta * self.scaling
 
+    def delta(self) -> torch.Tensor:
+        """The adapter's update (alpha / r) B A, fp32 [out, in]."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
-        w = self.base.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        return w.to(dtype)
+        """W + (alpha / r) B A; over a quantized base W is the dequantized one (the model training
+        saw; :func:`merged_state_dict` merges into the full-precision file instead)."""
+        base = self.base.dequantize() if isinstance(self.base, QuantLinear) else self.base.weight.float()
+        return (base + self.delta()).to(dtype)
 
 
 def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -77,7 +89,7 @@ def apply_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float =
     """Wrap every Linear whose name ends with a target suffix; returns the wrapped names."""
     if r < 1:
         raise ConfigError(f"lora_r: found {r}, expected >= 1")
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
     wrapped, unmatched = [], []
     for target in targets:
         hits = [n for n in linear_names if n == target or n.endswith("." + target)]
@@ -140,8 +152,14 @@ def _official_name(name: str) -> str:
 
 
 def merged_state_dict(model: nn.Module, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The official-layout state dict with every adapter merged (in fp32, then cast)."""
+    """The official-layout state dict with every adapter merged (in fp32, then cast).
+
+    A quantized base (``--base-quant``) is merged into the full-precision file it was quantized
+    from (``model.quant_source``, read again tensor by tensor), never into its dequantized values:
+    the result is what merging the adapter into that file with ``merge-lora`` gives."""
     lora = _lora_modules(model)
+    quant = quantized_layers(model)
+    source = _quant_source(model) if quant else {}
     out = {}
     for name, t in model.state_dict().items():
         if ".lora_A" in name or ".lora_B" in name:
@@ -150,11 +168,39 @@ def merged_state_dict(model: nn.Module, dtype=torch.bfloat16) -> dict[str, torch
         if owner in lora and name.endswith(".base.weight"):
             t = lora[owner].merged_weight(torch.float32)
         out[_official_name(name)] = t.detach().to("cpu", dtype=dtype).contiguous()
+    for qname in quant:  # its buffers (codes, scales) are not official tensors
+        official = _official_name(qname + ".")
+        for key in [k for k in out if k.startswith(official)]:
+            del out[key]
+        owner = qname.removesuffix(".base")
+        w = source[official + "weight"].float()
+        if owner in lora:
+            w = w + lora[owner].delta().cpu()
+        out[official + "weight"] = w.to(dtype).contiguous()
     return out
+
+
+def _quant_source(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full-precision file a quantized base was loaded from (memory-mapped), checked to be the
+    same file (its fingerprint) as at load."""
+    path = getattr(model, "quant_source", None)
+    if path is None:
+        raise CheckpointError("a quantized base without the file it came from cannot be merged; load it with "
+                              "RWKV7.from_checkpoint(..., quant=...)")
+    tensors = open_checkpoint(path)[0]
+    want = getattr(model, "lora_base_fingerprint", None) or base_fingerprint(model)
+    if want and fingerprint(tensors) != want:
+        raise CheckpointError(f"{path}: the base model file changed since this run loaded it (fingerprint "
+                              f"{fingerprint(tensors)}, loaded {want}); restore it, or merge the adapter into the "
+                              f"file you now have with rwkvtune merge-lora")
+    return tensors
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge adapters into the base Linears in place (fp32 maths) and unwrap them."""
+    if quantized_layers(model):
+        raise ConfigError("merge_lora: the base is quantized (no weights to merge into in place); use "
+                          "merged_state_dict (it merges into the full-precision file) or rwkvtune merge-lora")
     for name, m in _lora_modules(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -171,22 +217,25 @@ def base_fingerprint(model: nn.Module) -> str:
     state = model.state_dict()
     if any(t.is_meta for t in state.values()):
         return ""
+    for name, m in quantized_layers(model).items():  # the full-precision weight's sample, kept at load
+        for b in m._buffers:
+            state.pop(f"{name}.{b}", None)
+        state[f"{name}.weight"] = ((m.out_features, m.in_features), m.fp_sample)
     return fingerprint(state)
 
 
 def fingerprint(tensors) -> str:
     """:func:`base_fingerprint` of a mapping name -> tensor (a model's state dict, or a model
-    file's tensors in the official layout, which are read 64 values each)."""
+    file's tensors in the official layout, which are read 64 values each); a value may also be
+    (shape, its sample) as a quantized layer keeps them."""
     h = hashlib.sha256()
     for name, t in sorted(tensors.items()):
         if ".lora_" in name:
             continue
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 64)
-        sample = flat[::step][:64].to("cpu", torch.bfloat16).view(torch.int16)
+        shape, sample = t if isinstance(t, tuple) else (tuple(t.shape), fingerprint_sample(t))
         h.update(_official_name(name).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(sample.numpy().tobytes())
+        h.update(str(tuple(shape)).encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -201,7 +250,7 @@ def adapter_state(model: nn.Module) -> dict:
     part_tensors = {_official_name(n): p.detach().cpu().clone() for n, p in model.named_parameters()
                     if p.requires_grad and ".lora_" not in n}
     return {"format": ADAPTER_FORMAT, **cfg, "train_parts": parts, "lora": tensors, "parts": part_tensors,
-            "base_fingerprint": model.lora_base_fingerprint}
+            "base_fingerprint": model.lora_base_fingerprint, "base_quant": base_quant_of(model)}
 
 
 class LoraMode(Mode):

@@ -12,7 +12,10 @@ GRPO's group), T tokens per sequence, W processes, s = 1/W under fsdp (else 1).
 Terms (bytes, one process):
 
 * ``weights``: every stored parameter: fp32 (4 B); a frozen base with precision bf16 is bf16 (2 B);
-  LoRA adapters and a tuned state are fp32. x s (0 with cpu_offload: in host memory).
+  LoRA adapters and a tuned state are fp32. x s (0 with cpu_offload: in host memory). A quantized
+  base (``base_quant``, lora and state) stores its big matrices (QUANT_MATRICES) in QUANT_BYTES.
+* ``dequant``: a quantized base's layer dequantized for its product (one at a time, the largest
+  is the head): DEQUANT_BYTES per element (the fp32 intermediates on CPU, bf16 on GPU).
 * ``optimizer``: AdamW's exp_avg + exp_avg_sq, fp32: 8 B per trainable parameter, x s.
 * ``gradients``: 4 B per trainable parameter (fp32, also FSDP's fp32 reduce) x s at the update; in
   backward the head's gradient exists from the loss on (unsharded under FSDP), and one block's.
@@ -45,7 +48,8 @@ Terms (bytes, one process):
 * ``save``: copies held while writing outputs: final.pth in save_dtype (2 B per parameter for bf16;
   FSDP gathers the whole model onto the main process), the resumable checkpoint's fp32 clone of the
   trainable tensors. On GPU these are host memory.
-* ``load``: building the model: under ddp the whole model on the device, plus on CPU the
+* ``load``: building the model (a quantized base: plus the largest matrix's quantization
+  temporaries, QUANT_LOAD_BYTES per element): under ddp the whole model on the device, plus on CPU the
   memory-mapped checkpoint's pages (its file size) or the init's temporaries (orthogonal init of
   the head, 2.5 x it). fsdp builds on meta, shards, and fills each process's shards one tensor at
   a time (from the file or the seeded init): x s, plus one V x C fp32 tensor and its source.
@@ -116,6 +120,19 @@ SAVED = {
     ("bf16", "state"): (34, 2, 2, 0, 0, 2, 10, 8),
 }
 STRATEGIES = ("ddp", "fsdp")
+# A quantized frozen base (rwkvtune.models.rwkv7.quant; a test keeps the names equal): the matrices
+# it quantizes, and their bytes per element (int8: the codes and an fp32 scale per output row, taken
+# as 4 B over the 768-wide inputs of the smallest size; nf4: 4-bit codes, an int8 scaler per 64 and an
+# fp32 factor per 64 x 256 values).
+QUANT_MATRICES = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value", "head")
+QUANT_BYTES = {"int8": 1 + 4 / 768, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+# Dequantizing one layer: on CPU one fp32 copy (4 B per element: the codes-as-floats and the scaled
+# copy exist together only briefly; with 8 B the tiny quickstart-shape LoRA runs measured 1.16-1.17x
+# over, with 4 B 1.13-1.14x, the unquantized run 1.09x); on GPU bitsandbytes' bf16 output (2 B,
+# assumed). Quantizing one at load: its fp32 copy, the scaled copy and the codes (int32 before
+# packing): 12 B per element.
+DEQUANT_BYTES = {"cpu": 4, "gpu": 2}
+QUANT_LOAD_BYTES = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +158,7 @@ class Settings:
     init: str = "pretrained"
     file_bytes: int | None = None  # size of the model file (CPU load); None: 2 B per parameter
     packing: bool = False  # documents packed into windows: the WKV kernel also keeps per-chunk segment masks
+    base_quant: str = "none"  # "int8" or "nf4": the frozen base's big matrices quantized (lora, state)
 
     @classmethod
     def from_config(cls, cfg, world_size: int = 1, tokens: int | None = None, **kw) -> "Settings":
@@ -150,7 +168,7 @@ class Settings:
                    batch_size=cfg.batch_size, ctx_len=tokens or cfg.ctx_len, grad_checkpoint=cfg.grad_checkpoint,
                    strategy=cfg.strategy, world_size=world_size, cpu_offload=cfg.cpu_offload, device=device,
                    lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets), train_parts=tuple(cfg.train_parts),
-                   save_dtype=cfg.save_dtype, init=cfg.init,
+                   save_dtype=cfg.save_dtype, init=cfg.init, base_quant=getattr(cfg, "base_quant", "none"),
                    packing=bool(cfg.packing) and cfg.method == "sft", **kw)
 
     def replace(self, **kw) -> "Settings":
@@ -167,6 +185,11 @@ class Settings:
         return 1.0 / self.world_size if self.strategy == "fsdp" else 1.0
 
     @property
+    def quant(self) -> str | None:
+        """The base's quantization where it applies (a frozen base: lora and state), else None."""
+        return self.base_quant if self.base_quant in QUANT_BYTES and self.mode != "full" else None
+
+    @property
     def wkv_backend(self) -> str:
         return self.wkv if self.wkv != "auto" else ("fla" if self.device == "gpu" else "chunked")
 
@@ -179,6 +202,7 @@ class Inventory:
     stored: int  # bytes as stored
     trainable: int  # trainable parameters
     largest_trainable: int  # elements of the largest trainable tensor
+    largest_quantized: int  # elements of the largest quantized matrix (0: none)
     root: int  # parameters outside the blocks (emb, head, ln_out, a tuned state)
     block: int  # parameters of the largest block
     block_trainable: int
@@ -211,13 +235,15 @@ def _adapter(key: str, shape, s: Settings) -> int:
 def inventory(c, s: Settings) -> Inventory:
     """What each parameter costs in this mode: dtype, trainable or not, where it lives."""
     base_bytes = 2 if s.mode != "full" and s.precision == "bf16" else 4  # a frozen base in bf16
-    n = stored = trainable = largest = root = head_tr = originals = adapters = lora_in = lora_r = 0
+    n = stored = trainable = largest = root = head_tr = originals = adapters = lora_in = lora_r = big_q = 0
     blocks: dict[str, list[int]] = {}  # block prefix -> [params, trainable, fp32 matrices, heap-sized]
     for key, shape in c.param_shapes().items():
         numel, adapter = math.prod(shape), _adapter(key, shape, s)
         train = (s.mode == "full" and key not in LAYER0_V_KEYS) or (s.mode == "lora" and _is_part(key, s.train_parts))
         size = 4 if s.mode == "full" or train else base_bytes
-        n, stored, adapters = n + numel + adapter, stored + numel * size + 4 * adapter, adapters + adapter
+        if s.quant and not train and len(shape) == 2 and _matches(key.removesuffix(".weight"), QUANT_MATRICES):
+            size, big_q = QUANT_BYTES[s.quant], max(big_q, numel)
+        n, stored, adapters = n + numel + adapter, stored + int(numel * size) + 4 * adapter, adapters + adapter
         trainable += (numel if train else 0) + adapter
         largest = max(largest, numel if train else 0, s.lora_r * max(shape) if adapter else 0)
         originals += numel * base_bytes if train and s.mode == "lora" else 0  # kept for the reference model
@@ -237,7 +263,7 @@ def inventory(c, s: Settings) -> Inventory:
         wkv = c.n_layer * c.n_head * c.head_size_a ** 2
         n, stored, trainable, root, largest = n + wkv, stored + 4 * wkv, trainable + wkv, root + wkv, wkv
     big = max(blocks.values(), key=lambda b: b[0])
-    return Inventory(n, stored, trainable, largest, root, big[0], big[1], sum(b[2] for b in blocks.values()),
+    return Inventory(n, stored, trainable, largest, big_q, root, big[0], big[1], sum(b[2] for b in blocks.values()),
                      adapters, big[3], head_tr, originals, lora_in, lora_r)
 
 
@@ -352,6 +378,7 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
         "autocast": 2 * (inv.block_matrices if _regime(s) == "autocast" else inv.adapters if _regime(s) == "bf16"
                          else 0),
         "originals": inv.originals,
+        "dequant": DEQUANT_BYTES["gpu" if gpu else "cpu"] * inv.largest_quantized,
         "reference": int(4 * inv.n_params * resident) if s.reference_copy else 0,  # sharded like the policy
         "runtime": GPU_RUNTIME if gpu else CPU_RUNTIME,
     }
@@ -360,7 +387,8 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
     head_grad = 4 * inv.head_trainable * (1 if fsdp else resident)
     block_grad = 4 * inv.block_trainable * (0 if fsdp else resident)  # FSDP: counted in fsdp_buffers
     base = t["weights"] + t["optimizer"] + t["originals"] + t["reference"] + t["ddp_buckets"] + t["runtime"]
-    step = base + t["fsdp_buffers"] + t["autocast"] + kept + head_grad + max(t["loss"], layer_ws + block_grad)
+    step = (base + t["fsdp_buffers"] + t["autocast"] + t["dequant"] + kept + head_grad
+            + max(t["loss"], layer_ws + block_grad))
     grads = int(4 * inv.trainable * resident)
     step_tmp = 0 if offload else (4 * inv.trainable * sh if gpu else 8 * inv.largest_trainable * sh)
     # CPU (glibc): the heap grows during backward (HEAP_GROWTH), and what backward freed stays in
@@ -419,7 +447,7 @@ def _load(c, s: Settings, inv: Inventory) -> int:
         if s.init == "scratch":
             return shards + int(2.5 * one)
         return shards + one + (s.file_bytes if s.file_bytes is not None else 2 * c.n_params)
-    full = inv.stored + inv.originals
+    full = inv.stored + inv.originals + QUANT_LOAD_BYTES * inv.largest_quantized
     if s.device == "gpu":
         return full + GPU_RUNTIME
     if s.init == "scratch":

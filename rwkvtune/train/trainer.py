@@ -35,6 +35,7 @@ from rwkvtune.errors import ConfigError, OutputError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
+from rwkvtune.models.rwkv7.quant import require_backend
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode
 from rwkvtune.tokenizer import get_tokenizer
@@ -135,6 +136,8 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         out_note = out_dir_problem(run, resuming=bool(resume_dir)) if dry_run else check_out_dir(run, bool(resume_dir))
         stop.run_dir = run
         check_packages(cfg)
+        if cfg.base_quant != "none":  # its library (torchao, bitsandbytes), before anything is written
+            require_backend(cfg.base_quant, cfg.device)
         check_eval_tasks(cfg)
     except RwkvtuneError as e:
         error = e
@@ -295,9 +298,11 @@ def _build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, devic
         # A frozen base in bf16 (precision bf16 and a mode that does not train the base) is loaded as
         # bf16 directly, so no fp32 copy of the whole model ever exists. expect=: a file of other
         # dims than the config (e.g. under a registry name) is refused.
+        # --base-quant: the big matrices quantized as they are read, on the device they run on.
         bf16_base = not mode.trains_base and cfg.precision == "bf16"
         model = RWKV7.from_checkpoint(model_config.model_path, expect=model_config,
-                                      dtype=torch.bfloat16 if bf16_base else torch.float32)
+                                      dtype=torch.bfloat16 if bf16_base else torch.float32, quant=cfg.base_quant,
+                                      device=device if cfg.base_quant != "none" else "cpu")
     model.set_wkv_backend(cfg.wkv_backend)
     model.grad_checkpoint = cfg.grad_checkpoint
     return TrainModule.for_mode(mode, model.to(device).train(), cfg).to(device)

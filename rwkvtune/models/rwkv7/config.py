@@ -23,7 +23,8 @@ import yaml
 
 from rwkvtune.bounds import THREADS_PER_CORE, Bound, bound_problems, cpu_cores, max_threads
 from rwkvtune.bounds import clip, shown as show_value
-from rwkvtune.constants import DATA_FORMAT_ALIASES, METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES, SCRATCH_LR
+from rwkvtune.constants import (BASE_QUANTS, DATA_FORMAT_ALIASES, METHODS, MODE_DEFAULT_LR, MODES, SAVE_DTYPES,
+                                SCRATCH_LR)
 from rwkvtune.errors import ConfigError
 from rwkvtune.models.rwkv7.method_config import METHOD_SECTIONS, DPOConfig, GRPOConfig, flat_keys
 from rwkvtune.safe_yaml import load_yaml, read_yaml_file
@@ -112,6 +113,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # module-name suffixes to wrap
     train_parts: tuple[str, ...] = ()  # also train: "ln", "emb", "head" (lora mode)
+    base_quant: str = "none"  # lora/state: the frozen base's big matrices stored "int8" or "nf4" (QLoRA), or "none"
     # ---- method options (rwkvtune/models/rwkv7/method_config.py) ------------------------------
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)  # method dpo (recipe section dpo:, or flat keys)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)  # method grpo (recipe section grpo:, or flat keys)
@@ -320,6 +322,12 @@ class TrainConfig:
             problems.append("model: missing; pass --model NAME|PATH (see `rwkvtune models`)")
         if not self.data:
             problems.append("data: missing; pass --data FILE.jsonl or a binidx prefix")
+        if self.base_quant not in BASE_QUANTS:
+            problems.append(f"base_quant: found {show_value(self.base_quant)}, expected one of {', '.join(BASE_QUANTS)}")
+        elif self.base_quant != "none" and self.strategy == "fsdp":
+            conflicts.append(self._conflict({"base_quant": repr(self.base_quant), "strategy": "'fsdp'"},
+                                            "FSDP cannot shard a quantized base yet; use strategy ddp (a quantized "
+                                            "base is small enough to hold whole on each GPU)"))
         bad_parts = set(self.train_parts) - {"ln", "emb", "head"}
         if bad_parts:
             problems.append(f"train_parts: found {sorted(bad_parts)}, expected a subset of ln, emb, head")
@@ -374,7 +382,7 @@ class TrainConfig:
         ``rwkvtune train --help`` shows them)."""
         return {"mode": MODES, "method": METHODS, "init": INITS, "precision": PRECISIONS, "bptt": BPTT_MODES,
                 "on_data_error": DATA_ERROR_POLICIES, "save_format": SAVE_FORMATS, "save_dtype": SAVE_DTYPES,
-                "strategy": STRATEGIES, "wkv_backend": WKV_BACKENDS}
+                "strategy": STRATEGIES, "wkv_backend": WKV_BACKENDS, "base_quant": BASE_QUANTS}
 
     @classmethod
     def field_docs(cls) -> list[tuple[str, str, str]]:

@@ -77,6 +77,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "lora_dropout": Flag("dropout on the LoRA input"),
     "lora_targets": Flag("comma-separated Linear names to adapt (e.g. att.key,ffn.value)"),
     "train_parts": Flag("LoRA mode: also train ln, emb and/or head (comma-separated)"),
+    "base_quant": Flag("lora/state modes: store the frozen base's big matrices (att r/k/v/o, ffn, head) as int8 "
+                       "(per-channel) or nf4 (QLoRA; CPU needs torchao, CUDA bitsandbytes), quantized at load"),
     # method options: beta and loss_type are the run's method's
     "beta": Flag(), "loss_type": Flag(),
     "label_smoothing": Flag(), "simpo_gamma": Flag(), "precompute_ref": Flag(),

@@ -40,6 +40,7 @@ from rwkvtune.errors import CheckpointError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.io.checkpoint import load_state_dict, save_state_dict
 from rwkvtune.io.layout import LAYER0_V_KEYS, strip_prefix
+from rwkvtune.models.rwkv7.quant import QuantLinear, check_kind, is_big_matrix, require_backend
 from rwkvtune.models.rwkv7.wkv import wkv7
 from rwkvtune.tensor_checks import check_finite, check_stored
 from rwkvtune.utils import human_bytes, human_count
@@ -448,20 +449,30 @@ class RWKV7(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_name: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
-                        wkv_backend: str = "auto", expect: ModelConfig | None = None) -> "RWKV7":
+                        wkv_backend: str = "auto", expect: ModelConfig | None = None,
+                        quant: str = "none") -> "RWKV7":
         """Load a ``.pth`` (dims detected from the file), a registry name (its model_path), or a
         training run's directory (its final.pth; a state or adapter run: see ``rwkvtune.load_model``).
 
         A registry name (or ``expect``) also states the dims the file must have: a file of another
         shape is refused with every difference listed, instead of silently loading other dims.
         Returns the model in eval mode, on ``device`` in ``dtype`` (fp32 on CPU by default).
+        ``quant`` "int8" or "nf4": the big matrices (:data:`quant.BIG_MATRICES`) become frozen
+        :class:`quant.QuantLinear` layers, each quantized as it is read (one full-precision matrix
+        exists at a time); ``model.quant_source`` names the file they came from.
         """
+        check_kind(quant)
+        if quant != "none":
+            require_backend(quant, device)  # a missing library is said before any weight is read
         sd, path, config, has_layer0_v = open_checkpoint(path_or_name, expect)
         with torch.device("meta"):
             model = cls(config, layer0_v=has_layer0_v)
         with allocation_guard(config, device, dtype):
-            model.load_state_dict({k: loaded_tensor(k, v, path, device, dtype) for k, v in sd.items()}, strict=True,
-                                  assign=True)
+            if quant == "none":
+                model.load_state_dict({k: loaded_tensor(k, v, path, device, dtype) for k, v in sd.items()},
+                                      strict=True, assign=True)
+            else:
+                _load_quantized(model, sd, path, device, dtype, quant)
         # assign=True keeps requires_grad of the loaded tensors: restore the module's choices.
         for name, p in model.named_parameters():
             p.requires_grad_(name not in LAYER0_V_KEYS)
@@ -565,6 +576,28 @@ def open_checkpoint(path_or_name: str | os.PathLike, expect: ModelConfig | None 
         raise CheckpointError(f"{path}: unexpected keys {', '.join(info.extra_keys[:5])} (not part of RWKV-7 "
                               f"x070); this file is from a variant rwkvtune does not support")
     return sd, path, ModelConfig.from_checkpoint(info), info.has_layer0_v
+
+
+def _load_quantized(model: "RWKV7", sd: dict[str, torch.Tensor], path: str, device, dtype, quant: str) -> None:
+    """Fill a meta-built ``model`` from the file's (memory-mapped) tensors, the big matrices
+    quantized one at a time (each read in fp32, quantized, then dropped)."""
+    sd, _ = strip_prefix(sd)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_big_matrix(n)]
+    for name in names:
+        key = name + ".weight"
+        full = loaded_tensor(key, sd[key], path, "cpu", torch.float32)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_weight(full, quant, device))
+        del full
+    quantized = {n + ".weight" for n in names}
+    rest = {k: loaded_tensor(k, v, path, device, dtype) for k, v in sd.items() if k not in quantized}
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    buffers = {n + "." + b for n in names for b in model.get_submodule(n)._buffers}
+    missing = set(result.missing_keys) - buffers
+    if missing or result.unexpected_keys:  # open_checkpoint checked the keys: a bug if reached
+        raise CheckpointError(f"{path}: keys missing {sorted(missing)[:3]}, unexpected {result.unexpected_keys[:3]}")
+    model.quant_source = path
 
 
 def loaded_tensor(key: str, stored: torch.Tensor, source: str, device, dtype: torch.dtype) -> torch.Tensor:
