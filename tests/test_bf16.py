@@ -45,12 +45,13 @@ def test_bf16_logits_loss_equals_the_fp32_upcast_and_its_gradient_within_bf16_ro
     ref, zf = _upcast_reference(z, labels, 1e-2)
     (ref * 0.5).backward()
     assert ours.dtype == torch.float32
-    assert abs(float(ours) - float(ref)) <= 1e-6 * max(1.0, abs(float(ref)))  # same fp32 value
+    ours, ref = float(ours.detach()), float(ref.detach())
+    assert abs(ours - ref) <= 1e-6 * max(1.0, abs(ref))  # the same fp32 value
     assert z.grad.dtype == torch.bfloat16
     # the fp32 gradient rounded to bf16 is the best a bf16 gradient can be: ours is that, up to one rounding
     err = (z.grad.float() - zf.grad).abs()
     assert float(err.max()) <= 2 * float((zf.grad.bfloat16().float() - zf.grad).abs().max()) + 1e-7
-    assert float(z.grad[labels == -100].abs().max()) == 0.0 if (labels == -100).any() else True
+    assert not z.grad[labels == -100].any()  # unscored rows get no gradient
 
 
 def test_chunked_loss_under_autocast_matches_fp32_within_bf16_error():
@@ -126,13 +127,15 @@ def test_precision_none_resolves_by_the_cpu_choice_and_says_why(monkeypatch, tmp
 
 # ---- a quickstart-like run in bf16 against fp32 ---------------------------------------------
 
-# Measured: the quickstart (60 steps, B=8, T=128) in bf16 against fp32 and this test's short run;
-# the bound leaves about 3x margin over the largest difference seen (see the report in the commit).
-LOSS_RTOL, LOSS_ATOL = 0.02, 0.05
+# Tolerance of every logged loss, bf16 against fp32. Measured (AMX-BF16 CPU, torch 2.13): the real
+# quickstart (60 steps, B=8, T=128) differs by at most 0.035 (step 15) or 1.2% (step 19) and ends
+# 0.9230 against 0.9265; this test's run (8-12 steps, B=2-4, T=64) by at most 0.0021. The bound,
+# 0.02, is ~10x what this run shows; a wrong bf16 gradient moves its losses by whole nats.
+LOSS_ATOL = 0.02
 
 
 def _quick(out, precision, **kw):
-    cfg = dict(model=TINY, init="scratch", data=SAMPLE, out=str(out), ctx_len=64, batch_size=4, max_steps=12,
+    cfg = dict(model=TINY, init="scratch", data=SAMPLE, out=str(out), ctx_len=64, batch_size=2, max_steps=8,
                lr=3e-3, lr_final=3e-4, warmup_steps=2, save_every=0, tensorboard=False, precision=precision,
                threads=2, seed=0)
     cfg.update(kw)
@@ -147,9 +150,9 @@ def test_quickstart_like_run_in_bf16_follows_fp32_and_keeps_fp32_master_weights(
     _quick(tmp_path / "fp32", "fp32")
     _quick(tmp_path / "bf16", "bf16", save_dtype="fp32")
     ref, got = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
-    assert len(ref) == len(got) == 12 and ref[-1] < ref[0] - 2.0  # it learns
+    assert len(ref) == len(got) == 8 and ref[-1] < ref[0] - 2.0  # it learns
     for step, (a, b) in enumerate(zip(ref, got), 1):
-        assert abs(a - b) <= max(LOSS_ATOL, LOSS_RTOL * a), f"step {step}: fp32 loss {a:.4f}, bf16 {b:.4f}"
+        assert abs(a - b) <= LOSS_ATOL, f"step {step}: fp32 loss {a:.4f}, bf16 {b:.4f}"
     assert ref != got  # bf16 did run (its rounding shows)
     ck = _checkpoint(tmp_path / "bf16")
     assert ck["config"]["precision"] == "bf16"
@@ -159,3 +162,29 @@ def test_quickstart_like_run_in_bf16_follows_fp32_and_keeps_fp32_master_weights(
     assert len(moments) == 2 * len(ck["trainable"]) and all(t.dtype == torch.float32 for t in moments)
     final = torch.load(tmp_path / "bf16" / "final.pth", weights_only=True)
     assert all(t.dtype == torch.float32 for t in final.values())  # save_dtype fp32 kept in a bf16 run
+
+
+def test_lora_in_bf16_holds_the_frozen_base_in_bf16_and_trains_fp32(tmp_path):
+    from helpers import write_checkpoint
+    from rwkvtune.configs.model_loader import load_model_config
+    from rwkvtune.peft import get_mode
+    from rwkvtune.train.trainer import build_module
+
+    ckpt = write_checkpoint(tmp_path / "base.pth", n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8,
+                            d_aaa=8, d_mv=8, d_gate=8)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join('{"text": "the cat runs %d times and the dog sleeps"}\n' % i for i in range(8)))
+    cfg = TrainConfig(model=ckpt, data=str(data), out=str(tmp_path / "run"), mode="lora", precision="bf16",
+                      ctx_len=16, batch_size=2, max_steps=2, lr=1e-3, warmup_steps=0, save_every=0, tensorboard=False,
+                      train_parts=("ln",))
+    module = build_module(cfg.resolve(load_model_config(ckpt)), get_mode("lora"), load_model_config(ckpt), "cpu")
+    frozen = {p.dtype for p in module.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in module.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}  # LoRA A/B and the ln parts: fp32
+    train(cfg)
+    ck = _checkpoint(tmp_path / "run")
+    assert all(t.dtype == torch.float32 for t in ck["trainable"].values())
+    moments = [t for s in ck["optimizer"]["state"].values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    final = torch.load(tmp_path / "run" / "final.pth", weights_only=True)
+    assert all(t.dtype == torch.bfloat16 for t in final.values())  # save_dtype bf16 (the default)
