@@ -164,7 +164,8 @@ def test_quickstart_like_run_in_bf16_follows_fp32_and_keeps_fp32_master_weights(
     assert all(t.dtype == torch.float32 for t in final.values())  # save_dtype fp32 kept in a bf16 run
 
 
-def test_lora_in_bf16_holds_the_frozen_base_in_bf16_and_trains_fp32(tmp_path):
+def test_lora_in_bf16_holds_the_frozen_base_in_bf16_and_trains_fp32(tmp_path, monkeypatch, capsys):
+    """Also: a run without a precision on a CPU chosen for bf16 trains in bf16 and says why."""
     from helpers import write_checkpoint
     from rwkvtune.configs.model_loader import load_model_config
     from rwkvtune.peft import get_mode
@@ -174,7 +175,9 @@ def test_lora_in_bf16_holds_the_frozen_base_in_bf16_and_trains_fp32(tmp_path):
                             d_aaa=8, d_mv=8, d_gate=8)
     data = tmp_path / "d.jsonl"
     data.write_text("".join('{"text": "the cat runs %d times and the dog sleeps"}\n' % i for i in range(8)))
-    cfg = TrainConfig(model=ckpt, data=str(data), out=str(tmp_path / "run"), mode="lora", precision="bf16",
+    monkeypatch.setenv(cpu_precision.ENV, "bf16")
+    cpu_precision.default_cpu_precision.cache_clear()
+    cfg = TrainConfig(model=ckpt, data=str(data), out=str(tmp_path / "run"), mode="lora", device="cpu",
                       ctx_len=16, batch_size=2, max_steps=2, lr=1e-3, warmup_steps=0, save_every=0, tensorboard=False,
                       train_parts=("ln",))
     module = build_module(cfg.resolve(load_model_config(ckpt)), get_mode("lora"), load_model_config(ckpt), "cpu")
@@ -182,7 +185,11 @@ def test_lora_in_bf16_holds_the_frozen_base_in_bf16_and_trains_fp32(tmp_path):
     trained = {p.dtype for p in module.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}  # LoRA A/B and the ln parts: fp32
     train(cfg)
+    cpu_precision.default_cpu_precision.cache_clear()
+    assert "precision bf16 (chosen for this CPU: RWKVTUNE_CPU_PRECISION=bf16); --precision fp32 to override" in (
+        capsys.readouterr().err)
     ck = _checkpoint(tmp_path / "run")
+    assert ck["config"]["precision"] == "bf16"  # saved resolved: a resume keeps it whatever the CPU
     assert all(t.dtype == torch.float32 for t in ck["trainable"].values())
     moments = [t for s in ck["optimizer"]["state"].values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
     assert moments and all(t.dtype == torch.float32 for t in moments)
