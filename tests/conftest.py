@@ -5,6 +5,10 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("RWKV_V7_ON", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
+# A CPU run without a precision trains in bf16 on CPUs with AVX512-BF16/AMX where it pays
+# (rwkvtune/models/cpu_precision.py): the suite's figures are fp32 ones on every machine, also in the
+# runs it starts as subprocesses. Tests of the bf16 path and of the choice set it themselves.
+os.environ["RWKVTUNE_CPU_PRECISION"] = "fp32"
 
 
 import pytest  # noqa: E402

@@ -33,6 +33,7 @@ from rwkvtune.data.dataset import WindowSampler
 from rwkvtune import log
 from rwkvtune.errors import ConfigError, OutputError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
+from rwkvtune.models.cpu_precision import bf16_cpu_flags
 from rwkvtune.models.rwkv7.config import TrainConfig
 from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
 from rwkvtune.models.rwkv7.quant import require_backend
@@ -143,6 +144,7 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
         error = e
     d = setup_distributed(device_asked if error else cfg.device)
     agree(error)  # the first process's refusal on every process, said once (rank 0)
+    cfg = _agree_precision(cfg, d)
     if d.main and not dry_run:
         _lock_run_dir(run, resume_dir, cleanup)
     device = select_device(cfg.device, d)
@@ -225,6 +227,17 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     _announce(r, resume_dir)
     method.setup(r)
     return r
+
+
+def _agree_precision(cfg: TrainConfig, d: Dist) -> TrainConfig:
+    """Under torchrun, every process trains in rank 0's precision where it was chosen per CPU (each
+    process timed its own matmuls; a busy core could tip one of them the other way)."""
+    if d.world_size == 1 or not cfg.origins.get("precision", "").startswith("chosen for this CPU"):
+        return cfg
+    chosen = [(cfg.precision, cfg.origins["precision"])]
+    torch.distributed.broadcast_object_list(chosen, src=0)  # our own strings, not a file's
+    cfg.precision, cfg.origins["precision"] = chosen[0]
+    return cfg
 
 
 def _lock_run_dir(run: RunDir, resume_dir: str | None, cleanup: contextlib.ExitStack) -> None:
@@ -358,9 +371,13 @@ def _announce(r: Run, resume_dir: str | None) -> None:
     if resume_dir:
         r.logger.info(f"resuming {resume_dir} from step {r.step} of {r.total_steps} (checkpoint "
                       f"{checkpointing.resume_checkpoint(resume_dir)})")
-    if cfg.precision == "bf16" and not r.device.startswith("cuda"):
-        r.logger.info("note: bf16 on CPU is emulated on CPUs without native bf16 (AVX512-BF16/AMX) and can be far "
-                      "slower than fp32 there")
+    auto = cfg.origins.get("precision", "")
+    if auto.startswith("chosen for this CPU"):  # precision was not given: say why this one
+        other = "fp32" if cfg.precision == "bf16" else "bf16"
+        r.logger.info(f"precision {cfg.precision} ({auto}); --precision {other} to override")
+    elif cfg.precision == "bf16" and not r.device.startswith("cuda") and not bf16_cpu_flags():
+        r.logger.info("note: this CPU lacks native bf16 (AVX512-BF16/AMX): bf16 is emulated and can be far slower "
+                      "than fp32")
     warnings = (data_warnings(cfg, len(r.train_set), r.sampler.global_batch) + schedule_warnings(cfg, r.total_steps)
                 + ctx_warnings(cfg, r.model_config))
     for warning in warnings:

@@ -121,7 +121,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" -> cuda if available else cpu
     strategy: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (sharded, FSDP2)
     cpu_offload: bool = False  # fsdp on GPU: keep sharded params, grads and optimizer state in host memory
-    precision: str | None = None  # None -> fp32 on CPU, bf16 (autocast) on GPU
+    precision: str | None = None  # None -> bf16 (autocast) on GPU; on CPU bf16 where native and faster, else fp32
     grad_checkpoint: bool = False  # recompute blocks in backward: less memory, ~30% slower
     memory_check: bool = True  # refuse (before loading weights) a run whose memory estimate exceeds the device
     wkv_backend: str = "auto"  # WKV kernel: "auto" (fla on CUDA when installed, else chunked), or one by name
@@ -372,8 +372,13 @@ class TrainConfig:
         if c.wkv_backend == "fla" and not c.device.startswith("cuda"):
             raise ConfigError(self._conflict({"wkv_backend": "'fla'", "device": repr(c.device)},
                                              "fla runs on CUDA only; use wkv_backend=auto"))
-        if c.precision is None:
-            c.precision = "bf16" if c.device.startswith("cuda") else "fp32"
+        if c.precision is None and c.device.startswith("cuda"):
+            c.precision, c.origins["precision"] = "bf16", "default on GPU"
+        elif c.precision is None:  # bf16 where this CPU multiplies it natively and faster (said at the start)
+            from rwkvtune.models.cpu_precision import default_cpu_precision
+
+            choice = default_cpu_precision()
+            c.precision, c.origins["precision"] = choice.precision, f"chosen for this CPU: {choice.reason}"
         return c
 
     @staticmethod

@@ -91,7 +91,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "device": Flag(),  # shared with generate and eval (cli/common.py)
     "strategy": Flag("under torchrun: ddp (default) or fsdp (sharded parameters, gradients, optimizer)"),
     "cpu_offload": Flag("fsdp on GPU: keep sharded parameters, gradients and optimizer state in host memory"),
-    "precision": Flag("fp32 or bf16 (default: fp32 on CPU, bf16 autocast on GPU)"),
+    "precision": Flag("fp32 or bf16 (default: bf16 autocast on GPU; on CPU bf16 where it has AVX512-BF16/AMX "
+                      "and a quick check finds it faster, else fp32; the run says which and why)"),
     "grad_checkpoint": Flag("recompute activations in backward: less memory, ~30% slower"),
     "memory_check": Flag("refuse (before loading weights) a run whose memory estimate exceeds the device's memory; "
                          "--no-memory-check runs anyway"),
