@@ -270,3 +270,8 @@ def test_plan_knows_quantized_bytes_and_lora_nf4_fits_7b_on_24_gb():
     res = _cli("plan", "7.2b", "--host-memory", "64")
     row = [line.split() for line in res.stdout.splitlines() if line.split()[:1] == ["lora+nf4"]]
     assert res.returncode == 0 and row and row[0][-4:] == ["yes", "yes", "yes", "yes"], res.stdout[-1500:]
+    # the per-card summary names a quantized launch for a 24 GB card, where no full-precision one fits
+    line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("24 GB: lora --base-quant"))
+    assert "on 1 GPU" in line, line
+    row13 = _cli("plan", "13.3b", "--host-memory", "64").stdout
+    assert any(ln.strip().startswith("24 GB: lora --base-quant nf4") for ln in row13.splitlines()), row13[-1500:]

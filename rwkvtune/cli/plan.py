@@ -134,13 +134,24 @@ def _quant_table(c, args, cards: dict, host: float | None) -> list[str]:
     lines = ["", "with a quantized frozen base (--base-quant; lora and state, 1 GPU, ddp):",
              f"{'mode+base':<11}{'strategy':<13}{'per GPU':>8}{'host':>8}   fits (GB): "
              + " ".join(f"{g:>4g}" for g in cards)]
+    rows = []
     for quant in ("int8", "nf4"):
         for r in plan.launches(c, ctx, batch, modes=("lora", "state"), gpu_counts=(1,), base_quant=quant):
             if r.strategy != "ddp":
                 continue
+            rows.append((quant, r))
             marks = " ".join(f"{_mark(r, gib, host):>4}" for gib in cards.values())
             lines.append(f"{r.mode + '+' + quant:<11}{r.name:<13}{r.estimate.peak / GIB:>8.1f}"
                          f"{r.estimate.host / GIB:>8.1f}               {marks}")
+    # Per card, the first that fits: LoRA before state tuning, int8 before nf4 (int8 loses less).
+    order = sorted(rows, key=lambda qr: (qr[1].mode != "lora", qr[0] != "int8"))
+    lines += ["", "with a quantized base, per card (lora before state, int8 before nf4: int8 loses less):"]
+    for card, gib in cards.items():
+        fit = next(((q, r) for q, r in order if r.fits(gib, host)), None)
+        lines.append(f"  {card:g} GB: " + (f"{fit[1].mode} --base-quant {fit[0]} on 1 GPU "
+                                          f"({fit[1].estimate.peak / GIB:.1f} GiB per GPU, "
+                                          f"{fit[1].estimate.host / GIB:.1f} GiB of host RAM)"
+                                          if fit else "none fits"))
     return lines
 
 
