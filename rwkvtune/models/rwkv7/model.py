@@ -223,8 +223,7 @@ class TimeMix(nn.Module):
         if self.layer_id == 0:
             v_first = v
         else:
-            # not torch.lerp: under autocast v is bf16 and the weight fp32, which lerp refuses
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2))
         log_decay = torch.sigmoid(d.float()) * -DECAY_SCALE  # fp32: decay close to 1 needs precision
         return r, log_decay, k, v, kk, kk * a.view(B, T, H, N), g, v_first
 
