@@ -187,54 +187,41 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
         self.wkv_backend = "auto"
-        self.compiled = None  # (pre, post) compiled by RWKV7.compile_elementwise, or None
 
     def forward(self, x, v_first, x_prev=None, wkv_state=None, doc_start=None, wkv_reset=None):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = _shifted(x, x_prev, doc_start) - x
-        pre, post = (self._pre, self._post) if self.compiled is None else self.compiled
-        r, log_decay, k, v, kk, kka, g, v_first = pre(x, xx, v_first)
-        # The recurrence runs in fp32 whatever autocast says (bf16 state updates drift). w_bound:
-        # |log_decay| <= DECAY_SCALE by construction, so the kernel need not measure it (no host sync).
-        with torch.autocast(x.device.type, enabled=False):
-            y, new_state = wkv7(r.view(B, T, H, N), log_decay.view(B, T, H, N), k.view(B, T, H, N),
-                                v.view(B, T, H, N), -kk, kka, wkv_state, backend=self.wkv_backend,
-                                w_bound=DECAY_SCALE, doc_start=doc_start,
-                                reset_state=wkv_reset if doc_start is not None else None)
-        return post(y, r, k, v, g), v_first, x[:, -1], new_state
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
-    def _pre(self, x, xx, v_first):
-        """Everything before the recurrence: mixes, projections, decay, kk, value residual."""
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
-        # The six token-shift mixes x + xx * x_{r,w,k,v,a,g} as one addcmul into [6, B, T, C] (each
-        # slice contiguous): one pass over x and xx instead of twelve, forward and backward.
-        mix = torch.cat([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, 1, 1, C)
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x.unsqueeze(0), xx.unsqueeze(0), mix).unbind(0)
         r = self.receptance(xr)
         d = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # decay logit
         k = self.key(xk)
         v = self.value(xv)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
         g = torch.sigmoid(xg @ self.g1) @ self.g2
+
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # = k * (1 + (a - 1) * k_a)
+        k = k * (1 + (a - 1) * self.k_a)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2))
-        log_decay = torch.sigmoid(d.float()) * -DECAY_SCALE  # fp32: decay close to 1 needs precision
-        return r, log_decay, k, v, kk, kk * a.view(B, T, H, N), g, v_first
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        log_decay = -DECAY_SCALE * torch.sigmoid(d.float())  # fp32: decay close to 1 needs precision
 
-    def _post(self, y, r, k, v, g):
-        """After the recurrence: GroupNorm, the r.k bonus, gate and output projection."""
-        B, T, H, N = y.shape
-        C = H * N
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, H, N)
-        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True)
-        y = torch.addcmul(y, bonus, v.view(B, T, H, N)).view(B, T, C)
-        return self.output(y * g)
+        a4 = a.view(B, T, H, N)
+        # The recurrence runs in fp32 whatever autocast says (bf16 state updates drift). w_bound:
+        # |log_decay| <= DECAY_SCALE by construction, so the kernel need not measure it (no host sync).
+        with torch.autocast(x.device.type, enabled=False):
+            y, new_state = wkv7(r.view(B, T, H, N), log_decay.view(B, T, H, N), k.view(B, T, H, N),
+                                v.view(B, T, H, N), -kk, kk * a4, wkv_state, backend=self.wkv_backend,
+                                w_bound=DECAY_SCALE, doc_start=doc_start,
+                                reset_state=wkv_reset if doc_start is not None else None)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True) * v.view(B, T, H, N)
+        y = y + bonus.view(B, T, C)
+        return self.output(y * g), v_first, x[:, -1], new_state
 
 
 class ChannelMix(nn.Module):
@@ -246,14 +233,10 @@ class ChannelMix(nn.Module):
         self.x_k = nn.Parameter(torch.zeros(1, 1, C))
         self.key = nn.Linear(C, config.dim_ffn, bias=False)
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
-        self.compiled = None  # _ffn compiled by RWKV7.compile_elementwise, or None
 
     def forward(self, x, x_prev=None, doc_start=None):
-        ffn = self._ffn if self.compiled is None else self.compiled
-        return ffn(x, _shifted(x, x_prev, doc_start) - x), x[:, -1]
-
-    def _ffn(self, x, xx):
-        return self.value(torch.relu(self.key(torch.addcmul(x, xx, self.x_k))).square())
+        h = x + (_shifted(x, x_prev, doc_start) - x) * self.x_k
+        return self.value(torch.relu(self.key(h)) ** 2), x[:, -1]
 
 
 class Block(nn.Module):
@@ -302,21 +285,6 @@ class RWKV7(nn.Module):
         """"auto" (default), "chunked", "reference" or "fla"."""
         for block in self.blocks:
             block.att.wkv_backend = backend
-
-    def compile_elementwise(self, enable: bool = True, **options) -> "RWKV7":
-        """Run each block's chains around the recurrence (TimeMix before and after WKV, ChannelMix)
-        through ``torch.compile`` (inductor fuses the elementwise ops; on CPU it needs a C++
-        compiler); ``enable=False`` restores eager. Off by default and never at import: the first
-        forward compiles (tens of seconds per distinct shape set; cached on disk by inductor for
-        later processes). ``dynamic=True`` by default so a new T does not recompile; ``options``
-        go to torch.compile (e.g. ``backend="eager"`` to check the capture without a compiler).
-        The WKV kernel itself stays eager. Returns the model."""
-        options = {"dynamic": True, **options}
-        for block in self.blocks:
-            att, ffn = block.att, block.ffn
-            att.compiled = (torch.compile(att._pre, **options), torch.compile(att._post, **options)) if enable else None
-            ffn.compiled = torch.compile(ffn._ffn, **options) if enable else None
-        return self
 
     # ---- forward ---------------------------------------------------------------------------
     def _check_inputs(self, idx: torch.Tensor, state: RWKV7State | None) -> None:
