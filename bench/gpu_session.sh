@@ -35,12 +35,6 @@ if python3 -c "import pyrwkv_tokenizer" 2>/dev/null; then
   done
 fi
 
-# RWKV7.compile_elementwise() on/off (training step and prefill of the 0.1B shape, fla WKV when installed,
-# warm-up reported). Guarded: a failed compile (no Triton, an inductor error) prints and moves on.
-for prec in bf16 fp32; do
-  timeout 300 python3 bench/bench_compile.py --device cuda --T "${T:-1024}" --precision $prec 2>&1 | tail -n 4 \
-    | tee -a "${OUT:-/tmp}/bench_gpu.log" || echo "bench_compile.py ($prec) failed" | tee -a "${OUT:-/tmp}/bench_gpu.log"
-done
 # The quantized frozen base (--base-quant) on this GPU: a LoRA step over a none / int8 / nf4 base,
 # tok/s and peak memory against the planner (bench/bench_quant.py --gpu). nf4 needs bitsandbytes,
 # which travels as a wheel like fla-core (here, once: python3 -m pip download --no-deps -d .whl

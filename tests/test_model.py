@@ -454,3 +454,19 @@ def test_state_helpers(tiny):
     cl = s.clone()
     cl.wkv += 1
     assert torch.all(s.wkv == 0)
+
+
+def test_bf16_autocast_training_step(ckpts):
+    """Under bf16 autocast (precision bf16 training) the mixes and the value residual see mixed
+    bf16/fp32 operands: forward and backward run, and the logits stay near fp32's."""
+    path = ckpts["c64h4"][0]
+    idx = _ids(2, T_ODD, 256, seed=12)
+    model = RWKV7.from_checkpoint(path).train()
+    with torch.no_grad():
+        want = model(idx[:, :-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, 256), idx[:, 1:].reshape(-1))
+    loss.backward()
+    assert torch.isfinite(loss) and model.blocks[1].att.v1.grad.abs().sum() > 0
+    torch.testing.assert_close(logits.float(), want, atol=0.15, rtol=0.05)
