@@ -13,6 +13,13 @@ os.environ["RWKVTUNE_CPU_PRECISION"] = "fp32"
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: each worker's own tensors on one thread (two threads each would
+    # oversubscribe the cores and spin). Subprocesses the tests start keep torch's default.
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _messages_to_stderr():
