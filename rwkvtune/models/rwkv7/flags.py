@@ -65,6 +65,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "epochs": Flag("passes over the data when --max-steps is not given"),
     "weight_decay": Flag("AdamW weight decay on 2-D weight matrices"),
     "grad_clip": Flag("max gradient norm (0 disables)"),
+    "betas": Flag("AdamW betas, comma-separated (default: 0.9,0.99, the reference trainer's)"),
+    "adam_eps": Flag(), "l2wrap": Flag(),
     "seed": Flag("random seed (data order, init, dropout), 0..4294967295"),
     # long samples
     "long_context": Flag("keep samples whole; train long ones in ctx-len chunks carrying the state"),
@@ -87,6 +89,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "reward_weights": Flag("one weight per --reward, comma-separated (default: all 1)"),
     "num_generations": Flag(), "max_completion_length": Flag(), "temperature": Flag(), "top_p": Flag(),
     "epsilon": Flag(), "epsilon_high": Flag(), "num_iterations": Flag(), "scale_rewards": Flag(),
+    "reward_timeout": Flag(), "stop": Flag("a string that ends a completion, repeatable (--stop X --stop Y)", metavar="TEXT",
+                                           repeat=True),
     # runtime
     "device": Flag(),  # shared with generate and eval (cli/common.py)
     "strategy": Flag("under torchrun: ddp (default) or fsdp (sharded parameters, gradients, optimizer)"),
@@ -96,6 +100,7 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "grad_checkpoint": Flag("recompute activations in backward: less memory, ~30% slower"),
     "memory_check": Flag("refuse (before loading weights) a run whose memory estimate exceeds the device's memory; "
                          "--no-memory-check runs anyway"),
+    "wkv_backend": Flag(),
     "threads": Flag(f"CPU threads of torch's ops, at most {THREADS_PER_CORE}x the cores (default: torch's own, usually "
                     f"the number of cores)"),
     # outputs
@@ -107,6 +112,7 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "eval_every": Flag("steps between evaluations on --eval-data (0: end only)"),
     "eval_on_start": Flag(),
     "eval_tasks": Flag("comma-separated lm-eval tasks (or a suite) run with each evaluation on rank 0; needs lm-eval"),
+    "eval_tasks_limit": Flag(),
     "log_every": Flag(),
     "save_dtype": Flag(),  # shared with merge-lora (cli/common.py)
     "save_format": Flag(),
