@@ -47,6 +47,7 @@ def worker_decode(a) -> dict:
     import torch
 
     from rwkvtune.generate import prepare_for_decoding
+    from rwkvtune.generate.rnn import BatchDecoder
     from rwkvtune.models.rwkv7.model import RWKV7
 
     dtype, quant = DECODE[a.variant]
@@ -59,13 +60,14 @@ def worker_decode(a) -> dict:
     prompt = torch.randint(0, V, (1, 16), generator=g)
     toks = torch.randint(0, V, (a.decode_tokens,), generator=g).tolist()
 
-    def fn():
+    def fn():  # as generate does: a parallel prefill, then BatchDecoder's in-place one-token step
         with torch.inference_mode():
             _, state = model(prompt, return_state=True, last_only=True)
-            t = time.perf_counter()
-            for tok in toks:
-                _, state = model(torch.tensor([[tok]]), state=state, return_state=True)
-            return time.perf_counter() - t
+        rnn = BatchDecoder(model, state)
+        t = time.perf_counter()
+        for tok in toks:
+            rnn.step(torch.tensor([tok]))
+        return time.perf_counter() - t
 
     fn()
     times = [fn() for _ in range(a.runs)]
