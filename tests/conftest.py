@@ -14,8 +14,10 @@ os.environ["RWKVTUNE_CPU_PRECISION"] = "fp32"
 import pytest  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: each worker's own tensors on one thread (two threads each would
-    # oversubscribe the cores and spin). Subprocesses the tests start keep torch's default.
+    # Two workers on two cores: every torch in the suite on one thread, the workers' own and those
+    # of the runs they start (the environment is inherited). Two threads each would put four or
+    # more on two cores, where OpenMP's spin-waiting made some runs 7x slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)

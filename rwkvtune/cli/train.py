@@ -53,9 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if opt.group not in groups:
             groups[opt.group] = p.add_argument_group(opt.group)
         add_flag(groups[opt.group], opt)
-    p.epilog = (f"Options without a flag, set as key=value or in a recipe: {', '.join(_unflagged())}; "
-                f"`rwkvtune train --help-all` says what each one does. Another trainer's name for an option "
-                f"(--learning-rate, --gradient-accumulation-steps) is answered with ours.")
+    unflagged = _unflagged()
+    every = (f"Options without a flag, set as key=value or in a recipe: {', '.join(unflagged)}; " if unflagged
+             else "Every option has a flag and can also be set as key=value or in a recipe; ")
+    p.epilog = (f"{every}`rwkvtune train --help-all` says what each one does. Another trainer's name for an "
+                f"option (--learning-rate, --gradient-accumulation-steps) is answered with ours.")
     p.flag_aliases = {"--" + other.replace("_", "-"): "--" + ours.replace("_", "-")
                       for other, ours in ALIASES.items() if ours in TRAIN_FLAGS}
 
