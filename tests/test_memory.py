@@ -127,20 +127,30 @@ def _pairs(path: Path, n: int) -> str:
     return str(path)
 
 
-def test_dpo_estimate_counts_both_sequences_and_the_reference_copy(files):
-    files["c512"] = write_checkpoint(files["dir"] / "c512.pth", dtype=torch.bfloat16, **C512)
-    # 2 steps of 4 pairs (each about 2 x 450 tokens): activations large enough that planning it as SFT
-    # falls clearly outside the tolerance (with 2 pairs a step SFT's estimate was only 18% low)
-    files["pairs"] = _pairs(files["dir"] / "pairs.jsonl", 8)
-    results = measure(files, "dpo", files["c512"], batch=4, ctx=1024, data="pairs", extra=("method=dpo",))
+@pytest.mark.parametrize("pairs_per_step", [2, 4], ids=["2-pairs", "4-pairs"])
+def test_dpo_estimate_counts_both_sequences_and_the_reference_copy(files, pairs_per_step):
+    """2 steps of DPO pairs (each about 2 x 450 tokens) on a 512-wide model. 2 pairs a step: the
+    estimate is within tolerance and planning the run as SFT gives clearly less. 4 pairs a step
+    (RWKVTUNE_SLOW_TESTS=1, about a minute): activations large enough that the SFT plan falls outside
+    the tolerance of the measured peak itself (with 2 pairs it is only about 18% low)."""
+    if pairs_per_step == 4 and os.environ.get("RWKVTUNE_SLOW_TESTS") != "1":
+        pytest.skip("4 pairs a step take about a minute on 2 cores: set RWKVTUNE_SLOW_TESTS=1")
+    if "c512" not in files:
+        files["c512"] = write_checkpoint(files["dir"] / "c512.pth", dtype=torch.bfloat16, **C512)
+    name = f"pairs{pairs_per_step}"
+    files[name] = _pairs(files["dir"] / f"{name}.jsonl", 2 * pairs_per_step)
+    results = measure(files, f"dpo-{name}", files["c512"], batch=pairs_per_step, ctx=1024, data=name,
+                      extra=("method=dpo",))
     _assert_within(results, "dpo full")
     measured_peak, estimate = results[0]
     assert estimate["settings"]["rows"] == 2 and estimate["settings"]["ctx_len"] >= 400
     assert estimate["terms"]["reference"] > 0
-    # planned as SFT (one sequence per item, no reference copy) the estimate would be far too low
+    # planned as SFT (one sequence per item, no reference copy) the estimate is too low
     as_sft = Settings(**{**estimate["settings"], "rows": 1, "reference_copy": False})
-    config = load_model_config(files["c512"])
-    assert estimate_memory(config, as_sft).peak < (1 - TOLERANCE) * measured_peak
+    sft_peak = estimate_memory(load_model_config(files["c512"]), as_sft).peak
+    assert sft_peak < 0.9 * estimate["bytes"]
+    if pairs_per_step == 4:
+        assert sft_peak < (1 - TOLERANCE) * measured_peak
 
 
 @pytest.fixture(scope="module")
