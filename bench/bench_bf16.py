@@ -32,19 +32,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab=65536, d_decay=64, d_aaa=64, d_mv=32, d_gate=128)
-
-
-def _median_time(fn, runs: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+sys.path.insert(0, HERE)
+from bench_cpu import ROOT, SHAPE, _timed  # noqa: E402  (after the path insert; the same 0.1B shape and timer)
 
 
 def worker_matmul(a) -> dict:
@@ -63,7 +52,7 @@ def worker_matmul(a) -> dict:
             def fn():
                 for _ in range(reps):
                     torch.mm(x, w)
-            rates[f"{m}x{k} @ {k}x{n}"] = flop * reps / statistics.median(_median_time(fn, max(3, a.runs))) / 1e9
+            rates[f"{m}x{k} @ {k}x{n}"] = flop * reps / statistics.median(_timed(fn, max(3, a.runs))) / 1e9
         res[str(dtype).replace("torch.", "")] = rates
     return {"gflops": res}
 

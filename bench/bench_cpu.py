@@ -84,6 +84,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def fill_defaults(args):
+    """--runs, --T and --decode-tokens not given: the full figures, or the short ones with --quick."""
+    args.runs = args.runs or (2 if args.quick else 3)
+    args.T = args.T or (128 if args.quick else 512)
+    args.decode_tokens = args.decode_tokens or (16 if args.quick else 64)
+    return args
+
+
 # ------------------------------------------------------------------------------------- workers
 def _timed(fn, runs: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
@@ -341,10 +349,7 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="rwkvtune", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    args.runs = args.runs or (2 if args.quick else 3)
-    args.T = args.T or (128 if args.quick else 512)
-    args.decode_tokens = args.decode_tokens or (16 if args.quick else 64)
+    args = fill_defaults(p.parse_args())
     if args.small:
         SHAPE.update(n_layer=2, n_embd=256, vocab=4096)
     if args.worker:

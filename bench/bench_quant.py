@@ -151,10 +151,7 @@ def main() -> None:
     p.add_argument("--worker", choices=["lora", "decode"], help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    args.runs = args.runs or (2 if args.quick else 3)
-    args.T = args.T or (128 if args.quick else 512)
-    args.decode_tokens = args.decode_tokens or (16 if args.quick else 64)
+    args = bench_cpu.fill_defaults(p.parse_args())
     if args.worker == "lora":
         bench_lora.MODES.update(LORA)
         args.mode, args.worker, args.bf16_budget = args.variant, "lora_step", 0.0

@@ -89,3 +89,11 @@ def write_full_corpus(path, tokens: int, vocab: int) -> str:
             w.add_document(doc)
             left -= n
     return str(path)
+
+
+def write_word_text(path) -> str:
+    """16 jsonl {"text"} records of 6-9 words cycling alpha, beta, gamma, delta: a corpus a tiny
+    model learns in a few steps."""
+    lines = [" ".join(["alpha", "beta", "gamma", "delta"][(i + j) % 4] for j in range(6 + i % 4)) for i in range(16)]
+    Path(path).write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return str(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import train_losses as _losses, write_checkpoint
+from helpers import train_losses as _losses, write_checkpoint, write_word_text
 from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.models.rwkv7.config import TrainConfig
@@ -26,9 +26,7 @@ LORA_KEYS = (".att.receptance.", ".att.key.", ".att.value.", ".att.output.", ".f
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("peft")
-    text = d / "text.jsonl"
-    lines = [" ".join(["alpha", "beta", "gamma", "delta"][(i + j) % 4] for j in range(6 + i % 4)) for i in range(16)]
-    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    text = Path(write_word_text(d / "text.jsonl"))
     long = d / "long.jsonl"  # samples much longer than ctx_len=16
     long.write_text("".join(json.dumps({"text": " ".join(f"w{(i * 13 + j) % 50}" for j in range(60))}) + "\n"
                             for i in range(3)))

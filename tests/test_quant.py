@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import train_losses, write_checkpoint
+from helpers import train_losses, write_checkpoint, write_word_text
 from rwkvtune.errors import ConfigError
 from rwkvtune.models.rwkv7 import RWKV7
 from rwkvtune.constants import BASE_QUANTS
@@ -34,9 +35,7 @@ WORLD = dict(n_layer=2, n_embd=32, head_size=16, vocab=65536, d_decay=8, d_aaa=8
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("quant")
-    text = d / "text.jsonl"
-    lines = [" ".join(["alpha", "beta", "gamma", "delta"][(i + j) % 4] for j in range(6 + i % 4)) for i in range(16)]
-    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    text = Path(write_word_text(d / "text.jsonl"))
     return {"small": write_checkpoint(d / "small.pth", **SMALL), "world": write_checkpoint(d / "world.pth", **WORLD),
             "text": str(text), "dir": d}
 

@@ -25,27 +25,28 @@ class InsufficientMemoryError(RwkvtuneError):
 
 
 # ------------------------------------------------------------------------------ available memory
-def _meminfo_available() -> int | None:
-    """MemAvailable of /proc/meminfo (what can be allocated without swapping), bytes."""
+def _meminfo(key: str) -> int | None:
+    """One field of /proc/meminfo (``MemAvailable``, ``MemTotal``), bytes; None where unreadable."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def _meminfo_available() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), bytes."""
+    return _meminfo("MemAvailable")
+
+
 def _meminfo_total() -> int | None:
     """This machine's RAM: MemTotal of /proc/meminfo, else the physical pages (os.sysconf), bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    total = _meminfo("MemTotal")
+    if total is not None:
+        return total
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
