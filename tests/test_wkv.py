@@ -197,12 +197,15 @@ def test_import_does_not_pull_fla_or_triton():
                     reason="fla-core and triton not installed (see bench/check_fla_interpret.py)")
 def test_fla_adapter_matches_reference_under_triton_interpreter():
     # fla's real Triton kernels, interpreted on CPU: checks our adapter's conventions (log-decay,
-    # state layout, scale, gradients) without a GPU. A subprocess, because TRITON_INTERPRET must be
-    # set before triton is first imported.
+    # state layout, scale, gradients, packed documents as cu_seqlens) without a GPU. A subprocess,
+    # because TRITON_INTERPRET must be set before triton is first imported.
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "check_fla_interpret.py")
     proc = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "float32 inputs" in proc.stdout and "OK" in proc.stdout
+    verdicts = [l for l in proc.stdout.splitlines() if l.startswith("fla (interpreted)")]
+    # the unpacked kernel and packed documents (doc_start -> fla's cu_seqlens), fp32, both OK
+    assert len(verdicts) == 2 and "packed documents" in verdicts[1], proc.stdout
+    assert all("float32 inputs" in l and ": OK (" in l for l in verdicts), proc.stdout
 
 
 def test_prepared_gpu_script_runs_its_self_check_on_cpu():
