@@ -248,7 +248,8 @@ class QuantLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(b for n, b in self.named_buffers() if n != "fp_sample").device
+        # A placeholder (no codes yet: a module built on meta for sharding) is where fp_sample is.
+        return next((b for n, b in self.named_buffers() if n != "fp_sample"), self.fp_sample).device
 
     def nbytes(self) -> int:
         """Bytes of the stored quantized weight (scales included)."""
@@ -294,6 +295,18 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+def replace_big_matrices(model: nn.Module, make) -> list[str]:
+    """Replace each big-matrix ``nn.Linear`` of ``model`` (:func:`is_big_matrix`) by ``make(name,
+    linear)``, in module order; returns their names. ``make`` quantizes the file's weight
+    (:meth:`QuantLinear.from_weight`), or returns a placeholder ``QuantLinear(in, out, kind)``
+    without codes: a module built on meta for sharding, whose layers are quantized once its shards
+    exist (rwkvtune.train.sharded_load)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_big_matrix(n)]
+    for name in names:
+        model.set_submodule(name, make(name, model.get_submodule(name)))
+    return names
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
