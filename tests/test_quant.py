@@ -319,3 +319,39 @@ def test_plan_knows_quantized_bytes_and_lora_nf4_fits_7b_on_24_gb():
     assert "on 1 GPU" in line, line
     row13 = _cli("plan", "13.3b", "--host-memory", "64").stdout
     assert any(ln.strip().startswith("24 GB: lora --base-quant nf4") for ln in row13.splitlines()), row13[-1500:]
+
+
+def test_plan_under_fsdp_holds_the_whole_quantized_base_on_every_process():
+    """FSDP2 shards parameters; a quantized base's codes are buffers, whole on every process and never
+    gathered: the per-process weights are the quantized bytes plus 1/W of the rest (was: all / W)."""
+    from rwkvtune.configs.model_loader import load_model_config
+    from rwkvtune.models.rwkv7.quant import is_big_matrix
+
+    c = load_model_config("7.2b")
+
+    def est(quant, world_size):
+        return memory.estimate_memory(c, memory.Settings(mode="lora", precision="bf16", ctx_len=1024, device="gpu",
+                                                         strategy="fsdp", world_size=world_size, base_quant=quant))
+
+    for kind in ("int8", "nf4"):
+        codes = sum(int(s[0] * s[1] * memory.QUANT_BYTES[kind]) for k, s in c.param_shapes().items()
+                    if k.endswith(".weight") and len(s) == 2 and is_big_matrix(k.removesuffix(".weight")))
+        one, four = est(kind, 1).terms, est(kind, 4).terms
+        assert abs(four["weights"] - (codes + (one["weights"] - codes) / 4)) <= 4, (kind, four["weights"], codes)
+        assert four["weights"] > codes > 3 * (one["weights"] - codes)  # the codes dominate: 4 GPUs save little
+        # what FSDP all-gathers (a block at a time, the root) holds no quantized matrix
+        assert four["fsdp_buffers"] < 0.5 * est("none", 4).terms["fsdp_buffers"]
+    plain = est("none", 1).terms["weights"], est("none", 4).terms["weights"]
+    assert abs(plain[1] - plain[0] / 4) <= 1  # a full-precision frozen base is sharded as before
+    # the inventory's gathered counts are the parameters of the module a sharded run builds (meta)
+    from rwkvtune.models.rwkv7.model import meta_model
+    from rwkvtune.peft import get_mode
+    from rwkvtune.train.objective import TrainModule
+
+    small = load_model_config("0.1b")
+    cfg = TrainConfig(model="0.1b", data="x", mode="lora", precision="bf16", base_quant="nf4")
+    with torch.device("meta"):
+        module = TrainModule.for_mode(get_mode("lora"), meta_model(small, quant="nf4"), cfg)
+    inv = memory.inventory(small, memory.Settings(mode="lora", precision="bf16", base_quant="nf4"))
+    blocks = [sum(p.numel() for p in b.parameters()) for b in module.model.blocks]
+    assert inv.block == max(blocks) and inv.root == sum(p.numel() for p in module.parameters()) - sum(blocks)
