@@ -209,10 +209,29 @@ def test_eval_and_generate_take_base_quant_and_an_adapter(files, runs, capsys):
     assert capsys.readouterr().out
 
 
-def test_state_tuning_on_a_quantized_base_trains(files, tmp_path):
-    train(_cfg(files, tmp_path / "s", mode="state", base_quant="int8", max_steps=3))
-    losses = train_losses(tmp_path / "s")
-    assert losses[-1] < losses[0] and (tmp_path / "s" / "state.pth").exists()
+def test_state_tuning_on_a_quantized_base_trains_also_sharded(files, tmp_path):
+    """State tuning over an nf4 base trains; under fsdp (one process here: the quantized base built
+    as a sharded run builds it) its state.pth equals the unsharded run's (measured: bit for bit)."""
+    states = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        train(_cfg(files, out, mode="state", base_quant="nf4", max_steps=3, strategy=strategy))
+        losses = train_losses(out)
+        assert losses[-1] < losses[0] and not (out / "final.pth").exists()
+        states[strategy] = torch.load(out / "state.pth", weights_only=True)["wkv_init"]
+    a, b = states["ddp"], states["fsdp"]
+    assert a.abs().max() > 0 and float((a - b).norm()) <= 1e-5 * float(a.norm())
+    # each matrix is checked as it is read for quantizing: a damaged one is named in one line
+    from helpers import make_state_dict
+    from rwkvtune.errors import CheckpointError
+
+    bad = make_state_dict(**WORLD)
+    bad["blocks.1.ffn.key.weight"][0, 3] = float("inf")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"bad\.pth: tensor blocks\.1\.ffn\.key\.weight holds 1 non-finite") as e:
+        train(_cfg(files, tmp_path / "bad", model=str(tmp_path / "bad.pth"), mode="state", base_quant="nf4",
+                   strategy="fsdp"))
+    assert "\n" not in str(e.value) and not (tmp_path / "bad" / "state.pth").exists()
 
 
 # ---- strategy fsdp -------------------------------------------------------------------------------------

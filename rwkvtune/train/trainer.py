@@ -205,7 +205,14 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     module = build_module(cfg, mode, model_config, device, meta=strategy.fills_shards)
     runner = strategy.wrap(module)  # FSDP shards the module's parameters in place: optimizer after this
     if strategy.fills_shards:
-        strategy.fill(module, mode, model_config)
+        # No collective inside: every process reads the same file and meets a damaged tensor alike;
+        # they agree on the first refusal, said once (rank 0), instead of one line per process.
+        error = None
+        try:
+            strategy.fill(module, mode, model_config)
+        except RwkvtuneError as e:
+            error = e
+        agree(error)
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
     state = CheckpointState(step=0, tokens=0)
