@@ -42,6 +42,13 @@ shapes, best of 7; ``bench/bench_quant.py`` gives the whole-model figures):
 * CUDA int8: the per-channel int8 format dequantized to bf16 per layer by torch (bitsandbytes'
   LLM.int8 is another format, with fp16 outlier columns); no GPU was available to measure more.
 
+Under ``strategy: fsdp`` the module is built on meta with placeholder layers (``QuantLinear(in, out,
+kind)``: no codes, no parameters), sharded, and each process replaces every placeholder with the
+file's matrix quantized by :meth:`QuantLinear.from_weight` as it fills its shards
+(rwkvtune.train.sharded_load). FSDP2 shards parameters only, and the codes and scales are buffers:
+every process holds the whole quantized base (only the full-precision rest is sharded), and FSDP
+never all-gathers it. Sharded checkpoints leave the codes out, as single-process ones do.
+
 Nothing here imports torchao or bitsandbytes at module import: only :func:`quantize_weight` does,
 and a missing one is a one-line :class:`QuantError` naming the pip command.
 """
@@ -216,6 +223,8 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, kind: str, sample: torch.Tensor | None = None):
+        # Constructed directly: a placeholder without codes (a sharded run's meta-built module);
+        # from_weight registers the codes.
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, check_kind(kind)
         # the full-precision weight's fingerprint sample (see fingerprint_sample), not saved
