@@ -160,18 +160,17 @@ def merged_state_dict(model: nn.Module, dtype=torch.bfloat16) -> dict[str, torch
     lora = _lora_modules(model)
     quant = quantized_layers(model)
     source = _quant_source(model) if quant else {}
+    codes = {f"{q}.{b}" for q, layer in quant.items() for b in layer.state_dict()}  # not official tensors
     out = {}
     for name, t in model.state_dict().items():
-        if ".lora_A" in name or ".lora_B" in name:
+        if ".lora_A" in name or ".lora_B" in name or name in codes:
             continue
         owner = name.rsplit(".base.", 1)[0] if ".base." in name else None
         if owner in lora and name.endswith(".base.weight"):
             t = lora[owner].merged_weight(torch.float32)
         out[_official_name(name)] = t.detach().to("cpu", dtype=dtype).contiguous()
-    for qname in quant:  # its buffers (codes, scales) are not official tensors
+    for qname in quant:
         official = _official_name(qname + ".")
-        for key in [k for k in out if k.startswith(official)]:
-            del out[key]
         owner = qname.removesuffix(".base")
         w = source[official + "weight"].float()
         if owner in lora:

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
+from rwkvtune.models.rwkv7.quant import quantized_layers
 from rwkvtune.train import checkpointing, manifest, rank_state
 from rwkvtune.train.runtime import agree
 from rwkvtune.utils import (
@@ -66,6 +67,9 @@ SHARD_TAG = "rwkvtune_shard_of"
 _TAG_MAX_BYTES = 1 << 16  # a tag blob is ~1 KB of torch.save framing; more is not a tag
 # Frozen base weights are not saved: the run rebuilds them from its model file. (Loading is not
 # strict about them; every trainable tensor must be in the checkpoint, which dcp.load enforces.)
+# Nor is a quantized base (--base-quant): its codes and scales are buffers, which get_state_dict
+# keeps, so _model_state drops them (as a single-process checkpoint, which saves the trainable
+# tensors only); a resume quantizes the model file again, which gives the same codes bit for bit.
 OPTIONS = StateDictOptions(ignore_frozen_params=True)
 LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
@@ -233,7 +237,7 @@ def save(run, state: checkpointing.CheckpointState, *, module, optimizer, sample
         tmp.mkdir(parents=True)
     nonce = [secrets.randbits(62) if d.main else None]
     dist.broadcast_object_list(nonce, src=0)  # also the barrier: the folder exists before anyone writes
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
+    model_sd, optim_sd = _model_state(module, optimizer)
     shards = {"model": model_sd, "optim": optim_sd}
     tag = _shard_tag(module, nonce[0])
     if tag is not None:
@@ -259,6 +263,14 @@ def save(run, state: checkpointing.CheckpointState, *, module, optimizer, sample
         checkpointing.prune(run, step, cfg.keep_checkpoints)
     dist.barrier()  # no process goes on (or exits) before the checkpoint is in place
     return final
+
+
+def _model_state(module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of what a checkpoint holds: the trainable tensors and their
+    AdamW state, without a quantized base's buffers (see OPTIONS)."""
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
+    codes = {f"{name}.{b}" for name, layer in quantized_layers(module).items() for b in layer.state_dict()}
+    return {k: v for k, v in model_sd.items() if k not in codes}, optim_sd
 
 
 def _shard_tag(module, nonce: int):
@@ -317,7 +329,7 @@ def load_latest(out, *, module, optimizer, sampler) -> checkpointing.CheckpointS
     except Exception as e:
         error = _read_error(path, e)
     agree(error)
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
+    model_sd, optim_sd = _model_state(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())

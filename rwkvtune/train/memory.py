@@ -13,7 +13,9 @@ Terms (bytes, one process):
 
 * ``weights``: every stored parameter: fp32 (4 B); a frozen base with precision bf16 is bf16 (2 B);
   LoRA adapters and a tuned state are fp32. x s (0 with cpu_offload: in host memory). A quantized
-  base (``base_quant``, lora and state) stores its big matrices (QUANT_MATRICES) in QUANT_BYTES.
+  base (``base_quant``, lora and state) stores its big matrices (QUANT_MATRICES) in QUANT_BYTES,
+  NOT x s: its codes and scales are buffers, which FSDP2 does not shard (every process holds the
+  whole quantized base, on the device also with cpu_offload), and FSDP never gathers them.
 * ``dequant``: a quantized base's layer dequantized for its product (one at a time, the largest
   is the head): DEQUANT_BYTES per element (the fp32 intermediates on CPU, bf16 on GPU).
 * ``optimizer``: AdamW's exp_avg + exp_avg_sq, fp32: 8 B per trainable parameter, x s.
@@ -52,7 +54,8 @@ Terms (bytes, one process):
   temporaries, QUANT_LOAD_BYTES per element): under ddp the whole model on the device, plus on CPU the
   memory-mapped checkpoint's pages (its file size) or the init's temporaries (orthogonal init of
   the head, 2.5 x it). fsdp builds on meta, shards, and fills each process's shards one tensor at
-  a time (from the file or the seeded init): x s, plus one V x C fp32 tensor and its source.
+  a time (from the file or the seeded init): x s, plus one V x C fp32 tensor and its source; a
+  quantized base whole (with the largest matrix's quantization temporaries) on every process.
 * ``reference``: DPO and GRPO in full mode keep a frozen copy of the starting model (fp32) as
   their reference, x s (sharded like the policy under fsdp); lora and state switch their trained
   parts off instead (0).
@@ -203,8 +206,8 @@ class Inventory:
     trainable: int  # trainable parameters
     largest_trainable: int  # elements of the largest trainable tensor
     largest_quantized: int  # elements of the largest quantized matrix (0: none)
-    root: int  # parameters outside the blocks (emb, head, ln_out, a tuned state)
-    block: int  # parameters of the largest block
+    root: int  # parameters outside the blocks (emb, head, ln_out, a tuned state), quantized ones excluded
+    block: int  # parameters of the largest block, quantized ones excluded (FSDP gathers the rest)
     block_trainable: int
     block_matrices: int  # parameters of block matrices stored fp32 (autocast casts them)
     adapters: int  # LoRA adapter parameters (autocast casts them too)
@@ -213,6 +216,7 @@ class Inventory:
     originals: int  # bytes of LoRA train_parts kept for the reference model
     lora_inputs: int  # per layer: sum of adapted Linears' input features
     lora_ranks: int  # per layer: sum of adapters' ranks
+    quantized: int = 0  # bytes of the quantized matrices (part of stored; never sharded by FSDP)
 
 
 def _matches(name: str, targets) -> bool:
@@ -235,36 +239,40 @@ def _adapter(key: str, shape, s: Settings) -> int:
 def inventory(c, s: Settings) -> Inventory:
     """What each parameter costs in this mode: dtype, trainable or not, where it lives."""
     base_bytes = 2 if s.mode != "full" and s.precision == "bf16" else 4  # a frozen base in bf16
-    n = stored = trainable = largest = root = head_tr = originals = adapters = lora_in = lora_r = big_q = 0
+    n = stored = trainable = largest = root = head_tr = originals = adapters = lora_in = lora_r = big_q = quant = 0
     blocks: dict[str, list[int]] = {}  # block prefix -> [params, trainable, fp32 matrices, heap-sized]
     for key, shape in c.param_shapes().items():
         numel, adapter = math.prod(shape), _adapter(key, shape, s)
         train = (s.mode == "full" and key not in LAYER0_V_KEYS) or (s.mode == "lora" and _is_part(key, s.train_parts))
         size = 4 if s.mode == "full" or train else base_bytes
-        if s.quant and not train and len(shape) == 2 and _matches(key.removesuffix(".weight"), QUANT_MATRICES):
-            size, big_q = QUANT_BYTES[s.quant], max(big_q, numel)
+        quantized = bool(s.quant) and not train and len(shape) == 2 and _matches(key.removesuffix(".weight"),
+                                                                                  QUANT_MATRICES)
+        if quantized:
+            size, big_q, quant = QUANT_BYTES[s.quant], max(big_q, numel), quant + int(numel * QUANT_BYTES[s.quant])
+        # what FSDP gathers: a quantized matrix is buffers (whole on every process), never gathered
+        gathered = 0 if quantized else numel
         n, stored, adapters = n + numel + adapter, stored + int(numel * size) + 4 * adapter, adapters + adapter
         trainable += (numel if train else 0) + adapter
         largest = max(largest, numel if train else 0, s.lora_r * max(shape) if adapter else 0)
         originals += numel * base_bytes if train and s.mode == "lora" else 0  # kept for the reference model
         head_tr += numel if train and key.startswith("head.") else 0
         if not key.startswith("blocks."):
-            root += numel + adapter
+            root += gathered + adapter
             continue
         if adapter and key.startswith("blocks.0."):  # per layer: what the adapters keep for backward
             lora_in, lora_r = lora_in + shape[1], lora_r + s.lora_r
         b = blocks.setdefault(".".join(key.split(".")[:2]), [0, 0, 0, 0])
         # matrices a matmul uses (r_k is elementwise; layer 0's v1/v2 are never used)
         matmul = len(shape) == 2 and not key.endswith("r_k") and key not in LAYER0_V_KEYS
-        b[0], b[1] = b[0] + numel + adapter, b[1] + (numel if train else 0) + adapter
+        b[0], b[1] = b[0] + gathered + adapter, b[1] + (numel if train else 0) + adapter
         b[2] += numel if matmul and size == 4 else 0
-        b[3] += numel if 4 * numel < MMAP_MAX else 0
+        b[3] += gathered if 4 * numel < MMAP_MAX else 0
     if s.mode == "state":  # the tuned initial WKV state, fp32, trainable
         wkv = c.n_layer * c.n_head * c.head_size_a ** 2
         n, stored, trainable, root, largest = n + wkv, stored + 4 * wkv, trainable + wkv, root + wkv, wkv
     big = max(blocks.values(), key=lambda b: b[0])
     return Inventory(n, stored, trainable, largest, big_q, root, big[0], big[1], sum(b[2] for b in blocks.values()),
-                     adapters, big[3], head_tr, originals, lora_in, lora_r)
+                     adapters, big[3], head_tr, originals, lora_in, lora_r, quant)
 
 
 def _regime(s: Settings) -> str:
@@ -368,7 +376,8 @@ def estimate_memory(c, s: Settings) -> MemoryEstimate:
     rows = min(LOSS_ROWS, s.sequences * s.ctx_len)
     compute = 2 if gpu and s.precision == "bf16" else 4  # bytes of an all-gathered parameter
     t = {
-        "weights": int(inv.stored * resident),
+        # a quantized base is not sharded: FSDP2 shards parameters, its codes are buffers (every process)
+        "weights": int((inv.stored - inv.quantized) * resident) + inv.quantized,
         "optimizer": int(8 * inv.trainable * resident),
         "gradients": 0,
         "ddp_buckets": 4 * inv.trainable if ddp_multi else 0,
@@ -441,7 +450,9 @@ def _load(c, s: Settings, inv: Inventory) -> int:
     one = 4 * c.vocab_size * c.n_embd
     if s.strategy == "fsdp":
         gpu = s.device == "gpu"
-        shards = int((inv.stored + inv.originals) * (0 if gpu and s.cpu_offload else s.shard)) + one
+        shards = int((inv.stored - inv.quantized + inv.originals) * (0 if gpu and s.cpu_offload else s.shard)) + one
+        # every process quantizes the whole base (on the compute device), one matrix at a time
+        shards += inv.quantized + QUANT_LOAD_BYTES * inv.largest_quantized
         if gpu:
             return shards + GPU_RUNTIME
         if s.init == "scratch":
@@ -463,7 +474,7 @@ def _host(c, s: Settings, inv: Inventory, save: int, offload: bool) -> int:
     load = inv.stored + inv.originals
     if s.strategy == "fsdp":  # one tensor at a time (a scratch head's orthogonal init: 2.5 x it)
         load = int(4 * c.vocab_size * c.n_embd * (2.5 if s.init == "scratch" else 1))
-    state = (inv.stored + 12 * inv.trainable) / s.world_size if offload else 0
+    state = (inv.stored - inv.quantized + 12 * inv.trainable) / s.world_size if offload else 0
     step_tmp = 8 * inv.largest_trainable / s.world_size if offload else 0
     return int(max(load, state + step_tmp + save))
 

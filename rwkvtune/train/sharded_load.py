@@ -6,6 +6,8 @@ every process builds the module on the meta device (shapes only), FSDP shards it
 allocates only its own shards, and fills them tensor by tensor: from the memory-mapped model file
 (init pretrained), or from the official initialisation computed one block at a time (init
 scratch). One whole tensor exists at a time (at most one block, or the head: V x C), then its slice.
+A quantized base (``--base-quant``) is the exception to sharding: each process quantizes every big
+matrix as it reads it (one fp32 matrix at a time) and keeps the whole quantized base.
 
 The values equal the eager build's: the init draws the same random numbers in the same order, and
 the mode's own tensors (LoRA adapters, a tuned state) are drawn as its ``prepare`` draws them, so a
@@ -21,7 +23,9 @@ import torch
 import torch.nn as nn
 
 from rwkvtune.errors import CheckpointError
-from rwkvtune.models.rwkv7.model import allocation_guard, initial_tensors, loaded_tensor, open_checkpoint
+from rwkvtune.models.rwkv7.model import (allocation_guard, initial_tensors, loaded_tensor, open_checkpoint,
+                                         quantized_layer)
+from rwkvtune.models.rwkv7.quant import QuantLinear
 
 
 def fill_shards(module: nn.Module, mode, model_config, cfg, device: str) -> None:
@@ -59,7 +63,22 @@ def fill_shards(module: nn.Module, mode, model_config, cfg, device: str) -> None
     if set(params) - filled:  # every tensor of the module comes from somewhere, or it holds garbage
         raise CheckpointError(f"no starting value for {sorted(set(params) - filled)[:3]}")
     if base is not None:
+        _quantize_placeholders(module, base, path, device)
         mode.base_loaded(module, base)
+
+
+def _quantize_placeholders(module: nn.Module, base: dict[str, torch.Tensor], path: str, device: str) -> None:
+    """--base-quant: each QuantLinear placeholder (rwkvtune.models.rwkv7.model.meta_model) replaced
+    by the file's matrix quantized on this process, one at a time (one fp32 matrix exists at a
+    time), as a whole-model load quantizes them. Not sharded: FSDP2 shards parameters, and a
+    quantized layer has none (its codes and scales are buffers), so every process holds the whole
+    quantized base, on the compute device also with cpu_offload (its products run there)."""
+    placeholders = [n for n, m in module.named_modules() if isinstance(m, QuantLinear)]
+    for name in placeholders:
+        kind = module.get_submodule(name).kind
+        module.set_submodule(name, quantized_layer(_official(name + ".weight"), base, path, kind, device))
+    if placeholders:
+        module.model.quant_source = path  # merging reads the full-precision matrices from it again
 
 
 def _official(name: str) -> str:

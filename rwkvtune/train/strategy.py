@@ -8,7 +8,10 @@ FSDP (``strategy: fsdp``): ``fully_shard`` on every block, then on the root (emb
 head, a tuned state), so one block's full parameters exist at a time. On GPU with precision bf16,
 ``MixedPrecisionPolicy`` computes with bf16 parameters and reduces gradients in fp32; on CPU
 everything stays fp32. ``cpu_offload`` keeps the sharded parameters, gradients and optimizer state
-in host memory (CPUOffloadPolicy; GPU runs only). Frozen base weights (lora, state) are sharded too.
+in host memory (CPUOffloadPolicy; GPU runs only). Frozen base weights (lora, state) are sharded too,
+except a quantized base (``--base-quant``): its codes and scales are buffers, and FSDP2 shards
+parameters only, so every process holds the whole quantized base (quantized from the model file as
+it fills its shards, on the compute device) and only the full-precision rest is sharded.
 Resumable checkpoints are ``torch.distributed.checkpoint`` folders (each process writes its shard;
 a run resumes on any number of processes) read back without unpickling anything but the
 checkpoint's own index classes (:mod:`rwkvtune.train.dcp_safe`). ``final.pth`` is gathered tensor
@@ -32,7 +35,8 @@ import torch.nn as nn
 
 from rwkvtune import log
 from rwkvtune.errors import ConfigError, RwkvtuneError, on_every_rank
-from rwkvtune.models.rwkv7.model import RWKV7
+from rwkvtune.models.rwkv7.model import meta_model
+from rwkvtune.models.rwkv7.quant import base_quant_of, quantized_layers
 from rwkvtune.train import checkpointing, dcp_safe, rank_state
 from rwkvtune.train.objective import TrainModule
 from rwkvtune.train.runtime import agree
@@ -169,11 +173,18 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
     # The model file's own key set: a file without layer 0's unused v0/v1/v2 (many RWKV-7 releases)
     # is sharded without them, and final.pth is written without them (the rwkv package ignores them)
     layer0_v = module.model.layer0_v
+    # A quantized base's layers are not sharded (buffers, whole on every process): the shadow takes
+    # the module's own layers (no copy, nothing to gather) in place of its placeholders.
+    quantized = quantized_layers(module)
     with torch.device("meta"):
-        shadow = TrainModule.for_mode(mode, RWKV7(model_config, layer0_v=layer0_v), cfg) if keep else None
+        shadow = (TrainModule.for_mode(mode, meta_model(model_config, layer0_v, base_quant_of(module)), cfg)
+                  if keep else None)
+    skip = {f"{name}.{b}" for name, layer in quantized.items() for b in layer.state_dict()}
     save_bf16 = cfg.save_dtype == "bf16"
     full = {}
     for name, tensor in module.state_dict().items():
+        if name in skip:
+            continue
         value = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # collective: every rank
         if keep:
             # trained small tensors (adapters, a state) stay fp32 for merging; base weights may be bf16
@@ -183,7 +194,9 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
     if not keep:
         return None
     shadow.load_state_dict(full, strict=True, assign=True)
-    for attr in ("lora_base_fingerprint", "lora_config", "lora_train_parts"):
+    for name, layer in quantized.items():
+        shadow.set_submodule(name, layer)
+    for attr in ("lora_base_fingerprint", "lora_config", "lora_train_parts", "quant_source"):
         if hasattr(module.model, attr):
             setattr(shadow.model, attr, getattr(module.model, attr))
     return shadow

@@ -35,7 +35,7 @@ from rwkvtune.errors import ConfigError, OutputError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.models.cpu_precision import bf16_cpu_flags
 from rwkvtune.models.rwkv7.config import TrainConfig
-from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard
+from rwkvtune.models.rwkv7.model import RWKV7, allocation_guard, meta_model
 from rwkvtune.models.rwkv7.quant import require_backend
 from rwkvtune.peft import get_mode
 from rwkvtune.peft.base import Mode
@@ -205,7 +205,14 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
     module = build_module(cfg, mode, model_config, device, meta=strategy.fills_shards)
     runner = strategy.wrap(module)  # FSDP shards the module's parameters in place: optimizer after this
     if strategy.fills_shards:
-        strategy.fill(module, mode, model_config)
+        # No collective inside: every process reads the same file and meets a damaged tensor alike;
+        # they agree on the first refusal, said once (rank 0), instead of one line per process.
+        error = None
+        try:
+            strategy.fill(module, mode, model_config)
+        except RwkvtuneError as e:
+            error = e
+        agree(error)
     optimizer = torch.optim.AdamW(param_groups(module.named_parameters(), cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.adam_eps)
     state = CheckpointState(step=0, tokens=0)
@@ -295,8 +302,12 @@ def build_module(cfg: TrainConfig, mode: Mode, model_config: ModelConfig, device
     """The model prepared for the mode, on ``device``; ``meta=True``: shapes only (a dry run counts
     parameters without the weights file; FSDP shards it before any weight exists)."""
     if meta:
+        # --base-quant: the big matrices are quantized placeholders (no parameters: FSDP shards the
+        # rest; every process quantizes the whole base into them when it fills its shards). A full
+        # fine-tune with base_quant is refused before this (peft/full.py).
+        quant = cfg.base_quant if not mode.trains_base else "none"
+        model = meta_model(model_config, _file_has_layer0_v(cfg, model_config), quant)
         with torch.device("meta"):
-            model = RWKV7(model_config, layer0_v=_file_has_layer0_v(cfg, model_config))
             model.set_wkv_backend(cfg.wkv_backend)
             model.grad_checkpoint = cfg.grad_checkpoint
             return TrainModule.for_mode(mode, model.train(), cfg)

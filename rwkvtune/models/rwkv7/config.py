@@ -324,10 +324,6 @@ class TrainConfig:
             problems.append("data: missing; pass --data FILE.jsonl or a binidx prefix")
         if self.base_quant not in BASE_QUANTS:
             problems.append(f"base_quant: found {show_value(self.base_quant)}, expected one of {', '.join(BASE_QUANTS)}")
-        elif self.base_quant != "none" and self.strategy == "fsdp":
-            conflicts.append(self._conflict({"base_quant": repr(self.base_quant), "strategy": "'fsdp'"},
-                                            "FSDP cannot shard a quantized base yet; use strategy ddp (a quantized "
-                                            "base is small enough to hold whole on each GPU)"))
         bad_parts = set(self.train_parts) - {"ln", "emb", "head"}
         if bad_parts:
             problems.append(f"train_parts: found {sorted(bad_parts)}, expected a subset of ln, emb, head")

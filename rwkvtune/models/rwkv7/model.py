@@ -40,7 +40,7 @@ from rwkvtune.errors import CheckpointError, RwkvtuneError
 from rwkvtune.hub import missing_model_hint
 from rwkvtune.io.checkpoint import load_state_dict, save_state_dict
 from rwkvtune.io.layout import LAYER0_V_KEYS, strip_prefix
-from rwkvtune.models.rwkv7.quant import QuantLinear, check_kind, is_big_matrix, require_backend
+from rwkvtune.models.rwkv7.quant import QuantLinear, check_kind, replace_big_matrices, require_backend
 from rwkvtune.models.rwkv7.wkv import wkv7
 from rwkvtune.tensor_checks import check_finite, check_stored
 from rwkvtune.utils import human_bytes, human_count
@@ -520,6 +520,19 @@ def _init_block_(block: "Block", c: ModelConfig, l: int) -> None:
     ffn.value.weight.zero_()
 
 
+def meta_model(config: ModelConfig, layer0_v: bool = True, quant: str = "none") -> "RWKV7":
+    """The model's shapes only, on the meta device (a dry run counts its parameters; FSDP shards it
+    before any weight exists). ``quant`` "int8" or "nf4": its big matrices are :class:`QuantLinear`
+    placeholders without codes (and without parameters, so FSDP never shards them); a sharded run
+    quantizes each from the model file once its shards exist (rwkvtune.train.sharded_load)."""
+    check_kind(quant)
+    with torch.device("meta"):
+        model = RWKV7(config, layer0_v=layer0_v)
+        if quant != "none":
+            replace_big_matrices(model, lambda _, m: QuantLinear(m.in_features, m.out_features, quant))
+    return model
+
+
 def open_checkpoint(path_or_name: str | os.PathLike, expect: ModelConfig | None = None
                     ) -> tuple[dict[str, torch.Tensor], str, ModelConfig, bool]:
     """A model file's tensors without reading them (memory-mapped, in the official key layout),
@@ -549,14 +562,7 @@ def _load_quantized(model: "RWKV7", sd: dict[str, torch.Tensor], path: str, devi
     """Fill a meta-built ``model`` from the file's (memory-mapped) tensors, the big matrices
     quantized one at a time (each read in fp32, quantized, then dropped)."""
     sd, _ = strip_prefix(sd)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_big_matrix(n)]
-    for name in names:
-        key = name + ".weight"
-        full = loaded_tensor(key, sd[key], path, "cpu", torch.float32)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_weight(full, quant, device))
-        del full
+    names = replace_big_matrices(model, lambda name, _: quantized_layer(name + ".weight", sd, path, quant, device))
     quantized = {n + ".weight" for n in names}
     rest = {k: loaded_tensor(k, v, path, device, dtype) for k, v in sd.items() if k not in quantized}
     result = model.load_state_dict(rest, strict=False, assign=True)
@@ -565,6 +571,15 @@ def _load_quantized(model: "RWKV7", sd: dict[str, torch.Tensor], path: str, devi
     if missing or result.unexpected_keys:  # open_checkpoint checked the keys: a bug if reached
         raise CheckpointError(f"{path}: keys missing {sorted(missing)[:3]}, unexpected {result.unexpected_keys[:3]}")
     model.quant_source = path
+
+
+def quantized_layer(key: str, tensors: dict[str, torch.Tensor], path: str, quant: str, device) -> QuantLinear:
+    """The model file's (memory-mapped) matrix ``key`` read in fp32, checked, and quantized onto
+    ``device``: the one full-precision copy lives only inside this call. A whole-model load and a
+    sharded one (rwkvtune.train.sharded_load, every process its own copy) quantize alike."""
+    if key not in tensors:
+        raise CheckpointError(f"{path}: has no tensor {key}; pass the model file this run was configured for")
+    return QuantLinear.from_weight(loaded_tensor(key, tensors[key], path, "cpu", torch.float32), quant, device)
 
 
 def loaded_tensor(key: str, stored: torch.Tensor, source: str, device, dtype: torch.dtype) -> torch.Tensor:

@@ -42,6 +42,13 @@ shapes, best of 7; ``bench/bench_quant.py`` gives the whole-model figures):
 * CUDA int8: the per-channel int8 format dequantized to bf16 per layer by torch (bitsandbytes'
   LLM.int8 is another format, with fp16 outlier columns); no GPU was available to measure more.
 
+Under ``strategy: fsdp`` the module is built on meta with placeholder layers (``QuantLinear(in, out,
+kind)``: no codes, no parameters), sharded, and each process replaces every placeholder with the
+file's matrix quantized by :meth:`QuantLinear.from_weight` as it fills its shards
+(rwkvtune.train.sharded_load). FSDP2 shards parameters only, and the codes and scales are buffers:
+every process holds the whole quantized base (only the full-precision rest is sharded), and FSDP
+never all-gathers it. Sharded checkpoints leave the codes out, as single-process ones do.
+
 Nothing here imports torchao or bitsandbytes at module import: only :func:`quantize_weight` does,
 and a missing one is a one-line :class:`QuantError` naming the pip command.
 """
@@ -216,6 +223,8 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, kind: str, sample: torch.Tensor | None = None):
+        # Constructed directly: a placeholder without codes (a sharded run's meta-built module);
+        # from_weight registers the codes.
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, check_kind(kind)
         # the full-precision weight's fingerprint sample (see fingerprint_sample), not saved
@@ -248,7 +257,8 @@ class QuantLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(b for n, b in self.named_buffers() if n != "fp_sample").device
+        # A placeholder (no codes yet: a module built on meta for sharding) is where fp_sample is.
+        return next((b for n, b in self.named_buffers() if n != "fp_sample"), self.fp_sample).device
 
     def nbytes(self) -> int:
         """Bytes of the stored quantized weight (scales included)."""
@@ -294,6 +304,18 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+
+def replace_big_matrices(model: nn.Module, make) -> list[str]:
+    """Replace each big-matrix ``nn.Linear`` of ``model`` (:func:`is_big_matrix`) by ``make(name,
+    linear)``, in module order; returns their names. ``make`` quantizes the file's weight
+    (:meth:`QuantLinear.from_weight`), or returns a placeholder ``QuantLinear(in, out, kind)``
+    without codes: a module built on meta for sharding, whose layers are quantized once its shards
+    exist (rwkvtune.train.sharded_load)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_big_matrix(n)]
+    for name in names:
+        model.set_submodule(name, make(name, model.get_submodule(name)))
+    return names
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
