@@ -16,6 +16,10 @@ Printed, each variant in its own subprocess (its peak RSS, /proc VmHWM, is its o
   activations): tokens/s, the bytes of weights one token reads (every stored tensor but the
   embedding, of which it reads one row), and the memory-bandwidth bound: a read bandwidth measured
   here (the sum of a 512 MiB fp32 tensor, best of 3, all threads) over those bytes.
+* The products alone: every big matrix a token multiplies, one row each, through each CPU kernel
+  (fp32 and bf16 dense, torch's int8 weight-only kernel, fbgemm's dynamic int8 linear): weights
+  per second. The int8 kernels are compute-bound well below the read bandwidth, which is what
+  holds int8 decoding back.
 
 This is a script that prints figures, not a test; the machine's other load changes them, so the
 load average is printed before and after.
@@ -81,6 +85,49 @@ def _read_bandwidth(torch) -> float:
     x.sum()
     best = min(bench_cpu._timed(lambda: x.sum(), 3, warmup=0))
     return x.nbytes / best / 1e9
+
+
+def kernel_rates(shape: dict, runs: int) -> dict:
+    """How fast each CPU product streams the big matrices one decoded token multiplies (every
+    att r/k/v/o, ffn key/value and the head of ``shape``: too large for the caches, as in a real
+    decode), one row each: {kernel: (weights per second, bytes per weight)}. Separates what the
+    int8 kernels can do from what the model around them costs."""
+    import warnings
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    C, L, V = shape["n_embd"], shape["n_layer"], shape["vocab"]
+    dims = [(C, C)] * 4 * L + [(4 * C, C), (C, 4 * C)] * L + [(V, C)]
+    mats = [torch.randn(o, i, generator=g) * 0.02 for o, i in dims]
+    n = sum(w.numel() for w in mats)
+    scale = [w.abs().amax(1) / 127 for w in mats]
+    codes = [torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8) for w, s in zip(mats, scale)]
+    w_t = [w.t().contiguous() for w in mats]                  # x @ W_t: prepare_for_decoding's layout
+    w_t16 = [w.to(torch.bfloat16) for w in w_t]
+    s16 = [s.to(torch.bfloat16) for s in scale]
+    kernels = {
+        "fp32 dense (x @ W_t)": (4, lambda: [torch.randn(1, w.shape[0]) @ w for w in w_t]),
+        "bf16 dense (x @ W_t)": (2, lambda: [torch.randn(1, w.shape[0], dtype=torch.bfloat16) @ w for w in w_t16]),
+        "int8 torch._weight_int8pack_mm (bf16 in)": (1, lambda: [
+            torch._weight_int8pack_mm(torch.randn(1, q.shape[1], dtype=torch.bfloat16), q, s)
+            for q, s in zip(codes, s16)]),
+    }
+    try:  # fbgemm's dynamic int8 linear (torch.ao, deprecated): the other int8 CPU kernel in torch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            packed = [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+                q, s.double(), torch.zeros(q.shape[0], dtype=torch.long), 0), None) for q, s in zip(codes, scale)]
+        kernels["int8 fbgemm quantized::linear_dynamic"] = (1, lambda: [
+            torch.ops.quantized.linear_dynamic(torch.randn(1, q.shape[1]), p, False) for q, p in zip(codes, packed)])
+    except (AttributeError, RuntimeError) as e:
+        print(f"  (fbgemm's dynamic int8 linear not measured: {str(e).splitlines()[0]})")
+    rates = {}
+    with torch.inference_mode():
+        for name, (bpw, fn) in kernels.items():
+            fn()
+            rates[name] = (n / min(bench_cpu._timed(fn, runs)), bpw)
+    return {"weights": n, "rates": rates}
 
 
 def gpu_lora(args, ckpt: str) -> None:
@@ -204,6 +251,16 @@ def main() -> None:
         bound = bw * 1e9 / r["bytes_per_token"]
         print(f"  {v:<8}{r['tok_s']:>9.1f}{r['bytes_per_token'] / 1e6:>10.1f}{bound:>13.1f}"
               f"{r['tok_s'] / bound:>10.2f}{r['tok_s'] / base:>8.2f}x{r['rss_peak_mb']:>13.0f}")
+    torch.set_num_threads(args.threads)
+    k = kernel_rates(shape, max(3, args.runs))
+    print(f"\nthe products alone: the {k['weights'] / 1e6:.0f}M weights of those matrices, one row each, "
+          f"streamed from memory (best of {max(3, args.runs)}):")
+    fp32 = k["rates"]["fp32 dense (x @ W_t)"][0]
+    for name, (rate, bpw) in k["rates"].items():
+        print(f"  {name:<42}{rate / 1e9:>6.2f} G weights/s {rate * bpw / 1e9:>6.1f} GB/s {rate / fp32:>6.2f}x fp32"
+              f"   {k['weights'] / rate * 1e3:>6.1f} ms/token")
+    print(f"  (an int8 token cannot beat its product's ms/token; at {bw:.1f} GB/s, 1 byte a weight would take "
+          f"{k['weights'] / (bw * 1e9) * 1e3:.1f} ms)")
     print(f"\nload average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
