@@ -12,6 +12,7 @@ inside ``a.b``, whose ``__init__`` has then already started).
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,10 @@ OPTIONAL = ("fla", "matplotlib", "wandb", "huggingface_hub", "filelock", "torch.
             "bitsandbytes")
 # What the CLI's startup (argument parsing, `models`, `inspect`) and the configs must not import.
 HEAVY = ("torch", "numpy")
+# Parts of torch that cost startup time only the runs that use them should pay: importing
+# torch.distributed.checkpoint takes ~1.1 s on top of torch's ~1.5 s (it pulls DTensor's op tables
+# and sympy), and only fsdp runs save sharded checkpoints. Imported where used, like OPTIONAL.
+SLOW = ("torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp")
 
 
 @dataclass(frozen=True)
@@ -246,9 +251,10 @@ def _heavy_in(names) -> set[str]:
     return {h for h in HEAVY for n in names if n == h or n.startswith(h + ".")}
 
 
-def local_import_problems(graph: dict[str, list[Edge]], optional=OPTIONAL) -> list[str]:
+def local_import_problems(graph: dict[str, list[Edge]], optional=OPTIONAL + SLOW) -> list[str]:
     """A function-local import must keep a torch-free module free of torch and numpy (the target
-    imports them, the importer does not) or reach an optional package; any other belongs at the top."""
+    imports them, the importer does not) or reach an optional or slow-to-import package; any other
+    belongs at the top."""
     heavy = {m: _heavy_in(top_level_closure(graph, m)) for m in graph}
     # our modules that need an optional package at import (e.g. evaluate.lm: lm_eval) count as optional
     needs = {m: {p for p in optional for n in top_level_closure(graph, m) if n == p or n.startswith(p + ".")}
@@ -368,3 +374,12 @@ def test_checker_passes_a_clean_package(tmp_path):
     graph = import_graph(pkg)
     assert layer_problems(graph, layers) == [] and find_cycles(graph) == [] and local_import_problems(graph) == []
     assert [str(e) for e in graph["clean.high"]] == ["clean.high -> clean.low (line 1)"]
+
+
+def test_a_run_that_is_not_sharded_does_not_import_the_slow_parts_of_torch():
+    # every `rwkvtune train` process (and each test that starts one) would pay ~1 s for them
+    code = ("import sys, rwkvtune.cli.train, rwkvtune.train.trainer\n"
+            f"slow = sorted(n for n in sys.modules if n.startswith({SLOW!r}))\n"
+            "assert not slow, slow\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -37,7 +37,7 @@ from rwkvtune import log
 from rwkvtune.errors import ConfigError, RwkvtuneError, on_every_rank
 from rwkvtune.models.rwkv7.model import meta_model
 from rwkvtune.models.rwkv7.quant import base_quant_of, quantized_layers
-from rwkvtune.train import checkpointing, dcp_safe, rank_state
+from rwkvtune.train import checkpointing, rank_state
 from rwkvtune.train.objective import TrainModule
 from rwkvtune.train.runtime import agree
 from rwkvtune.train.sharded_load import fill_shards
@@ -151,10 +151,14 @@ class FSDPStrategy(Strategy):
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def save_checkpoint(self, run, state: checkpointing.CheckpointState, *, module, optimizer, sampler) -> Path:
+        from rwkvtune.train import dcp_safe  # torch.distributed.checkpoint: ~1 s of import, fsdp only
+
         return dcp_safe.save(run, state, module=module, optimizer=optimizer, sampler=sampler, cfg=self.cfg,
                              d=self.dist)
 
     def load_checkpoint(self, out, *, module, optimizer, sampler, method) -> checkpointing.CheckpointState:
+        from rwkvtune.train import dcp_safe  # torch.distributed.checkpoint: ~1 s of import, fsdp only
+
         state = dcp_safe.load_latest(out, module=module, optimizer=optimizer, sampler=sampler)
         self.restore_own_state(out, method, state.method_state)
         return state
