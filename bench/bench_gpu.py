@@ -29,11 +29,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import os
+import sys
 import time
 
 PROCESS_START = time.perf_counter()
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cpu  # noqa: E402  (after the path insert: its timers, matmul/bandwidth probes, bytes per token)
 
 from rwkvtune.configs.model_loader import load_model_config  # noqa: E402
 from rwkvtune.models.rwkv7 import RWKV7  # noqa: E402
@@ -204,6 +210,217 @@ def _report(r: dict, peak_tflops: float) -> str:
             f"first step {r['first_s']:.0f} s after build start, {r['cold_s']:.0f} s after process start")
 
 
+# ------------------------------------------------------------------------------------------------
+# 4. Model speed: what bench_cpu.py measures on CPU, on the device, eager and under torch.compile.
+DECODE_BATCHES = (1, 32)
+
+
+def _speed_wkv_backend(device: str) -> tuple[str, str]:
+    """The WKV backend `rwkvtune train` ("auto") runs for training and prefill here, and why."""
+    if not device.startswith("cuda"):
+        return "chunked", "not CUDA"
+    from rwkvtune.models.rwkv7.wkv import _fla_installed, _fla_kernel
+
+    if not _fla_installed():
+        return "chunked", "fla-core is not installed"
+    fla, info = _fla_kernel()
+    if fla is None:
+        return "chunked", info
+    from importlib.metadata import PackageNotFoundError, version
+
+    with contextlib.suppress(PackageNotFoundError):
+        return "fla", f"fla-core {version('fla-core')}"
+    return "fla", "fla importable"
+
+
+@contextlib.contextmanager
+def _wkv_outside_graph():
+    """While compiled code runs, the WKV call stays out of the graph (torch.compiler.disable: one
+    graph break per layer): fla's kernel is Triton already, and Dynamo would unroll the chunked
+    backend's loop over T/32 chunks into the graph. Everything else of a block is compiled."""
+    import rwkvtune.models.rwkv7.model as model_module
+
+    plain = model_module.wkv7
+    model_module.wkv7 = torch.compiler.disable(plain)
+    try:
+        yield
+    finally:
+        model_module.wkv7 = plain
+
+
+def _set_compile_limits() -> None:
+    """Regional compilation reuses one graph for blocks 1..L-1 (torch >= 2.5 inlines the modules);
+    older torch compiles each block on its own and would fall back to eager after the default
+    8 recompiles, so the limit is raised."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(64, getattr(cfg, name)))
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+
+
+def _speed_measure(kind: str, B: int, compiled: bool, ctx: dict) -> dict:
+    """Build a fresh random model for one figure, warm it up, time it. kind: train / prefill /
+    decode. Returns first_s (the first call: compilation and Triton autotuning included),
+    step_s (mean of the timed calls after warm-up), n (timed calls) and peak."""
+    device, config, args = ctx["device"], ctx["config"], ctx["args"]
+    cuda = device.startswith("cuda")
+    sync = bench_cpu._sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        bench_cpu.reset_peak_rss()
+    torch.manual_seed(0)
+    T = ctx["T"]
+    # Training as `rwkvtune train` runs full fine-tuning: fp32 weights under the precision's
+    # autocast; prefill and decode as `rwkvtune generate --precision bf16`: bf16 weights.
+    infer_dtype = torch.bfloat16 if cuda else torch.float32
+    model = _random_model(config, device, torch.float32 if kind == "train" else infer_dtype)
+    model.set_wkv_backend(ctx["backend"])
+    scope = contextlib.nullcontext()
+    if kind == "train":
+        model.train()
+        V = config.vocab_size
+        ids = torch.randint(0, V, (1, T + 1), device=device)
+        autocast = autocast_factory(device, "bf16" if cuda else "fp32")
+
+        def fn():  # bench_cpu's worker_train: forward, cross-entropy, backward, no optimizer
+            with autocast():
+                logits = model(ids[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), ids[:, 1:].reshape(-1))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        n = args.steps
+    else:
+        from rwkvtune.generate import prepare_for_decoding
+
+        prepare_for_decoding(model.eval())
+        if kind == "prefill":
+            ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+
+            def fn():  # bench_cpu's worker_prefill: the state and the last position's logits
+                with torch.inference_mode():
+                    model(ids, return_state=True, last_only=True)
+            n = args.steps
+        else:
+            from rwkvtune.generate.rnn import BatchDecoder
+
+            prompt = torch.randint(0, config.vocab_size, (B, bench_cpu.PROMPT_DECODE), device=device)
+            with torch.inference_mode():  # as stream_generate: prefill (eager), then in-place one-token steps
+                _, state = model(prompt, return_state=True, last_only=True)
+            dec = BatchDecoder(model, state)
+            step = torch.compile(dec.step, backend=args.compile_backend, dynamic=False) if compiled else dec.step
+            tok = torch.randint(0, config.vocab_size, (B,), device=device)  # fed every step: no host copy timed
+
+            def fn():
+                step(tok)
+            n = ctx["decode_tokens"]
+    if compiled and kind != "decode":
+        # regional compilation: each block in place (same module tree and parameter names); the
+        # embedding, the head and the loss stay eager
+        _set_compile_limits()
+        for block in model.blocks:
+            block.compile(backend=args.compile_backend, dynamic=False)
+        scope = _wkv_outside_graph()
+    with scope:
+        t = time.perf_counter()
+        fn()
+        sync()
+        first = time.perf_counter() - t
+        for _ in range(args.warmup if kind != "decode" else max(args.warmup, 4)):
+            fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        step_s = (time.perf_counter() - t) / n
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else bench_cpu.rss_mb()
+    out = {"first_s": first, "step_s": step_s, "n": n, "peak": peak}
+    if kind == "decode":
+        out["bytes_per_token"] = bench_cpu.decode_bytes_per_token(model, B)
+    return out
+
+
+def model_speed(args, device: str, compile_on: bool) -> None:
+    """bench_cpu.py's figures for the 0.1B shape (the tiny config on CPU) on `device`: a training
+    step (forward + backward, no optimizer) against the matmul bound, no-grad prefill, and decode
+    through BatchDecoder at B=1 and 32 against the memory-bandwidth limit; each eager and compiled
+    (inductor by default), with the first call (compilation, autotuning) apart from the timed
+    steady state, and the peak memory. A figure that fails prints its reason and the rest goes on."""
+    t_section = time.perf_counter()
+    cuda = device.startswith("cuda")
+    size = "0.1b" if cuda else "examples/configs/rwkv7-tiny.json"
+    config = load_model_config(size)
+    T = args.T if cuda else 64
+    backend, why = _speed_wkv_backend(device)
+    ctx = {"device": device, "config": config, "args": args, "T": T, "backend": backend,
+           "decode_tokens": args.decode_tokens if cuda else min(args.decode_tokens, 8)}
+    dt_name = "bf16" if cuda else "fp32"
+    print(f"speed: {size} L{config.n_layer} C{config.n_embd} V{config.vocab_size}, random weights on {device}; "
+          f"train {'under bf16 autocast (fp32 weights)' if cuda else 'in fp32'}, prefill/decode with {dt_name} weights; WKV backend "
+          f"{backend} ({why}; decode: BatchDecoder's own in-place step); compile "
+          f"{'on: torch.compile backend ' + args.compile_backend + ', dynamic=False, train/prefill per block with WKV outside the graph, decode the whole BatchDecoder.step' if compile_on else 'off'}",
+          flush=True)
+    # the bounds: this device's best matmul rate over the model's shapes and a square one, and
+    # its streaming read bandwidth (bench_cpu's probes)
+    C, V = config.n_embd, config.vocab_size
+    shapes = [(T, C, config.dim_ffn), (T, C, V)] + ([(4096, 4096, 4096)] if cuda else [])
+    mm = bench_cpu.matmul_rates(shapes, torch.bfloat16 if cuda else torch.float32, device,
+                                flop_per_timing=5e12 if cuda else 0.3e9)
+    bw = bench_cpu.read_bandwidth(2 ** 28 if cuda else 2 ** 24, device, reps=10 if cuda else 1)
+    rate = max(mm.values()) * 1e9
+    print(f"speed: {dt_name} matmul best {rate / 1e12:.2f} TFLOP/s over {', '.join(mm)}; read bandwidth "
+          f"{bw['read_gb_s']:.0f} GB/s (copy {bw['copy_gb_s']:.0f})", flush=True)
+    non_emb = sum(p.numel() for p in _random_model(config, "meta", torch.float32).parameters()) - V * C
+    unit = "GiB" if cuda else "MB RSS"
+    figures = [("train", 1, f"train fwd+bwd B=1 T={T}"), ("prefill", 1, f"prefill B=1 T={T}")]
+    figures += [("decode", B, f"decode B={B} ({ctx['decode_tokens']} steps after a {bench_cpu.PROMPT_DECODE}-token prompt)")
+                for B in DECODE_BATCHES]
+    for kind, B, label in figures:
+        for compiled in (False, True):
+            variant = f"compiled ({args.compile_backend})" if compiled else "eager"
+            head = f"speed {label}, {variant}"
+            if compiled and not compile_on:
+                print(f"{head}: not run (compile off; --speed-compile on runs it)", flush=True)
+                continue
+            spent = time.perf_counter() - t_section
+            if compiled and spent > args.speed_budget:
+                print(f"{head}: skipped (section at {spent:.0f} s of its {args.speed_budget:.0f} s budget)", flush=True)
+                continue
+            try:
+                r = _speed_measure(kind, B, compiled, ctx)
+            except Exception as e:  # a compile (or OOM) failure ends this figure, not the session
+                print(f"{head}: FAILED ({_one_line(e)})", flush=True)
+                continue
+            finally:
+                if compiled:
+                    torch._dynamo.reset()
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+            if kind == "decode":
+                tok_s = B / r["step_s"]
+                limit = bw["read_gb_s"] * 1e9 / r["bytes_per_token"]
+                vs = (f"{r['step_s'] * 1000:.2f} ms/step = {tok_s / limit:.3f} x bandwidth limit {limit:.0f} tok/s "
+                      f"at {r['bytes_per_token'] / 1e6:.1f} MB/token")
+            else:
+                tok_s = B * T / r["step_s"]
+                # training: 6 FLOPs per non-embedding parameter (the head included); prefill: 2 per
+                # parameter of the blocks (the head runs for the last position only)
+                flop_tok = 6 * non_emb if kind == "train" else 2 * (non_emb - V * C)
+                vs = (f"{r['step_s'] * 1000:.1f} ms/call, {flop_tok * tok_s / 1e12:.3g} TFLOP/s = "
+                      f"{tok_s * flop_tok / rate:.2f} x matmul bound {rate / flop_tok:.0f} tok/s")
+            print(f"{head}: {tok_s:.0f} tok/s ({vs}; mean of {r['n']}); first call {r['first_s']:.1f} s"
+                  f"{' (compile + autotune)' if compiled else ''}; peak {r['peak']:.{2 if cuda else 0}f} {unit}",
+                  flush=True)
+    print(f"speed: section {time.perf_counter() - t_section:.0f} s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -214,6 +431,15 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the card's bf16 dense peak, TFLOP/s")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-big", action="store_true", help="leave out the 7.2B LoRA step")
+    ap.add_argument("--skip-speed", action="store_true", help="leave out the model speed section (4.)")
+    ap.add_argument("--speed-compile", choices=("auto", "on", "off"), default="auto",
+                    help="the compiled figures of the speed section (auto: on for CUDA, off on CPU, where "
+                         "inductor's C++ build takes minutes)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the speed section (aot_eager: tracing only, a quick CPU check)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="timed one-token decode steps (8 at most on CPU)")
+    ap.add_argument("--speed-budget", type=float, default=240.0,
+                    help="seconds: compiled figures that would start later in the speed section are skipped")
     args = ap.parse_args()
     on_gpu = args.device.startswith("cuda")
     fast, slow = ("fla", "chunked") if on_gpu else ("chunked", "reference")
@@ -230,8 +456,14 @@ def main() -> None:
     if on_gpu:
         for name, ms in kernel_timing(args.device, torch.bfloat16).items():
             print(f"WKV fwd+bwd, B=1 T=4096 H=12 N=64 bf16, {name}: {ms:.2f} ms")
-    if args.skip_train:
-        return
+    if not args.skip_train:
+        train_steps(args, on_gpu)
+    if not args.skip_speed:
+        model_speed(args, args.device, {"on": True, "off": False}.get(args.speed_compile, on_gpu))
+
+
+def train_steps(args, on_gpu: bool) -> None:
+    """3. Timed optimizer steps per size x {full, lora}, an FSDP step and (GPU) the 7.2B LoRA step."""
     sizes = args.sizes.split(",") if on_gpu else ["examples/configs/rwkv7-tiny.json"]
     T = args.T if on_gpu else 64
     runs = [(size, mode, "ddp") for size in sizes for mode in ("full", "lora")] + [(sizes[0], "full", "fsdp")]
@@ -243,7 +475,6 @@ def main() -> None:
                           args.peak_tflops), flush=True)
             continue
         print(f"train step {size} {mode} ({strategy}): out of GPU memory", flush=True)
-
 
 if __name__ == "__main__":
     main()
