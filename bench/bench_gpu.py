@@ -18,11 +18,28 @@ Run on a CUDA machine with fla-core installed (``pip install -e ".[gpu]"``)::
    estimate, and the seconds from process start to the end of the configuration's first step
    (cold start: model build and Triton compilation/autotuning included).
 
+4. Model speed (``--skip-speed`` leaves it out): what bench/bench_cpu.py measures on CPU, here on
+   the device for its 0.1B shape (random weights): a training step (forward + backward, no
+   optimizer, bf16 autocast over fp32 weights) at B=1, T=--T against the matmul bound (the best
+   measured bf16 matmul rate / 6 N); no-grad prefill at T=--T (bf16 weights, state + last logits);
+   decode through rwkvtune.generate.rnn.BatchDecoder after a 16-token prompt at B=1 and B=32
+   (bf16 weights, --decode-tokens timed steps) against the measured read bandwidth / bytes per
+   token. Each eager and with torch.compile (--compile-backend, inductor; dynamic=False):
+   training and prefill compile each block in place with the WKV kernel left outside the graph,
+   decode compiles BatchDecoder.step. Each line: tok/s of the timed steady state (after warm-up:
+   Triton autotunes on its first calls), the first call's seconds apart (compilation and
+   autotuning), and peak GPU memory. The WKV backend is the trainer's ("auto": fla when
+   importable, else chunked) and is named. A compiled figure that fails prints its reason on its
+   line and the rest goes on; all compiled figures together get --speed-budget seconds.
+
 MFU counts 6 N FLOPs per token for full fine-tuning and 4 N for LoRA (no weight-gradient matmuls
 for the frozen base), N = non-embedding parameters (the head included).
 
-``--device cpu`` runs the same code with backend "chunked" against "reference" and training
-steps of the tiny config, to check the script itself on a machine without a GPU.
+``--device cpu`` runs the same code with backend "chunked" against "reference", and training
+steps and the speed section on the tiny config (peak RSS instead of GPU memory), to check the
+script itself on a machine without a GPU. The compiled figures are off there unless
+``--speed-compile on`` (inductor's C++ build takes minutes on 2 cores; ``--compile-backend
+aot_eager`` traces the same paths in seconds).
 """
 
 from __future__ import annotations
@@ -361,7 +378,7 @@ def _speed_measure(kind: str, B: int, compiled: bool, ctx: dict) -> dict:
         fn()
         sync()
         first = time.perf_counter() - t
-        for _ in range(args.warmup if kind != "decode" else max(args.warmup, 4)):
+        for _ in range(max(args.warmup, 4) if kind == "decode" and cuda else args.warmup):
             fn()
         sync()
         t = time.perf_counter()
@@ -389,7 +406,7 @@ def model_speed(args, device: str, compile_on: bool) -> None:
     T = args.T if cuda else 64
     backend, why = _speed_wkv_backend(device)
     ctx = {"device": device, "config": config, "args": args, "T": T, "backend": backend,
-           "decode_tokens": args.decode_tokens if cuda else min(args.decode_tokens, 8)}
+           "decode_tokens": args.decode_tokens if cuda else min(args.decode_tokens, 4)}
     dt_name = "bf16" if cuda else "fp32"
     print(f"speed: {size} L{config.n_layer} C{config.n_embd} V{config.vocab_size}, random weights on {device}; "
           f"train {'under bf16 autocast (fp32 weights)' if cuda else 'in fp32'}, prefill/decode with {dt_name} weights; WKV backend "
@@ -471,7 +488,7 @@ def main() -> None:
                          "inductor's C++ build takes minutes)")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the speed section (aot_eager: tracing only, a quick CPU check)")
-    ap.add_argument("--decode-tokens", type=int, default=64, help="timed one-token decode steps (8 at most on CPU)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="timed one-token decode steps (4 at most on CPU)")
     ap.add_argument("--speed-budget", type=float, default=240.0,
                     help="seconds for all compiled figures of the speed section together: one still running "
                          "then is stopped, later ones are skipped (the eager figures always run)")
