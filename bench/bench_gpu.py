@@ -300,7 +300,8 @@ def _time_limit(seconds: float):
         return
 
     def expire(signum, frame):
-        raise _FigureTimeout(f"stopped after {seconds:.0f} s, the rest of the compiled figures' budget (--speed-budget)")
+        raise _FigureTimeout(f"stopped after {seconds:.0f} s, the rest of the compiled figures' "
+                             f"budget (--speed-budget)")
     old = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
     try:
@@ -408,26 +409,31 @@ def model_speed(args, device: str, compile_on: bool) -> None:
     ctx = {"device": device, "config": config, "args": args, "T": T, "backend": backend,
            "decode_tokens": args.decode_tokens if cuda else min(args.decode_tokens, 4)}
     dt_name = "bf16" if cuda else "fp32"
+    how = (f"on: torch.compile backend {args.compile_backend}, dynamic=False, train/prefill per block with WKV "
+           f"outside the graph, decode the whole BatchDecoder.step") if compile_on else "off"
     print(f"speed: {size} L{config.n_layer} C{config.n_embd} V{config.vocab_size}, random weights on {device}; "
-          f"train {'under bf16 autocast (fp32 weights)' if cuda else 'in fp32'}, prefill/decode with {dt_name} weights; WKV backend "
-          f"{backend} ({why}; decode: BatchDecoder's own in-place step); compile "
-          f"{'on: torch.compile backend ' + args.compile_backend + ', dynamic=False, train/prefill per block with WKV outside the graph, decode the whole BatchDecoder.step' if compile_on else 'off'}",
+          f"train {'under bf16 autocast (fp32 weights)' if cuda else 'in fp32'}, prefill/decode with {dt_name} "
+          f"weights; WKV backend {backend} ({why}; decode: BatchDecoder's own in-place step); compile {how}",
           flush=True)
     # the bounds: this device's best matmul rate over the model's shapes and a square one, and
     # its streaming read bandwidth (bench_cpu's probes)
     C, V = config.n_embd, config.vocab_size
     shapes = [(T, C, config.dim_ffn), (T, C, V)] + ([(4096, 4096, 4096)] if cuda else [])
-    mm = bench_cpu.matmul_rates(shapes, torch.bfloat16 if cuda else torch.float32, device,
-                                flop_per_timing=5e12 if cuda else 0.3e9)
-    bw = bench_cpu.read_bandwidth(2 ** 28 if cuda else 2 ** 24, device, reps=10 if cuda else 1)
+    try:
+        mm = bench_cpu.matmul_rates(shapes, torch.bfloat16 if cuda else torch.float32, device,
+                                    flop_per_timing=5e12 if cuda else 0.3e9)
+        bw = bench_cpu.read_bandwidth(2 ** 28 if cuda else 2 ** 24, device, reps=10 if cuda else 1)
+    except Exception as e:  # the figures still print, against NaN bounds
+        print(f"speed: matmul / bandwidth probe FAILED ({_one_line(e)})", flush=True)
+        mm, bw = {"(none)": float("nan")}, {"read_gb_s": float("nan"), "copy_gb_s": float("nan")}
     rate = max(mm.values()) * 1e9
     print(f"speed: {dt_name} matmul best {rate / 1e12:.2f} TFLOP/s over {', '.join(mm)}; read bandwidth "
           f"{bw['read_gb_s']:.0f} GB/s (copy {bw['copy_gb_s']:.0f})", flush=True)
     non_emb = sum(p.numel() for p in _random_model(config, "meta", torch.float32).parameters()) - V * C
     unit = "GiB" if cuda else "MB RSS"
     figures = [("train", 1, f"train fwd+bwd B=1 T={T}"), ("prefill", 1, f"prefill B=1 T={T}")]
-    figures += [("decode", B, f"decode B={B} ({ctx['decode_tokens']} steps after a {bench_cpu.PROMPT_DECODE}-token prompt)")
-                for B in DECODE_BATCHES]
+    prompt = f"{ctx['decode_tokens']} steps after a {bench_cpu.PROMPT_DECODE}-token prompt"
+    figures += [("decode", B, f"decode B={B} ({prompt})") for B in DECODE_BATCHES]
     compiled_s = 0.0  # seconds spent in compiled figures, against --speed-budget
     for kind, B, label in figures:
         for compiled in (False, True):
@@ -444,7 +450,7 @@ def model_speed(args, device: str, compile_on: bool) -> None:
             try:
                 with _time_limit(args.speed_budget - compiled_s) if compiled else contextlib.nullcontext():
                     r = _speed_measure(kind, B, compiled, ctx)
-            except (Exception, _FigureTimeout) as e:  # a compile (or OOM) failure ends this figure, not the session
+            except (Exception, _FigureTimeout) as e:  # a failed compile (or OOM) ends this figure only
                 print(f"{head}: FAILED ({_one_line(e)})", flush=True)
                 continue
             finally:
@@ -511,7 +517,11 @@ def main() -> None:
     if not args.skip_train:
         train_steps(args, on_gpu)
     if not args.skip_speed:
-        model_speed(args, args.device, {"on": True, "off": False}.get(args.speed_compile, on_gpu))
+        try:  # the session's later steps (the trainer's own runs) go on whatever happens here
+            model_speed(args, args.device, {"on": True, "off": False}.get(args.speed_compile, on_gpu))
+        except Exception as e:
+            print(f"speed: section FAILED ({_one_line(e)})", flush=True)
+            raise
 
 
 def train_steps(args, on_gpu: bool) -> None:
