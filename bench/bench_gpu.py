@@ -4,6 +4,7 @@ Run on a CUDA machine with fla-core installed (``pip install -e ".[gpu]"``)::
 
     python bench/bench_gpu.py                          # everything below
     python bench/bench_gpu.py --sizes 0.1b --skip-big  # quicker
+    python bench/bench_gpu.py --skip-train             # kernel check, then the speed section (4.)
 
 1. ``wkv7(backend="fla")`` vs ``backend="chunked"`` on the GPU (fp32 and bf16 inputs, initial
    state, outputs, final state and gradients of r, w, k, v, a, b and the state): max abs and
