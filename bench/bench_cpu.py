@@ -104,6 +104,60 @@ def _timed(fn, runs: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def _sync(device: str):
+    """A function that waits for the device's queued work (timings on CUDA), or does nothing."""
+    import torch
+
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+def matmul_rates(shapes, dtype, device: str = "cpu", runs: int = 3, flop_per_timing: float = 0.3e9) -> dict:
+    """GFLOP/s of torch.mm for each (m, k, n) shape on `device` (median of runs); each timing
+    repeats the product until it has done about `flop_per_timing` FLOPs. bench_gpu.py uses it too."""
+    import torch
+
+    sync = _sync(device)
+    res = {}
+    for m, k, n in shapes:
+        x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+        out = torch.empty(m, n, dtype=dtype, device=device)
+        flop = 2.0 * m * k * n
+        torch.mm(x, w, out=out)
+        reps = max(2, int(flop_per_timing / flop) + 1)
+
+        def fn():
+            for _ in range(reps):
+                torch.mm(x, w, out=out)
+            sync()
+        times = _timed(fn, max(3, runs))
+        res[f"{m}x{k} @ {k}x{n}"] = flop * reps / statistics.median(times) / 1e9
+    return res
+
+
+def read_bandwidth(n: int, device: str = "cpu", runs: int = 3, reps: int = 1) -> dict:
+    """Sustained read bandwidth, GB/s: a streaming sum over n fp32 values (far more than the
+    caches hold), `reps` sums per timing, median of runs; the copy rate (read + write) alongside."""
+    import torch
+
+    sync = _sync(device)
+    buf = torch.ones(n, device=device)
+    dst = torch.empty(n // 2, device=device)
+    buf.sum()
+
+    def read():
+        for _ in range(reps):
+            buf.sum()
+        sync()
+
+    def copy():
+        for _ in range(reps):
+            dst.copy_(buf[: n // 2])
+        sync()
+    r, c = _timed(read, max(3, runs)), _timed(copy, max(3, runs))
+    return {"read_gb_s": 4 * n * reps / statistics.median(r) / 1e9,
+            "copy_gb_s": 2 * 4 * (n // 2) * reps / statistics.median(c) / 1e9}
+
+
 def worker_matmul(a) -> dict:
     import torch
 
@@ -111,35 +165,15 @@ def worker_matmul(a) -> dict:
               (2048, 2048, 2048)]
     if a.quick:
         shapes = [(512, 768, 768), (512, 768, 3072), (1024, 1024, 1024)]
-    res = {}
     dt = torch.bfloat16 if a.precision == "bf16" else torch.float32
-    for m, k, n in shapes:
-        x, w = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
-        out = torch.empty(m, n, dtype=dt)
-        flop = 2.0 * m * k * n
-        torch.mm(x, w, out=out)
-        reps = max(2, int(0.3e9 * (1 if a.quick else 3) / flop) + 1)  # ~0.3-1 s per timing at 100 GFLOP/s
-
-        def fn():
-            for _ in range(reps):
-                torch.mm(x, w, out=out)
-        times = _timed(fn, max(3, a.runs))
-        res[f"{m}x{k} @ {k}x{n}"] = flop * reps / statistics.median(times) / 1e9
+    # ~0.3-1 s per timing at 100 GFLOP/s
+    res = matmul_rates(shapes, dt, runs=a.runs, flop_per_timing=0.3e9 * (1 if a.quick else 3))
     return {"gflops": res, "best": max(res.values())}
 
 
 def worker_bandwidth(a) -> dict:
-    """Sustained read bandwidth, GB/s: a streaming sum over a buffer far larger than the caches
-    (median of runs); the copy rate (read + write) is printed alongside."""
-    import torch
-
-    n = (128 if a.quick else 256) * 2 ** 20  # floats: 512 MB or 1 GB
-    buf = torch.ones(n)
-    dst = torch.empty(n // 2)
-    buf.sum()
-    read = _timed(lambda: buf.sum(), max(3, a.runs))
-    copy = _timed(lambda: dst.copy_(buf[: n // 2]), max(3, a.runs))
-    return {"read_gb_s": 4 * n / statistics.median(read) / 1e9, "copy_gb_s": 2 * 4 * (n // 2) / statistics.median(copy) / 1e9}
+    """Sustained read bandwidth, GB/s, over 512 MB (--quick) or 1 GB: see read_bandwidth."""
+    return read_bandwidth((128 if a.quick else 256) * 2 ** 20, runs=a.runs)
 
 
 def apply_weight_precision(model, precision: str):
@@ -175,13 +209,15 @@ def _load_rwkv(ckpt, precision="fp32"):
     return RWKV(ckpt[:-4], "cpu bf16" if precision == "bf16" else "cpu fp32")
 
 
-def decode_bytes_per_token(model) -> int:
+def decode_bytes_per_token(model, batch: int = 1) -> float:
     """Bytes one decoded token reads: every parameter but the embedding (each is multiplied or
-    applied once), one embedding row, and the WKV state read and written (fp32)."""
+    applied once per step, shared by the step's `batch` rows), and per row one embedding row and
+    the WKV state read and written (fp32)."""
     c = model.config
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "emb.weight")
     emb = model.emb.weight
-    return weights + emb.shape[1] * emb.element_size() + 2 * c.n_layer * c.n_head * c.head_size_a ** 2 * 4
+    row = emb.shape[1] * emb.element_size() + 2 * c.n_layer * c.n_head * c.head_size_a ** 2 * 4
+    return weights / batch + row
 
 
 def worker_train(a) -> dict:

@@ -4,6 +4,7 @@ Run on a CUDA machine with fla-core installed (``pip install -e ".[gpu]"``)::
 
     python bench/bench_gpu.py                          # everything below
     python bench/bench_gpu.py --sizes 0.1b --skip-big  # quicker
+    python bench/bench_gpu.py --skip-train             # kernel check, then the speed section (4.)
 
 1. ``wkv7(backend="fla")`` vs ``backend="chunked"`` on the GPU (fp32 and bf16 inputs, initial
    state, outputs, final state and gradients of r, w, k, v, a, b and the state): max abs and
@@ -18,22 +19,45 @@ Run on a CUDA machine with fla-core installed (``pip install -e ".[gpu]"``)::
    estimate, and the seconds from process start to the end of the configuration's first step
    (cold start: model build and Triton compilation/autotuning included).
 
+4. Model speed (``--skip-speed`` leaves it out): what bench/bench_cpu.py measures on CPU, here on
+   the device for its 0.1B shape (random weights): a training step (forward + backward, no
+   optimizer, bf16 autocast over fp32 weights) at B=1, T=--T against the matmul bound (the best
+   measured bf16 matmul rate / 6 N); no-grad prefill at T=--T (bf16 weights, state + last logits);
+   decode through rwkvtune.generate.rnn.BatchDecoder after a 16-token prompt at B=1 and B=32
+   (bf16 weights, --decode-tokens timed steps) against the measured read bandwidth / bytes per
+   token. Each eager and with torch.compile (--compile-backend, inductor; dynamic=False):
+   training and prefill compile each block in place with the WKV kernel left outside the graph,
+   decode compiles BatchDecoder.step. Each line: tok/s of the timed steady state (after warm-up:
+   Triton autotunes on its first calls), the first call's seconds apart (compilation and
+   autotuning), and peak GPU memory. The WKV backend is the trainer's ("auto": fla when
+   importable, else chunked) and is named. A compiled figure that fails prints its reason on its
+   line and the rest goes on; all compiled figures together get --speed-budget seconds.
+
 MFU counts 6 N FLOPs per token for full fine-tuning and 4 N for LoRA (no weight-gradient matmuls
 for the frozen base), N = non-embedding parameters (the head included).
 
-``--device cpu`` runs the same code with backend "chunked" against "reference" and training
-steps of the tiny config, to check the script itself on a machine without a GPU.
+``--device cpu`` runs the same code with backend "chunked" against "reference", and training
+steps and the speed section on the tiny config (peak RSS instead of GPU memory), to check the
+script itself on a machine without a GPU. The compiled figures are off there unless
+``--speed-compile on`` (inductor's C++ build takes minutes on 2 cores; ``--compile-backend
+aot_eager`` traces the same paths in seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import os
+import sys
 import time
 
 PROCESS_START = time.perf_counter()
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cpu  # noqa: E402  (after the path insert: its timers, matmul/bandwidth probes, bytes per token)
 
 from rwkvtune.configs.model_loader import load_model_config  # noqa: E402
 from rwkvtune.models.rwkv7 import RWKV7  # noqa: E402
@@ -204,6 +228,257 @@ def _report(r: dict, peak_tflops: float) -> str:
             f"first step {r['first_s']:.0f} s after build start, {r['cold_s']:.0f} s after process start")
 
 
+# ------------------------------------------------------------------------------------------------
+# 4. Model speed: what bench_cpu.py measures on CPU, on the device, eager and under torch.compile.
+DECODE_BATCHES = (1, 32)
+
+
+def _speed_wkv_backend(device: str) -> tuple[str, str]:
+    """The WKV backend `rwkvtune train` ("auto") runs for training and prefill here, and why."""
+    if not device.startswith("cuda"):
+        return "chunked", "not CUDA"
+    from rwkvtune.models.rwkv7.wkv import _fla_installed, _fla_kernel
+
+    if not _fla_installed():
+        return "chunked", "fla-core is not installed"
+    fla, info = _fla_kernel()
+    if fla is None:
+        return "chunked", info
+    from importlib.metadata import PackageNotFoundError, version
+
+    with contextlib.suppress(PackageNotFoundError):
+        return "fla", f"fla-core {version('fla-core')}"
+    return "fla", "fla importable"
+
+
+@contextlib.contextmanager
+def _wkv_outside_graph():
+    """While compiled code runs, the WKV call stays out of the graph (torch.compiler.disable: one
+    graph break per layer): fla's kernel is Triton already, and Dynamo would unroll the chunked
+    backend's loop over T/32 chunks into the graph. Everything else of a block is compiled."""
+    import rwkvtune.models.rwkv7.model as model_module
+
+    plain = model_module.wkv7
+    model_module.wkv7 = torch.compiler.disable(plain)
+    try:
+        yield
+    finally:
+        model_module.wkv7 = plain
+
+
+def _set_compile_limits() -> None:
+    """Regional compilation reuses one graph for blocks 1..L-1 (torch >= 2.5 inlines the modules);
+    older torch compiles each block on its own and would fall back to eager after the default
+    8 recompiles, so the limit is raised."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(64, getattr(cfg, name)))
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's first line, and the operator Inductor names when lowering fails (its first
+    line is then often empty: "LoweringException: AssertionError: ")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    target = next((ln for ln in lines[1:] if ln.startswith("target:")), None)
+    return f"{type(e).__name__}: {text[:300]}" + (f" ({target[:120]})" if target else "")
+
+
+class _FigureTimeout(BaseException):
+    """Not an Exception: torch's compiler catches those in places (a graph break, a fallback) and
+    would swallow it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _FigureTimeout in the main thread after `seconds` (SIGALRM; where it is missing, no
+    limit): a compilation that runs away ends its figure, not the session."""
+    import signal
+
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _FigureTimeout(f"stopped after {seconds:.0f} s, the rest of the compiled figures' "
+                             f"budget (--speed-budget)")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _speed_measure(kind: str, B: int, compiled: bool, ctx: dict) -> dict:
+    """Build a fresh random model for one figure, warm it up, time it. kind: train / prefill /
+    decode. Returns first_s (the first call: compilation and Triton autotuning included),
+    step_s (mean of the timed calls after warm-up), n (timed calls) and peak."""
+    device, config, args = ctx["device"], ctx["config"], ctx["args"]
+    cuda = device.startswith("cuda")
+    sync = bench_cpu._sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        bench_cpu.reset_peak_rss()
+    torch.manual_seed(0)
+    T = ctx["T"]
+    # Training as `rwkvtune train` runs full fine-tuning: fp32 weights under the precision's
+    # autocast; prefill and decode as `rwkvtune generate --precision bf16`: bf16 weights.
+    infer_dtype = torch.bfloat16 if cuda else torch.float32
+    model = _random_model(config, device, torch.float32 if kind == "train" else infer_dtype)
+    model.set_wkv_backend(ctx["backend"])
+    scope = contextlib.nullcontext()
+    if kind == "train":
+        model.train()
+        V = config.vocab_size
+        ids = torch.randint(0, V, (1, T + 1), device=device)
+        autocast = autocast_factory(device, "bf16" if cuda else "fp32")
+
+        def fn():  # bench_cpu's worker_train: forward, cross-entropy, backward, no optimizer
+            with autocast():
+                logits = model(ids[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), ids[:, 1:].reshape(-1))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        n = args.steps
+    else:
+        from rwkvtune.generate import prepare_for_decoding
+
+        prepare_for_decoding(model.eval())
+        if kind == "prefill":
+            ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+
+            def fn():  # bench_cpu's worker_prefill: the state and the last position's logits
+                with torch.inference_mode():
+                    model(ids, return_state=True, last_only=True)
+            n = args.steps
+        else:
+            from rwkvtune.generate.rnn import BatchDecoder
+
+            prompt = torch.randint(0, config.vocab_size, (B, bench_cpu.PROMPT_DECODE), device=device)
+            with torch.inference_mode():  # as stream_generate: prefill (eager), then in-place one-token steps
+                _, state = model(prompt, return_state=True, last_only=True)
+            dec = BatchDecoder(model, state)
+            step = torch.compile(dec.step, backend=args.compile_backend, dynamic=False) if compiled else dec.step
+            tok = torch.randint(0, config.vocab_size, (B,), device=device)  # fed every step: no host copy timed
+
+            def fn():
+                step(tok)
+            n = ctx["decode_tokens"]
+    if compiled and kind != "decode":
+        # regional compilation: each block in place (same module tree and parameter names); the
+        # embedding, the head and the loss stay eager
+        _set_compile_limits()
+        for block in model.blocks:
+            block.compile(backend=args.compile_backend, dynamic=False)
+        scope = _wkv_outside_graph()
+    with scope:
+        t = time.perf_counter()
+        fn()
+        sync()
+        first = time.perf_counter() - t
+        for _ in range(max(args.warmup, 4) if kind == "decode" and cuda else args.warmup):
+            fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        step_s = (time.perf_counter() - t) / n
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else bench_cpu.rss_mb()
+    out = {"first_s": first, "step_s": step_s, "n": n, "peak": peak}
+    if kind == "decode":
+        out["bytes_per_token"] = bench_cpu.decode_bytes_per_token(model, B)
+    return out
+
+
+def model_speed(args, device: str, compile_on: bool) -> None:
+    """bench_cpu.py's figures for the 0.1B shape (the tiny config on CPU) on `device`: a training
+    step (forward + backward, no optimizer) against the matmul bound, no-grad prefill, and decode
+    through BatchDecoder at B=1 and 32 against the memory-bandwidth limit; each eager and compiled
+    (inductor by default), with the first call (compilation, autotuning) apart from the timed
+    steady state, and the peak memory. A figure that fails prints its reason and the rest goes on."""
+    t_section = time.perf_counter()
+    cuda = device.startswith("cuda")
+    size = "0.1b" if cuda else "examples/configs/rwkv7-tiny.json"
+    config = load_model_config(size)
+    T = args.T if cuda else 64
+    backend, why = _speed_wkv_backend(device)
+    ctx = {"device": device, "config": config, "args": args, "T": T, "backend": backend,
+           "decode_tokens": args.decode_tokens if cuda else min(args.decode_tokens, 4)}
+    dt_name = "bf16" if cuda else "fp32"
+    how = (f"on: torch.compile backend {args.compile_backend}, dynamic=False, train/prefill per block with WKV "
+           f"outside the graph, decode the whole BatchDecoder.step") if compile_on else "off"
+    print(f"speed: {size} L{config.n_layer} C{config.n_embd} V{config.vocab_size}, random weights on {device}; "
+          f"train {'under bf16 autocast (fp32 weights)' if cuda else 'in fp32'}, prefill/decode with {dt_name} "
+          f"weights; WKV backend {backend} ({why}; decode: BatchDecoder's own in-place step); compile {how}",
+          flush=True)
+    # the bounds: this device's best matmul rate over the model's shapes and a square one, and
+    # its streaming read bandwidth (bench_cpu's probes)
+    C, V = config.n_embd, config.vocab_size
+    shapes = [(T, C, config.dim_ffn), (T, C, V)] + ([(4096, 4096, 4096)] if cuda else [])
+    try:
+        mm = bench_cpu.matmul_rates(shapes, torch.bfloat16 if cuda else torch.float32, device,
+                                    flop_per_timing=5e12 if cuda else 0.3e9)
+        bw = bench_cpu.read_bandwidth(2 ** 28 if cuda else 2 ** 24, device, reps=10 if cuda else 1)
+    except Exception as e:  # the figures still print, against NaN bounds
+        print(f"speed: matmul / bandwidth probe FAILED ({_one_line(e)})", flush=True)
+        mm, bw = {"(none)": float("nan")}, {"read_gb_s": float("nan"), "copy_gb_s": float("nan")}
+    rate = max(mm.values()) * 1e9
+    print(f"speed: {dt_name} matmul best {rate / 1e12:.2f} TFLOP/s over {', '.join(mm)}; read bandwidth "
+          f"{bw['read_gb_s']:.0f} GB/s (copy {bw['copy_gb_s']:.0f})", flush=True)
+    non_emb = sum(p.numel() for p in _random_model(config, "meta", torch.float32).parameters()) - V * C
+    unit = "GiB" if cuda else "MB RSS"
+    figures = [("train", 1, f"train fwd+bwd B=1 T={T}"), ("prefill", 1, f"prefill B=1 T={T}")]
+    prompt = f"{ctx['decode_tokens']} steps after a {bench_cpu.PROMPT_DECODE}-token prompt"
+    figures += [("decode", B, f"decode B={B} ({prompt})") for B in DECODE_BATCHES]
+    compiled_s = 0.0  # seconds spent in compiled figures, against --speed-budget
+    for kind, B, label in figures:
+        for compiled in (False, True):
+            variant = f"compiled ({args.compile_backend})" if compiled else "eager"
+            head = f"speed {label}, {variant}"
+            if compiled and not compile_on:
+                print(f"{head}: not run (compile off; --speed-compile on runs it)", flush=True)
+                continue
+            if compiled and compiled_s >= args.speed_budget:
+                print(f"{head}: skipped (the compiled figures used {compiled_s:.0f} s of their "
+                      f"{args.speed_budget:.0f} s budget)", flush=True)
+                continue
+            t_fig = time.perf_counter()
+            try:
+                with _time_limit(args.speed_budget - compiled_s) if compiled else contextlib.nullcontext():
+                    r = _speed_measure(kind, B, compiled, ctx)
+            except (Exception, _FigureTimeout) as e:  # a failed compile (or OOM) ends this figure only
+                print(f"{head}: FAILED ({_one_line(e)})", flush=True)
+                continue
+            finally:
+                if compiled:
+                    compiled_s += time.perf_counter() - t_fig
+                    torch._dynamo.reset()
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+            if kind == "decode":
+                tok_s = B / r["step_s"]
+                limit = bw["read_gb_s"] * 1e9 / r["bytes_per_token"]
+                vs = (f"{r['step_s'] * 1000:.2f} ms/step = {tok_s / limit:.3f} x bandwidth limit {limit:.0f} tok/s "
+                      f"at {r['bytes_per_token'] / 1e6:.1f} MB/token")
+            else:
+                tok_s = B * T / r["step_s"]
+                # training: 6 FLOPs per non-embedding parameter (the head included); prefill: 2 per
+                # parameter of the blocks (the head runs for the last position only)
+                flop_tok = 6 * non_emb if kind == "train" else 2 * (non_emb - V * C)
+                vs = (f"{r['step_s'] * 1000:.1f} ms/call, {flop_tok * tok_s / 1e12:.3g} TFLOP/s = "
+                      f"{tok_s * flop_tok / rate:.2f} x matmul bound {rate / flop_tok:.0f} tok/s")
+            print(f"{head}: {tok_s:.0f} tok/s ({vs}; mean of {r['n']}); first call {r['first_s']:.1f} s"
+                  f"{' (compile + autotune)' if compiled else ''}; peak {r['peak']:.{2 if cuda else 0}f} {unit}",
+                  flush=True)
+    print(f"speed: section {time.perf_counter() - t_section:.0f} s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -214,6 +489,16 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the card's bf16 dense peak, TFLOP/s")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-big", action="store_true", help="leave out the 7.2B LoRA step")
+    ap.add_argument("--skip-speed", action="store_true", help="leave out the model speed section (4.)")
+    ap.add_argument("--speed-compile", choices=("auto", "on", "off"), default="auto",
+                    help="the compiled figures of the speed section (auto: on for CUDA, off on CPU, where "
+                         "inductor's C++ build takes minutes)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the speed section (aot_eager: tracing only, a quick CPU check)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="timed one-token decode steps (4 at most on CPU)")
+    ap.add_argument("--speed-budget", type=float, default=240.0,
+                    help="seconds for all compiled figures of the speed section together: one still running "
+                         "then is stopped, later ones are skipped (the eager figures always run)")
     args = ap.parse_args()
     on_gpu = args.device.startswith("cuda")
     fast, slow = ("fla", "chunked") if on_gpu else ("chunked", "reference")
@@ -230,8 +515,18 @@ def main() -> None:
     if on_gpu:
         for name, ms in kernel_timing(args.device, torch.bfloat16).items():
             print(f"WKV fwd+bwd, B=1 T=4096 H=12 N=64 bf16, {name}: {ms:.2f} ms")
-    if args.skip_train:
-        return
+    if not args.skip_train:
+        train_steps(args, on_gpu)
+    if not args.skip_speed:
+        try:  # the session's later steps (the trainer's own runs) go on whatever happens here
+            model_speed(args, args.device, {"on": True, "off": False}.get(args.speed_compile, on_gpu))
+        except Exception as e:
+            print(f"speed: section FAILED ({_one_line(e)})", flush=True)
+            raise
+
+
+def train_steps(args, on_gpu: bool) -> None:
+    """3. Timed optimizer steps per size x {full, lora}, an FSDP step and (GPU) the 7.2B LoRA step."""
     sizes = args.sizes.split(",") if on_gpu else ["examples/configs/rwkv7-tiny.json"]
     T = args.T if on_gpu else 64
     runs = [(size, mode, "ddp") for size in sizes for mode in ("full", "lora")] + [(sizes[0], "full", "fsdp")]
@@ -243,7 +538,6 @@ def main() -> None:
                           args.peak_tflops), flush=True)
             continue
         print(f"train step {size} {mode} ({strategy}): out of GPU memory", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -223,3 +223,80 @@ def test_prepared_gpu_script_runs_its_self_check_on_cpu():
     assert [l.split(" (")[0] for l in steps] == [f"train step examples/configs/rwkv7-tiny.json {m}"
                                                   for m in ("full", "lora", "full")], proc.stdout
     assert "(fsdp," in steps[-1] and all("tok/s" in l for l in steps)
+    # and the speed section (issue 27's figures): its bounds, then train, prefill, decode B=1 and
+    # B=32, each an eager figure (tok/s against its bound, first call, peak) and a compiled line
+    # (off on CPU by default: inductor's C++ build takes minutes here)
+    out = proc.stdout.splitlines()
+    assert any(l.startswith("speed: ") and "WKV backend chunked" in l and "compile off" in l for l in out), proc.stdout
+    assert any(l.startswith("speed: fp32 matmul best ") and "read bandwidth" in l for l in out), proc.stdout
+    speed = [l for l in out if l.startswith("speed ")]
+    labels = ["train fwd+bwd B=1 T=64", "prefill B=1 T=64", "decode B=1 (4 steps", "decode B=32 (4 steps"]
+    assert len(speed) == 8 and all(speed[i].startswith(f"speed {labels[i // 2]}") for i in range(8)), proc.stdout
+    for eager, compiled in zip(speed[::2], speed[1::2]):
+        assert ", eager: " in eager and " tok/s (" in eager and "first call" in eager and "MB RSS" in eager, eager
+        assert ", compiled (inductor): not run (compile off" in compiled, compiled
+    assert all(" x matmul bound " in l for l in speed[:4:2]) and all(" x bandwidth limit " in l for l in speed[4::2])
+
+
+def test_gpu_script_compile_paths_match_eager_on_cpu():
+    # bench_gpu.py's compiled figures first run on the GPU machine, in one call. Their paths are
+    # traced here with the aot_eager backend (Dynamo + AOTAutograd, no Inductor C++ build, which
+    # takes minutes on 2 cores): blocks compiled in place with the WKV call outside the graph give
+    # eager's loss and gradients, and a compiled BatchDecoder.step gives eager's logits and keeps
+    # updating its state in place, step after step.
+    import copy
+    import dataclasses
+
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+
+    from rwkvtune.configs.model_loader import load_model_config
+    from rwkvtune.generate import prepare_for_decoding
+    from rwkvtune.generate.rnn import BatchDecoder
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", os.path.join(root, "bench", "bench_gpu.py"))
+    bg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bg)
+    V = 256
+    cfg = dataclasses.replace(load_model_config(os.path.join(root, "examples", "configs", "rwkv7-tiny.json")),
+                              n_layer=3, vocab_size=V)  # layer 0 and two alike: the reused block graph
+    torch.manual_seed(0)
+    eager = bg._random_model(cfg, "cpu", torch.float32)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    bg._set_compile_limits()
+    for block in compiled.blocks:
+        block.compile(backend="aot_eager", dynamic=False)
+    ids = torch.randint(0, V, (2, 41))
+
+    def loss_and_grads(model):
+        loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, V), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_e, grads_e = loss_and_grads(eager)
+    with bg._wkv_outside_graph():
+        loss_c, grads_c = loss_and_grads(compiled)
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # the blocks ran compiled
+    assert torch.allclose(loss_c, loss_e, rtol=1e-5), (loss_c, loss_e)
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 10
+    for name, g in grads_e.items():
+        assert torch.allclose(grads_c[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()) + 1e-9), name
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = prepare_for_decoding(eager.eval())  # as the speed section (and `rwkvtune generate`) runs it
+    with torch.inference_mode():
+        _, state = model(ids[:, :8], return_state=True, last_only=True)
+    plain, traced = BatchDecoder(model, state.clone()), BatchDecoder(model, state.clone())
+    step = torch.compile(traced.step, backend="aot_eager", dynamic=False)
+    for t in range(8, 12):
+        want, got = plain.step(ids[:, t]), step(ids[:, t])
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), t
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    for field in ("att_x_prev", "wkv", "ffn_x_prev"):  # the compiled step's in-place updates landed
+        assert torch.allclose(getattr(traced.state, field), getattr(plain.state, field), rtol=1e-4, atol=1e-5), field
+    assert not torch.allclose(traced.state.wkv, state.wkv)
+    torch._dynamo.reset()
