@@ -23,6 +23,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The modules that start many training processes (torchrun included), roughly heaviest first. Two
+# workers take whole modules in collection order (--dist loadscope, pyproject's addopts, without
+# xdist's reordering by test count, which put these last): starting with the longest keeps one
+# worker from finishing a heavy module alone while the other sits idle.
+HEAVY_MODULES = ("test_train.py", "test_fsdp_checks.py", "test_memory.py", "test_grpo.py", "test_fsdp.py",
+                 "test_dpo.py", "test_manifest.py", "test_quant.py", "test_peft.py", "test_wkv.py",
+                 "test_run_as_model.py", "test_lm_eval.py", "test_bf16.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _messages_to_stderr():
     """Every test starts with messages going to stderr: a progress line a test left open (its run
