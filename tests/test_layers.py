@@ -55,7 +55,8 @@ HEAVY = ("torch", "numpy")
 # Parts of torch that cost startup time only the runs that use them should pay: importing
 # torch.distributed.checkpoint takes ~1.1 s on top of torch's ~1.5 s (it pulls DTensor's op tables
 # and sympy), and only fsdp runs save sharded checkpoints. Imported where used, like OPTIONAL.
-SLOW = ("torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp")
+SLOW = ("torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp",
+        "torch._dynamo")  # torch._dynamo: ~2 s; torch's optimizers import it on their first step anyway
 
 
 @dataclass(frozen=True)
@@ -377,8 +378,12 @@ def test_checker_passes_a_clean_package(tmp_path):
 
 
 def test_a_run_that_is_not_sharded_does_not_import_the_slow_parts_of_torch():
-    # every `rwkvtune train` process (and each test that starts one) would pay ~1 s for them
+    # every `rwkvtune train` process (and each test that starts one) would pay ~1 s for them; a dry
+    # run builds the model on the meta device, where nn.Embedding's init imported torch._dynamo (2 s)
     code = ("import sys, rwkvtune.cli.train, rwkvtune.train.trainer\n"
+            "from rwkvtune.configs.model_loader import load_model_config\n"
+            "from rwkvtune.models.rwkv7.model import meta_model\n"
+            "assert meta_model(load_model_config('0.1b')).emb.weight.is_meta\n"
             f"slow = sorted(n for n in sys.modules if n.startswith({SLOW!r}))\n"
             "assert not slow, slow\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -270,7 +270,12 @@ class RWKV7(nn.Module):
     def __init__(self, config: ModelConfig, layer0_v: bool = True):
         super().__init__()
         self.config = config
-        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        V, C = config.vocab_size, config.n_embd
+        # Built on the meta device (a dry run, FSDP before sharding): no init draw, because
+        # nn.Embedding's normal_ on meta runs through a decomposition that imports torch._dynamo
+        # (~2 s of every such process). Elsewhere the default init as always (seeded draws unchanged).
+        on_meta = torch.empty(0).device.type == "meta"
+        self.emb = nn.Embedding(V, C, _weight=torch.empty(V, C)) if on_meta else nn.Embedding(V, C)
         self.blocks = nn.ModuleList(
             Block(config, i, has_v=(i > 0 or layer0_v)) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd, eps=1e-5)
