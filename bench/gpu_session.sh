@@ -13,6 +13,8 @@
 #   for v in 3.10 3.11 3.12 3.13; do python3 -m pip download --no-deps -d .whl --only-binary=:all: \
 #     --python-version $v --platform manylinux2014_x86_64 "pyrwkv-tokenizer==0.9.1"; done
 # (the tokenizer is for the trainer's own fsdp runs at the end; they are skipped without it)
+# Before the call, here: RWKVTUNE_SLOW_TESTS=1 python -m pytest -q tests/test_wkv.py -k gpu_script (the
+# script's CPU self-check and its compile paths traced against eager).
 # then, with the device tool: run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540)
 # SKIP_BIG=1 leaves out the 7.2B step (it builds a 14 GB random model on the GPU). SKIP_SPEED=1 leaves
 # out the speed section; SPEED_COMPILE=off keeps only its eager figures.
