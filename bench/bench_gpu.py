@@ -127,7 +127,7 @@ def kernel_timing(device: str, dtype: torch.dtype, B=1, T=4096, H=12, N=64, reps
         variants["fla, lower_bound=-0.61"] = lambda: fla(r=r, w=w, k=k, v=v, a=a, b=b, scale=1.0,
                                                          initial_state=s0, output_final_state=True,
                                                          lower_bound=-0.61)[0]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = bench_cpu._sync(device)
     out = {}
     for name, fn in variants.items():
         for i in range(3 + reps):  # 3 warm-up calls: Triton compiles and autotunes on the first
@@ -138,6 +138,23 @@ def kernel_timing(device: str, dtype: torch.dtype, B=1, T=4096, H=12, N=64, reps
         sync()
         out[name] = (time.perf_counter() - t0) / reps * 1000
     return out
+
+
+def _first_and_steady(fn, sync, warmup: int, n: int) -> tuple[float, float]:
+    """(seconds of the first call: compilation and autotuning included, seconds per call after
+    `warmup` more calls, the mean of `n`); `sync` waits for the device's queued work."""
+    t = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return first, (time.perf_counter() - t) / n
 
 
 def _random_model(config, device: str, dtype: torch.dtype) -> RWKV7:
@@ -184,20 +201,11 @@ def train_step_timing(size: str, mode: str, device: str, T: int, warmup: int, st
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step()
-    sync()
-    first_s, cold_s = time.perf_counter() - t_build, time.perf_counter() - PROCESS_START
-    for _ in range(warmup - 1):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / steps
+    t_first = time.perf_counter()
+    first, dt = _first_and_steady(step, bench_cpu._sync(device), warmup - 1, steps)  # the first call warms up too
+    first_s, cold_s = t_first - t_build + first, t_first - PROCESS_START + first
     trainable_n, frozen_n, unused = count_params(module)
     non_emb = trainable_n + frozen_n + unused - config.vocab_size * config.n_embd  # the head is a matmul: kept
     flops_per_token = (6 if mode == "full" else 4) * non_emb
@@ -376,18 +384,8 @@ def _speed_measure(kind: str, B: int, compiled: bool, ctx: dict) -> dict:
             block.compile(backend=args.compile_backend, dynamic=False)
         scope = _wkv_outside_graph()
     with scope:
-        t = time.perf_counter()
-        fn()
-        sync()
-        first = time.perf_counter() - t
-        for _ in range(max(args.warmup, 4) if kind == "decode" and cuda else args.warmup):
-            fn()
-        sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        step_s = (time.perf_counter() - t) / n
+        warmup = max(args.warmup, 4) if kind == "decode" and cuda else args.warmup
+        first, step_s = _first_and_steady(fn, sync, warmup, n)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else bench_cpu.rss_mb()
     out = {"first_s": first, "step_s": step_s, "n": n, "peak": peak}
     if kind == "decode":

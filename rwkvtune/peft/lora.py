@@ -25,7 +25,8 @@ from rwkvtune.errors import CheckpointError, ConfigError
 from rwkvtune.io.artifacts import load_artifact, save_artifact
 from rwkvtune.io.checkpoint import save_state_dict
 from rwkvtune.models.rwkv7.model import open_checkpoint
-from rwkvtune.models.rwkv7.quant import QuantLinear, base_quant_of, fingerprint_sample, quantized_layers
+from rwkvtune.models.rwkv7.quant import (QuantLinear, base_quant_of, fingerprint_sample, quantized_layers,
+                                         quantized_state_keys)
 from rwkvtune.peft.base import Mode
 from rwkvtune.tensor_checks import check_tensor
 
@@ -160,7 +161,7 @@ def merged_state_dict(model: nn.Module, dtype=torch.bfloat16) -> dict[str, torch
     lora = _lora_modules(model)
     quant = quantized_layers(model)
     source = _quant_source(model) if quant else {}
-    codes = {f"{q}.{b}" for q, layer in quant.items() for b in layer.state_dict()}  # not official tensors
+    codes = quantized_state_keys(quant)  # not official tensors
     out = {}
     for name, t in model.state_dict().items():
         if ".lora_A" in name or ".lora_B" in name or name in codes:

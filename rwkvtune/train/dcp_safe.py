@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rwkvtune.errors import CheckpointError, RwkvtuneError, on_every_rank
-from rwkvtune.models.rwkv7.quant import quantized_layers
+from rwkvtune.models.rwkv7.quant import quantized_layers, quantized_state_keys
 from rwkvtune.train import checkpointing, manifest, rank_state
 from rwkvtune.train.runtime import agree
 from rwkvtune.utils import (
@@ -269,7 +269,7 @@ def _model_state(module, optimizer) -> tuple[dict, dict]:
     """(model, optimizer) state dicts of what a checkpoint holds: the trainable tensors and their
     AdamW state, without a quantized base's buffers (see OPTIONS)."""
     model_sd, optim_sd = get_state_dict(module, optimizer, options=OPTIONS)
-    codes = {f"{name}.{b}" for name, layer in quantized_layers(module).items() for b in layer.state_dict()}
+    codes = quantized_state_keys(quantized_layers(module))
     return {k: v for k, v in model_sd.items() if k not in codes}, optim_sd
 
 

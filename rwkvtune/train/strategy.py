@@ -36,7 +36,7 @@ import torch.nn as nn
 from rwkvtune import log
 from rwkvtune.errors import ConfigError, RwkvtuneError, on_every_rank
 from rwkvtune.models.rwkv7.model import meta_model
-from rwkvtune.models.rwkv7.quant import base_quant_of, quantized_layers
+from rwkvtune.models.rwkv7.quant import base_quant_of, quantized_layers, quantized_state_keys
 from rwkvtune.train import checkpointing, rank_state
 from rwkvtune.train.objective import TrainModule
 from rwkvtune.train.runtime import agree
@@ -183,7 +183,7 @@ def _gathered_copy(module: nn.Module, mode, model_config, cfg, keep: bool) -> nn
     with torch.device("meta"):
         shadow = (TrainModule.for_mode(mode, meta_model(model_config, layer0_v, base_quant_of(module)), cfg)
                   if keep else None)
-    skip = {f"{name}.{b}" for name, layer in quantized.items() for b in layer.state_dict()}
+    skip = quantized_state_keys(quantized)
     save_bf16 = cfg.save_dtype == "bf16"
     full = {}
     for name, tensor in module.state_dict().items():

@@ -322,6 +322,12 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def quantized_state_keys(layers: dict[str, QuantLinear]) -> set[str]:
+    """The state_dict keys of these quantized layers' codes and scales (``quantized_layers``): no
+    official tensors, never saved (rebuilt from the model file) and never gathered by FSDP."""
+    return {f"{name}.{b}" for name, layer in layers.items() for b in layer.state_dict()}
+
+
 def base_quant_of(model: nn.Module) -> str:
     """"none", or the kind of the model's quantized layers."""
     kinds = {m.kind for m in quantized_layers(model).values()}
