@@ -25,9 +25,11 @@ rwkvtune.generate.rnn.BatchDecoder step; the `rwkv` package runs forward(ids, st
 uses the model exactly as loaded (no preparation).
 --precision bf16: prefill and decode with bf16 weights (WKV state fp32; the `rwkv` package as
 "cpu bf16"), training under bf16 autocast as `rwkvtune train precision=bf16` runs it; the matmul
-bound is then the bf16 matmul rate and decode reads 2-byte weights. --precision int8 is the hook
-for int8 weights (apply_weight_precision below); it stops with a message until a quantized linear
-layer exists. --compile: training and prefill through torch.compile(model, dynamic=True) (inductor), its
+bound is then the bf16 matmul rate and decode reads 2-byte weights. --precision int8 / nf4: prefill
+and decode with the big matrices quantized at load as `rwkvtune generate --base-quant int8|nf4`
+does (fp32 activations; the decode limit counts the codes' and scales' bytes); the `rwkv` package
+has no quantized RWKV-7 strategy, so its rows are its fp32 figures, and training is not measured
+(full training refuses a quantized base; LoRA over one: bench/bench_quant.py). --compile: training and prefill through torch.compile(model, dynamic=True) (inductor), its
 warm-up (first call) reported separately.
 This is a script that prints figures, not a test. It is sensitive to other processes sharing the
 cores; the load average is printed with the results.
@@ -49,6 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab=65536, d_decay=64, d_aaa=64, d_mv=32, d_gate=128)
 PROMPT_DECODE = 16
+QUANTIZED = ("int8", "nf4")  # --precision values that quantize the big matrices (rwkvtune --base-quant)
 
 
 def rss_mb() -> float:
@@ -176,33 +179,24 @@ def worker_bandwidth(a) -> dict:
     return read_bandwidth((128 if a.quick else 256) * 2 ** 20, runs=a.runs)
 
 
-def apply_weight_precision(model, precision: str):
-    """The hook for low-precision weights in prefill and decode. bf16 is a plain cast (done at
-    load); int8 needs a quantized linear layer that rwkvtune does not have yet: plug it in here
-    (replace the Linear modules a token multiplies) and the decode bound counts its bytes."""
-    if precision == "int8":
-        sys.exit("--precision int8: no quantized linear layer in this rwkvtune yet; wire it into "
-                 "apply_weight_precision() in bench/bench_cpu.py")
-    return model
-
-
 def _load_rwkvtune(ckpt, inference=False, precision="fp32", compile_=False):
     """As `rwkvtune train` (inference=False) or `rwkvtune generate` (True) loads the model."""
     import torch
     from rwkvtune.models.rwkv7.model import RWKV7
 
     dtype = torch.bfloat16 if inference and precision == "bf16" else torch.float32
-    model = RWKV7.from_checkpoint(ckpt, dtype=dtype)
+    quant = precision if precision in QUANTIZED else "none"  # the big matrices quantized at load
+    model = RWKV7.from_checkpoint(ckpt, dtype=dtype, quant=quant)
     if inference:
         from rwkvtune.generate import prepare_for_decoding
 
-        prepare_for_decoding(apply_weight_precision(model, precision))
+        prepare_for_decoding(model)
     if compile_:
         model = torch.compile(model, dynamic=True)  # the whole model (inductor); measured here, not shipped
     return model
 
 
-def _load_rwkv(ckpt, precision="fp32"):
+def _load_rwkv(ckpt, precision="fp32"):  # no quantized RWKV-7 strategy: int8/nf4 compare with fp32
     os.environ["RWKV_V7_ON"] = "1"
     from rwkv.model import RWKV
 
@@ -210,11 +204,14 @@ def _load_rwkv(ckpt, precision="fp32"):
 
 
 def decode_bytes_per_token(model, batch: int = 1) -> float:
-    """Bytes one decoded token reads: every parameter but the embedding (each is multiplied or
-    applied once per step, shared by the step's `batch` rows), and per row one embedding row and
-    the WKV state read and written (fp32)."""
+    """Bytes one decoded token reads: every parameter but the embedding and, for a quantized base,
+    the codes and scales of its big matrices (each is multiplied or applied once per step, shared
+    by the step's `batch` rows), and per row one embedding row and the WKV state read and written
+    (fp32)."""
     c = model.config
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "emb.weight")
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
+                                                if not n.endswith("fp_sample")]  # a fingerprint, never read
+    weights = sum(t.numel() * t.element_size() for n, t in tensors if n != "emb.weight")
     emb = model.emb.weight
     row = emb.shape[1] * emb.element_size() + 2 * c.n_layer * c.n_head * c.head_size_a ** 2 * 4
     return weights / batch + row
@@ -377,8 +374,9 @@ def main() -> None:
     p.add_argument("--T", type=int, default=None, help="sequence length for training and prefill (default 512)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded one at a time (default 64)")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table per measurement")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                   help="weights for prefill/decode (bf16: bf16 weights; training under bf16 autocast); int8: hook")
+    p.add_argument("--precision", choices=("fp32", "bf16") + QUANTIZED, default="fp32",
+                   help="weights for prefill/decode (bf16: bf16 weights, training under bf16 autocast; "
+                        "int8/nf4: the big matrices quantized, no training figure)")
     p.add_argument("--compile", action="store_true",
                    help="training and prefill through torch.compile of the whole model; warm-up reported")
     p.add_argument("--small", action="store_true", help="a 2-layer C256 V4096 model: smoke test of the script only")
@@ -414,20 +412,25 @@ def main() -> None:
         rate = mm["best"] * 1e9
         print(f"   best sustained: {mm['best']:.1f} GFLOP/s")
 
-        tr = spawn(args, "train", ckpt=ckpt)
-        flop_tok = 6 * tr["non_emb_params"]
-        bound = rate / flop_tok
-        print(f"\n2. training forward+backward, B=1 T={args.T}, cross-entropy, no optimizer:")
-        print(f"   params {tr['params']:,}; non-embedding params = total - emb.weight = {tr['non_emb_params']:,} "
-              f"(head counted: it is a matmul)")
-        print(f"   bound = matmul rate / (6 x non-embedding params) = {mm['best']:.1f}e9 / {flop_tok / 1e9:.3f}e9 "
-              f"= {bound:.1f} tok/s")
-        if args.compile:
-            print(f"   torch.compile warm-up (first step, T=64): {tr['warmup_s']:.1f} s")
-        print(f"   rwkvtune: {tr['tok_s']:.1f} tok/s = {tr['tok_s'] / bound:.2f} x bound (target >= 0.8); "
-              f"runs {_fmt(tr['seconds'])} s; best run {tr['best_tok_s']:.1f} tok/s = "
-              f"{tr['best_tok_s'] / bound:.2f} x bound")
-        rows.append(("train fwd+bwd T=%d" % args.T, tr, None))
+        tr, bound = None, None
+        if args.precision in QUANTIZED:
+            print(f"\n2. training: not measured with --precision {args.precision} (full training refuses a "
+                  f"quantized base; LoRA over one: python bench/bench_quant.py)")
+        else:
+            tr = spawn(args, "train", ckpt=ckpt)
+            flop_tok = 6 * tr["non_emb_params"]
+            bound = rate / flop_tok
+            print(f"\n2. training forward+backward, B=1 T={args.T}, cross-entropy, no optimizer:")
+            print(f"   params {tr['params']:,}; non-embedding params = total - emb.weight = {tr['non_emb_params']:,} "
+                  f"(head counted: it is a matmul)")
+            print(f"   bound = matmul rate / (6 x non-embedding params) = {mm['best']:.1f}e9 / {flop_tok / 1e9:.3f}e9 "
+                  f"= {bound:.1f} tok/s")
+            if args.compile:
+                print(f"   torch.compile warm-up (first step, T=64): {tr['warmup_s']:.1f} s")
+            print(f"   rwkvtune: {tr['tok_s']:.1f} tok/s = {tr['tok_s'] / bound:.2f} x bound (target >= 0.8); "
+                  f"runs {_fmt(tr['seconds'])} s; best run {tr['best_tok_s']:.1f} tok/s = "
+                  f"{tr['best_tok_s'] / bound:.2f} x bound")
+            rows.append(("train fwd+bwd T=%d" % args.T, tr, None))
 
         pre = {impl: spawn(args, "prefill", impl, ckpt) for impl in ("rwkvtune", "rwkv")}
         print(f"\n3. no-grad prefill, T={args.T} (state + last logits):")
@@ -465,21 +468,25 @@ def main() -> None:
         if args.profile:
             for name, r in (("train", tr), ("prefill rwkvtune", pre["rwkvtune"]), ("prefill rwkv", pre["rwkv"]),
                             ("decode rwkvtune", dec["rwkvtune"]), ("decode rwkv", dec["rwkv"])):
+                if r is None:
+                    continue
                 print(f"\n--- profile: {name}\n{r['profile']}")
 
-        print("\nSUMMARY (tokens/s; %s; %d threads)" % (args.precision, args.threads))
+        pkg = "; the rwkv package in fp32" if args.precision in QUANTIZED else ""
+        print("\nSUMMARY (tokens/s; %s; %d threads%s)" % (args.precision, args.threads, pkg))
         print(f"{'measurement':<22}{'rwkvtune':>10}{'rwkv pkg':>10}{'ratio':>8}{'target':>10}"
               f"{'peak RSS MB (ours/pkg)':>26}")
         print(f"{'matmul GFLOP/s':<22}{mm['best']:>10.1f}{'':>10}{'':>8}{'':>10}{mm['rss_peak_mb']:>26.0f}")
         print(f"{'memory read GB/s':<22}{bw['read_gb_s']:>10.1f}{'':>10}{'':>8}{'':>10}{bw['rss_peak_mb']:>26.0f}")
-        print(f"{'train fwd+bwd':<22}{tr['tok_s']:>10.1f}{'':>10}{tr['tok_s'] / bound:>7.2f}b{'>= 0.8b':>10}"
-              f"{tr['rss_peak_mb']:>26.0f}")
+        if tr is not None:
+            print(f"{'train fwd+bwd':<22}{tr['tok_s']:>10.1f}{'':>10}{tr['tok_s'] / bound:>7.2f}b{'>= 0.8b':>10}"
+                  f"{tr['rss_peak_mb']:>26.0f}")
         print(f"{'prefill':<22}{pre['rwkvtune']['tok_s']:>10.1f}{pre['rwkv']['tok_s']:>10.1f}{pr:>7.2f}x"
               f"{'>= 2.5x':>10}{pre['rwkvtune']['rss_peak_mb']:>19.0f} / {pre['rwkv']['rss_peak_mb']:.0f}")
         print(f"{'decode':<22}{dec['rwkvtune']['tok_s']:>10.1f}{dec['rwkv']['tok_s']:>10.1f}{dr:>7.2f}x"
               f"{'':>10}{dec['rwkvtune']['rss_peak_mb']:>19.0f} / {dec['rwkv']['rss_peak_mb']:.0f}")
         print(f"{'decode vs bandwidth':<22}{dec['rwkvtune']['tok_s']:>10.1f}{limit:>10.1f}{dl:>7.2f}m{'>= 0.8m':>10}")
-        print(f"(b = fraction of the bound {bound:.1f} tok/s; m = fraction of the memory-bandwidth limit "
+        print(f"({f'b = fraction of the bound {bound:.1f} tok/s; ' if bound else ''}m = fraction of the memory-bandwidth limit "
               f"{limit:.1f} tok/s at {bpt / 1e6:.1f} MB/token; load average after {os.getloadavg()[0]:.2f}; "
               f"total {time.perf_counter() - t_start:.0f} s)")
 
