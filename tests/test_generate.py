@@ -720,6 +720,7 @@ def test_cli_prompt_from_stdin_loses_one_trailing_newline(ckpt, monkeypatch, cap
     import io
 
     import rwkvtune.cli.generate as gen_cli
+    import rwkvtune.generate.stream as stream
 
     seen = []
 
@@ -727,7 +728,7 @@ def test_cli_prompt_from_stdin_loses_one_trailing_newline(ckpt, monkeypatch, cap
         seen.append(prompt)
         return iter(())
 
-    monkeypatch.setattr(gen_cli, "stream_generate", fake_stream)
+    monkeypatch.setattr(stream, "stream_generate", fake_stream)  # run() imports it from there
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     args = _args(ckpt)
     args.prompt = None  # no --prompt: read stdin
@@ -767,3 +768,22 @@ def test_cli_bad_device_state_dir_and_non_utf8_prompt(ckpt, tmp_path, capsys):
                                *extra], input=stdin, capture_output=True, timeout=120, env=env)
         err = proc.stderr.decode()
         assert proc.returncode == 2 and "Traceback" not in err and "not valid UTF-8" in err, err
+
+
+def test_generate_help_and_a_bad_flag_answer_without_importing_torch():
+    """`rwkvtune generate --help` and a refused sampling flag need no torch (importing it takes
+    seconds); the model, and torch with it, load only after every flag is checked."""
+    code = ("import sys, contextlib, io\n"
+            "from rwkvtune.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
+            "    try:\n"
+            "        main(['generate', '--help'])\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "    code = main(['generate', '--model', 'no-such-model', '--prompt', 'hi', '--temperature', '-1'])\n"
+            "assert code == 2 and '--temperature' in out.getvalue() and '--top-p' in out.getvalue(), out.getvalue()\n"
+            "heavy = [m for m in ('torch', 'numpy') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

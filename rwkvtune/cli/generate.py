@@ -14,14 +14,12 @@ import argparse
 import dataclasses
 import sys
 
-import torch
-
 from rwkvtune.cli.common import add_model_arguments, load_model_from_args
-from rwkvtune.generate import (CHAT_TURN_END, GenerationError, GenerationStats, SamplingConfig, format_chat,
-                               prepare_for_decoding, stream_generate)
+from rwkvtune.generate.config import GenerationError, SamplingConfig
+from rwkvtune.generate.text import CHAT_TURN_END, format_chat
 from rwkvtune.tokenizer import get_tokenizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision: the weights' and activations' dtype
+PRECISIONS = ("fp32", "bf16")  # --precision: the weights' and activations' dtype
 
 
 def _flag(name: str) -> str:
@@ -102,10 +100,17 @@ def run(args: argparse.Namespace) -> int:
         prompt = format_chat(prompt, system=get("system"))
     sampling = sampling_from_args(args, (CHAT_TURN_END,) if chat else ())  # refused before the model loads
     precision = get("precision") or "fp32"
-    if precision not in DTYPES:
-        raise GenerationError(f"--precision {precision}: expected one of {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise GenerationError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    # Imported here, not at the top: the flags and their checks above need no torch, so --help and
+    # a bad flag answer at once (importing torch takes seconds).
+    import torch
+
+    from rwkvtune.generate.decoding import prepare_for_decoding
+    from rwkvtune.generate.stream import GenerationStats, stream_generate
+
     # a run directory brings its own adapter or state (or final.pth)
-    model, wkv_init = load_model_from_args(args, dtype=DTYPES[precision])
+    model, wkv_init = load_model_from_args(args, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
     model = prepare_for_decoding(model)
     stats = GenerationStats()
     out = sys.stdout

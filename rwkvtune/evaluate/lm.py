@@ -18,7 +18,7 @@ from rwkvtune.evaluate import scoring
 from rwkvtune.peft.loading import load_model as load_tuned
 from rwkvtune.errors import ConfigError
 from rwkvtune.tokenizer import get_tokenizer
-from rwkvtune.generate import generate_batch
+from rwkvtune.generate.batch import generate_batch
 
 # What precedes every context and document (see rwkvtune.evaluate.scoring): "newline" is the token
 # RWKV's own lm-eval runs put first (the reference numbers were measured so); "eos" is token 0.

@@ -8,18 +8,34 @@
 * ``sampling.py``: the sampling maths, one row and vectorised over rows; ``rnn.py``: the batched
   one-token step with the state updated in place; ``decoding.py``: the CPU decode layout
   (:func:`prepare_for_decoding`) and few-row products; ``text.py``: chat format, stop strings.
+
+The names below are imported lazily (PEP 562), like the package root's: the torch-free parts
+(``config``, ``text``) can then be imported without torch, so ``rwkvtune generate --help`` starts
+in a fraction of a second instead of importing torch first.
 """
 
-from rwkvtune.generate.batch import BatchStats, Completion, generate_batch
-from rwkvtune.generate.config import DEFAULTS, GenerationError, SamplingConfig
-from rwkvtune.generate.decoding import _DecodeLinear, prepare_for_decoding  # noqa: F401 (_DecodeLinear: tests)
-from rwkvtune.generate.sampling import (apply_penalties, raw_logprobs, sample_logits, sample_rows, sampling_probs,
-                                        update_counts)
-from rwkvtune.generate.stream import GenerationStats, chat, generate, stream_generate
-from rwkvtune.generate.text import CHAT_TURN_END, END_OF_TEXT, format_chat
+from importlib import import_module
 
-__all__ = [
-    "BatchStats", "CHAT_TURN_END", "Completion", "DEFAULTS", "END_OF_TEXT", "GenerationError", "GenerationStats",
-    "SamplingConfig", "apply_penalties", "chat", "format_chat", "generate", "generate_batch", "prepare_for_decoding",
-    "raw_logprobs", "sample_logits", "sample_rows", "sampling_probs", "stream_generate", "update_counts",
-]
+_EXPORTS = {
+    "BatchStats": "batch", "Completion": "batch", "generate_batch": "batch",
+    "DEFAULTS": "config", "GenerationError": "config", "SamplingConfig": "config",
+    "_DecodeLinear": "decoding", "prepare_for_decoding": "decoding",  # _DecodeLinear: for the tests
+    "apply_penalties": "sampling", "raw_logprobs": "sampling", "sample_logits": "sampling", "sample_rows": "sampling",
+    "sampling_probs": "sampling", "update_counts": "sampling",
+    "GenerationStats": "stream", "chat": "stream", "generate": "stream", "stream_generate": "stream",
+    "CHAT_TURN_END": "text", "END_OF_TEXT": "text", "format_chat": "text",
+}
+
+__all__ = sorted(n for n in _EXPORTS if not n.startswith("_"))
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"rwkvtune.generate.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'rwkvtune.generate' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__ + ["_DecodeLinear"]

@@ -16,7 +16,7 @@ from rwkvtune.constants import END_OF_TEXT, IGNORE_INDEX
 from rwkvtune.data.collate import right_pad
 from rwkvtune.data.prompts import PromptDataset, read_prompts
 from rwkvtune.errors import CheckpointError, DataError
-from rwkvtune.generate import generate_batch
+from rwkvtune.generate.batch import generate_batch
 from rwkvtune.train.methods.base import BatchCount, MetricSums, TrainingMethod
 from rwkvtune.train.methods.reference import Reference, reference_problems
 from rwkvtune.train.progress import write
