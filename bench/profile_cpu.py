@@ -168,6 +168,10 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=16, help="decode tokens timed (the profile covers one)")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-decode", action="store_true", help="training only (no prefill or decode)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="training step: fp32, or bf16 autocast with the trainer's loss (as `rwkvtune train "
+                        "--precision bf16` runs it); prefill and decode stay fp32")
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)
     p.add_argument("--vocab", type=int, default=65536)
@@ -185,7 +189,8 @@ def main() -> None:
     label_wkv()
     floor = dispatch_cost_us()
     out = [f"torch {torch.__version__}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, "
-           f"load average {os.getloadavg()[0]:.2f} at start; shape {shape}; fp32; one trivial op = {floor:.1f} us", ""]
+           f"load average {os.getloadavg()[0]:.2f} at start; shape {shape}; {a.precision}; one trivial op = "
+           f"{floor:.1f} us", ""]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(os.path.join(tmp, "m.pth"), dtype=torch.bfloat16, **shape)
         model = RWKV7.from_checkpoint(ckpt)
@@ -194,11 +199,18 @@ def main() -> None:
     ids = torch.randint(0, V, (1, a.T + 1), generator=g)
 
     if not a.skip_train:
+        from rwkvtune.train.loss import loss_sum
+        from rwkvtune.train.runtime import autocast_factory
+
         model.train()
+        autocast = autocast_factory("cpu", a.precision)
 
         def train_step():
-            logits = model(ids[:, :-1])
-            F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1)).backward()
+            with autocast():
+                logits = model(ids[:, :-1])
+                loss = (F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1)) if a.precision == "fp32"
+                        else loss_sum(logits, ids[:, 1:]) / a.T)  # bf16 logits: the trainer's fp32 loss blocks
+            loss.backward()
             model.zero_grad(set_to_none=True)
         wall = timed(train_step, a.runs)
         prof, pwall = profiled(train_step)
@@ -206,6 +218,9 @@ def main() -> None:
                          f"{a.T / wall:.0f} tok/s."))
         model.eval()
 
+    if a.skip_decode:
+        print("\n".join(out))
+        return
     prepare_for_decoding(model)
 
     def prefill():

@@ -42,7 +42,8 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = False) -> N
                    help="fp32, or bf16 compute (default: fp32; the WKV state stays fp32)")
     g.add_argument("--base-quant", default="none", choices=BASE_QUANTS,
                    help="store the model's big matrices as int8 (per-channel) or nf4 (QLoRA; CPU needs torchao, "
-                        "CUDA bitsandbytes), quantized at load: less memory, int8 decodes faster on CPU (default: none)")
+                        "CUDA bitsandbytes), quantized at load: less memory; on CPU int8 also decodes faster, while nf4 "
+                        "dequantizes every matrix per token (~10x slower than int8) (default: none)")
     add_device(g)
 
 
