@@ -148,7 +148,8 @@ def gpu_lora(args, ckpt: str) -> None:
     from rwkvtune.train.trainer import build_module
 
     mc = load_model_config(ckpt)
-    print(f"\nGPU LoRA step ({torch.cuda.get_device_name()}), bf16 autocast, B=1 T={args.T}:")
+    print(f"\nGPU LoRA step ({torch.cuda.get_device_name()}), bf16 autocast, B=1 T={args.T}, WKV backend "
+          f"{args.wkv_backend}:")
     for quant in ("none", "int8", "nf4"):
         if quant == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
             print("  nf4: bitsandbytes is not installed here: skipped")
@@ -156,7 +157,7 @@ def gpu_lora(args, ckpt: str) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cfg = TrainConfig(model=ckpt, data="(unused)", device="cuda", ctx_len=args.T, batch_size=1, mode="lora",
-                          precision="bf16", base_quant=quant).resolve(mc)
+                          precision="bf16", base_quant=quant, wkv_backend=args.wkv_backend).resolve(mc)
         module = build_module(cfg, get_mode("lora"), mc, "cuda")
         opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, mc.vocab_size, (1, args.T + 1), device="cuda")
@@ -195,6 +196,9 @@ def main() -> None:
                                                       "peak memory against the planner")
     p.add_argument("--size", default=None, help="with --gpu: a registry size (e.g. 1.5b) built with random "
                                                 "weights instead of the 0.1B shape")
+    p.add_argument("--wkv-backend", default="auto", choices=("auto", "chunked", "fla"),
+                   help="with --gpu: the WKV kernel of the LoRA step (chunked: no Triton autotuning, which takes "
+                        "minutes in every new process; the planner counts that backend's tensors)")
     p.add_argument("--worker", choices=["lora", "decode"], help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default="", help=argparse.SUPPRESS)

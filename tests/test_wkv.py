@@ -303,3 +303,36 @@ def test_gpu_script_compile_paths_match_eager_on_cpu():
         assert torch.allclose(getattr(traced.state, field), getattr(plain.state, field), rtol=1e-4, atol=1e-5), field
     assert not torch.allclose(traced.state.wkv, state.wkv)
     torch._dynamo.reset()
+
+
+def _gpu_session(tmp_path, **env):
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_session.sh")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.join(os.path.dirname(__file__), ".."),
+                          env=dict(os.environ, DRY="1", OUT=str(tmp_path), **env))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_gpu_session_runs_its_sections_in_order_within_the_budget(tmp_path):
+    # The one-call GPU session (bench/gpu_session.sh) dry: each section's command, in priority order,
+    # only when its minimum time is left, and only flags the bench scripts accept.
+    out = _gpu_session(tmp_path, BUDGET="500", SKIP_BIG="1")
+    heads = [l.split(" (at ")[0] for l in out if l.startswith("=== ")]
+    assert heads == ["=== kernels", "=== quant", "=== train", "=== speed", "=== fsdp from scratch",
+                     "=== fsdp cpu_offload", "=== done at 0 s of the 500 s budget"], out
+    commands = [l for l in out if l.startswith("python3 ")]
+    assert len(commands) == 6 and "--skip-big" in commands[2] and "--wkv-backend chunked" in commands[1], commands
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for script in ("bench/bench_gpu.py", "bench/bench_quant.py"):
+        helptext = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=root,
+                                  timeout=60).stdout
+        for cmd in (c for c in commands if script in c):
+            flags = [w for w in cmd.split() if w.startswith("--")]
+            assert flags and all(f in helptext for f in flags), (script, flags)
+    assert open(tmp_path / "bench_gpu.log").read().splitlines() == out
+    # a short budget: the sections that need more than is left say so and the rest still run
+    out = _gpu_session(tmp_path, BUDGET="70")
+    skipped = [l.split(":")[0] for l in out if ": skipped (" in l]
+    assert skipped == ["=== quant", "=== train", "=== speed"], out
+    assert sum(l.startswith("python3 ") for l in out) == 3, out  # kernels and the two fsdp runs
