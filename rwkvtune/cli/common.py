@@ -43,7 +43,7 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = False) -> N
     g.add_argument("--base-quant", default="none", choices=BASE_QUANTS,
                    help="store the model's big matrices as int8 (per-channel) or nf4 (QLoRA; CPU needs torchao, "
                         "CUDA bitsandbytes), quantized at load: less memory; on CPU int8 also decodes faster, while nf4 "
-                        "dequantizes every matrix per token (~10x slower than int8) (default: none)")
+                        "dequantizes every matrix per token (over 10x slower than int8) (default: none)")
     add_device(g)
 
 
