@@ -51,7 +51,8 @@ section() {  # section NAME MIN_SECONDS COMMAND...: run COMMAND within what is l
     return 0
   fi
   timeout --kill-after=15 "$left" "$@" 2>&1 | tee -a "$LOG"
-  (( PIPESTATUS[0] == 124 )) && echo "=== $name: stopped at the end of the budget" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if (( rc == 124 || rc == 137 )); then echo "=== $name: stopped at the end of the budget" | tee -a "$LOG"; fi
   return 0
 }
 
