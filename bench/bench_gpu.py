@@ -370,7 +370,8 @@ def _speed_measure(kind: str, B: int, compiled: bool, ctx: dict) -> dict:
             with torch.inference_mode():  # as stream_generate: prefill (eager), then in-place one-token steps
                 _, state = model(prompt, return_state=True, last_only=True)
             dec = BatchDecoder(model, state)
-            step = torch.compile(dec.step, backend=args.compile_backend, dynamic=False) if compiled else dec.step
+            # compiled: the step itself (_step), not step()'s one-time CPU timing of the one-row product
+            step = torch.compile(dec._step, backend=args.compile_backend, dynamic=False) if compiled else dec.step
             tok = torch.randint(0, config.vocab_size, (B,), device=device)  # fed every step: no host copy timed
 
             def fn():

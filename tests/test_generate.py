@@ -787,3 +787,51 @@ def test_generate_help_and_a_bad_flag_answer_without_importing_torch():
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_split_choice_keeps_the_faster_setting_of_alternating_timed_steps():
+    from rwkvtune.generate.decoding import SplitChoice
+
+    for split_ms, plain_ms, want in ((9.0, 5.0, False), (5.0, 9.0, True)):
+        SplitChoice.reset()
+        try:
+            seen = []
+            while not SplitChoice.decided:
+                timed = SplitChoice.before_step()
+                seen.append((SplitChoice.split, timed))
+                # one slow (descheduled) step of the faster setting does not change the verdict
+                slow = 100.0 if len(seen) == SplitChoice.WARMUP + 1 else 0.0
+                SplitChoice.after_step(((split_ms if SplitChoice.split else plain_ms) + slow) / 1e3 if timed else None)
+            assert seen == [(True, False)] * SplitChoice.WARMUP + [(True, True), (False, True)] * SplitChoice.ROUNDS
+            assert SplitChoice.split is want
+        finally:
+            SplitChoice.reset()
+
+
+def test_batch_decoder_decides_the_split_in_its_first_steps_with_the_same_logits(ckpt, tok):
+    """The first one-row steps of a process alternate the one-row product both ways (timed), then
+    keep one; every step's logits equal the model's forward up to fp32 rounding."""
+    from rwkvtune.generate.decoding import SplitChoice
+    from rwkvtune.generate.rnn import BatchDecoder
+
+    m = prepare_for_decoding(RWKV7.from_checkpoint(ckpt))
+    ids = tok.encode("Some text to run through the decoder step by step")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    SplitChoice.reset()
+    try:
+        with torch.no_grad():
+            want = m(torch.tensor([ids]))[0]
+            _, state = m(torch.tensor([ids[:1]]), return_state=True)
+        dec = BatchDecoder(m, state)
+        settings = []
+        for t in range(1, len(ids)):
+            got = dec.step(torch.tensor([ids[t]]))
+            settings.append(SplitChoice.split)
+            torch.testing.assert_close(got[0], want[t], atol=1e-4, rtol=1e-4)
+        n = SplitChoice.WARMUP + 2 * SplitChoice.ROUNDS
+        assert len(ids) - 1 > n and SplitChoice.decided
+        assert set(settings[:n]) == {True, False} and set(settings[n:]) == {SplitChoice.split}
+    finally:
+        SplitChoice.reset()
+        torch.set_num_threads(before)

@@ -64,16 +64,53 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+class SplitChoice:
+    """Whether one-row products split their inner dimension across threads (see _DecodeLinear),
+    decided once per process by timing whole decode steps both ways: :class:`BatchDecoder`'s
+    first one-row steps on CPU alternate the two (after ``WARMUP`` untimed steps), with the
+    model's own weights in the cache state of real decoding, and the faster (the minimum of
+    ``ROUNDS`` steps each, robust to a descheduled step) is kept for the rest of the process.
+    Why measured: the split was 1.5-1.9x faster per product on an AMD EPYC machine, and made
+    whole decode steps 7% slower on an Intel Xeon with AMX and a 480 MiB L3 (paired in one
+    process: 27.4 against 25.6 ms a token), where MKL's own one-row product keeps up. Either way
+    the values differ only by fp32 summation order."""
+
+    WARMUP, ROUNDS = 1, 3
+    split = True        # the setting while undecided, and where nothing was measured
+    decided = False
+    _steps = 0
+    _best = [float("inf"), float("inf")]   # fastest step seen [without, with] the split
+
+    @classmethod
+    def before_step(cls) -> bool:
+        """Set the setting of the next calibration step; False when that step is not timed."""
+        n = cls._steps - cls.WARMUP
+        cls.split = n < 0 or n % 2 == 0
+        return n >= 0
+
+    @classmethod
+    def after_step(cls, seconds: float | None) -> None:
+        if seconds is not None:
+            cls._best[int(cls.split)] = min(cls._best[int(cls.split)], seconds)
+        cls._steps += 1
+        if cls._steps == cls.WARMUP + 2 * cls.ROUNDS:
+            cls.split, cls.decided = cls._best[1] <= cls._best[0], True
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.split, cls.decided, cls._steps, cls._best = True, False, 0, [float("inf"), float("inf")]
+
+
 class _DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same state_dict) whose no-grad products on CPU are faster.
 
-    * One row, transposed-storage weight (W_t = [in, out] buffer), 2+ threads: MKL runs a
+    * One row, transposed-storage weight (W_t = [in, out] buffer), 2+ threads: MKL can run a
       single-row x @ W_t on one core up to fairly large W, so a decoded token used about half of
       a 2-core machine's memory bandwidth. Splitting the inner dimension into one contiguous
       block of rows of W_t per thread (a view, no copy) and summing the partial products runs
-      the blocks in parallel (measured on 2 cores: 768x768 1.5x, 768x3072 1.6-1.7x, the
+      the blocks in parallel (measured on 2 AMD cores: 768x768 1.5x, 768x3072 1.6-1.7x, the
       65536x768 head 1.9x faster). The summation order differs from one long dot product (fp32
-      rounding only).
+      rounding only). Whether it pays on this CPU is measured: :class:`SplitChoice`.
     * 2 to 64 rows (batched decoding): :func:`rows_linear`.
     Anything else (more rows, autograd, bias) is plain F.linear.
     """
@@ -84,7 +121,8 @@ class _DecodeLinear(nn.Linear):
         if self.bias is not None or torch.is_grad_enabled() or x.shape[-1] != i or x.dtype != w.dtype:
             return F.linear(x, w, self.bias)
         nb = min(torch.get_num_threads(), 8)
-        if x.numel() == i and nb > 1 and i % nb == 0 and w.stride() == (1, o) and w.device.type == "cpu":
+        if (SplitChoice.split and x.numel() == i and nb > 1 and i % nb == 0 and w.stride() == (1, o)
+                and w.device.type == "cpu"):
             w_t = w.t().view(nb, i // nb, o)  # contiguous [in, out] buffer, split along `in`
             return torch.bmm(x.reshape(nb, 1, i // nb), w_t).sum(0).reshape(*x.shape[:-1], o)
         return rows_linear(x, w)
@@ -99,7 +137,8 @@ def prepare_for_decoding(model):
       single row x @ W^T streams W row by row (x @ W_t), which on CPU is faster (head ~1.5-2.5x
       on 2 cores). With one thread ffn.value (4C -> C) is faster as stored and is left alone.
     * Those plain nn.Linear modules become :class:`_DecodeLinear` (a subclass: same parameters),
-      whose one-row no-grad product runs on all threads.
+      whose one-row no-grad product can split across all threads (where that measures faster:
+      :class:`SplitChoice`).
     Larger-T matmuls (prefill, training) run at the same speed either way, and saved checkpoints
     are unaffected (``official_state_dict`` writes contiguous tensors). Returns ``model``.
     """

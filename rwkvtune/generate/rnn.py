@@ -16,13 +16,14 @@ Models that are not :class:`RWKV7` (wrappers, test doubles) are stepped with the
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rwkvtune.generate.decoding import rows_linear
+from rwkvtune.generate.decoding import SplitChoice, model_device, rows_linear
 from rwkvtune.models.rwkv7.model import DECAY_SCALE, RWKV7
 
 
@@ -110,14 +111,24 @@ class BatchDecoder:
         self.fast = isinstance(model, RWKV7)
         # Built once: the weights do not change while one generation runs.
         self.consts = [_consts(b.att) for b in model.blocks] if self.fast else None
+        self._on_cpu = model_device(model).type == "cpu"
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped and cost nothing afterwards)."""
         self.state = self.state.select(rows)
 
-    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (LongTensor [B]); returns the next-token logits [B, V] in fp32."""
+        if SplitChoice.decided or tokens.shape[0] != 1 or torch.get_num_threads() < 2 or not self._on_cpu:
+            return self._step(tokens)
+        timed = SplitChoice.before_step()  # the process's first one-row steps on CPU: see SplitChoice
+        t = time.perf_counter()
+        out = self._step(tokens)
+        SplitChoice.after_step(time.perf_counter() - t if timed else None)
+        return out
+
+    @torch.inference_mode()
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             out, self.state = self.model(tokens[:, None], state=self.state, return_state=True)
             return out[:, -1].float()
