@@ -8,7 +8,8 @@ conversions, which is slower than fp32, so no check runs there.
 
 The check (:func:`bf16_matmul_speedup`) times one training-shaped matmul (256 x 768 @ 768 x 2048,
 0.8 GFLOP: 4-16 ms in fp32 on 2-4 cores) in fp32 and bf16, interleaved, best of a few, in about
-0.1-0.3 s with oneDNN's first-call setup included; once per process (cached). bf16 is chosen at a speedup of
+0.1-0.3 s with oneDNN's first-call setup included; once per process (cached). A first bf16 call on
+16 rows ends it early where bf16 is emulated (seconds per full-size call otherwise). bf16 is chosen at a speedup of
 at least :data:`MIN_SPEEDUP`: a whole training step gains less than its matmuls (the WKV recurrence
 and the elementwise work stay fp32 or memory bound), so a marginal matmul gain is not worth the
 lower precision.
@@ -34,6 +35,8 @@ BF16_FLAGS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
 MIN_SPEEDUP = 1.3  # bf16/fp32 matmul rate at or above which a CPU run defaults to bf16
 CHECK_SHAPE = (256, 768, 2048)  # m, k, n of the timed matmul
 CHECK_BUDGET_S = 0.06  # wall-clock seconds the timed calls may take (after one warm-up call each)
+PROBE_ROWS = 16    # rows of the first bf16 calls, which catch an emulated bf16 early
+SLOW_PROBE = 0.25  # a probe below this bf16/fp32 ratio ends the check (emulated bf16: ~0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,18 @@ def bf16_matmul_speedup(budget_s: float = CHECK_BUDGET_S) -> float:
     a32, b32 = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     torch.mm(a32, b32)  # oneDNN builds its kernels on first use
+    t = time.perf_counter()
+    torch.mm(a32, b32)
+    t32 = time.perf_counter() - t
+    # Where the flags promise bf16 but the build emulates it, the full-size bf16 call takes seconds
+    # (3 s against 25 ms in fp32 on an AVX2 machine): PROBE_ROWS rows (twice: the first builds the
+    # kernel) tell that apart in a fraction of it. Native bf16 on 16 rows is never 4x slower per row.
+    for _ in range(2):
+        t = time.perf_counter()
+        torch.mm(a16[:PROBE_ROWS], b16)
+        t16 = (time.perf_counter() - t) * m / PROBE_ROWS
+    if t32 / t16 < SLOW_PROBE:
+        return t32 / t16
     torch.mm(a16, b16)
     best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
     end = time.perf_counter() + budget_s
