@@ -27,7 +27,7 @@ Run on a CUDA machine with fla-core installed (``pip install -e ".[gpu]"``)::
    (bf16 weights, --decode-tokens timed steps) against the measured read bandwidth / bytes per
    token. Each eager and with torch.compile (--compile-backend, inductor; dynamic=False):
    training and prefill compile each block in place with the WKV kernel left outside the graph,
-   decode compiles BatchDecoder.step. Each line: tok/s of the timed steady state (after warm-up:
+   decode compiles BatchDecoder's step (BatchDecoder.compile). Each line: tok/s of the timed steady state (after warm-up:
    Triton autotunes on its first calls), the first call's seconds apart (compilation and
    autotuning), and peak GPU memory. The WKV backend is the trainer's ("auto": fla when
    importable, else chunked) and is named. A compiled figure that fails prints its reason on its
@@ -370,8 +370,8 @@ def _speed_measure(kind: str, B: int, compiled: bool, ctx: dict) -> dict:
             with torch.inference_mode():  # as stream_generate: prefill (eager), then in-place one-token steps
                 _, state = model(prompt, return_state=True, last_only=True)
             dec = BatchDecoder(model, state)
-            # compiled: the step itself (_step), not step()'s one-time CPU timing of the one-row product
-            step = torch.compile(dec._step, backend=args.compile_backend, dynamic=False) if compiled else dec.step
+            # compiled as BatchDecoder.compile does it (no_grad, the state made ordinary tensors)
+            step = dec.compile(args.compile_backend).step if compiled else dec.step
             tok = torch.randint(0, config.vocab_size, (B,), device=device)  # fed every step: no host copy timed
 
             def fn():

@@ -293,10 +293,10 @@ def test_gpu_script_compile_paths_match_eager_on_cpu():
     model = prepare_for_decoding(eager.eval())  # as the speed section (and `rwkvtune generate`) runs it
     with torch.inference_mode():
         _, state = model(ids[:, :8], return_state=True, last_only=True)
-    plain, traced = BatchDecoder(model, state.clone()), BatchDecoder(model, state.clone())
-    step = torch.compile(traced._step, backend="aot_eager", dynamic=False)  # as bench_gpu compiles it
+    # the state as prefill leaves it (inference tensors), compiled as bench_gpu compiles it
+    plain, traced = BatchDecoder(model, state.clone()), BatchDecoder(model, state).compile("aot_eager")
     for t in range(8, 12):
-        want, got = plain.step(ids[:, t]), step(ids[:, t])
+        want, got = plain.step(ids[:, t]), traced.step(ids[:, t])
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), t
     assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
     for field in ("att_x_prev", "wkv", "ffn_x_prev"):  # the compiled step's in-place updates landed

@@ -43,6 +43,13 @@ def _onednn_linear():
     return _ONEDNN[0]
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    # torch.get_num_threads() breaks a torch.compile graph; the count is fixed while one compiled
+    # step runs (a changed count recompiles nothing: the split is a view, right either way)
+    return torch.get_num_threads()
+
+
 def rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` (no bias), faster for the 2 to 64 rows of a batched decode step on CPU
     in fp32 without autograd: oneDNN where it works, else (transposed storage, 2+ threads) a
@@ -57,7 +64,7 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if dnn is not None:
         return dnn(x.reshape(rows, i), w).reshape(*x.shape[:-1], o)
     nb = 32 if o >= 32768 else 4
-    if torch.get_num_threads() > 1 and w.stride() == (1, o) and o % nb == 0:
+    if _threads() > 1 and w.stride() == (1, o) and o % nb == 0:
         blocks = w.t().as_strided((nb, i, o // nb), (o // nb, o, 1))  # column blocks of W_t
         out = torch.matmul(x.reshape(1, rows, i).expand(nb, rows, i), blocks)  # [nb, rows, o / nb]
         return out.transpose(0, 1).reshape(*x.shape[:-1], o)
@@ -120,7 +127,7 @@ class _DecodeLinear(nn.Linear):
         o, i = self.out_features, self.in_features
         if self.bias is not None or torch.is_grad_enabled() or x.shape[-1] != i or x.dtype != w.dtype:
             return F.linear(x, w, self.bias)
-        nb = min(torch.get_num_threads(), 8)
+        nb = min(_threads(), 8)
         if (SplitChoice.split and x.numel() == i and nb > 1 and i % nb == 0 and w.stride() == (1, o)
                 and w.device.type == "cpu"):
             w_t = w.t().view(nb, i // nb, o)  # contiguous [in, out] buffer, split along `in`

@@ -112,6 +112,21 @@ class BatchDecoder:
         # Built once: the weights do not change while one generation runs.
         self.consts = [_consts(b.att) for b in model.blocks] if self.fast else None
         self._on_cpu = model_device(model).type == "cpu"
+        self._compiled = None  # see compile()
+
+    def compile(self, backend: str = "inductor") -> "BatchDecoder":
+        """Run :meth:`step` through ``torch.compile`` from now on (one graph per batch size:
+        dynamic=False; the first call compiles). Two things eager decoding does not need: the
+        step runs under ``no_grad`` instead of ``inference_mode`` (compiled code cannot update
+        inference tensors in place: "Cannot set version_counter"), so the state is copied into
+        ordinary tensors once, here. Measured on CPU it does not pay (docs/cpu-profile.md: the
+        compiled 0.1B step was 1.2-2x slower than eager after 105 s of compilation), so
+        `rwkvtune generate` never does it; bench/bench_gpu.py measures it on a GPU."""
+        if self._compiled is None:
+            with torch.no_grad():  # a clone made outside inference_mode is an ordinary tensor
+                self.state = self.state.clone()
+            self._compiled = torch.compile(self._step_impl, backend=backend, dynamic=False)
+        return self
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows are dropped and cost nothing afterwards)."""
@@ -119,6 +134,9 @@ class BatchDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (LongTensor [B]); returns the next-token logits [B, V] in fp32."""
+        if self._compiled is not None:
+            with torch.no_grad():
+                return self._compiled(tokens)
         if SplitChoice.decided or tokens.shape[0] != 1 or torch.get_num_threads() < 2 or not self._on_cpu:
             return self._step(tokens)
         timed = SplitChoice.before_step()  # the process's first one-row steps on CPU: see SplitChoice
@@ -129,6 +147,9 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._step_impl(tokens)
+
+    def _step_impl(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             out, self.state = self.model(tokens[:, None], state=self.state, return_state=True)
             return out[:, -1].float()
