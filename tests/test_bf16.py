@@ -106,6 +106,26 @@ def test_the_matmul_check_is_quick_and_says_a_ratio():
     assert ratio > 0 and time.perf_counter() - t < 2.0  # ~0.1-0.3 s; generous for a shared machine
 
 
+def test_the_matmul_check_stops_early_where_bf16_is_emulated(monkeypatch):
+    # A CPU whose flags claim bf16 but whose torch build emulates it: full-size bf16 products take
+    # seconds. The check must say "slower" after its 16-row probe, not time full-size calls.
+    import time
+
+    real_mm = torch.mm
+    calls = []
+
+    def fake_mm(a, b):
+        if a.dtype == torch.bfloat16:
+            calls.append(a.shape[0])
+            time.sleep(0.4 * a.shape[0] / 256)  # ~0.01x the fp32 rate, in proportion to the rows
+            return torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(cpu_precision.torch, "mm", fake_mm)
+    ratio = cpu_precision.bf16_matmul_speedup()
+    assert ratio < cpu_precision.SLOW_PROBE and calls == [cpu_precision.PROBE_ROWS] * 2  # no full-size call
+
+
 def test_precision_none_resolves_by_the_cpu_choice_and_says_why(monkeypatch, tmp_path):
     from rwkvtune.configs.model_loader import load_model_config
 
