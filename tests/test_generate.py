@@ -835,3 +835,31 @@ def test_batch_decoder_decides_the_split_in_its_first_steps_with_the_same_logits
     finally:
         SplitChoice.reset()
         torch.set_num_threads(before)
+
+
+def test_a_compiled_batch_decoder_starts_from_prefill_state_and_matches_eager(ckpt, tok):
+    """BatchDecoder.compile traces the whole step (aot_eager: Dynamo and AOTAutograd, no C++ build)
+    from the state prefill leaves (inference tensors, which compiled code cannot update in place),
+    without a graph break; its logits equal eager's and its own state copy advances in place."""
+    from torch._dynamo.utils import counters
+
+    from rwkvtune.generate.decoding import SplitChoice
+    from rwkvtune.generate.rnn import BatchDecoder
+
+    m = prepare_for_decoding(RWKV7.from_checkpoint(ckpt))
+    ids = tok.encode("Some text to run through the decoder")
+    with torch.inference_mode():
+        _, state = m(torch.tensor([ids[:3]]), return_state=True)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        plain, traced = BatchDecoder(m, state.clone()), BatchDecoder(m, state).compile("aot_eager")
+        for t in range(3, 7):
+            torch.testing.assert_close(traced.step(torch.tensor([ids[t]])), plain.step(torch.tensor([ids[t]])),
+                                       atol=1e-4, rtol=1e-4)
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+        torch.testing.assert_close(traced.state.wkv, plain.state.wkv, atol=1e-5, rtol=1e-4)
+        assert not torch.equal(traced.state.wkv, state.wkv)  # prefill's own state is left as it was
+    finally:
+        torch._dynamo.reset()
+        SplitChoice.reset()  # plain.step timed its first one-row steps
