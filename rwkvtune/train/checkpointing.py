@@ -241,7 +241,7 @@ def _load(path: Path, mmap: bool = False) -> dict:
 SCHEDULE_FIELDS = ("lr", "lr_final", "warmup_steps")
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "save_every", "keep_checkpoints", "eval_every", "log_every",
                      "tensorboard", "wandb", "device", "eval_data", "cpu_offload", "eval_on_start",
-                     "threads", "memory_check", "eval_tasks", "eval_tasks_limit") + SCHEDULE_FIELDS
+                     "threads", "memory_check", "eval_tasks", "eval_tasks_limit", "keep_freed_memory") + SCHEDULE_FIELDS
 
 # Options that name files. A run saves them absolute, so `--resume` works from any directory, and
 # compares them as paths, so a relative path on the command line equals the saved absolute one.

@@ -59,7 +59,7 @@ from rwkvtune.train.signals import GracefulStop, Terminated, graceful_stop, inte
 from rwkvtune.train.strategy import (Strategy, check_strategy, get_strategy, join_single_process_group,
                                      resume_world_size)
 from rwkvtune.train.task_eval import check_eval_tasks, run_eval_tasks
-from rwkvtune.utils import atomic_write_text, plural
+from rwkvtune.utils import atomic_write_text, keep_freed_memory, plural
 
 
 class TrainingDiverged(RwkvtuneError):
@@ -232,6 +232,10 @@ def setup(cfg: TrainConfig, dry_run: bool, stop: GracefulStop, cleanup: contextl
             optimizer=optimizer, logger=logger, autocast=autocast_factory(device, cfg.precision),
             total_steps=total_steps, tokens_per_step=tokens_per_step, step=state.step, tokens=state.tokens)
     _announce(r, resume_dir)
+    if cfg.keep_freed_memory:  # before the steps: they allocate the temporaries
+        why_not = keep_freed_memory() if device == "cpu" else f"it is for CPU runs, this one runs on {device}"
+        r.logger.info("keep_freed_memory: glibc keeps freed memory for the next step (peak RSS can exceed the plan)"
+                      if why_not is None else f"keep_freed_memory: not applied: {why_not}")
     method.setup(r)
     return r
 

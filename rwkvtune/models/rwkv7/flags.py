@@ -101,6 +101,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "memory_check": Flag("refuse (before loading weights) a run whose memory estimate exceeds the device's memory; "
                          "--no-memory-check runs anyway"),
     "wkv_backend": Flag(),
+    "keep_freed_memory": Flag("CPU: glibc keeps freed memory for the next step instead of returning it (faster "
+                              "where page faults are slow, e.g. virtual machines; higher peak RSS than planned)"),
     "threads": Flag(f"CPU threads of torch's ops, at most {THREADS_PER_CORE}x the cores (default: torch's own, usually "
                     f"the number of cores)"),
     # outputs
