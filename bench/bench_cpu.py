@@ -29,7 +29,8 @@ bound is then the bf16 matmul rate and decode reads 2-byte weights. --precision 
 and decode with the big matrices quantized at load as `rwkvtune generate --base-quant int8|nf4`
 does (fp32 activations; the decode limit counts the codes' and scales' bytes); the `rwkv` package
 has no quantized RWKV-7 strategy, so its rows are its fp32 figures, and training is not measured
-(full training refuses a quantized base; LoRA over one: bench/bench_quant.py). --compile: training and prefill through torch.compile(model, dynamic=True) (inductor), its
+(full training refuses a quantized base; LoRA over one: bench/bench_quant.py).
+--compile: training and prefill through torch.compile(model, dynamic=True) (inductor), its
 warm-up (first call) reported separately.
 This is a script that prints figures, not a test. It is sensitive to other processes sharing the
 cores; the load average is printed with the results.

@@ -118,9 +118,10 @@ class BatchDecoder:
         """Run :meth:`step` through ``torch.compile`` from now on (one graph per batch size:
         dynamic=False; the first call compiles). The compiled step runs under ``no_grad`` instead
         of ``inference_mode``, and the state is copied into ordinary tensors once, here: compiled
-        code cannot update inference tensors in place ("Cannot set version_counter"). Measured on CPU it does not pay (docs/cpu-profile.md: the
-        compiled 0.1B step was 1.1-2.6x slower than eager after 64-106 s of compilation), so
-        `rwkvtune generate` never does it; bench/bench_gpu.py measures it on a GPU."""
+        code cannot update inference tensors in place ("Cannot set version_counter"). Measured on
+        CPU it does not pay (docs/cpu-profile.md: the compiled 0.1B step was 1.1-2.6x slower than
+        eager after 64-106 s of compilation), so `rwkvtune generate` never does it;
+        bench/bench_gpu.py measures it on a GPU."""
         if self._compiled is None:
             with torch.no_grad():  # a clone made outside inference_mode is an ordinary tensor
                 self.state = self.state.clone()

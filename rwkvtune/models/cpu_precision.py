@@ -9,8 +9,8 @@ conversions, which is slower than fp32, so no check runs there.
 The check (:func:`bf16_matmul_speedup`) times one training-shaped matmul (256 x 768 @ 768 x 2048,
 0.8 GFLOP: 4-16 ms in fp32 on 2-4 cores) in fp32 and bf16, interleaved, best of a few, in about
 0.1-0.3 s with oneDNN's first-call setup included; once per process (cached). A first bf16 call on
-16 rows ends it early where bf16 is emulated (seconds per full-size call otherwise). bf16 is chosen at a speedup of
-at least :data:`MIN_SPEEDUP`: a whole training step gains less than its matmuls (the WKV recurrence
+16 rows ends it early where bf16 is emulated (seconds per full-size call otherwise). bf16 is chosen
+at a speedup of at least :data:`MIN_SPEEDUP`: a whole training step gains less than its matmuls (the WKV recurrence
 and the elementwise work stay fp32 or memory bound), so a marginal matmul gain is not worth the
 lower precision.
 

@@ -140,7 +140,7 @@ class TrainConfig:
     tensorboard: bool | None = None  # TensorBoard logs in <out>/tb: None when installed, true requires it
     wandb: str | None = None  # wandb project name to log to (needs wandb installed)
     resume: str | None = None  # an --out directory to continue from its last checkpoint, or one of its checkpoints
-    keep_freed_memory: bool = False  # CPU: glibc keeps freed memory for the next step (faster where page faults are slow, higher peak RSS)
+    keep_freed_memory: bool = False  # CPU: glibc keeps freed memory (fewer page faults, higher peak RSS)
 
     def __post_init__(self) -> None:
         # Where each field set by ``update`` came from ("recipe r.yaml", "command line"), so that
