@@ -126,6 +126,7 @@ class TrainConfig:
     memory_check: bool = True  # refuse (before loading weights) a run whose memory estimate exceeds the device
     wkv_backend: str = "auto"  # WKV kernel: "auto" (fla on CUDA when installed, else chunked), or one by name
     threads: int | None = None  # CPU threads of torch's ops (torch.set_num_threads); None: torch's default
+    keep_freed_memory: bool = False  # CPU: glibc keeps freed memory (fewer page faults, higher peak RSS)
     # ---- outputs -----------------------------------------------------------------------------
     out: str | None = None  # the run directory (see rwkvtune/train/run_dir.py), never overwritten; None -> a new runs/<model>-<mode>-<method>-<time>
     save_every: int = 50  # optimizer steps between resumable checkpoints (0: only at the end)
@@ -140,7 +141,6 @@ class TrainConfig:
     tensorboard: bool | None = None  # TensorBoard logs in <out>/tb: None when installed, true requires it
     wandb: str | None = None  # wandb project name to log to (needs wandb installed)
     resume: str | None = None  # an --out directory to continue from its last checkpoint, or one of its checkpoints
-    keep_freed_memory: bool = False  # CPU: glibc keeps freed memory (fewer page faults, higher peak RSS)
 
     def __post_init__(self) -> None:
         # Where each field set by ``update`` came from ("recipe r.yaml", "command line"), so that
